@@ -1,0 +1,114 @@
+"""Model families and the loaded-model handle ``FlowModel``.
+
+A family is one diffusers class name mapped to a config dataclass and a root NNX module that
+has ``velocity(x, t, cond)``. New families register here (and in ``convert/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from streamflow_jax.models.mmdit import SD3Config, SD3Transformer2DModel
+
+
+class Family(NamedTuple):
+    name: str  # short name used in messages and the CLI
+    config_cls: type
+    module_cls: type
+
+
+FAMILIES: dict[str, Family] = {
+    "SD3Transformer2DModel": Family("sd3", SD3Config, SD3Transformer2DModel),
+}
+
+
+def family_of(class_name: str) -> Family:
+    try:
+        return FAMILIES[class_name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model class {class_name!r} (supported: {', '.join(sorted(FAMILIES))})"
+        ) from None
+
+
+def abstract_module(class_name: str, config) -> nnx.Module:
+    """The family's module with shape-only parameters (nothing allocated)."""
+    fam = family_of(class_name)
+    return nnx.eval_shape(lambda: fam.module_cls(config, rngs=nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _velocity(graphdef, state, x, t, cond):
+    return nnx.merge(graphdef, state).velocity(x, t, cond)
+
+
+@jax.tree_util.register_pytree_node_class
+class FlowModel:
+    """A converted model: NNX graph definition + parameter state + its diffusers config.
+
+    It is a pytree whose leaves are the parameters, so it can be passed into ``jax.jit``
+    (weights become arguments, not constants baked into the compiled program).
+
+    Attributes:
+        class_name: the diffusers class (``"SD3Transformer2DModel"``).
+        config: the family's config dataclass.
+    """
+
+    def __init__(self, class_name: str, config, graphdef, state):
+        self.class_name = class_name
+        self.config = config
+        self.graphdef = graphdef
+        self.state = state
+
+    @classmethod
+    def from_params(cls, class_name: str, config, params: dict) -> FlowModel:
+        """Builds the model from a nested dict of arrays shaped like the module's state."""
+        graphdef, state = nnx.split(abstract_module(class_name, config))
+        nnx.replace_by_pure_dict(state, params)
+        return cls(class_name, config, graphdef, state)
+
+    @property
+    def family(self) -> str:
+        return family_of(self.class_name).name
+
+    @property
+    def dtype(self):
+        """The dtype of the floating-point parameters (the compute dtype)."""
+        return next(x.dtype for x in jax.tree_util.tree_leaves(self.state) if jnp.issubdtype(x.dtype, jnp.floating))
+
+    @property
+    def module(self) -> nnx.Module:
+        """The NNX module with these parameters (for direct calls and inspection)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def velocity(self, x: jax.Array, t: jax.Array, cond: dict[str, Any]) -> jax.Array:
+        """RF velocity. ``x``: ``[B, H, W, C]``; ``t``: ``[B]`` sigma in [0, 1]; ``cond``: dict of
+        ``[B, ...]`` arrays. Returns ``[B, H, W, C]`` in ``x``'s dtype. Jitted; usable under jit."""
+        x = jnp.asarray(x)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        return _velocity(self.graphdef, self.state, x, t, dict(cond))
+
+    def astype(self, dtype) -> FlowModel:
+        """A copy with floating-point parameters cast to ``dtype``."""
+        cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+        return FlowModel(self.class_name, self.config, self.graphdef, jax.tree_util.tree_map(cast, self.state))
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def tree_flatten(self):
+        return (self.state,), (self.class_name, self.config, self.graphdef)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], aux[1], aux[2], children[0])
+
+    def __repr__(self):
+        n = sum(x.size for x in jax.tree_util.tree_leaves(self.state))
+        return f"FlowModel({self.class_name}, {n / 1e6:.1f}M params, {self.dtype})"

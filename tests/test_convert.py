@@ -1,0 +1,161 @@
+"""Conversion: layouts diffusers writes (single file, sharded, pipeline), dtypes, and strict errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import VARIANTS, make_sd3, sd3_inputs, torch_velocity
+from safetensors.torch import load_file, save_file
+
+import streamflow_jax as sf
+from streamflow_jax.cli import main as cli
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _convert_fails(capsys, src, dst, *needles):
+    """The CLI exits 1 with one line naming the problem and leaves no output behind."""
+    assert cli(["convert", str(src), str(dst), "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    assert not dst.exists()
+    assert not any(p.name.startswith(f".{dst.name}.") for p in dst.parent.iterdir()), "temporary left behind"
+    return err
+
+
+def _edit_weights(path, fn):
+    tensors = load_file(path / WEIGHTS)
+    fn(tensors)
+    save_file(tensors, path / WEIGHTS)
+
+
+def test_truncated_safetensors(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    data = (src / WEIGHTS).read_bytes()
+    (src / WEIGHTS).write_bytes(data[: len(data) // 2])
+    _convert_fails(capsys, src, tmp_path / "out", WEIGHTS, "unreadable safetensors")
+
+
+def test_missing_tensor(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    _edit_weights(src, lambda t: t.pop("transformer_blocks.1.attn.to_k.weight"))
+    _convert_fails(capsys, src, tmp_path / "out", "missing tensor", "transformer_blocks.1.attn.to_k.kernel")
+
+
+def test_unexpected_tensor(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    _edit_weights(src, lambda t: t.__setitem__("extra.weight", torch.zeros(2)))
+    _convert_fails(capsys, src, tmp_path / "out", "unexpected tensor", "'extra.weight'")
+
+
+def test_wrong_shape(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    _edit_weights(src, lambda t: t.__setitem__("context_embedder.weight", torch.zeros(24, 13)))
+    _convert_fails(capsys, src, tmp_path / "out", "'context_embedder.weight'", "(13, 24)", "(12, 24)")
+
+
+def test_unknown_config_field(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "use_magic": True}))
+    _convert_fails(capsys, src, tmp_path / "out", "config.json", "unknown config field 'use_magic'")
+
+
+def test_unsupported_config_value(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "qk_norm": "layer_norm"}))
+    _convert_fails(capsys, src, tmp_path / "out", "unsupported: qk_norm='layer_norm'")
+
+
+def test_unsupported_class(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet3DConditionModel"}))
+    _convert_fails(capsys, src, tmp_path / "out", "unsupported model class 'UNet3DConditionModel'")
+
+
+def test_nonexistent_path(tmp_path, capsys):
+    _convert_fails(capsys, tmp_path / "nope", tmp_path / "out", "nope", "no such file or directory")
+
+
+def test_not_a_diffusers_dir(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _convert_fails(capsys, tmp_path / "empty", tmp_path / "out", "not a diffusers directory")
+
+
+def test_existing_output_is_not_overwritten(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_failure_while_writing_leaves_nothing(tiny_sd3, tmp_path, monkeypatch):
+    """An error after the temporary directory exists (here: in orbax) removes it."""
+    import orbax.checkpoint as ocp
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        sf.convert(tiny_sd3[0], tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd3_tiny"]
+
+
+def test_sharded_checkpoint_and_pipeline_dir(tmp_path):
+    """A sharded transformer inside a pipeline directory converts to the same velocity."""
+    pipe = tmp_path / "pipe"
+    ref = make_sd3(tmp_path / "single", seed=2)
+    ref.save_pretrained(pipe / "transformer", max_shard_size="40KB")
+    assert (pipe / "transformer" / f"{WEIGHTS}.index.json").is_file()
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                      "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    sf.convert(pipe, tmp_path / "out", progress=False)
+    model = sf.load(tmp_path / "out")
+    x, t, cond = sd3_inputs(VARIANTS["sd3"], 2, 8, 8)
+    ref_v = torch_velocity(ref, x, t, cond)
+    assert np.max(np.abs(np.asarray(model.velocity(x, t, cond)) - ref_v)) <= 1e-4 * np.max(np.abs(ref_v))
+
+
+def test_bad_shard_index(tiny_sd3, tmp_path, capsys):
+    src, model = tiny_sd3
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    index = sharded / f"{WEIGHTS}.index.json"
+    data = json.loads(index.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    (sharded / first).unlink()
+    _convert_fails(capsys, sharded, tmp_path / "out", first, "does not exist")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_conversion(tiny_sd3, tmp_path, dtype):
+    src, ref = tiny_sd3
+    assert cli(["convert", str(src), str(tmp_path / "out"), "--dtype", dtype, "-q"]) == 0
+    model = sf.load(tmp_path / "out")
+    assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree_util.tree_leaves(model.state))
+    x, t, cond = sd3_inputs(VARIANTS["sd3"], 2, 8, 8)
+    v = np.asarray(model.velocity(x, t, cond))
+    assert v.dtype == np.float32  # returned in the input's dtype
+    ref_v = torch_velocity(ref, x, t, cond)
+    assert np.max(np.abs(v - ref_v)) <= 5e-2 * np.max(np.abs(ref_v))  # half-precision weights, loose bound
+
+
+def test_bf16_checkpoint_is_read(tmp_path):
+    """A checkpoint stored in bfloat16 (as Flux and SD3.5 ship) reads without torch."""
+    ref = make_sd3(tmp_path / "f32", seed=3)
+    ref.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = sf.load(tmp_path / "bf16")
+    assert model.dtype == jnp.bfloat16
+    assert sf.load(tmp_path / "bf16", dtype="float32").dtype == jnp.float32
