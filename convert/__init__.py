@@ -24,7 +24,7 @@ CONVERTERS = {m.CLASS_NAME: m for m in (sd3,)}
 CONVERTER_VERSION = 1
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
-__all__ = ["CONVERTERS", "CONVERTER_VERSION", "ConversionError", "convert_diffusers", "resolve_dtype"]
+__all__ = ["CONVERTERS", "CONVERTER_VERSION", "ConversionError", "convert_diffusers", "convert_tensors", "resolve_dtype"]
 
 
 def resolve_dtype(dtype):
@@ -59,39 +59,54 @@ def convert_diffusers(src, *, dtype=None, progress: bool = True) -> tuple[FlowMo
     Raises:
         ConversionError: naming the file and the key of whatever does not fit.
     """
-    src = Path(src)
-    model_dir = _find_supported_dir(src)
+    model_dir = _find_supported_dir(Path(src))
     raw = read_json(model_dir / CONFIG_NAME)
-    class_name = raw.get("_class_name")
+    model = convert_tensors(raw, TensorSource(model_dir), dtype=dtype, progress=progress,
+                            source=str(model_dir))
+    return model, raw
+
+
+def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = True,
+                    source: str = "<tensors>") -> FlowModel:
+    """Converts a diffusers config dict plus its tensors (PyTorch layout) into a ``FlowModel``.
+
+    Args:
+        raw_config: the model's ``config.json`` contents (with ``_class_name``).
+        tensors: a ``TensorSource``, or a mapping from diffusers key to numpy array (for
+            example ``{k: v.float().numpy() for k, v in torch_model.state_dict().items()}``).
+        dtype: cast floating-point parameters (``None`` keeps each tensor's dtype).
+        source: names the origin in error messages.
+    """
+    class_name = raw_config.get("_class_name")
     conv = CONVERTERS.get(class_name)
     if conv is None:
         raise ConversionError(
-            f"{model_dir / CONFIG_NAME}: unsupported model class {class_name!r} "
-            f"(supported: {', '.join(sorted(CONVERTERS))})"
+            f"{source}: unsupported model class {class_name!r} (supported: {', '.join(sorted(CONVERTERS))})"
         )
-    config = config_from_dict(conv.CONFIG_CLS, raw, source=model_dir / CONFIG_NAME, ignorable=conv.IGNORABLE)
+    config = config_from_dict(conv.CONFIG_CLS, raw_config, source=f"{source}/{CONFIG_NAME}", ignorable=conv.IGNORABLE)
     cast = resolve_dtype(dtype)
+    if not isinstance(tensors, TensorSource):
+        tensors = DictSource(tensors)
 
     _, abstract_state = nnx.split(abstract_module(class_name, config))
     flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))
     paths = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
     targets = {p: leaf for p, (_, leaf) in zip(paths, flat)}
 
-    tensors = TensorSource(model_dir)
     key_to_target, unexpected = {}, []
     for key in tensors.keys():
         target = _target_for(conv.rename(key), targets)
         (unexpected.append(key) if target is None else key_to_target.__setitem__(key, target))
     missing = sorted(set(targets) - set(key_to_target.values()))
     if unexpected:
-        raise ConversionError(f"{model_dir}: unexpected tensor(s) {_few(unexpected)} for {class_name}")
+        raise ConversionError(f"{source}: unexpected tensor(s) {_few(unexpected)} for {class_name}")
     if missing:
-        raise ConversionError(f"{model_dir}: missing tensor(s) {_few(missing)} for {class_name}")
+        raise ConversionError(f"{source}: missing tensor(s) {_few(missing)} for {class_name}")
 
     values = {}
     keys = list(key_to_target)
-    bar = tqdm(total=len(keys), desc=f"converting {model_dir.name or model_dir}", unit="tensor", disable=not progress)
-    with bar:
+    name = Path(source).name or source
+    with tqdm(total=len(keys), desc=f"converting {name}", unit="tensor", disable=not progress) as bar:
         for key, array in tensors.items(keys):
             target = key_to_target[key]
             array = map_tensor(key, array, targets[target].shape, target.rpartition(".")[2])
@@ -100,7 +115,21 @@ def convert_diffusers(src, *, dtype=None, progress: bool = True) -> tuple[FlowMo
             values[target] = array
             bar.update()
     params = jax.tree_util.tree_unflatten(treedef, [values[p] for p in paths])
-    return FlowModel.from_params(class_name, config, params), raw
+    return FlowModel.from_params(class_name, config, params)
+
+
+class DictSource:
+    """A mapping of diffusers keys to arrays, read like a ``TensorSource``."""
+
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def keys(self):
+        return list(self._tensors)
+
+    def items(self, keys):
+        for key in keys:
+            yield key, np.asarray(self._tensors[key])
 
 
 def _find_supported_dir(src: Path) -> Path:

@@ -70,7 +70,8 @@ class FlowModel:
     def from_params(cls, class_name: str, config, params: dict) -> FlowModel:
         """Builds the model from a nested dict of arrays shaped like the module's state."""
         graphdef, state = nnx.split(abstract_module(class_name, config))
-        nnx.replace_by_pure_dict(state, params)
+        # device arrays, so that jitted calls do not copy host weights on every call
+        nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
         return cls(class_name, config, graphdef, state)
 
     @property

@@ -1,0 +1,34 @@
+# Two entry points, each self-contained on a fresh machine with Python 3.11:
+#   make demo   runtime install, then `streamflow-jax generate` on the embedded model
+#   make test   runtime + test extra (CPU torch pinned, diffusers, transformers), then pytest
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# torch first and pinned: any other spelling may pull a multi-GB CUDA build.
+$(VENV)/.test: pyproject.toml $(VENV)/.runtime
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(BIN)/streamflow-jax generate
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/sd3_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info digits.png
