@@ -54,6 +54,7 @@ def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
         flat, _, _ = _flat(nnx.to_pure_dict(model.state))
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / PARAMS_DIR, {k: np.asarray(v) for k, v in flat.items()})
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

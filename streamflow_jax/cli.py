@@ -1,4 +1,4 @@
-"""``streamflow-jax``: convert a diffusers checkpoint, or generate with the embedded default model.
+"""``streamflow-jax``: convert | generate | export | bench.
 
 Errors a user can fix (bad paths, bad checkpoints, bad arguments) print one line to stderr
 and exit with status 1; nothing half-written is left behind.
@@ -7,8 +7,11 @@ and exit with status 1; nothing half-written is left behind.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+from streamflow_jax.backends import BACKENDS
 from streamflow_jax.converters.common import ConversionError
 
 
@@ -37,7 +40,8 @@ def _cmd_generate(args) -> int:
     print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), converted in {time.perf_counter() - t0:.2f} s")
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
     guidance = None if args.guidance <= 0 else args.guidance
-    run = lambda seed: pipe(labels, steps=args.steps, guidance_scale=guidance, seed=seed)  # noqa: E731
+    run = lambda seed: pipe(labels, steps=args.steps, guidance_scale=guidance, seed=seed,  # noqa: E731
+                            backend=args.backend)
     t0 = time.perf_counter()
     run(args.seed + 1)  # first call compiles
     compile_s = time.perf_counter() - t0
@@ -50,6 +54,91 @@ def _cmd_generate(args) -> int:
           f"= {len(labels) / run_s:.1f} images/s ({args.steps} steps, guidance {args.guidance}, backend {args.backend})")
     print(f"digit accuracy (classifier trained on the real digits): {acc:.1%}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _model_dir_hints(path: Path) -> tuple[int | None, int | None]:
+    """(latent scale, text length) a pipeline directory implies, where it implies them."""
+    scale = text_len = None
+    vae = path / "vae" / "config.json"
+    if vae.is_file():
+        scale = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0])) - 1)
+    elif (path / "model_index.json").is_file():
+        scale = 1  # a pipeline without a VAE works in pixel space
+    cond = path / "conditioning.safetensors"
+    if cond.is_file():
+        from safetensors import safe_open
+
+        with safe_open(cond, framework="numpy") as f:
+            text_len = f.get_slice("encoder_hidden_states").get_shape()[1]
+    return scale, text_len
+
+
+def _cmd_export(args) -> int:
+    from streamflow_jax.checkpoint import load
+    from streamflow_jax.export import export_onnx, velocity_spec
+
+    if args.backend == "tensorrt":
+        from streamflow_jax.backends.tensorrt import import_tensorrt
+
+        import_tensorrt()  # fail before exporting when TensorRT is missing
+    path = Path(args.model)
+    scale_hint, text_hint = _model_dir_hints(path) if path.is_dir() else (None, None)
+    model = load(path, progress=not args.quiet)
+    spec = velocity_spec(model, batch=args.batch, resolution=args.resolution,
+                         latent_scale=args.latent_scale or scale_hint or 8,
+                         text_len=args.text_len or text_hint, dtype=args.dtype)
+    exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet)
+    print(f"exported {model.class_name} velocity -> {exported.onnx_path} "
+          f"(B {spec.dims['B']}, H {spec.dims['H']}, W {spec.dims['W']}, {spec.dtype}, opset {args.opset})")
+    if args.backend == "tensorrt":
+        from streamflow_jax.backends.tensorrt import TensorRTVelocity
+
+        try:
+            TensorRTVelocity(exported, opt_level=args.opt_level)
+        except Exception as e:
+            raise ValueError(f"the ONNX export in {exported.path} is complete, but the TensorRT engine was not "
+                             f"built: {e}") from None
+        print("TensorRT engine built and cached")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import time
+
+    import jax
+    import numpy as np
+
+    from streamflow_jax import schedules
+    from streamflow_jax.checkpoint import load
+    from streamflow_jax.pipelines import DIGITS_DIR
+    from streamflow_jax.sampling import sample
+
+    path = Path(args.model) if args.model else DIGITS_DIR
+    _, text_hint = _model_dir_hints(path) if path.is_dir() else (None, None)
+    model = load(path)
+    cfg = model.config
+    side = args.latent or cfg.sample_size
+    text_len = args.text_len or text_hint or 77
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((args.batch, side, side, cfg.in_channels), dtype=np.float32)
+    cond = {"encoder_hidden_states": rng.standard_normal((args.batch, text_len, cfg.joint_attention_dim),
+                                                         dtype=np.float32),
+            "pooled_projections": rng.standard_normal((args.batch, cfg.pooled_projection_dim), dtype=np.float32)}
+    grid = schedules.flow_match(args.steps)
+    run = lambda: jax.block_until_ready(sample(model, noise, grid, cond, backend=args.backend))  # noqa: E731
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    mean = sum(times) / len(times)
+    print(json.dumps({"model": str(path), "backend": args.backend, "batch": args.batch, "latent": side,
+                      "steps": args.steps, "first_call_s": round(first, 4), "sample_s": round(mean, 4),
+                      "images_per_s": round(args.batch / mean, 2), "device": str(jax.devices()[0])}))
     return 0
 
 
@@ -72,10 +161,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-digit", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument("--backend", choices=("xla",), default="xla",
-                   help="velocity backend (ONNX Runtime and TensorRT are not implemented yet)")
+    p.add_argument("--backend", choices=BACKENDS, default="xla",
+                   help="xla (default), or onnxruntime / tensorrt: the model is exported to ONNX on first use")
     p.add_argument("--out", default="digits.png", help="output PNG (default digits.png)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("export", help="export a model's velocity graph to ONNX (and build a TensorRT engine)")
+    p.add_argument("model", help="converted directory, or a diffusers model/pipeline directory")
+    p.add_argument("out", help="export directory (must not exist; written atomically)")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="tensorrt also builds (and caches) the engine")
+    p.add_argument("--batch", default="1:2:8", help="batch min:opt:max, CFG's doubled batch included (default 1:2:8)")
+    p.add_argument("--resolution", default=None,
+                   help="image side in pixels, min:opt:max (default: the model's sample size)")
+    p.add_argument("--latent-scale", type=int, default=None,
+                   help="pixels per latent pixel (default: from the pipeline's vae/, 1 without one, else 8)")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens fixed in the graph (default per family)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype inside the graph (inputs/outputs stay float32; default: the model's)")
+    p.add_argument("--opset", type=int, default=23)
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("bench", help="time sampling of a model on random inputs with one backend, print JSON")
+    p.add_argument("model", nargs="?", default=None, help="model directory (default: the embedded digits model)")
+    p.add_argument("--backend", choices=BACKENDS, default="xla")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's sample size)")
+    p.add_argument("--text-len", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -83,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConversionError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ConversionError, ValueError, OSError, RuntimeError) as e:
         print(f"streamflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
 

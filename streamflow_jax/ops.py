@@ -52,10 +52,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     # Written out rather than jax.nn.dot_product_attention(implementation="xla"): that asks for
     # fp32 accumulation of half-precision dots, which XLA:CPU rejects. Softmax runs in fp32.
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("blnk,bsnk->bnls", q * jnp.asarray(scale, q.dtype), k)
+    # matmul on [B, N, L, K] (not einsum) because it exports to ONNX MatMul, which takes
+    # bfloat16, where ONNX Einsum does not.
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, L, K]
+    logits = jnp.matmul(qh * scale, kh.transpose(0, 1, 3, 2))  # [B, N, L, L']
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bnls,bsnk->blnk", probs, v)
+    return jnp.matmul(probs, vh).transpose(0, 2, 1, 3)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -12,9 +12,8 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from streamflow_jax.backends import BACKENDS
 from streamflow_jax.models import FlowModel
-
-BACKENDS = ("xla", "onnxruntime", "tensorrt")
 
 
 class VelocityModel(Protocol):
@@ -71,17 +70,29 @@ def _check_inputs(noise, grid, cond, guidance_scale, uncond):
     return grid, guidance_scale
 
 
-def _scan(model, noise, grid, cond, guidance_scale, uncond):
-    def step(x, times):
-        t, t_next = times  # [B], [B]
-        v = guided_velocity(model, x, t, cond, guidance_scale, uncond)
-        return euler_step(x, v, t, t_next), None
+def _step(model, x, t, t_next, cond, guidance_scale, uncond):
+    """One sampler step, shared by every backend: guided velocity, then the Euler update."""
+    return euler_step(x, guided_velocity(model, x, t, cond, guidance_scale, uncond), t, t_next)
 
-    x, _ = jax.lax.scan(step, noise, (grid[:-1], grid[1:]))
+
+def _scan(model, noise, grid, cond, guidance_scale, uncond):
+    def body(x, times):
+        t, t_next = times  # [B], [B]
+        return _step(model, x, t, t_next, cond, guidance_scale, uncond), None
+
+    x, _ = jax.lax.scan(body, noise, (grid[:-1], grid[1:]))
     return x
 
 
 _scan_jit = jax.jit(_scan)
+
+
+def _loop(runner, noise, grid, cond, guidance_scale, uncond):
+    """The same steps as ``_scan``, driven from Python around an exported graph's runner."""
+    x = noise
+    for i in range(grid.shape[0] - 1):
+        x = _step(runner, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
+    return x
 
 
 def sample(
@@ -103,18 +114,30 @@ def sample(
         cond: dict of ``[B, ...]`` conditioning arrays, named as in diffusers.
         guidance_scale: ``None`` for no classifier-free guidance, or a scalar / ``[B]`` scale.
         uncond: conditioning of the unconditional branch, same keys and shapes as ``cond``.
-        backend: ``"xla"``. (``"onnxruntime"`` and ``"tensorrt"`` run exported graphs.)
+        backend: ``"xla"`` (jit-compiled scan), or ``"onnxruntime"`` / ``"tensorrt"``: the same
+            steps around an exported graph. ``model`` is then a ``FlowModel`` (exported on first
+            use into the cache directory, see ``backends.runner_for``) or a runner from
+            ``backends.open_export``.
 
     Returns:
         ``[B, H, W, C]`` latents at the grid's last time.
 
-    Works inside a caller's ``jax.jit`` with the XLA backend.
+    Works inside a caller's ``jax.jit`` with the XLA backend. The other backends return the
+    same result within the tolerance of the exported graph's precision.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if backend != "xla":
-        raise NotImplementedError(f"backend {backend!r} is not available in this version; use backend='xla'")
     noise = jnp.asarray(noise)
-    grid, guidance_scale = _check_inputs(noise, jnp.asarray(ts, jnp.float32), dict(cond), guidance_scale, uncond)
-    run = _scan_jit if isinstance(model, FlowModel) else _scan
-    return run(model, noise, grid, dict(cond), guidance_scale, None if uncond is None else dict(uncond))
+    cond = dict(cond)
+    uncond = None if uncond is None else dict(uncond)
+    grid, guidance_scale = _check_inputs(noise, jnp.asarray(ts, jnp.float32), cond, guidance_scale, uncond)
+    if backend == "xla":
+        if getattr(model, "backend", None) is not None:
+            raise ValueError(f"backend='xla' needs a FlowModel, got a {model.backend} runner")
+        run = _scan_jit if isinstance(model, FlowModel) else _scan
+        return run(model, noise, grid, cond, guidance_scale, uncond)
+    from streamflow_jax.backends import runner_for
+
+    b, h, w, _ = noise.shape
+    runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w, cond=cond)
+    return _loop(runner, noise, grid, cond, guidance_scale, uncond)

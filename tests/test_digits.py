@@ -74,6 +74,17 @@ def test_diffusers_agrees_the_model_is_good(ours):
     assert acc_theirs >= 0.85 and abs(acc_ours - acc_theirs) <= 0.05, (acc_ours, acc_theirs)
 
 
+def test_onnxruntime_backend_same_quality(ours, tmp_path, monkeypatch):
+    """The embedded model exported to ONNX and sampled by ONNX Runtime: same accuracy within 2 points."""
+    pytest.importorskip("onnxruntime")
+    from streamflow_jax import backends
+
+    monkeypatch.setattr(backends, "DEFAULT_CACHE", tmp_path)
+    theirs = DigitsPipeline.from_dir()(LABELS, steps=STEPS, guidance_scale=GUIDANCE, seed=0, backend="onnxruntime")
+    assert abs(digit_accuracy(theirs, LABELS) - digit_accuracy(ours, LABELS)) <= 0.02
+    np.testing.assert_allclose(theirs, ours, atol=2e-3)  # and, pixel for pixel, the same images
+
+
 def test_numpy_upscale_equals_training_upscale():
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (5, 8, 8)).astype(np.float32))
     ref = F.interpolate(x[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0].numpy()

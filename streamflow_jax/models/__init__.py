@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from streamflow_jax.models.mmdit import SD3Config, SD3Transformer2DModel
@@ -102,6 +105,22 @@ class FlowModel:
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the class, config and every parameter (name, dtype, shape, bytes).
+
+        Keys caches of exported graphs and engines; computed once per model object.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256(self.class_name.encode())
+            h.update(json.dumps(self.config_dict(), sort_keys=True).encode())
+            leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self.state))[0]
+            for path, leaf in leaves:
+                a = np.asarray(leaf)
+                h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def tree_flatten(self):
         return (self.state,), (self.class_name, self.config, self.graphdef)

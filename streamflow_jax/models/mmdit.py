@@ -131,15 +131,25 @@ class PatchEmbed(nnx.Module):
     def __call__(self, x):  # [B, H, W, C] -> [B, L, D]
         b, height, width, _ = x.shape
         h, w = height // self.patch_size, width // self.patch_size
-        if h > self.max_size or w > self.max_size:
+        if isinstance(h, int) and isinstance(w, int) and (h > self.max_size or w > self.max_size):
             raise ValueError(
                 f"latent {height}x{width} is larger than the position table allows "
                 f"({self.max_size * self.patch_size}x{self.max_size * self.patch_size})"
             )
-        tokens = self.proj(x).reshape(b, h * w, -1)
-        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
-        table = self.pos_embed[...].reshape(self.max_size, self.max_size, -1)[top : top + h, left : left + w]
-        return tokens + table.reshape(1, h * w, -1).astype(tokens.dtype)
+        # the conv written out (same parameters as self.proj): jax2onnx 0.17's nnx.Conv
+        # converter emits a float32 kernel into half-precision graphs, which ONNX rejects
+        p = self.patch_size
+        tokens = jax.lax.conv_general_dilated(x, self.proj.kernel[...], (p, p), "VALID",
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        tokens = tokens + self.proj.bias[...]
+        d = tokens.shape[-1]
+        tokens = tokens.reshape(b, h * w, d)
+        # centre crop, written as gathers so it also exports with symbolic h, w (ONNX)
+        table = self.pos_embed[...].reshape(self.max_size, self.max_size, d)
+        rows = jnp.arange(h) + (self.max_size - h) // 2
+        cols = jnp.arange(w) + (self.max_size - w) // 2
+        table = jnp.take(jnp.take(table, rows, axis=0), cols, axis=1)
+        return tokens + table.reshape(1, h * w, d).astype(tokens.dtype)
 
 
 class TimestepEmbedding(nnx.Module):
@@ -241,17 +251,21 @@ class Attention(nnx.Module):
         k = self._heads(self.to_k(x), self.norm_k)
         v = self._heads(self.to_v(x), None)
         if context is not None:
-            q = jnp.concatenate([q, self._heads(self.add_q_proj(context), self.norm_added_q)], axis=1)
-            k = jnp.concatenate([k, self._heads(self.add_k_proj(context), self.norm_added_k)], axis=1)
-            v = jnp.concatenate([v, self._heads(self.add_v_proj(context), None)], axis=1)
-        out = ops.attention(q, k, v)  # [B, L(+S), N, K]
+            # Text tokens first (diffusers puts them last; attention does not care about order),
+            # so that both splits below start at the static text length, and lax.concatenate
+            # because jax2onnx 0.17 mis-sizes jnp.concatenate of a symbolic and a static axis:
+            # together they keep the graph exportable with a symbolic image-token count.
+            join = lambda c, x: jax.lax.concatenate([c, x], 1)  # noqa: E731
+            q = join(self._heads(self.add_q_proj(context), self.norm_added_q), q)
+            k = join(self._heads(self.add_k_proj(context), self.norm_added_k), k)
+            v = join(self._heads(self.add_v_proj(context), None), v)
+        out = ops.attention(q, k, v)  # [B, S+L, N, K]
         out = out.reshape(out.shape[0], out.shape[1], -1)
-        n = x.shape[1]
-        img = self.to_out[0](out[:, :n])
         if context is None:
-            return img, None
-        txt = out[:, n:]
-        return img, (self.to_add_out(txt) if self.to_add_out is not None else None)
+            return self.to_out[0](out), None
+        n = context.shape[1]
+        img, txt = out[:, n:], out[:, :n]
+        return self.to_out[0](img), (self.to_add_out(txt) if self.to_add_out is not None else None)
 
 
 class JointTransformerBlock(nnx.Module):
@@ -324,7 +338,7 @@ class SD3Transformer2DModel(nnx.Module):
         dtype = self.proj_out.kernel.dtype
         _, height, width, _ = hidden_states.shape
         p = self.config.patch_size
-        if height % p or width % p:
+        if isinstance(height, int) and isinstance(width, int) and (height % p or width % p):
             raise ValueError(f"latent {height}x{width} is not divisible by patch_size={p}")
         x = self.pos_embed(hidden_states.astype(dtype))
         temb = self.time_text_embed(timestep, pooled_projections.astype(dtype))

@@ -1,0 +1,188 @@
+"""ONNX export of a velocity graph with jax2onnx, and loading it back with integrity checks.
+
+An export is a directory::
+
+    velocity.onnx        the graph (weights as initializers)
+    velocity.onnx.data   external weights, when the graph is over 2 GB
+    export.json          the ExportSpec, the model's config and fingerprint, the files' SHA-256
+
+It is written to a temporary sibling and renamed into place; loading re-hashes the files so a
+corrupt or stale export is refused, never silently used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from streamflow_jax.export.spec import ExportSpec
+
+ONNX_NAME = "velocity.onnx"
+DATA_NAME = "velocity.onnx.data"
+META_NAME = "export.json"
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 23
+_PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GB cap, with headroom for the graph itself
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or used; the message names the file."""
+
+
+def file_sha256(paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedGraph:
+    """A verified export directory."""
+
+    path: Path
+    spec: ExportSpec
+    meta: dict
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_NAME
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path / name for name in self.meta["files"]]
+
+
+def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET, progress: bool = True) -> ExportedGraph:
+    """Exports ``model.velocity`` to ``out_dir`` as described by ``spec``.
+
+    Args:
+        model: a ``FlowModel`` (cast to ``spec.dtype`` for the export).
+        spec: from ``export.velocity_spec``.
+        out_dir: a new directory (must not exist).
+        opset: ONNX opset (>= 23).
+    """
+    import onnx
+    from jax2onnx import to_onnx
+
+    from streamflow_jax.converters.common import free_path
+
+    if opset < 23:
+        raise ExportError(f"opset {opset} < 23 is not supported")
+    if spec.class_name != model.class_name:
+        raise ExportError(f"spec is for {spec.class_name}, model is {model.class_name}")
+    out_dir = Path(out_dir).absolute()
+    free_path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    stages = tqdm(total=4, desc="export", unit="stage", disable=not progress)
+    try:
+        stages.set_description("export: tracing to ONNX")
+        module = model.astype(spec.dtype).module
+        names = spec.cond_names
+
+        def velocity(x, t, *cond):
+            return module.velocity(x, t, dict(zip(names, cond)))
+
+        # onnx_ir warns once per untyped shape constant jax2onnx makes; harmless, and hundreds
+        logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
+        proto = to_onnx(velocity, [t.shape for t in spec.inputs], model_name=f"{model.family}_velocity",
+                        opset=opset, input_names=spec.input_names, output_names=[t.name for t in spec.outputs])
+        # jax2onnx 0.17 annotates some intermediate values with symbolic dims that conflate
+        # distinct axes (the arange over H//P and W//P both get one name), which makes ONNX
+        # Runtime re-use buffers of the wrong size; ONNX's own shape inference redoes them.
+        del proto.graph.value_info[:]
+        stages.update()
+
+        stages.set_description("export: saving")
+        onnx_path = tmp / ONNX_NAME
+        files = [ONNX_NAME]
+        if proto.ByteSize() > _PROTO_LIMIT:
+            onnx.save_model(proto, onnx_path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=DATA_NAME, size_threshold=1024)
+            files.append(DATA_NAME)
+        else:
+            onnx.save_model(proto, onnx_path)
+        del proto
+        stages.update()
+
+        stages.set_description("export: onnx.checker + shape inference")
+        check_graph(onnx_path)
+        stages.update()
+
+        meta = {
+            "format": FORMAT_VERSION,
+            "spec": spec.to_json(),
+            "class_name": model.class_name,
+            "config": dataclasses.asdict(model.config),
+            "model_fingerprint": model.fingerprint(),
+            "opset": opset,
+            "files": files,
+            "sha256": file_sha256(tmp / f for f in files),
+            "versions": _versions(),
+        }
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        os.rename(tmp, out_dir)
+        stages.set_description("export: done")
+        stages.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        stages.close()
+    return ExportedGraph(out_dir, spec, meta)
+
+
+def check_graph(onnx_path: Path) -> None:
+    """``onnx.checker`` with strict shape inference; raises ``ExportError`` naming the file."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"{onnx_path}: invalid ONNX graph ({e})") from None
+
+
+def load_export(path) -> ExportedGraph:
+    """Opens an export directory, verifying its files against the recorded SHA-256."""
+    path = Path(path)
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        raise ExportError(f"{path}: no {META_NAME} (not a streamflow-jax export directory)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        spec = ExportSpec.from_json(meta["spec"])
+        files = [path / f for f in meta["files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportError(f"{meta_path}: unreadable export metadata ({e})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise ExportError(f"{meta_path}: export format {meta.get('format')} is not {FORMAT_VERSION}; export again")
+    for f in files:
+        if not f.is_file():
+            raise ExportError(f"{f}: missing; export again")
+    if file_sha256(files) != meta["sha256"]:
+        raise ExportError(f"{path / ONNX_NAME}: content does not match {META_NAME} (corrupt or stale); export again")
+    return ExportedGraph(path, spec, meta)
+
+
+def _versions() -> dict:
+    import jax
+    import jax2onnx
+    import onnx
+
+    from streamflow_jax import __version__
+
+    return {"streamflow_jax": __version__, "jax": jax.__version__, "jax2onnx": getattr(jax2onnx, "__version__", "?"),
+            "onnx": onnx.__version__, "numpy": np.__version__}

@@ -1,0 +1,227 @@
+"""Export path: XLA vs ONNX Runtime on one exported graph, sampling through each backend,
+the graph TensorRT would parse, engine-cache keys, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import VARIANTS, make_sd3, sd3_inputs
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("jax2onnx")
+import onnx  # noqa: E402
+
+import streamflow_jax as sf  # noqa: E402
+from streamflow_jax import backends  # noqa: E402
+from streamflow_jax.backends.onnxruntime import OnnxRuntimeVelocity  # noqa: E402
+from streamflow_jax.backends.tensorrt import EngineCache, engine_key, engine_record  # noqa: E402
+from streamflow_jax.cli import main as cli  # noqa: E402
+from streamflow_jax.export import ExportError, Range, export_onnx, load_export, velocity_spec  # noqa: E402
+from streamflow_jax.export.tensorrt_ops import tensorrt_problems  # noqa: E402
+
+TRT_SKIP = "TensorRT cannot be installed here: its PyPI wheels are stubs that download from an unreachable index, and there is no NVIDIA GPU"
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+@pytest.fixture(scope="module", params=["sd3", "sd35_medium"])
+def exported(request, tmp_path_factory):
+    """One model per variant, exported once with dynamic batch 1..8 and latent 4..12 (H, W apart)."""
+    root = tmp_path_factory.mktemp(request.param)
+    make_sd3(root / "src", request.param, seed=11)
+    model = sf.load(root / "src")
+    spec = velocity_spec(model, batch="1:3:8", latent="4:8:12", text_len=7)
+    return request.param, model, export_onnx(model, spec, root / "onnx", progress=False)
+
+
+@pytest.mark.parametrize("batch,height,width", [(1, 8, 8), (3, 8, 8), (8, 8, 8), (3, 12, 4), (2, 6, 10)])
+def test_onnxruntime_velocity_matches_xla(exported, batch, height, width):
+    variant, model, graph = exported
+    runner = OnnxRuntimeVelocity(graph)
+    x, t, cond = sd3_inputs(VARIANTS[variant], batch, height, width, seed=batch)
+    ref = model.velocity(x, t, cond)
+    assert _rel(runner.velocity(x, t, cond), ref) <= 1e-4
+
+
+def test_graph_is_valid_and_tensorrt_parsable(exported):
+    _, _, graph = exported
+    proto = onnx.load(graph.onnx_path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= 23
+    assert [i.name for i in proto.graph.input] == ["x", "t", "encoder_hidden_states", "pooled_projections"]
+    assert tensorrt_problems(proto) == []
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "B"  # dynamic, not baked in
+
+
+@pytest.mark.parametrize("dtype,onnx_type", [("float16", onnx.TensorProto.FLOAT16),
+                                              ("bfloat16", onnx.TensorProto.BFLOAT16)])
+def test_half_precision_export_keeps_float32_io(tmp_path, dtype, onnx_type):
+    make_sd3(tmp_path / "src", "sd35_medium", seed=12)
+    model = sf.load(tmp_path / "src")
+    spec = velocity_spec(model, batch="1:2:4", latent=8, text_len=7, dtype=dtype)
+    graph = export_onnx(model, spec, tmp_path / "onnx", progress=False)
+    proto = onnx.load(graph.onnx_path)
+    assert tensorrt_problems(proto) == []
+    io_types = {v.type.tensor_type.elem_type for v in list(proto.graph.input) + list(proto.graph.output)}
+    assert io_types == {onnx.TensorProto.FLOAT}
+    assert any(init.data_type == onnx_type for init in proto.graph.initializer)
+    if dtype == "float16":  # ONNX Runtime's CPU provider has no bfloat16 Conv; TensorRT has
+        x, t, cond = sd3_inputs(VARIANTS["sd35_medium"], 2, 8, 8)
+        assert _rel(OnnxRuntimeVelocity(graph).velocity(x, t, cond), model.velocity(x, t, cond)) <= 5e-3
+
+
+def test_tensorrt_check_flags_unsupported_graphs():
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Unique", ["x"], ["y"], name="u")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
+    problems = tensorrt_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    assert any("Unique is not supported" in p for p in problems)
+    node = helper.make_node("Sin", ["x"], ["y"], name="s")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [3])])
+    assert any("DOUBLE" in p for p in tensorrt_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])))
+
+
+def test_sample_onnxruntime_equals_xla_heterogeneous_cfg(tiny_sd3, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "DEFAULT_CACHE", tmp_path / "cache")
+    model = sf.load(tiny_sd3[0])
+    x, _, cond = sd3_inputs(VARIANTS["sd3"], 3, 8, 8, seed=21)
+    _, _, uncond = sd3_inputs(VARIANTS["sd3"], 3, 8, 8, seed=22)
+    grid = sf.schedules.stack([sf.schedules.flow_match(3), sf.schedules.flow_match(5, shift=1.0),
+                               sf.schedules.flow_match(4, shift=6.0)])
+    g = np.array([1.0, 2.5, 6.0], np.float32)
+    ref = sf.sample(model, x, grid, cond, guidance_scale=g, uncond=uncond)
+    ours = sf.sample(model, x, grid, cond, guidance_scale=g, uncond=uncond, backend="onnxruntime")
+    assert _rel(ours, ref) <= 1e-3
+
+
+def test_stale_cached_export_is_rebuilt(tiny_sd3, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(backends, "_RUNNERS", {})
+    model = sf.load(tiny_sd3[0])
+    x, _, cond = sd3_inputs(VARIANTS["sd3"], 2, 8, 8, seed=23)
+    grid = sf.schedules.flow_match(2)
+    first = np.asarray(sf.sample(model, x, grid, cond, backend="onnxruntime"))
+    (cached,) = (tmp_path / "cache" / "exports").iterdir()
+    (cached / "velocity.onnx").write_bytes(b"corrupted")
+    monkeypatch.setattr(backends, "_RUNNERS", {})  # as in a new process
+    again = np.asarray(sf.sample(model, x, grid, cond, backend="onnxruntime"))
+    np.testing.assert_allclose(again, first, rtol=1e-6, atol=1e-6)
+    assert load_export(cached).meta["model_fingerprint"] == model.fingerprint()  # rebuilt, verified
+
+
+def test_bad_inputs_to_an_export(exported):
+    variant, _, graph = exported
+    runner = backends.open_export(graph.path, "onnxruntime")
+    x, t, cond = sd3_inputs(VARIANTS[variant], 2, 8, 8)
+    with pytest.raises(ValueError, match=r"input 'x': rank 3"):
+        runner.velocity(x[0], t, cond)
+    with pytest.raises(ValueError, match=r"input 'x': axis 3 is 5, the graph takes 4"):
+        runner.velocity(np.zeros((2, 8, 8, 5), np.float32), t, cond)
+    xb, tb, cb = sd3_inputs(VARIANTS[variant], 9, 8, 8)
+    with pytest.raises(ValueError, match=r"B=9 is outside the exported profile \[1, 8\]"):
+        runner.velocity(xb, tb, cb)
+    with pytest.raises(ValueError, match=r"H=14 is outside"):
+        runner.velocity(np.zeros((2, 14, 8, 4), np.float32), t, cond)
+    with pytest.raises(ValueError, match=r"'encoder_hidden_states': axis 1 is 9, the graph takes 7"):
+        runner.velocity(x, t, {**cond, "encoder_hidden_states": np.zeros((2, 9, 12), np.float32)})
+
+
+def test_corrupt_or_missing_export_files(exported, tmp_path):
+    _, _, graph = exported
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(graph.path, copy)
+    data = (copy / "velocity.onnx").read_bytes()
+    (copy / "velocity.onnx").write_bytes(data[:-10] + b"0123456789")
+    with pytest.raises(ExportError, match="corrupt or stale"):
+        load_export(copy)
+    (copy / "velocity.onnx").unlink()
+    with pytest.raises(ExportError, match="missing"):
+        load_export(copy)
+    with pytest.raises(ExportError, match="not a streamflow-jax export"):
+        load_export(tmp_path)
+
+
+def test_spec_ranges_and_profile(tiny_sd3):
+    model = sf.load(tiny_sd3[0])
+    spec = velocity_spec(model, batch="1:4:8", resolution="64:64:96", latent_scale=8, text_len=7)
+    assert spec.dims == {"B": Range(1, 4, 8), "H": Range(8, 8, 12), "W": Range(8, 8, 12)}
+    prof = spec.profile()
+    assert prof["x"] == ((1, 8, 8, 4), (4, 8, 8, 4), (8, 12, 12, 4))
+    assert prof["t"] == ((1,), (4,), (8,))
+    assert prof["encoder_hidden_states"][2] == (8, 7, 12)
+    assert type(spec).from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        velocity_spec(model, resolution="60:64:96")
+    with pytest.raises(ValueError, match="exceeds the position table"):
+        velocity_spec(model, latent="8:8:26")
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        Range.parse("8:4:2")
+    with pytest.raises(ValueError, match="min:opt:max"):
+        Range.parse("a:b")
+
+
+def test_engine_cache_keys_and_stale_entries(exported, tmp_path):
+    _, _, graph = exported
+    rec = engine_record(graph, tensorrt_version="10.15.1", gpu_name="NVIDIA H200", opt_level=3)
+    others = [engine_record(graph, tensorrt_version="11.0.0", gpu_name="NVIDIA H200", opt_level=3),
+              engine_record(graph, tensorrt_version="10.15.1", gpu_name="NVIDIA H100", opt_level=3),
+              engine_record(graph, tensorrt_version="10.15.1", gpu_name="NVIDIA H200", opt_level=5)]
+    assert len({engine_key(r) for r in [rec, *others]}) == 4
+    assert rec["profile"]["x"] == [[1, 4, 4, 4], [3, 8, 8, 4], [8, 12, 12, 4]]
+    cache = EngineCache(tmp_path)
+    assert cache.lookup(rec) is None
+    cache.store(rec, b"plan-bytes")
+    assert cache.lookup(rec) == b"plan-bytes"
+    plan_path, meta_path = cache.paths(engine_key(rec))
+    plan_path.write_bytes(b"tampered")  # a damaged plan is dropped, so it gets rebuilt
+    assert cache.lookup(rec) is None and not plan_path.exists() and not meta_path.exists()
+    cache.store(rec, b"plan-bytes")
+    meta = json.loads(meta_path.read_text())
+    meta["record"]["onnx_sha256"] = "0" * 64  # an entry recorded for another graph is stale
+    meta_path.write_text(json.dumps(meta))
+    assert cache.lookup(rec) is None
+
+
+def test_export_cli(tiny_sd3, tmp_path, capsys):
+    src, _ = tiny_sd3
+    out = tmp_path / "onnx"
+    assert cli(["export", str(src), str(out), "--batch", "1:2:4", "--resolution", "8:8:16", "--latent-scale", "1",
+                "--text-len", "7", "-q"]) == 0
+    graph = load_export(out)
+    assert graph.spec.dims["B"] == Range(1, 2, 4) and graph.spec.dims["H"] == Range(8, 8, 16)
+    assert cli(["export", str(src), str(out), "-q"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert cli(["export", str(src), str(tmp_path / "bad"), "--batch", "4:2:1", "-q"]) == 1
+    assert "min <= opt <= max" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_export_cli_tensorrt_without_tensorrt(tiny_sd3, tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert cli(["export", str(tiny_sd3[0]), str(tmp_path / "trt"), "--backend", "tensorrt", "-q"]) == 1
+        assert "needs the TensorRT Python package" in capsys.readouterr().err
+        assert not (tmp_path / "trt").exists()
+    else:
+        pytest.skip("TensorRT is installed: the engine tests below cover it")
+
+
+def test_tensorrt_engine_matches_xla(exported, tmp_path):
+    pytest.importorskip("tensorrt", reason=TRT_SKIP)
+    from streamflow_jax.backends.tensorrt import TensorRTVelocity
+
+    variant, model, graph = exported
+    runner = TensorRTVelocity(graph, cache_dir=tmp_path)
+    for b, h, w in [(1, 8, 8), (3, 12, 4), (8, 8, 8)]:
+        x, t, cond = sd3_inputs(VARIANTS[variant], b, h, w)
+        assert _rel(runner.velocity(x, t, cond), model.velocity(x, t, cond)) <= 1e-3
