@@ -16,9 +16,10 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 # torch first and pinned: any other spelling may pull a multi-GB CUDA build.
+# The onnx extra too: the export and ONNX Runtime tests run in CI.
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,onnx]"
 	touch $@
 
 demo: $(VENV)/.runtime
@@ -29,6 +30,7 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/sd3_cpu.py
+	$(BIN)/python benchmarks/backends.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info digits.png

@@ -30,7 +30,10 @@ class OnnxRuntimeVelocity:
     backend = "onnxruntime"
 
     def __init__(self, exported, providers: list[str] | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ValueError("backend 'onnxruntime' needs the onnx extra: pip install 'streamflow-jax[onnx]'") from None
 
         self.exported = exported if isinstance(exported, ExportedGraph) else load_export(exported)
         self.spec = self.exported.spec

@@ -73,8 +73,11 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
         out_dir: a new directory (must not exist).
         opset: ONNX opset (>= 23).
     """
-    import onnx
-    from jax2onnx import to_onnx
+    try:
+        import onnx
+        from jax2onnx import to_onnx
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs the onnx extra: pip install 'streamflow-jax[onnx]' ({e})") from None
 
     from streamflow_jax.converters.common import free_path
 
