@@ -16,10 +16,13 @@ from streamflow_jax.checkpoint import convert, load, save
 from streamflow_jax.converters.common import ConversionError
 from streamflow_jax.models import FlowModel
 from streamflow_jax.sampling import euler_step, guided_velocity, sample
+from streamflow_jax.stream import RequestError, StreamEngine
 
 __all__ = [
     "ConversionError",
     "FlowModel",
+    "RequestError",
+    "StreamEngine",
     "__version__",
     "convert",
     "euler_step",

@@ -40,8 +40,12 @@ def _cmd_generate(args) -> int:
     print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), converted in {time.perf_counter() - t0:.2f} s")
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
     guidance = None if args.guidance <= 0 else args.guidance
-    run = lambda seed: pipe(labels, steps=args.steps, guidance_scale=guidance, seed=seed,  # noqa: E731
-                            backend=args.backend)
+    if args.stream:
+        run = lambda seed: pipe.stream(labels, steps=args.steps, guidance_scale=guidance, seed=seed,  # noqa: E731
+                                       slots_per_stream=args.slots, streams=args.streams, backend=args.backend)
+    else:
+        run = lambda seed: pipe(labels, steps=args.steps, guidance_scale=guidance, seed=seed,  # noqa: E731
+                                backend=args.backend)
     t0 = time.perf_counter()
     run(args.seed + 1)  # first call compiles
     compile_s = time.perf_counter() - t0
@@ -51,7 +55,8 @@ def _cmd_generate(args) -> int:
     image_grid(images, rows=10).save(args.out)
     acc = digit_accuracy(images, labels)
     print(f"first call (compile + run): {compile_s:.2f} s; then {len(labels)} images in {run_s:.3f} s "
-          f"= {len(labels) / run_s:.1f} images/s ({args.steps} steps, guidance {args.guidance}, backend {args.backend})")
+          f"= {len(labels) / run_s:.1f} images/s ({args.steps} steps, guidance {args.guidance}, backend {args.backend}"
+          + (f", stream engine {args.streams} x {args.slots} slots" if args.stream else ", one batch") + ")")
     print(f"digit accuracy (classifier trained on the real digits): {acc:.1%}")
     print(f"wrote {args.out}")
     return 0
@@ -163,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--backend", choices=BACKENDS, default="xla",
                    help="xla (default), or onnxruntime / tensorrt: the model is exported to ONNX on first use")
+    p.add_argument("--stream", action="store_true",
+                   help="one request per image through the stream engine instead of one batch")
+    p.add_argument("--slots", type=int, default=16, help="with --stream: slots per stream (default 16)")
+    p.add_argument("--streams", type=int, default=1, help="with --stream: streams sharing each call (default 1)")
     p.add_argument("--out", default="digits.png", help="output PNG (default digits.png)")
     p.set_defaults(func=_cmd_generate)
 

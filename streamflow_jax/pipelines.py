@@ -68,18 +68,55 @@ class DigitsPipeline:
         Returns:
             ``[B, 16, 16]`` float32 images in [0, 1].
         """
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() > 9:
-            raise ValueError(f"labels must be a non-empty 1-D array of classes 0-9, got {labels!r}")
-        b = labels.shape[0]
-        size = self.model.config.sample_size
-        channels = self.model.config.in_channels
-        noise = jax.random.normal(jax.random.key(seed), (b, size, size, channels), jnp.float32)
+        labels = _check_labels(labels)
+        noise = self.noise(len(labels), seed)
         grid = schedules.flow_match(steps, shift=self.shift)
-        uncond = self.cond(np.full(b, NULL_CLASS)) if guidance_scale is not None else None
+        uncond = self.cond(np.full(len(labels), NULL_CLASS)) if guidance_scale is not None else None
         x = sample(self.model, noise, grid, self.cond(labels), guidance_scale=guidance_scale, uncond=uncond,
                    backend=backend)
-        return np.clip((np.asarray(x[..., 0], np.float32) + 1) / 2, 0, 1)
+        return to_images(x)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.model.config
+        return (c.sample_size, c.sample_size, c.in_channels)
+
+    def noise(self, n: int, seed: int) -> jax.Array:
+        """The ``[n, 16, 16, 1]`` starting noise that ``__call__`` uses for ``seed``."""
+        return jax.random.normal(jax.random.key(seed), (n, *self.latent_shape), jnp.float32)
+
+    def stream(self, labels, *, steps: int = 16, guidance_scale: float | None = 3.0, seed: int = 0,
+               slots_per_stream: int = 4, streams: int = 1, backend: str = "xla") -> np.ndarray:
+        """The same images as ``__call__``, made by a ``StreamEngine`` (one request per label)."""
+        from streamflow_jax.stream import StreamEngine
+
+        labels = _check_labels(labels)
+        shapes = {k: tuple(v.shape[1:]) for k, v in self.conditioning.items()}
+        engine = StreamEngine(self.model, self.latent_shape, shapes, slots_per_stream=slots_per_stream,
+                              streams=streams, guidance=guidance_scale is not None, decode=to_images,
+                              backend=backend)
+        noise = np.asarray(self.noise(len(labels), seed))
+        null = self.cond(np.array([NULL_CLASS]))
+        ids = []
+        for i, label in enumerate(labels):
+            cond = {k: v[0] for k, v in self.cond(np.array([label])).items()}
+            extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale,
+                                                       "uncond": {k: v[0] for k, v in null.items()}}
+            ids.append(engine.submit(cond, steps=steps, shift=self.shift, noise=noise[i], **extra))
+        engine.run()
+        return np.stack([engine.result(i) for i in ids])
+
+
+def _check_labels(labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"labels must be a non-empty 1-D array of classes 0-9, got {labels!r}")
+    return labels
+
+
+def to_images(x) -> np.ndarray:
+    """Latents ``[B, 16, 16, 1]`` in [-1, 1] (pixel space) -> ``[B, 16, 16]`` images in [0, 1]."""
+    return np.clip((np.asarray(x[..., 0], np.float32) + 1) / 2, 0, 1)
 
 
 def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2):

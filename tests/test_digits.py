@@ -85,6 +85,14 @@ def test_onnxruntime_backend_same_quality(ours, tmp_path, monkeypatch):
     np.testing.assert_allclose(theirs, ours, atol=2e-3)  # and, pixel for pixel, the same images
 
 
+def test_stream_engine_same_images(ours):
+    """Through the stream engine (one request per digit), the same images as one batch."""
+    theirs = DigitsPipeline.from_dir().stream(LABELS, steps=STEPS, guidance_scale=GUIDANCE, seed=0,
+                                              slots_per_stream=8, streams=2)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert abs(digit_accuracy(theirs, LABELS) - digit_accuracy(ours, LABELS)) <= 0.02
+
+
 def test_numpy_upscale_equals_training_upscale():
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (5, 8, 8)).astype(np.float32))
     ref = F.interpolate(x[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0].numpy()
