@@ -73,6 +73,22 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
+    """GroupNorm statistics without affine parameters, in fp32.
+
+    Args:
+        x: ``[B, H, W, C]`` with ``C`` divisible by ``groups``.
+
+    Returns:
+        float32 ``[B, H, W, C]`` (the caller applies its scale and bias, then casts).
+    """
+    b, h, w, c = x.shape
+    g = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
+    mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+    return ((g - mean) * jax.lax.rsqrt(var + eps)).reshape(b, h, w, c)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float = 1e-6) -> jax.Array:
     """RMSNorm over the last axis, statistics in fp32 (as diffusers' ``RMSNorm``).
 

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from streamflow_jax.models.mmdit import SD3Config, SD3Transformer2DModel
+from streamflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 
 class Family(NamedTuple):
@@ -28,6 +29,7 @@ class Family(NamedTuple):
 
 FAMILIES: dict[str, Family] = {
     "SD3Transformer2DModel": Family("sd3", SD3Config, SD3Transformer2DModel),
+    "UNet2DConditionModel": Family("unet", UNetConfig, UNet2DConditionModel),
 }
 
 

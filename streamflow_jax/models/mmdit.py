@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from streamflow_jax import ops
+from streamflow_jax.models.layers import Conv2d, Placeholder
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -103,13 +104,6 @@ def _linear(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=True, rngs=rngs)
 
 
-class Placeholder(nnx.Module):
-    """Holds a list index without parameters (diffusers' Dropout slots in ``to_out``/``ff.net``)."""
-
-    def __call__(self, x):
-        return x
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
@@ -124,7 +118,7 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, cfg: SD3Config, rngs: nnx.Rngs):
         p, m = cfg.patch_size, cfg.pos_embed_max_size
-        self.proj = nnx.Conv(cfg.in_channels, cfg.inner_dim, (p, p), strides=(p, p), padding="VALID", rngs=rngs)
+        self.proj = Conv2d(cfg.in_channels, cfg.inner_dim, p, stride=p)
         self.pos_embed = Buffer(jnp.zeros((1, m * m, cfg.inner_dim), jnp.float32))
         self.patch_size, self.max_size = p, m
 
@@ -136,12 +130,7 @@ class PatchEmbed(nnx.Module):
                 f"latent {height}x{width} is larger than the position table allows "
                 f"({self.max_size * self.patch_size}x{self.max_size * self.patch_size})"
             )
-        # the conv written out (same parameters as self.proj): jax2onnx 0.17's nnx.Conv
-        # converter emits a float32 kernel into half-precision graphs, which ONNX rejects
-        p = self.patch_size
-        tokens = jax.lax.conv_general_dilated(x, self.proj.kernel[...], (p, p), "VALID",
-                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        tokens = tokens + self.proj.bias[...]
+        tokens = self.proj(x)
         d = tokens.shape[-1]
         tokens = tokens.reshape(b, h * w, d)
         # centre crop, written as gathers so it also exports with symbolic h, w (ONNX)
