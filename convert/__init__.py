@@ -15,11 +15,11 @@ from tqdm.auto import tqdm
 
 from streamflow_jax.models import FlowModel, abstract_module
 
-from . import sd3, unet
+from . import sd3, taesd, unet, vae
 from .common import CONFIG_NAME, ConversionError, TensorSource, check_model_source, config_from_dict, map_tensor, read_json
 
 # diffusers class name -> converter module (CLASS_NAME, PIPELINE_COMPONENT, CONFIG_CLS, IGNORABLE, rename)
-CONVERTERS = {m.CLASS_NAME: m for m in (sd3, unet)}
+CONVERTERS = {m.CLASS_NAME: m for m in (sd3, unet, vae, taesd)}
 # Bumped whenever converted output changes meaning; stored in every converted config.json.
 CONVERTER_VERSION = 1
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}

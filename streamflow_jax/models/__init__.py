@@ -18,7 +18,9 @@ import numpy as np
 from flax import nnx
 
 from streamflow_jax.models.mmdit import SD3Config, SD3Transformer2DModel
+from streamflow_jax.models.taesd import AutoencoderTiny, TinyConfig
 from streamflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+from streamflow_jax.models.vae import AutoencoderKL, VAEConfig
 
 
 class Family(NamedTuple):
@@ -30,6 +32,8 @@ class Family(NamedTuple):
 FAMILIES: dict[str, Family] = {
     "SD3Transformer2DModel": Family("sd3", SD3Config, SD3Transformer2DModel),
     "UNet2DConditionModel": Family("unet", UNetConfig, UNet2DConditionModel),
+    "AutoencoderKL": Family("vae", VAEConfig, AutoencoderKL),
+    "AutoencoderTiny": Family("taesd", TinyConfig, AutoencoderTiny),
 }
 
 

@@ -1,0 +1,12 @@
+"""TAESD: diffusers ``AutoencoderTiny`` -> ``models.taesd`` (identity key map)."""
+
+from streamflow_jax.models.taesd import TinyConfig
+
+CLASS_NAME = "AutoencoderTiny"
+PIPELINE_COMPONENT = "vae"  # a TAESD directory is a model directory; pipelines ship AutoencoderKL
+CONFIG_CLS = TinyConfig
+IGNORABLE: dict = {}
+
+
+def rename(key: str) -> str:
+    return key

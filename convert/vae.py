@@ -1,0 +1,12 @@
+"""Stable Diffusion VAE: diffusers ``AutoencoderKL`` -> ``models.vae`` (identity key map)."""
+
+from streamflow_jax.models.vae import VAEConfig
+
+CLASS_NAME = "AutoencoderKL"
+PIPELINE_COMPONENT = "vae"
+CONFIG_CLS = VAEConfig
+IGNORABLE: dict = {}
+
+
+def rename(key: str) -> str:
+    return key

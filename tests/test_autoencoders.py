@@ -1,0 +1,103 @@
+"""AutoencoderKL (4- and 16-channel latents) and AutoencoderTiny (TAESD) against diffusers."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+
+import streamflow_jax as sf
+from streamflow_jax.cli import main as cli
+
+VAES = {
+    "sd": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    # SD3/Flux-style: 16 channels, shift factor, no quant convs
+    "sd3": dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, latent_channels=16,
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+}
+# diffusers' EncoderTiny/DecoderTiny need equal widths within each
+TAESD = dict(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(8,) * 4,
+             num_encoder_blocks=(1, 2, 1, 1), num_decoder_blocks=(1, 1, 2, 1))
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+def _nchw(a):
+    return torch.from_numpy(a).permute(0, 3, 1, 2)
+
+
+def _nhwc(t):
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("variant", sorted(VAES))
+def test_vae_encode_decode_match_diffusers(tmp_path, variant):
+    ref = randomize(diffusers.AutoencoderKL(**VAES[variant]), 0, std=0.1).eval()
+    ref.save_pretrained(tmp_path / "src")
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 0
+    vae = sf.load(tmp_path / "dst").module
+    rng = np.random.default_rng(0)
+    f = 2 ** (len(VAES[variant]["block_out_channels"]) - 1)
+    images = rng.uniform(-1, 1, (2, 8 * f, 6 * f, 3)).astype(np.float32)  # non-square
+    c = VAES[variant]["latent_channels"]
+    z = rng.standard_normal((2, 8, 6, c)).astype(np.float32)
+    with torch.no_grad():
+        want_mean = _nhwc(ref.encode(_nchw(images)).latent_dist.mean)
+        want_img = _nhwc(ref.decode(_nchw(z)).sample)
+    assert _rel(vae.encode(images), want_mean) <= 1e-4
+    assert _rel(vae.decode(z), want_img) <= 1e-4
+    # pipeline scaling: decode_latents(l) == decode(l / scale + shift)
+    cfg = ref.config
+    with torch.no_grad():
+        want = _nhwc(ref.decode(_nchw(z) / cfg.scaling_factor + (cfg.shift_factor or 0.0)).sample)
+    assert _rel(vae.decode_latents(z), want) <= 1e-4
+
+
+def test_taesd_encode_decode_match_diffusers(tmp_path):
+    ref = randomize(diffusers.AutoencoderTiny(**TAESD), 0, std=0.1).eval()
+    ref.save_pretrained(tmp_path / "src")
+    taesd = sf.load(tmp_path / "src").module  # converted in memory
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (2, 32, 24, 3)).astype(np.float32)
+    z = rng.standard_normal((3, 4, 5, 4)).astype(np.float32)
+    with torch.no_grad():
+        want_lat = _nhwc(ref.encode(_nchw(images)).latents)
+        want_img = _nhwc(ref.decode(_nchw(z)).sample)
+    assert _rel(taesd.encode(images), want_lat) <= 1e-4
+    assert _rel(taesd.decode(z), want_img) <= 1e-4
+
+
+@pytest.mark.parametrize("cls,cfg,field,value", [
+    ("AutoencoderKL", VAES["sd"], "act_fn", "gelu"),
+    ("AutoencoderKL", VAES["sd"], "latents_mean", [0.1, 0.2, 0.3, 0.4]),
+    ("AutoencoderTiny", TAESD, "upsample_fn", "bilinear"),
+])
+def test_unsupported_autoencoder_config(tmp_path, capsys, cls, cfg, field, value):
+    getattr(diffusers, cls)(**cfg).save_pretrained(tmp_path / "src")
+    raw = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**raw, field: value}))
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "unsupported" in err and field in err and not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("cls,cfg,key", [("AutoencoderKL", VAES["sd"], "decoder.mid_block.attentions.0.to_q.weight"),
+                                         ("AutoencoderTiny", TAESD, "decoder.layers.2.conv.2.weight")])
+def test_autoencoder_wrong_shape(tmp_path, capsys, cls, cfg, key):
+    from safetensors.torch import load_file, save_file
+
+    getattr(diffusers, cls)(**cfg).save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, *tensors[key].shape[1:])
+    save_file(tensors, path)
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 1
+    assert repr(key) in capsys.readouterr().err
