@@ -15,11 +15,22 @@ from tqdm.auto import tqdm
 
 from streamflow_jax.models import FlowModel, abstract_module
 
-from . import sd3, taesd, unet, vae
-from .common import CONFIG_NAME, ConversionError, TensorSource, check_model_source, config_from_dict, map_tensor, read_json
+from . import clip, sd3, taesd, unet, vae
+from .common import (
+    CONFIG_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    ConversionError,
+    TensorSource,
+    check_model_source,
+    config_from_dict,
+    map_tensor,
+    read_json,
+)
 
-# diffusers class name -> converter module (CLASS_NAME, PIPELINE_COMPONENT, CONFIG_CLS, IGNORABLE, rename)
-CONVERTERS = {m.CLASS_NAME: m for m in (sd3, unet, vae, taesd)}
+# class name -> converter module: CLASS_NAME (or CLASS_NAMES), CONFIG_CLS,
+# IGNORABLE, rename; optionally WEIGHTS (file names), ANY_VALUE (free config keys), prepare_config.
+CONVERTERS = {name: m for m in (sd3, unet, vae, taesd, clip) for name in getattr(m, "CLASS_NAMES", (m.CLASS_NAME,))}
 # Bumped whenever converted output changes meaning; stored in every converted config.json.
 CONVERTER_VERSION = 1
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
@@ -61,9 +72,19 @@ def convert_diffusers(src, *, dtype=None, progress: bool = True) -> tuple[FlowMo
     """
     model_dir = _find_supported_dir(Path(src))
     raw = read_json(model_dir / CONFIG_NAME)
-    model = convert_tensors(raw, TensorSource(model_dir), dtype=dtype, progress=progress,
-                            source=str(model_dir))
+    conv = CONVERTERS.get(class_name_of(raw))
+    names = getattr(conv, "WEIGHTS", None) or (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    tensors = TensorSource(model_dir, names) if conv is not None else None
+    model = convert_tensors(raw, tensors, dtype=dtype, progress=progress, source=str(model_dir))
     return model, raw
+
+
+def class_name_of(raw: dict) -> str | None:
+    """diffusers writes ``_class_name``; transformers writes ``architectures``."""
+    if raw.get("_class_name"):
+        return raw["_class_name"]
+    arch = raw.get("architectures")
+    return arch[0] if isinstance(arch, list) and arch else None
 
 
 def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = True,
@@ -77,13 +98,16 @@ def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = T
         dtype: cast floating-point parameters (``None`` keeps each tensor's dtype).
         source: names the origin in error messages.
     """
-    class_name = raw_config.get("_class_name")
+    class_name = class_name_of(raw_config)
     conv = CONVERTERS.get(class_name)
     if conv is None:
         raise ConversionError(
             f"{source}: unsupported model class {class_name!r} (supported: {', '.join(sorted(CONVERTERS))})"
         )
-    config = config_from_dict(conv.CONFIG_CLS, raw_config, source=f"{source}/{CONFIG_NAME}", ignorable=conv.IGNORABLE)
+    if hasattr(conv, "prepare_config"):
+        raw_config = conv.prepare_config(raw_config)
+    config = config_from_dict(conv.CONFIG_CLS, raw_config, source=f"{source}/{CONFIG_NAME}",
+                              ignorable=conv.IGNORABLE, any_value=getattr(conv, "ANY_VALUE", frozenset()))
     cast = resolve_dtype(dtype)
     if not isinstance(tensors, TensorSource):
         tensors = DictSource(tensors)
@@ -133,15 +157,12 @@ class DictSource:
 
 
 def _find_supported_dir(src: Path) -> Path:
-    """``src`` as a model directory, or the first supported component of a pipeline."""
+    """``src`` as a model directory (pipelines are handled by ``checkpoint.convert``/``load``)."""
     check_model_source(src)
-    if (src / CONFIG_NAME).is_file():
-        return src
-    components = [c.PIPELINE_COMPONENT for c in CONVERTERS.values()]
-    for comp in components:
-        if (src / comp / CONFIG_NAME).is_file():
-            return src / comp
-    raise ConversionError(f"{src}: pipeline has none of the supported components ({', '.join(components)})")
+    if not (src / CONFIG_NAME).is_file():
+        raise ConversionError(f"{src}: a pipeline directory; convert it with sf.convert or load a component "
+                              "with sf.load(path, component=...)")
+    return src
 
 
 def _few(names: list[str], n: int = 5) -> str:

@@ -40,7 +40,8 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def config_from_dict(cls, raw: Mapping, *, source: Path, ignorable: Mapping | None = None):
+def config_from_dict(cls, raw: Mapping, *, source: Path, ignorable: Mapping | None = None,
+                     any_value: frozenset = frozenset()):
     """Builds the family's config dataclass from a diffusers ``config.json``, strictly.
 
     Args:
@@ -48,12 +49,14 @@ def config_from_dict(cls, raw: Mapping, *, source: Path, ignorable: Mapping | No
         raw: the parsed ``config.json``.
         source: the file, for messages.
         ignorable: fields the model does not use, with the only value accepted for each.
+        any_value: fields that never change the forward pass (generation or training
+            settings), accepted with any value.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
     ignorable = dict(ignorable or {})
     kwargs = {}
     for key, value in raw.items():
-        if key.startswith(META_PREFIX):
+        if key.startswith(META_PREFIX) or (key in any_value and key not in fields):
             continue
         if key in fields:
             kwargs[key] = tuple(value) if isinstance(value, list) else value
@@ -69,12 +72,16 @@ def config_from_dict(cls, raw: Mapping, *, source: Path, ignorable: Mapping | No
 
 
 class TensorSource:
-    """The tensors of one diffusers model directory, single-file or sharded, read lazily."""
+    """The tensors of one model directory, single-file or sharded, read lazily.
 
-    def __init__(self, model_dir: Path):
+    ``names`` is the (single file, shard index) pair to look for: diffusers' by default,
+    ``("model.safetensors", "model.safetensors.index.json")`` for transformers models.
+    """
+
+    def __init__(self, model_dir: Path, names: tuple[str, str] = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
         self.model_dir = Path(model_dir)
-        single = self.model_dir / WEIGHTS_NAME
-        index = self.model_dir / WEIGHTS_INDEX_NAME
+        single = self.model_dir / names[0]
+        index = self.model_dir / names[1]
         self._where: dict[str, Path] = {}
         if single.is_file():
             for key in self._keys_of(single):
@@ -97,7 +104,7 @@ class TensorSource:
         else:
             found = sorted(p.name for p in self.model_dir.glob("*.safetensors"))
             raise ConversionError(
-                f"{self.model_dir}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}"
+                f"{self.model_dir}: no {names[0]} or {names[1]}"
                 + (f" (found {', '.join(found)})" if found else "")
             )
 

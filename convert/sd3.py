@@ -7,7 +7,6 @@ The Flax module's attribute names mirror the diffusers keys, so the key map is t
 from streamflow_jax.models.mmdit import SD3Config
 
 CLASS_NAME = "SD3Transformer2DModel"
-PIPELINE_COMPONENT = "transformer"
 CONFIG_CLS = SD3Config
 # Config fields diffusers has that change nothing in inference, with the value we accept.
 IGNORABLE: dict = {}

@@ -3,7 +3,6 @@
 from streamflow_jax.models.taesd import TinyConfig
 
 CLASS_NAME = "AutoencoderTiny"
-PIPELINE_COMPONENT = "vae"  # a TAESD directory is a model directory; pipelines ship AutoencoderKL
 CONFIG_CLS = TinyConfig
 IGNORABLE: dict = {}
 

@@ -3,7 +3,6 @@
 from streamflow_jax.models.unet import UNetConfig
 
 CLASS_NAME = "UNet2DConditionModel"
-PIPELINE_COMPONENT = "unet"
 CONFIG_CLS = UNetConfig
 # Every other field diffusers writes, with the only value implemented (its default): the
 # SDXL/Kandinsky/ControlNet-era options that SD 1.x/2.x checkpoints leave unset.

@@ -3,7 +3,6 @@
 from streamflow_jax.models.vae import VAEConfig
 
 CLASS_NAME = "AutoencoderKL"
-PIPELINE_COMPONENT = "vae"
 CONFIG_CLS = VAEConfig
 IGNORABLE: dict = {}
 

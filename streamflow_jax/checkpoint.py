@@ -7,6 +7,7 @@ memory, a diffusers one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,9 +22,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from streamflow_jax import __version__
+from streamflow_jax.converters.common import ConversionError
 from streamflow_jax.models import FlowModel, abstract_module, family_of
 
 PARAMS_DIR = "params"
+VELOCITY_COMPONENTS = ("transformer", "unet")  # what sf.load takes from a pipeline by default
+ROOT_FILE_LIMIT = 16 << 20  # pipeline-root files copied by convert (configs, conditioning tables)
 META_KEY = "streamflow_jax"  # present in our config.json, absent from diffusers'
 
 
@@ -33,32 +37,45 @@ def _flat(tree) -> tuple[dict, object, list[str]]:
     return dict(zip(names, (leaf for _, leaf in leaves))), treedef, names
 
 
-def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
-    """Writes ``model`` to a new directory ``dst`` atomically (temporary dir + rename)."""
-    from streamflow_jax.converters import CONVERTER_VERSION
+@contextlib.contextmanager
+def _atomic_dir(dst: Path):
+    """A temporary sibling of ``dst`` that becomes ``dst`` on success and vanishes on failure."""
     from streamflow_jax.converters.common import free_path
 
-    dst = Path(dst).absolute()
     free_path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
-        config = {"_class_name": model.class_name, **dataclasses.asdict(model.config)}
-        config[META_KEY] = {
-            "version": __version__,
-            "converter_version": CONVERTER_VERSION,
-            "dtype": str(np.dtype(model.dtype)),
-            "source": source,
-        }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        flat, _, _ = _flat(nnx.to_pure_dict(model.state))
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / PARAMS_DIR, {k: np.asarray(v) for k, v in flat.items()})
+        yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_model(model: FlowModel, out: Path, source: str | None) -> None:
+    from streamflow_jax.converters import CONVERTER_VERSION
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": model.class_name, **dataclasses.asdict(model.config)}
+    config[META_KEY] = {
+        "version": __version__,
+        "converter_version": CONVERTER_VERSION,
+        "dtype": str(np.dtype(model.dtype)),
+        "source": source,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    flat, _, _ = _flat(nnx.to_pure_dict(model.state))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out / PARAMS_DIR, {k: np.asarray(v) for k, v in flat.items()})
+
+
+def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
+    """Writes ``model`` to a new directory ``dst`` atomically (temporary dir + rename)."""
+    dst = Path(dst).absolute()
+    with _atomic_dir(dst) as tmp:
+        _write_model(model, tmp, source)
     return dst
 
 
@@ -66,8 +83,11 @@ def convert(src, dst, *, dtype=None, progress: bool = True) -> Path:
     """Converts a diffusers model or pipeline directory into a streamflow-jax directory.
 
     Args:
-        src: diffusers model directory (``config.json`` + safetensors, sharded or not), or a
-            pipeline directory (``model_index.json``), whose supported component is converted.
+        src: a diffusers model directory (``config.json`` + safetensors, sharded or not; a
+            transformers ``model.safetensors`` for text encoders), or a pipeline directory
+            (``model_index.json``): every supported component is converted into ``dst/NAME``,
+            configuration-only components (scheduler, tokenizer) and small root files are
+            copied, the others are skipped, and ``dst/conversion.json`` lists which was which.
         dst: output directory; must not exist. Written atomically.
         dtype: ``None`` keeps the checkpoint's dtype; or ``"float32"``, ``"bfloat16"``, ``"float16"``.
         progress: show a progress bar over tensors.
@@ -79,23 +99,82 @@ def convert(src, dst, *, dtype=None, progress: bool = True) -> Path:
         ConversionError: the source does not fit (the message names the file and the key).
     """
     from streamflow_jax.converters import convert_diffusers
-    from streamflow_jax.converters.common import free_path
+    from streamflow_jax.converters.common import check_model_source
 
-    free_path(Path(dst))  # fail before the (possibly long) read
-    model, _ = convert_diffusers(src, dtype=dtype, progress=progress)
-    return save(model, dst, source=str(Path(src).absolute()))
+    src, dst = Path(src), Path(dst).absolute()
+    check_model_source(src)
+    if (src / "config.json").is_file():
+        with _atomic_dir(dst) as tmp:
+            model, _ = convert_diffusers(src, dtype=dtype, progress=progress)
+            _write_model(model, tmp, str(src.absolute()))
+        return dst
+    with _atomic_dir(dst) as tmp:
+        record = {"converted": {}, "copied": [], "skipped": {}}
+        for name, kind in pipeline_components(src).items():
+            if kind == "config-only":
+                shutil.copytree(src / name, tmp / name)
+                record["copied"].append(name)
+            elif kind.startswith("skip:"):
+                record["skipped"][name] = kind.removeprefix("skip: ")
+            else:
+                model, _ = convert_diffusers(src / name, dtype=dtype, progress=progress)
+                _write_model(model, tmp / name, str((src / name).absolute()))
+                record["converted"][name] = kind
+        if not record["converted"]:
+            raise ConversionError(f"{src}: no supported component ({record['skipped']})")
+        for f in sorted(src.iterdir()):  # model_index.json and small side files; not root-level checkpoints
+            if f.is_file() and f.stat().st_size <= ROOT_FILE_LIMIT:
+                shutil.copy(f, tmp / f.name)
+            elif f.is_file():
+                record["skipped"][f.name] = f"root-level file over {ROOT_FILE_LIMIT >> 20} MiB"
+        (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+    return dst
 
 
-def load(path, dtype=None, *, progress: bool = False) -> FlowModel:
+def pipeline_components(src: Path) -> dict[str, str]:
+    """Each component of a pipeline directory: its class (convertible), ``"config-only"``
+    (no weights: scheduler, tokenizer, feature extractor), or ``"skip: reason"``."""
+    from streamflow_jax.converters import CONVERTERS, class_name_of
+    from streamflow_jax.converters.common import read_json
+
+    index = read_json(src / "model_index.json")
+    out = {}
+    for name in sorted(k for k in index if not k.startswith("_")):
+        sub = src / name
+        weights = sorted(p.name for p in sub.glob("*.safetensors")) if sub.is_dir() else []
+        if not sub.is_dir():
+            out[name] = "skip: not present"
+        elif not weights and not any(sub.glob("*.bin")):
+            out[name] = "config-only"
+        elif not weights:
+            out[name] = "skip: only .bin (pickle) weights; safetensors needed"
+        elif not (sub / "config.json").is_file():
+            out[name] = "skip: no config.json"
+        else:
+            cls = class_name_of(read_json(sub / "config.json"))
+            out[name] = cls if cls in CONVERTERS else f"skip: unsupported class {cls}"
+    return out
+
+
+def load(path, dtype=None, *, component: str | None = None, progress: bool = False) -> FlowModel:
     """Loads a converted directory, or converts a diffusers directory in memory.
 
     Args:
         path: a directory written by ``convert``, or a diffusers model/pipeline directory.
         dtype: cast floating-point parameters to this dtype (``None`` keeps them).
+        component: for a pipeline directory, which one (default: its ``transformer`` or ``unet``).
     """
     from streamflow_jax.converters import ConversionError, resolve_dtype
 
     path = Path(path)
+    if (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+        if component is None:
+            component = next((c for c in VELOCITY_COMPONENTS if (path / c / "config.json").is_file()), None)
+            if component is None:
+                raise ConversionError(f"{path}: pipeline has no {' or '.join(VELOCITY_COMPONENTS)}; name a component")
+        if not (path / component).is_dir():
+            raise ConversionError(f"{path}: no component {component!r}")
+        path = path / component
     cfg_path = path / "config.json"
     raw = None
     if cfg_path.is_file():

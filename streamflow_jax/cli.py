@@ -20,6 +20,15 @@ def _cmd_convert(args) -> int:
 
     out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet)
     print(f"converted {args.src} -> {out}")
+    record = out / "conversion.json"
+    if record.is_file():  # a pipeline: say what happened to each component
+        rec = json.loads(record.read_text())
+        for name, cls in rec["converted"].items():
+            print(f"  converted {name} ({cls})")
+        for name in rec["copied"]:
+            print(f"  copied    {name} (configuration only)")
+        for name, why in rec["skipped"].items():
+            print(f"  skipped   {name}: {why}")
     return 0
 
 

@@ -37,19 +37,20 @@ def attention_implementation(q: jax.Array) -> str:
     return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Full (non-causal) multi-head attention.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
+    """Multi-head attention, full or causal.
 
     Args:
         q: ``[B, L, N, K]`` queries.
         k: ``[B, L', N, K]`` keys.
         v: ``[B, L', N, K]`` values.
+        causal: query i attends to keys 0..i only (text encoders).
 
     Returns:
         ``[B, L, N, K]``, softmax(q k^T / sqrt(K)) v per head.
     """
     if attention_implementation(q) == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     # Written out rather than jax.nn.dot_product_attention(implementation="xla"): that asks for
     # fp32 accumulation of half-precision dots, which XLA:CPU rejects. Softmax runs in fp32.
     # matmul on [B, N, L, K] (not einsum) because it exports to ONNX MatMul, which takes
@@ -57,6 +58,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, L, K]
     logits = jnp.matmul(qh * scale, kh.transpose(0, 1, 3, 2))  # [B, N, L, L']
+    if causal:
+        allowed = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+        logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.matmul(probs, vh).transpose(0, 2, 1, 3)
 

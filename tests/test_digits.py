@@ -131,5 +131,8 @@ def test_training_script_smoke(tmp_path):
     pipe = DigitsPipeline.from_dir(tmp_path / "d")
     images = pipe(np.arange(10), steps=2)
     assert images.shape == (10, 16, 16) and np.isfinite(images).all()
-    sf.convert(tmp_path / "d", tmp_path / "converted", progress=False)  # pipeline dir -> transformer/
-    assert (tmp_path / "converted" / "config.json").is_file()
+    sf.convert(tmp_path / "d", tmp_path / "converted", progress=False)  # the pipeline, converted
+    record = json.loads((tmp_path / "converted" / "conversion.json").read_text())
+    assert record["converted"] == {"transformer": "SD3Transformer2DModel"} and record["copied"] == ["scheduler"]
+    again = DigitsPipeline.from_dir(tmp_path / "converted")(np.arange(10), steps=2)
+    np.testing.assert_allclose(again, images, atol=1e-6)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from streamflow_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from streamflow_jax.models.mmdit import SD3Config, SD3Transformer2DModel
 from streamflow_jax.models.taesd import AutoencoderTiny, TinyConfig
 from streamflow_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -34,6 +35,8 @@ FAMILIES: dict[str, Family] = {
     "UNet2DConditionModel": Family("unet", UNetConfig, UNet2DConditionModel),
     "AutoencoderKL": Family("vae", VAEConfig, AutoencoderKL),
     "AutoencoderTiny": Family("taesd", TinyConfig, AutoencoderTiny),
+    "CLIPTextModel": Family("clip", CLIPTextConfig, CLIPTextModel),
+    "CLIPTextModelWithProjection": Family("clip", CLIPTextConfig, CLIPTextModel),
 }
 
 

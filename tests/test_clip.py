@@ -1,0 +1,118 @@
+"""CLIP text encoders against transformers, and the tokenizer against transformers' CLIPTokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+
+transformers = pytest.importorskip("transformers")
+
+import streamflow_jax as sf  # noqa: E402
+from streamflow_jax.cli import main as cli  # noqa: E402
+from streamflow_jax.tokenizer import CLIPTokenizer  # noqa: E402
+
+CLIP = dict(vocab_size=300, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=20, projection_dim=16, bos_token_id=298, eos_token_id=299, pad_token_id=299)
+
+
+@pytest.mark.parametrize("cls,act,legacy_eos", [("CLIPTextModel", "quick_gelu", True),
+                                                ("CLIPTextModelWithProjection", "gelu", False)])
+def test_clip_text_encoder_matches_transformers(tmp_path, cls, act, legacy_eos):
+    cfg = dict(CLIP, hidden_act=act, **({"eos_token_id": 2} if legacy_eos else {}))
+    ref = randomize(getattr(transformers, cls)(transformers.CLIPTextConfig(**cfg)), 0, std=0.2).eval()
+    ref.save_pretrained(tmp_path / "src")
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 0
+    model = sf.load(tmp_path / "dst")
+    ids = np.array([[298, 5, 7, 9, 299, 299, 299, 299], [298, 3, 4, 6, 8, 10, 11, 299]])
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids), output_hidden_states=True)
+    got = model.module(ids)
+    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - b.numpy())) / np.max(np.abs(b.numpy())))  # noqa: E731
+    assert rel(got["last_hidden_state"], want.last_hidden_state) <= 1e-4
+    assert rel(got["hidden_states"][-2], want.hidden_states[-2]) <= 1e-4  # penultimate
+    assert len(got["hidden_states"]) == len(want.hidden_states)
+    if cls == "CLIPTextModel":
+        assert rel(got["pooler_output"], want.pooler_output) <= 1e-4
+    else:
+        assert rel(got["text_embeds"], want.text_embeds) <= 1e-4
+
+
+def test_clip_generic_transformers_fields_accepted_architecture_fields_strict(tmp_path, capsys):
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP))
+    ref.save_pretrained(tmp_path / "src")
+    raw = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**raw, "num_beams": 4, "output_scores": True}))
+    assert sf.load(tmp_path / "src").config.hidden_size == 32  # generation settings do not matter
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**raw, "hidden_act": "relu"}))
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 1
+    assert "unsupported: hidden_act='relu'" in capsys.readouterr().err
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**raw, "use_rope": True}))
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 1
+    assert "unknown config field 'use_rope'" in capsys.readouterr().err
+
+
+def _write_tiny_clip_vocab(path):
+    """A byte-level vocabulary (every byte, alone and word-final) plus a few merges."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "i n", "in g</w>", "r e", "p h", "o t",
+              "ph ot", "phot o</w>", "s t", "st r", "str ing</w>"]
+    for m in merges:
+        vocab["".join(m.split())] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+PROMPTS = [
+    "a photo of the cat",
+    "A PHOTO, of the cat!!! on a mat; isn't it? (really) #42 $9.99",
+    "  spaced\tout\n\nprompt  ",
+    "café naïve Ünïcödé — “quotes” 日本語 🙂 emoji",
+    "string " * 40,  # over-long: truncated to 77 tokens with the EOS kept
+    "",
+]
+
+
+@pytest.mark.parametrize("pad", [None, "!"])
+def test_tokenizer_matches_transformers(tmp_path, pad):
+    _write_tiny_clip_vocab(tmp_path / "tok")
+    kwargs = {} if pad is None else {"pad_token": pad}
+    ref = transformers.CLIPTokenizer.from_pretrained(tmp_path / "tok", **kwargs)
+    ref.save_pretrained(tmp_path / "saved")
+    for directory in (tmp_path / "saved", _slow_files_only(tmp_path)):
+        ours = CLIPTokenizer.from_dir(directory)
+        want = ref(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+        np.testing.assert_array_equal(ours(PROMPTS), want)
+    assert ours(PROMPTS).shape == (len(PROMPTS), 77)
+
+
+def _slow_files_only(tmp_path):
+    """The same tokenizer as SD pipelines ship it: vocab.json + merges.txt (+ configs), no tokenizer.json."""
+    import shutil
+
+    slow = tmp_path / "slow"
+    shutil.copytree(tmp_path / "saved", slow)
+    (slow / "tokenizer.json").unlink(missing_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        if not (slow / name).exists():
+            shutil.copy(tmp_path / "tok" / name, slow / name)
+    return slow
+
+
+def test_tokenizer_missing_files(tmp_path):
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        CLIPTokenizer.from_dir(tmp_path / "tok")
