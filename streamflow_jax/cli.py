@@ -106,10 +106,10 @@ def _cmd_export(args) -> int:
     print(f"exported {model.class_name} velocity -> {exported.onnx_path} "
           f"(B {spec.dims['B']}, H {spec.dims['H']}, W {spec.dims['W']}, {spec.dtype}, opset {args.opset})")
     if args.backend == "tensorrt":
-        from streamflow_jax.backends.tensorrt import TensorRTVelocity
+        from streamflow_jax.backends.tensorrt import TensorRTRunner
 
         try:
-            TensorRTVelocity(exported, opt_level=args.opt_level)
+            TensorRTRunner(exported, opt_level=args.opt_level)
         except Exception as e:
             raise ValueError(f"the ONNX export in {exported.path} is complete, but the TensorRT engine was not "
                              f"built: {e}") from None

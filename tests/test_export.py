@@ -15,7 +15,7 @@ import onnx  # noqa: E402
 
 import streamflow_jax as sf  # noqa: E402
 from streamflow_jax import backends  # noqa: E402
-from streamflow_jax.backends.onnxruntime import OnnxRuntimeVelocity  # noqa: E402
+from streamflow_jax.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from streamflow_jax.backends.tensorrt import EngineCache, engine_key, engine_record  # noqa: E402
 from streamflow_jax.cli import main as cli  # noqa: E402
 from streamflow_jax.export import ExportError, Range, export_onnx, load_export, velocity_spec  # noqa: E402
@@ -41,7 +41,7 @@ def exported(request, tmp_path_factory):
 @pytest.mark.parametrize("batch,height,width", [(1, 8, 8), (3, 8, 8), (8, 8, 8), (3, 12, 4), (2, 6, 10)])
 def test_onnxruntime_velocity_matches_xla(exported, batch, height, width):
     variant, model, graph = exported
-    runner = OnnxRuntimeVelocity(graph)
+    runner = OnnxRuntimeRunner(graph)
     x, t, cond = sd3_inputs(VARIANTS[variant], batch, height, width, seed=batch)
     ref = model.velocity(x, t, cond)
     assert _rel(runner.velocity(x, t, cond), ref) <= 1e-4
@@ -72,7 +72,7 @@ def test_half_precision_export_keeps_float32_io(tmp_path, dtype, onnx_type):
     assert any(init.data_type == onnx_type for init in proto.graph.initializer)
     if dtype == "float16":  # ONNX Runtime's CPU provider has no bfloat16 Conv; TensorRT has
         x, t, cond = sd3_inputs(VARIANTS["sd35_medium"], 2, 8, 8)
-        assert _rel(OnnxRuntimeVelocity(graph).velocity(x, t, cond), model.velocity(x, t, cond)) <= 5e-3
+        assert _rel(OnnxRuntimeRunner(graph).velocity(x, t, cond), model.velocity(x, t, cond)) <= 5e-3
 
 
 def test_tensorrt_check_flags_unsupported_graphs():
@@ -110,7 +110,7 @@ def test_stale_cached_export_is_rebuilt(tiny_sd3, tmp_path, monkeypatch):
     grid = sf.schedules.flow_match(2)
     first = np.asarray(sf.sample(model, x, grid, cond, backend="onnxruntime"))
     (cached,) = (tmp_path / "cache" / "exports").iterdir()
-    (cached / "velocity.onnx").write_bytes(b"corrupted")
+    (cached / "model.onnx").write_bytes(b"corrupted")
     monkeypatch.setattr(backends, "_RUNNERS", {})  # as in a new process
     again = np.asarray(sf.sample(model, x, grid, cond, backend="onnxruntime"))
     np.testing.assert_allclose(again, first, rtol=1e-6, atol=1e-6)
@@ -140,11 +140,11 @@ def test_corrupt_or_missing_export_files(exported, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(graph.path, copy)
-    data = (copy / "velocity.onnx").read_bytes()
-    (copy / "velocity.onnx").write_bytes(data[:-10] + b"0123456789")
+    data = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(data[:-10] + b"0123456789")
     with pytest.raises(ExportError, match="corrupt or stale"):
         load_export(copy)
-    (copy / "velocity.onnx").unlink()
+    (copy / "model.onnx").unlink()
     with pytest.raises(ExportError, match="missing"):
         load_export(copy)
     with pytest.raises(ExportError, match="not a streamflow-jax export"):
@@ -218,10 +218,35 @@ def test_export_cli_tensorrt_without_tensorrt(tiny_sd3, tmp_path, capsys):
 
 def test_tensorrt_engine_matches_xla(exported, tmp_path):
     pytest.importorskip("tensorrt", reason=TRT_SKIP)
-    from streamflow_jax.backends.tensorrt import TensorRTVelocity
+    from streamflow_jax.backends.tensorrt import TensorRTRunner
 
     variant, model, graph = exported
-    runner = TensorRTVelocity(graph, cache_dir=tmp_path)
+    runner = TensorRTRunner(graph, cache_dir=tmp_path)
     for b, h, w in [(1, 8, 8), (3, 12, 4), (8, 8, 8)]:
         x, t, cond = sd3_inputs(VARIANTS[variant], b, h, w)
         assert _rel(runner.velocity(x, t, cond), model.velocity(x, t, cond)) <= 1e-3
+
+
+@pytest.mark.parametrize("cls", ["AutoencoderKL", "AutoencoderTiny"])
+def test_decoder_export_matches_xla(tmp_path, cls):
+    """VAE and TAESD decoders: one graph, dynamic batch and latent size, fp32 in and out."""
+    import diffusers
+    from conftest import randomize
+    from test_autoencoders import TAESD, VAES
+
+    cfg = VAES["sd"] if cls == "AutoencoderKL" else TAESD
+    randomize(getattr(diffusers, cls)(**cfg), 0, std=0.1).save_pretrained(tmp_path / "src")
+    model = sf.load(tmp_path / "src")
+    assert cli(["export", str(tmp_path / "src"), str(tmp_path / "onnx"), "--batch", "1:2:3", "--latent-scale", "8",
+                "--resolution", "16:32:64" if cls == "AutoencoderKL" else "32:64:128", "-q"]) == 0
+    graph = load_export(tmp_path / "onnx")
+    assert graph.spec.method == "decode_latents" and tensorrt_problems(onnx.load(graph.onnx_path)) == []
+    runner = OnnxRuntimeRunner(graph)
+    lo, hi = graph.spec.dims["H"].min, graph.spec.dims["H"].max
+    for b, h, w in [(1, lo, lo), (3, hi, lo)]:
+        z = np.random.default_rng(b).standard_normal((b, h, w, 4)).astype(np.float32)
+        want = np.asarray(model.module.decode_latents(z))
+        got = runner.decode_latents(z)
+        assert got.shape == want.shape and _rel(got, want) <= 1e-4
+    with pytest.raises(ValueError, match="B=4 is outside"):
+        runner.decode_latents(np.zeros((4, lo, lo, 4), np.float32))

@@ -28,13 +28,13 @@ _RUNNERS: dict[tuple, object] = {}
 
 def runner_class(backend: str):
     if backend == "onnxruntime":
-        from streamflow_jax.backends.onnxruntime import OnnxRuntimeVelocity
+        from streamflow_jax.backends.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeVelocity
+        return OnnxRuntimeRunner
     if backend == "tensorrt":
-        from streamflow_jax.backends.tensorrt import TensorRTVelocity
+        from streamflow_jax.backends.tensorrt import TensorRTRunner
 
-        return TensorRTVelocity
+        return TensorRTRunner
     raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
 
 

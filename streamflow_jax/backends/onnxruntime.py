@@ -19,8 +19,8 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OnnxRuntimeVelocity:
-    """``velocity(x, t, cond)`` through ONNX Runtime.
+class OnnxRuntimeRunner:
+    """An exported graph run by ONNX Runtime: ``velocity(x, t, cond)`` or ``decode_latents(z)``.
 
     Args:
         exported: an ``ExportedGraph`` or an export directory.
@@ -46,6 +46,13 @@ class OnnxRuntimeVelocity:
             raise ValueError(f"{self.exported.onnx_path}: ONNX Runtime cannot load it ({e})") from None
         self._outputs = [t.name for t in self.spec.outputs]
 
+    def run(self, feeds: dict) -> np.ndarray:
+        """The graph's first output for inputs named as in the spec (checked against it first)."""
+        # float32 C-contiguous numpy arrays are handed to ONNX Runtime without a copy
+        feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+        self.spec.check(feeds)
+        return self.session.run(self._outputs, feeds)[0]
+
     def velocity(self, x, t, cond):
         """``[B, H, W, C]``, ``[B]``, dict of ``[B, ...]`` -> ``[B, H, W, C]`` in x's dtype."""
         x_np = np.asarray(x, dtype=np.float32)
@@ -54,8 +61,9 @@ class OnnxRuntimeVelocity:
         missing = [n for n in self.spec.cond_names if n not in cond]
         if missing:
             raise ValueError(f"cond lacks {missing} (the graph takes {self.spec.cond_names})")
-        # float32 C-contiguous numpy arrays are handed to ONNX Runtime without a copy
-        feeds.update({n: np.ascontiguousarray(cond[n], dtype=np.float32) for n in self.spec.cond_names})
-        self.spec.check(feeds)
-        v = self.session.run(self._outputs, feeds)[0]
-        return jnp.asarray(v).astype(jnp.asarray(x).dtype)
+        feeds.update({n: cond[n] for n in self.spec.cond_names})
+        return jnp.asarray(self.run(feeds)).astype(jnp.asarray(x).dtype)
+
+    def decode_latents(self, latents):
+        """A decoder graph: ``[B, h, w, C]`` scaled latents -> ``[B, H, W, 3]`` images."""
+        return jnp.asarray(self.run({"latents": latents}))

@@ -29,6 +29,7 @@ import numpy as np
 
 from streamflow_jax.backends import DEFAULT_CACHE
 from streamflow_jax.export.onnx import ExportedGraph, load_export
+from streamflow_jax.export.spec import dim_value
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -177,8 +178,9 @@ def _cudart():
     return cudart
 
 
-class TensorRTVelocity:
-    """``velocity(x, t, cond)`` through a TensorRT engine (built once, cached on disk)."""
+class TensorRTRunner:
+    """An exported graph run by a TensorRT engine (built once, cached on disk):
+    ``velocity(x, t, cond)`` or ``decode_latents(z)``."""
 
     backend = "tensorrt"
 
@@ -211,8 +213,16 @@ class TensorRTVelocity:
     def velocity(self, x, t, cond):
         x = jnp.asarray(x)
         t = jnp.asarray(t, jnp.float32)
-        feeds = {"x": x.astype(jnp.float32), "t": jnp.full(x.shape[:1], t) if t.ndim == 0 else t}
-        feeds.update({n: jnp.asarray(cond[n], jnp.float32) for n in self.spec.cond_names})
+        feeds = {"x": x, "t": jnp.full(x.shape[:1], t) if t.ndim == 0 else t}
+        feeds.update({n: cond[n] for n in self.spec.cond_names})
+        return self.run(feeds).astype(x.dtype)
+
+    def decode_latents(self, latents):
+        return self.run({"latents": latents})
+
+    def run(self, feeds: dict) -> jax.Array:
+        """The engine's first output for inputs named as in the spec (checked against it first)."""
+        feeds = {k: jnp.asarray(v, jnp.float32) for k, v in feeds.items()}
         bound = self.spec.check(feeds)
         stream = int(self._stream)
         keep = []
@@ -223,7 +233,7 @@ class TensorRTVelocity:
             self.context.set_tensor_address(name, ptr)
         outputs = {}
         for spec_t in self.spec.outputs:
-            shape = tuple(bound[d] if isinstance(d, str) else d for d in spec_t.shape)
+            shape = tuple(dim_value(d, bound) for d in spec_t.shape)
             out = jnp.empty(shape, self._out_dtype[spec_t.name])
             ptr, capsule = _dlpack_pointer(out, stream)
             keep.append(capsule)
@@ -233,4 +243,4 @@ class TensorRTVelocity:
             raise RuntimeError("TensorRT execute_async_v3 failed")
         self._cudart.cudaStreamSynchronize(self._stream)  # outputs complete before JAX reads them
         del keep
-        return outputs[self.spec.outputs[0].name].astype(x.dtype)
+        return outputs[self.spec.outputs[0].name]

@@ -2,8 +2,8 @@
 
 An export is a directory::
 
-    velocity.onnx        the graph (weights as initializers)
-    velocity.onnx.data   external weights, when the graph is over 2 GB
+    model.onnx           the graph (weights as initializers)
+    model.onnx.data   external weights, when the graph is over 2 GB
     export.json          the ExportSpec, the model's config and fingerprint, the files' SHA-256
 
 It is written to a temporary sibling and renamed into place; loading re-hashes the files so a
@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from streamflow_jax.export.spec import ExportSpec
 
-ONNX_NAME = "velocity.onnx"
-DATA_NAME = "velocity.onnx.data"
+ONNX_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
 META_NAME = "export.json"
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 23
@@ -65,7 +65,7 @@ class ExportedGraph:
 
 
 def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET, progress: bool = True) -> ExportedGraph:
-    """Exports ``model.velocity`` to ``out_dir`` as described by ``spec``.
+    """Exports ``model``'s ``spec.method`` (velocity, or a decoder's ``decode_latents``) to ``out_dir``.
 
     Args:
         model: a ``FlowModel`` (cast to ``spec.dtype`` for the export).
@@ -94,13 +94,16 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
         stages.set_description("export: tracing to ONNX")
         module = model.astype(spec.dtype).module
         names = spec.cond_names
-
-        def velocity(x, t, *cond):
-            return module.velocity(x, t, dict(zip(names, cond)))
+        if spec.method == "velocity":
+            def graph(x, t, *cond):
+                return module.velocity(x, t, dict(zip(names, cond)))
+        else:  # a decoder: float32 in, float32 out, the compute dtype inside
+            def graph(latents):
+                return getattr(module, spec.method)(latents).astype(latents.dtype)
 
         # onnx_ir warns once per untyped shape constant jax2onnx makes; harmless, and hundreds
         logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
-        proto = to_onnx(velocity, [t.shape for t in spec.inputs], model_name=f"{model.family}_velocity",
+        proto = to_onnx(graph, [t.shape for t in spec.inputs], model_name=f"{model.family}_{spec.method}",
                         opset=opset, input_names=spec.input_names, output_names=[t.name for t in spec.outputs])
         # jax2onnx 0.17 annotates some intermediate values with symbolic dims that conflate
         # distinct axes (the arange over H//P and W//P both get one name), which makes ONNX

@@ -62,21 +62,30 @@ class Range:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output; a string in ``shape`` names a dynamic axis."""
+    """One graph input or output; a string in ``shape`` names a dynamic axis, or (outputs
+    only) a multiple of one, ``"8*H"``."""
 
     name: str
     shape: tuple[int | str, ...]
     dtype: str = "float32"
 
 
+def dim_value(dim: int | str, bound: dict[str, int]) -> int:
+    """A concrete axis size: an int, a bound axis name, or ``"K*NAME"``."""
+    if isinstance(dim, int):
+        return dim
+    factor, _, name = dim.rpartition("*")
+    return (int(factor) if factor else 1) * bound[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportSpec:
-    """The velocity graph's interface: ``velocity(x, t, **cond) -> v``.
+    """An exported graph's interface: ``velocity(x, t, **cond) -> v`` or ``decode_latents(latents) -> images``.
 
     Attributes:
         class_name: the diffusers class of the model.
-        inputs: ``x``, ``t``, then the conditioning entries, in graph order.
-        outputs: ``v``.
+        inputs: in graph order (velocity: ``x``, ``t``, then the conditioning entries).
+        outputs: ``v`` (velocity) or ``images`` (decoders).
         dims: every dynamic axis name -> its ``Range``.
         dtype: the compute dtype carried inside the graph (inputs and outputs stay float32;
             norms, softmax and timestep embeddings run in float32 islands).
@@ -89,6 +98,7 @@ class ExportSpec:
     dims: dict[str, Range]
     dtype: str = "float32"
     multiple: dict[str, int] = dataclasses.field(default_factory=dict)
+    method: str = "velocity"  # the module method exported: "velocity" or "decode_latents"
 
     @property
     def input_names(self) -> list[str]:
@@ -96,7 +106,8 @@ class ExportSpec:
 
     @property
     def cond_names(self) -> list[str]:
-        return [t.name for t in self.inputs[2:]]
+        """The conditioning inputs of a velocity graph (everything after ``x`` and ``t``)."""
+        return [t.name for t in self.inputs[2:]] if self.method == "velocity" else []
 
     def shape_at(self, tensor: TensorSpec, which: str) -> tuple[int, ...]:
         """The concrete shape of ``tensor`` at the ``"min"``, ``"opt"`` or ``"max"`` corner."""
@@ -154,13 +165,15 @@ class ExportSpec:
             "dims": {k: [r.min, r.opt, r.max] for k, r in self.dims.items()},
             "dtype": self.dtype,
             "multiple": self.multiple,
+            "method": self.method,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> ExportSpec:
         tensors = lambda items: tuple(TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in items)  # noqa: E731
         return cls(data["class_name"], tensors(data["inputs"]), tensors(data["outputs"]),
-                   {k: Range(*v) for k, v in data["dims"].items()}, data["dtype"], dict(data.get("multiple", {})))
+                   {k: Range(*v) for k, v in data["dims"].items()}, data["dtype"], dict(data.get("multiple", {})),
+                   data.get("method", "velocity"))
 
     def key(self) -> str:
         """A stable string of everything that changes the exported graph or an engine built from it."""
@@ -194,7 +207,25 @@ def _sd3_spec(config, *, batch: Range, height: Range, width: Range, text_len: in
     )
 
 
+def _decoder_spec(config, *, batch: Range, height: Range, width: Range, dtype: str, class_name: str,
+                  factor: int) -> ExportSpec:
+    c = config.latent_channels
+    return ExportSpec(
+        class_name=class_name,
+        inputs=(TensorSpec("latents", ("B", "H", "W", c)),),
+        outputs=(TensorSpec("images", ("B", f"{factor}*H", f"{factor}*W", config.out_channels)),),
+        dims={"B": batch, "H": height, "W": width},
+        dtype=dtype,
+        method="decode_latents",
+    )
+
+
 FAMILY_SPECS = {"SD3Transformer2DModel": _sd3_spec}
+# decoders: class -> pixels per latent pixel
+DECODER_FACTORS = {
+    "AutoencoderKL": lambda cfg: 2 ** (len(cfg.block_out_channels) - 1),
+    "AutoencoderTiny": lambda cfg: 2 ** (len(cfg.decoder_block_out_channels) - 1),
+}
 
 DEFAULT_TEXT_LEN = {"SD3Transformer2DModel": 333}  # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's default
 
@@ -212,9 +243,12 @@ def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_
         text_len: text tokens (fixed in the graph).
         dtype: compute dtype inside the graph (default: the model's).
     """
+    if model.class_name in DECODER_FACTORS:
+        return decoder_spec(model, batch=batch, resolution=resolution, latent=latent, dtype=dtype)
     build = FAMILY_SPECS.get(model.class_name)
     if build is None:
-        raise ValueError(f"no export spec for {model.class_name} (exportable: {', '.join(FAMILY_SPECS)})")
+        raise ValueError(f"no export spec for {model.class_name} "
+                         f"(exportable: {', '.join([*FAMILY_SPECS, *DECODER_FACTORS])})")
     if resolution is not None and latent is not None:
         raise ValueError("give resolution (pixels) or latent, not both")
     if resolution is not None:
@@ -224,3 +258,19 @@ def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_
     text_len = DEFAULT_TEXT_LEN[model.class_name] if text_len is None else int(text_len)
     dtype = dtype or str(np.dtype(model.dtype))
     return build(model.config, batch=Range.parse(batch), height=side, width=side, text_len=text_len, dtype=dtype)
+
+
+def decoder_spec(model, *, batch="1:1:4", resolution=None, latent=None, dtype: str | None = None) -> ExportSpec:
+    """The export spec of a VAE / TAESD decoder (``decode_latents``: scaled latents -> images).
+
+    Args:
+        batch: ``"min:opt:max"`` of the batch axis.
+        resolution: image side in pixels, ``"min:opt:max"`` (divided by the decoder's factor).
+        latent: latent side directly (default ``64``, SD1.5's 512^2).
+    """
+    factor = DECODER_FACTORS[model.class_name](model.config)
+    if resolution is not None and latent is not None:
+        raise ValueError("give resolution (pixels) or latent, not both")
+    side = Range.parse(resolution).scaled(factor, "resolution") if resolution is not None else Range.parse(latent or 64)
+    return _decoder_spec(model.config, batch=Range.parse(batch), height=side, width=side,
+                         dtype=dtype or str(np.dtype(model.dtype)), class_name=model.class_name, factor=factor)
