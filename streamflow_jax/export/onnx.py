@@ -1,9 +1,9 @@
-"""ONNX export of a velocity graph with jax2onnx, and loading it back with integrity checks.
+"""ONNX export with jax2onnx (velocity graphs, decoders), and loading it back with integrity checks.
 
 An export is a directory::
 
     model.onnx           the graph (weights as initializers)
-    model.onnx.data   external weights, when the graph is over 2 GB
+    model.onnx.data      external weights, when the graph is over 2 GB
     export.json          the ExportSpec, the model's config and fingerprint, the files' SHA-256
 
 It is written to a temporary sibling and renamed into place; loading re-hashes the files so a
