@@ -83,3 +83,30 @@ def stack(grids: Sequence[np.ndarray]) -> np.ndarray:
             raise ValueError(f"grid {i} must be 1-D with at least 2 times, got shape {g.shape}")
     length = max(g.shape[0] for g in grids)
     return np.stack([np.pad(g, (0, length - g.shape[0]), mode="edge") for g in grids], axis=1)
+
+
+def perflow_windows(num_windows: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """PeRFlow's K equal time windows: ``(starts, ends)``, from t=1 down to t=0."""
+    if num_windows < 1:
+        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+    edges = np.linspace(1.0, 0.0, num_windows + 1)
+    return edges[:-1].astype(np.float32), edges[1:].astype(np.float32)
+
+
+def perflow(num_steps: int = 4, num_windows: int = 4) -> np.ndarray:
+    """PeRFlow's inference grid: steps spread over the K windows (the first ``S mod K``
+    windows get one more), ``linspace(t_s, t_e, n, endpoint=False)`` inside each, then 0.
+
+    ``num_steps < num_windows`` is raised to ``num_windows`` (every window needs a step).
+
+    Returns:
+        ``[S+1]`` float32 times from 1 to 0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    steps = max(num_steps, num_windows)
+    starts, ends = perflow_windows(num_windows)
+    per_window = [steps // num_windows + (1 if k < steps % num_windows else 0) for k in range(num_windows)]
+    times = [np.linspace(s, e, n, endpoint=False) for s, e, n in zip(starts.astype(np.float64),
+                                                                      ends.astype(np.float64), per_window)]
+    return np.append(np.concatenate(times), 0.0).astype(np.float32)

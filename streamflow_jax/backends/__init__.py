@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from streamflow_jax.export.onnx import ExportError, export_onnx, load_export
-from streamflow_jax.export.spec import FAMILY_SPECS, Range
+from streamflow_jax.export.spec import FAMILY_SPECS, Range, latent_limit, latent_multiple
 
 BACKENDS = ("xla", "onnxruntime", "tensorrt")
 # exports and engines made on demand; override with $STREAMFLOW_JAX_CACHE
@@ -45,12 +45,10 @@ def open_export(path, backend: str, **kwargs):
 
 def auto_spec(model, batch: int, height: int, width: int, text_len: int):
     """The spec ``runner_for`` exports: this call's shapes as 'opt', generous min/max."""
-    cfg = model.config
-    limit = cfg.pos_embed_max_size * cfg.patch_size
-    p = cfg.patch_size
+    limit, p = latent_limit(model), latent_multiple(model)
     return FAMILY_SPECS[model.class_name](
-        cfg, batch=Range(1, batch, max(8, batch)), height=Range(p, height, limit), width=Range(p, width, limit),
-        text_len=text_len, dtype=str(model.dtype))
+        model.config, batch=Range(1, batch, max(8, batch)), height=Range(p, height, limit),
+        width=Range(p, width, limit), text_len=text_len, dtype=str(model.dtype))
 
 
 def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond: dict, cache_dir=None):
@@ -63,9 +61,9 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
         raise ValueError(f"backend {backend!r}: {model.class_name} has no export spec")
     text = cond.get("encoder_hidden_states")
     text_len = 0 if text is None else int(text.shape[1])
-    limit = model.config.pos_embed_max_size * model.config.patch_size
+    limit = latent_limit(model)
     if height > limit or width > limit:
-        raise ValueError(f"latent {height}x{width} is larger than the position table allows ({limit}x{limit})")
+        raise ValueError(f"latent {height}x{width} is larger than {model.family} exports allow ({limit}x{limit})")
     feeds = {"x": (batch, height, width, model.config.in_channels), "t": (batch,),
              **{k: (batch,) + tuple(v.shape[1:]) for k, v in cond.items()}}
     feeds = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in feeds.items()}

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from streamflow_jax.export.spec import ExportSpec
+from streamflow_jax.models import velocity_of
 
 ONNX_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
@@ -96,7 +97,7 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
         names = spec.cond_names
         if spec.method == "velocity":
             def graph(x, t, *cond):
-                return module.velocity(x, t, dict(zip(names, cond)))
+                return velocity_of(module, model.adapter, x, t, dict(zip(names, cond)))
         else:  # a decoder: float32 in, float32 out, the compute dtype inside
             def graph(latents):
                 return getattr(module, spec.method)(latents).astype(latents.dtype)

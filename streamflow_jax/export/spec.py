@@ -220,14 +220,44 @@ def _decoder_spec(config, *, batch: Range, height: Range, width: Range, dtype: s
     )
 
 
-FAMILY_SPECS = {"SD3Transformer2DModel": _sd3_spec}
+def _unet_spec(config, *, batch: Range, height: Range, width: Range, text_len: int, dtype: str) -> ExportSpec:
+    down = 2 ** (len(config.block_out_channels) - 1)  # every level halves H and W
+    return ExportSpec(
+        class_name="UNet2DConditionModel",
+        inputs=(
+            TensorSpec("x", ("B", "H", "W", config.in_channels)),
+            TensorSpec("t", ("B",)),
+            TensorSpec("encoder_hidden_states", ("B", text_len, config.cross_attention_dim)),
+        ),
+        outputs=(TensorSpec("v", ("B", "H", "W", config.out_channels)),),
+        dims={"B": batch, "H": height, "W": width},
+        dtype=dtype,
+        multiple={"H": down, "W": down},
+    )
+
+
+FAMILY_SPECS = {"SD3Transformer2DModel": _sd3_spec, "UNet2DConditionModel": _unet_spec}
+
+
+def latent_limit(model) -> int:
+    """The largest latent side a family's velocity graph is exported for by default."""
+    if model.class_name == "SD3Transformer2DModel":
+        return model.config.pos_embed_max_size * model.config.patch_size
+    return 2 * model.config.sample_size  # UNet: twice its training size (SD1.5: 1024^2 images)
+
+
+def latent_multiple(model) -> int:
+    if model.class_name == "SD3Transformer2DModel":
+        return model.config.patch_size
+    return 2 ** (len(model.config.block_out_channels) - 1)
 # decoders: class -> pixels per latent pixel
 DECODER_FACTORS = {
     "AutoencoderKL": lambda cfg: 2 ** (len(cfg.block_out_channels) - 1),
     "AutoencoderTiny": lambda cfg: 2 ** (len(cfg.decoder_block_out_channels) - 1),
 }
 
-DEFAULT_TEXT_LEN = {"SD3Transformer2DModel": 333}  # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's default
+DEFAULT_TEXT_LEN = {"SD3Transformer2DModel": 333,  # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's default
+                    "UNet2DConditionModel": 77}
 
 
 def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_scale: int = 8,

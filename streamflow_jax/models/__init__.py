@@ -55,9 +55,14 @@ def abstract_module(class_name: str, config) -> nnx.Module:
     return nnx.eval_shape(lambda: fam.module_cls(config, rngs=nnx.Rngs(0)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _velocity(graphdef, state, x, t, cond):
-    return nnx.merge(graphdef, state).velocity(x, t, cond)
+def velocity_of(module, adapter, x, t, cond):
+    """The family's velocity: the module's own, or an adapter's around the module (PeRFlow)."""
+    return adapter.velocity(module, x, t, cond) if adapter is not None else module.velocity(x, t, cond)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _velocity(graphdef, adapter, state, x, t, cond):
+    return velocity_of(nnx.merge(graphdef, state), adapter, x, t, cond)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -72,11 +77,12 @@ class FlowModel:
         config: the family's config dataclass.
     """
 
-    def __init__(self, class_name: str, config, graphdef, state):
+    def __init__(self, class_name: str, config, graphdef, state, adapter=None):
         self.class_name = class_name
         self.config = config
         self.graphdef = graphdef
         self.state = state
+        self.adapter = adapter  # e.g. PeRFlowAdapter: how a UNet's output becomes a velocity
 
     @classmethod
     def from_params(cls, class_name: str, config, params: dict) -> FlowModel:
@@ -105,24 +111,30 @@ class FlowModel:
         ``[B, ...]`` arrays. Returns ``[B, H, W, C]`` in ``x``'s dtype. Jitted; usable under jit."""
         x = jnp.asarray(x)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-        return _velocity(self.graphdef, self.state, x, t, dict(cond))
+        return _velocity(self.graphdef, self.adapter, self.state, x, t, dict(cond))
+
+    def with_adapter(self, adapter) -> FlowModel:
+        """The same weights with a velocity adapter (``models.perflow.PeRFlowAdapter``)."""
+        return FlowModel(self.class_name, self.config, self.graphdef, self.state, adapter)
 
     def astype(self, dtype) -> FlowModel:
         """A copy with floating-point parameters cast to ``dtype``."""
         cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-        return FlowModel(self.class_name, self.config, self.graphdef, jax.tree_util.tree_map(cast, self.state))
+        return FlowModel(self.class_name, self.config, self.graphdef, jax.tree_util.tree_map(cast, self.state),
+                         self.adapter)
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the class, config and every parameter (name, dtype, shape, bytes).
+        """SHA-256 of the class, config, adapter and every parameter (name, dtype, shape, bytes).
 
         Keys caches of exported graphs and engines; computed once per model object.
         """
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.sha256(self.class_name.encode())
             h.update(json.dumps(self.config_dict(), sort_keys=True).encode())
+            h.update(repr(self.adapter).encode())
             leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self.state))[0]
             for path, leaf in leaves:
                 a = np.asarray(leaf)
@@ -132,11 +144,11 @@ class FlowModel:
         return self._fingerprint
 
     def tree_flatten(self):
-        return (self.state,), (self.class_name, self.config, self.graphdef)
+        return (self.state,), (self.class_name, self.config, self.graphdef, self.adapter)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(aux[0], aux[1], aux[2], children[0])
+        return cls(aux[0], aux[1], aux[2], children[0], aux[3])
 
     def __repr__(self):
         n = sum(x.size for x in jax.tree_util.tree_leaves(self.state))

@@ -1,0 +1,85 @@
+"""PeRFlow / InstaFlow: an SD1.5 UNet turned into a velocity field, per element.
+
+PeRFlow (piecewise rectified flow) splits t in [1, 0] into K windows; inside a window the
+network's output (``diff_eps`` or ``ddim_eps``, an epsilon in disguise) determines where the
+window ends, and the velocity is the straight line there. ``velocity`` prediction (InstaFlow)
+is used as is. Every per-element quantity (window, alphas, coefficients) is computed for one
+element's ``t`` and lifted with ``vmap``; the UNet takes the whole batch and a ``[B]``
+timestep. Formulas: ``shared/reference/streamflow.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamflow_jax.schedules import perflow_windows
+
+PREDICTIONS = ("diff_eps", "ddim_eps", "velocity")
+WINDOW_EPS = 1e-4  # a t within this of a window's end belongs to the next window
+
+
+def sd_alphas_cumprod() -> np.ndarray:
+    """Stable Diffusion's training schedule: ``betas = linspace(sqrt(.00085), sqrt(.012), 1000)^2``."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def window_index(t: jax.Array, ends: jax.Array) -> jax.Array:
+    """The window of one time: the first (counting down from t=1) whose end is below
+    ``t - 1e-4``; the last window for t at or near 0. ``ends`` decreases, so that is the
+    count of ends at or above ``t - 1e-4``."""
+    return jnp.minimum(jnp.sum(ends >= t - WINDOW_EPS), ends.shape[0] - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeRFlowAdapter:
+    """Turns ``UNet2DConditionModel`` outputs into RF velocities (``FlowModel.adapter``).
+
+    Attributes:
+        prediction_type: ``"diff_eps"``, ``"ddim_eps"`` or ``"velocity"`` (from the pipeline's
+            ``scheduler/scheduler_config.json``).
+        num_windows: K, the PeRFlow time windows.
+    """
+
+    prediction_type: str = "diff_eps"
+    num_windows: int = 4
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTIONS:
+            raise ValueError(f"unsupported: prediction_type={self.prediction_type!r} (supported: {', '.join(PREDICTIONS)})")
+        if self.num_windows < 1:
+            raise ValueError(f"num_windows must be >= 1, got {self.num_windows}")
+
+    def coefficients(self, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """For one scalar ``t``: ``(lambda_t, eta_t, t_e)`` with ``x_end = lambda_t*x + eta_t*eps``."""
+        starts, ends = (jnp.asarray(a) for a in perflow_windows(self.num_windows))
+        ac = jnp.asarray(sd_alphas_cumprod())
+        k = window_index(t, ends)
+        t_s, t_e = starts[k], ends[k]
+        a_s = ac[(t_s * 1000).astype(jnp.int32) - 1]
+        a_e = ac[jnp.maximum((t_e * 1000).astype(jnp.int32) - 1, 0)]
+        if self.prediction_type == "diff_eps":
+            gamma = jnp.sqrt(a_s / a_e)
+            lam_s, eta_s = 1 / gamma, -jnp.sqrt(1 - gamma**2) / gamma
+        else:  # ddim_eps
+            lam_s = jnp.sqrt(a_e / a_s)
+            eta_s = jnp.sqrt(1 - a_e) - jnp.sqrt(a_e / a_s * (1 - a_s))
+        denom = lam_s * (t - t_s) + (t_e - t)
+        return lam_s * (t_e - t_s) / denom, eta_s * (t_e - t) / denom, t_e
+
+    def velocity(self, unet, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
+        """``x`` ``[B, H, W, C]``, ``t`` ``[B]`` -> ``[B, H, W, C]``; ``cond["encoder_hidden_states"]``
+        ``[B, S, D]``. The UNet sees the integer timestep ``int(t * 1000)``."""
+        timestep = jnp.floor(t.astype(jnp.float32) * 1000)
+        out = unet(x, timestep, cond["encoder_hidden_states"]).astype(jnp.float32)
+        if self.prediction_type == "velocity":
+            return out.astype(x.dtype)
+        lam, eta, t_e = jax.vmap(self.coefficients)(t.astype(jnp.float32))  # [B] each
+        bcast = lambda a: a.reshape(-1, 1, 1, 1)  # noqa: E731
+        x32 = x.astype(jnp.float32)
+        x_end = bcast(lam) * x32 + bcast(eta) * out
+        return ((x_end - x32) / bcast(t_e - t)).astype(x.dtype)
