@@ -15,12 +15,14 @@ from streamflow_jax import schedules
 from streamflow_jax.checkpoint import convert, load, save
 from streamflow_jax.converters.common import ConversionError
 from streamflow_jax.models import FlowModel
+from streamflow_jax.pipelines import Pipeline
 from streamflow_jax.sampling import euler_step, guided_velocity, sample
 from streamflow_jax.stream import RequestError, StreamEngine
 
 __all__ = [
     "ConversionError",
     "FlowModel",
+    "Pipeline",
     "RequestError",
     "StreamEngine",
     "__version__",

@@ -2,6 +2,7 @@
 
 ``DigitsPipeline`` runs the embedded default model (``assets/digits``): a class-conditional
 ``SD3Transformer2DModel`` trained by ``scripts/train_digits.py`` on scikit-learn's digits.
+``Pipeline`` runs SD1.5-family rectified flows (PeRFlow, InstaFlow) from prompts.
 """
 
 from __future__ import annotations
@@ -133,3 +134,107 @@ def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2):
         tile = Image.fromarray(pixels[i], mode="L").resize((tile_w, tile_h), Image.Resampling.NEAREST)
         canvas.paste(tile, (gap + c * (tile_w + gap), gap + r * (tile_h + gap)))
     return canvas
+
+
+class Pipeline:
+    """Prompt -> image for the SD1.5 family run as a rectified flow (PeRFlow, InstaFlow).
+
+    CLIP text encoder -> ``sample`` over the PeRFlow grid with the UNet as a per-element
+    velocity field (optional classifier-free guidance) -> VAE or TAESD decode -> PIL images.
+
+    Attributes:
+        model: the UNet ``FlowModel`` with its ``PeRFlowAdapter``.
+        text_encoder, decoder: ``FlowModel`` s (CLIP; ``AutoencoderKL`` or ``AutoencoderTiny``).
+        tokenizer: ``CLIPTokenizer``.
+        num_windows: PeRFlow's K.
+    """
+
+    def __init__(self, model, text_encoder, tokenizer, decoder, *, num_windows: int = 4, vae_scale: int = 8):
+        self.model, self.text_encoder, self.tokenizer, self.decoder = model, text_encoder, tokenizer, decoder
+        self.num_windows, self.vae_scale = num_windows, vae_scale
+        self._encode = jax.jit(lambda m, ids: m.module(ids)["last_hidden_state"])
+        self._decode = jax.jit(lambda m, z: m.module.decode_latents(z))
+
+    @classmethod
+    def from_diffusers(cls, path, *, taesd=None, dtype=None) -> Pipeline:
+        """A diffusers pipeline directory, or one converted by ``sf.convert``.
+
+        Args:
+            path: holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
+                ``scheduler/scheduler_config.json`` (whose ``prediction_type`` is
+                ``diff_eps``, ``ddim_eps`` or ``velocity``; ``num_time_windows`` defaults to 4).
+            taesd: a TAESD (``AutoencoderTiny``) directory to decode with instead of the VAE.
+        """
+        from streamflow_jax.models.perflow import PeRFlowAdapter
+        from streamflow_jax.tokenizer import CLIPTokenizer
+
+        path = Path(path)
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        if not sched_file.is_file():
+            raise ConversionError(f"{sched_file}: missing (the pipeline's scheduler says how to read the UNet)")
+        sched = json.loads(sched_file.read_text())
+        prediction = sched.get("prediction_type")
+        if prediction not in ("diff_eps", "ddim_eps", "velocity"):
+            raise ConversionError(
+                f"{sched_file}: prediction_type={prediction!r} ({sched.get('_class_name')}) is not a rectified flow; "
+                "supported: diff_eps, ddim_eps (PeRFlow), velocity (InstaFlow)")
+        windows = int(sched.get("num_time_windows", 4))
+        unet = load(path, dtype=dtype, component="unet").with_adapter(PeRFlowAdapter(prediction, windows))
+        text = load(path, dtype=dtype, component="text_encoder")
+        decoder = load(taesd, dtype=dtype) if taesd is not None else load(path, dtype=dtype, component="vae")
+        if decoder.class_name not in ("AutoencoderKL", "AutoencoderTiny"):
+            raise ConversionError(f"{taesd or path / 'vae'}: {decoder.class_name} is not a VAE/TAESD")
+        blocks = (decoder.config.block_out_channels if decoder.class_name == "AutoencoderKL"
+                  else decoder.config.decoder_block_out_channels)
+        return cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), decoder, num_windows=windows,
+                   vae_scale=2 ** (len(blocks) - 1))
+
+    def encode_prompt(self, prompts) -> dict[str, jax.Array]:
+        """Prompts -> ``{"encoder_hidden_states": [B, 77, D]}`` (CLIP's last hidden state)."""
+        return {"encoder_hidden_states": self._encode(self.text_encoder, self.tokenizer(prompts))}
+
+    def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        c = self.model.config
+        h = c.sample_size if height is None else height // self.vae_scale
+        w = c.sample_size if width is None else width // self.vae_scale
+        for side, px in ((h, height), (w, width)):
+            if px is not None and px % self.vae_scale:
+                raise ValueError(f"image size {px} is not a multiple of {self.vae_scale}")
+        return (h, w, c.in_channels)
+
+    def decode(self, latents) -> np.ndarray:
+        """``[B, h, w, C]`` latents -> ``[B, H, W, 3]`` uint8 images."""
+        images = np.asarray(self._decode(self.decoder, latents), np.float32)
+        return (np.clip(images / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+
+    def __call__(self, prompts, *, steps: int = 4, guidance_scale=None, negative_prompt: str = "", seed: int = 0,
+                 height: int | None = None, width: int | None = None, noise=None, backend: str = "xla"):
+        """Generates one image per prompt.
+
+        Args:
+            prompts: a string or a non-empty list of strings.
+            steps: Euler steps on the PeRFlow grid (at least one per window).
+            guidance_scale: ``None`` (no CFG), a scalar, or one per prompt.
+            negative_prompt: the unconditional prompt of CFG.
+            seed / noise: the starting latents, ``jax.random.normal(key(seed))`` or ``[B, h, w, C]``.
+            height, width: image size in pixels (default: the UNet's sample size x 8).
+
+        Returns:
+            A list of PIL images.
+        """
+        from PIL import Image
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a string or a non-empty list of strings")
+        b = len(prompts)
+        shape = self.latent_shape(height, width)
+        if noise is None:
+            noise = jax.random.normal(jax.random.key(seed), (b, *shape), jnp.float32)
+        elif tuple(np.shape(noise)) != (b, *shape):
+            raise ValueError(f"noise has shape {np.shape(noise)}, expected {(b, *shape)}")
+        cond = self.encode_prompt(prompts)
+        uncond = self.encode_prompt([negative_prompt] * b) if guidance_scale is not None else None
+        grid = schedules.perflow(steps, self.num_windows)
+        latents = sample(self.model, noise, grid, cond, guidance_scale=guidance_scale, uncond=uncond, backend=backend)
+        return [Image.fromarray(img) for img in self.decode(latents)]

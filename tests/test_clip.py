@@ -15,8 +15,8 @@ import streamflow_jax as sf  # noqa: E402
 from streamflow_jax.cli import main as cli  # noqa: E402
 from streamflow_jax.tokenizer import CLIPTokenizer  # noqa: E402
 
-CLIP = dict(vocab_size=300, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=20, projection_dim=16, bos_token_id=298, eos_token_id=299, pad_token_id=299)
+CLIP = dict(vocab_size=530, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=16, bos_token_id=527, eos_token_id=528, pad_token_id=528)  # as _write_tiny_clip_vocab numbers them
 
 
 @pytest.mark.parametrize("cls,act,legacy_eos", [("CLIPTextModel", "quick_gelu", True),
@@ -27,7 +27,7 @@ def test_clip_text_encoder_matches_transformers(tmp_path, cls, act, legacy_eos):
     ref.save_pretrained(tmp_path / "src")
     assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 0
     model = sf.load(tmp_path / "dst")
-    ids = np.array([[298, 5, 7, 9, 299, 299, 299, 299], [298, 3, 4, 6, 8, 10, 11, 299]])
+    ids = np.array([[527, 5, 7, 9, 528, 528, 528, 528], [527, 3, 4, 6, 8, 10, 11, 528]])
     with torch.no_grad():
         want = ref(torch.from_numpy(ids), output_hidden_states=True)
     got = model.module(ids)
