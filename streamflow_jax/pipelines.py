@@ -238,3 +238,50 @@ class Pipeline:
         grid = schedules.perflow(steps, self.num_windows)
         latents = sample(self.model, noise, grid, cond, guidance_scale=guidance_scale, uncond=uncond, backend=backend)
         return [Image.fromarray(img) for img in self.decode(latents)]
+
+
+class PromptStream:
+    """The stream engine behind a ``Pipeline``: one request per prompt, each with its own seed,
+    step count and guidance, advanced together one batched UNet call per tick and decoded as
+    they finish.
+
+    Args:
+        pipe: the ``Pipeline``.
+        slots_per_stream, streams: the engine's N and stream count (batch = N * streams).
+        guidance: run classifier-free guidance on every slot (requests give their scale).
+        height, width: image size in pixels (default: the UNet's).
+    """
+
+    def __init__(self, pipe: Pipeline, *, slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
+                 height: int | None = None, width: int | None = None, backend: str = "xla"):
+        from streamflow_jax.stream import StreamEngine
+
+        self.pipe = pipe
+        self.latent_shape = pipe.latent_shape(height, width)
+        shape = (pipe.tokenizer.max_length, pipe.text_encoder.config.hidden_size)
+        self.engine = StreamEngine(pipe.model, self.latent_shape, {"encoder_hidden_states": shape},
+                                   slots_per_stream=slots_per_stream, streams=streams, guidance=guidance,
+                                   decode=pipe.decode, backend=backend)
+
+    def submit(self, prompt: str, *, steps: int = 4, seed: int = 0, noise=None, guidance_scale: float | None = None,
+               negative_prompt: str = "") -> int:
+        """Queues one prompt; returns its id. A bad request gets its error as its result."""
+        if not isinstance(prompt, str):
+            return self.engine.reject(f"prompt must be a string, got {type(prompt).__name__}")
+        try:
+            grid = schedules.perflow(steps, self.pipe.num_windows)
+        except ValueError as e:
+            return self.engine.reject(e)
+        cond = {k: v[0] for k, v in self.pipe.encode_prompt([prompt]).items()}
+        extra = {}
+        if guidance_scale is not None:
+            extra = {"guidance_scale": guidance_scale,
+                     "uncond": {k: v[0] for k, v in self.pipe.encode_prompt([negative_prompt]).items()}}
+        return self.engine.submit(cond, grid=grid, seed=None if noise is not None else seed, noise=noise, **extra)
+
+    def run(self) -> dict:
+        """Runs until every request is done; returns id -> PIL image or ``RequestError``."""
+        from PIL import Image
+
+        results = self.engine.run()
+        return {rid: r if isinstance(r, Exception) else Image.fromarray(r) for rid, r in results.items()}

@@ -136,6 +136,13 @@ class StreamEngine:
             self.results[rid] = e if isinstance(e, RequestError) else RequestError(f"request {rid}: {e}")
         return rid
 
+    def reject(self, error: Exception | str) -> int:
+        """Records a request that failed before it could be queued (for example while its
+        prompt was being encoded); returns its id, whose result is the error."""
+        rid = next(self._ids)
+        self.results[rid] = error if isinstance(error, RequestError) else RequestError(f"request {rid}: {error}")
+        return rid
+
     def _validate(self, rid, cond, steps, grid, shift, seed, noise, guidance_scale, uncond) -> _Request:
         if grid is None:
             if steps is None:

@@ -119,3 +119,24 @@ def test_pipeline_bad_input(perflow_pipe, tmp_path):
         {"_class_name": "DDIMScheduler", "prediction_type": "epsilon"}))
     with pytest.raises(sf.ConversionError, match="not a rectified flow"):
         sf.Pipeline.from_diffusers(perflow_pipe)
+
+
+def test_prompt_stream_equals_pipeline(perflow_pipe):
+    """Through the stream engine (mixed steps, guidance on) each image equals the pipeline's."""
+    from streamflow_jax.pipelines import PromptStream
+    from streamflow_jax.stream import RequestError
+
+    pipe = sf.Pipeline.from_diffusers(perflow_pipe)
+    noise = np.random.default_rng(2).standard_normal((3, 8, 8, 4)).astype(np.float32)
+    stream = PromptStream(pipe, slots_per_stream=2, streams=1, guidance=True)
+    steps = [4, 6, 5]
+    ids = [stream.submit(PROMPTS[i % 2], steps=steps[i], noise=noise[i], guidance_scale=2.0) for i in range(3)]
+    bad = [stream.submit(["not", "a", "string"], guidance_scale=2.0), stream.submit("ok", steps=0, guidance_scale=2.0),
+           stream.submit("no guidance scale")]
+    results = stream.run()
+    assert len(results) == 6
+    for i, rid in enumerate(ids):
+        want = pipe(PROMPTS[i % 2], steps=steps[i], guidance_scale=2.0, noise=noise[i : i + 1])[0]
+        assert np.abs(np.asarray(results[rid]).astype(int) - np.asarray(want).astype(int)).max() <= 1
+    for rid in bad:
+        assert isinstance(results[rid], RequestError)
