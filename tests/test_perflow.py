@@ -94,3 +94,11 @@ def test_bad_adapter_settings():
         PeRFlowAdapter("epsilon")
     with pytest.raises(ValueError, match="num_windows"):
         PeRFlowAdapter("diff_eps", 0)
+
+
+def test_unet_without_adapter_is_not_a_velocity_field(tmp_path):
+    diffusers.UNet2DConditionModel(**UNETS["sd15"]).save_pretrained(tmp_path / "unet")
+    model = sf.load(tmp_path / "unet")
+    x = np.zeros((1, 8, 8, 4), np.float32)
+    with pytest.raises(ValueError, match="with_adapter"):
+        model.velocity(x, np.ones(1, np.float32), {"encoder_hidden_states": np.zeros((1, 5, 768), np.float32)})

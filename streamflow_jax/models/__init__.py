@@ -57,7 +57,12 @@ def abstract_module(class_name: str, config) -> nnx.Module:
 
 def velocity_of(module, adapter, x, t, cond):
     """The family's velocity: the module's own, or an adapter's around the module (PeRFlow)."""
-    return adapter.velocity(module, x, t, cond) if adapter is not None else module.velocity(x, t, cond)
+    if adapter is not None:
+        return adapter.velocity(module, x, t, cond)
+    if not hasattr(module, "velocity"):
+        raise ValueError(f"{type(module).__name__} is not a velocity field by itself; give it an adapter, "
+                         "e.g. model.with_adapter(PeRFlowAdapter('diff_eps'))")
+    return module.velocity(x, t, cond)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
