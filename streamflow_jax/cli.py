@@ -87,8 +87,11 @@ def _generate_prompts(args) -> int:
 
     from streamflow_jax.pipelines import Pipeline
 
-    if not args.model or not args.prompt:
-        raise ValueError("prompt-to-image needs --model PIPELINE_DIR and at least one --prompt")
+    if not args.model:
+        raise ValueError("--prompt needs --model PIPELINE_DIR (an SD1.5-family rectified-flow pipeline)")
+    if not args.prompt:
+        raise ValueError(f"{args.model}: no conditioning.safetensors, so not a digits model directory; "
+                         "for an SD1.5-family pipeline give --prompt")
     pipe = Pipeline.from_diffusers(args.model, taesd=args.taesd, dtype=args.dtype)
     guidance = None if args.guidance <= 0 else args.guidance
     t0 = time.perf_counter()

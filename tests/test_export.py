@@ -250,3 +250,30 @@ def test_decoder_export_matches_xla(tmp_path, cls):
         assert got.shape == want.shape and _rel(got, want) <= 1e-4
     with pytest.raises(ValueError, match="B=4 is outside"):
         runner.decode_latents(np.zeros((4, lo, lo, 4), np.float32))
+
+
+@pytest.mark.parametrize("prediction", ["diff_eps", "velocity"])
+def test_perflow_unet_velocity_export_matches_xla(tmp_path, prediction):
+    """The UNet family's velocity graph (UNet + PeRFlow adapter): one graph, batches 1/3/8; one
+    latent size per graph (jax2onnx cannot trace strided convs over symbolic sizes), said clearly."""
+    import diffusers
+    from conftest import randomize
+    from test_unet import UNETS
+
+    from streamflow_jax.models.perflow import PeRFlowAdapter
+
+    randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 6, std=0.1).save_pretrained(tmp_path / "unet")
+    model = sf.load(tmp_path / "unet").with_adapter(PeRFlowAdapter(prediction, 4))
+    with pytest.raises(ValueError, match="one latent height .* strided convolutions"):
+        velocity_spec(model, batch="1:3:8", latent="8:8:16", text_len=5)
+    spec = velocity_spec(model, batch="1:3:8", latent=16, text_len=5)
+    runner = OnnxRuntimeRunner(export_onnx(model, spec, tmp_path / "onnx", progress=False))
+    rng = np.random.default_rng(0)
+    for b, h, w in [(1, 16, 16), (3, 16, 16), (8, 16, 16)]:
+        x = rng.standard_normal((b, h, w, 4)).astype(np.float32)
+        t = np.linspace(1.0, 0.05, b).astype(np.float32)  # elements in different windows
+        cond = {"encoder_hidden_states": rng.standard_normal((b, 5, 768)).astype(np.float32)}
+        assert _rel(runner.velocity(x, t, cond), model.velocity(x, t, cond)) <= 1e-4
+    with pytest.raises(ValueError, match="axis 1 is 8, the graph takes 16"):
+        runner.velocity(np.zeros((1, 8, 16, 4), np.float32), np.ones(1, np.float32),
+                        {"encoder_hidden_states": np.zeros((1, 5, 768), np.float32)})

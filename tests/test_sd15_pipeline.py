@@ -131,10 +131,10 @@ def test_prompt_stream_equals_pipeline(perflow_pipe):
     stream = PromptStream(pipe, slots_per_stream=2, streams=1, guidance=True)
     steps = [4, 6, 5]
     ids = [stream.submit(PROMPTS[i % 2], steps=steps[i], noise=noise[i], guidance_scale=2.0) for i in range(3)]
-    bad = [stream.submit(["not", "a", "string"], guidance_scale=2.0), stream.submit("ok", steps=0, guidance_scale=2.0),
-           stream.submit("no guidance scale")]
+    bad = [stream.submit(["not", "a", "string"], guidance_scale=2.0), stream.submit([], guidance_scale=2.0),
+           stream.submit("ok", steps=0, guidance_scale=2.0), stream.submit("no guidance scale")]
     results = stream.run()
-    assert len(results) == 6
+    assert len(results) == 7
     for i, rid in enumerate(ids):
         want = pipe(PROMPTS[i % 2], steps=steps[i], guidance_scale=2.0, noise=noise[i : i + 1])[0]
         assert np.abs(np.asarray(results[rid]).astype(int) - np.asarray(want).astype(int)).max() <= 1

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from streamflow_jax.export.onnx import ExportError, export_onnx, load_export
-from streamflow_jax.export.spec import FAMILY_SPECS, Range, latent_limit, latent_multiple
+from streamflow_jax.export.spec import FAMILY_SPECS, Range, latent_limit, latent_range
 
 BACKENDS = ("xla", "onnxruntime", "tensorrt")
 # exports and engines made on demand; override with $STREAMFLOW_JAX_CACHE
@@ -45,10 +45,9 @@ def open_export(path, backend: str, **kwargs):
 
 def auto_spec(model, batch: int, height: int, width: int, text_len: int):
     """The spec ``runner_for`` exports: this call's shapes as 'opt', generous min/max."""
-    limit, p = latent_limit(model), latent_multiple(model)
     return FAMILY_SPECS[model.class_name](
-        model.config, batch=Range(1, batch, max(8, batch)), height=Range(p, height, limit),
-        width=Range(p, width, limit), text_len=text_len, dtype=str(model.dtype))
+        model.config, batch=Range(1, batch, max(8, batch)), height=latent_range(model, height),
+        width=latent_range(model, width), text_len=text_len, dtype=str(model.dtype))
 
 
 def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond: dict, cache_dir=None):

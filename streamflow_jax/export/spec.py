@@ -221,18 +221,26 @@ def _decoder_spec(config, *, batch: Range, height: Range, width: Range, dtype: s
 
 
 def _unet_spec(config, *, batch: Range, height: Range, width: Range, text_len: int, dtype: str) -> ExportSpec:
+    """Dynamic batch; one latent size per graph: jax2onnx 0.17 cannot trace the UNet's strided
+    (downsampling) convolutions over symbolic spatial sizes, so H and W are fixed."""
     down = 2 ** (len(config.block_out_channels) - 1)  # every level halves H and W
+    for name, r in (("height", height), ("width", width)):
+        if r.min != r.max:
+            raise ValueError(f"UNet velocity graphs take one latent {name} (got {r}): jax2onnx cannot trace "
+                             "strided convolutions over symbolic sizes; export one graph per size")
+        if r.opt % down:
+            raise ValueError(f"latent {name} {r.opt} is not a multiple of {down}")
+    h, w = height.opt, width.opt
     return ExportSpec(
         class_name="UNet2DConditionModel",
         inputs=(
-            TensorSpec("x", ("B", "H", "W", config.in_channels)),
+            TensorSpec("x", ("B", h, w, config.in_channels)),
             TensorSpec("t", ("B",)),
             TensorSpec("encoder_hidden_states", ("B", text_len, config.cross_attention_dim)),
         ),
-        outputs=(TensorSpec("v", ("B", "H", "W", config.out_channels)),),
-        dims={"B": batch, "H": height, "W": width},
+        outputs=(TensorSpec("v", ("B", h, w, config.out_channels)),),
+        dims={"B": batch},
         dtype=dtype,
-        multiple={"H": down, "W": down},
     )
 
 
@@ -246,10 +254,12 @@ def latent_limit(model) -> int:
     return 2 * model.config.sample_size  # UNet: twice its training size (SD1.5: 1024^2 images)
 
 
-def latent_multiple(model) -> int:
+def latent_range(model, size: int) -> Range:
+    """The latent-side range ``runner_for`` exports for a call at ``size``: the family's whole
+    span where the graph can be dynamic (SD3), the one size where it cannot (UNet)."""
     if model.class_name == "SD3Transformer2DModel":
-        return model.config.patch_size
-    return 2 ** (len(model.config.block_out_channels) - 1)
+        return Range(model.config.patch_size, size, latent_limit(model))
+    return Range(size, size, size)
 # decoders: class -> pixels per latent pixel
 DECODER_FACTORS = {
     "AutoencoderKL": lambda cfg: 2 ** (len(cfg.block_out_channels) - 1),

@@ -86,5 +86,15 @@ class Attention(nnx.Module):
         return self.to_out[0](out.reshape(b, n, d))
 
 
-def upsample_nearest2x(x):  # [B, H, W, C] -> [B, 2H, 2W, C]
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def upsample_nearest2x(x, size=None):
+    """Nearest 2x upsampling, ``[B, H, W, C] -> [B, 2H, 2W, C]``, or to ``size = (H', W')``.
+
+    With a ``size`` that is not plainly twice the input (odd skip sizes, or symbolic sizes in
+    an ONNX export) pixel ``i`` copies input pixel ``i // 2``, written as a gather so the
+    result has exactly the shape ``size`` names.
+    """
+    h, w = x.shape[1], x.shape[2]
+    if size is None or (isinstance(size[0], int) and isinstance(size[1], int) and tuple(size) == (2 * h, 2 * w)):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    x = jnp.take(x, jnp.arange(size[0]) // 2, axis=1)
+    return jnp.take(x, jnp.arange(size[1]) // 2, axis=2)

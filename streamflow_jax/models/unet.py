@@ -206,8 +206,8 @@ class Upsample2D(nnx.Module):
     def __init__(self, channels: int):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def __call__(self, x):
-        return self.conv(upsample_nearest2x(x))
+    def __call__(self, x, size=None):  # size: the (H, W) of the skip connection it will meet
+        return self.conv(upsample_nearest2x(x, size))
 
 
 class DownBlock(nnx.Module):
@@ -244,13 +244,14 @@ class UpBlock(nnx.Module):
         self.attentions = nnx.List([Transformer2DModel(cfg, cout, heads) for _ in range(n)]) if attn else None
         self.upsamplers = nnx.List([Upsample2D(cout)]) if upsample else None
 
-    def __call__(self, x, skips, temb, context):
+    def __call__(self, x, skips, temb, context, upsample_size=None):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
+            # lax.concatenate: jax2onnx 0.17 mis-checks jnp.concatenate on symbolic shapes
+            x = resnet(jax.lax.concatenate([x, skips.pop()], 3), temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, upsample_size)
         return x
 
 
@@ -314,6 +315,9 @@ class UNet2DConditionModel(nnx.Module):
         x = self.mid_block(x, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
-            x = block(x, skips[-n:], temb, context)
+            # upsample straight to the next skip's size (as diffusers' forward_upsample_size):
+            # odd sizes work, and an exported graph keeps symbolic sizes equal
+            size = skips[-n - 1].shape[1:3] if len(skips) > n else None
+            x = block(x, skips[-n:], temb, context, size)
             skips = skips[:-n]
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
