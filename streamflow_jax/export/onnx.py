@@ -60,10 +60,6 @@ class ExportedGraph:
     def onnx_path(self) -> Path:
         return self.path / ONNX_NAME
 
-    @property
-    def files(self) -> list[Path]:
-        return [self.path / name for name in self.meta["files"]]
-
 
 def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET, progress: bool = True) -> ExportedGraph:
     """Exports ``model``'s ``spec.method`` (velocity, or a decoder's ``decode_latents``) to ``out_dir``.
