@@ -22,16 +22,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, environment, timed  # noqa: E402
 
 
-class LazyBF16(Mapping):
-    """A torch state dict seen as bf16 numpy arrays, converted one tensor at a time."""
+class LazyCast(Mapping):
+    """A torch state dict seen as numpy arrays of ``dtype``, converted one tensor at a time."""
 
-    def __init__(self, state_dict):
-        self.sd = state_dict
+    def __init__(self, state_dict, dtype):
+        self.sd, self.dtype = state_dict, dtype
 
     def __getitem__(self, key):
-        import ml_dtypes
-
-        return self.sd[key].detach().float().cpu().numpy().astype(ml_dtypes.bfloat16)
+        return self.sd[key].detach().float().cpu().numpy().astype(self.dtype)
 
     def __iter__(self):
         return iter(self.sd)
@@ -48,8 +46,11 @@ def main():
     p.add_argument("--text-len", type=int, default=154)
     p.add_argument("--latent", type=int, default=128)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script on CPU: a 2-layer SD3, 16x16 latent, fp32, no torch.compile")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    device = "cpu" if args.smoke else "cuda"
 
     import dataclasses
 
@@ -63,13 +64,19 @@ def main():
     from streamflow_jax.models.mmdit import SD3Config
 
     cfg = dataclasses.asdict(SD3Config.sd3_medium())
+    tdtype = torch.bfloat16
+    if args.smoke:
+        cfg.update(num_layers=2, num_attention_heads=2, caption_projection_dim=128, pos_embed_max_size=16)
+        args.latent, args.text_len, args.repeats, args.warmup, args.no_compile = 16, 8, 2, 1, True
+        tdtype = torch.float32
+    jdtype = jax.numpy.bfloat16 if tdtype == torch.bfloat16 else jax.numpy.float32
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        ref = diffusers.SD3Transformer2DModel(**cfg).to(torch.bfloat16).eval()
+    with torch.device(device):
+        ref = diffusers.SD3Transformer2DModel(**cfg).to(tdtype).eval()
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = convert_tensors({"_class_name": "SD3Transformer2DModel", **cfg}, LazyBF16(ref.state_dict()),
+    model = convert_tensors({"_class_name": "SD3Transformer2DModel", **cfg}, LazyCast(ref.state_dict(), jdtype),
                             progress=False, source="sd3-medium (random)")
     convert_s = time.perf_counter() - t0
     n_params = sum(x.numel() for x in ref.parameters())
@@ -82,9 +89,9 @@ def main():
         ehs = rng.standard_normal((b, args.text_len, 4096), dtype=np.float32)
         pooled = rng.standard_normal((b, 2048), dtype=np.float32)
         t = np.linspace(0.9, 0.3, b).astype(np.float32)
-        xj = jax.device_put(x.astype(jax.numpy.bfloat16))
-        cj = {"encoder_hidden_states": jax.device_put(ehs.astype(jax.numpy.bfloat16)),
-              "pooled_projections": jax.device_put(pooled.astype(jax.numpy.bfloat16))}
+        xj = jax.device_put(x.astype(jdtype))
+        cj = {"encoder_hidden_states": jax.device_put(ehs.astype(jdtype)),
+              "pooled_projections": jax.device_put(pooled.astype(jdtype))}
         tj = jax.device_put(t)
         t0 = time.perf_counter()
         ours_v = jax.block_until_ready(velocity(model, xj, tj, cj))
@@ -92,22 +99,22 @@ def main():
         ours = timed(lambda: velocity(model, xj, tj, cj), warmup=args.warmup, repeats=args.repeats,
                      sync=jax.block_until_ready)
 
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).to("cuda", torch.bfloat16)
-        et = torch.from_numpy(ehs).to("cuda", torch.bfloat16)
-        pt = torch.from_numpy(pooled).to("cuda", torch.bfloat16)
-        tt = torch.from_numpy(t * 1000).to("cuda")
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).to(device, tdtype)
+        et = torch.from_numpy(ehs).to(device, tdtype)
+        pt = torch.from_numpy(pooled).to(device, tdtype)
+        tt = torch.from_numpy(t * 1000).to(device)
 
         def call(m):
             with torch.inference_mode():
                 return m(hidden_states=xt, encoder_hidden_states=et, pooled_projections=pt, timestep=tt).sample
 
-        sync = lambda out: torch.cuda.synchronize()  # noqa: E731
+        sync = (lambda out: torch.cuda.synchronize()) if device == "cuda" else (lambda out: None)  # noqa: E731
         eager = timed(lambda: call(ref), warmup=args.warmup, repeats=args.repeats, sync=sync)
         ref_v = call(ref).float().permute(0, 2, 3, 1).cpu().numpy()
         row = {"batch": b, "ours_ms": 1e3 * ours["mean_s"], "ours_compile_s": ours_compile,
                "diffusers_eager_ms": 1e3 * eager["mean_s"],
                "ours_vs_eager": ours["mean_s"] / eager["mean_s"],
-               "bf16_max_rel_diff_vs_diffusers": float(np.max(np.abs(np.asarray(ours_v, np.float32) - ref_v))
+               "max_rel_diff_vs_diffusers": float(np.max(np.abs(np.asarray(ours_v, np.float32) - ref_v))
                                                       / np.max(np.abs(ref_v)))}
         if not args.no_compile:
             compiled = torch.compile(ref)
@@ -121,8 +128,9 @@ def main():
         results.append(row)
         print(row, file=sys.stderr, flush=True)
 
-    emit({"benchmark": "sd3_gpu", "model": "SD3-medium architecture, random weights", "params_B": n_params / 1e9,
-          "latent": [args.latent, args.latent, 16], "text_tokens": args.text_len, "dtype": "bfloat16",
+    emit({"benchmark": "sd3_gpu", "model": "SD3-medium architecture, random weights" + (" (SMOKE: tiny, CPU)" if args.smoke else ""),
+          "params_B": n_params / 1e9, "latent": [args.latent, args.latent, 16], "text_tokens": args.text_len,
+          "dtype": str(tdtype).replace("torch.", ""),
           "torch_build_s": build_s, "convert_s": convert_s, "env": environment(), "results": results}, args.out)
 
 
