@@ -171,8 +171,7 @@ def main():
     for streams in (1, 4):
         def ours_stream():
             engine = sf.StreamEngine(unet, (lat, lat, 4), {"encoder_hidden_states": (77, 768)},
-                                     slots_per_stream=slots, streams=streams,
-                                     decode=lambda z: jax.block_until_ready(decode_j(taesd, z)))
+                                     slots_per_stream=slots, streams=streams, decoder=taesd)
             for i in range(n_img):
                 engine.submit({"encoder_hidden_states": emb}, grid=grid, noise=noise[i])
             engine.run()

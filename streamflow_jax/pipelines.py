@@ -94,8 +94,8 @@ class DigitsPipeline:
         labels = _check_labels(labels)
         shapes = {k: tuple(v.shape[1:]) for k, v in self.conditioning.items()}
         engine = StreamEngine(self.model, self.latent_shape, shapes, slots_per_stream=slots_per_stream,
-                              streams=streams, guidance=guidance_scale is not None, decode=to_images,
-                              backend=backend)
+                              streams=streams, guidance=guidance_scale is not None,
+                              postprocess=lambda x: to_images(x[None])[0], backend=backend)
         noise = np.asarray(self.noise(len(labels), seed))
         null = self.cond(np.array([NULL_CLASS]))
         ids = []
@@ -113,6 +113,12 @@ def _check_labels(labels) -> np.ndarray:
     if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"labels must be a non-empty 1-D array of classes 0-9, got {labels!r}")
     return labels
+
+
+def to_uint8(images) -> np.ndarray:
+    """Decoder output about [-1, 1] -> uint8 pixels (as diffusers' image processor rounds)."""
+    images = np.asarray(images, np.float32)
+    return (np.clip(images / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
 
 
 def to_images(x) -> np.ndarray:
@@ -204,8 +210,7 @@ class Pipeline:
 
     def decode(self, latents) -> np.ndarray:
         """``[B, h, w, C]`` latents -> ``[B, H, W, 3]`` uint8 images."""
-        images = np.asarray(self._decode(self.decoder, latents), np.float32)
-        return (np.clip(images / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+        return to_uint8(self._decode(self.decoder, latents))
 
     def __call__(self, prompts, *, steps: int = 4, guidance_scale=None, negative_prompt: str = "", seed: int = 0,
                  height: int | None = None, width: int | None = None, noise=None, backend: str = "xla"):
@@ -261,7 +266,7 @@ class PromptStream:
         shape = (pipe.tokenizer.max_length, pipe.text_encoder.config.hidden_size)
         self.engine = StreamEngine(pipe.model, self.latent_shape, {"encoder_hidden_states": shape},
                                    slots_per_stream=slots_per_stream, streams=streams, guidance=guidance,
-                                   decode=pipe.decode, backend=backend)
+                                   decoder=pipe.decoder, postprocess=to_uint8, backend=backend)
 
     def submit(self, prompt: str, *, steps: int = 4, seed: int = 0, noise=None, guidance_scale: float | None = None,
                negative_prompt: str = "") -> int:

@@ -1,9 +1,10 @@
 """The stream engine: many requests, each at its own step, advanced by one batched call per tick.
 
 The engine holds ``slots = streams * slots_per_stream`` latents. A tick is one compiled
-function ``(x [B,H,W,C], t [B], t_next [B], cond, ...) -> x'`` that moves every slot one Euler
-step along its own grid (idle slots have ``t == t_next`` and stay put), then finished slots are
-retired (optionally decoded) and queued requests admitted into the free slots. At most one
+function ``(x [B,H,W,C], t [B], t_next [B], cond, ..., done [K]) -> (x', decoded [K,...])``
+that moves every slot one Euler step along its own grid (idle slots have ``t == t_next`` and
+stay put) and decodes the slots that finish with it; then those are retired and queued
+requests admitted into the free slots. At most one
 request per stream is admitted per tick, so a stream's slots end up one step apart: after
 warm-up each stream finishes one request per tick (StreamFlow's stream batch).
 
@@ -51,13 +52,30 @@ def _tick(model, x, t, t_next, cond, guidance, uncond):
     return _step(model, x, t, t_next, cond, guidance, uncond)
 
 
+def _tick_decode(model, decoder, x, t, t_next, cond, guidance, uncond, done):
+    """The step, then the decoder on the finishing slots ``done`` ``[K]``, in one program."""
+    x = _step(model, x, t, t_next, cond, guidance, uncond)
+    return x, _decode(decoder, x[done])
+
+
+def _decode(decoder, latents):
+    return decoder.module.decode_latents(latents)
+
+
 def _write(buf, index, value):
     return buf.at[index].set(value)
 
 
 # module-level, so engines of the same shapes share compiled code; the slot buffer is donated
 _tick_jit = jax.jit(_tick, donate_argnums=(1,))
+_tick_decode_jit = jax.jit(_tick_decode, donate_argnums=(2,))
+_decode_jit = jax.jit(_decode)
 _write_jit = jax.jit(_write, donate_argnums=(0,))
+
+
+def _bucket(k: int, limit: int) -> int:
+    """Decode batches are padded to a power of two (at most ``limit``): few compiled variants."""
+    return min(1 << max(k - 1, 0).bit_length(), limit)
 
 
 class StreamEngine:
@@ -71,7 +89,10 @@ class StreamEngine:
         streams: how many streams share each call (batch = N * streams).
         guidance: ``True`` runs classifier-free guidance on every slot (each request brings
             its ``uncond`` and scale); ``False`` runs none. CFG is all or nothing per engine.
-        decode: optional ``[K, H, W, C] -> results`` applied to finished latents.
+        decoder: optional VAE/TAESD ``FlowModel``; its ``decode_latents`` runs on the finishing
+            slots inside the tick's compiled call (padded to a power of two of them).
+        postprocess: optional host function applied to each finished output (decoded image
+            or, without a decoder, latent), e.g. conversion to uint8.
         backend: ``"xla"`` (the tick is one jitted call, its buffers donated) or
             ``"onnxruntime"`` / ``"tensorrt"`` (the same step around the exported graph).
         admit_per_tick: requests admitted per tick (default: one per stream).
@@ -79,12 +100,13 @@ class StreamEngine:
 
     def __init__(self, model, latent_shape: tuple[int, int, int], cond_shapes: dict[str, tuple[int, ...]], *,
                  slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
-                 decode: Callable | None = None, backend: str = "xla", admit_per_tick: int | None = None):
+                 decoder=None, postprocess: Callable | None = None, backend: str = "xla",
+                 admit_per_tick: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if slots_per_stream < 1 or streams < 1:
             raise ValueError("slots_per_stream and streams must be >= 1")
-        self.model, self.backend, self.decode = model, backend, decode
+        self.model, self.backend, self.decoder, self.postprocess = model, backend, decoder, postprocess
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.cond_shapes = {k: tuple(int(d) for d in v) for k, v in cond_shapes.items()}
         self.guided = bool(guidance)
@@ -202,23 +224,30 @@ class StreamEngine:
             if slot.request is not None:  # idle slots: t == t_next == 0, a zero-length step
                 t[i], t_next[i] = slot.request.grid[slot.step], slot.request.grid[slot.step + 1]
         g = jnp.asarray(self._guidance) if self.guided else None
-        self._x = self._tick_fn(self._velocity_model, self._x, jnp.asarray(t), jnp.asarray(t_next), self._cond, g,
-                                self._uncond)
+        done = [i for i, s in enumerate(self._slots)
+                if s.request is not None and s.step + 1 == s.request.grid.shape[0] - 1]
+        args = (self._velocity_model, self._x, jnp.asarray(t), jnp.asarray(t_next), self._cond, g, self._uncond)
+        outputs = None
+        if self.decoder is not None and done and self.backend == "xla":
+            idx = np.array(done + [done[0]] * (_bucket(len(done), self.num_slots) - len(done)), np.int32)
+            self._x, outputs = _tick_decode_jit(args[0], self.decoder, *args[1:], jnp.asarray(idx))
+        else:
+            self._x = self._tick_fn(*args)
+            if done:
+                latents = self._x[np.array(done)]
+                outputs = _decode_jit(self.decoder, latents) if self.decoder is not None else latents
         self.ticks += 1
-        done = []
+        finished = []
         for i, slot in enumerate(self._slots):
-            if slot.request is None:
-                continue
-            slot.step += 1
-            if slot.step == slot.request.grid.shape[0] - 1:
-                done.append((i, slot.request.id))
-                slot.request = None
-        if done:
-            latents = self._x[np.array([i for i, _ in done])]
-            outputs = self.decode(latents) if self.decode is not None else latents
-            for k, (_, rid) in enumerate(done):
-                self.results[rid] = np.asarray(outputs[k])
-        return [rid for _, rid in done]
+            if slot.request is not None:
+                slot.step += 1
+        for k, i in enumerate(done):
+            rid = self._slots[i].request.id
+            out = np.asarray(outputs[k])
+            self.results[rid] = self.postprocess(out) if self.postprocess is not None else out
+            self._slots[i].request = None
+            finished.append(rid)
+        return finished
 
     def _admit(self, i: int, req: _Request) -> None:
         self._x = self._write(self._x, i, req.noise)

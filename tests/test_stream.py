@@ -110,3 +110,25 @@ def test_stream_onnxruntime_equals_xla(model, tmp_path, monkeypatch):
         engine.run()
         outs[backend] = np.stack([engine.result(r) for r in ids])
     np.testing.assert_allclose(outs["onnxruntime"], outs["xla"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("admit", [1, 5])
+def test_decoder_runs_inside_the_tick(model, tmp_path, admit):
+    """Finished slots decoded in the tick's program equal decoding the sequential result;
+    admit=5 makes all five finish on one tick (a padded decode batch)."""
+    import diffusers
+    from conftest import randomize
+    from test_autoencoders import VAES
+
+    randomize(diffusers.AutoencoderKL(**VAES["sd"]), 0, std=0.1).save_pretrained(tmp_path / "vae")
+    vae = sf.load(tmp_path / "vae")
+    x, conds = _requests(5, seed=6)
+    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=5, decoder=vae, admit_per_tick=admit)
+    ids = [engine.submit(conds[i], steps=3, noise=x[i]) for i in range(5)]
+    engine.run()
+    for i, rid in enumerate(ids):
+        alone = sf.sample(model, x[i : i + 1], sf.schedules.flow_match(3, shift=1.0),
+                          {k: v[None] for k, v in conds[i].items()})
+        want = np.asarray(vae.module.decode_latents(alone))[0]
+        assert engine.result(rid).shape == want.shape == (16, 16, 3)
+        np.testing.assert_allclose(engine.result(rid), want, rtol=1e-4, atol=1e-4)
