@@ -59,7 +59,6 @@ def main():
     import numpy as np
     import torch
 
-    import streamflow_jax as sf
     from streamflow_jax.converters import convert_tensors
     from streamflow_jax.models.mmdit import SD3Config
 

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from streamflow_jax.models import FlowModel, abstract_module
+from streamflow_jax.models import FlowModel, abstract_module, flat_params
 
 from . import clip, sd3, taesd, unet, vae
 from .common import (
@@ -113,9 +113,7 @@ def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = T
         tensors = DictSource(tensors)
 
     _, abstract_state = nnx.split(abstract_module(class_name, config))
-    flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))
-    paths = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
-    targets = {p: leaf for p, (_, leaf) in zip(paths, flat)}
+    targets, treedef, paths = flat_params(nnx.to_pure_dict(abstract_state))
 
     key_to_target, unexpected = {}, []
     for key in tensors.keys():

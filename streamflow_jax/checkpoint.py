@@ -23,18 +23,12 @@ from flax import nnx
 
 from streamflow_jax import __version__
 from streamflow_jax.converters.common import ConversionError
-from streamflow_jax.models import FlowModel, abstract_module, family_of
+from streamflow_jax.models import FlowModel, abstract_module, family_of, flat_params
 
 PARAMS_DIR = "params"
 VELOCITY_COMPONENTS = ("transformer", "unet")  # what sf.load takes from a pipeline by default
 ROOT_FILE_LIMIT = 16 << 20  # pipeline-root files copied by convert (configs, conditioning tables)
 META_KEY = "streamflow_jax"  # present in our config.json, absent from diffusers'
-
-
-def _flat(tree) -> tuple[dict, object, list[str]]:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
-    return dict(zip(names, (leaf for _, leaf in leaves))), treedef, names
 
 
 @contextlib.contextmanager
@@ -66,7 +60,7 @@ def _write_model(model: FlowModel, out: Path, source: str | None) -> None:
         "source": source,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    flat, _, _ = _flat(nnx.to_pure_dict(model.state))
+    flat, _, _ = flat_params(nnx.to_pure_dict(model.state))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(out / PARAMS_DIR, {k: np.asarray(v) for k, v in flat.items()})
 
@@ -164,7 +158,7 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         dtype: cast floating-point parameters to this dtype (``None`` keeps them).
         component: for a pipeline directory, which one (default: its ``transformer`` or ``unet``).
     """
-    from streamflow_jax.converters import ConversionError, resolve_dtype
+    from streamflow_jax.converters import resolve_dtype
 
     path = Path(path)
     if (path / "model_index.json").is_file() and not (path / "config.json").is_file():
@@ -196,7 +190,7 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
     fields = {f.name for f in dataclasses.fields(fam.config_cls)}
     config = fam.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
     _, abstract_state = nnx.split(abstract_module(class_name, config))
-    shapes, treedef, names = _flat(nnx.to_pure_dict(abstract_state))
+    shapes, treedef, names = flat_params(nnx.to_pure_dict(abstract_state))
     params_dir = (path / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise ConversionError(f"{params_dir}: missing (incomplete converted checkpoint)")

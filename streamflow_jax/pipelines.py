@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
 from streamflow_jax.converters.common import ConversionError
+from streamflow_jax.models import decode_latents
 from streamflow_jax.sampling import sample
 
 DIGITS_DIR = Path(__file__).resolve().parent / "assets" / "digits"
@@ -108,6 +109,11 @@ class DigitsPipeline:
         return np.stack([engine.result(i) for i in ids])
 
 
+@jax.jit
+def _encode_text(text_encoder, ids):  # [B, 77] -> [B, 77, D], CLIP's last hidden state
+    return text_encoder.module(ids)["last_hidden_state"]
+
+
 def _check_labels(labels) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() > 9:
@@ -158,8 +164,6 @@ class Pipeline:
     def __init__(self, model, text_encoder, tokenizer, decoder, *, num_windows: int = 4, vae_scale: int = 8):
         self.model, self.text_encoder, self.tokenizer, self.decoder = model, text_encoder, tokenizer, decoder
         self.num_windows, self.vae_scale = num_windows, vae_scale
-        self._encode = jax.jit(lambda m, ids: m.module(ids)["last_hidden_state"])
-        self._decode = jax.jit(lambda m, z: m.module.decode_latents(z))
 
     @classmethod
     def from_diffusers(cls, path, *, taesd=None, dtype=None) -> Pipeline:
@@ -197,7 +201,7 @@ class Pipeline:
 
     def encode_prompt(self, prompts) -> dict[str, jax.Array]:
         """Prompts -> ``{"encoder_hidden_states": [B, 77, D]}`` (CLIP's last hidden state)."""
-        return {"encoder_hidden_states": self._encode(self.text_encoder, self.tokenizer(prompts))}
+        return {"encoder_hidden_states": _encode_text(self.text_encoder, self.tokenizer(prompts))}
 
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         c = self.model.config
@@ -210,7 +214,7 @@ class Pipeline:
 
     def decode(self, latents) -> np.ndarray:
         """``[B, h, w, C]`` latents -> ``[B, H, W, 3]`` uint8 images."""
-        return to_uint8(self._decode(self.decoder, latents))
+        return to_uint8(decode_latents(self.decoder, latents))
 
     def __call__(self, prompts, *, steps: int = 4, guidance_scale=None, negative_prompt: str = "", seed: int = 0,
                  height: int | None = None, width: int | None = None, noise=None, backend: str = "xla"):

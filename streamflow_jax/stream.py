@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamflow_jax import schedules
+from streamflow_jax.models import decode_latents
 from streamflow_jax.sampling import BACKENDS, _step
 
 
@@ -55,11 +56,7 @@ def _tick(model, x, t, t_next, cond, guidance, uncond):
 def _tick_decode(model, decoder, x, t, t_next, cond, guidance, uncond, done):
     """The step, then the decoder on the finishing slots ``done`` ``[K]``, in one program."""
     x = _step(model, x, t, t_next, cond, guidance, uncond)
-    return x, _decode(decoder, x[done])
-
-
-def _decode(decoder, latents):
-    return decoder.module.decode_latents(latents)
+    return x, decode_latents(decoder, x[done])
 
 
 def _write(buf, index, value):
@@ -69,7 +66,6 @@ def _write(buf, index, value):
 # module-level, so engines of the same shapes share compiled code; the slot buffer is donated
 _tick_jit = jax.jit(_tick, donate_argnums=(1,))
 _tick_decode_jit = jax.jit(_tick_decode, donate_argnums=(2,))
-_decode_jit = jax.jit(_decode)
 _write_jit = jax.jit(_write, donate_argnums=(0,))
 
 
@@ -235,7 +231,7 @@ class StreamEngine:
             self._x = self._tick_fn(*args)
             if done:
                 latents = self._x[np.array(done)]
-                outputs = _decode_jit(self.decoder, latents) if self.decoder is not None else latents
+                outputs = decode_latents(self.decoder, latents) if self.decoder is not None else latents
         self.ticks += 1
         finished = []
         for i, slot in enumerate(self._slots):

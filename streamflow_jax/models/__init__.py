@@ -55,6 +55,22 @@ def abstract_module(class_name: str, config) -> nnx.Module:
     return nnx.eval_shape(lambda: fam.module_cls(config, rngs=nnx.Rngs(0)))
 
 
+def flat_params(tree) -> tuple[dict, object, list[str]]:
+    """A nested parameter dict as ``{"a.0.kernel": leaf}``, its treedef, and the names in order.
+
+    The dotted names are the checkpoint-style keys the converters and orbax files use.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+    return dict(zip(names, (leaf for _, leaf in leaves))), treedef, names
+
+
+@jax.jit
+def decode_latents(decoder, latents):
+    """A VAE/TAESD ``FlowModel``'s ``decode_latents``, jitted with the weights as arguments."""
+    return decoder.module.decode_latents(latents)
+
+
 def velocity_of(module, adapter, x, t, cond):
     """The family's velocity: the module's own, or an adapter's around the module (PeRFlow)."""
     if adapter is not None:
