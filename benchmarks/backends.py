@@ -38,7 +38,7 @@ def main():
     from streamflow_jax.pipelines import DIGITS_DIR
 
     tmp = tempfile.mkdtemp()
-    backends.DEFAULT_CACHE = __import__("pathlib").Path(tmp) / "cache"
+    os.environ["STREAMFLOW_JAX_CACHE"] = os.path.join(tmp, "cache")
     torch_model = None
     if args.config == "digits":
         model = sf.load(DIGITS_DIR)

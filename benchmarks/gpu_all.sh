@@ -10,9 +10,8 @@
 set -u
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-# the library without installing it: convert/ is the streamflow_jax.converters package
-rm -rf /tmp/sfpkg && mkdir -p /tmp/sfpkg && cp -r streamflow_jax /tmp/sfpkg/ && cp -r convert /tmp/sfpkg/streamflow_jax/converters
-export PYTHONPATH="/tmp/sfpkg${PYTHONPATH:+:$PYTHONPATH}"
+# the library from the checkout, uninstalled (streamflow_jax/converters links to convert/)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PYTHONPATH"

@@ -1,7 +1,9 @@
-"""Checkpoint converters: diffusers directories -> ``FlowModel`` (in memory) or an orbax directory.
+"""Checkpoint readers: diffusers/transformers directories -> ``FlowModel``, strictly.
 
-Shipped inside the distribution as ``streamflow_jax.converters`` (see ``pyproject.toml``); users
-call ``streamflow_jax.convert`` / ``streamflow_jax.load`` or ``streamflow-jax convert``.
+This package reads files; what the keys and config fields mean is each family's ``KeyMap``,
+declared beside its model (``models/*.py``). It is imported as ``streamflow_jax.converters``
+(``streamflow_jax/converters`` is a link to this folder, see the README's Layout); users call
+``streamflow_jax.convert`` / ``streamflow_jax.load`` or ``streamflow-jax convert``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from streamflow_jax.models import FlowModel, abstract_module, flat_params
+from streamflow_jax.errors import ConversionError
+from streamflow_jax.models import FAMILIES, FlowModel, abstract_module, family_of, flat_params
 
-from . import clip, sd3, taesd, unet, vae
 from .common import (
     CONFIG_NAME,
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
-    ConversionError,
     TensorSource,
     check_model_source,
     config_from_dict,
@@ -28,14 +27,12 @@ from .common import (
     read_json,
 )
 
-# class name -> converter module: CLASS_NAME (or CLASS_NAMES), CONFIG_CLS,
-# IGNORABLE, rename; optionally WEIGHTS (file names), ANY_VALUE (free config keys), prepare_config.
-CONVERTERS = {name: m for m in (sd3, unet, vae, taesd, clip) for name in getattr(m, "CLASS_NAMES", (m.CLASS_NAME,))}
 # Bumped whenever converted output changes meaning; stored in every converted config.json.
 CONVERTER_VERSION = 1
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
-__all__ = ["CONVERTERS", "CONVERTER_VERSION", "ConversionError", "convert_diffusers", "convert_tensors", "resolve_dtype"]
+__all__ = ["CONVERTER_VERSION", "ConversionError", "class_name_of", "convert_diffusers", "convert_tensors",
+           "read_config", "resolve_dtype"]
 
 
 def resolve_dtype(dtype):
@@ -62,7 +59,7 @@ def _target_for(key: str, targets: dict) -> str | None:
 
 
 def convert_diffusers(src, *, dtype=None, progress: bool = True) -> tuple[FlowModel, dict]:
-    """Reads a diffusers model or pipeline directory into a ``FlowModel``, strictly.
+    """Reads a diffusers model directory into a ``FlowModel``, strictly.
 
     Returns:
         The model and the raw diffusers config it came from.
@@ -72,9 +69,8 @@ def convert_diffusers(src, *, dtype=None, progress: bool = True) -> tuple[FlowMo
     """
     model_dir = _find_supported_dir(Path(src))
     raw = read_json(model_dir / CONFIG_NAME)
-    conv = CONVERTERS.get(class_name_of(raw))
-    names = getattr(conv, "WEIGHTS", None) or (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-    tensors = TensorSource(model_dir, names) if conv is not None else None
+    family = _family(raw, str(model_dir))
+    tensors = TensorSource(model_dir, family.keys.weights)
     model = convert_tensors(raw, tensors, dtype=dtype, progress=progress, source=str(model_dir))
     return model, raw
 
@@ -85,6 +81,31 @@ def class_name_of(raw: dict) -> str | None:
         return raw["_class_name"]
     arch = raw.get("architectures")
     return arch[0] if isinstance(arch, list) and arch else None
+
+
+def _family(raw: dict, source: str):
+    class_name = class_name_of(raw)
+    if class_name not in FAMILIES:
+        raise ConversionError(f"{source}: unsupported model class {class_name!r} "
+                              f"(supported: {', '.join(sorted(FAMILIES))})")
+    return family_of(class_name)
+
+
+def parse_config(raw: dict, *, source: str):
+    """``(family, config)`` of a raw diffusers/transformers config dict, strictly."""
+    family = _family(raw, source)
+    keys = family.keys
+    if keys.prepare_config is not None:
+        raw = keys.prepare_config(raw)
+    config = config_from_dict(family.config_cls, raw, source=f"{source}/{CONFIG_NAME}", ignorable=keys.ignorable,
+                              any_value=keys.any_value)
+    return family, config
+
+
+def read_config(model_dir):
+    """``(family, config)`` of a diffusers model directory, without reading its weights."""
+    model_dir = Path(model_dir)
+    return parse_config(read_json(model_dir / CONFIG_NAME), source=str(model_dir))
 
 
 def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = True,
@@ -98,28 +119,20 @@ def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = T
         dtype: cast floating-point parameters (``None`` keeps each tensor's dtype).
         source: names the origin in error messages.
     """
-    class_name = class_name_of(raw_config)
-    conv = CONVERTERS.get(class_name)
-    if conv is None:
-        raise ConversionError(
-            f"{source}: unsupported model class {class_name!r} (supported: {', '.join(sorted(CONVERTERS))})"
-        )
-    if hasattr(conv, "prepare_config"):
-        raw_config = conv.prepare_config(raw_config)
-    config = config_from_dict(conv.CONFIG_CLS, raw_config, source=f"{source}/{CONFIG_NAME}",
-                              ignorable=conv.IGNORABLE, any_value=getattr(conv, "ANY_VALUE", frozenset()))
+    family, config = parse_config(raw_config, source=source)
     cast = resolve_dtype(dtype)
     if not isinstance(tensors, TensorSource):
         tensors = DictSource(tensors)
 
-    _, abstract_state = nnx.split(abstract_module(class_name, config))
+    _, abstract_state = nnx.split(abstract_module(family, config))
     targets, treedef, paths = flat_params(nnx.to_pure_dict(abstract_state))
 
     key_to_target, unexpected = {}, []
     for key in tensors.keys():
-        target = _target_for(conv.rename(key), targets)
+        target = _target_for(family.keys.rename(key), targets)
         (unexpected.append(key) if target is None else key_to_target.__setitem__(key, target))
     missing = sorted(set(targets) - set(key_to_target.values()))
+    class_name = class_name_of(raw_config)
     if unexpected:
         raise ConversionError(f"{source}: unexpected tensor(s) {_few(unexpected)} for {class_name}")
     if missing:
@@ -137,7 +150,7 @@ def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = T
             values[target] = array
             bar.update()
     params = jax.tree_util.tree_unflatten(treedef, [values[p] for p in paths])
-    return FlowModel.from_params(class_name, config, params)
+    return FlowModel.from_params(family, config, params, class_name=class_name)
 
 
 class DictSource:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -16,15 +15,12 @@ import ml_dtypes  # noqa: F401  (registers bfloat16/float8 with numpy so safeten
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+from streamflow_jax.errors import ConversionError
+from streamflow_jax.models.family import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
 CONFIG_NAME = "config.json"
 # Keys every diffusers config carries that describe the file, not the model.
 META_PREFIX = "_"
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file and the key."""
 
 
 def read_json(path: Path) -> dict:
@@ -161,9 +157,3 @@ def map_tensor(key: str, array: np.ndarray, target_shape: tuple[int, ...], targe
     if tuple(array.shape) != tuple(target_shape):
         raise ConversionError(f"tensor {key!r}: shape {tuple(array.shape)} does not fit the model's {tuple(target_shape)}")
     return np.ascontiguousarray(array)
-
-
-def free_path(dst: Path) -> None:
-    """Refuses to overwrite: the caller must pick a new path or remove the old one."""
-    if os.path.lexists(dst):
-        raise ConversionError(f"{dst}: already exists (remove it or choose another output path)")

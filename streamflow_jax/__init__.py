@@ -6,24 +6,27 @@ The public API, re-exported explicitly::
     sf.convert(src, dst)                      # diffusers dir -> converted dir
     model = sf.load(path)                     # converted or diffusers dir -> FlowModel
     v = model.velocity(x, t, cond)            # [B,H,W,C], [B], dict -> [B,H,W,C]
-    x0 = sf.sample(model, noise, ts, cond)    # ts: [S+1] or [S+1, B]
+    x0 = sf.sample(model, noise, ts, cond)    # ts: [S+1] or [S+1, B]; backend="xla" | ...
+    pipe = sf.Pipeline.from_diffusers(path)   # the pipeline class from model_index.json
 """
 
-__version__ = "0.1.0"
-
 from streamflow_jax import schedules
+from streamflow_jax._version import __version__
+from streamflow_jax.backends import sample
 from streamflow_jax.checkpoint import convert, load, save
-from streamflow_jax.converters.common import ConversionError
+from streamflow_jax.errors import ConversionError, ExportError, RequestError, ShapeError
 from streamflow_jax.models import FlowModel
 from streamflow_jax.pipelines import Pipeline
-from streamflow_jax.sampling import euler_step, guided_velocity, sample
-from streamflow_jax.stream import RequestError, StreamEngine
+from streamflow_jax.sampling import euler_step, guided_velocity
+from streamflow_jax.stream import StreamEngine
 
 __all__ = [
     "ConversionError",
+    "ExportError",
     "FlowModel",
     "Pipeline",
     "RequestError",
+    "ShapeError",
     "StreamEngine",
     "__version__",
     "convert",

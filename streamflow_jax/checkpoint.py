@@ -7,12 +7,9 @@ memory, a diffusers one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -21,9 +18,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from streamflow_jax import __version__
-from streamflow_jax.converters.common import ConversionError
-from streamflow_jax.models import FlowModel, abstract_module, family_of, flat_params
+from streamflow_jax._version import __version__
+from streamflow_jax.converters import CONVERTER_VERSION, class_name_of, convert_diffusers, resolve_dtype
+from streamflow_jax.converters.common import check_model_source, read_json
+from streamflow_jax.errors import ConversionError
+from streamflow_jax.fsutil import atomic_dir
+from streamflow_jax.models import FAMILIES, FlowModel, abstract_module, family_of, flat_params
 
 PARAMS_DIR = "params"
 VELOCITY_COMPONENTS = ("transformer", "unet")  # what sf.load takes from a pipeline by default
@@ -31,26 +31,7 @@ ROOT_FILE_LIMIT = 16 << 20  # pipeline-root files copied by convert (configs, co
 META_KEY = "streamflow_jax"  # present in our config.json, absent from diffusers'
 
 
-@contextlib.contextmanager
-def _atomic_dir(dst: Path):
-    """A temporary sibling of ``dst`` that becomes ``dst`` on success and vanishes on failure."""
-    from streamflow_jax.converters.common import free_path
-
-    free_path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _write_model(model: FlowModel, out: Path, source: str | None) -> None:
-    from streamflow_jax.converters import CONVERTER_VERSION
-
     out.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": model.class_name, **dataclasses.asdict(model.config)}
     config[META_KEY] = {
@@ -68,7 +49,7 @@ def _write_model(model: FlowModel, out: Path, source: str | None) -> None:
 def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
     """Writes ``model`` to a new directory ``dst`` atomically (temporary dir + rename)."""
     dst = Path(dst).absolute()
-    with _atomic_dir(dst) as tmp:
+    with atomic_dir(dst) as tmp:
         _write_model(model, tmp, source)
     return dst
 
@@ -92,17 +73,14 @@ def convert(src, dst, *, dtype=None, progress: bool = True) -> Path:
     Raises:
         ConversionError: the source does not fit (the message names the file and the key).
     """
-    from streamflow_jax.converters import convert_diffusers
-    from streamflow_jax.converters.common import check_model_source
-
     src, dst = Path(src), Path(dst).absolute()
     check_model_source(src)
     if (src / "config.json").is_file():
-        with _atomic_dir(dst) as tmp:
+        with atomic_dir(dst) as tmp:
             model, _ = convert_diffusers(src, dtype=dtype, progress=progress)
             _write_model(model, tmp, str(src.absolute()))
         return dst
-    with _atomic_dir(dst) as tmp:
+    with atomic_dir(dst) as tmp:
         record = {"converted": {}, "copied": [], "skipped": {}}
         for name, kind in pipeline_components(src).items():
             if kind == "config-only":
@@ -128,9 +106,6 @@ def convert(src, dst, *, dtype=None, progress: bool = True) -> Path:
 def pipeline_components(src: Path) -> dict[str, str]:
     """Each component of a pipeline directory: its class (convertible), ``"config-only"``
     (no weights: scheduler, tokenizer, feature extractor), or ``"skip: reason"``."""
-    from streamflow_jax.converters import CONVERTERS, class_name_of
-    from streamflow_jax.converters.common import read_json
-
     index = read_json(src / "model_index.json")
     out = {}
     for name in sorted(k for k in index if not k.startswith("_")):
@@ -146,7 +121,7 @@ def pipeline_components(src: Path) -> dict[str, str]:
             out[name] = "skip: no config.json"
         else:
             cls = class_name_of(read_json(sub / "config.json"))
-            out[name] = cls if cls in CONVERTERS else f"skip: unsupported class {cls}"
+            out[name] = cls if cls in FAMILIES else f"skip: unsupported class {cls}"
     return out
 
 
@@ -158,8 +133,6 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         dtype: cast floating-point parameters to this dtype (``None`` keeps them).
         component: for a pipeline directory, which one (default: its ``transformer`` or ``unet``).
     """
-    from streamflow_jax.converters import resolve_dtype
-
     path = Path(path)
     if (path / "model_index.json").is_file() and not (path / "config.json").is_file():
         if component is None:
@@ -177,8 +150,6 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         except json.JSONDecodeError as e:
             raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from None
     if not (isinstance(raw, dict) and META_KEY in raw):
-        from streamflow_jax.converters import convert_diffusers
-
         model, _ = convert_diffusers(path, dtype=dtype, progress=progress)
         return model
 
@@ -189,7 +160,7 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         raise ConversionError(f"{cfg_path}: {e}") from None
     fields = {f.name for f in dataclasses.fields(fam.config_cls)}
     config = fam.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
-    _, abstract_state = nnx.split(abstract_module(class_name, config))
+    _, abstract_state = nnx.split(abstract_module(fam, config))
     shapes, treedef, names = flat_params(nnx.to_pure_dict(abstract_state))
     params_dir = (path / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
@@ -206,6 +177,6 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         if tuple(flat[n].shape) != tuple(shapes[n].shape):
             raise ConversionError(f"{params_dir}: {n!r} has shape {flat[n].shape}, expected {shapes[n].shape}")
     params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[n]) for n in names])
-    model = FlowModel.from_params(class_name, config, params)
+    model = FlowModel.from_params(fam, config, params, class_name=class_name)
     cast = resolve_dtype(dtype)
     return model.astype(cast) if cast is not None else model

@@ -1,7 +1,9 @@
 """``streamflow-jax``: convert | generate | export | bench.
 
 Errors a user can fix (bad paths, bad checkpoints, bad arguments) print one line to stderr
-and exit with status 1; nothing half-written is left behind.
+and exit with status 1; Ctrl-C prints one line and exits with 130. Nothing half-written is
+left behind. Subcommands import the library when they run, so ``--help`` and argument errors
+answer without loading JAX.
 """
 
 from __future__ import annotations
@@ -9,10 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
-from streamflow_jax.backends import BACKENDS
-from streamflow_jax.converters.common import ConversionError
+import numpy as np
+from PIL import Image
+from safetensors import safe_open
+
+from streamflow_jax.errors import ConversionError
+
+BACKENDS = ("xla", "onnxruntime", "tensorrt")  # as streamflow_jax.backends.BACKENDS (checked in tests)
 
 
 def _cmd_convert(args) -> int:
@@ -33,16 +41,12 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    import time
-
     prompts = bool(args.prompt) or bool(args.model and not (Path(args.model) / "conditioning.safetensors").is_file())
     if args.steps is None:
         args.steps = 4 if prompts else 16
     if args.guidance is None:
         args.guidance = 0.0 if prompts else 3.0
-    import numpy as np
-
-    from streamflow_jax.eval import digit_accuracy
+    from streamflow_jax.eval import digit_accuracy  # scikit-learn: only the digits demo needs it
     from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline, image_grid
 
     if args.steps < 1:
@@ -79,20 +83,18 @@ def _cmd_generate(args) -> int:
 
 
 def _generate_prompts(args) -> int:
-    """``generate --model PIPELINE --prompt ...``: a PeRFlow/InstaFlow SD1.5 pipeline."""
-    import time
-
-    import numpy as np
-    from PIL import Image
-
+    """``generate --model PIPELINE --prompt ...``: a prompt pipeline (class from model_index.json)."""
     from streamflow_jax.pipelines import Pipeline
 
     if not args.model:
-        raise ValueError("--prompt needs --model PIPELINE_DIR (an SD1.5-family rectified-flow pipeline)")
+        raise ValueError("--prompt needs --model PIPELINE_DIR (a prompt pipeline directory)")
     if not args.prompt:
         raise ValueError(f"{args.model}: no conditioning.safetensors, so not a digits model directory; "
-                         "for an SD1.5-family pipeline give --prompt")
-    pipe = Pipeline.from_diffusers(args.model, taesd=args.taesd, dtype=args.dtype)
+                         "for a prompt pipeline give --prompt")
+    kwargs = {"dtype": args.dtype}
+    if args.taesd:
+        kwargs["taesd"] = args.taesd
+    pipe = Pipeline.from_diffusers(args.model, **kwargs)
     guidance = None if args.guidance <= 0 else args.guidance
     t0 = time.perf_counter()
     images = pipe(args.prompt, steps=args.steps, guidance_scale=guidance, seed=args.seed, backend=args.backend,
@@ -106,16 +108,16 @@ def _generate_prompts(args) -> int:
 
 def _model_dir_hints(path: Path) -> tuple[int | None, int | None]:
     """(latent scale, text length) a pipeline directory implies, where it implies them."""
+    from streamflow_jax.converters import read_config
+
     scale = text_len = None
-    vae = path / "vae" / "config.json"
-    if vae.is_file():
-        scale = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0])) - 1)
+    if (path / "vae" / "config.json").is_file():
+        family, config = read_config(path / "vae")
+        scale = family.scale_factor(config)
     elif (path / "model_index.json").is_file():
         scale = 1  # a pipeline without a VAE works in pixel space
     cond = path / "conditioning.safetensors"
     if cond.is_file():
-        from safetensors import safe_open
-
         with safe_open(cond, framework="numpy") as f:
             text_len = f.get_slice("encoder_hidden_states").get_shape()[1]
     return scale, text_len
@@ -151,27 +153,23 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    import time
-
     import jax
-    import numpy as np
 
     from streamflow_jax import schedules
+    from streamflow_jax.backends import sample
     from streamflow_jax.checkpoint import load
     from streamflow_jax.pipelines import DIGITS_DIR
-    from streamflow_jax.sampling import sample
 
     path = Path(args.model) if args.model else DIGITS_DIR
     _, text_hint = _model_dir_hints(path) if path.is_dir() else (None, None)
     model = load(path)
-    cfg = model.config
-    side = args.latent or cfg.sample_size
-    text_len = args.text_len or text_hint or 77
+    if model.family.kind != "velocity":
+        raise ValueError(f"{path}: bench samples a velocity model, got {model.class_name}")
+    shape = model.latent_shape(args.latent, args.latent)
     rng = np.random.default_rng(0)
-    noise = rng.standard_normal((args.batch, side, side, cfg.in_channels), dtype=np.float32)
-    cond = {"encoder_hidden_states": rng.standard_normal((args.batch, text_len, cfg.joint_attention_dim),
-                                                         dtype=np.float32),
-            "pooled_projections": rng.standard_normal((args.batch, cfg.pooled_projection_dim), dtype=np.float32)}
+    noise = rng.standard_normal((args.batch, *shape), dtype=np.float32)
+    cond = {k: rng.standard_normal((args.batch, *s), dtype=np.float32)
+            for k, s in model.cond_shapes(args.text_len or text_hint).items()}
     grid = schedules.flow_match(args.steps)
     run = lambda: jax.block_until_ready(sample(model, noise, grid, cond, backend=args.backend))  # noqa: E731
     t0 = time.perf_counter()
@@ -183,7 +181,7 @@ def _cmd_bench(args) -> int:
         run()
         times.append(time.perf_counter() - t0)
     mean = sum(times) / len(times)
-    print(json.dumps({"model": str(path), "backend": args.backend, "batch": args.batch, "latent": side,
+    print(json.dumps({"model": str(path), "backend": args.backend, "batch": args.batch, "latent": shape[0],
                       "steps": args.steps, "first_call_s": round(first, 4), "sample_s": round(mean, 4),
                       "images_per_s": round(args.batch / mean, 2), "device": str(jax.devices()[0])}))
     return 0
@@ -258,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # whatever was being written has been removed on the way out
+        print(f"streamflow-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ConversionError, ValueError, OSError, RuntimeError) as e:
         print(f"streamflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 1

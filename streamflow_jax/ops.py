@@ -1,12 +1,14 @@
-"""Stateless math shared by every model: attention, norms, timestep embeddings, patchify.
+"""Stateless math shared by every model: attention, norms, timestep embeddings, RoPE, patchify.
 
-Axis letters used in shape comments across the project:
+Axis letters used in shape comments across the project, each with one meaning:
 
 - ``B``: batch (one element per request or CFG branch)
 - ``H``, ``W``: latent height and width (NHWC layout); ``C``: latent channels
-- ``L``: token sequence length; ``S``: text (context) length; ``D``: model width
+- ``S``: sampler steps (a time grid is ``[S+1]`` or ``[S+1, B]``)
+- ``L``: text tokens (the context sequence); ``M``: image tokens (``(H/P) * (W/P)``)
+- ``D``: model width; ``J``: width of the text embeddings a model takes; ``E``: pooled text width
 - ``N``: attention heads; ``K``: head dimension (``D = N * K``)
-- ``P``: patch size; ``T``: number of sampler steps
+- ``P``: patch size; ``A``: position-id axes (Flux: text, row, column)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -39,6 +42,8 @@ def attention_implementation(q: jax.Array) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
     """Multi-head attention, full or causal.
+
+    Sequence lengths are written ``L`` (queries) and ``L'`` (keys) here: any token sequence.
 
     Args:
         q: ``[B, L, N, K]`` queries.
@@ -152,3 +157,39 @@ def unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Ar
     x = tokens.reshape(b, h, w, patch, patch, c)
     x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, h, P, w, P, C]
     return x.reshape(b, h * patch, w * patch, c)
+
+
+def rope_angles(ids, axes_dims: tuple[int, ...], theta: float = 10000.0):
+    """Rotary angles of position ids, one frequency band per id axis (Flux's ``FluxPosEmbed``).
+
+    Args:
+        ids: ``[L, A]`` positions (numpy: computed in float64 on the host, as diffusers does;
+            a traced array, e.g. symbolic sizes in an ONNX export: float32 in the graph).
+        axes_dims: the rotary width of each axis (summing to the head dim ``K``).
+
+    Returns:
+        ``(cos, sin)``, each ``[L, K/2]``: axis ``a`` contributes ``axes_dims[a] / 2``
+        frequencies ``theta ** (-2j / axes_dims[a])``.
+    """
+    xp = np if isinstance(ids, np.ndarray) else jnp
+    dtype = np.float64 if xp is np else jnp.float32
+    parts = []
+    for a, dim in enumerate(axes_dims):
+        freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        parts.append(ids[:, a].astype(dtype)[:, None] * xp.asarray(freqs.astype(dtype))[None, :])
+    angles = xp.concatenate(parts, axis=-1)
+    return xp.cos(angles).astype(np.float32), xp.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates each pair ``(x[2i], x[2i+1])`` of every head by its angle, in float32.
+
+    Args:
+        x: ``[B, L, N, K]`` queries or keys; cos, sin: ``[L, K/2]``.
+    """
+    b, n, h, k = x.shape
+    pairs = x.astype(jnp.float32).reshape(b, n, h, k // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    c, s = jnp.asarray(cos)[None, :, None, :], jnp.asarray(sin)[None, :, None, :]
+    out = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1)
+    return out.reshape(b, n, h, k).astype(x.dtype)

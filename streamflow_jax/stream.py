@@ -1,21 +1,36 @@
 """The stream engine: many requests, each at its own step, advanced by one batched call per tick.
 
-The engine holds ``slots = streams * slots_per_stream`` latents. A tick is one compiled
-function ``(x [B,H,W,C], t [B], t_next [B], cond, ..., done [K]) -> (x', decoded [K,...])``
-that moves every slot one Euler step along its own grid (idle slots have ``t == t_next`` and
-stay put) and decodes the slots that finish with it; then those are retired and queued
-requests admitted into the free slots. At most one
-request per stream is admitted per tick, so a stream's slots end up one step apart: after
-warm-up each stream finishes one request per tick (StreamFlow's stream batch).
+The engine holds ``slots = streams * slots_per_stream`` latents on the device. A tick admits
+queued requests into free slots (one compiled call for all of them, their noise made on the
+device from their seeds), moves every occupied slot one Euler step along its own grid (one
+compiled call with one batched model call), and gathers, and decodes, the slots that finish
+with it (one compiled call). At most one request per stream is admitted per tick, so a
+stream's slots end up one step apart: after warm-up each stream finishes one request per tick
+(StreamFlow's stream batch).
 
-Requests may differ in conditioning, seed, step count, schedule and guidance scale. Every
-submitted request yields exactly one result or one error (``RequestError``), by id.
+Three parts, one job each:
+
+- ``RequestValidator``: checks a request at ``submit`` (shapes, finite values, its grid); a bad
+  request fails alone with a ``RequestError``.
+- ``SlotScheduler``: host bookkeeping (queue, which slot holds which request at which step);
+  plans each tick: admissions, the active slots and their times, the finishing slots.
+- ``DeviceBuffers``: the slot latents and conditioning on the device, and the compiled tick.
+  Only occupied slots are computed: they are gathered into a batch padded to a power of two
+  (at most three compiled sizes of the program that holds the model), stepped, and scattered
+  back. Admission and output programs are separate and small, so that their per-tick
+  variation never recompiles the model.
+
+The host never waits for the device inside a tick: finished outputs are copied to the host
+asynchronously and collected when ready (``results`` fills as they arrive; ``run`` and
+``result`` wait for what they need). Every submitted request yields exactly one result or one
+error, by id.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -24,54 +39,296 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamflow_jax import schedules
+from streamflow_jax import sampling, schedules
+from streamflow_jax.backends import check_backend, runner_for
+from streamflow_jax.errors import RequestError
 from streamflow_jax.models import decode_latents
-from streamflow_jax.sampling import BACKENDS, _step
+
+__all__ = ["DeviceBuffers", "Request", "RequestError", "RequestValidator", "SlotScheduler", "StreamEngine"]
+
+PAD_TIME = 1.0  # the time given to padding rows of a bucket (finite for every family; discarded)
 
 
-class RequestError(ValueError):
-    """Why one request failed; the engine goes on with the others."""
+# ---------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class _Request:
+class Request:
     id: int
-    noise: np.ndarray  # [H, W, C]
-    grid: np.ndarray  # [S+1] float32
+    grid: np.ndarray  # [S+1] float32, from 1 down
     cond: dict[str, np.ndarray]  # each without the batch axis
     uncond: dict[str, np.ndarray] | None
     guidance: float
+    seed: int | None  # the starting latent: jax.random.normal(key(seed)) made on the device...
+    noise: np.ndarray | None  # ...or this [H, W, C] array
+
+    @property
+    def steps(self) -> int:
+        return self.grid.shape[0] - 1
+
+
+class RequestValidator:
+    """Turns ``submit``'s arguments into a ``Request`` or raises ``RequestError`` naming the problem.
+
+    Args:
+        latent_shape: ``(H, W, C)`` every request's latent has.
+        cond_shapes: name -> per-request shape of each conditioning entry.
+        guided: whether requests must bring ``guidance_scale`` and ``uncond``.
+    """
+
+    def __init__(self, latent_shape: tuple[int, ...], cond_shapes: dict[str, tuple[int, ...]], guided: bool):
+        self.latent_shape, self.cond_shapes, self.guided = latent_shape, cond_shapes, guided
+
+    def __call__(self, rid: int, cond, *, steps=None, grid=None, shift: float = 1.0, seed=None, noise=None,
+                 guidance_scale=None, uncond=None) -> Request:
+        try:
+            return self._validate(rid, cond, steps, grid, shift, seed, noise, guidance_scale, uncond)
+        except RequestError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise RequestError(f"request {rid}: {e}") from None
+
+    def _validate(self, rid, cond, steps, grid, shift, seed, noise, guidance_scale, uncond) -> Request:
+        grid = self._grid(rid, steps, grid, shift)
+        if (noise is None) == (seed is None):
+            raise RequestError(f"request {rid}: give exactly one of seed or noise")
+        if noise is not None:
+            noise = self._finite(rid, "noise", np.asarray(noise, np.float32))
+            if noise.shape != self.latent_shape:
+                raise RequestError(f"request {rid}: latent shape {noise.shape}, the engine runs {self.latent_shape}")
+        else:
+            seed = int(seed)
+            if not 0 <= seed < 2**32:
+                raise RequestError(f"request {rid}: seed {seed} outside [0, 2**32)")
+        cond = self._cond(rid, "cond", cond)
+        if self.guided:
+            if guidance_scale is None or uncond is None:
+                raise RequestError(f"request {rid}: this engine runs CFG; give guidance_scale and uncond")
+            guidance_scale = float(guidance_scale)
+            if not np.isfinite(guidance_scale):
+                raise RequestError(f"request {rid}: guidance_scale {guidance_scale} is not finite")
+            uncond = self._cond(rid, "uncond", uncond)
+        elif guidance_scale is not None or uncond is not None:
+            raise RequestError(f"request {rid}: this engine runs without CFG (construct it with guidance=True)")
+        return Request(rid, grid, cond, uncond, float(guidance_scale or 0.0), seed, noise)
+
+    def _grid(self, rid, steps, grid, shift) -> np.ndarray:
+        if grid is None:
+            if steps is None:
+                raise RequestError(f"request {rid}: give steps or grid")
+            grid = schedules.flow_match(int(steps), shift=shift)
+        grid = self._finite(rid, "grid", np.asarray(grid, np.float32))
+        if grid.ndim != 1 or grid.shape[0] < 2:
+            raise RequestError(f"request {rid}: grid must be [S+1] with S >= 1, got shape {grid.shape}")
+        if grid.min() < 0 or grid.max() > 1 or np.any(np.diff(grid) > 0):
+            raise RequestError(f"request {rid}: grid must run down from at most 1 to at least 0")
+        return grid
+
+    def _cond(self, rid, what, cond) -> dict[str, np.ndarray]:
+        if not isinstance(cond, dict) or set(cond) != set(self.cond_shapes):
+            got = sorted(cond) if isinstance(cond, dict) else type(cond).__name__
+            raise RequestError(f"request {rid}: {what} keys {got}, the engine takes {sorted(self.cond_shapes)}")
+        out = {}
+        for k, shape in self.cond_shapes.items():
+            a = np.asarray(cond[k], np.float32)
+            if a.shape != shape:
+                raise RequestError(f"request {rid}: {what}[{k!r}] has shape {a.shape}, expected {shape}")
+            out[k] = self._finite(rid, f"{what}[{k!r}]", a)
+        return out
+
+    @staticmethod
+    def _finite(rid, what, a: np.ndarray) -> np.ndarray:
+        if not np.isfinite(a).all():
+            raise RequestError(f"request {rid}: {what} has non-finite values (NaN or inf)")
+        return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Slot scheduling (host)
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class _Slot:
-    request: _Request | None = None
-    step: int = 0  # next step to take: t = grid[step], t_next = grid[step + 1]
+class TickPlan:
+    """What one tick does; every array is host numpy, sized for the compiled call."""
+
+    admissions: list[tuple[int, Request]]  # (slot, request) admitted before the step
+    active: np.ndarray  # [b] int32 slots stepped, padded with num_slots (dropped) to a bucket size
+    t: np.ndarray  # [b] float32
+    t_next: np.ndarray  # [b] float32
+    done: list[int]  # slots whose request finishes with this step
+    done_index: np.ndarray | None  # [d] int32 the finishing slots, padded to a power of two
 
 
-def _tick(model, x, t, t_next, cond, guidance, uncond):
-    return _step(model, x, t, t_next, cond, guidance, uncond)
+def bucket(n: int, limit: int, smallest: int = 1) -> int:
+    """Batches are padded to a power of two (at least ``smallest``, at most ``limit``): few
+    compiled variants."""
+    return min(max(1 << max(n - 1, 0).bit_length(), smallest), limit)
 
 
-def _tick_decode(model, decoder, x, t, t_next, cond, guidance, uncond, done):
-    """The step, then the decoder on the finishing slots ``done`` ``[K]``, in one program."""
-    x = _step(model, x, t, t_next, cond, guidance, uncond)
-    return x, decode_latents(decoder, x[done])
+class SlotScheduler:
+    """Which slot holds which request at which step; plans ticks and retires finished requests."""
+
+    def __init__(self, num_slots: int, admit_per_tick: int):
+        self.num_slots, self.admit_per_tick = num_slots, admit_per_tick
+        # at most three active-batch sizes (N/4, N/2, N rounded to powers of two): under-filled
+        # engines skip idle slots without compiling a program per occupancy
+        self.smallest = max(1, -(-num_slots // 4))
+        self.queue: collections.deque[Request] = collections.deque()
+        self.requests: list[Request | None] = [None] * num_slots
+        self.steps = [0] * num_slots  # next step of each slot: t = grid[step], t_next = grid[step + 1]
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or in a slot."""
+        return len(self.queue) + sum(r is not None for r in self.requests)
+
+    def plan(self) -> TickPlan | None:
+        """Admits from the queue, then plans the step of every occupied slot (None: all idle)."""
+        admissions = []
+        for i in range(self.num_slots):
+            if self.requests[i] is None and self.queue and len(admissions) < self.admit_per_tick:
+                req = self.queue.popleft()
+                self.requests[i], self.steps[i] = req, 0
+                admissions.append((i, req))
+        occupied = [i for i, r in enumerate(self.requests) if r is not None]
+        if not occupied:
+            return None
+        b = bucket(len(occupied), self.num_slots, self.smallest)
+        active = np.full(b, self.num_slots, np.int32)
+        t = np.full(b, PAD_TIME, np.float32)
+        t_next = np.full(b, PAD_TIME, np.float32)
+        for j, i in enumerate(occupied):
+            req, s = self.requests[i], self.steps[i]
+            active[j], t[j], t_next[j] = i, req.grid[s], req.grid[s + 1]
+        done = [i for i in occupied if self.steps[i] + 1 == self.requests[i].steps]
+        done_index = None
+        if done:
+            size = bucket(len(done), self.num_slots)
+            done_index = np.array(done + [done[0]] * (size - len(done)), np.int32)
+        return TickPlan(admissions, active, t, t_next, done, done_index)
+
+    def advance(self, plan: TickPlan) -> list[Request]:
+        """After the tick's step: every occupied slot moves on; the finished ones are freed."""
+        finished = [self.requests[i] for i in plan.done]
+        for i, req in enumerate(self.requests):
+            if req is not None:
+                self.steps[i] += 1
+        for i in plan.done:
+            self.requests[i] = None
+        return finished
 
 
-def _write(buf, index, value):
-    return buf.at[index].set(value)
+# ---------------------------------------------------------------------------------------------
+# Device buffers and the compiled tick
+# ---------------------------------------------------------------------------------------------
 
 
-# module-level, so engines of the same shapes share compiled code; the slot buffer is donated
-_tick_jit = jax.jit(_tick, donate_argnums=(1,))
-_tick_decode_jit = jax.jit(_tick_decode, donate_argnums=(2,))
-_write_jit = jax.jit(_write, donate_argnums=(0,))
+def _admit(state, admit):
+    """Writes the admitted rows (slot index ``num_slots`` = padding, dropped) into the buffers."""
+    idx = admit["slot"]  # [K]
+    shape = state["x"].shape[1:]
+    seeded = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), shape, state["x"].dtype))(admit["seed"])
+    noise = jnp.where(admit["use_seed"][:, None, None, None], seeded, admit["noise"])
+    put = lambda buf, rows: buf.at[idx].set(rows.astype(buf.dtype), mode="drop")  # noqa: E731
+    out = {"x": put(state["x"], noise), "cond": jax.tree_util.tree_map(put, state["cond"], admit["cond"])}
+    if state.get("uncond") is not None:
+        out["uncond"] = jax.tree_util.tree_map(put, state["uncond"], admit["uncond"])
+        out["guidance"] = put(state["guidance"], admit["guidance"])
+    return out
 
 
-def _bucket(k: int, limit: int) -> int:
-    """Decode batches are padded to a power of two (at most ``limit``): few compiled variants."""
-    return min(1 << max(k - 1, 0).bit_length(), limit)
+def _step(model, state, active, t, t_next):
+    """One step of the ``active`` slots (padding rows ``num_slots`` read zeros, write nothing)."""
+    take = lambda buf: buf.at[active].get(mode="fill", fill_value=0)  # noqa: E731  [b, ...]
+    guided = state.get("uncond") is not None
+    x = sampling.step(model, take(state["x"]), t, t_next, jax.tree_util.tree_map(take, state["cond"]),
+                      take(state["guidance"]) if guided else None,
+                      jax.tree_util.tree_map(take, state["uncond"]) if guided else None)
+    return {**state, "x": state["x"].at[active].set(x, mode="drop")}
+
+
+def _outputs(decoder, x, done_index):
+    """The finishing slots' latents, decoded when there is a decoder."""
+    out = x[done_index]
+    return out if decoder is None else decode_latents(decoder, out)
+
+
+# Module-level, so engines of the same shapes share compiled code; the slot buffers are donated.
+# Three programs, so that the one holding the model has one variant per active-batch size only:
+# admissions and outputs vary per tick and compile small programs of their own.
+_admit_jit = jax.jit(_admit, donate_argnums=(0,))
+_step_jit = jax.jit(_step, donate_argnums=(1,))
+_outputs_jit = jax.jit(_outputs)
+
+
+class DeviceBuffers:
+    """The slots' latents and conditioning on the device, advanced by one call per tick.
+
+    Args:
+        num_slots: N.
+        latent_shape, cond_shapes: per-slot shapes.
+        guided: hold each slot's ``uncond`` and guidance scale too.
+        admit_rows: admissions per tick (the admission arrays' padded size).
+    """
+
+    def __init__(self, num_slots: int, latent_shape: tuple[int, ...], cond_shapes: dict[str, tuple[int, ...]],
+                 guided: bool, admit_rows: int):
+        self.num_slots, self.latent_shape, self.cond_shapes = num_slots, latent_shape, cond_shapes
+        self.admit_rows = admit_rows
+        zeros = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+        self.state = {"x": zeros(num_slots, *latent_shape),  # [N, H, W, C]
+                      "cond": {k: zeros(num_slots, *s) for k, s in cond_shapes.items()}}
+        if guided:
+            self.state["uncond"] = {k: zeros(num_slots, *s) for k, s in cond_shapes.items()}
+            self.state["guidance"] = zeros(num_slots)  # [N]
+        self._no_noise = np.zeros((admit_rows, *latent_shape), np.float32)
+
+    def admission(self, admissions: list[tuple[int, Request]]) -> dict | None:
+        """The host arrays of one tick's admissions, padded to ``admit_rows`` (None: none)."""
+        if not admissions:
+            return None
+        k, guided = self.admit_rows, "uncond" in self.state
+        slot = np.full(k, self.num_slots, np.int32)
+        seed = np.zeros(k, np.uint32)
+        use_seed = np.zeros(k, bool)
+        noise = self._no_noise if all(r.noise is None for _, r in admissions) else self._no_noise.copy()
+        cond = {n: np.zeros((k, *s), np.float32) for n, s in self.cond_shapes.items()}
+        uncond = {n: np.zeros((k, *s), np.float32) for n, s in self.cond_shapes.items()} if guided else None
+        guidance = np.zeros(k, np.float32)
+        for j, (i, req) in enumerate(admissions):
+            slot[j] = i
+            if req.noise is None:
+                seed[j], use_seed[j] = req.seed, True
+            else:
+                noise[j] = req.noise
+            for n in cond:
+                cond[n][j] = req.cond[n]
+                if guided:
+                    uncond[n][j] = req.uncond[n]
+            guidance[j] = req.guidance
+        out = {"slot": slot, "seed": seed, "use_seed": use_seed, "noise": noise, "cond": cond}
+        if guided:
+            out.update(uncond=uncond, guidance=guidance)
+        return out
+
+    def tick(self, model, decoder, plan: TickPlan, *, compiled: bool = True):
+        """Admits, steps and gathers the outputs of one tick (device calls, no host wait);
+        returns the finishing slots' outputs (a device array) or None."""
+        step = _step_jit if compiled else _step  # a runner (non-XLA backend) runs the step eagerly
+        if plan.admissions:
+            self.state = _admit_jit(self.state, self.admission(plan.admissions))
+        self.state = step(model, self.state, plan.active, plan.t, plan.t_next)
+        if plan.done_index is None:
+            return None
+        return _outputs_jit(decoder, self.state["x"], plan.done_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
 
 
 class StreamEngine:
@@ -80,7 +337,8 @@ class StreamEngine:
     Args:
         model: a ``FlowModel`` (or, with a non-XLA backend, a runner from ``backends``).
         latent_shape: ``(H, W, C)`` of every request's latent.
-        cond_shapes: name -> per-request shape (no batch axis) of each conditioning entry.
+        cond_shapes: name -> per-request shape (no batch axis) of each conditioning entry
+            (``model.cond_shapes(text_len)`` gives the family's).
         slots_per_stream: N, the slots of one stream (StreamFlow's stream batch size).
         streams: how many streams share each call (batch = N * streams).
         guidance: ``True`` runs classifier-free guidance on every slot (each request brings
@@ -90,7 +348,7 @@ class StreamEngine:
         postprocess: optional host function applied to each finished output (decoded image
             or, without a decoder, latent), e.g. conversion to uint8.
         backend: ``"xla"`` (the tick is one jitted call, its buffers donated) or
-            ``"onnxruntime"`` / ``"tensorrt"`` (the same step around the exported graph).
+            ``"onnxruntime"`` / ``"tensorrt"`` (the same tick around the exported graph).
         admit_per_tick: requests admitted per tick (default: one per stream).
     """
 
@@ -98,8 +356,7 @@ class StreamEngine:
                  slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
                  decoder=None, postprocess: Callable | None = None, backend: str = "xla",
                  admit_per_tick: int | None = None):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        check_backend(backend)
         if slots_per_stream < 1 or streams < 1:
             raise ValueError("slots_per_stream and streams must be >= 1")
         self.model, self.backend, self.decoder, self.postprocess = model, backend, decoder, postprocess
@@ -107,29 +364,22 @@ class StreamEngine:
         self.cond_shapes = {k: tuple(int(d) for d in v) for k, v in cond_shapes.items()}
         self.guided = bool(guidance)
         self.num_slots = slots_per_stream * streams
-        self.admit_per_tick = streams if admit_per_tick is None else int(admit_per_tick)
-        b = self.num_slots
-        self._x = jnp.zeros((b, *self.latent_shape), jnp.float32)  # [B, H, W, C]
-        self._cond = {k: jnp.zeros((b, *s), jnp.float32) for k, s in self.cond_shapes.items()}
-        self._uncond = {k: jnp.zeros((b, *s), jnp.float32) for k, s in self.cond_shapes.items()} if self.guided else None
-        self._guidance = np.zeros(b, np.float32)  # [B]
-        self._slots = [_Slot() for _ in range(b)]
-        self._queue: collections.deque[_Request] = collections.deque()
+        admit = streams if admit_per_tick is None else int(admit_per_tick)
+        if not 1 <= admit <= self.num_slots:
+            raise ValueError(f"admit_per_tick must be in [1, {self.num_slots}], got {admit}")
+        self.validate = RequestValidator(self.latent_shape, self.cond_shapes, self.guided)
+        self.scheduler = SlotScheduler(self.num_slots, admit)
+        self.buffers = DeviceBuffers(self.num_slots, self.latent_shape, self.cond_shapes, self.guided, admit)
         self._ids = itertools.count()
+        self._in_flight: collections.deque[tuple[list[int], jax.Array]] = collections.deque()
         self.results: dict[int, Any] = {}
         self.ticks = 0
-        if backend == "xla":
-            self._tick_fn = _tick_jit
-            self._velocity_model = model
-        else:
-            from streamflow_jax.backends import runner_for
-
-            cond0 = {k: np.zeros((b, *s), np.float32) for k, s in self.cond_shapes.items()}
+        self._velocity_model = model
+        if backend != "xla":
             h, w, _ = self.latent_shape
-            self._velocity_model = runner_for(model, backend, batch=2 * b if self.guided else b, height=h, width=w,
-                                              cond=cond0)
-            self._tick_fn = _tick
-        self._write = _write_jit
+            cond0 = {k: np.zeros((1, *s), np.float32) for k, s in self.cond_shapes.items()}
+            self._velocity_model = runner_for(model, backend, batch=2 * self.num_slots if self.guided else self.num_slots,
+                                              height=h, width=w, cond=cond0)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -144,14 +394,15 @@ class StreamEngine:
             steps, shift: a ``schedules.flow_match(steps, shift)`` grid, or give ``grid``.
             grid: ``[S+1]`` times from 1 down to 0.
             seed / noise: the starting latent, ``jax.random.normal(key(seed), latent_shape)``
-                or the ``[H, W, C]`` array itself.
+                (made on the device) or the ``[H, W, C]`` array itself.
             guidance_scale, uncond: for an engine with ``guidance=True``.
         """
         rid = next(self._ids)
         try:
-            self._queue.append(self._validate(rid, cond, steps, grid, shift, seed, noise, guidance_scale, uncond))
-        except (RequestError, ValueError, TypeError) as e:
-            self.results[rid] = e if isinstance(e, RequestError) else RequestError(f"request {rid}: {e}")
+            self.scheduler.queue.append(self.validate(rid, cond, steps=steps, grid=grid, shift=shift, seed=seed,
+                                                      noise=noise, guidance_scale=guidance_scale, uncond=uncond))
+        except RequestError as e:
+            self.results[rid] = e
         return rid
 
     def reject(self, error: Exception | str) -> int:
@@ -161,97 +412,42 @@ class StreamEngine:
         self.results[rid] = error if isinstance(error, RequestError) else RequestError(f"request {rid}: {error}")
         return rid
 
-    def _validate(self, rid, cond, steps, grid, shift, seed, noise, guidance_scale, uncond) -> _Request:
-        if grid is None:
-            if steps is None:
-                raise RequestError(f"request {rid}: give steps or grid")
-            grid = schedules.flow_match(int(steps), shift=shift)
-        grid = np.asarray(grid, np.float32)
-        if grid.ndim != 1 or grid.shape[0] < 2:
-            raise RequestError(f"request {rid}: grid must be [S+1] with S >= 1, got shape {grid.shape}")
-        if (noise is None) == (seed is None):
-            raise RequestError(f"request {rid}: give exactly one of seed or noise")
-        if noise is None:
-            noise = jax.random.normal(jax.random.key(int(seed)), self.latent_shape, jnp.float32)
-        noise = np.asarray(noise, np.float32)
-        if noise.shape != self.latent_shape:
-            raise RequestError(f"request {rid}: latent shape {noise.shape}, the engine runs {self.latent_shape}")
-        cond = self._check_cond(rid, "cond", cond)
-        if self.guided:
-            if guidance_scale is None or uncond is None:
-                raise RequestError(f"request {rid}: this engine runs CFG; give guidance_scale and uncond")
-            uncond = self._check_cond(rid, "uncond", uncond)
-        elif guidance_scale is not None or uncond is not None:
-            raise RequestError(f"request {rid}: this engine runs without CFG (construct it with guidance=True)")
-        return _Request(rid, noise, grid, cond, uncond, float(guidance_scale or 0.0))
-
-    def _check_cond(self, rid, what, cond) -> dict[str, np.ndarray]:
-        if not isinstance(cond, dict) or set(cond) != set(self.cond_shapes):
-            got = sorted(cond) if isinstance(cond, dict) else type(cond).__name__
-            raise RequestError(f"request {rid}: {what} keys {got}, the engine takes {sorted(self.cond_shapes)}")
-        out = {}
-        for k, shape in self.cond_shapes.items():
-            a = np.asarray(cond[k], np.float32)
-            if a.shape != shape:
-                raise RequestError(f"request {rid}: {what}[{k!r}] has shape {a.shape}, expected {shape}")
-            out[k] = a
-        return out
-
     # -- running -------------------------------------------------------------------------------
 
     @property
     def pending(self) -> int:
-        """Requests queued or in flight."""
-        return len(self._queue) + sum(s.request is not None for s in self._slots)
+        """Requests queued or in a slot (finished ones whose output is still being copied to
+        the host are not pending: ``run`` and ``result`` wait for those)."""
+        return self.scheduler.pending
 
     def tick(self) -> list[int]:
-        """Admits queued requests into free slots, advances every slot one step in one call,
-        retires the finished ones. Returns the ids finished by this tick."""
-        admitted = 0
-        for i, slot in enumerate(self._slots):
-            if slot.request is None and self._queue and admitted < self.admit_per_tick:
-                self._admit(i, self._queue.popleft())
-                admitted += 1
-        if all(s.request is None for s in self._slots):
+        """Admits queued requests into free slots, advances every occupied slot one step in one
+        call, retires the finished ones. Returns the ids retired by this tick (their outputs
+        reach ``results`` when their copy to the host completes)."""
+        self._collect(wait=False)
+        plan = self.scheduler.plan()
+        if plan is None:
             return []
-        t = np.zeros(self.num_slots, np.float32)
-        t_next = np.zeros(self.num_slots, np.float32)
-        for i, slot in enumerate(self._slots):
-            if slot.request is not None:  # idle slots: t == t_next == 0, a zero-length step
-                t[i], t_next[i] = slot.request.grid[slot.step], slot.request.grid[slot.step + 1]
-        g = jnp.asarray(self._guidance) if self.guided else None
-        done = [i for i, s in enumerate(self._slots)
-                if s.request is not None and s.step + 1 == s.request.grid.shape[0] - 1]
-        args = (self._velocity_model, self._x, jnp.asarray(t), jnp.asarray(t_next), self._cond, g, self._uncond)
-        outputs = None
-        if self.decoder is not None and done and self.backend == "xla":
-            idx = np.array(done + [done[0]] * (_bucket(len(done), self.num_slots) - len(done)), np.int32)
-            self._x, outputs = _tick_decode_jit(args[0], self.decoder, *args[1:], jnp.asarray(idx))
-        else:
-            self._x = self._tick_fn(*args)
-            if done:
-                latents = self._x[np.array(done)]
-                outputs = decode_latents(self.decoder, latents) if self.decoder is not None else latents
+        outputs = self.buffers.tick(self._velocity_model, self.decoder, plan, compiled=self.backend == "xla")
         self.ticks += 1
-        finished = []
-        for i, slot in enumerate(self._slots):
-            if slot.request is not None:
-                slot.step += 1
-        for k, i in enumerate(done):
-            rid = self._slots[i].request.id
-            out = np.asarray(outputs[k])
-            self.results[rid] = self.postprocess(out) if self.postprocess is not None else out
-            self._slots[i].request = None
-            finished.append(rid)
+        finished = [req.id for req in self.scheduler.advance(plan)]
+        if finished:
+            outputs.copy_to_host_async()
+            self._in_flight.append((finished, outputs))
         return finished
 
-    def _admit(self, i: int, req: _Request) -> None:
-        self._x = self._write(self._x, i, req.noise)
-        self._cond = {k: self._write(v, i, req.cond[k]) for k, v in self._cond.items()}
-        if self.guided:
-            self._uncond = {k: self._write(v, i, req.uncond[k]) for k, v in self._uncond.items()}
-            self._guidance[i] = req.guidance
-        self._slots[i] = _Slot(req, 0)
+    def _collect(self, wait: bool, until: int | None = None) -> None:
+        """Moves finished outputs whose host copy is complete into ``results`` (in order)."""
+        while self._in_flight:
+            ids, outputs = self._in_flight[0]
+            if not (wait or outputs.is_ready()):
+                return
+            self._in_flight.popleft()
+            host = np.asarray(outputs)
+            for k, rid in enumerate(ids):
+                self.results[rid] = self.postprocess(host[k]) if self.postprocess is not None else host[k]
+            if until is not None and until in ids:
+                return
 
     def run(self, max_ticks: int | None = None) -> dict[int, Any]:
         """Ticks until every submitted request has a result (or ``max_ticks``); returns ``results``."""
@@ -259,10 +455,13 @@ class StreamEngine:
         while self.pending and (max_ticks is None or n < max_ticks):
             self.tick()
             n += 1
+        self._collect(wait=True)
         return self.results
 
     def result(self, rid: int):
         """The request's output; raises its ``RequestError`` if it failed, KeyError if not done."""
+        if rid not in self.results and any(rid in ids for ids, _ in self._in_flight):
+            self._collect(wait=True, until=rid)
         out = self.results[rid]
         if isinstance(out, Exception):
             raise out

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's split: its special tokens, English contractions, letter runs, single digits,
@@ -41,8 +43,6 @@ class CLIPTokenizer:
     @classmethod
     def from_dir(cls, path) -> CLIPTokenizer:
         """A pipeline's ``tokenizer/`` directory."""
-        from tokenizers import Tokenizer
-
         path = Path(path)
         config = _read(path / "tokenizer_config.json")
         special = _read(path / "special_tokens_map.json")
@@ -74,9 +74,6 @@ def build_clip_bpe(vocab_file: Path, merges_file: Path, pad_token: str = EOS):
     The special tokens, the pad token included, are registered as such, as transformers does:
     so SD 2.x's pad token ``!`` typed in a prompt is matched whole, before BPE.
     """
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
     vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
     lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["JAX_PLATFORMS"] = "cpu"  # forced: the suite's tolerances are CPU fp32's
 
 import numpy as np
 import pytest
@@ -13,6 +13,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test stands alone: its own export/engine cache (never ~/.cache) and no runners
+    left over from another test."""
+    from streamflow_jax import backends
+
+    root = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("STREAMFLOW_JAX_CACHE", str(root))
+    backends.clear_runners()
+    yield root
+    backends.clear_runners()
 
 # Tiny SD3-family configs, named after the variant each stands for. Odd head counts and
 # widths on purpose (3 heads x 8, text width 12, pooled width 10).

@@ -89,8 +89,7 @@ def test_tensorrt_check_flags_unsupported_graphs():
     assert any("DOUBLE" in p for p in tensorrt_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])))
 
 
-def test_sample_onnxruntime_equals_xla_heterogeneous_cfg(tiny_sd3, tmp_path, monkeypatch):
-    monkeypatch.setattr(backends, "DEFAULT_CACHE", tmp_path / "cache")
+def test_sample_onnxruntime_equals_xla_heterogeneous_cfg(tiny_sd3):
     model = sf.load(tiny_sd3[0])
     x, _, cond = sd3_inputs(VARIANTS["sd3"], 3, 8, 8, seed=21)
     _, _, uncond = sd3_inputs(VARIANTS["sd3"], 3, 8, 8, seed=22)
@@ -102,16 +101,14 @@ def test_sample_onnxruntime_equals_xla_heterogeneous_cfg(tiny_sd3, tmp_path, mon
     assert _rel(ours, ref) <= 1e-3
 
 
-def test_stale_cached_export_is_rebuilt(tiny_sd3, tmp_path, monkeypatch):
-    monkeypatch.setattr(backends, "DEFAULT_CACHE", tmp_path / "cache")
-    monkeypatch.setattr(backends, "_RUNNERS", {})
+def test_stale_cached_export_is_rebuilt(tiny_sd3, isolated_cache):
     model = sf.load(tiny_sd3[0])
     x, _, cond = sd3_inputs(VARIANTS["sd3"], 2, 8, 8, seed=23)
     grid = sf.schedules.flow_match(2)
     first = np.asarray(sf.sample(model, x, grid, cond, backend="onnxruntime"))
-    (cached,) = (tmp_path / "cache" / "exports").iterdir()
+    (cached,) = (isolated_cache / "exports").iterdir()
     (cached / "model.onnx").write_bytes(b"corrupted")
-    monkeypatch.setattr(backends, "_RUNNERS", {})  # as in a new process
+    backends.clear_runners()  # as in a new process
     again = np.asarray(sf.sample(model, x, grid, cond, backend="onnxruntime"))
     np.testing.assert_allclose(again, first, rtol=1e-6, atol=1e-6)
     assert load_export(cached).meta["model_fingerprint"] == model.fingerprint()  # rebuilt, verified
@@ -162,7 +159,7 @@ def test_spec_ranges_and_profile(tiny_sd3):
     assert type(spec).from_json(json.loads(json.dumps(spec.to_json()))) == spec
     with pytest.raises(ValueError, match="not divisible by 8"):
         velocity_spec(model, resolution="60:64:96")
-    with pytest.raises(ValueError, match="exceeds the position table"):
+    with pytest.raises(ValueError, match="exceeds the largest the sd3 model takes"):
         velocity_spec(model, latent="8:8:26")
     with pytest.raises(ValueError, match="min <= opt <= max"):
         Range.parse("8:4:2")

@@ -82,3 +82,9 @@ def test_bad_inputs_name_the_problem(model):
         sf.sample(model, x, grid, cond, backend="cuda")
     with pytest.raises(ValueError, match="larger than the position table"):
         model.velocity(np.zeros((1, 26, 8, 4), np.float32), np.ones(1, np.float32), _one(cond, 0))
+
+
+def test_cli_lists_the_backends_dispatch_knows():
+    from streamflow_jax import backends, cli
+
+    assert cli.BACKENDS == backends.BACKENDS

@@ -1,10 +1,12 @@
-"""Backends behind ``sample(..., backend=...)``: ``xla`` (jit), ``onnxruntime``, ``tensorrt``.
+"""Backends behind ``sf.sample(..., backend=...)``: ``xla`` (jit), ``onnxruntime``, ``tensorrt``.
 
-Non-XLA backends are velocity runners (objects with ``velocity(x, t, cond)`` and a ``backend``
-name) around an exported graph. ``runner_for`` finds or makes one for a ``FlowModel``: it
-exports the model on first use with a profile that covers the call (batch up to
-max(8, batch), any latent size the model allows) into a cache directory keyed by the model's
-fingerprint and the spec, and re-exports when a cached export fails its integrity check.
+This is the one place that dispatches to a backend. ``xla`` runs ``sampling.scan`` compiled;
+the others run the same ``sampling.step`` around a velocity runner (an object with
+``velocity(x, t, cond)`` and a ``backend`` name) built on an exported graph. ``runner_for``
+finds or makes one for a ``FlowModel``: it exports the model on first use with a profile that
+covers the call (batch up to max(8, batch), any latent size the model allows) into a cache
+directory keyed by the model's fingerprint and the spec, and re-exports when a cached export
+fails its integrity check.
 """
 
 from __future__ import annotations
@@ -13,29 +15,49 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from streamflow_jax.export.onnx import ExportError, export_onnx, load_export
-from streamflow_jax.export.spec import FAMILY_SPECS, Range, latent_limit, latent_range
+from streamflow_jax import sampling
+from streamflow_jax.errors import ExportError
+from streamflow_jax.export.onnx import export_onnx, load_export
+from streamflow_jax.export.spec import Range, build_velocity_spec, latent_range
+from streamflow_jax.models import FlowModel
 
 BACKENDS = ("xla", "onnxruntime", "tensorrt")
-# exports and engines made on demand; override with $STREAMFLOW_JAX_CACHE
-DEFAULT_CACHE = Path(os.environ.get("STREAMFLOW_JAX_CACHE", Path.home() / ".cache" / "streamflow-jax"))
+CACHE_ENV = "STREAMFLOW_JAX_CACHE"
 _RUNNERS: dict[tuple, object] = {}
+
+
+def cache_root() -> Path:
+    """Where exports, engines and compiled programs are cached: ``$STREAMFLOW_JAX_CACHE``, else
+    ``~/.cache/streamflow-jax`` (read at each use, so the variable can be set at any time)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "streamflow-jax")
+
+
+def clear_runners() -> None:
+    """Forgets the runners made in this process (their files stay in the cache)."""
+    _RUNNERS.clear()
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
 
 
 def runner_class(backend: str):
     if backend == "onnxruntime":
-        from streamflow_jax.backends.onnxruntime import OnnxRuntimeRunner
+        from streamflow_jax.backends.onnxruntime import OnnxRuntimeRunner  # onnxruntime: optional, heavy
 
         return OnnxRuntimeRunner
     if backend == "tensorrt":
-        from streamflow_jax.backends.tensorrt import TensorRTRunner
+        from streamflow_jax.backends.tensorrt import TensorRTRunner  # tensorrt: optional, heavy
 
         return TensorRTRunner
-    raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    check_backend(backend)
+    raise ValueError(f"backend {backend!r} runs models directly, not exported graphs")
 
 
 def open_export(path, backend: str, **kwargs):
@@ -43,41 +65,45 @@ def open_export(path, backend: str, **kwargs):
     return runner_class(backend)(load_export(path), **kwargs)
 
 
-def auto_spec(model, batch: int, height: int, width: int, text_len: int):
+def auto_spec(model, batch: int, height: int, width: int, text_len: int | None):
     """The spec ``runner_for`` exports: this call's shapes as 'opt', generous min/max."""
-    return FAMILY_SPECS[model.class_name](
-        model.config, batch=Range(1, batch, max(8, batch)), height=latent_range(model, height),
-        width=latent_range(model, width), text_len=text_len, dtype=str(model.dtype))
+    return build_velocity_spec(model, batch=Range(1, batch, max(8, batch)), height=latent_range(model, height),
+                               width=latent_range(model, width), text_len=text_len, dtype=str(model.dtype))
 
 
 def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond: dict, cache_dir=None):
-    """The ``backend`` runner to use for ``model`` on inputs of these shapes."""
+    """The ``backend`` runner to use for ``model`` on inputs of these shapes.
+
+    Args:
+        model: a ``FlowModel`` (exported on first use) or a runner (returned as is).
+        batch: the batch of each velocity call (CFG's doubled batch included).
+        height, width: latent sides; cond: the conditioning (its shapes set the graph's).
+        cache_dir: the cache root (default ``cache_root()``).
+    """
     if getattr(model, "backend", None) is not None:
         if model.backend != backend:
             raise ValueError(f"model is a {model.backend} runner, but backend={backend!r} was asked for")
         return model
-    if model.class_name not in FAMILY_SPECS:
-        raise ValueError(f"backend {backend!r}: {model.class_name} has no export spec")
+    if model.family.kind != "velocity":
+        raise ValueError(f"backend {backend!r}: {model.class_name} is not a velocity model")
     text = cond.get("encoder_hidden_states")
-    text_len = 0 if text is None else int(text.shape[1])
-    limit = latent_limit(model)
-    if height > limit or width > limit:
-        raise ValueError(f"latent {height}x{width} is larger than {model.family} exports allow ({limit}x{limit})")
-    feeds = {"x": (batch, height, width, model.config.in_channels), "t": (batch,),
-             **{k: (batch,) + tuple(v.shape[1:]) for k, v in cond.items()}}
+    text_len = None if text is None else int(text.shape[1])
+    model.latent_shape(height, width)  # raises on sizes the model cannot take
+    feeds = {"x": (batch, height, width, model.latent_channels), "t": (batch,),
+             **{k: (batch,) + tuple(jnp.shape(v)[1:]) for k, v in cond.items()}}
     feeds = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in feeds.items()}
-    for (fingerprint, _, kind), runner in _RUNNERS.items():  # an earlier export may cover this call
-        if fingerprint == model.fingerprint() and kind == backend:
+    root = Path(cache_dir or cache_root())
+    for (fingerprint, _, kind, where), runner in _RUNNERS.items():  # an earlier export may cover this call
+        if fingerprint == model.fingerprint() and kind == backend and where == str(root):
             try:
                 runner.spec.check(feeds)
                 return runner
             except ValueError:
                 pass
     spec = auto_spec(model, batch, height, width, text_len)
-    key = (model.fingerprint(), spec.key(), backend)
-    root = Path(cache_dir or DEFAULT_CACHE) / "exports"
-    name = f"{model.family}-{model.fingerprint()[:16]}-{hashlib.sha256(spec.key().encode()).hexdigest()[:12]}"
-    path = root / name
+    key = (model.fingerprint(), spec.key(), backend, str(root))
+    name = f"{model.family.name}-{model.fingerprint()[:16]}-{hashlib.sha256(spec.key().encode()).hexdigest()[:12]}"
+    path = root / "exports" / name
     exported = None
     if path.exists():
         try:
@@ -88,7 +114,54 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
             shutil.rmtree(path, ignore_errors=True)  # stale or corrupt: rebuilt, never used
             exported = None
     if exported is None:
-        exported = export_onnx(model, spec, path, progress=False)
-    runner = runner_class(backend)(exported)
+        exported = export_onnx(model, spec, path, progress=False, shared=True)
+    runner = runner_class(backend)(exported, **({"cache_dir": root} if backend == "tensorrt" else {}))
     _RUNNERS[key] = runner
     return runner
+
+
+def sample(
+    model: Any,
+    noise: jax.Array,
+    ts: jax.Array,
+    cond: dict[str, Any],
+    guidance_scale=None,
+    uncond: dict[str, Any] | None = None,
+    backend: str = "xla",
+) -> jax.Array:
+    """Integrates the RF ODE from ``noise`` at t=ts[0] to ts[-1] with Euler steps.
+
+    Args:
+        model: anything with ``velocity(x, t, cond)``; usually ``sf.load(...)``.
+        noise: ``[B, H, W, C]`` starting latents (their dtype is the integration dtype).
+        ts: ``[S+1]`` (one grid for all) or ``[S+1, B]`` (one column per element; pad shorter
+            schedules with ``schedules.stack``).
+        cond: dict of ``[B, ...]`` conditioning arrays, named as in diffusers.
+        guidance_scale: ``None`` for no classifier-free guidance, or a scalar / ``[B]`` scale.
+        uncond: conditioning of the unconditional branch, same keys and shapes as ``cond``.
+        backend: ``"xla"`` (jit-compiled scan), or ``"onnxruntime"`` / ``"tensorrt"``: the same
+            steps around an exported graph. ``model`` is then a ``FlowModel`` (exported on first
+            use into the cache directory, see ``runner_for``) or a runner from ``open_export``.
+
+    Returns:
+        ``[B, H, W, C]`` latents at the grid's last time.
+
+    Works inside a caller's ``jax.jit`` with the XLA backend. The other backends return the
+    same result within the tolerance of the exported graph's precision.
+    """
+    check_backend(backend)
+    noise = jnp.asarray(noise)
+    cond = dict(cond)
+    uncond = None if uncond is None else dict(uncond)
+    grid, guidance_scale = sampling.check_inputs(noise, jnp.asarray(ts, jnp.float32), cond, guidance_scale, uncond)
+    if backend == "xla":
+        if getattr(model, "backend", None) is not None:
+            raise ValueError(f"backend='xla' needs a FlowModel, got a {model.backend} runner")
+        run = sampling.scan_jit if isinstance(model, FlowModel) else sampling.scan
+        return run(model, noise, grid, cond, guidance_scale, uncond)
+    b, h, w, _ = noise.shape
+    runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w, cond=cond)
+    x = noise
+    for i in range(grid.shape[0] - 1):
+        x = sampling.step(runner, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
+    return x

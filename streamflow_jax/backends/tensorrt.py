@@ -19,17 +19,16 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamflow_jax.backends import DEFAULT_CACHE
+from streamflow_jax.backends import cache_root
 from streamflow_jax.export.onnx import ExportedGraph, load_export
 from streamflow_jax.export.spec import dim_value
+from streamflow_jax.fsutil import write_atomic
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -71,8 +70,8 @@ def engine_key(record: dict) -> str:
 class EngineCache:
     """``ROOT/engines/KEY.plan`` + ``KEY.json`` (the record and the plan's SHA-256)."""
 
-    def __init__(self, root=DEFAULT_CACHE):
-        self.dir = Path(root) / "engines"
+    def __init__(self, root=None):
+        self.dir = Path(root or cache_root()) / "engines"
 
     def paths(self, key: str) -> tuple[Path, Path]:
         return self.dir / f"{key}.plan", self.dir / f"{key}.json"
@@ -95,16 +94,10 @@ class EngineCache:
         return plan
 
     def store(self, record: dict, plan: bytes) -> Path:
-        """Writes the entry atomically (temporary files, then rename)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Writes the entry atomically (partial files, then rename): the plan first, its record last."""
         plan_path, meta_path = self.paths(engine_key(record))
-        for path, data in ((plan_path, plan),
-                           (meta_path, json.dumps({"record": record,
-                                                   "plan_sha256": hashlib.sha256(plan).hexdigest()}).encode())):
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+        write_atomic(plan_path, plan)
+        write_atomic(meta_path, json.dumps({"record": record, "plan_sha256": hashlib.sha256(plan).hexdigest()}).encode())
         return plan_path
 
 
@@ -184,8 +177,9 @@ class TensorRTRunner:
 
     backend = "tensorrt"
 
-    def __init__(self, exported, *, cache_dir=DEFAULT_CACHE, opt_level: int = 3):
+    def __init__(self, exported, *, cache_dir=None, opt_level: int = 3):
         trt = import_tensorrt()
+        cache_dir = Path(cache_dir or cache_root())
         self.exported = exported if isinstance(exported, ExportedGraph) else load_export(exported)
         self.spec = self.exported.spec
         gpu = jax.devices()[0]

@@ -16,15 +16,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from streamflow_jax._version import __version__
+from streamflow_jax.errors import ExportError
 from streamflow_jax.export.spec import ExportSpec
+from streamflow_jax.fsutil import atomic_dir
 from streamflow_jax.models import velocity_of
 
 ONNX_NAME = "model.onnx"
@@ -33,10 +34,6 @@ META_NAME = "export.json"
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 23
 _PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GB cap, with headroom for the graph itself
-
-
-class ExportError(ValueError):
-    """An export that cannot be made or used; the message names the file."""
 
 
 def file_sha256(paths) -> str:
@@ -61,69 +58,77 @@ class ExportedGraph:
         return self.path / ONNX_NAME
 
 
-def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET, progress: bool = True) -> ExportedGraph:
-    """Exports ``model``'s ``spec.method`` (velocity, or a decoder's ``decode_latents``) to ``out_dir``.
-
-    Args:
-        model: a ``FlowModel`` (cast to ``spec.dtype`` for the export).
-        spec: from ``export.velocity_spec``.
-        out_dir: a new directory (must not exist).
-        opset: ONNX opset (>= 23).
-    """
+def _import_onnx():
     try:
         import onnx
         from jax2onnx import to_onnx
     except ImportError as e:
         raise ExportError(f"ONNX export needs the onnx extra: pip install 'streamflow-jax[onnx]' ({e})") from None
+    return onnx, to_onnx
 
-    from streamflow_jax.converters.common import free_path
 
+def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
+    """The ONNX ``ModelProto`` of ``model``'s ``spec.method`` (velocity or ``decode_latents``)."""
+    _, to_onnx = _import_onnx()
+    module = model.astype(spec.dtype).module
+    names = spec.cond_names
+    if spec.method == "velocity":
+        def graph(x, t, *cond):
+            return velocity_of(module, model.adapter, x, t, dict(zip(names, cond)))
+    else:  # a decoder: float32 in, float32 out, the compute dtype inside
+        def graph(latents):
+            return getattr(module, spec.method)(latents).astype(latents.dtype)
+
+    # onnx_ir warns once per untyped shape constant jax2onnx makes; harmless, and hundreds
+    logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
+    proto = to_onnx(graph, [t.shape for t in spec.inputs], model_name=f"{model.family.name}_{spec.method}",
+                    opset=opset, input_names=spec.input_names, output_names=[t.name for t in spec.outputs])
+    # jax2onnx 0.17 annotates some intermediate values with symbolic dims that conflate
+    # distinct axes (the arange over H//P and W//P both get one name), which makes ONNX
+    # Runtime re-use buffers of the wrong size; ONNX's own shape inference redoes them.
+    del proto.graph.value_info[:]
+    return proto
+
+
+def save_onnx(proto, out: Path) -> list[str]:
+    """Writes ``model.onnx`` (weights outside it, in ``model.onnx.data``, over protobuf's 2 GB)."""
+    onnx, _ = _import_onnx()
+    if proto.ByteSize() > _PROTO_LIMIT:
+        onnx.save_model(proto, out / ONNX_NAME, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_NAME, size_threshold=1024)
+        return [ONNX_NAME, DATA_NAME]
+    onnx.save_model(proto, out / ONNX_NAME)
+    return [ONNX_NAME]
+
+
+def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET, progress: bool = True,
+                shared: bool = False) -> ExportedGraph:
+    """Exports ``model``'s ``spec.method`` (velocity, or a decoder's ``decode_latents``) to ``out_dir``.
+
+    Args:
+        model: a ``FlowModel`` (cast to ``spec.dtype`` for the export).
+        spec: from ``export.velocity_spec``.
+        out_dir: a new directory (must not exist); written atomically.
+        opset: ONNX opset (>= 23).
+        shared: ``out_dir`` is a cache entry that concurrent processes may also be making.
+    """
     if opset < 23:
         raise ExportError(f"opset {opset} < 23 is not supported")
     if spec.class_name != model.class_name:
         raise ExportError(f"spec is for {spec.class_name}, model is {model.class_name}")
     out_dir = Path(out_dir).absolute()
-    free_path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    stages = tqdm(total=4, desc="export", unit="stage", disable=not progress)
-    try:
+    with tqdm(total=4, desc="export", unit="stage", disable=not progress) as stages, \
+            atomic_dir(out_dir, shared=shared) as tmp:
         stages.set_description("export: tracing to ONNX")
-        module = model.astype(spec.dtype).module
-        names = spec.cond_names
-        if spec.method == "velocity":
-            def graph(x, t, *cond):
-                return velocity_of(module, model.adapter, x, t, dict(zip(names, cond)))
-        else:  # a decoder: float32 in, float32 out, the compute dtype inside
-            def graph(latents):
-                return getattr(module, spec.method)(latents).astype(latents.dtype)
-
-        # onnx_ir warns once per untyped shape constant jax2onnx makes; harmless, and hundreds
-        logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
-        proto = to_onnx(graph, [t.shape for t in spec.inputs], model_name=f"{model.family}_{spec.method}",
-                        opset=opset, input_names=spec.input_names, output_names=[t.name for t in spec.outputs])
-        # jax2onnx 0.17 annotates some intermediate values with symbolic dims that conflate
-        # distinct axes (the arange over H//P and W//P both get one name), which makes ONNX
-        # Runtime re-use buffers of the wrong size; ONNX's own shape inference redoes them.
-        del proto.graph.value_info[:]
+        proto = trace_onnx(model, spec, opset=opset)
         stages.update()
-
         stages.set_description("export: saving")
-        onnx_path = tmp / ONNX_NAME
-        files = [ONNX_NAME]
-        if proto.ByteSize() > _PROTO_LIMIT:
-            onnx.save_model(proto, onnx_path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=DATA_NAME, size_threshold=1024)
-            files.append(DATA_NAME)
-        else:
-            onnx.save_model(proto, onnx_path)
+        files = save_onnx(proto, tmp)
         del proto
         stages.update()
-
         stages.set_description("export: onnx.checker + shape inference")
-        check_graph(onnx_path)
+        check_graph(tmp / ONNX_NAME)
         stages.update()
-
         meta = {
             "format": FORMAT_VERSION,
             "spec": spec.to_json(),
@@ -136,16 +141,9 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
             "versions": _versions(),
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.rename(tmp, out_dir)
         stages.set_description("export: done")
         stages.update()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        stages.close()
-    return ExportedGraph(out_dir, spec, meta)
+    return load_export(out_dir) if shared else ExportedGraph(out_dir, spec, meta)
 
 
 def check_graph(onnx_path: Path) -> None:
@@ -181,11 +179,8 @@ def load_export(path) -> ExportedGraph:
 
 
 def _versions() -> dict:
-    import jax
     import jax2onnx
     import onnx
-
-    from streamflow_jax import __version__
 
     return {"streamflow_jax": __version__, "jax": jax.__version__, "jax2onnx": getattr(jax2onnx, "__version__", "?"),
             "onnx": onnx.__version__, "numpy": np.__version__}

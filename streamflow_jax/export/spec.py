@@ -1,4 +1,4 @@
-"""Export specs: one per family, the single place where exported shapes are computed.
+"""Export specs: the single place where exported shapes are computed, from each family's record.
 
 An ``ExportSpec`` names the velocity graph's inputs and outputs, their dtypes and which axes
 are dynamic, and carries the min/opt/max range of every dynamic axis. The ONNX export, the
@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 import numpy as np
+
+from streamflow_jax.errors import ShapeError
 
 # ---------------------------------------------------------------------------------------------
 # Ranges and tensors
@@ -123,34 +125,34 @@ class ExportSpec:
         Returns the dynamic axes' values.
 
         Raises:
-            ValueError: naming the input, the axis and the allowed range.
+            ShapeError: naming the input, the axis and the allowed range.
         """
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_names]
         if missing or extra:
-            raise ValueError(f"inputs {sorted(feeds)} do not match the exported graph's {self.input_names}")
+            raise ShapeError(f"inputs {sorted(feeds)} do not match the exported graph's {self.input_names}")
         bound: dict[str, int] = {}
         for t in self.inputs:
             value = feeds[t.name]
             shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
             if len(shape) != len(t.shape):
-                raise ValueError(f"input {t.name!r}: rank {len(shape)} (shape {shape}), the graph takes "
+                raise ShapeError(f"input {t.name!r}: rank {len(shape)} (shape {shape}), the graph takes "
                                  f"rank {len(t.shape)} {self.describe(t)}")
             for axis, (want, got) in enumerate(zip(t.shape, shape)):
                 if isinstance(want, int):
                     if got != want:
-                        raise ValueError(f"input {t.name!r}: axis {axis} is {got}, the graph takes {want} "
+                        raise ShapeError(f"input {t.name!r}: axis {axis} is {got}, the graph takes {want} "
                                          f"{self.describe(t)}")
                     continue
                 if want in bound and bound[want] != got:
-                    raise ValueError(f"input {t.name!r}: axis {axis} ({want}) is {got} but another input has "
+                    raise ShapeError(f"input {t.name!r}: axis {axis} ({want}) is {got} but another input has "
                                      f"{want}={bound[want]}")
                 r = self.dims[want]
                 if not r.min <= got <= r.max:
-                    raise ValueError(f"input {t.name!r}: {want}={got} is outside the exported profile "
+                    raise ShapeError(f"input {t.name!r}: {want}={got} is outside the exported profile "
                                      f"[{r.min}, {r.max}]; export again with a wider range")
                 if got % self.multiple.get(want, 1):
-                    raise ValueError(f"input {t.name!r}: {want}={got} is not a multiple of {self.multiple[want]}")
+                    raise ShapeError(f"input {t.name!r}: {want}={got} is not a multiple of {self.multiple[want]}")
                 bound[want] = got
         return bound
 
@@ -181,136 +183,104 @@ class ExportSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Family specs: adding a family = adding one function here
+# Specs from a model's Family record
 # ---------------------------------------------------------------------------------------------
 
 
-def _sd3_spec(config, *, batch: Range, height: Range, width: Range, text_len: int, dtype: str) -> ExportSpec:
-    p = config.patch_size
-    limit = config.pos_embed_max_size * p
+def _check_side(model, name: str, r: Range) -> None:
+    fam, m, limit = model.family, model.latent_multiple, model.max_latent
+    if limit is not None and r.max > limit:
+        raise ValueError(f"latent {name} up to {r.max} exceeds the largest the {fam.name} model takes ({limit})")
+    if not fam.dynamic_spatial and r.min != r.max:
+        raise ValueError(f"{fam.name} velocity graphs take one latent {name} (got {r}): jax2onnx cannot trace "
+                         "strided convolutions over symbolic sizes; export one graph per size")
+    bad = [v for v in (r.min, r.opt, r.max) if v % m]
+    if bad:
+        raise ValueError(f"latent {name} {bad} not a multiple of {m} ({fam.name})")
+
+
+def build_velocity_spec(model, *, batch: Range, height: Range, width: Range, text_len: int | None,
+                        dtype: str) -> ExportSpec:
+    """The velocity graph's spec: ``x [B, H, W, C]``, ``t [B]``, then the family's conditioning
+    ``[B, ...]`` in its declared order; ``v [B, H, W, C]`` out. H and W are symbolic where the
+    family exports them so, else fixed at ``opt``."""
+    fam = model.family
     for name, r in (("height", height), ("width", width)):
-        if r.max > limit:
-            raise ValueError(f"latent {name} up to {r.max} exceeds the position table ({limit})")
-    c_in, c_out = config.in_channels, config.latent_channels_out
+        _check_side(model, name, r)
+    c = model.latent_channels
+    dims, multiple = {"B": batch}, {}
+    if fam.dynamic_spatial:
+        hw = ("H", "W")
+        dims.update(H=height, W=width)
+        multiple = {"H": model.latent_multiple, "W": model.latent_multiple}
+    else:
+        hw = (height.opt, width.opt)
+    cond = [TensorSpec(k, ("B", *shape)) for k, shape in model.cond_shapes(text_len).items()]
     return ExportSpec(
-        class_name="SD3Transformer2DModel",
-        inputs=(
-            TensorSpec("x", ("B", "H", "W", c_in)),
-            TensorSpec("t", ("B",)),
-            TensorSpec("encoder_hidden_states", ("B", text_len, config.joint_attention_dim)),
-            TensorSpec("pooled_projections", ("B", config.pooled_projection_dim)),
-        ),
-        outputs=(TensorSpec("v", ("B", "H", "W", c_out)),),
-        dims={"B": batch, "H": height, "W": width},
+        class_name=model.class_name,
+        inputs=(TensorSpec("x", ("B", *hw, c)), TensorSpec("t", ("B",)), *cond),
+        outputs=(TensorSpec("v", ("B", *hw, c)),),
+        dims=dims,
         dtype=dtype,
-        multiple={"H": p, "W": p},
+        multiple=multiple,
     )
-
-
-def _decoder_spec(config, *, batch: Range, height: Range, width: Range, dtype: str, class_name: str,
-                  factor: int) -> ExportSpec:
-    c = config.latent_channels
-    return ExportSpec(
-        class_name=class_name,
-        inputs=(TensorSpec("latents", ("B", "H", "W", c)),),
-        outputs=(TensorSpec("images", ("B", f"{factor}*H", f"{factor}*W", config.out_channels)),),
-        dims={"B": batch, "H": height, "W": width},
-        dtype=dtype,
-        method="decode_latents",
-    )
-
-
-def _unet_spec(config, *, batch: Range, height: Range, width: Range, text_len: int, dtype: str) -> ExportSpec:
-    """Dynamic batch; one latent size per graph: jax2onnx 0.17 cannot trace the UNet's strided
-    (downsampling) convolutions over symbolic spatial sizes, so H and W are fixed."""
-    down = 2 ** (len(config.block_out_channels) - 1)  # every level halves H and W
-    for name, r in (("height", height), ("width", width)):
-        if r.min != r.max:
-            raise ValueError(f"UNet velocity graphs take one latent {name} (got {r}): jax2onnx cannot trace "
-                             "strided convolutions over symbolic sizes; export one graph per size")
-        if r.opt % down:
-            raise ValueError(f"latent {name} {r.opt} is not a multiple of {down}")
-    h, w = height.opt, width.opt
-    return ExportSpec(
-        class_name="UNet2DConditionModel",
-        inputs=(
-            TensorSpec("x", ("B", h, w, config.in_channels)),
-            TensorSpec("t", ("B",)),
-            TensorSpec("encoder_hidden_states", ("B", text_len, config.cross_attention_dim)),
-        ),
-        outputs=(TensorSpec("v", ("B", h, w, config.out_channels)),),
-        dims={"B": batch},
-        dtype=dtype,
-    )
-
-
-FAMILY_SPECS = {"SD3Transformer2DModel": _sd3_spec, "UNet2DConditionModel": _unet_spec}
-
-
-def latent_limit(model) -> int:
-    """The largest latent side a family's velocity graph is exported for by default."""
-    if model.class_name == "SD3Transformer2DModel":
-        return model.config.pos_embed_max_size * model.config.patch_size
-    return 2 * model.config.sample_size  # UNet: twice its training size (SD1.5: 1024^2 images)
 
 
 def latent_range(model, size: int) -> Range:
-    """The latent-side range ``runner_for`` exports for a call at ``size``: the family's whole
-    span where the graph can be dynamic (SD3), the one size where it cannot (UNet)."""
-    if model.class_name == "SD3Transformer2DModel":
-        return Range(model.config.patch_size, size, latent_limit(model))
-    return Range(size, size, size)
-# decoders: class -> pixels per latent pixel
-DECODER_FACTORS = {
-    "AutoencoderKL": lambda cfg: 2 ** (len(cfg.block_out_channels) - 1),
-    "AutoencoderTiny": lambda cfg: 2 ** (len(cfg.decoder_block_out_channels) - 1),
-}
+    """The latent side range an on-demand export covers: everything the model takes where the
+    graph can be dynamic, the one size where it cannot."""
+    if not model.family.dynamic_spatial:
+        return Range(size, size, size)
+    m = model.latent_multiple
+    return Range(m, size, max(size, model.max_latent or 2 * size))
 
-DEFAULT_TEXT_LEN = {"SD3Transformer2DModel": 333,  # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's default
-                    "UNet2DConditionModel": 77}
+
+def _side(model, resolution, latent, scale: int) -> Range:
+    if resolution is not None and latent is not None:
+        raise ValueError("give resolution (pixels) or latent, not both")
+    if resolution is not None:
+        return Range.parse(resolution).scaled(scale, "resolution")
+    return Range.parse(latent if latent is not None else model.family.default_latent(model.config))
 
 
 def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_scale: int = 8,
                   text_len: int | None = None, dtype: str | None = None) -> ExportSpec:
-    """The export spec of ``model``'s velocity graph, from user-facing limits.
+    """The export spec of a model's velocity graph (or, for a decoder, of ``decode_latents``).
 
     Args:
         model: a ``FlowModel``.
         batch: ``Range`` or ``"min:opt:max"`` of the batch axis (count CFG's doubled batch).
         resolution: image side in pixels, ``"min:opt:max"``; divided by ``latent_scale``.
-        latent: latent side directly (instead of ``resolution``); default: the config's sample_size.
+        latent: latent side directly (instead of ``resolution``); default: the family's.
         latent_scale: pixels per latent pixel (8 for the SD3/SD1.5/Flux VAEs, 1 in pixel space).
-        text_len: text tokens (fixed in the graph).
+        text_len: text tokens ``L`` (fixed in the graph; default: the family's).
         dtype: compute dtype inside the graph (default: the model's).
     """
-    if model.class_name in DECODER_FACTORS:
+    kind = model.family.kind
+    if kind == "decoder":
         return decoder_spec(model, batch=batch, resolution=resolution, latent=latent, dtype=dtype)
-    build = FAMILY_SPECS.get(model.class_name)
-    if build is None:
-        raise ValueError(f"no export spec for {model.class_name} "
-                         f"(exportable: {', '.join([*FAMILY_SPECS, *DECODER_FACTORS])})")
-    if resolution is not None and latent is not None:
-        raise ValueError("give resolution (pixels) or latent, not both")
-    if resolution is not None:
-        side = Range.parse(resolution).scaled(latent_scale, "resolution")
-    else:
-        side = Range.parse(latent if latent is not None else model.config.sample_size)
-    text_len = DEFAULT_TEXT_LEN[model.class_name] if text_len is None else int(text_len)
-    dtype = dtype or str(np.dtype(model.dtype))
-    return build(model.config, batch=Range.parse(batch), height=side, width=side, text_len=text_len, dtype=dtype)
+    if kind != "velocity":
+        raise ValueError(f"no export spec for {model.class_name}: only velocity models and decoders export")
+    side = _side(model, resolution, latent, latent_scale)
+    return build_velocity_spec(model, batch=Range.parse(batch), height=side, width=side, text_len=text_len,
+                               dtype=dtype or str(np.dtype(model.dtype)))
 
 
 def decoder_spec(model, *, batch="1:1:4", resolution=None, latent=None, dtype: str | None = None) -> ExportSpec:
-    """The export spec of a VAE / TAESD decoder (``decode_latents``: scaled latents -> images).
+    """The export spec of a VAE/TAESD ``decode_latents``: scaled latents in, images out.
 
     Args:
         batch: ``"min:opt:max"`` of the batch axis.
         resolution: image side in pixels, ``"min:opt:max"`` (divided by the decoder's factor).
-        latent: latent side directly (default ``64``, SD1.5's 512^2).
+        latent: latent side directly (default: the family's, SD1.5's 64).
     """
-    factor = DECODER_FACTORS[model.class_name](model.config)
-    if resolution is not None and latent is not None:
-        raise ValueError("give resolution (pixels) or latent, not both")
-    side = Range.parse(resolution).scaled(factor, "resolution") if resolution is not None else Range.parse(latent or 64)
-    return _decoder_spec(model.config, batch=Range.parse(batch), height=side, width=side,
-                         dtype=dtype or str(np.dtype(model.dtype)), class_name=model.class_name, factor=factor)
+    f, c = model.scale_factor, model.latent_channels
+    side = _side(model, resolution, latent, f)
+    return ExportSpec(
+        class_name=model.class_name,
+        inputs=(TensorSpec("latents", ("B", "H", "W", c)),),
+        outputs=(TensorSpec("images", ("B", f"{f}*H", f"{f}*W", model.family.image_channels(model.config))),),
+        dims={"B": Range.parse(batch), "H": side, "W": side},
+        dtype=dtype or str(np.dtype(model.dtype)),
+        method="decode_latents",
+    )

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from streamflow_jax import ops
-from streamflow_jax.models.layers import LayerNorm, linear
+from streamflow_jax.models.family import TRANSFORMERS_WEIGHTS, Family, KeyMap
+from streamflow_jax.models.layers import Embedding, LayerNorm, Linear
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -51,14 +52,6 @@ class CLIPTextConfig:
         return cls(hidden_size=768, intermediate_size=3072, projection_dim=768, num_attention_heads=12, eos_token_id=2)
 
 
-class Embedding(nnx.Module):
-    def __init__(self, num: int, dim: int):
-        self.weight = nnx.Param(jnp.zeros((num, dim), jnp.float32))
-
-    def __call__(self, ids):
-        return jnp.take(self.weight[...], ids, axis=0)
-
-
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig):
         self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -72,7 +65,7 @@ class CLIPAttention(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig):
         d = cfg.hidden_size
         self.heads = cfg.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(d, d) for _ in range(4))
 
     def __call__(self, x):  # [B, L, D]
         b, n, d = x.shape
@@ -83,8 +76,8 @@ class CLIPAttention(nnx.Module):
 
 class CLIPMLP(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig):
-        self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = cfg.hidden_act
 
     def __call__(self, x):
@@ -118,10 +111,10 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPTextModel(nnx.Module):
     """Both transformers classes; ``text_projection`` exists when ``config.with_projection``."""
 
-    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: CLIPTextConfig):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
-        self.text_projection = (linear(config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = (Linear(config.hidden_size, config.projection_dim, bias=False)
                                 if config.with_projection else None)
 
     def __call__(self, input_ids) -> dict[str, jax.Array]:
@@ -146,3 +139,49 @@ class CLIPTextModel(nnx.Module):
         if self.text_projection is not None:
             out["text_embeds"] = self.text_projection(pooled)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Family record
+# ---------------------------------------------------------------------------------------------
+
+# transformers writes many generic PretrainedConfig fields (generation and training settings);
+# they never change the encoder's forward pass and are accepted with any value.
+GENERIC_TRANSFORMERS_FIELDS = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "attention_dropout", "dropout",
+    "initializer_range", "initializer_factor", "pad_token_id", "bos_token_id", "return_dict", "output_hidden_states",
+    "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
+    "add_cross_attention", "tie_encoder_decoder", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type", "gradient_checkpointing",
+})
+
+
+def _prepare_config(raw: dict) -> dict:
+    """transformers -> our config: the projection is decided by the architecture."""
+    arch = (raw.get("architectures") or ["CLIPTextModel"])[0]
+    return {**raw, "with_projection": arch == "CLIPTextModelWithProjection"}
+
+
+def _rename(key: str) -> str:
+    """transformers 5 saves ``CLIPTextModel`` without the ``text_model.`` prefix; older ones with it."""
+    if key.startswith("text_model.") or key.startswith("text_projection."):
+        return key
+    return "text_model." + key
+
+
+FAMILY = Family(
+    name="clip",
+    kind="text_encoder",
+    class_names=("CLIPTextModel", "CLIPTextModelWithProjection"),
+    config_cls=CLIPTextConfig,
+    module_cls=CLIPTextModel,
+    keys=KeyMap(rename=_rename, any_value=GENERIC_TRANSFORMERS_FIELDS, weights=TRANSFORMERS_WEIGHTS,
+                prepare_config=_prepare_config),
+    text_len=lambda c: c.max_position_embeddings,
+)

@@ -1,7 +1,13 @@
-"""Leaf modules shared by the convolutional models (UNet, VAE, TAESD), NHWC.
+"""Building blocks shared by the families (the only thing families share), NHWC.
 
-Parameter names mirror PyTorch's (``weight``/``bias`` on norms; ``kernel``/``bias`` on convs
-and linears, whose weights the converter transposes), so conversion stays renaming.
+Grouped by kind: leaves (linear, conv, norms, embedding), timestep/text embeddings, attention
+and feed-forward, adaptive norms, convolutional blocks. Attribute names mirror the diffusers
+checkpoint keys (``to_q``, ``to_out.0``, ``ff.net.2``, ``time_emb_proj``); parameter leaves are
+``kernel``/``bias`` on linears and convs (the converter transposes PyTorch's ``weight``) and
+``weight``/``bias`` on norms and embeddings, so conversion stays renaming.
+
+Parameters are created as zeros (they are always loaded from a checkpoint), so no module takes
+an ``rngs`` argument: the one convention of this package.
 """
 
 from __future__ import annotations
@@ -11,6 +17,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from streamflow_jax import ops
+
+# ---------------------------------------------------------------------------------------------
+# Leaves
+# ---------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+    """``x @ kernel + bias`` with ``kernel`` ``[in, out]``, computed in ``x``'s dtype."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool = True):
+        self.kernel = nnx.Param(jnp.zeros((din, dout), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32)) if bias else None
+
+    def __call__(self, x):  # [..., in] -> [..., out]
+        y = jnp.matmul(x, self.kernel[...].astype(x.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
 class Conv2d(nnx.Module):
@@ -53,6 +75,23 @@ class LayerNorm(nnx.Module):
         return (ops.layer_norm(x, self.eps) * self.weight[...] + self.bias[...]).astype(x.dtype)
 
 
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):  # [..., D] -> [..., D]
+        return ops.rms_norm(x, self.weight[...], self.eps)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num: int, dim: int):
+        self.weight = nnx.Param(jnp.zeros((num, dim), jnp.float32))
+
+    def __call__(self, ids):  # [...] int -> [..., D]
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
 class Placeholder(nnx.Module):
     """Holds a list index without parameters (PyTorch's Dropout slots in ``to_out``/``ff.net``)."""
 
@@ -60,30 +99,227 @@ class Placeholder(nnx.Module):
         return x
 
 
-def linear(din: int, dout: int, *, bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, rngs=nnx.Rngs(0))
+# ---------------------------------------------------------------------------------------------
+# Timestep and text embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedding(nnx.Module):
+    """``linear_1 -> SiLU -> linear_2`` (also diffusers' ``PixArtAlphaTextProjection`` with SiLU)."""
+
+    def __init__(self, din: int, dout: int):
+        self.linear_1 = Linear(din, dout)
+        self.linear_2 = Linear(dout, dout)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TimeTextEmbedding(nnx.Module):
+    """diffusers' ``CombinedTimestepTextProjEmbeddings`` (SD3, Flux-schnell) and, with
+    ``guidance``, ``CombinedTimestepGuidanceTextProjEmbeddings`` (guidance-distilled Flux):
+    sinusoidal(256) -> MLP for the timestep (and the guidance scale), plus an MLP of the pooled
+    text, summed."""
+
+    FREQ_DIM = 256
+
+    def __init__(self, dim: int, pooled_dim: int, *, guidance: bool = False):
+        self.timestep_embedder = TimestepEmbedding(self.FREQ_DIM, dim)
+        self.guidance_embedder = TimestepEmbedding(self.FREQ_DIM, dim) if guidance else None
+        self.text_embedder = TimestepEmbedding(pooled_dim, dim)
+
+    def _embed(self, mlp, values, dtype):  # [B] native values -> [B, D]
+        freqs = ops.timestep_embedding(values, self.FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
+        return mlp(freqs.astype(dtype))
+
+    def __call__(self, timestep, pooled, guidance=None):  # [B], [B, E], [B] | None -> [B, D]
+        emb = self._embed(self.timestep_embedder, timestep, pooled.dtype) + self.text_embedder(pooled)
+        if self.guidance_embedder is not None:
+            emb = emb + self._embed(self.guidance_embedder, guidance, pooled.dtype)
+        return emb
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and feed-forward
+# ---------------------------------------------------------------------------------------------
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with diffusers' names (``to_q``, ``to_k``, ``to_v``, ``to_out.0``).
+    """diffusers' ``Attention`` in the forms the families use, ``dim = heads * head_dim``.
 
-    Self-attention when ``context`` is None, cross-attention on ``context`` otherwise.
+    - self-attention: ``attn(x)``;
+    - cross-attention (``context_dim``): keys and values from ``attn(x, context)``;
+    - joint attention (``joint``, MMDiT/Flux double blocks): text tokens ``context`` get their
+      own projections (``add_q_proj``...) and join the image tokens in one attention; returns
+      ``(image_out, text_out)`` (``text_out`` None when ``context_pre_only``);
+    - ``qk_norm="rms_norm"``: per-head RMSNorm of queries and keys;
+    - ``pre_only``: no ``to_out`` (Flux single blocks project outside);
+    - ``rope``: rotary embedding ``(cos, sin)`` over the (joint) sequence.
     """
 
-    def __init__(self, dim: int, heads: int, *, context_dim: int | None = None, qkv_bias: bool = False):
-        cdim = context_dim or dim
-        self.heads = heads
-        self.to_q = linear(dim, dim, bias=qkv_bias)
-        self.to_k = linear(cdim, dim, bias=qkv_bias)
-        self.to_v = linear(cdim, dim, bias=qkv_bias)
-        self.to_out = nnx.List([linear(dim, dim), Placeholder()])
+    def __init__(self, dim: int, heads: int, *, context_dim: int | None = None, qkv_bias: bool = False,
+                 out_bias: bool = True, qk_norm: str | None = None, eps: float = 1e-6, joint: bool = False,
+                 context_pre_only: bool = False, pre_only: bool = False):
+        if qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"unsupported: qk_norm={qk_norm!r} (supported: None, 'rms_norm')")
+        head_dim = dim // heads
+        kv_dim = dim if joint or context_dim is None else context_dim
+        self.heads, self.joint, self.pre_only = heads, joint, pre_only
+        self.to_q = Linear(dim, dim, bias=qkv_bias)
+        self.to_k = Linear(kv_dim, dim, bias=qkv_bias)
+        self.to_v = Linear(kv_dim, dim, bias=qkv_bias)
+        norm = (lambda: RMSNorm(head_dim, eps)) if qk_norm else (lambda: None)  # noqa: E731
+        self.norm_q, self.norm_k = norm(), norm()
+        self.to_out = None if pre_only else nnx.List([Linear(dim, dim, bias=out_bias), Placeholder()])
+        if joint:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (Linear(dim, dim, bias=qkv_bias) for _ in range(3))
+            self.norm_added_q, self.norm_added_k = norm(), norm()
+            self.to_add_out = None if context_pre_only else Linear(dim, dim, bias=out_bias)
 
-    def __call__(self, x, context=None):  # [B, L, D], [B, S, Dc] | None -> [B, L, D]
-        context = x if context is None else context
+    def _heads(self, x, norm):  # [B, L, D] -> [B, L, N, K]
         b, n, d = x.shape
-        split = lambda a: a.reshape(b, a.shape[1], self.heads, d // self.heads)  # noqa: E731
-        out = ops.attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
-        return self.to_out[0](out.reshape(b, n, d))
+        x = x.reshape(b, n, self.heads, d // self.heads)
+        return norm(x) if norm is not None else x
+
+    def __call__(self, x, context=None, rope=None):
+        """``x`` ``[B, M, D]``, ``context`` ``[B, L, D']`` or None, ``rope`` ``(cos, sin)``
+        ``[M', K/2]`` each -> ``[B, M, D]`` (joint: ``([B, M, D], [B, L, D] | None)``)."""
+        kv = x if context is None or self.joint else context
+        q = self._heads(self.to_q(x), self.norm_q)
+        k = self._heads(self.to_k(kv), self.norm_k)
+        v = self._heads(self.to_v(kv), None)
+        if self.joint:
+            # Text tokens first (diffusers' SD3 puts them last; attention does not care about
+            # order, and Flux's position ids are text-first too), so that both splits below
+            # start at the static text length, and lax.concatenate because jax2onnx 0.17
+            # mis-sizes jnp.concatenate of a symbolic and a static axis: together they keep the
+            # graph exportable with a symbolic image-token count.
+            join = lambda c, i: jax.lax.concatenate([c, i], 1)  # noqa: E731
+            q = join(self._heads(self.add_q_proj(context), self.norm_added_q), q)
+            k = join(self._heads(self.add_k_proj(context), self.norm_added_k), k)
+            v = join(self._heads(self.add_v_proj(context), None), v)
+        if rope is not None:
+            q, k = ops.apply_rope(q, *rope), ops.apply_rope(k, *rope)
+        out = ops.attention(q, k, v)  # [B, L+M, N, K]
+        out = out.reshape(out.shape[0], out.shape[1], -1)
+        if not self.joint:
+            return self._out(out)
+        n = context.shape[1]
+        txt, img = out[:, :n], out[:, n:]
+        return self._out(img), (self.to_add_out(txt) if self.to_add_out is not None else None)
+
+    def _out(self, x):
+        return x if self.pre_only else self.to_out[0](x)
+
+
+class GELU(nnx.Module):
+    """``proj`` then GELU (tanh approximation, diffusers' ``gelu-approximate``)."""
+
+    def __init__(self, din: int, dout: int):
+        self.proj = Linear(din, dout)
+
+    def __call__(self, x):
+        return jax.nn.gelu(self.proj(x), approximate=True)
+
+
+class GEGLU(nnx.Module):
+    """``proj`` to twice the width, then ``h * gelu(gate)`` (exact GELU)."""
+
+    def __init__(self, din: int, dout: int):
+        self.proj = Linear(din, 2 * dout)
+
+    def __call__(self, x):
+        h, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)
+
+
+ACTIVATIONS = {"gelu-approximate": GELU, "geglu": GEGLU}
+
+
+class FeedForward(nnx.Module):
+    """diffusers' ``FeedForward``: ``net.0`` (activation with its projection), ``net.2`` out."""
+
+    def __init__(self, dim: int, *, activation: str = "gelu-approximate", mult: int = 4):
+        inner = mult * dim
+        self.net = nnx.List([ACTIVATIONS[activation](dim, inner), Placeholder(), Linear(inner, dim)])
+
+    def __call__(self, x):  # [B, L, D] -> [B, L, D]
+        return self.net[2](self.net[0](x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive norms (MMDiT, Flux)
+# ---------------------------------------------------------------------------------------------
+
+
+def modulate(x, shift, scale):
+    """``x * (1 + scale) + shift`` with ``[B, D]`` modulation broadcast over tokens."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLayerNormZero(nnx.Module):
+    """Conditioning -> ``n`` modulation vectors; the first two (shift, scale) modulate the
+    LayerNorm of the input now, the rest are returned in order.
+
+    n=6: diffusers' ``AdaLayerNormZero`` (rest: gate_msa, shift_mlp, scale_mlp, gate_mlp);
+    n=9: ``SD35AdaLayerNormZeroX`` (three more for a second attention);
+    n=3: ``AdaLayerNormZeroSingle`` (rest: gate).
+    """
+
+    def __init__(self, dim: int, n: int):
+        self.linear = Linear(dim, n * dim)
+        self.n = n
+
+    def __call__(self, x, emb):  # [B, L, D], [B, D] -> [B, L, D], n-2 x [B, D]
+        chunks = jnp.split(self.linear(jax.nn.silu(emb)), self.n, axis=-1)
+        return modulate(ops.layer_norm(x), chunks[0], chunks[1]), chunks[2:]
+
+
+class AdaLayerNormContinuous(nnx.Module):
+    """Final modulation: note the (scale, shift) chunk order, unlike AdaLayerNormZero."""
+
+    def __init__(self, dim: int):
+        self.linear = Linear(dim, 2 * dim)
+
+    def __call__(self, x, emb):  # [B, L, D], [B, D] -> [B, L, D]
+        scale, shift = jnp.split(self.linear(jax.nn.silu(emb)), 2, axis=-1)
+        return modulate(ops.layer_norm(x), shift, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutional blocks (UNet, VAE)
+# ---------------------------------------------------------------------------------------------
+
+
+class ResnetBlock2D(nnx.Module):
+    """GroupNorm -> SiLU -> conv, twice, with an optional time embedding added in between."""
+
+    def __init__(self, cin: int, cout: int, temb: int | None, groups: int, eps: float):
+        self.norm1 = GroupNorm(groups, cin, eps)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = Linear(temb, cout) if temb else None
+        self.norm2 = GroupNorm(groups, cout, eps)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
+
+    def __call__(self, x, temb=None):  # [B, H, W, Cin], [B, T] | None -> [B, H, W, Cout]
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 conv; ``padding=0`` pads right and bottom only, as diffusers' VAE."""
+
+    def __init__(self, channels: int, padding: int):
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def __call__(self, x):
+        if self.conv.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
 
 
 def upsample_nearest2x(x, size=None):
@@ -98,3 +334,11 @@ def upsample_nearest2x(x, size=None):
         return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     x = jnp.take(x, jnp.arange(size[0]) // 2, axis=1)
     return jnp.take(x, jnp.arange(size[1]) // 2, axis=2)
+
+
+class Upsample2D(nnx.Module):
+    def __init__(self, channels: int):
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x, size=None):  # size: the (H, W) of the skip connection it will meet
+        return self.conv(upsample_nearest2x(x, size))

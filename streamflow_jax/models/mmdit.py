@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from streamflow_jax import ops
-from streamflow_jax.models.layers import Conv2d, Placeholder
+from streamflow_jax.models import layers
+from streamflow_jax.models.family import Family
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -57,6 +58,9 @@ class SD3Config:
         for name in ("patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.latent_channels_out != self.in_channels:
+            raise ValueError(f"out_channels={self.out_channels} differs from in_channels={self.in_channels}: "
+                             "the output must be a velocity of the input latent")
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"dual_attention_layers {bad} outside 0..{self.num_layers - 1}")
@@ -92,7 +96,7 @@ class SD3Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Leaf modules
+# Blocks
 # ---------------------------------------------------------------------------------------------
 
 
@@ -100,29 +104,16 @@ class Buffer(nnx.Variable):
     """A non-trained array stored in the checkpoint (diffusers' persistent buffers)."""
 
 
-def _linear(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=True, rngs=rngs)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.eps = eps
-
-    def __call__(self, x):  # [..., K] -> [..., K]
-        return ops.rms_norm(x, self.weight[...], self.eps)
-
-
 class PatchEmbed(nnx.Module):
     """Strided-conv patchify plus a centre crop of the stored 2-D sin-cos position table."""
 
-    def __init__(self, cfg: SD3Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: SD3Config):
         p, m = cfg.patch_size, cfg.pos_embed_max_size
-        self.proj = Conv2d(cfg.in_channels, cfg.inner_dim, p, stride=p)
+        self.proj = layers.Conv2d(cfg.in_channels, cfg.inner_dim, p, stride=p)
         self.pos_embed = Buffer(jnp.zeros((1, m * m, cfg.inner_dim), jnp.float32))
         self.patch_size, self.max_size = p, m
 
-    def __call__(self, x):  # [B, H, W, C] -> [B, L, D]
+    def __call__(self, x):  # [B, H, W, C] -> [B, M, D]
         b, height, width, _ = x.shape
         h, w = height // self.patch_size, width // self.patch_size
         if isinstance(h, int) and isinstance(w, int) and (h > self.max_size or w > self.max_size):
@@ -141,135 +132,21 @@ class PatchEmbed(nnx.Module):
         return tokens + table.reshape(1, h * w, d).astype(tokens.dtype)
 
 
-class TimestepEmbedding(nnx.Module):
-    """``linear_1 -> SiLU -> linear_2`` (also diffusers' ``PixArtAlphaTextProjection`` with SiLU)."""
-
-    def __init__(self, din: int, dout: int, rngs: nnx.Rngs):
-        self.linear_1 = _linear(din, dout, rngs)
-        self.linear_2 = _linear(dout, dout, rngs)
-
-    def __call__(self, x):
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
-class CombinedTimestepTextProjEmbeddings(nnx.Module):
-    def __init__(self, dim: int, pooled_dim: int, rngs: nnx.Rngs):
-        self.timestep_embedder = TimestepEmbedding(256, dim, rngs)
-        self.text_embedder = TimestepEmbedding(pooled_dim, dim, rngs)
-
-    def __call__(self, timestep, pooled):  # [B], [B, Pd] -> [B, D]
-        t_emb = ops.timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
-        return self.timestep_embedder(t_emb.astype(pooled.dtype)) + self.text_embedder(pooled)
-
-
-class AdaLayerNormZero(nnx.Module):
-    """Conditioning -> ``n`` modulation vectors; the first shift/scale modulate the input now.
-
-    n=6 is diffusers' ``AdaLayerNormZero``; n=9 is ``SD35AdaLayerNormZeroX``, whose last three
-    vectors modulate a second copy of the normed input for the block's extra self-attention.
-    """
-
-    def __init__(self, dim: int, n: int, rngs: nnx.Rngs):
-        self.linear = _linear(dim, n * dim, rngs)
-        self.n = n
-
-    def __call__(self, x, emb):  # [B, L, D], [B, D]
-        chunks = jnp.split(self.linear(jax.nn.silu(emb)), self.n, axis=-1)
-        normed = ops.layer_norm(x)
-        shift, scale = chunks[0], chunks[1]
-        out = normed * (1 + scale[:, None]) + shift[:, None]
-        if self.n == 6:
-            return out, chunks[2:]  # gate_msa, shift_mlp, scale_mlp, gate_mlp
-        shift2, scale2, gate2 = chunks[6:]
-        out2 = normed * (1 + scale2[:, None]) + shift2[:, None]
-        return out, chunks[2:6] + [out2, gate2]
-
-
-class AdaLayerNormContinuous(nnx.Module):
-    """Final modulation: note the (scale, shift) chunk order, unlike AdaLayerNormZero."""
-
-    def __init__(self, dim: int, rngs: nnx.Rngs):
-        self.linear = _linear(dim, 2 * dim, rngs)
-
-    def __call__(self, x, emb):  # [B, L, D], [B, D] -> [B, L, D]
-        scale, shift = jnp.split(self.linear(jax.nn.silu(emb)), 2, axis=-1)
-        return ops.layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
-
-
-class GELU(nnx.Module):
-    def __init__(self, din: int, dout: int, rngs: nnx.Rngs):
-        self.proj = _linear(din, dout, rngs)
-
-    def __call__(self, x):
-        return jax.nn.gelu(self.proj(x), approximate=True)
-
-
-class FeedForward(nnx.Module):
-    def __init__(self, dim: int, rngs: nnx.Rngs):
-        self.net = nnx.List([GELU(dim, 4 * dim, rngs), Placeholder(), _linear(4 * dim, dim, rngs)])
-
-    def __call__(self, x):  # [B, L, D] -> [B, L, D]
-        return self.net[2](self.net[0](x))
-
-
-class Attention(nnx.Module):
-    """Self-attention over image tokens, joined with text tokens when ``joint`` (MMDiT)."""
-
-    def __init__(self, cfg: SD3Config, *, joint: bool, context_pre_only: bool, rngs: nnx.Rngs):
-        d, k = cfg.inner_dim, cfg.attention_head_dim
-        self.heads = cfg.num_attention_heads
-        self.to_q, self.to_k, self.to_v = (_linear(d, d, rngs) for _ in range(3))
-        self.to_out = nnx.List([_linear(d, d, rngs), Placeholder()])
-        qk_norm = cfg.qk_norm == "rms_norm"
-        self.norm_q = RMSNorm(k) if qk_norm else None
-        self.norm_k = RMSNorm(k) if qk_norm else None
-        self.joint = joint
-        if joint:
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = (_linear(d, d, rngs) for _ in range(3))
-            self.norm_added_q = RMSNorm(k) if qk_norm else None
-            self.norm_added_k = RMSNorm(k) if qk_norm else None
-            self.to_add_out = None if context_pre_only else _linear(d, d, rngs)
-
-    def _heads(self, x, norm):  # [B, L, D] -> [B, L, N, K]
-        b, l, d = x.shape
-        x = x.reshape(b, l, self.heads, d // self.heads)
-        return norm(x) if norm is not None else x
-
-    def __call__(self, x, context=None):  # [B, L, D], [B, S, D] | None
-        q = self._heads(self.to_q(x), self.norm_q)
-        k = self._heads(self.to_k(x), self.norm_k)
-        v = self._heads(self.to_v(x), None)
-        if context is not None:
-            # Text tokens first (diffusers puts them last; attention does not care about order),
-            # so that both splits below start at the static text length, and lax.concatenate
-            # because jax2onnx 0.17 mis-sizes jnp.concatenate of a symbolic and a static axis:
-            # together they keep the graph exportable with a symbolic image-token count.
-            join = lambda c, x: jax.lax.concatenate([c, x], 1)  # noqa: E731
-            q = join(self._heads(self.add_q_proj(context), self.norm_added_q), q)
-            k = join(self._heads(self.add_k_proj(context), self.norm_added_k), k)
-            v = join(self._heads(self.add_v_proj(context), None), v)
-        out = ops.attention(q, k, v)  # [B, S+L, N, K]
-        out = out.reshape(out.shape[0], out.shape[1], -1)
-        if context is None:
-            return self.to_out[0](out), None
-        n = context.shape[1]
-        img, txt = out[:, n:], out[:, :n]
-        return self.to_out[0](img), (self.to_add_out(txt) if self.to_add_out is not None else None)
-
-
 class JointTransformerBlock(nnx.Module):
-    def __init__(self, cfg: SD3Config, *, context_pre_only: bool, use_dual_attention: bool, rngs: nnx.Rngs):
-        d = cfg.inner_dim
+    def __init__(self, cfg: SD3Config, *, context_pre_only: bool, use_dual_attention: bool):
+        d, heads = cfg.inner_dim, cfg.num_attention_heads
         self.context_pre_only = context_pre_only
         self.use_dual_attention = use_dual_attention
-        self.norm1 = AdaLayerNormZero(d, 9 if use_dual_attention else 6, rngs)
-        self.norm1_context = AdaLayerNormContinuous(d, rngs) if context_pre_only else AdaLayerNormZero(d, 6, rngs)
-        self.attn = Attention(cfg, joint=True, context_pre_only=context_pre_only, rngs=rngs)
-        self.attn2 = Attention(cfg, joint=False, context_pre_only=False, rngs=rngs) if use_dual_attention else None
-        self.ff = FeedForward(d, rngs)
-        self.ff_context = None if context_pre_only else FeedForward(d, rngs)
+        self.norm1 = layers.AdaLayerNormZero(d, 9 if use_dual_attention else 6)
+        self.norm1_context = (layers.AdaLayerNormContinuous(d) if context_pre_only
+                              else layers.AdaLayerNormZero(d, 6))
+        self.attn = layers.Attention(d, heads, qkv_bias=True, qk_norm=cfg.qk_norm, joint=True,
+                                     context_pre_only=context_pre_only)
+        self.attn2 = layers.Attention(d, heads, qkv_bias=True, qk_norm=cfg.qk_norm) if use_dual_attention else None
+        self.ff = layers.FeedForward(d)
+        self.ff_context = None if context_pre_only else layers.FeedForward(d)
 
-    def __call__(self, x, context, temb):  # [B, L, D], [B, S, D], [B, D]
+    def __call__(self, x, context, temb):  # [B, M, D], [B, L, D], [B, D]
         norm_x, mods = self.norm1(x, temb)
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:4]
         if self.context_pre_only:
@@ -278,17 +155,16 @@ class JointTransformerBlock(nnx.Module):
             norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(context, temb)
 
         attn_x, attn_c = self.attn(norm_x, norm_c)
-        x = x + gate_msa[:, None] * attn_x
-        if self.use_dual_attention:
-            norm_x2, gate_msa2 = mods[4:]
-            x = x + gate_msa2[:, None] * self.attn2(norm_x2)[0]
-        h = ops.layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        x = x + gate_mlp[:, None] * self.ff(h)
+        x_in, x = x, x + gate_msa[:, None] * attn_x
+        if self.use_dual_attention:  # SD3.5: a second self-attention on the block input, own modulation
+            shift2, scale2, gate2 = mods[4:]
+            x = x + gate2[:, None] * self.attn2(layers.modulate(ops.layer_norm(x_in), shift2, scale2))
+        x = x + gate_mlp[:, None] * self.ff(layers.modulate(ops.layer_norm(x), shift_mlp, scale_mlp))
 
         if self.context_pre_only:
             return x, None
         context = context + c_gate_msa[:, None] * attn_c
-        h = ops.layer_norm(context) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        h = layers.modulate(ops.layer_norm(context), c_shift_mlp, c_scale_mlp)
         return x, context + c_gate_mlp[:, None] * self.ff_context(h)
 
 
@@ -300,29 +176,23 @@ class JointTransformerBlock(nnx.Module):
 class SD3Transformer2DModel(nnx.Module):
     """MMDiT velocity network. ``__call__`` mirrors diffusers' forward in NHWC."""
 
-    def __init__(self, config: SD3Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: SD3Config):
         d = config.inner_dim
         self.config = config
-        self.pos_embed = PatchEmbed(config, rngs)
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(d, config.pooled_projection_dim, rngs)
-        self.context_embedder = _linear(config.joint_attention_dim, config.caption_projection_dim, rngs)
-        self.transformer_blocks = nnx.List(
-            [
-                JointTransformerBlock(
-                    config,
-                    context_pre_only=i == config.num_layers - 1,
-                    use_dual_attention=i in config.dual_attention_layers,
-                    rngs=rngs,
-                )
-                for i in range(config.num_layers)
-            ]
-        )
-        self.norm_out = AdaLayerNormContinuous(d, rngs)
+        self.pos_embed = PatchEmbed(config)
+        self.time_text_embed = layers.TimeTextEmbedding(d, config.pooled_projection_dim)
+        self.context_embedder = layers.Linear(config.joint_attention_dim, config.caption_projection_dim)
+        self.transformer_blocks = nnx.List([
+            JointTransformerBlock(config, context_pre_only=i == config.num_layers - 1,
+                                  use_dual_attention=i in config.dual_attention_layers)
+            for i in range(config.num_layers)
+        ])
+        self.norm_out = layers.AdaLayerNormContinuous(d)
         p = config.patch_size
-        self.proj_out = _linear(d, p * p * config.latent_channels_out, rngs)
+        self.proj_out = layers.Linear(d, p * p * config.latent_channels_out)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        """Args: ``[B, H, W, C]`` latent, ``[B, S, J]`` text tokens, ``[B, Pd]`` pooled text,
+        """Args: ``[B, H, W, C]`` latent, ``[B, L, J]`` text tokens, ``[B, E]`` pooled text,
         ``[B]`` native timestep (``sigma * 1000``). Returns the ``[B, H, W, C_out]`` prediction."""
         dtype = self.proj_out.kernel.dtype
         _, height, width, _ = hidden_states.shape
@@ -340,9 +210,29 @@ class SD3Transformer2DModel(nnx.Module):
     def velocity(self, x: jax.Array, t: jax.Array, cond: dict[str, Any]) -> jax.Array:
         """The RF velocity at sigma ``t`` (``[B]``) for latents ``x`` (``[B, H, W, C]``).
 
-        ``cond`` holds ``encoder_hidden_states`` ``[B, S, J]`` and ``pooled_projections``
-        ``[B, Pd]``. SD3 is trained on ``timestep = sigma * 1000`` and predicts the velocity
+        ``cond`` holds ``encoder_hidden_states`` ``[B, L, J]`` and ``pooled_projections``
+        ``[B, E]``. SD3 is trained on ``timestep = sigma * 1000`` and predicts the velocity
         (noise minus data) directly.
         """
         v = self(x, cond["encoder_hidden_states"], cond["pooled_projections"], t * 1000.0)
         return v.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Family record
+# ---------------------------------------------------------------------------------------------
+
+FAMILY = Family(
+    name="sd3",
+    kind="velocity",
+    class_names=("SD3Transformer2DModel",),
+    config_cls=SD3Config,
+    module_cls=SD3Transformer2DModel,
+    latent_channels=lambda c: c.in_channels,
+    latent_multiple=lambda c: c.patch_size,
+    default_latent=lambda c: c.sample_size,
+    max_latent=lambda c: c.pos_embed_max_size * c.patch_size,
+    conditioning=lambda c, text_len: {"encoder_hidden_states": (text_len, c.joint_attention_dim),
+                                      "pooled_projections": (c.pooled_projection_dim,)},
+    text_len=lambda c: 333,  # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's default
+)

@@ -5,7 +5,7 @@ network's output (``diff_eps`` or ``ddim_eps``, an epsilon in disguise) determin
 window ends, and the velocity is the straight line there. ``velocity`` prediction (InstaFlow)
 is used as is. Every per-element quantity (window, alphas, coefficients) is computed for one
 element's ``t`` and lifted with ``vmap``; the UNet takes the whole batch and a ``[B]``
-timestep. Formulas: ``shared/reference/streamflow.md``.
+timestep. The formulas are PeRFlow's (Yan et al., 2024, piecewise rectified flow).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from streamflow_jax.models.family import Family
 from streamflow_jax.models.layers import Conv2d, upsample_nearest2x
 
 
@@ -111,7 +112,7 @@ def _decoder(cfg: TinyConfig) -> Sequential:
 
 
 class AutoencoderTiny(nnx.Module):
-    def __init__(self, config: TinyConfig, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: TinyConfig):
         self.config = config
         self.encoder = _encoder(config)
         self.decoder = _decoder(config)
@@ -131,3 +132,26 @@ class AutoencoderTiny(nnx.Module):
 
     def decode_latents(self, latents):
         return self.decode(latents / self.config.scaling_factor + self.config.shift_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Family record
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_factor(c: TinyConfig) -> int:
+    """Image pixels per latent pixel: one 2x upsampling between decoder blocks."""
+    return 2 ** (len(c.decoder_block_out_channels) - 1)
+
+
+FAMILY = Family(
+    name="taesd",
+    kind="decoder",
+    class_names=("AutoencoderTiny",),
+    config_cls=TinyConfig,
+    module_cls=AutoencoderTiny,
+    latent_channels=lambda c: c.latent_channels,
+    default_latent=lambda c: 64,  # SD1.5's 512^2 images
+    scale_factor=scale_factor,
+    image_channels=lambda c: c.out_channels,
+)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from streamflow_jax import ops
-from streamflow_jax.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, Placeholder, linear, upsample_nearest2x
+from streamflow_jax.models import layers
+from streamflow_jax.models.family import Family, KeyMap
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -105,57 +106,14 @@ class UNetConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-class TimestepEmbedding(nnx.Module):
-    def __init__(self, din: int, dout: int):
-        self.linear_1 = linear(din, dout)
-        self.linear_2 = linear(dout, dout)
-
-    def __call__(self, x):
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
-class ResnetBlock2D(nnx.Module):
-    def __init__(self, cin: int, cout: int, temb: int | None, groups: int, eps: float):
-        self.norm1 = GroupNorm(groups, cin, eps)
-        self.conv1 = Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = linear(temb, cout) if temb else None
-        self.norm2 = GroupNorm(groups, cout, eps)
-        self.conv2 = Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
-
-    def __call__(self, x, temb=None):  # [B, H, W, Cin], [B, T] -> [B, H, W, Cout]
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
-        return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
-
-
-class GEGLU(nnx.Module):
-    def __init__(self, din: int, dout: int):
-        self.proj = linear(din, 2 * dout)
-
-    def __call__(self, x):
-        h, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return h * jax.nn.gelu(gate, approximate=False)
-
-
-class FeedForward(nnx.Module):
-    def __init__(self, dim: int):
-        self.net = nnx.List([GEGLU(dim, 4 * dim), Placeholder(), linear(4 * dim, dim)])
-
-    def __call__(self, x):
-        return self.net[2](self.net[0](x))
-
-
 class BasicTransformerBlock(nnx.Module):
     def __init__(self, dim: int, heads: int, context_dim: int):
-        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
-        self.attn1 = Attention(dim, heads)
-        self.attn2 = Attention(dim, heads, context_dim=context_dim)
-        self.ff = FeedForward(dim)
+        self.norm1, self.norm2, self.norm3 = layers.LayerNorm(dim), layers.LayerNorm(dim), layers.LayerNorm(dim)
+        self.attn1 = layers.Attention(dim, heads)
+        self.attn2 = layers.Attention(dim, heads, context_dim=context_dim)
+        self.ff = layers.FeedForward(dim, activation="geglu")
 
-    def __call__(self, x, context):  # [B, L, D], [B, S, Dc]
+    def __call__(self, x, context):  # [B, M, D], [B, L, J]
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -165,16 +123,19 @@ class Transformer2DModel(nnx.Module):
     """GroupNorm -> proj_in (1x1 conv or linear) -> transformer blocks -> proj_out, plus residual."""
 
     def __init__(self, cfg: UNetConfig, channels: int, heads: int):
-        self.norm = GroupNorm(cfg.norm_num_groups, channels, 1e-6)
+        self.norm = layers.GroupNorm(cfg.norm_num_groups, channels, 1e-6)
         self.linear_proj = cfg.use_linear_projection
-        make = (lambda: linear(channels, channels)) if self.linear_proj else (lambda: Conv2d(channels, channels, 1))
+        if self.linear_proj:
+            make = lambda: layers.Linear(channels, channels)  # noqa: E731
+        else:
+            make = lambda: layers.Conv2d(channels, channels, 1)  # noqa: E731
         self.proj_in = make()
         self.transformer_blocks = nnx.List(
             [BasicTransformerBlock(channels, heads, cfg.cross_attention_dim) for _ in range(cfg.transformer_layers_per_block)]
         )
         self.proj_out = make()
 
-    def __call__(self, x, context):  # [B, H, W, C], [B, S, Dc]
+    def __call__(self, x, context):  # [B, H, W, C], [B, L, J]
         b, h, w, c = x.shape
         y = self.norm(x)
         if not self.linear_proj:
@@ -192,32 +153,14 @@ class Transformer2DModel(nnx.Module):
         return y + x
 
 
-class Downsample2D(nnx.Module):
-    def __init__(self, channels: int, padding: int):
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
-
-    def __call__(self, x):
-        if self.conv.padding == 0:  # asymmetric pad as diffusers' (right and bottom only)
-            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-    def __init__(self, channels: int):
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def __call__(self, x, size=None):  # size: the (H, W) of the skip connection it will meet
-        return self.conv(upsample_nearest2x(x, size))
-
-
 class DownBlock(nnx.Module):
     """``CrossAttnDownBlock2D`` (with ``attentions``) or ``DownBlock2D`` (without)."""
 
     def __init__(self, cfg: UNetConfig, cin: int, cout: int, heads: int, *, attn: bool, downsample: bool):
         n, g, eps = cfg.layers_per_block, cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, cfg.time_embed_dim, g, eps) for i in range(n)])
+        self.resnets = nnx.List([layers.ResnetBlock2D(cin if i == 0 else cout, cout, cfg.time_embed_dim, g, eps) for i in range(n)])
         self.attentions = nnx.List([Transformer2DModel(cfg, cout, heads) for _ in range(n)]) if attn else None
-        self.downsamplers = nnx.List([Downsample2D(cout, cfg.downsample_padding)]) if downsample else None
+        self.downsamplers = nnx.List([layers.Downsample2D(cout, cfg.downsample_padding)]) if downsample else None
 
     def __call__(self, x, temb, context):
         skips = []
@@ -238,11 +181,11 @@ class UpBlock(nnx.Module):
     def __init__(self, cfg: UNetConfig, cin: int, cout: int, prev: int, heads: int, *, attn: bool, upsample: bool):
         n, g, eps = cfg.layers_per_block + 1, cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nnx.List([
-            ResnetBlock2D((prev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, cfg.time_embed_dim, g, eps)
+            layers.ResnetBlock2D((prev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, cfg.time_embed_dim, g, eps)
             for i in range(n)
         ])
         self.attentions = nnx.List([Transformer2DModel(cfg, cout, heads) for _ in range(n)]) if attn else None
-        self.upsamplers = nnx.List([Upsample2D(cout)]) if upsample else None
+        self.upsamplers = nnx.List([layers.Upsample2D(cout)]) if upsample else None
 
     def __call__(self, x, skips, temb, context, upsample_size=None):
         for i, resnet in enumerate(self.resnets):
@@ -258,7 +201,7 @@ class UpBlock(nnx.Module):
 class UNetMidBlock2DCrossAttn(nnx.Module):
     def __init__(self, cfg: UNetConfig, channels: int, heads: int):
         g, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nnx.List([ResnetBlock2D(channels, channels, cfg.time_embed_dim, g, eps) for _ in range(2)])
+        self.resnets = nnx.List([layers.ResnetBlock2D(channels, channels, cfg.time_embed_dim, g, eps) for _ in range(2)])
         self.attentions = nnx.List([Transformer2DModel(cfg, channels, heads)])
 
     def __call__(self, x, temb, context):
@@ -274,12 +217,12 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 class UNet2DConditionModel(nnx.Module):
     """Noise-prediction UNet. ``__call__`` mirrors diffusers' forward in NHWC."""
 
-    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: UNetConfig):
         cfg = config
         self.config = cfg
         ch, heads = cfg.block_out_channels, cfg.heads
-        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.conv_in = layers.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = layers.TimestepEmbedding(ch[0], cfg.time_embed_dim)
         down, cout = [], ch[0]
         for i, kind in enumerate(cfg.down_block_types):
             cin, cout = cout, ch[i]
@@ -295,12 +238,12 @@ class UNet2DConditionModel(nnx.Module):
             up.append(UpBlock(cfg, cin, cout, prev, rheads[i], attn=kind == "CrossAttnUpBlock2D",
                               upsample=i < len(ch) - 1))
         self.up_blocks = nnx.List(up)
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
-        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_norm_out = layers.GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
+        self.conv_out = layers.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def __call__(self, sample, timestep, encoder_hidden_states):
         """Args: ``[B, H, W, C]`` latent, ``[B]`` timesteps (0..999, may be fractional),
-        ``[B, S, Dc]`` text states. Returns the ``[B, H, W, C_out]`` prediction."""
+        ``[B, L, J]`` text states. Returns the ``[B, H, W, C_out]`` prediction."""
         dtype = self.conv_in.kernel.dtype
         cfg = self.config
         t_emb = ops.timestep_embedding(timestep, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
@@ -321,3 +264,40 @@ class UNet2DConditionModel(nnx.Module):
             x = block(x, skips[-n:], temb, context, size)
             skips = skips[:-n]
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Family record
+# ---------------------------------------------------------------------------------------------
+
+# Every other field diffusers writes, with the only value implemented (its default): the
+# SDXL/Kandinsky/ControlNet-era options that SD 1.x/2.x checkpoints leave unset.
+IGNORABLE = {
+    "center_input_sample": False, "only_cross_attention": False, "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
+    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
+    "num_class_embeds": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
+    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
+    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
+
+FAMILY = Family(
+    name="unet",
+    kind="velocity",  # with an adapter (models.perflow): the UNet itself predicts noise
+    class_names=("UNet2DConditionModel",),
+    config_cls=UNetConfig,
+    module_cls=UNet2DConditionModel,
+    keys=KeyMap(ignorable=IGNORABLE),
+    latent_channels=lambda c: c.in_channels,
+    # any latent size: each level upsamples back to its skip's size, odd sizes included
+    default_latent=lambda c: c.sample_size,
+    max_latent=lambda c: 2 * c.sample_size,  # twice its training size (SD1.5: 1024^2 images)
+    conditioning=lambda c, text_len: {"encoder_hidden_states": (text_len, c.cross_attention_dim)},
+    text_len=lambda c: 77,
+    # jax2onnx 0.17 cannot trace strided (downsampling) convolutions over symbolic sizes:
+    # exported UNet graphs take one latent size each
+    dynamic_spatial=False,
+)

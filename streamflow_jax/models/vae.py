@@ -13,8 +13,8 @@ import jax
 from flax import nnx
 
 from streamflow_jax import ops
-from streamflow_jax.models.layers import Conv2d, GroupNorm, Placeholder, linear
-from streamflow_jax.models.unet import Downsample2D, ResnetBlock2D, Upsample2D
+from streamflow_jax.models import layers
+from streamflow_jax.models.family import Family
 
 EPS = 1e-6  # the VAE's norms (diffusers hard-codes it)
 
@@ -55,26 +55,22 @@ class VAEConfig:
             raise ValueError("unsupported: latents_mean/latents_std (per-channel latent statistics)")
 
 
-class SpatialAttention(nnx.Module):
+class SpatialAttention(layers.Attention):
     """The VAE mid-block's single-head self-attention over pixels, with its own GroupNorm."""
 
     def __init__(self, channels: int, groups: int):
-        self.group_norm = GroupNorm(groups, channels, EPS)
-        self.to_q, self.to_k, self.to_v = linear(channels, channels), linear(channels, channels), linear(channels, channels)
-        self.to_out = nnx.List([linear(channels, channels), Placeholder()])
+        super().__init__(channels, 1, qkv_bias=True)
+        self.group_norm = layers.GroupNorm(groups, channels, EPS)
 
     def __call__(self, x):  # [B, H, W, C]
         b, h, w, c = x.shape
-        y = self.group_norm(x).reshape(b, h * w, 1, c)
-        q, k, v = (f(y) for f in (self.to_q, self.to_k, self.to_v))
-        out = ops.attention(q, k, v).reshape(b, h * w, c)
-        return self.to_out[0](out).reshape(b, h, w, c) + x
+        return super().__call__(self.group_norm(x).reshape(b, h * w, c)).reshape(b, h, w, c) + x
 
 
 class MidBlock(nnx.Module):
     def __init__(self, cfg: VAEConfig, channels: int):
         g = cfg.norm_num_groups
-        self.resnets = nnx.List([ResnetBlock2D(channels, channels, None, g, EPS) for _ in range(2)])
+        self.resnets = nnx.List([layers.ResnetBlock2D(channels, channels, None, g, EPS) for _ in range(2)])
         self.attentions = nnx.List([SpatialAttention(channels, g)]) if cfg.mid_block_add_attention else None
 
     def __call__(self, x):
@@ -87,9 +83,9 @@ class MidBlock(nnx.Module):
 class EncoderBlock(nnx.Module):
     def __init__(self, cfg: VAEConfig, cin: int, cout: int, downsample: bool):
         g = cfg.norm_num_groups
-        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, None, g, EPS)
+        self.resnets = nnx.List([layers.ResnetBlock2D(cin if i == 0 else cout, cout, None, g, EPS)
                                  for i in range(cfg.layers_per_block)])
-        self.downsamplers = nnx.List([Downsample2D(cout, padding=0)]) if downsample else None
+        self.downsamplers = nnx.List([layers.Downsample2D(cout, padding=0)]) if downsample else None
 
     def __call__(self, x):
         for r in self.resnets:
@@ -100,9 +96,9 @@ class EncoderBlock(nnx.Module):
 class DecoderBlock(nnx.Module):
     def __init__(self, cfg: VAEConfig, cin: int, cout: int, upsample: bool):
         g = cfg.norm_num_groups
-        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, None, g, EPS)
+        self.resnets = nnx.List([layers.ResnetBlock2D(cin if i == 0 else cout, cout, None, g, EPS)
                                  for i in range(cfg.layers_per_block + 1)])
-        self.upsamplers = nnx.List([Upsample2D(cout)]) if upsample else None
+        self.upsamplers = nnx.List([layers.Upsample2D(cout)]) if upsample else None
 
     def __call__(self, x):
         for r in self.resnets:
@@ -113,12 +109,12 @@ class DecoderBlock(nnx.Module):
 class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig):
         ch = cfg.block_out_channels
-        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = layers.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nnx.List([EncoderBlock(cfg, ch[max(i - 1, 0)], ch[i], i < len(ch) - 1)
                                      for i in range(len(ch))])
         self.mid_block = MidBlock(cfg, ch[-1])
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[-1], EPS)
-        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_norm_out = layers.GroupNorm(cfg.norm_num_groups, ch[-1], EPS)
+        self.conv_out = layers.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def __call__(self, x):
         x = self.conv_in(x)
@@ -130,12 +126,12 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     def __init__(self, cfg: VAEConfig):
         rch = cfg.block_out_channels[::-1]
-        self.conv_in = Conv2d(cfg.latent_channels, rch[0], 3, padding=1)
+        self.conv_in = layers.Conv2d(cfg.latent_channels, rch[0], 3, padding=1)
         self.mid_block = MidBlock(cfg, rch[0])
         self.up_blocks = nnx.List([DecoderBlock(cfg, rch[max(i - 1, 0)], rch[i], i < len(rch) - 1)
                                    for i in range(len(rch))])
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, rch[-1], EPS)
-        self.conv_out = Conv2d(rch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_norm_out = layers.GroupNorm(cfg.norm_num_groups, rch[-1], EPS)
+        self.conv_out = layers.Conv2d(rch[-1], cfg.out_channels, 3, padding=1)
 
     def __call__(self, z):
         x = self.mid_block(self.conv_in(z))
@@ -145,13 +141,13 @@ class Decoder(nnx.Module):
 
 
 class AutoencoderKL(nnx.Module):
-    def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: VAEConfig):
         self.config = config
         c = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
-        self.post_quant_conv = Conv2d(c, c, 1) if config.use_post_quant_conv else None
+        self.quant_conv = layers.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
+        self.post_quant_conv = layers.Conv2d(c, c, 1) if config.use_post_quant_conv else None
 
     def encode(self, images):
         """``[B, H, W, 3]`` images in [-1, 1] -> ``[B, H/f, W/f, C]`` mean of the latent posterior."""
@@ -176,3 +172,26 @@ class AutoencoderKL(nnx.Module):
     def decode_latents(self, latents):
         """Diffusion latents -> images: ``decode(latents / scale + shift)``."""
         return self.decode(latents / self.config.scaling_factor + (self.config.shift_factor or 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Family record
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_factor(c: VAEConfig) -> int:
+    """Image pixels per latent pixel: every block but the last halves the size."""
+    return 2 ** (len(c.block_out_channels) - 1)
+
+
+FAMILY = Family(
+    name="vae",
+    kind="decoder",
+    class_names=("AutoencoderKL",),
+    config_cls=VAEConfig,
+    module_cls=AutoencoderKL,
+    latent_channels=lambda c: c.latent_channels,
+    default_latent=lambda c: c.sample_size // scale_factor(c),
+    scale_factor=scale_factor,
+    image_channels=lambda c: c.out_channels,
+)

@@ -1,0 +1,21 @@
+"""The library's error types, in a module that imports nothing (so any layer can raise them).
+
+All are ``ValueError`` subclasses: each one means "this input does not fit", and the CLI turns
+each into one line on stderr and exit status 1.
+"""
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted or loaded; the message names the file and the key."""
+
+
+class RequestError(ValueError):
+    """Why one stream-engine request failed; the engine goes on with the others."""
+
+
+class ExportError(ValueError):
+    """An export directory or graph that cannot be made or used (missing, corrupt, stale)."""
+
+
+class ShapeError(ValueError):
+    """Inputs that do not fit an exported graph's spec; names the input, the axis and the range."""

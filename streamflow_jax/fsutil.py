@@ -1,0 +1,120 @@
+"""Writing directories and files so that readers never see half of one.
+
+Every output of the library (converted checkpoints, exports, the export and engine caches) is
+written into a hidden partial sibling named after the writer's pid,
+``.NAME.partial-PID-RANDOM``, and renamed into place when complete (same filesystem, so the
+rename is atomic). A failure or Ctrl-C removes the partial; a killed process leaves it, and the
+next writer to the same destination removes it once its pid is no longer alive. A partial
+whose writer is alive is never touched. After a success nothing but the destination remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from streamflow_jax.errors import ConversionError
+
+PARTIAL = ".partial-"
+
+
+def free_path(dst: Path) -> None:
+    """Refuses to overwrite: the caller must pick a new path or remove the old one."""
+    if os.path.lexists(dst):
+        raise ConversionError(f"{dst}: already exists (remove it or choose another output path)")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _partials(dst: Path) -> Iterator[tuple[Path, int | None]]:
+    """Partial siblings of ``dst`` and their writers' pids (None when unreadable)."""
+    prefix = f".{dst.name}{PARTIAL}"
+    if not dst.parent.is_dir():
+        return
+    for p in dst.parent.iterdir():
+        if p.name.startswith(prefix):
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            yield p, int(pid) if pid.isdigit() else None
+
+
+def remove_stale_partials(dst: Path, *, shared: bool = False) -> None:
+    """Removes partial siblings of ``dst`` left by dead writers.
+
+    A live writer's partial is left alone; unless ``shared`` (a cache entry that concurrent
+    processes may both make), finding one is an error.
+    """
+    for path, pid in _partials(dst):
+        if pid is not None and pid_alive(pid):
+            if pid != os.getpid() and not shared:
+                raise ConversionError(f"{dst}: process {pid} is writing it now ({path.name}); wait for it or "
+                                      "choose another output path")
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _partial_name(dst: Path) -> str:
+    return f".{dst.name}{PARTIAL}{os.getpid()}-"
+
+
+@contextlib.contextmanager
+def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
+    """A partial sibling of ``dst`` that becomes ``dst`` on success and vanishes on failure.
+
+    Args:
+        dst: the destination; must not exist.
+        shared: a cache entry: another live writer of the same entry is not an error, and if
+            it finishes first its result is kept and ours dropped.
+
+    Raises:
+        ConversionError: ``dst`` exists, or (unless ``shared``) a live process is writing it.
+    """
+    dst = Path(dst).absolute()
+    free_path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(dst, shared=shared)
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_name(dst), dir=dst.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            if not (shared and dst.is_dir()):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent writer made the same entry first
+    except BaseException:  # KeyboardInterrupt too: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_atomic(path, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` through a partial sibling and a rename (replacing ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path, shared=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_partial_name(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

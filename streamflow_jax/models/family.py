@@ -1,0 +1,101 @@
+"""The ``Family`` record: everything the outer layers know about an architecture, in one place.
+
+Each model file declares one ``FAMILY = Family(...)`` next to its modules; ``models/__init__.py``
+collects them. Converters, export specs, runners, pipelines and the CLI read only the record
+(and the ``FlowModel`` helpers built on it), never a raw diffusers config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+KINDS = ("velocity", "decoder", "text_encoder")
+
+
+def identity(key: str) -> str:
+    return key
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: one record per family
+class KeyMap:
+    """How a checkpoint directory's config and tensors become the module's.
+
+    Tensor layout changes are generic: a checkpoint ``weight`` filling a module ``kernel`` is
+    transposed (Linear ``[out, in] -> [in, out]``, Conv ``[O, I, kh, kw] -> [kh, kw, I, O]``);
+    everything else keeps its layout.
+
+    Attributes:
+        rename: checkpoint key -> module parameter path (``weight`` may stand for ``kernel``).
+        ignorable: config fields the module does not implement, each with the only value
+            accepted (anything else stops conversion with ``unsupported: FIELD=VALUE``).
+        any_value: config fields that never change the forward pass (training or generation
+            settings), accepted with any value.
+        weights: the (single file, shard index) names to read in a model directory.
+        prepare_config: rewrites the raw config before it is parsed (derived fields).
+    """
+
+    rename: Callable[[str], str] = identity
+    ignorable: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    any_value: frozenset[str] = frozenset()
+    weights: tuple[str, str] = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    prepare_config: Callable[[dict], dict] | None = None
+
+
+def _none(config) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: static data under jit
+class Family:
+    """One architecture as the outer layers see it.
+
+    Functions of the config (``fn(config)``) cover everything that depends on it.
+
+    Attributes:
+        name: short name used in messages, cache names and graph names (``"sd3"``).
+        kind: ``"velocity"`` (has ``velocity(x, t, cond)``, or takes an adapter),
+            ``"decoder"`` (``decode_latents``) or ``"text_encoder"``.
+        class_names: the diffusers/transformers class names it converts from.
+        config_cls: its config dataclass (field names as in ``config.json``).
+        module_cls: its root NNX module, ``module_cls(config)``.
+        keys: its checkpoint ``KeyMap``.
+        latent_channels: ``C`` of the NHWC latents it takes (velocity, decoder).
+        latent_multiple: latent ``H`` and ``W`` must be multiples of this.
+        default_latent: latent side used when a size is not given.
+        max_latent: the largest latent side it can take (None: no limit).
+        conditioning: ``(config, text_len) -> {name: per-element shape}``, the ``cond`` dict
+            of ``velocity`` without the batch axis.
+        text_len: default text length ``L`` (velocity: the graph's; text encoders: their ids').
+        dynamic_spatial: exported graphs can take symbolic ``H`` and ``W``.
+        scale_factor: decoders: image pixels per latent pixel.
+        image_channels: decoders: channels of the decoded image.
+        logical_axes: ``(param_path, shape) -> logical axis names`` for sharding (None: not
+            declared yet; every weight replicated).
+    """
+
+    name: str
+    kind: str
+    class_names: tuple[str, ...]
+    config_cls: type
+    module_cls: type
+    keys: KeyMap = KeyMap()
+    latent_channels: Callable[[Any], int | None] = _none
+    latent_multiple: Callable[[Any], int] = lambda config: 1
+    default_latent: Callable[[Any], int | None] = _none
+    max_latent: Callable[[Any], int | None] = _none
+    conditioning: Callable[[Any, int], dict[str, tuple[int, ...]]] = lambda config, text_len: {}
+    text_len: Callable[[Any], int | None] = _none
+    dynamic_spatial: bool = True
+    scale_factor: Callable[[Any], int] = lambda config: 1
+    image_channels: Callable[[Any], int | None] = _none
+    logical_axes: Callable[[str, tuple[int, ...]], tuple[str | None, ...]] | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"family {self.name}: kind {self.kind!r} not in {KINDS}")

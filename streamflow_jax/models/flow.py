@@ -1,0 +1,193 @@
+"""``FlowModel``: a converted model (graph definition, weights, config) and its family's facts.
+
+Outer layers ask a ``FlowModel`` for shapes (``latent_shape``, ``cond_shapes``...) and never
+read its config fields: the answers come from the family's ``Family`` record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def abstract_module(family, config) -> nnx.Module:
+    """The family's module with shape-only parameters (nothing allocated)."""
+    return nnx.eval_shape(lambda: family.module_cls(config))
+
+
+def flat_params(tree) -> tuple[dict, object, list[str]]:
+    """A nested parameter dict as ``{"a.0.kernel": leaf}``, its treedef, and the names in order.
+
+    The dotted names are the checkpoint-style keys the converters and orbax files use.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+    return dict(zip(names, (leaf for _, leaf in leaves))), treedef, names
+
+
+@jax.jit
+def decode_latents(decoder, latents):
+    """A VAE/TAESD ``FlowModel``'s ``decode_latents``, jitted with the weights as arguments."""
+    return decoder.module.decode_latents(latents)
+
+
+def velocity_of(module, adapter, x, t, cond):
+    """The family's velocity: the module's own, or an adapter's around the module (PeRFlow)."""
+    if adapter is not None:
+        return adapter.velocity(module, x, t, cond)
+    if not hasattr(module, "velocity"):
+        raise ValueError(f"{type(module).__name__} is not a velocity field by itself; give it an adapter, "
+                         "e.g. model.with_adapter(PeRFlowAdapter('diff_eps'))")
+    return module.velocity(x, t, cond)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _velocity(graphdef, adapter, state, x, t, cond):
+    return velocity_of(nnx.merge(graphdef, state), adapter, x, t, cond)
+
+
+@jax.tree_util.register_pytree_node_class
+class FlowModel:
+    """A converted model: NNX graph definition + parameter state + its config and family.
+
+    It is a pytree whose leaves are the parameters, so it can be passed into ``jax.jit``
+    (weights become arguments, not constants baked into the compiled program).
+
+    Attributes:
+        class_name: the diffusers class (``"SD3Transformer2DModel"``).
+        config: the family's config dataclass.
+        family: the ``Family`` record.
+        adapter: how a network that predicts something else becomes a velocity (PeRFlow).
+    """
+
+    def __init__(self, class_name: str, config, graphdef, state, adapter=None, *, family):
+        self.class_name = class_name
+        self.config = config
+        self.family = family
+        self.graphdef = graphdef
+        self.state = state
+        self.adapter = adapter
+
+    @classmethod
+    def from_params(cls, family, config, params: dict, class_name: str | None = None) -> FlowModel:
+        """Builds the model from a nested dict of arrays shaped like the module's state."""
+        graphdef, state = nnx.split(abstract_module(family, config))
+        # device arrays, so that jitted calls do not copy host weights on every call
+        nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
+        return cls(class_name or family.class_names[0], config, graphdef, state, family=family)
+
+    # -- what the family says about this config ------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int | None:
+        return self.family.latent_channels(self.config)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent height and width must be multiples of this."""
+        return self.family.latent_multiple(self.config)
+
+    @property
+    def max_latent(self) -> int | None:
+        """The largest latent side the model takes (None: unbounded)."""
+        return self.family.max_latent(self.config)
+
+    @property
+    def text_len(self) -> int | None:
+        """The default text length ``L`` of its conditioning (text encoders: of their ids)."""
+        return self.family.text_len(self.config)
+
+    @property
+    def scale_factor(self) -> int:
+        """Decoders: image pixels per latent pixel."""
+        return self.family.scale_factor(self.config)
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """``(H, W, C)`` of one latent, sides in latent pixels (default: the family's)."""
+        side = self.family.default_latent(self.config)
+        h, w = side if height is None else int(height), side if width is None else int(width)
+        m = self.latent_multiple
+        for name, v in (("height", h), ("width", w)):
+            if v < 1 or v % m:
+                raise ValueError(f"latent {name} {v} is not a positive multiple of {m} ({self.family.name})")
+            if self.max_latent is not None and v > self.max_latent:
+                raise ValueError(f"latent {name} {v} exceeds the largest the {self.family.name} model takes "
+                                 f"({self.max_latent})")
+        return (h, w, self.latent_channels)
+
+    def cond_shapes(self, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Per-element shapes (no batch axis) of the ``cond`` dict ``velocity`` takes."""
+        return self.family.conditioning(self.config, self.text_len if text_len is None else int(text_len))
+
+    # -- running -------------------------------------------------------------------------------
+
+    @property
+    def dtype(self):
+        """The dtype of the floating-point parameters (the compute dtype)."""
+        return next(x.dtype for x in jax.tree_util.tree_leaves(self.state) if jnp.issubdtype(x.dtype, jnp.floating))
+
+    @property
+    def module(self) -> nnx.Module:
+        """The NNX module with these parameters (for direct calls and inspection)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def velocity(self, x: jax.Array, t: jax.Array, cond: dict[str, Any]) -> jax.Array:
+        """RF velocity. ``x``: ``[B, H, W, C]``; ``t``: ``[B]`` sigma in [0, 1]; ``cond``: dict of
+        ``[B, ...]`` arrays. Returns ``[B, H, W, C]`` in ``x``'s dtype. Jitted; usable under jit."""
+        x = jnp.asarray(x)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        return _velocity(self.graphdef, self.adapter, self.state, x, t, dict(cond))
+
+    def with_adapter(self, adapter) -> FlowModel:
+        """The same weights with a velocity adapter (``models.perflow.PeRFlowAdapter``)."""
+        return self._replace(adapter=adapter)
+
+    def astype(self, dtype) -> FlowModel:
+        """A copy with floating-point parameters cast to ``dtype``."""
+        cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+        return self._replace(state=jax.tree_util.tree_map(cast, self.state))
+
+    def _replace(self, **changes) -> FlowModel:
+        fields = dict(class_name=self.class_name, config=self.config, graphdef=self.graphdef, state=self.state,
+                      adapter=self.adapter, family=self.family)
+        return FlowModel(**{**fields, **changes})
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the class, config, adapter and every parameter (name, dtype, shape, bytes).
+
+        Keys caches of exported graphs and engines; computed once per model object.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256(self.class_name.encode())
+            h.update(json.dumps(self.config_dict(), sort_keys=True).encode())
+            h.update(repr(self.adapter).encode())
+            leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self.state))[0]
+            for path, leaf in leaves:
+                a = np.asarray(leaf)
+                h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def tree_flatten(self):
+        return (self.state,), (self.class_name, self.config, self.graphdef, self.adapter, self.family)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        class_name, config, graphdef, adapter, family = aux
+        return cls(class_name, config, graphdef, children[0], adapter, family=family)
+
+    def __repr__(self):
+        n = sum(x.size for x in jax.tree_util.tree_leaves(self.state))
+        return f"FlowModel({self.class_name}, {n / 1e6:.1f}M params, {self.dtype})"

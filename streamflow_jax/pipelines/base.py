@@ -1,0 +1,306 @@
+"""What every pipeline shares: the ``Pipeline`` factory, prompt -> image sampling, images out.
+
+``Pipeline.from_diffusers(path, **kwargs)`` picks the pipeline class from the directory's
+``model_index.json`` ``_class_name`` (as diffusers' ``DiffusionPipeline`` does) and passes the
+keyword arguments through. A prompt pipeline (``PromptPipeline``) says how prompts become
+conditioning and which time grid it samples; tokenizing, noise, sampling and decoding are here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from streamflow_jax import backends
+from streamflow_jax.errors import ConversionError, RequestError
+from streamflow_jax.models import decode_latents
+from streamflow_jax.stream import StreamEngine
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+PIPELINES: dict[str, type] = {}  # model_index.json _class_name -> pipeline class
+
+
+def register(*class_names: str):
+    """Class decorator: the pipeline class that ``Pipeline.from_diffusers`` picks for these names."""
+
+    def wrap(cls):
+        for name in class_names:
+            PIPELINES[name] = cls
+        return cls
+
+    return wrap
+
+
+def read_scheduler_config(path: Path) -> dict:
+    sched_file = Path(path) / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise ConversionError(f"{sched_file}: missing (the pipeline's scheduler says how to sample it)")
+    try:
+        return json.loads(sched_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{sched_file}: not valid JSON ({e})") from None
+
+
+class Pipeline:
+    """Base class and factory of the pipelines."""
+
+    @classmethod
+    def from_diffusers(cls, path, **kwargs) -> Pipeline:
+        """A diffusers pipeline directory, or one converted by ``sf.convert``.
+
+        On ``Pipeline`` itself, the class comes from ``model_index.json``'s ``_class_name``
+        (``StableDiffusionPipeline`` -> ``PeRFlowPipeline``, ...); on a subclass, that class.
+        Keyword arguments (``taesd``, ``dtype``, ...) go to the class's ``load``.
+        """
+        path = Path(path)
+        if cls is Pipeline:
+            index = path / "model_index.json"
+            if not index.is_file():
+                raise ConversionError(f"{path}: no model_index.json (not a diffusers pipeline directory)")
+            try:
+                name = json.loads(index.read_text()).get("_class_name")
+            except json.JSONDecodeError as e:
+                raise ConversionError(f"{index}: not valid JSON ({e})") from None
+            if name not in PIPELINES:
+                raise ConversionError(f"{index}: unsupported pipeline class {name!r} "
+                                      f"(supported: {', '.join(sorted(PIPELINES))})")
+            cls = PIPELINES[name]
+        return cls.load(path, **kwargs)
+
+    @classmethod
+    def load(cls, path, **kwargs) -> Pipeline:
+        raise NotImplementedError(f"{cls.__name__} does not load from a directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def to_float_images(images) -> np.ndarray:
+    """Decoder output about [-1, 1] -> float32 images in [0, 1]."""
+    return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Decoder output about [-1, 1] -> uint8 pixels (as diffusers' image processor rounds)."""
+    return (to_float_images(images) * 255).round().astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2) -> Image.Image:
+    """``[rows*cols, h, w]`` images in [0, 1] -> one PIL image, tiles upscaled nearest-neighbour."""
+    n, h, w = images.shape
+    cols = n // rows
+    tile_w, tile_h = w * scale, h * scale
+    canvas = Image.new("L", (cols * (tile_w + gap) + gap, rows * (tile_h + gap) + gap), color=40)
+    pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        tile = Image.fromarray(pixels[i], mode="L").resize((tile_w, tile_h), Image.Resampling.NEAREST)
+        canvas.paste(tile, (gap + c * (tile_w + gap), gap + r * (tile_h + gap)))
+    return canvas
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r} not in {OUTPUT_TYPES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt pipelines
+# ---------------------------------------------------------------------------------------------
+
+
+def check_prompts(prompts) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    return prompts
+
+
+class PromptPipeline(Pipeline):
+    """Prompt -> image: encode the prompts, sample the velocity model, decode.
+
+    A subclass sets ``model`` (the velocity ``FlowModel``), ``decoder`` (VAE or TAESD) and
+    ``text_len`` (the conditioning's text length), and implements ``encode`` (prompts ->
+    conditioning), ``schedule`` (steps -> time grid) and the defaults below.
+
+    Attributes:
+        default_steps: Euler steps when ``steps`` is not given.
+        default_guidance: guidance scale when not given (None: no guidance).
+        embedded_guidance: the guidance scale is a model input (``cond["guidance"]``, Flux-dev)
+            instead of classifier-free guidance.
+    """
+
+    default_steps = 4
+    default_guidance: float | None = None
+    embedded_guidance = False
+
+    model: Any
+    decoder: Any
+    text_len: int
+
+    # -- what a family's pipeline provides -----------------------------------------------------
+
+    def encode(self, prompts: list[str]) -> dict[str, jax.Array]:
+        """Prompts -> conditioning ``{name: [B, ...]}`` (without any guidance entry)."""
+        raise NotImplementedError
+
+    def schedule(self, steps: int, latent_shape: tuple[int, int, int]) -> np.ndarray:
+        """The ``[S+1]`` time grid for ``steps`` at this latent size."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------
+
+    @property
+    def vae_scale(self) -> int:
+        """Image pixels per latent pixel."""
+        return self.decoder.scale_factor
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """``(h, w, C)`` of the latent of an image of ``height x width`` pixels (default: the model's)."""
+        sides = []
+        for name, px in (("height", height), ("width", width)):
+            step = self.vae_scale * self.model.latent_multiple
+            if px is not None and (px < step or px % step):
+                raise ValueError(f"image {name} {px} is not a multiple of {step}")
+            sides.append(None if px is None else px // self.vae_scale)
+        return self.model.latent_shape(*sides)
+
+    def cond_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-request conditioning shapes (the stream engine's ``cond_shapes``)."""
+        return self.model.cond_shapes(self.text_len)
+
+    def conditioning(self, prompts: list[str], guidance_scale=None, negative_prompt="") -> tuple[dict, dict | None, Any]:
+        """``(cond, uncond, cfg_scale)`` for ``sample``: embedded guidance goes into ``cond``."""
+        b = len(prompts)
+        cond = self.encode(prompts)
+        if self.embedded_guidance:
+            if guidance_scale is None:
+                raise ValueError("this model takes a guidance scale as an input: give guidance_scale")
+            g = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (b,))
+            return {**cond, "guidance": g}, None, None
+        if guidance_scale is None:
+            return cond, None, None
+        negative = [negative_prompt] * b if isinstance(negative_prompt, str) else check_prompts(negative_prompt)
+        if len(negative) != b:
+            raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
+        return cond, self.encode(negative), guidance_scale
+
+    def noise(self, n: int, shape: tuple[int, int, int], seed: int = 0, noise=None) -> jax.Array:
+        """``[n, h, w, C]`` starting latents: ``jax.random.normal(key(seed))`` or ``noise`` checked."""
+        if noise is None:
+            return jax.random.normal(jax.random.key(seed), (n, *shape), jnp.float32)
+        if tuple(np.shape(noise)) != (n, *shape):
+            raise ValueError(f"noise has shape {np.shape(noise)}, expected {(n, *shape)}")
+        return jnp.asarray(noise, jnp.float32)
+
+    def decode(self, latents) -> np.ndarray:
+        """``[B, h, w, C]`` latents -> ``[B, H, W, 3]`` uint8 images."""
+        return to_uint8(decode_latents(self.decoder, latents))
+
+    def output(self, latents, output_type: str):
+        """The sampler's latents as ``output_type``: PIL images, float ``[B, H, W, 3]`` in [0, 1],
+        or the latents themselves (NHWC)."""
+        if output_type == "latent":
+            return np.asarray(latents)
+        images = decode_latents(self.decoder, latents)
+        if output_type == "np":
+            return to_float_images(images)
+        return [Image.fromarray(img) for img in to_uint8(images)]
+
+    def __call__(self, prompts, *, steps: int | None = None, guidance_scale=None, negative_prompt="",
+                 seed: int = 0, noise=None, height: int | None = None, width: int | None = None,
+                 backend: str = "xla", output_type: str = "pil"):
+        """Generates one image per prompt.
+
+        Args:
+            prompts: a string or a non-empty list of strings.
+            steps: Euler steps (default: the pipeline's).
+            guidance_scale: a scalar or one per prompt; classifier-free guidance against
+                ``negative_prompt``, or the model's guidance input (Flux-dev).
+            negative_prompt: the unconditional prompt of classifier-free guidance (one, or one
+                per prompt).
+            seed / noise: the starting latents, ``jax.random.normal(key(seed))`` or ``[B, h, w, C]``.
+            height, width: image size in pixels (default: the model's).
+            backend: ``"xla"``, ``"onnxruntime"`` or ``"tensorrt"`` for the velocity model.
+            output_type: ``"pil"`` (list of PIL images), ``"np"`` (float ``[B, H, W, 3]`` in
+                [0, 1]) or ``"latent"`` (the sampler's ``[B, h, w, C]`` output, before decoding).
+        """
+        check_output_type(output_type)
+        prompts = check_prompts(prompts)
+        steps = self.default_steps if steps is None else int(steps)
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance
+        shape = self.latent_shape(height, width)
+        x = self.noise(len(prompts), shape, seed, noise)
+        cond, uncond, cfg = self.conditioning(prompts, guidance_scale, negative_prompt)
+        latents = backends.sample(self.model, x, self.schedule(steps, shape), cond, guidance_scale=cfg,
+                                  uncond=uncond, backend=backend)
+        return self.output(latents, output_type)
+
+
+class PromptStream:
+    """The stream engine behind a prompt pipeline: one request per prompt, each with its own
+    seed, step count and guidance, advanced together one batched model call per tick and
+    decoded as they finish.
+
+    Args:
+        pipe: a ``PromptPipeline``.
+        slots_per_stream, streams: the engine's N and stream count (batch = N * streams).
+        guidance: run classifier-free guidance on every slot (requests give their scale). A
+            model with embedded guidance (Flux-dev) takes each request's scale as an input
+            instead, whatever this says.
+        height, width: image size in pixels (default: the model's).
+        output_type: ``"pil"``, ``"np"`` or ``"latent"``, as the pipeline's.
+    """
+
+    def __init__(self, pipe: PromptPipeline, *, slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
+                 height: int | None = None, width: int | None = None, backend: str = "xla",
+                 output_type: str = "pil"):
+        check_output_type(output_type)
+        self.pipe, self.output_type = pipe, output_type
+        self.latent_shape = pipe.latent_shape(height, width)
+        self.guided = bool(guidance) and not pipe.embedded_guidance
+        post = {"pil": to_uint8, "np": to_float_images, "latent": None}[output_type]
+        self.engine = StreamEngine(pipe.model, self.latent_shape, pipe.cond_shapes(),
+                                   slots_per_stream=slots_per_stream, streams=streams, guidance=self.guided,
+                                   decoder=None if output_type == "latent" else pipe.decoder, postprocess=post,
+                                   backend=backend)
+
+    def submit(self, prompt: str, *, steps: int | None = None, seed: int = 0, noise=None,
+               guidance_scale: float | None = None, negative_prompt: str = "") -> int:
+        """Queues one prompt; returns its id. A bad request gets its error as its result."""
+        if not isinstance(prompt, str):
+            return self.engine.reject(f"prompt must be a string, got {type(prompt).__name__}")
+        takes_scale = self.guided or self.pipe.embedded_guidance
+        try:
+            steps = self.pipe.default_steps if steps is None else steps
+            grid = self.pipe.schedule(int(steps), self.latent_shape)
+            if takes_scale and guidance_scale is None:
+                guidance_scale = self.pipe.default_guidance
+                if guidance_scale is None:
+                    raise RequestError("this stream takes a guidance scale: give guidance_scale")
+            cond, uncond, cfg = self.pipe.conditioning([prompt], guidance_scale if takes_scale else None,
+                                                       negative_prompt)
+        except (ValueError, TypeError) as e:
+            return self.engine.reject(e)
+        first = lambda d: None if d is None else {k: v[0] for k, v in d.items()}  # noqa: E731
+        # a scale given to a stream without CFG goes to the engine, which refuses it by name
+        extra = {"guidance_scale": cfg, "uncond": first(uncond)} if self.guided else (
+            {} if takes_scale or guidance_scale is None else {"guidance_scale": guidance_scale})
+        return self.engine.submit(first(cond), grid=grid, seed=None if noise is not None else seed, noise=noise,
+                                  **extra)
+
+    def run(self) -> dict:
+        """Runs until every request is done; returns id -> output (as ``output_type``) or ``RequestError``."""
+        results = self.engine.run()
+        if self.output_type != "pil":
+            return dict(results)
+        return {rid: r if isinstance(r, Exception) else Image.fromarray(r) for rid, r in results.items()}

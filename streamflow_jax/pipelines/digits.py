@@ -1,0 +1,120 @@
+"""The embedded default model: class label (0-9) -> 16x16 grey digit.
+
+``assets/digits`` is a class-conditional ``SD3Transformer2DModel`` trained by
+``scripts/train_digits.py`` on scikit-learn's digits, in pixel space (no VAE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file
+
+from streamflow_jax import backends, schedules
+from streamflow_jax.checkpoint import load
+from streamflow_jax.errors import ConversionError
+from streamflow_jax.pipelines.base import Pipeline, read_scheduler_config, register
+from streamflow_jax.stream import StreamEngine
+
+DIGITS_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
+NULL_CLASS = 10
+
+
+def to_images(x) -> np.ndarray:
+    """Latents ``[B, 16, 16, 1]`` in [-1, 1] (pixel space) -> ``[B, 16, 16]`` images in [0, 1]."""
+    return np.clip((np.asarray(x[..., 0], np.float32) + 1) / 2, 0, 1)
+
+
+def _check_labels(labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"labels must be a non-empty 1-D array of classes 0-9, got {labels!r}")
+    return labels
+
+
+@register("StreamflowDigits")
+class DigitsPipeline(Pipeline):
+    """Class label (0-9) -> 16x16 grey digit, with classifier-free guidance against the null class.
+
+    Attributes:
+        model: the converted ``FlowModel``.
+        conditioning: ``encoder_hidden_states`` ``[11, 1, J]`` and ``pooled_projections``
+            ``[11, E]``, one row per class, row 10 the null class.
+        shift: the scheduler's time shift (from ``scheduler/scheduler_config.json``).
+    """
+
+    def __init__(self, model, conditioning: dict[str, np.ndarray], shift: float = 1.0):
+        self.model = model
+        self.conditioning = {k: jnp.asarray(v) for k, v in conditioning.items()}
+        self.shift = shift
+
+    @classmethod
+    def from_dir(cls, path=DIGITS_DIR, dtype=None) -> DigitsPipeline:
+        """Loads (converting in memory) a digits pipeline directory; the embedded one by default."""
+        path = Path(path)
+        cond_file = path / "conditioning.safetensors"
+        if not cond_file.is_file():
+            raise ConversionError(f"{path}: no conditioning.safetensors (not a digits pipeline directory)")
+        model = load(path, dtype=dtype)
+        shift = read_scheduler_config(path).get("shift", 1.0) if (path / "scheduler").is_dir() else 1.0
+        return cls(model, load_file(cond_file), shift)
+
+    @classmethod
+    def load(cls, path, dtype=None) -> DigitsPipeline:
+        return cls.from_dir(path, dtype=dtype)
+
+    def cond(self, labels) -> dict[str, jax.Array]:
+        """Conditioning dict for ``[B]`` integer labels (10 = unconditional)."""
+        labels = jnp.asarray(labels, jnp.int32)
+        return {k: v[labels] for k, v in self.conditioning.items()}
+
+    def __call__(self, labels, *, steps: int = 16, guidance_scale: float | None = 3.0, seed: int = 0,
+                 backend: str = "xla") -> np.ndarray:
+        """Generates one digit per label.
+
+        Args:
+            labels: ``[B]`` classes 0-9.
+            steps: Euler steps on the scheduler's flow-match grid.
+            guidance_scale: classifier-free guidance scale (scalar or ``[B]``); ``None`` for none.
+            seed: PRNG seed of the starting noise.
+
+        Returns:
+            ``[B, 16, 16]`` float32 images in [0, 1].
+        """
+        labels = _check_labels(labels)
+        noise = self.noise(len(labels), seed)
+        grid = schedules.flow_match(steps, shift=self.shift)
+        uncond = self.cond(np.full(len(labels), NULL_CLASS)) if guidance_scale is not None else None
+        x = backends.sample(self.model, noise, grid, self.cond(labels), guidance_scale=guidance_scale, uncond=uncond,
+                            backend=backend)
+        return to_images(x)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.model.latent_shape()
+
+    def noise(self, n: int, seed: int) -> jax.Array:
+        """The ``[n, 16, 16, 1]`` starting noise that ``__call__`` uses for ``seed``."""
+        return jax.random.normal(jax.random.key(seed), (n, *self.latent_shape), jnp.float32)
+
+    def stream(self, labels, *, steps: int = 16, guidance_scale: float | None = 3.0, seed: int = 0,
+               slots_per_stream: int = 4, streams: int = 1, backend: str = "xla") -> np.ndarray:
+        """The same images as ``__call__``, made by a ``StreamEngine`` (one request per label)."""
+        labels = _check_labels(labels)
+        shapes = {k: tuple(v.shape[1:]) for k, v in self.conditioning.items()}
+        engine = StreamEngine(self.model, self.latent_shape, shapes, slots_per_stream=slots_per_stream,
+                              streams=streams, guidance=guidance_scale is not None,
+                              postprocess=lambda x: to_images(x[None])[0], backend=backend)
+        noise = np.asarray(self.noise(len(labels), seed))
+        table = {k: np.asarray(v) for k, v in self.conditioning.items()}
+        null = {k: v[NULL_CLASS] for k, v in table.items()}
+        ids = []
+        for i, label in enumerate(labels):
+            extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale, "uncond": null}
+            ids.append(engine.submit({k: v[label] for k, v in table.items()}, steps=steps, shift=self.shift,
+                                     noise=noise[i], **extra))
+        engine.run()
+        return np.stack([engine.result(i) for i in ids])
