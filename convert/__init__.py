@@ -1,13 +1,21 @@
-"""Checkpoint readers: diffusers/transformers directories -> ``FlowModel``, strictly.
+"""Checkpoint readers: diffusers/transformers directories and single files -> our parameters, strictly.
 
-This package reads files; what the keys and config fields mean is each family's ``KeyMap``,
-declared beside its model (``models/*.py``). It is imported as ``streamflow_jax.converters``
-(``streamflow_jax/converters`` is a link to this folder, see the README's Layout); users call
-``streamflow_jax.convert`` / ``streamflow_jax.load`` or ``streamflow-jax convert``.
+This package reads files; what the keys and config fields mean is each family's ``KeyMap``
+(and its ``CheckpointLayout`` s for single files), declared beside its model (``models/*.py``).
+It is imported as ``streamflow_jax.converters`` (``streamflow_jax/converters`` is a link to this
+folder, see the README's Layout); users call ``streamflow_jax.convert`` / ``streamflow_jax.load``
+or ``streamflow-jax convert``.
+
+Conversion is planned before any tensor is read: every source key is matched to one module
+parameter and every shape checked against it from the files' headers (``plan``). The plan
+then reads the tensors in groups (``ConversionPlan.read``), so a checkpoint never has to be
+held twice in memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -24,15 +32,16 @@ from .common import (
     check_model_source,
     config_from_dict,
     map_tensor,
+    mapped_shape,
     read_json,
 )
 
 # Bumped whenever converted output changes meaning; stored in every converted config.json.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
-__all__ = ["CONVERTER_VERSION", "ConversionError", "class_name_of", "convert_diffusers", "convert_tensors",
-           "read_config", "resolve_dtype"]
+__all__ = ["CONVERTER_VERSION", "ConversionError", "ConversionPlan", "class_name_of", "convert_diffusers",
+           "convert_tensors", "plan", "plan_source", "read_config", "resolve_dtype"]
 
 
 def resolve_dtype(dtype):
@@ -44,35 +53,6 @@ def resolve_dtype(dtype):
             raise ConversionError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
         return np.dtype(DTYPES[dtype])
     return np.dtype(dtype)
-
-
-def _target_for(key: str, targets: dict) -> str | None:
-    """The Flax parameter path a (renamed) diffusers key fills, or None."""
-    if key in targets:
-        return key
-    prefix, _, leaf = key.rpartition(".")
-    if leaf == "weight":
-        for alt in ("kernel", "scale"):
-            if f"{prefix}.{alt}" in targets:
-                return f"{prefix}.{alt}"
-    return None
-
-
-def convert_diffusers(src, *, dtype=None, progress: bool = True) -> tuple[FlowModel, dict]:
-    """Reads a diffusers model directory into a ``FlowModel``, strictly.
-
-    Returns:
-        The model and the raw diffusers config it came from.
-
-    Raises:
-        ConversionError: naming the file and the key of whatever does not fit.
-    """
-    model_dir = _find_supported_dir(Path(src))
-    raw = read_json(model_dir / CONFIG_NAME)
-    family = _family(raw, str(model_dir))
-    tensors = TensorSource(model_dir, family.keys.weights)
-    model = convert_tensors(raw, tensors, dtype=dtype, progress=progress, source=str(model_dir))
-    return model, raw
 
 
 def class_name_of(raw: dict) -> str | None:
@@ -91,14 +71,18 @@ def _family(raw: dict, source: str):
     return family_of(class_name)
 
 
-def parse_config(raw: dict, *, source: str):
-    """``(family, config)`` of a raw diffusers/transformers config dict, strictly."""
+def parse_config(raw: dict, *, source: str, config_source: str | None = None):
+    """``(family, config)`` of a raw diffusers/transformers config dict, strictly.
+
+    ``config_source`` names where the config came from in messages (default
+    ``SOURCE/config.json``).
+    """
     family = _family(raw, source)
     keys = family.keys
     if keys.prepare_config is not None:
         raw = keys.prepare_config(raw)
-    config = config_from_dict(family.config_cls, raw, source=f"{source}/{CONFIG_NAME}", ignorable=keys.ignorable,
-                              any_value=keys.any_value)
+    config = config_from_dict(family.config_cls, raw, source=config_source or f"{source}/{CONFIG_NAME}",
+                              ignorable=keys.ignorable, any_value=keys.any_value)
     return family, config
 
 
@@ -106,6 +90,234 @@ def read_config(model_dir):
     """``(family, config)`` of a diffusers model directory, without reading its weights."""
     model_dir = Path(model_dir)
     return parse_config(read_json(model_dir / CONFIG_NAME), source=str(model_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: what tensors there are, under the diffusers keys
+# ---------------------------------------------------------------------------------------------
+
+
+class DictSource:
+    """A mapping of diffusers keys to arrays, read like a ``TensorSource``."""
+
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def keys(self):
+        return list(self._tensors)
+
+    def shape(self, key):
+        return tuple(np.shape(self._tensors[key]))
+
+    def items(self, keys):
+        for key in keys:
+            yield key, np.asarray(self._tensors[key])
+
+
+class LayoutSource:
+    """A single file in a published layout, seen under the diffusers keys its tensors become."""
+
+    def __init__(self, tensors: TensorSource, layout, prefix: str):
+        self.tensors, self.layout, self.prefix = tensors, layout, prefix
+        self._parts: dict[str, tuple[str, object]] = {}  # diffusers key -> (file key, rows)
+        for file_key in tensors.keys():
+            for key, rows in layout.parts(file_key[len(prefix):], tensors.shape(file_key)):
+                self._parts[key] = (file_key, rows)
+
+    def keys(self):
+        return list(self._parts)
+
+    def shape(self, key):
+        file_key, rows = self._parts[key]
+        shape = self.tensors.shape(file_key)
+        if rows is None:
+            return shape
+        n = len(range(*rows.indices(shape[0]))) if isinstance(rows, slice) else len(rows)
+        return (n, *shape[1:])
+
+    def items(self, keys):
+        wanted: dict[str, list[str]] = {}
+        for key in keys:
+            wanted.setdefault(self._parts[key][0], []).append(key)
+        for file_key, array in self.tensors.items(list(wanted)):
+            for key in wanted[file_key]:
+                rows = self._parts[key][1]
+                yield key, array if rows is None else array[rows]
+
+
+def _single_file_source(path: Path, overrides: dict | None):
+    """``(raw config, source)`` of a single safetensors file in a published layout."""
+    tensors = TensorSource.for_file(path)
+    keys = tensors.keys()
+    for family in dict.fromkeys(FAMILIES.values()):
+        for layout in family.keys.layouts:
+            for prefix in ("", *layout.prefixes):
+                stripped = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+                if len(stripped) == len(keys) and layout.detect(stripped):
+                    source = LayoutSource(tensors, layout, prefix)
+                    shapes = {k[len(prefix):]: tensors.shape(k) for k in keys}
+                    try:
+                        raw = {**layout.config(shapes), **(overrides or {})}
+                    except KeyError as e:
+                        raise ConversionError(f"{path}: {layout.name} layout without tensor {e}") from None
+                    return raw, source
+    raise ConversionError(f"{path}: a single file in no known layout (known: "
+                          f"{', '.join(lay.name for f in dict.fromkeys(FAMILIES.values()) for lay in f.keys.layouts)}"
+                          "); give a diffusers model directory instead")
+
+
+def plan_source(src, *, config: dict | None = None) -> tuple[ConversionPlan, dict]:
+    """The plan for a model directory or a single file, and the raw config it came from.
+
+    Args:
+        src: a diffusers/transformers model directory, or a single safetensors file in a
+            published layout (e.g. Black Forest Labs' Flux file).
+        config: config fields that override what the directory says or the file implies
+            (a single file cannot say everything, e.g. a non-published head size's rotary axes).
+    """
+    src = Path(src)
+    if src.is_file():
+        raw, source = _single_file_source(src, config)
+        about = f"{src} (its config, implied by the tensors' shapes{' and the given fields' if config else ''})"
+        return plan(raw, source, source=str(src), config_source=about), raw
+    model_dir = _find_supported_dir(src)
+    raw = {**read_json(model_dir / CONFIG_NAME), **(config or {})}
+    source = TensorSource.for_dir(model_dir, _family(raw, str(model_dir)).keys.weights)
+    return plan(raw, source, source=str(src)), raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+# ---------------------------------------------------------------------------------------------
+
+
+def _target_for(key: str, targets: dict) -> str | None:
+    """The Flax parameter path a (renamed) diffusers key fills, or None."""
+    if key in targets:
+        return key
+    prefix, _, leaf = key.rpartition(".")
+    if leaf == "weight":
+        for alt in ("kernel", "scale"):
+            if f"{prefix}.{alt}" in targets:
+                return f"{prefix}.{alt}"
+    return None
+
+
+@dataclasses.dataclass
+class ConversionPlan:
+    """Which source tensor fills which parameter, checked; nothing read yet.
+
+    Attributes:
+        family, config, class_name: the model.
+        targets: parameter name -> abstract array (shape, dtype), in the module's order.
+        origin: parameter name -> the source key it is read from.
+        tensors: the source (``keys``/``shape``/``items``).
+        source: names the origin in messages.
+    """
+
+    family: object
+    config: object
+    class_name: str
+    targets: dict
+    origin: dict[str, str]
+    tensors: object
+    source: str
+    treedef: object = None
+    copies: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # more keys for one parameter
+
+    def read(self, names: list[str], cast=None) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields ``(parameter name, array)`` for ``names``, in the module's layout, cast to
+        ``cast`` where floating point (``None`` keeps each tensor's dtype: bf16 stays bf16).
+        A parameter that several keys fill (a tied embedding saved twice) is read from each,
+        and the copies must be equal."""
+        by_key = {self.origin[n]: n for n in names}
+        extra = {k: n for n in names for k in self.copies.get(n, ())}
+        first: dict[str, tuple[str, np.ndarray]] = {}
+        for key, array in self.tensors.items(list(by_key) + list(extra)):
+            name = by_key.get(key) or extra[key]
+            array = map_tensor(key, array, self.targets[name].shape, name.rpartition(".")[2])
+            if name in self.copies:
+                if name not in first:
+                    first[name] = (key, array)
+                elif not np.array_equal(first[name][1], array):
+                    raise ConversionError(f"{self.source}: {first[name][0]!r} and {key!r} both fill {name} "
+                                          "but differ")
+                if key in extra:  # the copies are only checked; the primary key is the one yielded
+                    continue
+            if cast is not None and jax.numpy.issubdtype(array.dtype, jax.numpy.floating):
+                array = array.astype(cast)
+            yield name, array
+
+    def nbytes(self, name: str, cast=None) -> int:
+        t = self.targets[name]
+        return int(np.prod(t.shape)) * np.dtype(cast or t.dtype).itemsize
+
+    def model(self, cast=None, progress: bool = False) -> FlowModel:
+        """Reads everything into a ``FlowModel`` (in memory)."""
+        names = list(self.targets)
+        values = {}
+        with tqdm(total=len(names), desc=f"converting {Path(self.source).name or self.source}", unit="tensor",
+                  disable=not progress) as bar:
+            for name, array in self.read(names, cast):
+                values[name] = array
+                bar.update()
+        params = jax.tree_util.tree_unflatten(self.treedef, [values[n] for n in names])
+        return FlowModel.from_params(self.family, self.config, params, class_name=self.class_name)
+
+
+def plan(raw_config: dict, tensors, *, source: str = "<tensors>", config_source: str | None = None
+         ) -> ConversionPlan:
+    """Matches every source tensor to one parameter and checks every shape, reading only headers.
+
+    Raises:
+        ConversionError: an unsupported class or config value, an unexpected, missing or
+            mis-shaped tensor (naming the file and the key).
+    """
+    family, config = parse_config(raw_config, source=source, config_source=config_source)
+    class_name = class_name_of(raw_config)
+    if not hasattr(tensors, "items"):
+        tensors = DictSource(tensors)
+    _, abstract_state = nnx.split(abstract_module(family, config))
+    targets, treedef, _ = flat_params(nnx.to_pure_dict(abstract_state))
+    origin, unexpected, copies = {}, [], {}
+    for key in tensors.keys():
+        target = _target_for(family.keys.rename(key), targets)
+        if target is None:
+            unexpected.append(key)
+        elif target in origin:
+            copies.setdefault(target, []).append(key)
+        else:
+            origin[target] = key
+    missing = sorted(set(targets) - set(origin))
+    if unexpected:
+        raise ConversionError(f"{source}: unexpected tensor(s) {_few(unexpected)} for {class_name}")
+    if missing:
+        raise ConversionError(f"{source}: missing tensor(s) {_few(missing)} for {class_name}")
+    for name, key in origin.items():
+        got = mapped_shape(tensors.shape(key), name.rpartition(".")[2])
+        if got != tuple(targets[name].shape):
+            raise ConversionError(f"{source}: tensor {key!r}: shape {got} does not fit the model's "
+                                  f"{tuple(targets[name].shape)} ({name})")
+    for name, keys in copies.items():
+        for key in keys:
+            if tuple(tensors.shape(key)) != tuple(tensors.shape(origin[name])):
+                raise ConversionError(f"{source}: {origin[name]!r} and {key!r} both fill {name} with different shapes")
+    return ConversionPlan(family, config, class_name, targets, origin, tensors, source, treedef, copies)
+
+
+def convert_diffusers(src, *, dtype=None, progress: bool = True, config: dict | None = None
+                      ) -> tuple[FlowModel, dict]:
+    """Reads a diffusers model directory (or a single file in a published layout) into a
+    ``FlowModel`` in memory, strictly.
+
+    Returns:
+        The model and the raw config it came from.
+
+    Raises:
+        ConversionError: naming the file and the key of whatever does not fit.
+    """
+    p, raw = plan_source(src, config=config)
+    return p.model(resolve_dtype(dtype), progress), raw
 
 
 def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = True,
@@ -119,52 +331,7 @@ def convert_tensors(raw_config: dict, tensors, *, dtype=None, progress: bool = T
         dtype: cast floating-point parameters (``None`` keeps each tensor's dtype).
         source: names the origin in error messages.
     """
-    family, config = parse_config(raw_config, source=source)
-    cast = resolve_dtype(dtype)
-    if not isinstance(tensors, TensorSource):
-        tensors = DictSource(tensors)
-
-    _, abstract_state = nnx.split(abstract_module(family, config))
-    targets, treedef, paths = flat_params(nnx.to_pure_dict(abstract_state))
-
-    key_to_target, unexpected = {}, []
-    for key in tensors.keys():
-        target = _target_for(family.keys.rename(key), targets)
-        (unexpected.append(key) if target is None else key_to_target.__setitem__(key, target))
-    missing = sorted(set(targets) - set(key_to_target.values()))
-    class_name = class_name_of(raw_config)
-    if unexpected:
-        raise ConversionError(f"{source}: unexpected tensor(s) {_few(unexpected)} for {class_name}")
-    if missing:
-        raise ConversionError(f"{source}: missing tensor(s) {_few(missing)} for {class_name}")
-
-    values = {}
-    keys = list(key_to_target)
-    name = Path(source).name or source
-    with tqdm(total=len(keys), desc=f"converting {name}", unit="tensor", disable=not progress) as bar:
-        for key, array in tensors.items(keys):
-            target = key_to_target[key]
-            array = map_tensor(key, array, targets[target].shape, target.rpartition(".")[2])
-            if cast is not None and jax.numpy.issubdtype(array.dtype, jax.numpy.floating):
-                array = array.astype(cast)
-            values[target] = array
-            bar.update()
-    params = jax.tree_util.tree_unflatten(treedef, [values[p] for p in paths])
-    return FlowModel.from_params(family, config, params, class_name=class_name)
-
-
-class DictSource:
-    """A mapping of diffusers keys to arrays, read like a ``TensorSource``."""
-
-    def __init__(self, tensors):
-        self._tensors = tensors
-
-    def keys(self):
-        return list(self._tensors)
-
-    def items(self, keys):
-        for key in keys:
-            yield key, np.asarray(self._tensors[key])
+    return plan(raw_config, tensors, source=source).model(resolve_dtype(dtype), progress)
 
 
 def _find_supported_dir(src: Path) -> Path:

@@ -67,48 +67,65 @@ def config_from_dict(cls, raw: Mapping, *, source: Path, ignorable: Mapping | No
         raise ConversionError(f"{source}: {e}") from None
 
 
-class TensorSource:
-    """The tensors of one model directory, single-file or sharded, read lazily.
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what its header says (nothing read yet)."""
 
-    ``names`` is the (single file, shard index) pair to look for: diffusers' by default,
-    ``("model.safetensors", "model.safetensors.index.json")`` for transformers models.
+    path: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class TensorSource:
+    """The tensors of safetensors files, listed from their headers and read lazily.
+
+    ``TensorSource.for_dir`` reads a model directory, single-file or sharded (``names`` is the
+    (single file, shard index) pair to look for: diffusers' by default, transformers'
+    ``model.safetensors`` for text encoders); ``TensorSource.for_file`` one file.
     """
 
-    def __init__(self, model_dir: Path, names: tuple[str, str] = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
-        self.model_dir = Path(model_dir)
-        single = self.model_dir / names[0]
-        index = self.model_dir / names[1]
-        self._where: dict[str, Path] = {}
+    def __init__(self, where: dict[str, TensorInfo], origin: Path):
+        self._where = where
+        self.origin = origin
+
+    @classmethod
+    def for_file(cls, path) -> TensorSource:
+        path = Path(path)
+        return cls(cls._headers(path), path)
+
+    @classmethod
+    def for_dir(cls, model_dir, names: tuple[str, str] = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)) -> TensorSource:
+        model_dir = Path(model_dir)
+        single, index = model_dir / names[0], model_dir / names[1]
         if single.is_file():
-            for key in self._keys_of(single):
-                self._where[key] = single
-        elif index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConversionError(f"{index}: missing 'weight_map'")
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
-                path = self.model_dir / shard
-                if not path.is_file():
-                    raise ConversionError(f"{index}: shard {shard!r} does not exist")
-                for key in self._keys_of(path):
-                    self._where[key] = path
-            listed = set(weight_map)
-            if listed != set(self._where):
-                diff = sorted(listed ^ set(self._where))
-                raise ConversionError(f"{index}: weight_map disagrees with the shards' contents on {diff[:5]}")
-        else:
-            found = sorted(p.name for p in self.model_dir.glob("*.safetensors"))
-            raise ConversionError(
-                f"{self.model_dir}: no {names[0]} or {names[1]}"
-                + (f" (found {', '.join(found)})" if found else "")
-            )
+            return cls(cls._headers(single), model_dir)
+        if not index.is_file():
+            found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            raise ConversionError(f"{model_dir}: no {names[0]} or {names[1]}"
+                                  + (f" (found {', '.join(found)})" if found else ""))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: missing 'weight_map'")
+        where: dict[str, TensorInfo] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = model_dir / shard
+            if not path.is_file():
+                raise ConversionError(f"{index}: shard {shard!r} does not exist")
+            where.update(cls._headers(path))
+        if set(weight_map) != set(where):
+            diff = sorted(set(weight_map) ^ set(where))
+            raise ConversionError(f"{index}: weight_map disagrees with the shards' contents on {diff[:5]}")
+        return cls(where, model_dir)
 
     @staticmethod
-    def _keys_of(path: Path) -> list[str]:
+    def _headers(path: Path) -> dict[str, TensorInfo]:
         try:
             with safe_open(path, framework="numpy") as f:
-                return list(f.keys())
+                out = {}
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    out[key] = TensorInfo(path, tuple(sl.get_shape()), str(sl.get_dtype()))
+                return out
         except (SafetensorError, OSError) as e:
             raise ConversionError(f"{path}: unreadable safetensors file ({e})") from None
 
@@ -116,14 +133,19 @@ class TensorSource:
         return list(self._where)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        with safe_open(self._where[key], framework="numpy") as f:
-            return tuple(f.get_slice(key).get_shape())
+        return self._where[key].shape
+
+    def nbytes(self) -> int:
+        """The files' total tensor bytes, from the headers."""
+        size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+        return sum(int(np.prod(t.shape)) * size.get(t.dtype, 4) for t in self._where.values())
 
     def items(self, keys: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """Yields ``(key, array)`` in the given order, opening each file once per run of keys."""
+        """Yields ``(key, array)`` for ``keys``, grouped by file: each file is opened (memory
+        mapped) once per call and closed after, so its pages do not stay mapped."""
         by_file: dict[Path, list[str]] = {}
         for key in keys:
-            by_file.setdefault(self._where[key], []).append(key)
+            by_file.setdefault(self._where[key].path, []).append(key)
         for path, file_keys in by_file.items():
             try:
                 with safe_open(path, framework="numpy") as f:
@@ -143,17 +165,24 @@ def check_model_source(src: Path) -> None:
         raise ConversionError(f"{src}: no {CONFIG_NAME} or model_index.json (not a diffusers directory)")
 
 
+_KERNEL_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}  # Linear [out, in] -> [in, out]; Conv [O, I, kh, kw] -> [kh, kw, I, O]
+
+
+def mapped_shape(shape: tuple[int, ...], target_name: str) -> tuple[int, ...]:
+    """The shape a PyTorch tensor of ``shape`` has once in its Flax counterpart's layout."""
+    axes = _KERNEL_AXES.get(len(shape)) if target_name == "kernel" else None
+    return tuple(shape[a] for a in axes) if axes else tuple(shape)
+
+
 def map_tensor(key: str, array: np.ndarray, target_shape: tuple[int, ...], target_name: str) -> np.ndarray:
     """Turns one PyTorch tensor into the layout of its Flax counterpart.
 
     ``kernel`` targets are Linear (``[out, in] -> [in, out]``) or Conv
     (``[O, I, kh, kw] -> [kh, kw, I, O]``); everything else keeps its layout.
     """
-    if target_name == "kernel":
-        if array.ndim == 2:
-            array = array.T
-        elif array.ndim == 4:
-            array = array.transpose(2, 3, 1, 0)
+    axes = _KERNEL_AXES.get(array.ndim) if target_name == "kernel" else None
+    if axes:
+        array = array.transpose(axes)
     if tuple(array.shape) != tuple(target_shape):
         raise ConversionError(f"tensor {key!r}: shape {tuple(array.shape)} does not fit the model's {tuple(target_shape)}")
     return np.ascontiguousarray(array)

@@ -26,7 +26,8 @@ BACKENDS = ("xla", "onnxruntime", "tensorrt")  # as streamflow_jax.backends.BACK
 def _cmd_convert(args) -> int:
     from streamflow_jax.checkpoint import convert
 
-    out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet)
+    out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet,
+                  config=_config_overrides(args.config_from))
     print(f"converted {args.src} -> {out}")
     record = out / "conversion.json"
     if record.is_file():  # a pipeline: say what happened to each component
@@ -38,6 +39,17 @@ def _cmd_convert(args) -> int:
         for name, why in rec["skipped"].items():
             print(f"  skipped   {name}: {why}")
     return 0
+
+
+def _config_overrides(path: str | None) -> dict | None:
+    """``--config-from``: a model directory (its config.json) or a JSON file of config fields."""
+    if path is None:
+        return None
+    from streamflow_jax.converters.common import read_json
+
+    p = Path(path)
+    raw = read_json(p / "config.json" if p.is_dir() else p)
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
 def _cmd_generate(args) -> int:
@@ -192,10 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a diffusers model or pipeline directory")
-    p.add_argument("src", help="diffusers model directory (config.json + safetensors) or pipeline directory")
+    p.add_argument("src", help="diffusers model directory (config.json + safetensors), pipeline directory, or a "
+                               "single safetensors file in a published layout (Black Forest Labs' Flux)")
     p.add_argument("dst", help="output directory (must not exist; written atomically)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast floating-point parameters (default: keep the checkpoint's dtype)")
+    p.add_argument("--config-from", default=None, metavar="PATH",
+                   help="config fields overriding the source's: a model directory (its config.json) or a JSON file "
+                        "(a single file in a published layout cannot say everything)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 

@@ -22,26 +22,37 @@ import numpy as np
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def attention_implementation(q: jax.Array) -> str:
-    """Which ``jax.nn.dot_product_attention`` lowering serves ``q`` on this machine.
+def cudnn_head_dim_limit(device) -> int:
+    """The largest head dim JAX's cuDNN fused attention takes on ``device``: 256 from compute
+    capability 9.0 (Hopper) on, 128 below it (A100, RTX 30xx/40xx)."""
+    cc = str(getattr(device, "compute_capability", "") or "0")
+    return 256 if int(cc.split(".")[0]) >= 9 else 128
+
+
+def attention_implementation(q: jax.Array, device=None) -> str:
+    """Which ``jax.nn.dot_product_attention`` lowering serves ``q`` on ``device`` (default: the
+    first device).
 
     cuDNN's fused attention is several times faster on NVIDIA GPUs but only takes half
-    precision and head dims that are multiples of 8 up to 256, so everything else
-    (fp32 parity runs, CPU, odd head sizes) takes the XLA lowering.
+    precision and head dims that are multiples of 8 up to its device's limit (SD1.5's head dim
+    160 fits an H100, not an A100), so everything else (fp32 parity runs, CPU, odd head sizes)
+    takes the XLA lowering.
     """
+    device = device or jax.devices()[0]
     head_dim = q.shape[-1]
     if (
-        jax.default_backend() == "gpu"
+        device.platform == "gpu"
         and q.dtype in _CUDNN_DTYPES
         and head_dim % 8 == 0
-        and head_dim <= 256
+        and head_dim <= cudnn_head_dim_limit(device)
     ):
         return "cudnn"
     return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
-    """Multi-head attention, full or causal.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, bias: jax.Array | None = None,
+              scale: float | None = None) -> jax.Array:
+    """Multi-head attention, full or causal, with an optional additive bias.
 
     Sequence lengths are written ``L`` (queries) and ``L'`` (keys) here: any token sequence.
 
@@ -50,23 +61,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False)
         k: ``[B, L', N, K]`` keys.
         v: ``[B, L', N, K]`` values.
         causal: query i attends to keys 0..i only (text encoders).
+        bias: added to the logits, broadcastable to ``[B, N, L, L']`` (T5's position bias).
+        scale: multiplies ``q k^T`` (default ``1/sqrt(K)``; T5 uses 1).
 
     Returns:
-        ``[B, L, N, K]``, softmax(q k^T / sqrt(K)) v per head.
+        ``[B, L, N, K]``, softmax(scale * q k^T + bias) v per head.
     """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if attention_implementation(q) == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        try:
+            return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                                scale=scale, is_causal=causal, implementation="cudnn")
+        except (NotImplementedError, ValueError):  # cuDNN refused these shapes at trace time
+            pass
     # Written out rather than jax.nn.dot_product_attention(implementation="xla"): that asks for
     # fp32 accumulation of half-precision dots, which XLA:CPU rejects. Softmax runs in fp32.
     # matmul on [B, N, L, K] (not einsum) because it exports to ONNX MatMul, which takes
     # bfloat16, where ONNX Einsum does not.
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, L, K]
-    logits = jnp.matmul(qh * scale, kh.transpose(0, 1, 3, 2))  # [B, N, L, L']
+    if scale != 1.0:
+        qh = qh * jnp.asarray(scale, q.dtype)
+    logits = jnp.matmul(qh, kh.transpose(0, 1, 3, 2)).astype(jnp.float32)  # [B, N, L, L']
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     if causal:
         allowed = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
         logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.matmul(probs, vh).transpose(0, 2, 1, 3)
 
 

@@ -171,11 +171,11 @@ def bucket(n: int, limit: int, smallest: int = 1) -> int:
 class SlotScheduler:
     """Which slot holds which request at which step; plans ticks and retires finished requests."""
 
-    def __init__(self, num_slots: int, admit_per_tick: int):
+    def __init__(self, num_slots: int, admit_per_tick: int, min_batch: int | None = None):
         self.num_slots, self.admit_per_tick = num_slots, admit_per_tick
-        # at most three active-batch sizes (N/4, N/2, N rounded to powers of two): under-filled
+        # by default at most three active-batch sizes (N/4, N/2, N as powers of two): under-filled
         # engines skip idle slots without compiling a program per occupancy
-        self.smallest = max(1, -(-num_slots // 4))
+        self.smallest = max(1, -(-num_slots // 4)) if min_batch is None else min(max(1, int(min_batch)), num_slots)
         self.queue: collections.deque[Request] = collections.deque()
         self.requests: list[Request | None] = [None] * num_slots
         self.steps = [0] * num_slots  # next step of each slot: t = grid[step], t_next = grid[step + 1]
@@ -350,12 +350,15 @@ class StreamEngine:
         backend: ``"xla"`` (the tick is one jitted call, its buffers donated) or
             ``"onnxruntime"`` / ``"tensorrt"`` (the same tick around the exported graph).
         admit_per_tick: requests admitted per tick (default: one per stream).
+        min_batch: the smallest batch a step computes: occupied slots are padded to a power of
+            two of at least this (default a quarter of the slots), each size one compiled
+            program; ``min_batch=slots`` computes every slot every tick with one program.
     """
 
     def __init__(self, model, latent_shape: tuple[int, int, int], cond_shapes: dict[str, tuple[int, ...]], *,
                  slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
                  decoder=None, postprocess: Callable | None = None, backend: str = "xla",
-                 admit_per_tick: int | None = None):
+                 admit_per_tick: int | None = None, min_batch: int | None = None):
         check_backend(backend)
         if slots_per_stream < 1 or streams < 1:
             raise ValueError("slots_per_stream and streams must be >= 1")
@@ -368,7 +371,7 @@ class StreamEngine:
         if not 1 <= admit <= self.num_slots:
             raise ValueError(f"admit_per_tick must be in [1, {self.num_slots}], got {admit}")
         self.validate = RequestValidator(self.latent_shape, self.cond_shapes, self.guided)
-        self.scheduler = SlotScheduler(self.num_slots, admit)
+        self.scheduler = SlotScheduler(self.num_slots, admit, min_batch)
         self.buffers = DeviceBuffers(self.num_slots, self.latent_shape, self.cond_shapes, self.guided, admit)
         self._ids = itertools.count()
         self._in_flight: collections.deque[tuple[list[int], jax.Array]] = collections.deque()

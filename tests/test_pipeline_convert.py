@@ -25,14 +25,19 @@ def make_sd15_pipeline(root):
     diffusers.UNet2DConditionModel(**unet_cfg).save_pretrained(root / "unet")
     diffusers.AutoencoderKL(**VAES["sd"]).save_pretrained(root / "vae")
     transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)).save_pretrained(root / "text_encoder")
-    t5 = transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
-    transformers.T5EncoderModel(t5).save_pretrained(root / "text_encoder_2")  # no converter: skipped
+    t5 = transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                               feed_forward_proj="gated-gelu")
+    transformers.T5EncoderModel(t5).save_pretrained(root / "text_encoder_2")
+    transformers.BertModel(transformers.BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=16)).save_pretrained(
+        root / "image_encoder")  # no family: skipped
     _write_tiny_clip_vocab(root / "tokenizer")
     diffusers.DDIMScheduler().save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "image_encoder": ["transformers", "BertModel"],
         "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
     }))
 
@@ -43,7 +48,8 @@ def test_pipeline_converts_every_supported_component(tmp_path, capsys):
     out = capsys.readouterr().out
     for line in ("converted unet (UNet2DConditionModel)", "converted vae (AutoencoderKL)",
                  "converted text_encoder (CLIPTextModel)", "copied    scheduler", "copied    tokenizer",
-                 "skipped   text_encoder_2: unsupported class T5EncoderModel", "skipped   safety_checker: not present"):
+                 "converted text_encoder_2 (T5EncoderModel)", "skipped   image_encoder: unsupported class BertModel",
+                 "skipped   safety_checker: not present"):
         assert line in out, out
     assert sf.load(tmp_path / "out").class_name == "UNet2DConditionModel"  # the velocity network by default
     vae = sf.load(tmp_path / "out", component="vae")

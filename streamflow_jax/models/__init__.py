@@ -13,7 +13,7 @@ from streamflow_jax.models.family import Family, KeyMap
 from streamflow_jax.models.flow import FlowModel, abstract_module, decode_latents, flat_params, velocity_of
 
 # The registry: adding a family = adding its model file's name here.
-FAMILY_MODULES = ("mmdit", "unet", "vae", "taesd", "clip")
+FAMILY_MODULES = ("mmdit", "flux", "unet", "vae", "taesd", "clip", "t5")
 
 FAMILIES: dict[str, Family] = {}
 for _name in FAMILY_MODULES:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from streamflow_jax import ops
-from streamflow_jax.models.family import TRANSFORMERS_WEIGHTS, Family, KeyMap
+from streamflow_jax.models.family import GENERIC_TRANSFORMERS_FIELDS, TRANSFORMERS_WEIGHTS, Family, KeyMap
 from streamflow_jax.models.layers import Embedding, LayerNorm, Linear
 
 ACTIVATIONS = {
@@ -145,21 +145,10 @@ class CLIPTextModel(nnx.Module):
 # Family record
 # ---------------------------------------------------------------------------------------------
 
-# transformers writes many generic PretrainedConfig fields (generation and training settings);
-# they never change the encoder's forward pass and are accepted with any value.
-GENERIC_TRANSFORMERS_FIELDS = frozenset({
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "attention_dropout", "dropout",
-    "initializer_range", "initializer_factor", "pad_token_id", "bos_token_id", "return_dict", "output_hidden_states",
-    "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings",
-    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
-    "add_cross_attention", "tie_encoder_decoder", "max_length", "min_length", "do_sample", "early_stopping",
-    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
-    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix",
-    "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type", "gradient_checkpointing",
-})
+# CLIP's own training-only fields, beside transformers' generic ones (``eos_token_id`` is a
+# config field here: it picks the pooling rule)
+ANY_VALUE = GENERIC_TRANSFORMERS_FIELDS | {"attention_dropout", "dropout", "initializer_range", "initializer_factor",
+                                           "is_decoder"}
 
 
 def _prepare_config(raw: dict) -> dict:
@@ -181,7 +170,7 @@ FAMILY = Family(
     class_names=("CLIPTextModel", "CLIPTextModelWithProjection"),
     config_cls=CLIPTextConfig,
     module_cls=CLIPTextModel,
-    keys=KeyMap(rename=_rename, any_value=GENERIC_TRANSFORMERS_FIELDS, weights=TRANSFORMERS_WEIGHTS,
+    keys=KeyMap(rename=_rename, any_value=ANY_VALUE, weights=TRANSFORMERS_WEIGHTS,
                 prepare_config=_prepare_config),
     text_len=lambda c: c.max_position_embeddings,
 )

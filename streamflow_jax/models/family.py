@@ -8,7 +8,7 @@ collects them. Converters, export specs, runners, pipelines and the CLI read onl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -17,9 +17,51 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 KINDS = ("velocity", "decoder", "text_encoder")
 
+# transformers' generic PretrainedConfig fields (file metadata, output switches, training and
+# generation settings; older versions wrote them all): none changes an encoder's forward pass,
+# so text-encoder families accept them with any value (``KeyMap.any_value``).
+GENERIC_TRANSFORMERS_FIELDS = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_bfloat16",
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "tf_legacy_loss", "pruned_heads",
+    "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "finetuning_task", "tokenizer_class",
+    "prefix", "task_specific_params", "gradient_checkpointing", "cross_attention_hidden_size",
+    "add_cross_attention", "tie_encoder_decoder", "tie_word_embeddings", "is_encoder_decoder",
+    "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
+
 
 def identity(key: str) -> str:
     return key
+
+
+Rows = slice | Sequence[int] | None  # which rows (axis 0) of a source tensor a part takes; None: all
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: one record per layout
+class CheckpointLayout:
+    """A published checkpoint layout other than diffusers' (a single file), mapped onto the
+    diffusers keys, which the family's ``KeyMap`` then reads as usual.
+
+    Attributes:
+        name: short name for messages (``"bfl"``).
+        detect: ``(keys) -> bool``: whether a file's keys (prefixes stripped) are this layout.
+        config: ``(shapes) -> dict``: the diffusers ``config.json`` it implies, from the tensors'
+            shapes (``_class_name`` included); fields it cannot infer are left out.
+        parts: ``(key, shape) -> [(diffusers_key, rows), ...]``: the diffusers tensors one source
+            tensor becomes (fused projections split by rows; ``rows`` may also reorder them).
+        prefixes: key prefixes stripped before anything else.
+    """
+
+    name: str
+    detect: Callable[[set[str]], bool]
+    config: Callable[[dict[str, tuple[int, ...]]], dict]
+    parts: Callable[[str, tuple[int, ...]], list[tuple[str, Rows]]]
+    prefixes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: one record per family
@@ -38,6 +80,7 @@ class KeyMap:
             settings), accepted with any value.
         weights: the (single file, shard index) names to read in a model directory.
         prepare_config: rewrites the raw config before it is parsed (derived fields).
+        layouts: other published layouts (single files) that convert through this map.
     """
 
     rename: Callable[[str], str] = identity
@@ -45,6 +88,7 @@ class KeyMap:
     any_value: frozenset[str] = frozenset()
     weights: tuple[str, str] = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     prepare_config: Callable[[dict], dict] | None = None
+    layouts: tuple[CheckpointLayout, ...] = ()
 
 
 def _none(config) -> None:

@@ -1,0 +1,267 @@
+"""Flux.1 (diffusers' ``FluxTransformer2DModel``) in Flax NNX, taking unpacked NHWC latents.
+
+Double-stream blocks (image and text tokens with their own weights, one joint attention)
+followed by single-stream blocks (one sequence, attention and MLP in parallel), rotary position
+embeddings over (text, row, column) ids, and a guidance embedding for guidance-distilled models
+(dev; none for schnell). Attribute names mirror the diffusers checkpoint keys; Black Forest
+Labs' single-file layout is mapped in ``flux_bfl.py``.
+
+Like every family, ``velocity`` takes ``[B, H, W, C]`` latents: the 2x2 packing into tokens and
+the position ids are made here from the shapes (text tokens first, as in diffusers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from streamflow_jax import ops
+from streamflow_jax.models import flux_bfl, layers
+from streamflow_jax.models.family import Family, KeyMap
+
+ROPE_THETA = 10000.0
+F16_MAX = 65504.0
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FluxConfig:
+    """Hyperparameters of ``FluxTransformer2DModel``; field names as in its ``config.json``."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
+        if self.patch_size != 1:
+            raise ValueError(f"unsupported: patch_size={self.patch_size} (Flux packs 2x2 latents outside the "
+                             "transformer; every published checkpoint has 1)")
+        if self.in_channels % 4:
+            raise ValueError(f"in_channels={self.in_channels} is not 4 x latent channels (2x2 packing)")
+        if self.out_channels not in (None, self.in_channels):
+            raise ValueError(f"out_channels={self.out_channels} differs from in_channels={self.in_channels}: "
+                             "the output must be a velocity of the input latent")
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope={self.axes_dims_rope} must be even and sum to "
+                             f"attention_head_dim={self.attention_head_dim}")
+        for name in ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads"):
+            if getattr(self, name) < (0 if "layers" in name else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels // 4
+
+    @classmethod
+    def dev(cls) -> FluxConfig:
+        return cls(guidance_embeds=True)
+
+    @classmethod
+    def schnell(cls) -> FluxConfig:
+        return cls()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: packing and positions
+# ---------------------------------------------------------------------------------------------
+
+
+def pack(x):
+    """``[B, H, W, C]`` -> ``[B, (H/2)*(W/2), 4C]`` tokens, each token's features ordered (c, dy, dx)
+    as diffusers' ``FluxPipeline._pack_latents``."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)  # [B, h, w, C, 2, 2]
+    return x.reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack(tokens, height, width):
+    """``[B, (H/2)*(W/2), 4C]`` -> ``[B, H, W, C]``, the inverse of ``pack``."""
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.reshape(b, height // 2, width // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)  # [B, h, 2, w, 2, C]
+    return x.reshape(b, height, width, c)
+
+
+def rope_tables(text_len: int, rows, cols, axes_dims: tuple[int, ...]):
+    """Rotary ``(cos, sin)``, each ``[L + M, K/2]``, for ``L`` text tokens (ids all zero) then
+    the ``rows x cols`` image tokens (ids ``(0, row, col)``), as diffusers' ``FluxPosEmbed``.
+
+    With concrete sizes the tables are computed on the host in float64 (as diffusers does) and
+    enter the program as constants; with symbolic sizes (an ONNX export) they are computed in
+    the graph, in float32.
+    """
+    if isinstance(rows, int) and isinstance(cols, int):
+        r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        img = np.stack([np.zeros(rows * cols), r.reshape(-1), c.reshape(-1)], axis=-1)
+        ids = np.concatenate([np.zeros((text_len, 3)), img])
+        return ops.rope_angles(ids, axes_dims, ROPE_THETA)
+    r = jnp.broadcast_to(jnp.arange(rows)[:, None], (rows, cols)).reshape(-1)
+    c = jnp.broadcast_to(jnp.arange(cols)[None, :], (rows, cols)).reshape(-1)
+    img = jnp.stack([jnp.zeros_like(r), r, c], axis=-1)
+    ids = jax.lax.concatenate([jnp.zeros((text_len, 3), img.dtype), img], 0)
+    return ops.rope_angles(ids, axes_dims, ROPE_THETA)
+
+
+def _clip_f16(x):
+    """diffusers clips float16 streams to the float16 range after each block."""
+    return jnp.clip(x, -F16_MAX, F16_MAX) if x.dtype == jnp.float16 else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class FluxTransformerBlock(nnx.Module):
+    """Double-stream block: image and text tokens modulated and projected apart, one attention."""
+
+    def __init__(self, cfg: FluxConfig):
+        d = cfg.inner_dim
+        self.norm1 = layers.AdaLayerNormZero(d, 6)
+        self.norm1_context = layers.AdaLayerNormZero(d, 6)
+        self.attn = layers.Attention(d, cfg.num_attention_heads, qkv_bias=True, qk_norm="rms_norm", joint=True)
+        self.ff = layers.FeedForward(d)
+        self.ff_context = layers.FeedForward(d)
+
+    def __call__(self, x, context, temb, rope):  # [B, M, D], [B, L, D], [B, D] -> same
+        norm_x, (gate_msa, shift_mlp, scale_mlp, gate_mlp) = self.norm1(x, temb)
+        norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(context, temb)
+        attn_x, attn_c = self.attn(norm_x, norm_c, rope)
+        x = x + gate_msa[:, None] * attn_x
+        x = x + gate_mlp[:, None] * self.ff(layers.modulate(ops.layer_norm(x), shift_mlp, scale_mlp))
+        context = context + c_gate_msa[:, None] * attn_c
+        h = layers.modulate(ops.layer_norm(context), c_shift_mlp, c_scale_mlp)
+        context = _clip_f16(context + c_gate_mlp[:, None] * self.ff_context(h))
+        return x, context
+
+
+class FluxSingleTransformerBlock(nnx.Module):
+    """Single-stream block over ``[text; image]`` tokens: attention and MLP side by side."""
+
+    def __init__(self, cfg: FluxConfig):
+        d = cfg.inner_dim
+        self.norm = layers.AdaLayerNormZero(d, 3)
+        self.proj_mlp = layers.Linear(d, 4 * d)
+        self.attn = layers.Attention(d, cfg.num_attention_heads, qkv_bias=True, qk_norm="rms_norm", pre_only=True)
+        self.proj_out = layers.Linear(5 * d, d)
+
+    def __call__(self, h, temb, rope):  # [B, L+M, D], [B, D] -> [B, L+M, D]
+        normed, (gate,) = self.norm(h, temb)
+        mlp = jax.nn.gelu(self.proj_mlp(normed), approximate=True)
+        out = self.proj_out(jnp.concatenate([self.attn(normed, rope=rope), mlp], axis=-1))
+        return _clip_f16(h + gate[:, None] * out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Root
+# ---------------------------------------------------------------------------------------------
+
+
+class FluxTransformer2DModel(nnx.Module):
+    """Flux velocity network. ``__call__`` mirrors diffusers' forward on packed tokens."""
+
+    def __init__(self, config: FluxConfig):
+        d = config.inner_dim
+        self.config = config
+        self.x_embedder = layers.Linear(config.in_channels, d)
+        self.time_text_embed = layers.TimeTextEmbedding(d, config.pooled_projection_dim,
+                                                        guidance=config.guidance_embeds)
+        self.context_embedder = layers.Linear(config.joint_attention_dim, d)
+        self.transformer_blocks = nnx.List([FluxTransformerBlock(config) for _ in range(config.num_layers)])
+        self.single_transformer_blocks = nnx.List(
+            [FluxSingleTransformerBlock(config) for _ in range(config.num_single_layers)])
+        self.norm_out = layers.AdaLayerNormContinuous(d)
+        self.proj_out = layers.Linear(d, config.in_channels)
+
+    def __call__(self, tokens, encoder_hidden_states, pooled_projections, timestep, rope, guidance=None):
+        """Args: ``[B, M, 4C]`` packed latents, ``[B, L, J]`` text tokens, ``[B, E]`` pooled text,
+        ``[B]`` sigma, rotary ``(cos, sin)`` ``[L+M, K/2]``, ``[B]`` guidance scale or None.
+        Returns the ``[B, M, 4C]`` velocity tokens."""
+        dtype = self.proj_out.kernel.dtype
+        x = self.x_embedder(tokens.astype(dtype))
+        # diffusers casts to the model dtype before scaling by 1000 (bf16 rounds both)
+        native = lambda v: (v.astype(dtype) * jnp.asarray(1000, dtype)).astype(jnp.float32)  # noqa: E731
+        temb = self.time_text_embed(native(timestep), pooled_projections.astype(dtype),
+                                    None if guidance is None else native(guidance))
+        context = self.context_embedder(encoder_hidden_states.astype(dtype))
+        for block in self.transformer_blocks:
+            x, context = block(x, context, temb, rope)
+        n = context.shape[1]
+        h = jax.lax.concatenate([context, x], 1)  # text first
+        for block in self.single_transformer_blocks:
+            h = block(h, temb, rope)
+        return self.proj_out(self.norm_out(h[:, n:], temb))
+
+    def velocity(self, x: jax.Array, t: jax.Array, cond: dict[str, Any]) -> jax.Array:
+        """The RF velocity at sigma ``t`` (``[B]``) for unpacked latents ``x`` (``[B, H, W, C]``).
+
+        ``cond`` holds ``encoder_hidden_states`` ``[B, L, J]``, ``pooled_projections`` ``[B, E]``
+        and, for guidance-distilled models (dev) only, ``guidance`` ``[B]`` (the guidance scale
+        as diffusers' ``FluxPipeline`` passes it, e.g. 3.5).
+        """
+        cfg = self.config
+        if cfg.guidance_embeds and "guidance" not in cond:
+            raise ValueError("this Flux model is guidance-distilled (guidance_embeds=True): cond needs 'guidance' "
+                             "[B], the guidance scale")
+        if not cfg.guidance_embeds and "guidance" in cond:
+            raise ValueError("this Flux model has no guidance embedding (guidance_embeds=False, e.g. schnell): "
+                             "drop 'guidance' from cond")
+        b, height, width, c = x.shape
+        if isinstance(height, int) and isinstance(width, int) and (height % 2 or width % 2):
+            raise ValueError(f"latent {height}x{width}: Flux packs 2x2 latents, height and width must be even")
+        if c != cfg.latent_channels:
+            raise ValueError(f"latent has {c} channels, the model takes {cfg.latent_channels}")
+        text = cond["encoder_hidden_states"]
+        rope = rope_tables(text.shape[1], height // 2, width // 2, cfg.axes_dims_rope)
+        v = self(pack(x), text, cond["pooled_projections"], t, rope, cond.get("guidance"))
+        return unpack(v, height, width).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Family record
+# ---------------------------------------------------------------------------------------------
+
+
+def _conditioning(c: FluxConfig, text_len: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"encoder_hidden_states": (text_len, c.joint_attention_dim),
+              "pooled_projections": (c.pooled_projection_dim,)}
+    if c.guidance_embeds:
+        shapes["guidance"] = ()
+    return shapes
+
+
+FAMILY = Family(
+    name="flux",
+    kind="velocity",
+    class_names=("FluxTransformer2DModel",),
+    config_cls=FluxConfig,
+    module_cls=FluxTransformer2DModel,
+    keys=KeyMap(layouts=(flux_bfl.LAYOUT,)),
+    latent_channels=lambda c: c.latent_channels,
+    latent_multiple=lambda c: 2,
+    default_latent=lambda c: 128,  # 1024^2 images
+    max_latent=lambda c: 256,  # 2048^2 images: the profile's bound (rotary ids have no hard limit)
+    conditioning=_conditioning,
+    text_len=lambda c: 512,  # FluxPipeline's max_sequence_length (dev; BFL runs schnell at 256)
+)
