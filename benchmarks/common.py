@@ -53,3 +53,41 @@ def emit(result: dict, out: str | None) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     sys.stdout.flush()
+
+
+class _TorchShapes:
+    """A torch state dict seen by the converter's planner: keys and shapes only."""
+
+    def __init__(self, state_dict):
+        self.sd = state_dict
+
+    def keys(self):
+        return list(self.sd)
+
+    def shape(self, key):
+        return tuple(self.sd[key].shape)
+
+    def items(self, keys):  # not used: torch_to_flowmodel moves the tensors itself
+        raise NotImplementedError
+
+
+def torch_to_flowmodel(raw_config: dict, torch_model):
+    """The same weights as a ``FlowModel``, tensor by tensor over DLPack on the model's device
+    (no host copy): the converter plans (keys and shapes checked), the kernels are transposed
+    on the device."""
+    import jax
+    import jax.numpy as jnp
+
+    from streamflow_jax.converters import plan
+    from streamflow_jax.models import FlowModel
+
+    sd = torch_model.state_dict()
+    p = plan(raw_config, _TorchShapes(sd), source=raw_config.get("_class_name", "torch model"))
+    leaves = []
+    for name in p.targets:
+        a = jax.dlpack.from_dlpack(sd[p.origin[name]].detach().contiguous())
+        if name.endswith(".kernel"):
+            a = a.T if a.ndim == 2 else a.transpose(2, 3, 1, 0)
+        leaves.append(jnp.array(a, copy=True))
+    params = jax.tree_util.tree_unflatten(p.treedef, leaves)
+    return FlowModel.from_params(p.family, p.config, params, class_name=p.class_name)

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one command, for a session lent an H100/H200 (see the device tool's
-# README). The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime;
-# diffusers (and its pure-Python dependencies the image lacks) travel as wheels in .whl/:
+# The GPU benchmarks in parts of at most 5 minutes each, for a session lent an H100/H200 (see
+# the device tool's README): a session has 15 minutes of device time and 10 per command, so it
+# runs as many parts as its time allows, in this order:
+#   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
+#   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
+#   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
+#   components  UNet / VAE / TAESD per call (components.py)
+# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all four; e.g. `stream sd3` in one
+# command and `flux` in the next). Each part prints a summary table; JSON lands in $OUT (or
+# benchmarks/results/ when run by hand). Figures go to benchmarks/RESULTS.md.
+# The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime; diffusers
+# (and importlib_metadata) travel as wheels in .whl/ (run(..., carry=[".whl"])):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
-# then: run(command="bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=590)
-# Each benchmark has its own time limit so one slow compile cannot starve the others; the JSON
-# lands in $OUT (or benchmarks/results/ when run by hand).
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 set -u
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
@@ -18,6 +24,24 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-timeout 200 python3 benchmarks/stream_sd15.py --preset gpu --out "$out/stream_sd15_gpu.json" || echo "stream_sd15 failed: $?"
-timeout 200 python3 benchmarks/sd3_gpu.py --out "$out/sd3_gpu.json" || echo "sd3_gpu failed: $?"
-timeout 120 python3 benchmarks/components.py --preset gpu --out "$out/components_gpu.json" || echo "components failed: $?"
+git rev-parse --short HEAD 2>/dev/null || true
+
+part() {  # name, seconds, json, command...
+  local name=$1 limit=$2 json=$3; shift 3
+  local t0=$SECONDS
+  timeout "$limit" "$@" --out "$out/$json" || echo "part $name failed or timed out: $?"
+  echo "part $name: $((SECONDS - t0)) s"
+  python3 benchmarks/summarize.py "$out/$json"
+}
+
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(stream sd3 flux components)
+for p in "${parts[@]}"; do
+  case "$p" in
+    stream) part stream 240 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset gpu --no-compile ;;
+    sd3) part sd3 200 sd3_gpu.json python3 benchmarks/sd3_gpu.py ;;
+    flux) part flux 290 flux_gpu.json python3 benchmarks/flux_gpu.py ;;
+    components) part components 150 components_gpu.json python3 benchmarks/components.py --preset gpu ;;
+    *) echo "unknown part $p (stream sd3 flux components)" ;;
+  esac
+done
