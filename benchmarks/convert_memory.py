@@ -37,7 +37,7 @@ def write_checkpoint(root: Path, gb: float, shard_gb: float) -> dict:
     from streamflow_jax.models.mmdit import SD3Config
 
     # width and depth chosen so the parameters come to about `gb` GB of float32
-    layers = max(2, int(round(gb * 1e9 / 4 / (12 * 1536 ** 2 * 1.5))))
+    layers = max(2, int(round(gb * 1e9 / 4 / (36 * 1536 ** 2))))  # a joint block holds ~36 D^2 weights
     cfg = SD3Config(num_layers=layers, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=96)
     fam = family_of("SD3Transformer2DModel")
     _, state = nnx.split(abstract_module(fam, cfg))

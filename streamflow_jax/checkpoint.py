@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx

@@ -54,17 +54,17 @@ def _config_overrides(path: str | None) -> dict | None:
 
 def _cmd_generate(args) -> int:
     prompts = bool(args.prompt) or bool(args.model and not (Path(args.model) / "conditioning.safetensors").is_file())
-    if args.steps is None:
-        args.steps = 4 if prompts else 16
-    if args.guidance is None:
-        args.guidance = 0.0 if prompts else 3.0
-    from streamflow_jax.eval import digit_accuracy  # scikit-learn: only the digits demo needs it
-    from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline, image_grid
-
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if prompts:
         return _generate_prompts(args)
+    if args.steps is None:
+        args.steps = 16
+    if args.guidance is None:
+        args.guidance = 3.0
+    from streamflow_jax.eval import digit_accuracy  # scikit-learn: only the digits demo needs it
+    from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline, image_grid
+
     if args.per_digit < 1:
         raise ValueError(f"--per-digit must be >= 1, got {args.per_digit}")
     t0 = time.perf_counter()
@@ -107,10 +107,11 @@ def _generate_prompts(args) -> int:
     if args.taesd:
         kwargs["taesd"] = args.taesd
     pipe = Pipeline.from_diffusers(args.model, **kwargs)
-    guidance = None if args.guidance <= 0 else args.guidance
+    # no --guidance: the pipeline's default (CFG off for PeRFlow, 7.0 SD3, 3.5 Flux-dev); 0: off
+    guidance = None if args.guidance is None or args.guidance <= 0 else args.guidance
     t0 = time.perf_counter()
     images = pipe(args.prompt, steps=args.steps, guidance_scale=guidance, seed=args.seed, backend=args.backend,
-                  height=args.height, width=args.width)
+                  height=args.height, width=args.width, max_sequence_length=args.max_sequence_length)
     elapsed = time.perf_counter() - t0
     row = Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
     row.save(args.out)
@@ -223,9 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (prompt pipelines)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (prompt pipelines)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: 16 digits, 4 PeRFlow)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Euler steps (default: 16 digits; the pipeline's: 4 PeRFlow and schnell, 28 SD3 and Flux-dev)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 tokens for Flux and SD3 (default: the pipeline's; longer prompts are truncated)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale; 0 turns it off (default: 3 digits, off for prompts)")
+                   help="guidance scale; 0 turns CFG off (default: 3 digits; for prompts the pipeline's: off PeRFlow, "
+                        "7 SD3, 3.5 Flux-dev, whose scale is a model input)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-digit", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable
 from typing import Any

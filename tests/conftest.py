@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
@@ -13,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(autouse=True)
@@ -86,3 +88,96 @@ def tiny_sd3(tmp_path):
     path = tmp_path / "sd3_tiny"
     model = make_sd3(path)
     return path, model
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny configs and assets shared by several test files
+# ---------------------------------------------------------------------------------------------
+
+CLIP = dict(vocab_size=530, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=16, bos_token_id=527, eos_token_id=528, pad_token_id=528)  # as _write_tiny_clip_vocab numbers them
+
+
+def write_tiny_clip_vocab(path):
+    """A byte-level vocabulary (every byte, alone and word-final) plus a few merges."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "i n", "in g</w>", "r e", "p h", "o t",
+              "ph ot", "phot o</w>", "s t", "st r", "str ing</w>"]
+    for m in merges:
+        vocab["".join(m.split())] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+UNETS = {
+    # SD1.5-like: int attention_head_dim (read as a head count), conv projections, 768-d text
+    "sd15": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+                 norm_num_groups=8, cross_attention_dim=768, attention_head_dim=2,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    # SD2-like: per-block heads, linear projections, 1024-d text, three levels
+    "sd2": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+                norm_num_groups=8, cross_attention_dim=1024, attention_head_dim=(2, 4, 4), use_linear_projection=True,
+                upcast_attention=True,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+}
+
+
+VAES = {
+    "sd": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    # SD3/Flux-style: 16 channels, shift factor, no quant convs
+    "sd3": dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, latent_channels=16,
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+}
+# diffusers' EncoderTiny/DecoderTiny need equal widths within each
+TAESD = dict(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(8,) * 4,
+             num_encoder_blocks=(1, 2, 1, 1), num_decoder_blocks=(1, 1, 2, 1))
+
+
+def write_tiny_t5_tokenizer(path, model_max_length=512):
+    """A hand-written SentencePiece-style unigram vocabulary (deterministic, no sentencepiece),
+    saved by transformers: ``tokenizer.json`` + ``tokenizer_config.json`` only."""
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?;:'\"()-")
+    words = ["▁a", "▁the", "▁of", "▁photo", "▁cat", "▁dog", "▁on", "▁in", "ing", "▁hello", "▁world", "er", "▁an"]
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -5.0) for c in chars]
+             + [("▁" + c, -5.5) for c in chars[:26]] + [(w, -3.0 - 0.1 * i) for i, w in enumerate(words)])
+    tok = transformers.T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    tok.save_pretrained(path)
+    return path
+
+
+def perflow_reference_velocity(prediction, eps, x, t, k=4):
+    """The note's formulas for ONE element, in float64 with plain Python control flow."""
+    starts = [1 - i / k for i in range(k)]
+    ends = [1 - (i + 1) / k for i in range(k)]
+    # the window test in float32, as PeRFlow runs it on float32 tensors: then t = 0.7501 is
+    # "within 1e-4 above" 0.75 and starts the next window, as the note's example says
+    f32 = np.float32
+    w = next((i for i in range(k) if f32(ends[i]) < f32(t) - f32(1e-4)), k - 1)
+    t_s, t_e = starts[w], ends[w]
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    ac = np.cumprod(1 - betas).astype(np.float32).astype(np.float64)
+    a_s, a_e = ac[int(t_s * 1000) - 1], ac[max(int(t_e * 1000) - 1, 0)]
+    if prediction == "velocity":
+        return eps
+    if prediction == "diff_eps":
+        gamma = np.sqrt(a_s / a_e)
+        lam_s, eta_s = 1 / gamma, -np.sqrt(1 - gamma**2) / gamma
+    else:
+        lam_s, eta_s = np.sqrt(a_e / a_s), np.sqrt(1 - a_e) - np.sqrt(a_e / a_s * (1 - a_s))
+    denom = lam_s * (t - t_s) + (t_e - t)
+    x_end = lam_s * (t_e - t_s) / denom * x + eta_s * (t_e - t) / denom * eps
+    return (x_end - x) / (t_e - t)

@@ -8,22 +8,12 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import TAESD, VAES, randomize
 
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
 
-VAES = {
-    "sd": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-    # SD3/Flux-style: 16 channels, shift factor, no quant convs
-    "sd3": dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, latent_channels=16,
-                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
-}
-# diffusers' EncoderTiny/DecoderTiny need equal widths within each
-TAESD = dict(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(8,) * 4,
-             num_encoder_blocks=(1, 2, 1, 1), num_decoder_blocks=(1, 1, 2, 1))
+
 
 
 def _rel(a, b):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import CLIP, randomize, write_tiny_clip_vocab
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,8 +15,7 @@ import streamflow_jax as sf  # noqa: E402
 from streamflow_jax.cli import main as cli  # noqa: E402
 from streamflow_jax.tokenizer import CLIPTokenizer  # noqa: E402
 
-CLIP = dict(vocab_size=530, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=77, projection_dim=16, bos_token_id=527, eos_token_id=528, pad_token_id=528)  # as _write_tiny_clip_vocab numbers them
+
 
 
 @pytest.mark.parametrize("cls,act,legacy_eos", [("CLIPTextModel", "quick_gelu", True),
@@ -55,25 +54,7 @@ def test_clip_generic_transformers_fields_accepted_architecture_fields_strict(tm
     assert "unknown config field 'use_rope'" in capsys.readouterr().err
 
 
-def _write_tiny_clip_vocab(path):
-    """A byte-level vocabulary (every byte, alone and word-final) plus a few merges."""
-    from tokenizers.pre_tokenizers import ByteLevel
 
-    chars = sorted(ByteLevel.alphabet())
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "i n", "in g</w>", "r e", "p h", "o t",
-              "ph ot", "phot o</w>", "s t", "st r", "str ing</w>"]
-    for m in merges:
-        vocab["".join(m.split())] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    path.mkdir()
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 PROMPTS = [
@@ -88,7 +69,7 @@ PROMPTS = [
 
 @pytest.mark.parametrize("pad", [None, "!"])
 def test_tokenizer_matches_transformers(tmp_path, pad):
-    _write_tiny_clip_vocab(tmp_path / "tok")
+    write_tiny_clip_vocab(tmp_path / "tok")
     kwargs = {} if pad is None else {"pad_token": pad}
     ref = transformers.CLIPTokenizer.from_pretrained(tmp_path / "tok", **kwargs)
     ref.save_pretrained(tmp_path / "saved")

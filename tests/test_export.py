@@ -228,8 +228,7 @@ def test_tensorrt_engine_matches_xla(exported, tmp_path):
 def test_decoder_export_matches_xla(tmp_path, cls):
     """VAE and TAESD decoders: one graph, dynamic batch and latent size, fp32 in and out."""
     import diffusers
-    from conftest import randomize
-    from test_autoencoders import TAESD, VAES
+    from conftest import TAESD, VAES, randomize
 
     cfg = VAES["sd"] if cls == "AutoencoderKL" else TAESD
     randomize(getattr(diffusers, cls)(**cfg), 0, std=0.1).save_pretrained(tmp_path / "src")
@@ -254,8 +253,7 @@ def test_perflow_unet_velocity_export_matches_xla(tmp_path, prediction):
     """The UNet family's velocity graph (UNet + PeRFlow adapter): one graph, batches 1/3/8; one
     latent size per graph (jax2onnx cannot trace strided convs over symbolic sizes), said clearly."""
     import diffusers
-    from conftest import randomize
-    from test_unet import UNETS
+    from conftest import UNETS, randomize
 
     from streamflow_jax.models.perflow import PeRFlowAdapter
 

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
-from test_unet import UNETS
+from conftest import UNETS, perflow_reference_velocity, randomize
 
 import streamflow_jax as sf
 from streamflow_jax.models.perflow import PeRFlowAdapter, window_index
@@ -31,28 +30,7 @@ def test_perflow_timesteps(steps, expected):
     np.testing.assert_allclose(sf.schedules.perflow(steps, 4), expected, atol=1e-7)
 
 
-def reference_velocity(prediction, eps, x, t, k=4):
-    """The note's formulas for ONE element, in float64 with plain Python control flow."""
-    starts = [1 - i / k for i in range(k)]
-    ends = [1 - (i + 1) / k for i in range(k)]
-    # the window test in float32, as PeRFlow runs it on float32 tensors: then t = 0.7501 is
-    # "within 1e-4 above" 0.75 and starts the next window, as the note's example says
-    f32 = np.float32
-    w = next((i for i in range(k) if f32(ends[i]) < f32(t) - f32(1e-4)), k - 1)
-    t_s, t_e = starts[w], ends[w]
-    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
-    ac = np.cumprod(1 - betas).astype(np.float32).astype(np.float64)
-    a_s, a_e = ac[int(t_s * 1000) - 1], ac[max(int(t_e * 1000) - 1, 0)]
-    if prediction == "velocity":
-        return eps
-    if prediction == "diff_eps":
-        gamma = np.sqrt(a_s / a_e)
-        lam_s, eta_s = 1 / gamma, -np.sqrt(1 - gamma**2) / gamma
-    else:
-        lam_s, eta_s = np.sqrt(a_e / a_s), np.sqrt(1 - a_e) - np.sqrt(a_e / a_s * (1 - a_s))
-    denom = lam_s * (t - t_s) + (t_e - t)
-    x_end = lam_s * (t_e - t_s) / denom * x + eta_s * (t_e - t) / denom * eps
-    return (x_end - x) / (t_e - t)
+
 
 
 @pytest.mark.parametrize("prediction", ["diff_eps", "ddim_eps", "velocity"])
@@ -69,7 +47,7 @@ def test_vectorized_velocity_equals_per_element_reference(tmp_path, prediction):
         with torch.no_grad():  # the UNet sees the integer timestep int(t*1000)
             eps = ref(torch.from_numpy(x[i : i + 1]).permute(0, 3, 1, 2), int(ti * 1000),
                       torch.from_numpy(ehs[i : i + 1])).sample.permute(0, 2, 3, 1).numpy()[0]
-        want = reference_velocity(prediction, eps.astype(np.float64), x[i].astype(np.float64), float(ti))
+        want = perflow_reference_velocity(prediction, eps.astype(np.float64), x[i].astype(np.float64), float(ti))
         np.testing.assert_allclose(ours[i], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 

@@ -10,9 +10,7 @@ import numpy as np
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from test_autoencoders import TAESD, VAES
-from test_clip import CLIP, _write_tiny_clip_vocab
-from test_unet import UNETS
+from conftest import CLIP, TAESD, UNETS, VAES, write_tiny_clip_vocab
 
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
@@ -31,7 +29,7 @@ def make_sd15_pipeline(root):
     transformers.BertModel(transformers.BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1,
                                                    num_attention_heads=2, intermediate_size=16)).save_pretrained(
         root / "image_encoder")  # no family: skipped
-    _write_tiny_clip_vocab(root / "tokenizer")
+    write_tiny_clip_vocab(root / "tokenizer")
     diffusers.DDIMScheduler().save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],

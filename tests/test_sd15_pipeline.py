@@ -10,11 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import randomize
-from test_autoencoders import TAESD, VAES
-from test_clip import CLIP, _write_tiny_clip_vocab
-from test_perflow import reference_velocity
-from test_unet import UNETS
+from conftest import CLIP, TAESD, UNETS, VAES, perflow_reference_velocity, randomize, write_tiny_clip_vocab
 
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
@@ -30,7 +26,7 @@ def perflow_pipe(tmp_path):
     randomize(diffusers.AutoencoderKL(**VAES["sd"]), 2, std=0.1).save_pretrained(root / "vae")
     randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)), 3, std=0.2).save_pretrained(
         root / "text_encoder")
-    _write_tiny_clip_vocab(root / "tokenizer")
+    write_tiny_clip_vocab(root / "tokenizer")
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "PeRFlowScheduler", "prediction_type": "diff_eps", "num_time_windows": 4}))
@@ -61,7 +57,7 @@ def reference_images(root, prompts, noise, steps, guidance):
             with torch.no_grad():
                 eps = unet(torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2), int(t * 1000), emb).sample
             eps = eps.permute(0, 2, 3, 1).numpy().astype(np.float64)
-            return np.stack([reference_velocity("diff_eps", eps[i], x[i], float(t)) for i in range(len(x))])
+            return np.stack([perflow_reference_velocity("diff_eps", eps[i], x[i], float(t)) for i in range(len(x))])
         v = velocity(cond)
         if guidance is not None:
             v_u = velocity(uncond)
@@ -112,7 +108,7 @@ def test_pipeline_bad_input(perflow_pipe, tmp_path):
     with pytest.raises(ValueError, match="non-empty list"):
         pipe([])
     with pytest.raises(ValueError, match="noise has shape"):
-        pipe("a cat", noise=np.zeros((1, 4, 4, 4), np.float32))
+        pipe("a cat", noise=np.zeros((1, 8, 8, 3), np.float32))  # the size may vary, the channels may not
     with pytest.raises(ValueError, match="not a multiple of 2"):
         pipe("a cat", height=15)
     (perflow_pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(

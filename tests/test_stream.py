@@ -115,8 +115,7 @@ def test_decoder_runs_inside_the_tick(model, tmp_path, admit):
     """Finished slots decoded on the device during the tick equal decoding the sequential result;
     admit=5 makes all five finish on one tick (a padded decode batch)."""
     import diffusers
-    from conftest import randomize
-    from test_autoencoders import VAES
+    from conftest import VAES, randomize
 
     randomize(diffusers.AutoencoderKL(**VAES["sd"]), 0, std=0.1).save_pretrained(tmp_path / "vae")
     vae = sf.load(tmp_path / "vae")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import randomize, write_tiny_t5_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -196,16 +196,7 @@ def test_t5_missing_and_unexpected_tensors(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_tiny_t5_tokenizer(path, model_max_length=512):
-    """A hand-written SentencePiece-style unigram vocabulary (deterministic, no sentencepiece),
-    saved by transformers: ``tokenizer.json`` + ``tokenizer_config.json`` only."""
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?;:'\"()-")
-    words = ["▁a", "▁the", "▁of", "▁photo", "▁cat", "▁dog", "▁on", "▁in", "ing", "▁hello", "▁world", "er", "▁an"]
-    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -5.0) for c in chars]
-             + [("▁" + c, -5.5) for c in chars[:26]] + [(w, -3.0 - 0.1 * i) for i, w in enumerate(words)])
-    tok = transformers.T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
-    tok.save_pretrained(path)
-    return path
+
 
 
 T5_PROMPTS = [
@@ -239,7 +230,7 @@ def _v4_style(src, dst):
 def test_t5_tokenizer_matches_transformers(tmp_path, length):
     from tokenizers import Tokenizer
 
-    saved = _write_tiny_t5_tokenizer(tmp_path / "tok")
+    saved = write_tiny_t5_tokenizer(tmp_path / "tok")
     for directory in (saved, _v4_style(saved, tmp_path / "v4")):
         ref = transformers.T5TokenizerFast.from_pretrained(directory)
         want = ref(T5_PROMPTS, padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids
@@ -255,14 +246,14 @@ def test_t5_tokenizer_matches_transformers(tmp_path, length):
 
 
 def test_t5_tokenizer_max_length_and_warning(tmp_path):
-    tok = T5Tokenizer.from_dir(_write_tiny_t5_tokenizer(tmp_path / "tok", model_max_length=256))
+    tok = T5Tokenizer.from_dir(write_tiny_t5_tokenizer(tmp_path / "tok", model_max_length=256))
     assert tok.max_length == 256  # from tokenizer_config.json
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # fitting prompts do not warn
         assert tok(["a photo of a cat", "x " * 254]).shape == (2, 256)  # 254 tokens + </s>: not truncated
     with pytest.warns(UserWarning, match=r"prompt\(s\) \[1\] longer than the T5 limit of 256 tokens"):
         tok(["a cat", "x " * 256])
-    unset = T5Tokenizer.from_dir(_write_tiny_t5_tokenizer(tmp_path / "unset", model_max_length=int(1e30)))
+    unset = T5Tokenizer.from_dir(write_tiny_t5_tokenizer(tmp_path / "unset", model_max_length=int(1e30)))
     assert unset.max_length == 512  # transformers' "unset" -> T5's length
 
 

@@ -8,24 +8,12 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import UNETS, randomize
 
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
 
-UNETS = {
-    # SD1.5-like: int attention_head_dim (read as a head count), conv projections, 768-d text
-    "sd15": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-                 norm_num_groups=8, cross_attention_dim=768, attention_head_dim=2,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-    # SD2-like: per-block heads, linear projections, 1024-d text, three levels
-    "sd2": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-                norm_num_groups=8, cross_attention_dim=1024, attention_head_dim=(2, 4, 4), use_linear_projection=True,
-                upcast_attention=True,
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
-}
+
 
 
 def make_unet(path, variant, seed=0):

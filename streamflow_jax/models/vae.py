@@ -12,7 +12,6 @@ import dataclasses
 import jax
 from flax import nnx
 
-from streamflow_jax import ops
 from streamflow_jax.models import layers
 from streamflow_jax.models.family import Family
 

@@ -23,6 +23,28 @@ from streamflow_jax.models import decode_latents
 from streamflow_jax.stream import StreamEngine
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+# Text encoders, jitted once per process with the weights as arguments (the encoder is a pytree)
+@jax.jit
+def clip_last_hidden_state(encoder, ids):  # [B, 77] -> [B, 77, D], after the final LayerNorm
+    return encoder.module(ids)["last_hidden_state"]
+
+
+@jax.jit
+def clip_pooled(encoder, ids):  # [B, 77] -> [B, D], the EOS position's final state
+    return encoder.module(ids)["pooler_output"]
+
+
+@jax.jit
+def clip_penultimate_and_projection(encoder, ids):  # [B, 77] -> [B, 77, D], [B, E] (SD3)
+    out = encoder.module(ids)
+    return out["hidden_states"][-2], out["text_embeds"]
+
+
+@jax.jit
+def t5_last_hidden_state(encoder, ids):  # [B, L] -> [B, L, D]
+    return encoder.module(ids)["last_hidden_state"]
 PIPELINES: dict[str, type] = {}  # model_index.json _class_name -> pipeline class
 
 
@@ -148,8 +170,9 @@ class PromptPipeline(Pipeline):
 
     # -- what a family's pipeline provides -----------------------------------------------------
 
-    def encode(self, prompts: list[str]) -> dict[str, jax.Array]:
-        """Prompts -> conditioning ``{name: [B, ...]}`` (without any guidance entry)."""
+    def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
+        """Prompts -> conditioning ``{name: [B, ...]}`` (without any guidance entry), the text
+        ``text_len`` tokens long where the pipeline allows (``max_sequence_length``)."""
         raise NotImplementedError
 
     def schedule(self, steps: int, latent_shape: tuple[int, int, int]) -> np.ndarray:
@@ -173,14 +196,20 @@ class PromptPipeline(Pipeline):
             sides.append(None if px is None else px // self.vae_scale)
         return self.model.latent_shape(*sides)
 
-    def cond_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-request conditioning shapes (the stream engine's ``cond_shapes``)."""
-        return self.model.cond_shapes(self.text_len)
+    def model_text_len(self, text_len: int | None = None) -> int:
+        """The conditioning's text length for an encoder length ``text_len`` (default: the
+        pipeline's); SD3 puts 77 CLIP tokens before it."""
+        return self.text_len if text_len is None else int(text_len)
 
-    def conditioning(self, prompts: list[str], guidance_scale=None, negative_prompt="") -> tuple[dict, dict | None, Any]:
+    def cond_shapes(self, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Per-request conditioning shapes (the stream engine's ``cond_shapes``)."""
+        return self.model.cond_shapes(self.model_text_len(text_len))
+
+    def conditioning(self, prompts: list[str], guidance_scale=None, negative_prompt="", text_len=None
+                     ) -> tuple[dict, dict | None, Any]:
         """``(cond, uncond, cfg_scale)`` for ``sample``: embedded guidance goes into ``cond``."""
         b = len(prompts)
-        cond = self.encode(prompts)
+        cond = self.encode(prompts, text_len)
         if self.embedded_guidance:
             if guidance_scale is None:
                 raise ValueError("this model takes a guidance scale as an input: give guidance_scale")
@@ -191,7 +220,7 @@ class PromptPipeline(Pipeline):
         negative = [negative_prompt] * b if isinstance(negative_prompt, str) else check_prompts(negative_prompt)
         if len(negative) != b:
             raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
-        return cond, self.encode(negative), guidance_scale
+        return cond, self.encode(negative, text_len), guidance_scale
 
     def noise(self, n: int, shape: tuple[int, int, int], seed: int = 0, noise=None) -> jax.Array:
         """``[n, h, w, C]`` starting latents: ``jax.random.normal(key(seed))`` or ``noise`` checked."""
@@ -217,7 +246,7 @@ class PromptPipeline(Pipeline):
 
     def __call__(self, prompts, *, steps: int | None = None, guidance_scale=None, negative_prompt="",
                  seed: int = 0, noise=None, height: int | None = None, width: int | None = None,
-                 backend: str = "xla", output_type: str = "pil"):
+                 max_sequence_length: int | None = None, backend: str = "xla", output_type: str = "pil"):
         """Generates one image per prompt.
 
         Args:
@@ -228,7 +257,9 @@ class PromptPipeline(Pipeline):
             negative_prompt: the unconditional prompt of classifier-free guidance (one, or one
                 per prompt).
             seed / noise: the starting latents, ``jax.random.normal(key(seed))`` or ``[B, h, w, C]``.
-            height, width: image size in pixels (default: the model's).
+            height, width: image size in pixels (default: the given noise's, else the model's).
+            max_sequence_length: T5 tokens (Flux, SD3; default: the pipeline's); longer
+                prompts are truncated with a warning.
             backend: ``"xla"``, ``"onnxruntime"`` or ``"tensorrt"`` for the velocity model.
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (float ``[B, H, W, 3]`` in
                 [0, 1]) or ``"latent"`` (the sampler's ``[B, h, w, C]`` output, before decoding).
@@ -238,9 +269,12 @@ class PromptPipeline(Pipeline):
         steps = self.default_steps if steps is None else int(steps)
         if guidance_scale is None:
             guidance_scale = self.default_guidance
-        shape = self.latent_shape(height, width)
+        if noise is not None and height is None and width is None and np.ndim(noise) == 4:
+            shape = self.model.latent_shape(*np.shape(noise)[1:3])  # the size the given latents have
+        else:
+            shape = self.latent_shape(height, width)
         x = self.noise(len(prompts), shape, seed, noise)
-        cond, uncond, cfg = self.conditioning(prompts, guidance_scale, negative_prompt)
+        cond, uncond, cfg = self.conditioning(prompts, guidance_scale, negative_prompt, max_sequence_length)
         latents = backends.sample(self.model, x, self.schedule(steps, shape), cond, guidance_scale=cfg,
                                   uncond=uncond, backend=backend)
         return self.output(latents, output_type)

@@ -15,13 +15,8 @@ from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConversionError
 from streamflow_jax.models.perflow import PREDICTIONS, PeRFlowAdapter
-from streamflow_jax.pipelines.base import PromptPipeline, read_scheduler_config, register
+from streamflow_jax.pipelines.base import PromptPipeline, clip_last_hidden_state, read_scheduler_config, register
 from streamflow_jax.tokenizer import CLIPTokenizer
-
-
-@jax.jit
-def clip_last_hidden_state(text_encoder, ids):  # [B, 77] -> [B, 77, D]
-    return text_encoder.module(ids)["last_hidden_state"]
 
 
 def load_decoder(path: Path, taesd, dtype):
@@ -75,8 +70,10 @@ class PeRFlowPipeline(PromptPipeline):
         return cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), load_decoder(path, taesd, dtype),
                    num_windows=windows)
 
-    def encode(self, prompts: list[str]) -> dict[str, jax.Array]:
+    def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
         """Prompts -> ``{"encoder_hidden_states": [B, 77, D]}`` (CLIP's last hidden state)."""
+        if text_len not in (None, self.text_len):
+            raise ValueError(f"this pipeline's CLIP text is {self.text_len} tokens; max_sequence_length does not apply")
         return {"encoder_hidden_states": clip_last_hidden_state(self.text_encoder, self.tokenizer(prompts))}
 
     def encode_prompt(self, prompts) -> dict[str, jax.Array]:

@@ -1,0 +1,108 @@
+"""Prompt -> image for Stable Diffusion 3 and 3.5, as diffusers' ``StableDiffusion3Pipeline``.
+
+Three text encoders: CLIP-L and CLIP-G (their penultimate hidden states side by side, zero-padded
+to T5's width, and their projected pooled outputs concatenated) and T5 (its sequence after the
+77 CLIP tokens; zeros when the pipeline has no ``text_encoder_3``, as diffusers does).
+Classifier-free guidance against a negative prompt, SD3's flow-match grid, the 16-channel VAE
+with its scale and shift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamflow_jax import schedules
+from streamflow_jax.checkpoint import load
+from streamflow_jax.errors import ConversionError
+from streamflow_jax.pipelines.base import (
+    PromptPipeline,
+    clip_penultimate_and_projection,
+    read_scheduler_config,
+    register,
+    t5_last_hidden_state,
+)
+from streamflow_jax.pipelines.perflow import load_decoder
+from streamflow_jax.tokenizer import CLIPTokenizer, T5Tokenizer
+
+CLIP_TOKENS = 77
+
+
+@register("StableDiffusion3Pipeline")
+class SD3Pipeline(PromptPipeline):
+    """SD3 / SD3.5 prompt -> image.
+
+    Attributes:
+        model: the ``SD3Transformer2DModel`` ``FlowModel``.
+        clip_l, clip_g: ``(text encoder, tokenizer)`` of CLIP-L and CLIP-G.
+        t5: ``(text encoder, tokenizer directory)`` or None (zeros in its place).
+        decoder: the VAE (or a tiny autoencoder given instead).
+        shift: the scheduler's time shift.
+    """
+
+    default_steps = 28
+    default_guidance = 7.0
+
+    def __init__(self, model, clip_l, clip_g, t5, decoder, *, shift: float = 3.0, max_sequence_length: int = 256):
+        self.model, self.clip_l, self.clip_g, self.t5, self.decoder = model, clip_l, clip_g, t5, decoder
+        self.shift = float(shift)
+        self.text_len = int(max_sequence_length)
+        self._t5_tokenizers: dict[int, T5Tokenizer] = {}
+
+    @classmethod
+    def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int = 256) -> SD3Pipeline:
+        """A diffusers SD3/SD3.5 pipeline directory (or one converted by ``sf.convert``):
+        ``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP-L), ``text_encoder_2/`` +
+        ``tokenizer_2/`` (CLIP-G), optionally ``text_encoder_3/`` + ``tokenizer_3/`` (T5),
+        ``vae/``, ``scheduler/``.
+
+        Args:
+            dtype: cast every component's weights.
+            taesd: a tiny autoencoder directory (16-channel, e.g. TAESD3) instead of the VAE.
+            max_sequence_length: T5 tokens (default 256, as diffusers).
+        """
+        path = Path(path)
+        sched = read_scheduler_config(path)
+        if sched.get("use_dynamic_shifting"):
+            raise ConversionError(f"{path / 'scheduler'}: use_dynamic_shifting=True is not implemented for SD3 "
+                                  "(SD3 and SD3.5 ship a static shift)")
+        model = load(path, dtype=dtype, component="transformer")
+        if model.family.name != "sd3":
+            raise ConversionError(f"{path / 'transformer'}: {model.class_name} is not an SD3 transformer")
+        clip = lambda n: (load(path, dtype=dtype, component=f"text_encoder{n}"),  # noqa: E731
+                          CLIPTokenizer.from_dir(path / f"tokenizer{n}"))
+        t5 = None
+        if (path / "text_encoder_3").is_dir():
+            t5 = (load(path, dtype=dtype, component="text_encoder_3"), path / "tokenizer_3")
+        return cls(model, clip(""), clip("_2"), t5, load_decoder(path, taesd, dtype), shift=sched.get("shift", 3.0),
+                   max_sequence_length=max_sequence_length)
+
+    def model_text_len(self, text_len: int | None = None) -> int:
+        return CLIP_TOKENS + super().model_text_len(text_len)
+
+    def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
+        """Prompts -> ``encoder_hidden_states`` ``[B, 77 + L, J]`` and ``pooled_projections``
+        ``[B, E_l + E_g]``."""
+        length = self.model_text_len(text_len) - CLIP_TOKENS
+        width = self.model.cond_shapes(1)["encoder_hidden_states"][1]
+        seqs, pooled = zip(*(clip_penultimate_and_projection(enc, tok(prompts)) for enc, tok in (self.clip_l,
+                                                                                                  self.clip_g)))
+        clip = jnp.concatenate(seqs, axis=-1)  # [B, 77, D_l + D_g]
+        if clip.shape[-1] > width:
+            raise ValueError(f"CLIP widths {clip.shape[-1]} exceed the transformer's text width {width}")
+        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
+        if self.t5 is None:
+            t5 = jnp.zeros((len(prompts), length, width), clip.dtype)
+        else:
+            encoder, tokenizer_dir = self.t5
+            if length not in self._t5_tokenizers:
+                self._t5_tokenizers[length] = T5Tokenizer.from_dir(tokenizer_dir, max_length=length)
+            t5 = t5_last_hidden_state(encoder, self._t5_tokenizers[length](prompts)).astype(clip.dtype)
+        return {"encoder_hidden_states": jnp.concatenate([clip, t5], axis=1),
+                "pooled_projections": jnp.concatenate(pooled, axis=-1)}
+
+    def schedule(self, steps: int, latent_shape=None) -> np.ndarray:
+        return schedules.flow_match(steps, shift=self.shift)

@@ -1,0 +1,195 @@
+"""Flux and SD3 from a prompt: our pipelines against diffusers' FluxPipeline and
+StableDiffusion3Pipeline on tiny random components saved with ``save_pretrained``, with the
+same starting latents; compared in float at the latent level and as uint8 images."""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import randomize, write_tiny_clip_vocab, write_tiny_t5_tokenizer
+
+import streamflow_jax as sf
+from streamflow_jax.cli import main as cli
+from streamflow_jax.pipelines import FluxPipeline, SD3Pipeline
+
+PROMPTS = ["a photo of the cat", "the dog on a mat, hello world"]
+CLIP_BASE = dict(intermediate_size=37, layer_norm_eps=1e-5, num_hidden_layers=2, max_position_embeddings=77)
+VAE_BASE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                norm_num_groups=4, sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _tokenizers(root):
+    """CLIP (pad <|endoftext|>), CLIP-G style (pad "!") and T5 tokenizers, as transformers saves them."""
+    write_tiny_clip_vocab(root / "vocab")
+    tok = transformers.CLIPTokenizer.from_pretrained(root / "vocab", model_max_length=77)
+    tok_g = transformers.CLIPTokenizer.from_pretrained(root / "vocab", model_max_length=77, pad_token="!")
+    write_tiny_t5_tokenizer(root / "t5vocab")
+    tok_t5 = transformers.T5TokenizerFast.from_pretrained(root / "t5vocab")
+    special = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.eos_token_id)
+    return tok, tok_g, tok_t5, special
+
+
+def _t5(tok_t5, d_model, seed):
+    cfg = transformers.T5Config(vocab_size=len(tok_t5), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                                relative_attention_max_distance=16, decoder_start_token_id=0)
+    return randomize(transformers.T5EncoderModel(cfg), seed, std=0.3).eval()
+
+
+def make_sd3_pipeline(root, with_t5=True):
+    tok, tok_g, tok_t5, special = _tokenizers(root)
+    clip = lambda hidden, heads, act, seed: randomize(transformers.CLIPTextModelWithProjection(  # noqa: E731
+        transformers.CLIPTextConfig(hidden_size=hidden, num_attention_heads=heads, projection_dim=hidden,
+                                    hidden_act=act, **CLIP_BASE, **special)), seed, std=0.3).eval()
+    transformer = randomize(diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=16 + 24,
+        pos_embed_max_size=16), 4, std=0.2).eval()
+    vae = randomize(diffusers.AutoencoderKL(**VAE_BASE, latent_channels=16, scaling_factor=1.5305,
+                                            shift_factor=0.0609), 5, std=0.1).eval()
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip(16, 2, "quick_gelu", 1), tokenizer=tok, text_encoder_2=clip(24, 3, "gelu", 2),
+        tokenizer_2=tok_g, text_encoder_3=_t5(tok_t5, 48, 3) if with_t5 else None,
+        tokenizer_3=tok_t5 if with_t5 else None)
+    pipe.save_pretrained(root / "pipe")
+    return pipe
+
+
+def make_flux_pipeline(root, guidance=True):
+    tok, _, tok_t5, special = _tokenizers(root)
+    clip = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=16, num_attention_heads=2, hidden_act="quick_gelu", **CLIP_BASE, **special)), 1, std=0.3).eval()
+    transformer = randomize(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance, axes_dims_rope=(4, 4, 8)),
+        4, std=0.2).eval()
+    vae = randomize(diffusers.AutoencoderKL(**VAE_BASE, latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159),
+                    5, std=0.1).eval()
+    sched = (diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+             if guidance else diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False))
+    pipe = diffusers.FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tok,
+                                  text_encoder_2=_t5(tok_t5, 32, 3), tokenizer_2=tok_t5, transformer=transformer)
+    pipe.save_pretrained(root / "pipe")
+    return pipe
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+def _uint8(images_01):
+    return (np.clip(images_01, 0, 1) * 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3
+# ---------------------------------------------------------------------------------------------
+
+
+def sd3_reference(ref, prompts, noise, steps, guidance, text_len, output_type):
+    out = ref(prompts, height=16, width=16, num_inference_steps=steps, guidance_scale=guidance,
+              max_sequence_length=text_len, latents=torch.from_numpy(noise).permute(0, 3, 1, 2),
+              output_type=output_type).images
+    return out.permute(0, 2, 3, 1).numpy() if output_type == "latent" else out
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_sd3_pipeline_matches_diffusers(tmp_path, with_t5):
+    ref = make_sd3_pipeline(tmp_path, with_t5)
+    pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe", max_sequence_length=12)
+    assert isinstance(pipe, SD3Pipeline) and (pipe.t5 is not None) == with_t5
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 16)).astype(np.float32)
+    ours = pipe(PROMPTS, steps=3, guidance_scale=5.0, noise=noise, output_type="latent")
+    want = sd3_reference(ref, PROMPTS, noise, 3, 5.0, 12, "latent")
+    err = _rel(ours, want)
+    assert err <= 3e-5, err  # measured 3.2e-6 (2.2e-6 without T5)
+    # the text matters: swapped prompts move the reference far more than the tolerance
+    swapped = sd3_reference(ref, PROMPTS[::-1], noise, 3, 5.0, 12, "latent")
+    assert _rel(swapped, want) > 100 * 3e-5  # measured 0.21
+    images = pipe(PROMPTS, steps=3, guidance_scale=5.0, noise=noise, output_type="np")
+    want_img = sd3_reference(ref, PROMPTS, noise, 3, 5.0, 12, "np")
+    assert images.shape == want_img.shape == (2, 16, 16, 3)
+    assert np.abs(images - want_img).max() <= 2e-6  # measured 1.8e-7
+    assert np.abs(_uint8(images).astype(int) - _uint8(want_img).astype(int)).max() <= 2
+
+
+def test_sd3_converted_pipeline_and_stream(tmp_path):
+    """The converted directory gives the same latents, and the stream engine (PromptStream)
+    gives each request what the pipeline gives it alone."""
+    from streamflow_jax.pipelines import PromptStream
+
+    make_sd3_pipeline(tmp_path)
+    assert cli(["convert", str(tmp_path / "pipe"), str(tmp_path / "conv"), "-q"]) == 0
+    direct = sf.Pipeline.from_diffusers(tmp_path / "pipe", max_sequence_length=12)
+    conv = sf.Pipeline.from_diffusers(tmp_path / "conv", max_sequence_length=12)
+    noise = np.random.default_rng(1).standard_normal((2, 8, 8, 16)).astype(np.float32)
+    a = direct(PROMPTS, steps=2, guidance_scale=4.0, noise=noise, output_type="latent")
+    np.testing.assert_allclose(conv(PROMPTS, steps=2, guidance_scale=4.0, noise=noise, output_type="latent"), a,
+                               rtol=1e-6, atol=1e-6)
+    stream = PromptStream(conv, slots_per_stream=2, guidance=True, output_type="latent")
+    ids = [stream.submit(p, steps=[2, 3][i], noise=noise[i], guidance_scale=[4.0, 6.0][i])
+           for i, p in enumerate(PROMPTS)]
+    results = stream.run()
+    for i, rid in enumerate(ids):
+        alone = conv(PROMPTS[i], steps=[2, 3][i], guidance_scale=[4.0, 6.0][i], noise=noise[i : i + 1],
+                     output_type="latent")[0]
+        np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flux
+# ---------------------------------------------------------------------------------------------
+
+
+def flux_reference(ref, prompts, noise, steps, guidance, text_len, output_type):
+    b, h, w, c = noise.shape
+    packed = diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise).permute(0, 3, 1, 2), b, c, h, w)
+    out = ref(prompts, height=16, width=16, num_inference_steps=steps, guidance_scale=guidance,
+              max_sequence_length=text_len, latents=packed, output_type=output_type).images
+    if output_type != "latent":
+        return out
+    return diffusers.FluxPipeline._unpack_latents(out, 16, 16, ref.vae_scale_factor).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_flux_pipeline_matches_diffusers(tmp_path, guidance):
+    ref = make_flux_pipeline(tmp_path, guidance)
+    pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe", max_sequence_length=10)
+    assert isinstance(pipe, FluxPipeline) and pipe.embedded_guidance is guidance
+    assert pipe.default_steps == (28 if guidance else 4)
+    noise = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = pipe(PROMPTS, steps=3, guidance_scale=3.5, noise=noise, output_type="latent")
+    want = flux_reference(ref, PROMPTS, noise, 3, 3.5, 10, "latent")
+    err = _rel(ours, want)
+    assert err <= 2e-4, err  # measured 2.7e-5 (dev), 7.1e-6 (schnell)
+    swapped = flux_reference(ref, PROMPTS[::-1], noise, 3, 3.5, 10, "latent")
+    assert _rel(swapped, want) > 100 * 2e-4  # measured 0.18
+    if guidance:  # the guidance input matters too
+        assert _rel(flux_reference(ref, PROMPTS, noise, 3, 5.0, 10, "latent"), want) > 100 * 2e-4
+    images = pipe(PROMPTS, steps=3, guidance_scale=3.5, noise=noise, output_type="np")
+    want_img = flux_reference(ref, PROMPTS, noise, 3, 3.5, 10, "np")
+    assert np.abs(images - want_img).max() <= 2e-5  # measured 1.5e-6
+    assert np.abs(_uint8(images).astype(int) - _uint8(want_img).astype(int)).max() <= 2
+
+
+def test_flux_generate_cli_and_long_prompt(tmp_path, capsys):
+    make_flux_pipeline(tmp_path)
+    out = tmp_path / "out.png"
+    with pytest.warns(UserWarning, match="limit of 512 tokens"):
+        code = cli(["generate", "--model", str(tmp_path / "pipe"), "--prompt", "a cat " * 300, "--steps", "2",
+                    "--guidance", "3.5", "--height", "16", "--width", "16", "--out", str(out)])
+    assert code == 0
+    from PIL import Image
+
+    with Image.open(out) as img:
+        assert img.size == (16, 16)
+    pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="image height 10 is not a multiple of 4"):
+        pipe("a cat", height=10, width=16)
