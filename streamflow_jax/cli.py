@@ -151,8 +151,8 @@ def _cmd_export(args) -> int:
                          latent_scale=args.latent_scale or scale_hint or 8,
                          text_len=args.text_len or text_hint, dtype=args.dtype)
     exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet)
-    print(f"exported {model.class_name} velocity -> {exported.onnx_path} "
-          f"(B {spec.dims['B']}, H {spec.dims['H']}, W {spec.dims['W']}, {spec.dtype}, opset {args.opset})")
+    dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
+    print(f"exported {model.class_name} {spec.method} -> {exported.onnx_path} ({dims}, {spec.dtype}, opset {args.opset})")
     if args.backend == "tensorrt":
         from streamflow_jax.backends.tensorrt import TensorRTRunner
 

@@ -180,24 +180,25 @@ def unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Ar
     return x.reshape(b, h * patch, w * patch, c)
 
 
-def rope_angles(ids, axes_dims: tuple[int, ...], theta: float = 10000.0):
-    """Rotary angles of position ids, one frequency band per id axis (Flux's ``FluxPosEmbed``).
+def rope_angles(positions, axes_dims: tuple[int, ...], theta: float = 10000.0):
+    """Rotary angles of positions, one frequency band per position axis (Flux's ``FluxPosEmbed``).
 
     Args:
-        ids: ``[L, A]`` positions (numpy: computed in float64 on the host, as diffusers does;
-            a traced array, e.g. symbolic sizes in an ONNX export: float32 in the graph).
+        positions: one ``[L]`` (or ``[B, L]``) array per axis (numpy: computed in float64 on
+            the host, as diffusers does; traced arrays, e.g. symbolic sizes in an ONNX export:
+            float32 in the graph).
         axes_dims: the rotary width of each axis (summing to the head dim ``K``).
 
     Returns:
-        ``(cos, sin)``, each ``[L, K/2]``: axis ``a`` contributes ``axes_dims[a] / 2``
-        frequencies ``theta ** (-2j / axes_dims[a])``.
+        ``(cos, sin)``, each ``[L, K/2]`` (or ``[B, L, K/2]``): axis ``a`` contributes
+        ``axes_dims[a] / 2`` frequencies ``theta ** (-2j / axes_dims[a])``.
     """
-    xp = np if isinstance(ids, np.ndarray) else jnp
+    xp = np if all(isinstance(p, np.ndarray) for p in positions) else jnp
     dtype = np.float64 if xp is np else jnp.float32
     parts = []
-    for a, dim in enumerate(axes_dims):
-        freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        parts.append(ids[:, a].astype(dtype)[:, None] * xp.asarray(freqs.astype(dtype))[None, :])
+    for pos, dim in zip(positions, axes_dims):
+        freqs = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(dtype)
+        parts.append(xp.expand_dims(xp.asarray(pos).astype(dtype), -1) * xp.asarray(freqs))
     angles = xp.concatenate(parts, axis=-1)
     return xp.cos(angles).astype(np.float32), xp.sin(angles).astype(np.float32)
 
@@ -206,11 +207,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates each pair ``(x[2i], x[2i+1])`` of every head by its angle, in float32.
 
     Args:
-        x: ``[B, L, N, K]`` queries or keys; cos, sin: ``[L, K/2]``.
+        x: ``[B, L, N, K]`` queries or keys; cos, sin: ``[L, K/2]`` or ``[B, L, K/2]``.
     """
     b, n, h, k = x.shape
     pairs = x.astype(jnp.float32).reshape(b, n, h, k // 2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
-    c, s = jnp.asarray(cos)[None, :, None, :], jnp.asarray(sin)[None, :, None, :]
+    c, s = jnp.expand_dims(jnp.asarray(cos), -2), jnp.expand_dims(jnp.asarray(sin), -2)  # [(B,) L, 1, K/2]
     out = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1)
     return out.reshape(b, n, h, k).astype(x.dtype)

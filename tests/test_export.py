@@ -272,3 +272,53 @@ def test_perflow_unet_velocity_export_matches_xla(tmp_path, prediction):
     with pytest.raises(ValueError, match="axis 1 is 8, the graph takes 16"):
         runner.velocity(np.zeros((1, 8, 16, 4), np.float32), np.ones(1, np.float32),
                         {"encoder_hidden_states": np.zeros((1, 5, 768), np.float32)})
+
+
+def test_flux_velocity_export_dynamic_shapes(tmp_path):
+    """Flux with guidance: one graph for any batch, height and width (position ids computed in
+    the graph), equal to diffusers' transformer and to XLA; within TensorRT's operator table."""
+    from test_flux import flux_inputs, make_flux, reference_velocity
+
+    ref = make_flux(tmp_path / "src", True, seed=7)
+    model = sf.load(tmp_path / "src")
+    spec = velocity_spec(model, batch="1:2:4", latent="4:8:16", text_len=5)
+    assert spec.input_names == ["x", "t", "encoder_hidden_states", "pooled_projections", "guidance"]
+    graph = export_onnx(model, spec, tmp_path / "onnx", progress=False)
+    assert tensorrt_problems(onnx.load(graph.onnx_path)) == []
+    runner = OnnxRuntimeRunner(graph)
+    for b, h, w in [(1, 8, 8), (3, 6, 10), (4, 16, 4)]:
+        x, t, cond = flux_inputs(b, h, w, seed=b)
+        got = runner.velocity(x, t, cond)
+        assert _rel(got, model.velocity(x, t, cond)) <= 1e-4  # measured <= 8.7e-6
+        assert _rel(got, reference_velocity(ref, x, t, cond)) <= 1e-4
+    with pytest.raises(ValueError, match="H=7 is not a multiple of 2"):
+        runner.velocity(np.zeros((1, 7, 8, 4), np.float32), t[:1], {k: v[:1] for k, v in cond.items()})
+
+
+@pytest.mark.parametrize("family", ["t5", "clip"])
+def test_text_encoder_export(tmp_path, family):
+    """T5 and CLIP text encoders export with int32 ids (dynamic batch) and match XLA and
+    transformers; within TensorRT's operator table."""
+    import torch
+    import transformers
+
+    if family == "t5":
+        from test_t5 import T5_A, make_t5, padded_ids
+
+        ref = make_t5(tmp_path / "src", T5_A, seed=3)
+        ids, length = padded_ids(24), 24
+    else:
+        from conftest import CLIP, randomize
+
+        ref = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)), 3).eval()
+        ref.save_pretrained(tmp_path / "src")
+        ids, length = np.array([[527] + list(range(5, 80)) + [528]] * 2), 77
+    model = sf.load(tmp_path / "src")
+    graph = export_onnx(model, velocity_spec(model, batch="1:2:4", text_len=length), tmp_path / "onnx",
+                        progress=False)
+    assert graph.spec.inputs[0].dtype == "int32" and tensorrt_problems(onnx.load(graph.onnx_path)) == []
+    runner = OnnxRuntimeRunner(graph)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids)).last_hidden_state.numpy()
+    got = runner.encode(ids)
+    assert got.shape == want.shape and _rel(got, want) <= 1e-5  # measured 2.8e-7 (T5)

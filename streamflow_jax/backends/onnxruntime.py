@@ -48,8 +48,9 @@ class OnnxRuntimeRunner:
 
     def run(self, feeds: dict) -> np.ndarray:
         """The graph's first output for inputs named as in the spec (checked against it first)."""
-        # float32 C-contiguous numpy arrays are handed to ONNX Runtime without a copy
-        feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+        # C-contiguous numpy arrays of the graph's dtypes are handed to ONNX Runtime without a copy
+        dtypes = {t.name: np.dtype(t.dtype) for t in self.spec.inputs}
+        feeds = {k: np.ascontiguousarray(v, dtype=dtypes.get(k, np.float32)) for k, v in feeds.items()}
         self.spec.check(feeds)
         return self.session.run(self._outputs, feeds)[0]
 
@@ -63,6 +64,10 @@ class OnnxRuntimeRunner:
             raise ValueError(f"cond lacks {missing} (the graph takes {self.spec.cond_names})")
         feeds.update({n: cond[n] for n in self.spec.cond_names})
         return jnp.asarray(self.run(feeds)).astype(jnp.asarray(x).dtype)
+
+    def encode(self, ids):
+        """A text-encoder graph: ``[B, L]`` token ids -> ``[B, L, D]`` last hidden state."""
+        return jnp.asarray(self.run({"ids": ids}))
 
     def decode_latents(self, latents):
         """A decoder graph: ``[B, h, w, C]`` scaled latents -> ``[B, H, W, 3]`` images."""

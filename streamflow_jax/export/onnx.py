@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -67,6 +68,16 @@ def _import_onnx():
     return onnx, to_onnx
 
 
+def _input_specs(spec: ExportSpec) -> list:
+    """jax2onnx's inputs: shape tuples (float32, ``"B"``-style symbolic names) or, when an input
+    is not float32, ``ShapeDtypeStruct`` s whose symbolic dims share one scope."""
+    if all(t.dtype == "float32" for t in spec.inputs):
+        return [t.shape for t in spec.inputs]
+    scope = jax.export.SymbolicScope()
+    return [jax.ShapeDtypeStruct(jax.export.symbolic_shape(",".join(str(d) for d in t.shape), scope=scope),
+                                 np.dtype(t.dtype)) for t in spec.inputs]
+
+
 def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
     """The ONNX ``ModelProto`` of ``model``'s ``spec.method`` (velocity or ``decode_latents``)."""
     _, to_onnx = _import_onnx()
@@ -75,13 +86,16 @@ def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
     if spec.method == "velocity":
         def graph(x, t, *cond):
             return velocity_of(module, model.adapter, x, t, dict(zip(names, cond)))
+    elif spec.method == "encode":  # a text encoder: int32 ids in, float32 states out
+        def graph(ids):
+            return module(ids)["last_hidden_state"].astype(jnp.float32)
     else:  # a decoder: float32 in, float32 out, the compute dtype inside
         def graph(latents):
             return getattr(module, spec.method)(latents).astype(latents.dtype)
 
     # onnx_ir warns once per untyped shape constant jax2onnx makes; harmless, and hundreds
     logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
-    proto = to_onnx(graph, [t.shape for t in spec.inputs], model_name=f"{model.family.name}_{spec.method}",
+    proto = to_onnx(graph, _input_specs(spec), model_name=f"{model.family.name}_{spec.method}",
                     opset=opset, input_names=spec.input_names, output_names=[t.name for t in spec.outputs])
     # jax2onnx 0.17 annotates some intermediate values with symbolic dims that conflate
     # distinct axes (the arange over H//P and W//P both get one name), which makes ONNX

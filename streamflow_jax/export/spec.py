@@ -259,8 +259,8 @@ def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_
     kind = model.family.kind
     if kind == "decoder":
         return decoder_spec(model, batch=batch, resolution=resolution, latent=latent, dtype=dtype)
-    if kind != "velocity":
-        raise ValueError(f"no export spec for {model.class_name}: only velocity models and decoders export")
+    if kind == "text_encoder":
+        return text_encoder_spec(model, batch=batch, text_len=text_len, dtype=dtype)
     side = _side(model, resolution, latent, latent_scale)
     return build_velocity_spec(model, batch=Range.parse(batch), height=side, width=side, text_len=text_len,
                                dtype=dtype or str(np.dtype(model.dtype)))
@@ -283,4 +283,22 @@ def decoder_spec(model, *, batch="1:1:4", resolution=None, latent=None, dtype: s
         dims={"B": Range.parse(batch), "H": side, "W": side},
         dtype=dtype or str(np.dtype(model.dtype)),
         method="decode_latents",
+    )
+
+
+def text_encoder_spec(model, *, batch="1:1:4", text_len: int | None = None, dtype: str | None = None) -> ExportSpec:
+    """The export spec of a text encoder (CLIP, T5): ``ids [B, L]`` int32 in, its last hidden
+    state ``[B, L, D]`` out (float32); ``L`` fixed (default: the family's text length)."""
+    import jax
+
+    length = int(text_len or model.text_len)
+    out = jax.eval_shape(lambda m, ids: m.module(ids)["last_hidden_state"], model,
+                         jax.ShapeDtypeStruct((1, length), np.int32))
+    return ExportSpec(
+        class_name=model.class_name,
+        inputs=(TensorSpec("ids", ("B", length), "int32"),),
+        outputs=(TensorSpec("last_hidden_state", ("B", length, out.shape[-1])),),
+        dims={"B": Range.parse(batch)},
+        dtype=dtype or str(np.dtype(model.dtype)),
+        method="encode",
     )

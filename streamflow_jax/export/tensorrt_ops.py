@@ -40,6 +40,12 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "Where": _FIB, "Xor": ("BOOL",),
 }
 
+# Inputs that are parameters, not data: the table's types do not apply to them; the parser
+# takes them as build-time integer constants (an initializer or a Constant node's output).
+PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {"CumSum": (1,)}
+# Comparisons: the table's types are their inputs'; their output is BOOL by definition.
+BOOL_OUTPUTS = frozenset({"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "IsInf", "IsNaN"})
+
 # ONNX TensorProto elem_type -> the table's type names
 _ELEM_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE",
                16: "BF16"}
@@ -64,6 +70,8 @@ def tensorrt_problems(model) -> list[str]:
         types[vi.name] = vi.type.tensor_type.elem_type
     for init in inferred.graph.initializer:
         types[init.name] = init.data_type
+    constants = {i.name for i in inferred.graph.initializer}
+    constants |= {o for n in inferred.graph.node if n.op_type == "Constant" for o in n.output}
     for node in inferred.graph.node:
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"node {node.name!r}: custom domain {node.domain!r}")
@@ -72,8 +80,14 @@ def tensorrt_problems(model) -> list[str]:
         if allowed is None:
             problems.append(f"node {node.name!r}: operator {node.op_type} is not supported")
             continue
-        for name in list(node.input) + list(node.output):
-            if not name or name not in types:
+        params = PARAMETER_INPUTS.get(node.op_type, ())
+        for i in params:
+            name = node.input[i] if i < len(node.input) else ""
+            if name and (name not in constants or _ELEM_TYPES.get(types.get(name)) not in ("INT32", "INT64")):
+                problems.append(f"node {node.name!r} ({node.op_type}): input {i} {name!r} must be an integer constant")
+        names = list(node.input) + ([] if node.op_type in BOOL_OUTPUTS else list(node.output))
+        for i, name in enumerate(names):
+            if not name or name not in types or (i < len(node.input) and i in params):
                 continue
             t = _ELEM_TYPES.get(types[name], f"elem_type {types[name]}")
             if t not in allowed and node.op_type not in ("Shape", "Size"):

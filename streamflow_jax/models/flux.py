@@ -103,24 +103,28 @@ def unpack(tokens, height, width):
     return x.reshape(b, height, width, c)
 
 
-def rope_tables(text_len: int, rows, cols, axes_dims: tuple[int, ...]):
+def rope_tables(text_len: int, rows: int, cols: int, axes_dims: tuple[int, ...]):
     """Rotary ``(cos, sin)``, each ``[L + M, K/2]``, for ``L`` text tokens (ids all zero) then
-    the ``rows x cols`` image tokens (ids ``(0, row, col)``), as diffusers' ``FluxPosEmbed``.
+    the ``rows x cols`` image tokens (ids ``(0, row, col)``), as diffusers' ``FluxPosEmbed``;
+    computed on the host in float64 (as diffusers does), so they enter the program as constants."""
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    text = np.zeros(text_len)
+    positions = [np.zeros(text_len + rows * cols), np.concatenate([text, r.reshape(-1)]),
+                 np.concatenate([text, c.reshape(-1)])]
+    return ops.rope_angles(positions, axes_dims, ROPE_THETA)
 
-    With concrete sizes the tables are computed on the host in float64 (as diffusers does) and
-    enter the program as constants; with symbolic sizes (an ONNX export) they are computed in
-    the graph, in float32.
-    """
-    if isinstance(rows, int) and isinstance(cols, int):
-        r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-        img = np.stack([np.zeros(rows * cols), r.reshape(-1), c.reshape(-1)], axis=-1)
-        ids = np.concatenate([np.zeros((text_len, 3)), img])
-        return ops.rope_angles(ids, axes_dims, ROPE_THETA)
-    r = jnp.broadcast_to(jnp.arange(rows)[:, None], (rows, cols)).reshape(-1)
-    c = jnp.broadcast_to(jnp.arange(cols)[None, :], (rows, cols)).reshape(-1)
-    img = jnp.stack([jnp.zeros_like(r), r, c], axis=-1)
-    ids = jax.lax.concatenate([jnp.zeros((text_len, 3), img.dtype), img], 0)
-    return ops.rope_angles(ids, axes_dims, ROPE_THETA)
+
+def traced_rope_tables(x, text, axes_dims: tuple[int, ...]):
+    """The same tables, ``[B, L + M, K/2]``, computed in the graph from the shapes of ``x``
+    ``[B, H, W, C]`` and ``text`` ``[B, L, J]``, for an export with symbolic ``H`` and ``W``:
+    row and column numbers are counted (cumulative sums of ones, packed like the latents)
+    because jax2onnx 0.17 cannot broadcast an ``arange`` to a symbolic shape."""
+    ones = jnp.ones_like(x[..., :1], dtype=jnp.float32)  # [B, H, W, 1]
+    rows = pack(jnp.cumsum(ones, axis=1) - 1)[..., 0] / 2  # [B, M]: the token's patch row
+    cols = pack(jnp.cumsum(ones, axis=2) - 1)[..., 0] / 2
+    zeros = jnp.zeros_like(text[..., 0], dtype=jnp.float32)  # [B, L]
+    rows, cols = jax.lax.concatenate([zeros, rows], 1), jax.lax.concatenate([zeros, cols], 1)
+    return ops.rope_angles([jnp.zeros_like(rows), rows, cols], axes_dims, ROPE_THETA)
 
 
 def _clip_f16(x):
@@ -233,7 +237,10 @@ class FluxTransformer2DModel(nnx.Module):
         if c != cfg.latent_channels:
             raise ValueError(f"latent has {c} channels, the model takes {cfg.latent_channels}")
         text = cond["encoder_hidden_states"]
-        rope = rope_tables(text.shape[1], height // 2, width // 2, cfg.axes_dims_rope)
+        if isinstance(height, int) and isinstance(width, int):
+            rope = rope_tables(text.shape[1], height // 2, width // 2, cfg.axes_dims_rope)
+        else:
+            rope = traced_rope_tables(x, text, cfg.axes_dims_rope)
         v = self(pack(x), text, cond["pooled_projections"], t, rope, cond.get("guidance"))
         return unpack(v, height, width).astype(x.dtype)
 
