@@ -193,3 +193,21 @@ def test_flux_generate_cli_and_long_prompt(tmp_path, capsys):
     pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe")
     with pytest.raises(ValueError, match="image height 10 is not a multiple of 4"):
         pipe("a cat", height=10, width=16)
+
+
+def test_flux_prompt_stream_takes_guidance_as_input(tmp_path):
+    """Through the stream engine, Flux-dev's guidance scale is each request's model input (no
+    CFG): each request equals the pipeline's output for it alone."""
+    from streamflow_jax.pipelines import PromptStream
+
+    make_flux_pipeline(tmp_path)
+    pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe", max_sequence_length=10)
+    stream = PromptStream(pipe, slots_per_stream=2, guidance=True, height=16, width=16, output_type="latent")
+    assert not stream.guided and stream.engine.cond_shapes["guidance"] == ()
+    noise = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ids = [stream.submit(p, steps=2 + i, noise=noise[i], guidance_scale=[2.0, 5.0][i]) for i, p in enumerate(PROMPTS)]
+    results = stream.run()
+    for i, rid in enumerate(ids):
+        alone = pipe(PROMPTS[i], steps=2 + i, guidance_scale=[2.0, 5.0][i], noise=noise[i : i + 1],
+                     output_type="latent")[0]
+        np.testing.assert_allclose(results[rid], alone, rtol=1e-5, atol=1e-5)
