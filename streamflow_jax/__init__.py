@@ -12,13 +12,15 @@ The public API, re-exported explicitly::
 
 from streamflow_jax import schedules
 from streamflow_jax._version import __version__
-from streamflow_jax.backends import sample
+from streamflow_jax.backends import enable_compilation_cache, sample
 from streamflow_jax.checkpoint import convert, load, save
 from streamflow_jax.errors import ConversionError, ExportError, RequestError, ShapeError
 from streamflow_jax.models import FlowModel
 from streamflow_jax.pipelines import Pipeline
 from streamflow_jax.sampling import euler_step, guided_velocity
 from streamflow_jax.stream import StreamEngine
+
+enable_compilation_cache()  # $STREAMFLOW_JAX_CACHE/xla; STREAMFLOW_JAX_XLA_CACHE=0 turns it off
 
 __all__ = [
     "ConversionError",
@@ -30,6 +32,7 @@ __all__ = [
     "StreamEngine",
     "__version__",
     "convert",
+    "enable_compilation_cache",
     "euler_step",
     "guided_velocity",
     "load",

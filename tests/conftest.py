@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
 os.environ["JAX_PLATFORMS"] = "cpu"  # forced: the suite's tolerances are CPU fp32's
+# nothing under ~/.cache: the process-wide compilation cache goes to a temporary directory (each
+# test's exports and engines get their own, see isolated_cache)
+os.environ["STREAMFLOW_JAX_CACHE"] = tempfile.mkdtemp(prefix="streamflow-jax-tests-")
 
 import numpy as np
 import pytest

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import VARIANTS, sd3_inputs
@@ -129,3 +131,48 @@ def test_decoder_runs_inside_the_tick(model, tmp_path, admit):
         want = np.asarray(vae.module.decode_latents(alone))[0]
         assert engine.result(rid).shape == want.shape == (16, 16, 3)
         np.testing.assert_allclose(engine.result(rid), want, rtol=1e-4, atol=1e-4)
+
+
+def test_thousand_mixed_requests_bad_ones_fail_alone(model):
+    """1,000 requests, about a third invalid in each way the issue names (non-finite guidance,
+    conditioning or noise) and a few more: every request yields exactly one result or one
+    RequestError at submit, and every good one a finite latent."""
+    x, conds = _requests(8, seed=7)
+    _, unconds = _requests(8, seed=8)
+    rng = np.random.default_rng(0)
+    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=8, streams=2, guidance=True)
+    kinds = ["good", "nan_guidance", "inf_guidance", "nan_cond", "inf_uncond", "nan_noise", "bad_grid"]
+    expected = {}
+    for i in range(1000):
+        kind = kinds[0] if rng.random() < 0.65 else kinds[int(rng.integers(1, len(kinds)))]
+        c, u = dict(conds[i % 8]), dict(unconds[i % 8])
+        args = dict(steps=int(rng.integers(1, 4)), guidance_scale=float(rng.uniform(1, 5)), cond=c, uncond=u,
+                    seed=i)
+        if kind == "nan_guidance":
+            args["guidance_scale"] = float("nan")
+        elif kind == "inf_guidance":
+            args["guidance_scale"] = float("-inf")
+        elif kind == "nan_cond":
+            args["cond"] = {**c, "pooled_projections": np.where(np.arange(10) == 3, np.nan, c["pooled_projections"])}
+        elif kind == "inf_uncond":
+            args["uncond"] = {**u, "encoder_hidden_states": np.full_like(u["encoder_hidden_states"], np.inf)}
+        elif kind == "nan_noise":
+            args.pop("seed")
+            args["noise"] = np.where(x[i % 8] > 1, np.nan, x[i % 8])
+        elif kind == "bad_grid":
+            args.pop("steps")
+            args["grid"] = np.array([0.2, 0.7, 0.0], np.float32)
+        expected[engine.submit(args.pop("cond"), **args)] = kind
+    assert all(isinstance(engine.results.get(r), RequestError) for r, k in expected.items() if k != "good")
+    results = engine.run()
+    assert sorted(results) == sorted(expected) and engine.pending == 0
+    messages = {"nan_guidance": "guidance_scale nan is not finite", "inf_guidance": "guidance_scale -inf",
+                "nan_cond": "cond['pooled_projections'] has non-finite", "inf_uncond": "uncond['encoder_hidden_states']",
+                "nan_noise": "noise has non-finite", "bad_grid": "grid must run down"}
+    for rid, kind in expected.items():
+        if kind == "good":
+            assert results[rid].shape == (8, 8, 4) and np.isfinite(results[rid]).all()
+        else:
+            with pytest.raises(RequestError, match=re.escape(messages[kind])):
+                engine.result(rid)
+    assert sum(k == "good" for k in expected.values()) > 500 and len(set(expected.values())) == len(kinds)

@@ -37,6 +37,30 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "streamflow-jax")
 
 
+XLA_CACHE_ENV = "STREAMFLOW_JAX_XLA_CACHE"  # "0" turns the persistent compilation cache off
+
+
+def enable_compilation_cache() -> Path | None:
+    """Turns on JAX's persistent compilation cache under ``cache_root()/xla``, so that a second
+    process reuses the programs a first one compiled (all of them: the library sets
+    ``jax_persistent_cache_min_compile_time_secs`` to 0 from JAX's 1 s). Left alone when
+    ``$STREAMFLOW_JAX_XLA_CACHE`` is ``0`` or when the application set a cache directory itself.
+
+    Returns:
+        The cache directory in use, or None when off.
+    """
+    if os.environ.get(XLA_CACHE_ENV, "1").lower() in ("0", "false", "off", "no"):
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    path = cache_root() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # every program, not only those over 1 s: a pipeline compiles many sub-second ones
+    # (scan, admission, decode), which together are most of a first call
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
 def clear_runners() -> None:
     """Forgets the runners made in this process (their files stay in the cache)."""
     _RUNNERS.clear()

@@ -1,0 +1,98 @@
+"""Interrupted conversions and exports: Ctrl-C exits 130 with one line and leaves nothing; a
+killed run's partial directory is removed by the next run to the same destination, never one
+that a live process is writing; after a success only the destination remains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import orbax.checkpoint as ocp
+import pytest
+
+import streamflow_jax as sf
+from streamflow_jax.cli import main as cli
+
+
+def _dead_pid() -> int:
+    """A pid no process has (a child that has exited and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_ctrl_c_exits_130_with_one_line_and_nothing_written(tiny_sd3, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", interrupted)
+    assert cli(["convert", str(tiny_sd3[0]), str(tmp_path / "out"), "-q"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "streamflow-jax convert: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd3_tiny"]  # no output, no partial
+
+
+def test_stale_partial_of_a_dead_writer_is_removed(tiny_sd3, tmp_path):
+    stale = tmp_path / f".out.partial-{_dead_pid()}-abc123"
+    stale.mkdir()
+    (stale / "half-written").write_text("x")
+    sf.convert(tiny_sd3[0], tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sd3_tiny"]
+
+
+def test_partial_of_a_live_writer_is_left_alone(tiny_sd3, tmp_path, capsys):
+    live = tmp_path / ".out.partial-1-abc123"  # pid 1 is always alive
+    live.mkdir()
+    assert cli(["convert", str(tiny_sd3[0]), str(tmp_path / "out"), "-q"]) == 1
+    assert "process 1 is writing it now" in capsys.readouterr().err
+    assert live.is_dir() and not (tmp_path / "out").exists()
+
+
+def test_killed_conversion_is_cleaned_by_the_next_run(tiny_sd3, tmp_path):
+    """A real SIGKILL while the partial directory exists: the next run removes it and succeeds."""
+    script = (
+        "import orbax.checkpoint as ocp, time, streamflow_jax as sf\n"
+        "save = ocp.StandardCheckpointer.save\n"
+        "def slow(self, *a, **k):\n"
+        "    save(self, *a, **k); time.sleep(60)\n"
+        "ocp.StandardCheckpointer.save = slow\n"
+        f"sf.convert({str(tiny_sd3[0])!r}, {str(tmp_path / 'out')!r}, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+            time.sleep(0.2)
+        assert any(p.name.startswith(f".out.partial-{proc.pid}-") for p in tmp_path.iterdir())
+        time.sleep(1.0)  # into the slow save
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())  # what a kill leaves
+    sf.convert(tiny_sd3[0], tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sd3_tiny"]
+
+
+def test_export_dir_stale_partial_and_ctrl_c(tiny_sd3, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("jax2onnx")
+    from streamflow_jax.export import onnx as export_onnx_module
+
+    stale = tmp_path / f".onnx.partial-{_dead_pid()}-zz"
+    stale.mkdir()
+    assert cli(["export", str(tiny_sd3[0]), str(tmp_path / "onnx"), "--text-len", "7", "--latent-scale", "1",
+                "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "sd3_tiny"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_onnx_module, "check_graph", interrupted)
+    assert cli(["export", str(tiny_sd3[0]), str(tmp_path / "onnx2"), "--text-len", "7", "--latent-scale", "1",
+                "-q"]) == 130
+    assert capsys.readouterr().err.strip().endswith("export: interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "sd3_tiny"]
