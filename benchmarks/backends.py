@@ -25,6 +25,7 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--guidance", type=float, default=None, help="sample with CFG at this scale (doubles the batch)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -65,6 +66,10 @@ def main():
             "pooled_projections": rng.standard_normal((b, cfg.pooled_projection_dim), dtype=np.float32)}
     grid = sf.schedules.flow_match(args.steps)
     sync = jax.block_until_ready
+    guided = {}
+    if args.guidance is not None:
+        guided = {"guidance_scale": args.guidance,
+                  "uncond": {k: rng.standard_normal(v.shape, dtype=np.float32) for k, v in cond.items()}}
 
     names = ["xla", "onnxruntime"]
     try:
@@ -77,18 +82,19 @@ def main():
     rows, ref_out = [], None
     for name in names:
         t0 = time.perf_counter()
-        out = np.asarray(sf.sample(model, x, grid, cond, backend=name))  # exports/compiles on first use
+        out = np.asarray(sf.sample(model, x, grid, cond, backend=name, **guided))  # exports/compiles on first use
         first = time.perf_counter() - t0
         if name == "xla":
             ref_out = out
             call = jax.jit(lambda m, x, t, c: m.velocity(x, t, c))
             velocity = lambda: call(model, x, t, cond)  # noqa: E731
         else:
-            runner = backends.runner_for(model, name, batch=b, height=side, width=side, cond=cond)
+            runner = backends.runner_for(model, name, batch=2 * b if guided else b, height=side, width=side,
+                                         cond=cond)
             velocity = lambda: runner.velocity(x, t, cond)  # noqa: E731
         per_call = timed(velocity, warmup=2, repeats=args.repeats * 4, sync=sync)
-        sampling = timed(lambda: sf.sample(model, x, grid, cond, backend=name), warmup=0, repeats=args.repeats,
-                         sync=sync)
+        sampling = timed(lambda: sf.sample(model, x, grid, cond, backend=name, **guided), warmup=0,
+                         repeats=args.repeats, sync=sync)
         rows.append({"backend": name, "first_sample_s": round(first, 3),
                      "velocity_ms": round(1e3 * per_call["mean_s"], 3),
                      "sample_s": round(sampling["mean_s"], 4),
@@ -106,10 +112,13 @@ def main():
 
         ref = timed(torch_call, warmup=2, repeats=args.repeats * 4)
         rows.append({"backend": "diffusers+torch (reference)", "velocity_ms": round(1e3 * ref["mean_s"], 3)})
-    base = rows[0]["velocity_ms"]
+    base, base_sample = rows[0]["velocity_ms"], rows[0]["sample_s"]
     for r in rows:
         r["velocity_vs_xla"] = round(r["velocity_ms"] / base, 3)
+        if "sample_s" in r:
+            r["sampling_speed_vs_xla"] = round(base_sample / r["sample_s"], 3)
     emit({"benchmark": "backends", "config": args.config, "batch": b, "latent": side, "steps": args.steps,
+          "guidance": args.guidance,
           "threads": args.threads, "env": environment(), "results": rows}, args.out)
 
 

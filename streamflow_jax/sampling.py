@@ -13,11 +13,18 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class VelocityModel(Protocol):
     def velocity(self, x: jax.Array, t: jax.Array, cond: dict[str, Any]) -> jax.Array:
         """``[B, H, W, C]``, ``[B]``, dict of ``[B, ...]`` -> ``[B, H, W, C]``."""
+
+
+def _xp(a):
+    """numpy for numpy arrays (a runner driven from the host), jax.numpy otherwise: the same
+    step serves a compiled scan and a host loop around an exported graph."""
+    return np if isinstance(a, np.ndarray) else jnp
 
 
 def per_element(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -44,9 +51,9 @@ def guided_velocity(model: VelocityModel, x, t, cond, guidance_scale=None, uncon
     """
     if guidance_scale is None:
         return model.velocity(x, t, cond)
-    b = x.shape[0]
-    both = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
-    v = model.velocity(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
+    b, xp = x.shape[0], _xp(x)
+    both = jax.tree_util.tree_map(lambda u, c: xp.concatenate([u, c], axis=0), uncond, cond)
+    v = model.velocity(xp.concatenate([x, x]), xp.concatenate([t, t]), both)
     return combine_guidance(v[:b], v[b:], guidance_scale)
 
 

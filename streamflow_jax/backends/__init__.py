@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from streamflow_jax import sampling
 from streamflow_jax.errors import ExportError
@@ -185,7 +186,14 @@ def sample(
         return run(model, noise, grid, cond, guidance_scale, uncond)
     b, h, w, _ = noise.shape
     runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w, cond=cond)
+    if not getattr(runner, "on_device", False):
+        # a runner computing on the host (ONNX Runtime on CPU): the loop in numpy, so each step
+        # is one graph call and a few numpy ops, with no device dispatch or copy around it
+        to_host = lambda a: None if a is None else np.asarray(a, np.float32)  # noqa: E731
+        noise, grid, guidance_scale = to_host(noise), to_host(grid), to_host(guidance_scale)
+        cond = jax.tree_util.tree_map(to_host, cond)
+        uncond = None if uncond is None else jax.tree_util.tree_map(to_host, uncond)
     x = noise
     for i in range(grid.shape[0] - 1):
         x = sampling.step(runner, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
-    return x
+    return jnp.asarray(x)

@@ -1,37 +1,49 @@
-"""ONNX Runtime backend: an exported velocity graph run by an ``InferenceSession``.
+"""ONNX Runtime backend: an exported graph run by an ``InferenceSession``.
 
 It implements the velocity protocol, so ``sampling`` drives it with the same Euler step and
-the same CFG code as the XLA path.
+the same CFG code as the XLA path: on the CPU provider with numpy arrays (``sf.sample`` runs
+its loop on the host, so a step is one graph call and a few numpy operations); with the CUDA
+provider (``onnxruntime-gpu`` installed, JAX on the same GPU) with device buffers bound to the
+session (``io_binding``), so nothing is copied to the host between steps. The CUDA path has not
+run here: the machines this project is built on have no onnxruntime-gpu (see the README).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from streamflow_jax.export.onnx import ExportedGraph, load_export
+from streamflow_jax.export.spec import dim_value
 
 
 def default_providers() -> list[str]:
-    import onnxruntime as ort
+    """CUDA when this onnxruntime has it (the onnxruntime-gpu build), then CPU."""
+    import onnxruntime as ort  # optional extra
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 class OnnxRuntimeRunner:
-    """An exported graph run by ONNX Runtime: ``velocity(x, t, cond)`` or ``decode_latents(z)``.
+    """An exported graph run by ONNX Runtime: ``velocity(x, t, cond)``, ``encode(ids)`` or
+    ``decode_latents(z)``.
 
     Args:
         exported: an ``ExportedGraph`` or an export directory.
         providers: ONNX Runtime execution providers (default: CUDA when present, then CPU).
+
+    Attributes:
+        on_device: the session runs on CUDA and JAX is on a GPU: inputs and outputs stay in
+            device memory (JAX arrays in, JAX arrays out).
     """
 
     backend = "onnxruntime"
 
     def __init__(self, exported, providers: list[str] | None = None):
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # optional extra
         except ImportError:
             raise ValueError("backend 'onnxruntime' needs the onnx extra: pip install 'streamflow-jax[onnx]'") from None
 
@@ -45,25 +57,50 @@ class OnnxRuntimeRunner:
         except Exception as e:  # ORT raises its own exception types; name the file
             raise ValueError(f"{self.exported.onnx_path}: ONNX Runtime cannot load it ({e})") from None
         self._outputs = [t.name for t in self.spec.outputs]
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in self.spec.inputs}
+        gpu = jax.devices()[0]
+        self.on_device = "CUDAExecutionProvider" in self.session.get_providers() and gpu.platform == "gpu"
+        self._device_id = getattr(gpu, "id", 0)
 
-    def run(self, feeds: dict) -> np.ndarray:
-        """The graph's first output for inputs named as in the spec (checked against it first)."""
+    def run(self, feeds: dict):
+        """The graph's first output for inputs named as in the spec (checked against it first):
+        a numpy array, or on the device a JAX array."""
+        if self.on_device:
+            return self._run_bound(feeds)
         # C-contiguous numpy arrays of the graph's dtypes are handed to ONNX Runtime without a copy
-        dtypes = {t.name: np.dtype(t.dtype) for t in self.spec.inputs}
-        feeds = {k: np.ascontiguousarray(v, dtype=dtypes.get(k, np.float32)) for k, v in feeds.items()}
+        feeds = {k: np.ascontiguousarray(v, dtype=self._dtypes.get(k, np.float32)) for k, v in feeds.items()}
         self.spec.check(feeds)
         return self.session.run(self._outputs, feeds)[0]
 
+    def _run_bound(self, feeds: dict) -> jax.Array:
+        """The CUDA provider with device buffers bound: JAX's input buffers are read in place,
+        the output is written into a fresh JAX buffer."""
+        arrays = {k: jnp.asarray(v, self._dtypes.get(k, np.float32)) for k, v in feeds.items()}
+        bound = self.spec.check(arrays)
+        binding = self.session.io_binding()
+        for name, a in arrays.items():
+            binding.bind_input(name, "cuda", self._device_id, a.dtype, tuple(a.shape), a.unsafe_buffer_pointer())
+        out_spec = self.spec.outputs[0]
+        shape = tuple(dim_value(d, bound) for d in out_spec.shape)
+        out = jnp.zeros(shape, np.dtype(out_spec.dtype))  # a buffer of its own, written by ONNX Runtime
+        binding.bind_output(out_spec.name, "cuda", self._device_id, out.dtype, shape, out.unsafe_buffer_pointer())
+        jax.block_until_ready((arrays, out))  # inputs computed, output allocated, before ORT touches them
+        self.session.run_with_iobinding(binding)
+        return out
+
     def velocity(self, x, t, cond):
-        """``[B, H, W, C]``, ``[B]``, dict of ``[B, ...]`` -> ``[B, H, W, C]`` in x's dtype."""
-        x_np = np.asarray(x, dtype=np.float32)
-        t_np = np.asarray(t, np.float32)
-        feeds = {"x": x_np, "t": np.full(x_np.shape[:1], t_np) if t_np.ndim == 0 else t_np}
+        """``[B, H, W, C]``, ``[B]``, dict of ``[B, ...]`` -> ``[B, H, W, C]`` in x's dtype:
+        numpy for numpy input (the host loop), a JAX array otherwise."""
         missing = [n for n in self.spec.cond_names if n not in cond]
         if missing:
             raise ValueError(f"cond lacks {missing} (the graph takes {self.spec.cond_names})")
-        feeds.update({n: cond[n] for n in self.spec.cond_names})
-        return jnp.asarray(self.run(feeds)).astype(jnp.asarray(x).dtype)
+        t = np.asarray(t, np.float32) if isinstance(t, np.ndarray | float | int) else t
+        feeds = {"x": x, "t": jnp.broadcast_to(t, x.shape[:1]) if np.ndim(t) == 0 else t,
+                 **{n: cond[n] for n in self.spec.cond_names}}
+        out = self.run(feeds)
+        if isinstance(x, np.ndarray):
+            return np.asarray(out).astype(x.dtype, copy=False)
+        return jnp.asarray(out).astype(jnp.asarray(x).dtype)
 
     def encode(self, ids):
         """A text-encoder graph: ``[B, L]`` token ids -> ``[B, L, D]`` last hidden state."""
