@@ -29,6 +29,7 @@ from streamflow_jax.models import FAMILIES, FlowModel, abstract_module, family_o
 from .common import (
     CONFIG_NAME,
     TensorSource,
+    weights_file,
     check_model_source,
     config_from_dict,
     map_tensor,
@@ -114,6 +115,37 @@ class DictSource:
             yield key, np.asarray(self._tensors[key])
 
 
+class DeltaSource:
+    """Base tensors plus a delta checkpoint's, key for key: ``W = W_base + dW`` added in
+    float32 and cast back to the base tensor's dtype (PeRFlow's delta weights)."""
+
+    def __init__(self, base, delta, *, source: str):
+        self.base, self.delta = base, delta
+        base_keys, delta_keys = set(base.keys()), set(delta.keys())
+        if base_keys != delta_keys:
+            only = sorted(base_keys - delta_keys)
+            extra = sorted(delta_keys - base_keys)
+            first = f"{only[0]!r} has no delta" if only else f"delta {extra[0]!r} matches no weight"
+            raise ConversionError(f"{source}: the delta's keys differ from the model's ({first}; "
+                                  f"{len(only)} without a delta, {len(extra)} deltas without a weight): a delta for "
+                                  "another architecture?")
+        for key in base.keys():
+            if tuple(base.shape(key)) != tuple(delta.shape(key)):
+                raise ConversionError(f"{source}: delta {key!r} has shape {tuple(delta.shape(key))}, the weight "
+                                      f"{tuple(base.shape(key))}")
+
+    def keys(self):
+        return self.base.keys()
+
+    def shape(self, key):
+        return self.base.shape(key)
+
+    def items(self, keys):
+        deltas = dict(self.delta.items(list(keys)))  # the same group of keys: one part's worth at a time
+        for key, w in self.base.items(keys):
+            yield key, (w.astype(np.float32) + deltas.pop(key).astype(np.float32)).astype(w.dtype)
+
+
 class LayoutSource:
     """A single file in a published layout, seen under the diffusers keys its tensors become."""
 
@@ -166,7 +198,8 @@ def _single_file_source(path: Path, overrides: dict | None):
                           "); give a diffusers model directory instead")
 
 
-def plan_source(src, *, config: dict | None = None) -> tuple[ConversionPlan, dict]:
+def plan_source(src, *, config: dict | None = None, variant: str | None = None, delta=None,
+                delta_variant: str | None = None) -> tuple[ConversionPlan, dict]:
     """The plan for a model directory or a single file, and the raw config it came from.
 
     Args:
@@ -174,16 +207,22 @@ def plan_source(src, *, config: dict | None = None) -> tuple[ConversionPlan, dic
             published layout (e.g. Black Forest Labs' Flux file).
         config: config fields that override what the directory says or the file implies
             (a single file cannot say everything, e.g. a non-published head size's rotary axes).
+        variant: read ``*.{variant}.safetensors`` (e.g. ``fp16``), sharded or not.
+        delta: a directory of weight differences with the same keys (``W = W_base + dW``).
+        delta_variant: which of the delta directory's weights files, when it has several.
     """
     src = Path(src)
     if src.is_file():
         raw, source = _single_file_source(src, config)
         about = f"{src} (its config, implied by the tensors' shapes{' and the given fields' if config else ''})"
-        return plan(raw, source, source=str(src), config_source=about), raw
-    model_dir = _find_supported_dir(src)
-    raw = {**read_json(model_dir / CONFIG_NAME), **(config or {})}
-    source = TensorSource.for_dir(model_dir, _family(raw, str(model_dir)).keys.weights)
-    return plan(raw, source, source=str(src)), raw
+    else:
+        model_dir = _find_supported_dir(src)
+        raw = {**read_json(model_dir / CONFIG_NAME), **(config or {})}
+        source = TensorSource.for_dir(model_dir, _family(raw, str(model_dir)).keys.weights, variant)
+        about = None
+    if delta is not None:
+        source = DeltaSource(source, weights_file(delta, delta_variant), source=f"{src} + delta {delta}")
+    return plan(raw, source, source=str(src), config_source=about), raw
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,42 @@ def config_from_dict(cls, raw: Mapping, *, source: Path, ignorable: Mapping | No
         raise ConversionError(f"{source}: {e}") from None
 
 
+def variant_names(names: tuple[str, str], variant: str | None) -> tuple[str, str]:
+    """The (single file, shard index) names of a variant, as diffusers and transformers save
+    them: ``diffusion_pytorch_model.fp16.safetensors``, ``...safetensors.index.fp16.json``."""
+    if not variant:
+        return names
+    single, index = names
+    return (single.replace(".safetensors", f".{variant}.safetensors"),
+            index.replace(".index.json", f".index.{variant}.json"))
+
+
+def weights_file(directory: Path, variant: str | None = None) -> TensorSource:
+    """The one weights file of a directory, whatever its name (a delta checkpoint's
+    ``diffusion_pytorch_model.v0-1.safetensors``); with several, ``variant`` picks
+    ``*.{variant}.safetensors`` (or a sharded variant's index)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConversionError(f"{directory}: not a directory")
+    files = sorted(p for p in directory.glob("*.safetensors"))
+    indexes = sorted(directory.glob("*.index*.json"))
+    if variant is not None:
+        chosen = [p for p in files if p.name.endswith(f".{variant}.safetensors")]
+        if len(chosen) == 1:
+            return TensorSource.for_file(chosen[0])
+        index = [p for p in indexes if p.name.endswith(f".index.{variant}.json")]
+        if len(index) == 1:
+            stem = index[0].name.split(".safetensors.index")[0]
+            return TensorSource.for_dir(directory, (f"{stem}.safetensors", f"{stem}.safetensors.index.json"), variant)
+        raise ConversionError(f"{directory}: no weights of variant {variant!r} (found {', '.join(p.name for p in files)})")
+    if len(files) == 1 and not indexes:
+        return TensorSource.for_file(files[0])
+    if not files:
+        raise ConversionError(f"{directory}: no .safetensors file")
+    raise ConversionError(f"{directory}: several weights files ({', '.join(p.name for p in files)}); name the "
+                          "variant to use")
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives and what its header says (nothing read yet)."""
@@ -94,8 +130,10 @@ class TensorSource:
         return cls(cls._headers(path), path)
 
     @classmethod
-    def for_dir(cls, model_dir, names: tuple[str, str] = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)) -> TensorSource:
+    def for_dir(cls, model_dir, names: tuple[str, str] = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME),
+                variant: str | None = None) -> TensorSource:
         model_dir = Path(model_dir)
+        names = variant_names(names, variant)
         single, index = model_dir / names[0], model_dir / names[1]
         if single.is_file():
             return cls(cls._headers(single), model_dir)

@@ -30,7 +30,6 @@ from streamflow_jax.converters import (
     CONVERTER_VERSION,
     ConversionPlan,
     class_name_of,
-    convert_diffusers,
     plan_source,
     resolve_dtype,
 )
@@ -128,7 +127,8 @@ def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
     return dst
 
 
-def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None = None) -> Path:
+def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None = None, variant: str | None = None,
+            delta=None, delta_variant: str | None = None) -> Path:
     """Converts a diffusers model or pipeline directory (or a single file) into a streamflow-jax directory.
 
     Args:
@@ -142,6 +142,10 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         dtype: ``None`` keeps the checkpoint's dtype; or ``"float32"``, ``"bfloat16"``, ``"float16"``.
         progress: show a progress bar over tensors.
         config: config fields overriding the model's (a single file cannot say everything).
+        variant: read the ``*.{variant}.safetensors`` weights (``"fp16"``...), of every component.
+        delta: a directory of weight differences to add (``W = W_base + dW``, in float32, then
+            cast): to the model, or to a pipeline's ``unet``. Its keys must match exactly.
+        delta_variant: which weights file of ``delta``, when it holds several.
 
     Returns:
         The output path.
@@ -151,24 +155,29 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     """
     src, dst = Path(src), Path(dst).absolute()
     cast = resolve_dtype(dtype)
+    reading = dict(variant=variant, delta=delta, delta_variant=delta_variant)
     if src.is_file() or (src / "config.json").is_file():
         if not src.is_file():
             check_model_source(src)
-        p, _ = plan_source(src, config=config)  # everything checked before dst is touched
+        p, _ = plan_source(src, config=config, **reading)  # everything checked before dst is touched
         with atomic_dir(dst) as tmp:
             _write_plan(p, tmp, cast, str(src.absolute()), progress)
         return dst
     check_model_source(src)
+    components = pipeline_components(src)
+    if delta is not None and not components.get("unet", "skip").startswith("UNet"):
+        raise ConversionError(f"{src}: a delta goes to a pipeline's unet, and this pipeline has none")
     with atomic_dir(dst) as tmp:
         record = {"converted": {}, "copied": [], "skipped": {}}
-        for name, kind in pipeline_components(src).items():
+        for name, kind in components.items():
             if kind == "config-only":
                 shutil.copytree(src / name, tmp / name)
                 record["copied"].append(name)
             elif kind.startswith("skip:"):
                 record["skipped"][name] = kind.removeprefix("skip: ")
             else:
-                p, _ = plan_source(src / name)
+                p, _ = plan_source(src / name, variant=variant, delta=delta if name == "unet" else None,
+                                   delta_variant=delta_variant)
                 _write_plan(p, tmp / name, cast, str((src / name).absolute()), progress)
                 record["converted"][name] = kind
         if not record["converted"]:
@@ -247,8 +256,8 @@ def _restore(params_dir: Path, shapes: dict, placement: Callable) -> dict[str, j
 
 
 def load(path, dtype=None, *, component: str | None = None, progress: bool = False,
-         config: dict | None = None, sharding: Callable[[str, jax.ShapeDtypeStruct], object] | None = None
-         ) -> FlowModel:
+         config: dict | None = None, sharding: Callable[[str, jax.ShapeDtypeStruct], object] | None = None,
+         variant: str | None = None, delta=None, delta_variant: str | None = None) -> FlowModel:
     """Loads a converted directory, or converts a diffusers directory (or single file) in memory.
 
     Args:
@@ -259,6 +268,7 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         config: config fields overriding a diffusers directory's or a single file's.
         sharding: ``(parameter name, abstract array) -> jax.sharding.Sharding`` placing each
             restored weight (default: the first device).
+        variant, delta, delta_variant: as ``convert``'s, for a diffusers directory.
     """
     path = _component_dir(Path(path), component)
     cfg_path = path / "config.json"
@@ -269,8 +279,10 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         except json.JSONDecodeError as e:
             raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from None
     if not (isinstance(raw, dict) and META_KEY in raw):
-        model, _ = convert_diffusers(path, dtype=dtype, progress=progress, config=config)
-        return model
+        p, _ = plan_source(path, config=config, variant=variant, delta=delta, delta_variant=delta_variant)
+        return p.model(resolve_dtype(dtype), progress)
+    if variant is not None or delta is not None:
+        raise ConversionError(f"{path}: already converted; variant and delta apply to diffusers directories")
 
     class_name = raw.get("_class_name")
     try:

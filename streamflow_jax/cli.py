@@ -27,7 +27,8 @@ def _cmd_convert(args) -> int:
     from streamflow_jax.checkpoint import convert
 
     out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet,
-                  config=_config_overrides(args.config_from))
+                  config=_config_overrides(args.config_from), variant=args.variant, delta=args.delta,
+                  delta_variant=args.delta_variant)
     print(f"converted {args.src} -> {out}")
     record = out / "conversion.json"
     if record.is_file():  # a pipeline: say what happened to each component
@@ -104,8 +105,10 @@ def _generate_prompts(args) -> int:
         raise ValueError(f"{args.model}: no conditioning.safetensors, so not a digits model directory; "
                          "for a prompt pipeline give --prompt")
     kwargs = {"dtype": args.dtype}
-    if args.taesd:
-        kwargs["taesd"] = args.taesd
+    for name, value in (("taesd", args.taesd), ("prediction_type", args.prediction_type),
+                        ("num_time_windows", args.windows)):
+        if value is not None:
+            kwargs[name] = value
     pipe = Pipeline.from_diffusers(args.model, **kwargs)
     # no --guidance: the pipeline's default (CFG off for PeRFlow, 7.0 SD3, 3.5 Flux-dev); 0: off
     guidance = None if args.guidance is None or args.guidance <= 0 else args.guidance
@@ -210,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (must not exist; written atomically)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast floating-point parameters (default: keep the checkpoint's dtype)")
+    p.add_argument("--variant", default=None, help="read *.VARIANT.safetensors weights (e.g. fp16), sharded too")
+    p.add_argument("--delta", default=None, metavar="DIR",
+                   help="add these weight differences (W + dW, in float32; a pipeline's unet gets them), e.g. "
+                        "PeRFlow's delta weights")
+    p.add_argument("--delta-variant", default=None, help="which weights file of --delta, when it holds several")
     p.add_argument("--config-from", default=None, metavar="PATH",
                    help="config fields overriding the source's: a model directory (its config.json) or a JSON file "
                         "(a single file in a published layout cannot say everything)")
@@ -222,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a digits pipeline directory (default: the embedded one) or an SD1.5-family RF pipeline")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several); needs --model")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
+    p.add_argument("--prediction-type", choices=("diff_eps", "ddim_eps", "velocity"), default=None,
+                   help="PeRFlow/InstaFlow: override the scheduler config's (a PeRFlow UNet shipped with its base "
+                        "model's scheduler)")
+    p.add_argument("--windows", type=int, default=None, help="PeRFlow: time windows (default: the config's, or 4)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (prompt pipelines)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (prompt pipelines)")
     p.add_argument("--steps", type=int, default=None,

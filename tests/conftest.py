@@ -185,3 +185,22 @@ def perflow_reference_velocity(prediction, eps, x, t, k=4):
     denom = lam_s * (t - t_s) + (t_e - t)
     x_end = lam_s * (t_e - t_s) / denom * x + eta_s * (t_e - t) / denom * eps
     return (x_end - x) / (t_e - t)
+
+
+def make_perflow_pipeline(root, scheduler: dict | None = None):
+    """A tiny PeRFlow-style SD1.5 pipeline directory (UNet, VAE, CLIP, tokenizer), its scheduler
+    config ``scheduler`` (default: PeRFlow diff_eps, 4 windows)."""
+    randomize(diffusers.UNet2DConditionModel(**dict(UNETS["sd15"], cross_attention_dim=CLIP["hidden_size"])),
+              1, std=0.1).save_pretrained(root / "unet")
+    randomize(diffusers.AutoencoderKL(**VAES["sd"]), 2, std=0.1).save_pretrained(root / "vae")
+    randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)), 3, std=0.2).save_pretrained(
+        root / "text_encoder")
+    write_tiny_clip_vocab(root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        scheduler or {"_class_name": "PeRFlowScheduler", "prediction_type": "diff_eps", "num_time_windows": 4}))
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["perflow", "PeRFlowScheduler"]}))
+    return root

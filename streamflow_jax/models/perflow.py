@@ -11,6 +11,7 @@ timestep. The formulas are PeRFlow's (Yan et al., 2024, piecewise rectified flow
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,28 @@ PREDICTIONS = ("diff_eps", "ddim_eps", "velocity")
 WINDOW_EPS = 1e-4  # a t within this of a window's end belongs to the next window
 
 
+BETA_SCHEDULES = ("scaled_linear", "linear")
+NUM_TRAIN_TIMESTEPS = 1000  # the UNet's timestep is int(t * 1000)
+
+
+@functools.lru_cache(maxsize=8)
+def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
+                   beta_schedule: str = "scaled_linear") -> np.ndarray:
+    """The training noise schedule's cumulative alphas, ``[1000]`` float32, as the scheduler
+    config's betas define them: ``scaled_linear`` ``linspace(sqrt(b0), sqrt(b1))^2`` (Stable
+    Diffusion's) or ``linear`` ``linspace(b0, b1)``."""
+    if beta_schedule == "scaled_linear":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, NUM_TRAIN_TIMESTEPS, dtype=np.float64) ** 2
+    elif beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, NUM_TRAIN_TIMESTEPS, dtype=np.float64)
+    else:
+        raise ValueError(f"unsupported: beta_schedule={beta_schedule!r} (supported: {', '.join(BETA_SCHEDULES)})")
+    return np.cumprod(1.0 - betas).astype(np.float32)
+
+
 def sd_alphas_cumprod() -> np.ndarray:
     """Stable Diffusion's training schedule: ``betas = linspace(sqrt(.00085), sqrt(.012), 1000)^2``."""
-    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas).astype(np.float32)
+    return alphas_cumprod()
 
 
 def window_index(t: jax.Array, ends: jax.Array) -> jax.Array:
@@ -41,23 +60,29 @@ class PeRFlowAdapter:
 
     Attributes:
         prediction_type: ``"diff_eps"``, ``"ddim_eps"`` or ``"velocity"`` (from the pipeline's
-            ``scheduler/scheduler_config.json``).
+            ``scheduler/scheduler_config.json``, or given).
         num_windows: K, the PeRFlow time windows.
+        beta_start, beta_end, beta_schedule: the training noise schedule the alphas come from
+            (the scheduler config's; Stable Diffusion's by default).
     """
 
     prediction_type: str = "diff_eps"
     num_windows: int = 4
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTIONS:
             raise ValueError(f"unsupported: prediction_type={self.prediction_type!r} (supported: {', '.join(PREDICTIONS)})")
         if self.num_windows < 1:
             raise ValueError(f"num_windows must be >= 1, got {self.num_windows}")
+        alphas_cumprod(self.beta_start, self.beta_end, self.beta_schedule)  # checks the schedule
 
     def coefficients(self, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """For one scalar ``t``: ``(lambda_t, eta_t, t_e)`` with ``x_end = lambda_t*x + eta_t*eps``."""
         starts, ends = (jnp.asarray(a) for a in perflow_windows(self.num_windows))
-        ac = jnp.asarray(sd_alphas_cumprod())
+        ac = jnp.asarray(alphas_cumprod(self.beta_start, self.beta_end, self.beta_schedule))
         k = window_index(t, ends)
         t_s, t_e = starts[k], ends[k]
         a_s = ac[(t_s * 1000).astype(jnp.int32) - 1]

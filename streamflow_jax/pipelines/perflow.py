@@ -46,7 +46,8 @@ class PeRFlowPipeline(PromptPipeline):
         self.text_len = tokenizer.max_length
 
     @classmethod
-    def load(cls, path, *, taesd=None, dtype=None) -> PeRFlowPipeline:
+    def load(cls, path, *, taesd=None, dtype=None, prediction_type: str | None = None,
+             num_time_windows: int | None = None) -> PeRFlowPipeline:
         """A diffusers pipeline directory, or one converted by ``sf.convert``.
 
         Args:
@@ -55,17 +56,30 @@ class PeRFlowPipeline(PromptPipeline):
                 ``diff_eps``, ``ddim_eps`` or ``velocity``; ``num_time_windows`` defaults to 4).
             taesd: a TAESD (``AutoencoderTiny``) directory to decode with instead of the VAE.
             dtype: cast every component's weights.
+            prediction_type, num_time_windows: override the scheduler config's, as PeRFlow's
+                own instructions do on a directory that ships its base model's scheduler
+                (``PeRFlowScheduler.from_config(config, prediction_type="diff_eps",
+                num_time_windows=4)``). Only the config's betas (``beta_start``, ``beta_end``,
+                ``beta_schedule``) are read then: nothing else of another scheduler applies.
         """
         path = Path(path)
         sched = read_scheduler_config(path)
-        prediction = sched.get("prediction_type")
+        prediction = prediction_type or sched.get("prediction_type")
         if prediction not in PREDICTIONS:
             raise ConversionError(
                 f"{path / 'scheduler' / 'scheduler_config.json'}: prediction_type={prediction!r} "
                 f"({sched.get('_class_name')}) is not a rectified flow; supported: diff_eps, ddim_eps (PeRFlow), "
-                "velocity (InstaFlow)")
-        windows = int(sched.get("num_time_windows", 4))
-        unet = load(path, dtype=dtype, component="unet").with_adapter(PeRFlowAdapter(prediction, windows))
+                "velocity (InstaFlow). For a PeRFlow UNet shipped with its base model's scheduler, give it: "
+                "Pipeline.from_diffusers(path, prediction_type='diff_eps', num_time_windows=4), or "
+                "generate --prediction-type diff_eps --windows 4")
+        windows = int(num_time_windows or sched.get("num_time_windows", 4))
+        try:
+            adapter = PeRFlowAdapter(prediction, windows, beta_start=float(sched.get("beta_start", 0.00085)),
+                                     beta_end=float(sched.get("beta_end", 0.012)),
+                                     beta_schedule=sched.get("beta_schedule", "scaled_linear"))
+        except ValueError as e:
+            raise ConversionError(f"{path / 'scheduler' / 'scheduler_config.json'}: {e}") from None
+        unet = load(path, dtype=dtype, component="unet").with_adapter(adapter)
         text = load(path, dtype=dtype, component="text_encoder")
         return cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), load_decoder(path, taesd, dtype),
                    num_windows=windows)

@@ -1,0 +1,171 @@
+"""The checkpoints people have: PeRFlow directories with their base model's scheduler
+(overrides), delta weights, half-precision variant files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import diffusers
+import jax
+from flax import nnx
+import numpy as np
+import pytest
+import torch
+from conftest import UNETS, make_perflow_pipeline, randomize
+from safetensors.torch import save_file
+
+import streamflow_jax as sf
+from streamflow_jax.cli import main as cli
+from streamflow_jax.models import flat_params
+from streamflow_jax.models.perflow import PeRFlowAdapter, alphas_cumprod
+
+DDIM_CONFIG = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
+               "timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False}
+
+
+def _leaves(model):
+    """``{"conv_in.bias": array}``: the model's parameters under their dotted names."""
+    flat, _, _ = flat_params(nnx.to_pure_dict(model.state))
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler override
+# ---------------------------------------------------------------------------------------------
+
+
+def test_scheduler_override_on_the_base_models_config(tmp_path, capsys):
+    """A PeRFlow UNet shipped with its base model's DDIM scheduler: refused with a hint; with
+    the override, exactly the images of a directory whose scheduler says PeRFlow."""
+    base = make_perflow_pipeline(tmp_path / "base", scheduler=DDIM_CONFIG)
+    shutil.copytree(base, tmp_path / "perflow")
+    (tmp_path / "perflow" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "PeRFlowScheduler", "prediction_type": "diff_eps", "num_time_windows": 4,
+         "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}))
+    with pytest.raises(sf.ConversionError, match=r"prediction_type='epsilon'.*prediction_type='diff_eps'"):
+        sf.Pipeline.from_diffusers(base)
+    noise = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    over = sf.Pipeline.from_diffusers(base, prediction_type="diff_eps", num_time_windows=4)
+    want = sf.Pipeline.from_diffusers(tmp_path / "perflow")
+    np.testing.assert_array_equal(over("a cat", noise=noise, output_type="latent"),
+                                  want("a cat", noise=noise, output_type="latent"))
+    assert cli(["generate", "--model", str(base), "--prompt", "a cat", "--prediction-type", "diff_eps",
+                "--windows", "4", "--out", str(tmp_path / "o.png")]) == 0
+    assert cli(["generate", "--model", str(base), "--prompt", "a cat", "--out", str(tmp_path / "o2.png")]) == 1
+    assert "--prediction-type diff_eps" in capsys.readouterr().err
+
+
+def test_betas_come_from_the_scheduler_config():
+    """A linear beta schedule gives other alphas, and the adapter's velocity follows them."""
+    linear = alphas_cumprod(0.0001, 0.02, "linear")
+    np.testing.assert_allclose(linear, np.cumprod(1 - np.linspace(0.0001, 0.02, 1000)), rtol=1e-6)
+    assert not np.allclose(linear, alphas_cumprod())
+    with pytest.raises(ValueError, match="beta_schedule='squaredcos_cap_v2'"):
+        PeRFlowAdapter("diff_eps", 4, beta_schedule="squaredcos_cap_v2")
+    adapter = PeRFlowAdapter("ddim_eps", 4, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    rng = np.random.default_rng(0)
+    x, eps = rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    t = np.array([0.9, 0.3], np.float32)
+    lam, eta, t_e = (np.asarray(a) for a in jax.vmap(adapter.coefficients)(t))
+    got = ((lam[:, None] * x + eta[:, None] * eps) - x) / (t_e - t)[:, None]
+    want = [_linear_reference(eps[i], x[i], float(t[i])) for i in range(2)]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def _linear_reference(eps, x, t):
+    """perflow_reference_velocity's ddim_eps with linear betas (written out here)."""
+    k = 4
+    w = next(i for i in range(k) if np.float32(1 - (i + 1) / k) < np.float32(t) - np.float32(1e-4))
+    t_s, t_e = 1 - w / k, 1 - (w + 1) / k
+    ac = np.cumprod(1 - np.linspace(0.0001, 0.02, 1000))
+    a_s, a_e = ac[int(t_s * 1000) - 1], ac[max(int(t_e * 1000) - 1, 0)]
+    lam_s, eta_s = np.sqrt(a_e / a_s), np.sqrt(1 - a_e) - np.sqrt(a_e / a_s * (1 - a_s))
+    denom = lam_s * (t - t_s) + (t_e - t)
+    return ((lam_s * (t_e - t_s) / denom) * x + eta_s * (t_e - t) / denom * eps - x) / (t_e - t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _delta_dir(base: torch.nn.Module, path, name="diffusion_pytorch_model.v0-1.safetensors", seed=1, drop=None):
+    gen = torch.Generator().manual_seed(seed)
+    deltas = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in base.state_dict().items()}
+    if drop:
+        deltas.pop(drop)
+    path.mkdir(parents=True, exist_ok=True)
+    base.save_config(path)
+    save_file(deltas, path / name)
+    return deltas
+
+
+def test_delta_weights_add_to_a_unet_and_to_a_pipeline(tmp_path):
+    unet = randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 0, std=0.1).eval()
+    unet.save_pretrained(tmp_path / "unet")
+    deltas = _delta_dir(unet, tmp_path / "delta")
+    merged = diffusers.UNet2DConditionModel(**UNETS["sd15"]).eval()
+    merged.load_state_dict({k: v + deltas[k] for k, v in unet.state_dict().items()})
+    merged.save_pretrained(tmp_path / "merged")
+    assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "--delta", str(tmp_path / "delta"),
+                "-q"]) == 0
+    got, want = _leaves(sf.load(tmp_path / "out")), _leaves(sf.load(tmp_path / "merged"))
+    assert got.keys() == want.keys()
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    # bf16 target: added in float32, then cast
+    half = sf.load(tmp_path / "unet", delta=tmp_path / "delta").astype(jax.numpy.bfloat16)
+    sf.convert(tmp_path / "unet", tmp_path / "out_bf16", dtype="bfloat16", delta=tmp_path / "delta", progress=False)
+    for k, v in _leaves(sf.load(tmp_path / "out_bf16")).items():
+        np.testing.assert_array_equal(v, _leaves(half)[k])
+    # a whole pipeline: its unet gets the delta
+    pipe = make_perflow_pipeline(tmp_path / "pipe")
+    pipe_unet = diffusers.UNet2DConditionModel.from_pretrained(pipe / "unet")
+    _delta_dir(pipe_unet, tmp_path / "pdelta", seed=2)
+    sf.convert(pipe, tmp_path / "pout", delta=tmp_path / "pdelta", progress=False)
+    base = _leaves(sf.load(pipe))
+    assert any(not np.array_equal(v, base[k]) for k, v in _leaves(sf.load(tmp_path / "pout")).items())
+
+
+def test_bad_deltas(tmp_path, capsys):
+    unet = randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 0, std=0.1).eval()
+    unet.save_pretrained(tmp_path / "unet")
+    key = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    _delta_dir(unet, tmp_path / "missing", drop=key)
+    assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "--delta", str(tmp_path / "missing"),
+                "-q"]) == 1
+    assert f"{key!r} has no delta" in capsys.readouterr().err
+    other = diffusers.UNet2DConditionModel(**dict(UNETS["sd15"], cross_attention_dim=32)).eval()
+    _delta_dir(other, tmp_path / "other")
+    assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "--delta", str(tmp_path / "other"),
+                "-q"]) == 1
+    assert "has shape" in capsys.readouterr().err
+    _delta_dir(unet, tmp_path / "two", name="diffusion_pytorch_model.a.safetensors")
+    _delta_dir(unet, tmp_path / "two", name="diffusion_pytorch_model.b.safetensors")
+    assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "--delta", str(tmp_path / "two"),
+                "-q"]) == 1
+    assert "several weights files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "--delta", str(tmp_path / "two"),
+                "--delta-variant", "b", "-q"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_fp16_variant_files(tmp_path, capsys, sharded):
+    unet = randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 0, std=0.1).eval()
+    unet.to(torch.float16).save_pretrained(tmp_path / "unet", variant="fp16",
+                                           **({"max_shard_size": "200KB"} if sharded else {}))
+    assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "-q"]) == 1
+    assert "fp16" in capsys.readouterr().err  # the error lists what is there
+    assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "--variant", "fp16", "-q"]) == 0
+    model = sf.load(tmp_path / "out")
+    assert model.dtype == jax.numpy.float16
+    sd = {k: v.numpy() for k, v in unet.state_dict().items()}
+    np.testing.assert_array_equal(_leaves(model)["conv_in.bias"], sd["conv_in.bias"])
