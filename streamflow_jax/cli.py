@@ -73,12 +73,18 @@ def _cmd_generate(args) -> int:
     print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), converted in {time.perf_counter() - t0:.2f} s")
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
     guidance = None if args.guidance <= 0 else args.guidance
+    image = None
+    if args.image:  # one input digit, redrawn as every class
+        with Image.open(args.image) as im:
+            image = np.asarray(im.convert("L").resize((16, 16), Image.Resampling.BILINEAR), np.float32)[None] / 255
+        if args.stream:
+            raise ValueError("--image with --stream: the digits demo's stream runs text-to-image only")
     if args.stream:
         run = lambda seed: pipe.stream(labels, steps=args.steps, guidance_scale=guidance, seed=seed,  # noqa: E731
                                        slots_per_stream=args.slots, streams=args.streams, backend=args.backend)
     else:
         run = lambda seed: pipe(labels, steps=args.steps, guidance_scale=guidance, seed=seed,  # noqa: E731
-                                backend=args.backend)
+                                backend=args.backend, image=image, strength=args.strength)
     t0 = time.perf_counter()
     run(args.seed + 1)  # first call compiles
     compile_s = time.perf_counter() - t0
@@ -113,8 +119,14 @@ def _generate_prompts(args) -> int:
     # no --guidance: the pipeline's default (CFG off for PeRFlow, 7.0 SD3, 3.5 Flux-dev); 0: off
     guidance = None if args.guidance is None or args.guidance <= 0 else args.guidance
     t0 = time.perf_counter()
+    image = None
+    if args.image:
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
+            image.load()
     images = pipe(args.prompt, steps=args.steps, guidance_scale=guidance, seed=args.seed, backend=args.backend,
-                  height=args.height, width=args.width, max_sequence_length=args.max_sequence_length)
+                  height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+                  image=image, strength=args.strength)
     elapsed = time.perf_counter() - t0
     row = Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
     row.save(args.out)
@@ -245,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "7 SD3, 3.5 Flux-dev, whose scale is a model input)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-digit", type=int, default=8, help="images per row (default 8)")
+    p.add_argument("--image", default=None,
+                   help="image-to-image: start from this image (digits: one digit, redrawn as every class)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how far towards noise the image goes, in (0, 1] (default 0.6)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--backend", choices=BACKENDS, default="xla",
                    help="xla (default), or onnxruntime / tensorrt: the model is exported to ONNX on first use")

@@ -57,6 +57,13 @@ def guided_velocity(model: VelocityModel, x, t, cond, guidance_scale=None, uncon
     return combine_guidance(v[:b], v[b:], guidance_scale)
 
 
+def noise_to(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """A rectified flow's sample at time ``t`` (``[B]``) between data ``x0`` and ``noise``:
+    ``(1 - t) x0 + t noise``, per element (diffusers' ``FlowMatchEulerDiscreteScheduler.scale_noise``)."""
+    t = per_element(jnp.asarray(t, jnp.float32), x0)
+    return (1 - t) * x0 + t * noise
+
+
 def step(model: VelocityModel, x, t, t_next, cond, guidance_scale=None, uncond=None):
     """One sampler step: the (guided) velocity, then the Euler update. ``t``, ``t_next``: ``[B]``."""
     return euler_step(x, guided_velocity(model, x, t, cond, guidance_scale, uncond), t, t_next)

@@ -110,3 +110,25 @@ def perflow(num_steps: int = 4, num_windows: int = 4) -> np.ndarray:
     times = [np.linspace(s, e, n, endpoint=False) for s, e, n in zip(starts.astype(np.float64),
                                                                       ends.astype(np.float64), per_window)]
     return np.append(np.concatenate(times), 0.0).astype(np.float32)
+
+
+def truncate(grid, strength: float) -> np.ndarray:
+    """The tail of a grid an image-to-image run samples: diffusers' img2img rule (SD3, Flux):
+    of ``S`` steps, the last ``int(min(S * strength, S))`` or so, exactly
+    ``grid[int(max(S - min(S * strength, S), 0)):]``. Its first time is where the input image is
+    noised to.
+
+    Args:
+        grid: ``[S+1]`` times from 1 down to 0.
+        strength: in (0, 1]: 1 keeps the whole grid (the image is replaced by noise), small
+            values keep a few last steps (the image barely changes).
+    """
+    grid = np.asarray(grid, np.float32)
+    strength = float(strength)
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    steps = grid.shape[0] - 1
+    start = int(max(steps - min(steps * strength, steps), 0))
+    if start >= steps:
+        raise ValueError(f"strength {strength} keeps no step of {steps}; raise it or the step count")
+    return grid[start:]

@@ -41,7 +41,7 @@ import numpy as np
 from streamflow_jax import sampling, schedules
 from streamflow_jax.backends import check_backend, runner_for
 from streamflow_jax.errors import RequestError
-from streamflow_jax.models import decode_latents
+from streamflow_jax.models import FlowModel, decode_latents
 
 __all__ = ["DeviceBuffers", "Request", "RequestError", "RequestValidator", "SlotScheduler", "StreamEngine"]
 
@@ -62,6 +62,7 @@ class Request:
     guidance: float
     seed: int | None  # the starting latent: jax.random.normal(key(seed)) made on the device...
     noise: np.ndarray | None  # ...or this [H, W, C] array
+    init: np.ndarray | None = None  # image-to-image: the [H, W, C] latent noised to grid[0]
 
     @property
     def steps(self) -> int:
@@ -81,9 +82,19 @@ class RequestValidator:
         self.latent_shape, self.cond_shapes, self.guided = latent_shape, cond_shapes, guided
 
     def __call__(self, rid: int, cond, *, steps=None, grid=None, shift: float = 1.0, seed=None, noise=None,
-                 guidance_scale=None, uncond=None) -> Request:
+                 guidance_scale=None, uncond=None, init=None, strength=None) -> Request:
         try:
-            return self._validate(rid, cond, steps, grid, shift, seed, noise, guidance_scale, uncond)
+            req = self._validate(rid, cond, steps, grid, shift, seed, noise, guidance_scale, uncond)
+            if init is not None:
+                init = self._finite(rid, "init", np.asarray(init, np.float32))
+                if init.shape != self.latent_shape:
+                    raise RequestError(f"request {rid}: init latent shape {init.shape}, the engine runs "
+                                       f"{self.latent_shape}")
+                req.grid = schedules.truncate(req.grid, 0.6 if strength is None else strength)
+                req.init = init
+            elif strength is not None:
+                raise RequestError(f"request {rid}: strength is for image-to-image: give init too")
+            return req
         except RequestError:
             raise
         except (ValueError, TypeError) as e:
@@ -225,12 +236,18 @@ class SlotScheduler:
 # ---------------------------------------------------------------------------------------------
 
 
-def _admit(state, admit):
-    """Writes the admitted rows (slot index ``num_slots`` = padding, dropped) into the buffers."""
+def _admit(model, state, admit):
+    """Writes the admitted rows (slot index ``num_slots`` = padding, dropped) into the buffers:
+    each row's noise (made from its seed, or given), noised from its starting latent by the
+    model's forward process where it has one (image-to-image)."""
     idx = admit["slot"]  # [K]
     shape = state["x"].shape[1:]
     seeded = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), shape, state["x"].dtype))(admit["seed"])
     noise = jnp.where(admit["use_seed"][:, None, None, None], seeded, admit["noise"])
+    if "init" in admit:
+        mix = model.noise_to if model is not None else sampling.noise_to  # a runner: the plain flow's
+        mixed = mix(admit["init"], noise, admit["t0"])
+        noise = jnp.where(admit["has_init"][:, None, None, None], mixed, noise)
     put = lambda buf, rows: buf.at[idx].set(rows.astype(buf.dtype), mode="drop")  # noqa: E731
     out = {"x": put(state["x"], noise), "cond": jax.tree_util.tree_map(put, state["cond"], admit["cond"])}
     if state.get("uncond") is not None:
@@ -258,7 +275,7 @@ def _outputs(decoder, x, done_index):
 # Module-level, so engines of the same shapes share compiled code; the slot buffers are donated.
 # Three programs, so that the one holding the model has one variant per active-batch size only:
 # admissions and outputs vary per tick and compile small programs of their own.
-_admit_jit = jax.jit(_admit, donate_argnums=(0,))
+_admit_jit = jax.jit(_admit, donate_argnums=(1,))
 _step_jit = jax.jit(_step, donate_argnums=(1,))
 _outputs_jit = jax.jit(_outputs)
 
@@ -309,16 +326,23 @@ class DeviceBuffers:
                     uncond[n][j] = req.uncond[n]
             guidance[j] = req.guidance
         out = {"slot": slot, "seed": seed, "use_seed": use_seed, "noise": noise, "cond": cond}
+        if any(r.init is not None for _, r in admissions):
+            out["init"] = self._no_noise.copy()
+            out["has_init"] = np.zeros(k, bool)
+            out["t0"] = np.ones(k, np.float32)
+            for j, (_, req) in enumerate(admissions):
+                if req.init is not None:
+                    out["init"][j], out["has_init"][j], out["t0"][j] = req.init, True, req.grid[0]
         if guided:
             out.update(uncond=uncond, guidance=guidance)
         return out
 
-    def tick(self, model, decoder, plan: TickPlan, *, compiled: bool = True):
+    def tick(self, model, decoder, plan: TickPlan, *, compiled: bool = True, flow_model=None):
         """Admits, steps and gathers the outputs of one tick (device calls, no host wait);
         returns the finishing slots' outputs (a device array) or None."""
         step = _step_jit if compiled else _step  # a runner (non-XLA backend) runs the step eagerly
         if plan.admissions:
-            self.state = _admit_jit(self.state, self.admission(plan.admissions))
+            self.state = _admit_jit(flow_model, self.state, self.admission(plan.admissions))
         self.state = step(model, self.state, plan.active, plan.t, plan.t_next)
         if plan.done_index is None:
             return None
@@ -387,7 +411,7 @@ class StreamEngine:
 
     def submit(self, cond: dict[str, Any], *, steps: int | None = None, grid=None, shift: float = 1.0,
                seed: int | None = None, noise=None, guidance_scale: float | None = None,
-               uncond: dict[str, Any] | None = None) -> int:
+               uncond: dict[str, Any] | None = None, init=None, strength: float | None = None) -> int:
         """Queues one request and returns its id. An invalid request gets its error as its
         result (see ``result``); it never stops the engine.
 
@@ -398,11 +422,16 @@ class StreamEngine:
             seed / noise: the starting latent, ``jax.random.normal(key(seed), latent_shape)``
                 (made on the device) or the ``[H, W, C]`` array itself.
             guidance_scale, uncond: for an engine with ``guidance=True``.
+            init, strength: image-to-image: start from this ``[H, W, C]`` latent (an encoded
+                image), noised by the model's forward process to where ``strength`` (in (0, 1],
+                default 0.6) cuts the grid (diffusers' img2img rule); the noise is mixed in on
+                the device at admission.
         """
         rid = next(self._ids)
         try:
             self.scheduler.queue.append(self.validate(rid, cond, steps=steps, grid=grid, shift=shift, seed=seed,
-                                                      noise=noise, guidance_scale=guidance_scale, uncond=uncond))
+                                                      noise=noise, guidance_scale=guidance_scale, uncond=uncond,
+                                                      init=init, strength=strength))
         except RequestError as e:
             self.results[rid] = e
         return rid
@@ -430,7 +459,8 @@ class StreamEngine:
         plan = self.scheduler.plan()
         if plan is None:
             return []
-        outputs = self.buffers.tick(self._velocity_model, self.decoder, plan, compiled=self.backend == "xla")
+        outputs = self.buffers.tick(self._velocity_model, self.decoder, plan, compiled=self.backend == "xla",
+                                    flow_model=self.model if isinstance(self.model, FlowModel) else None)
         self.ticks += 1
         finished = [req.id for req in self.scheduler.advance(plan)]
         if finished:

@@ -12,7 +12,7 @@ from flax import nnx
 import numpy as np
 import pytest
 import torch
-from conftest import UNETS, make_perflow_pipeline, randomize
+from conftest import UNETS, make_perflow_pipeline, perflow_reference_velocity, randomize
 from safetensors.torch import save_file
 
 import streamflow_jax as sf
@@ -169,3 +169,68 @@ def test_fp16_variant_files(tmp_path, capsys, sharded):
     assert model.dtype == jax.numpy.float16
     sd = {k: v.numpy() for k, v in unet.state_dict().items()}
     np.testing.assert_array_equal(_leaves(model)["conv_in.bias"], sd["conv_in.bias"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Image to image
+# ---------------------------------------------------------------------------------------------
+
+
+def test_perflow_img2img_follows_its_windows(tmp_path):
+    """PeRFlow image-to-image: the image noised to the truncated grid's start by the training
+    diffusion's marginal, then each step in the window its own t falls in, against a plain loop
+    (diffusers VAE and UNet, the reference formulas, written here)."""
+    import transformers
+    from conftest import CLIP
+
+    root = make_perflow_pipeline(tmp_path / "p")
+    pipe = sf.Pipeline.from_diffusers(root)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
+    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ours = pipe("a cat", image=image, strength=0.6, steps=6, noise=noise, output_type="latent")
+
+    vae = diffusers.AutoencoderKL.from_pretrained(root / "vae").eval()
+    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet").eval()
+    text = transformers.CLIPTextModel.from_pretrained(root / "text_encoder").eval()
+    tok = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer")
+    with torch.no_grad():
+        x0 = vae.encode(torch.from_numpy(image * 2 - 1).permute(0, 3, 1, 2)).latent_dist.mean
+        x0 = (x0 * vae.config.scaling_factor).permute(0, 2, 3, 1).numpy().astype(np.float64)
+        emb = text(tok(["a cat"], padding="max_length", max_length=CLIP["max_position_embeddings"],
+                       truncation=True, return_tensors="pt").input_ids).last_hidden_state
+    # 6 steps over 4 windows: [1, .875, .75, .625, .5, .25, 0]; strength 0.6 keeps the last
+    # int(min(3.6, 6)) + ... = grid[int(6 - 3.6):] = grid[2:]: it starts at t = 0.75
+    grid = [1.0, 0.875, 0.75, 0.625, 0.5, 0.25, 0.0][2:]
+    ac = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)
+    a = ac[int(grid[0] * 1000) - 1]
+    x = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        with torch.no_grad():
+            eps = unet(torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2), int(t * 1000), emb).sample
+        eps = eps.permute(0, 2, 3, 1).numpy().astype(np.float64)
+        x = x + (t_next - t) * perflow_reference_velocity("diff_eps", eps[0], x[0], t)[None]
+    err = float(np.max(np.abs(ours - x)) / np.max(np.abs(x)))
+    assert err <= 2e-6, err  # measured 1.7e-7
+    plain = pipe("a cat", steps=6, noise=noise, output_type="latent")  # the image matters
+    assert float(np.max(np.abs(plain - x)) / np.max(np.abs(x))) > 1e-2
+
+
+def test_digits_redrawn_as_other_classes(tmp_path):
+    """The embedded model redraws a real 3 as each digit at strength 0.6, and leaves it a 3 at 0.3."""
+    from streamflow_jax.eval import digit_accuracy, real_digits
+    from streamflow_jax.pipelines import DigitsPipeline
+
+    x, y = real_digits()
+    three = x[np.where(y == 3)[0][0]]
+    pipe = DigitsPipeline.from_dir()
+    labels = np.repeat(np.arange(10), 4)
+    assert digit_accuracy(pipe(labels, image=three, strength=0.6, seed=0), labels) >= 0.9  # measured 0.99
+    assert digit_accuracy(pipe(labels, image=three, strength=0.3, seed=0), np.full(40, 3)) >= 0.9  # measured 0.99
+    from PIL import Image
+
+    Image.fromarray((three * 255).astype(np.uint8)).save(tmp_path / "three.png")
+    assert cli(["generate", "--image", str(tmp_path / "three.png"), "--strength", "0.6", "--per-digit", "2",
+                "--out", str(tmp_path / "grid.png")]) == 0
+    with pytest.raises(ValueError, match="image has shape"):
+        pipe(labels, image=np.zeros((3, 16, 16)), strength=0.5)

@@ -211,3 +211,77 @@ def test_flux_prompt_stream_takes_guidance_as_input(tmp_path):
         alone = pipe(PROMPTS[i], steps=2 + i, guidance_scale=[2.0, 5.0][i], noise=noise[i : i + 1],
                      output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image to image
+# ---------------------------------------------------------------------------------------------
+
+
+def _deterministic_posterior(vae, channels):
+    """diffusers samples the VAE posterior, our pipelines take its mean: a log-variance of -40
+    (clamped to -30: std 3e-7) makes the two the same image."""
+    with torch.no_grad():
+        vae.encoder.conv_out.weight[channels:] = 0
+        vae.encoder.conv_out.bias[channels:] = -40.0
+
+
+def _images(n, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_sd3_img2img_matches_diffusers(tmp_path):
+    ref = make_sd3_pipeline(tmp_path)
+    _deterministic_posterior(ref.vae, 16)
+    ref.save_pretrained(tmp_path / "pipe")
+    i2i = diffusers.StableDiffusion3Img2ImgPipeline(**ref.components)
+    images = _images(2)
+    gen = torch.Generator().manual_seed(7)
+    want = i2i(PROMPTS, image=images, strength=0.6, num_inference_steps=4, guidance_scale=5.0,
+               max_sequence_length=12, generator=gen, output_type="latent").images.permute(0, 2, 3, 1).numpy()
+    gen = torch.Generator().manual_seed(7)  # the same draws: the posterior sample's, then the noise
+    torch.randn((2, 16, 8, 8), generator=gen)
+    noise = torch.randn((2, 16, 8, 8), generator=gen).permute(0, 2, 3, 1).numpy()
+    pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe", max_sequence_length=12)
+    ours = pipe(PROMPTS, image=images, strength=0.6, steps=4, guidance_scale=5.0, noise=noise, output_type="latent")
+    assert _rel(ours, want) <= 5e-5  # measured 5.0e-6
+    gen = torch.Generator().manual_seed(7)
+    want_img = i2i(PROMPTS, image=images, strength=0.6, num_inference_steps=4, guidance_scale=5.0,
+                   max_sequence_length=12, generator=gen, output_type="np").images
+    img = pipe(PROMPTS, image=images, strength=0.6, steps=4, guidance_scale=5.0, noise=noise, output_type="np")
+    assert np.abs(_uint8(img).astype(int) - _uint8(want_img).astype(int)).max() <= 2  # measured 0
+    # the image matters, and so does the strength
+    other = pipe(PROMPTS, image=_images(2, seed=1), strength=0.6, steps=4, guidance_scale=5.0, noise=noise,
+                 output_type="latent")
+    assert _rel(other, want) > 100 * 5e-5
+    assert _rel(pipe(PROMPTS, image=images, strength=0.9, steps=4, guidance_scale=5.0, noise=noise,
+                     output_type="latent"), want) > 100 * 5e-5
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        pipe(PROMPTS, image=images, strength=1.5, steps=4)
+    with pytest.raises(ValueError, match="image has shape"):
+        pipe(PROMPTS, image=np.zeros((2, 16, 16, 4), np.float32), steps=4)
+    with pytest.raises(ValueError, match="image height 10 is not a multiple of 4"):
+        pipe(PROMPTS, image=np.zeros((2, 10, 16, 3), np.float32), steps=4)
+
+
+def test_img2img_through_the_stream_engine(tmp_path):
+    """PromptStream with a starting image per request (and its own strength) equals the pipeline."""
+    from streamflow_jax.pipelines import PromptStream
+
+    make_sd3_pipeline(tmp_path)
+    pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe", max_sequence_length=12)
+    images = _images(2, seed=3)
+    noise = np.random.default_rng(4).standard_normal((2, 8, 8, 16)).astype(np.float32)
+    stream = PromptStream(pipe, slots_per_stream=2, guidance=True, height=16, width=16, output_type="latent")
+    ids = [stream.submit(PROMPTS[i], steps=4, noise=noise[i], guidance_scale=4.0, image=images[i],
+                         strength=[0.6, 0.9][i]) for i in range(2)]
+    bad = stream.submit("x", steps=4, guidance_scale=4.0, image=images[0], strength=0.0)
+    results = stream.run()
+    for i, rid in enumerate(ids):
+        alone = pipe(PROMPTS[i], steps=4, guidance_scale=4.0, noise=noise[i : i + 1], image=images[i],
+                     strength=[0.6, 0.9][i], output_type="latent")[0]
+        np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
+    assert "strength must be in (0, 1]" in str(results[bad])

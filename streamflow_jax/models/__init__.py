@@ -10,7 +10,14 @@ from __future__ import annotations
 import importlib
 
 from streamflow_jax.models.family import Family, KeyMap
-from streamflow_jax.models.flow import FlowModel, abstract_module, decode_latents, flat_params, velocity_of
+from streamflow_jax.models.flow import (
+    FlowModel,
+    abstract_module,
+    decode_latents,
+    encode_latents,
+    flat_params,
+    velocity_of,
+)
 
 # The registry: adding a family = adding its model file's name here.
 FAMILY_MODULES = ("mmdit", "flux", "unet", "vae", "taesd", "clip", "t5")
@@ -32,4 +39,4 @@ def family_of(class_name: str | None) -> Family:
 
 
 __all__ = ["FAMILIES", "FAMILY_MODULES", "Family", "FlowModel", "KeyMap", "abstract_module", "decode_latents",
-           "family_of", "flat_params", "velocity_of"]
+           "encode_latents", "family_of", "flat_params", "velocity_of"]

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from streamflow_jax import sampling
+
 
 def abstract_module(family, config) -> nnx.Module:
     """The family's module with shape-only parameters (nothing allocated)."""
@@ -37,6 +39,12 @@ def flat_params(tree) -> tuple[dict, object, list[str]]:
 def decode_latents(decoder, latents):
     """A VAE/TAESD ``FlowModel``'s ``decode_latents``, jitted with the weights as arguments."""
     return decoder.module.decode_latents(latents)
+
+
+@jax.jit
+def encode_latents(encoder, images):
+    """A VAE/TAESD ``FlowModel``'s ``encode_latents`` (images in [-1, 1] -> scaled latents), jitted."""
+    return encoder.module.encode_latents(images)
 
 
 def velocity_of(module, adapter, x, t, cond):
@@ -145,6 +153,14 @@ class FlowModel:
         x = jnp.asarray(x)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         return _velocity(self.graphdef, self.adapter, self.state, x, t, dict(cond))
+
+    def noise_to(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+        """``x0`` (``[B, H, W, C]`` latents) noised to time ``t`` (``[B]``) with ``noise``, as
+        this model's forward process defines it: the rectified flow's ``(1 - t) x0 + t noise``,
+        or the adapter's (PeRFlow: the training diffusion's marginal)."""
+        if self.adapter is not None and hasattr(self.adapter, "noise_to"):
+            return self.adapter.noise_to(x0, noise, t)
+        return sampling.noise_to(x0, noise, t)
 
     def with_adapter(self, adapter) -> FlowModel:
         """The same weights with a velocity adapter (``models.perflow.PeRFlowAdapter``)."""

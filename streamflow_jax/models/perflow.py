@@ -96,6 +96,15 @@ class PeRFlowAdapter:
         denom = lam_s * (t - t_s) + (t_e - t)
         return lam_s * (t_e - t_s) / denom, eta_s * (t_e - t) / denom, t_e
 
+    def noise_to(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+        """The sample at time ``t`` (``[B]``): PeRFlow's windows end on the training diffusion's
+        marginals, ``sqrt(a) x0 + sqrt(1 - a) noise`` with ``a`` the cumulative alpha at
+        ``int(t * 1000)`` (image-to-image starts there)."""
+        ac = jnp.asarray(alphas_cumprod(self.beta_start, self.beta_end, self.beta_schedule))
+        a = ac[jnp.clip((jnp.asarray(t, jnp.float32) * 1000).astype(jnp.int32) - 1, 0, NUM_TRAIN_TIMESTEPS - 1)]
+        a = a.reshape(a.shape + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+        return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+
     def velocity(self, unet, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
         """``x`` ``[B, H, W, C]``, ``t`` ``[B]`` -> ``[B, H, W, C]``; ``cond["encoder_hidden_states"]``
         ``[B, S, D]``. The UNet sees the integer timestep ``int(t * 1000)``."""

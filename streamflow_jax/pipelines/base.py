@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from streamflow_jax import backends
+from streamflow_jax import backends, schedules
 from streamflow_jax.errors import ConversionError, RequestError
-from streamflow_jax.models import decode_latents
+from streamflow_jax.models import decode_latents, encode_latents
 from streamflow_jax.stream import StreamEngine
+
+DEFAULT_STRENGTH = 0.6  # diffusers' img2img default
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -129,6 +131,38 @@ def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2) -> I
     return canvas
 
 
+def images_to_array(image, channels: int | None = 3) -> np.ndarray:
+    """PIL image(s) or an array ``[B, H, W, C]`` / ``[H, W, C]`` (floats in [0, 1], or uint8)
+    -> float32 ``[B, H, W, C]`` in [0, 1]."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and image and isinstance(image[0], Image.Image):
+        mode = "L" if channels == 1 else "RGB"
+        image = np.stack([np.asarray(im.convert(mode)) for im in image])
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255
+    arr = arr.astype(np.float32)
+    if channels == 1 and arr.ndim in (2, 3) and (arr.ndim == 2 or arr.shape[-1] != 1):
+        arr = arr[..., None]  # [(B,) H, W] grey
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or (channels is not None and arr.shape[-1] != channels):
+        raise ValueError(f"image has shape {arr.shape}; expected [B, H, W, {channels}] (or PIL images)")
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        raise ValueError("image values must lie in [0, 1] (floats) or be uint8")
+    return arr
+
+
+def img2img_start(model, x0, noise, grid, strength):
+    """Image-to-image: the ``[S'+1, B]`` tail of ``grid`` that ``strength`` keeps (one per
+    element when ``strength`` is one per element) and ``x0`` noised to its first time."""
+    b = x0.shape[0]
+    strengths = np.broadcast_to(np.asarray(DEFAULT_STRENGTH if strength is None else strength, np.float32), (b,))
+    grids = schedules.stack([schedules.truncate(grid, s) for s in strengths])  # [S'+1, B]
+    return model.noise_to(jnp.asarray(x0), jnp.asarray(noise), grids[0]), grids
+
+
 def check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type {output_type!r} not in {OUTPUT_TYPES}")
@@ -230,6 +264,18 @@ class PromptPipeline(Pipeline):
             raise ValueError(f"noise has shape {np.shape(noise)}, expected {(n, *shape)}")
         return jnp.asarray(noise, jnp.float32)
 
+    def encode_image(self, image, batch: int) -> jax.Array:
+        """Images (PIL or ``[B, H, W, 3]`` in [0, 1]) -> ``[B, h, w, C]`` latents as the model sees
+        them (the decoder's encoder with its scale and shift); one image serves every prompt."""
+        arr = images_to_array(image, 3)
+        if arr.shape[0] not in (1, batch):
+            raise ValueError(f"{arr.shape[0]} images for {batch} prompts")
+        self.latent_shape(arr.shape[1], arr.shape[2])  # the size must suit the model
+        if not hasattr(self.decoder.module, "encode_latents"):
+            raise ValueError(f"{self.decoder.class_name} has no encoder for image-to-image")
+        latents = encode_latents(self.decoder, jnp.asarray(arr) * 2 - 1)
+        return jnp.broadcast_to(latents, (batch, *latents.shape[1:]))
+
     def decode(self, latents) -> np.ndarray:
         """``[B, h, w, C]`` latents -> ``[B, H, W, 3]`` uint8 images."""
         return to_uint8(decode_latents(self.decoder, latents))
@@ -246,7 +292,8 @@ class PromptPipeline(Pipeline):
 
     def __call__(self, prompts, *, steps: int | None = None, guidance_scale=None, negative_prompt="",
                  seed: int = 0, noise=None, height: int | None = None, width: int | None = None,
-                 max_sequence_length: int | None = None, backend: str = "xla", output_type: str = "pil"):
+                 max_sequence_length: int | None = None, image=None, strength=None, backend: str = "xla",
+                 output_type: str = "pil"):
         """Generates one image per prompt.
 
         Args:
@@ -260,6 +307,10 @@ class PromptPipeline(Pipeline):
             height, width: image size in pixels (default: the given noise's, else the model's).
             max_sequence_length: T5 tokens (Flux, SD3; default: the pipeline's); longer
                 prompts are truncated with a warning.
+            image, strength: image-to-image: start from these images (PIL or ``[B, H, W, 3]``
+                in [0, 1]; one for all prompts or one each), encoded and noised to where
+                ``strength`` (in (0, 1], default 0.6; a scalar or one per prompt) cuts the
+                grid, as diffusers' img2img pipelines do. The size comes from the image.
             backend: ``"xla"``, ``"onnxruntime"`` or ``"tensorrt"`` for the velocity model.
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (float ``[B, H, W, 3]`` in
                 [0, 1]) or ``"latent"`` (the sampler's ``[B, h, w, C]`` output, before decoding).
@@ -269,14 +320,24 @@ class PromptPipeline(Pipeline):
         steps = self.default_steps if steps is None else int(steps)
         if guidance_scale is None:
             guidance_scale = self.default_guidance
-        if noise is not None and height is None and width is None and np.ndim(noise) == 4:
+        x0 = None
+        if image is not None:
+            x0 = self.encode_image(image, len(prompts))
+            shape = tuple(x0.shape[1:])
+            if (height or width) and self.latent_shape(height, width) != shape:
+                raise ValueError(f"height/width {height}x{width} differ from the image's size")
+        elif strength is not None:
+            raise ValueError("strength is for image-to-image: give image too")
+        elif noise is not None and height is None and width is None and np.ndim(noise) == 4:
             shape = self.model.latent_shape(*np.shape(noise)[1:3])  # the size the given latents have
         else:
             shape = self.latent_shape(height, width)
         x = self.noise(len(prompts), shape, seed, noise)
+        grid = self.schedule(steps, shape)
+        if x0 is not None:
+            x, grid = img2img_start(self.model, x0, x, grid, strength)
         cond, uncond, cfg = self.conditioning(prompts, guidance_scale, negative_prompt, max_sequence_length)
-        latents = backends.sample(self.model, x, self.schedule(steps, shape), cond, guidance_scale=cfg,
-                                  uncond=uncond, backend=backend)
+        latents = backends.sample(self.model, x, grid, cond, guidance_scale=cfg, uncond=uncond, backend=backend)
         return self.output(latents, output_type)
 
 
@@ -309,8 +370,12 @@ class PromptStream:
                                    backend=backend)
 
     def submit(self, prompt: str, *, steps: int | None = None, seed: int = 0, noise=None,
-               guidance_scale: float | None = None, negative_prompt: str = "") -> int:
-        """Queues one prompt; returns its id. A bad request gets its error as its result."""
+               guidance_scale: float | None = None, negative_prompt: str = "", image=None,
+               strength: float | None = None) -> int:
+        """Queues one prompt; returns its id. A bad request gets its error as its result.
+
+        ``image`` (one PIL image or ``[H, W, 3]`` in [0, 1]) and ``strength``: image-to-image,
+        the image encoded here, before admission, and noised on the device at admission."""
         if not isinstance(prompt, str):
             return self.engine.reject(f"prompt must be a string, got {type(prompt).__name__}")
         takes_scale = self.guided or self.pipe.embedded_guidance
@@ -323,6 +388,11 @@ class PromptStream:
                     raise RequestError("this stream takes a guidance scale: give guidance_scale")
             cond, uncond, cfg = self.pipe.conditioning([prompt], guidance_scale if takes_scale else None,
                                                        negative_prompt)
+            init = None
+            if image is not None:
+                init = self.pipe.encode_image(image, 1)[0]
+                if tuple(init.shape) != self.latent_shape:
+                    raise RequestError(f"image gives latents {tuple(init.shape)}, the stream runs {self.latent_shape}")
         except (ValueError, TypeError) as e:
             return self.engine.reject(e)
         first = lambda d: None if d is None else {k: v[0] for k, v in d.items()}  # noqa: E731
@@ -330,7 +400,7 @@ class PromptStream:
         extra = {"guidance_scale": cfg, "uncond": first(uncond)} if self.guided else (
             {} if takes_scale or guidance_scale is None else {"guidance_scale": guidance_scale})
         return self.engine.submit(first(cond), grid=grid, seed=None if noise is not None else seed, noise=noise,
-                                  **extra)
+                                  init=init, strength=strength, **extra)
 
     def run(self) -> dict:
         """Runs until every request is done; returns id -> output (as ``output_type``) or ``RequestError``."""

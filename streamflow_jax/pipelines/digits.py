@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from streamflow_jax import backends, schedules
 from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConversionError
-from streamflow_jax.pipelines.base import Pipeline, read_scheduler_config, register
+from streamflow_jax.pipelines.base import Pipeline, images_to_array, img2img_start, read_scheduler_config, register
 from streamflow_jax.stream import StreamEngine
 
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
@@ -72,7 +72,7 @@ class DigitsPipeline(Pipeline):
         return {k: v[labels] for k, v in self.conditioning.items()}
 
     def __call__(self, labels, *, steps: int = 16, guidance_scale: float | None = 3.0, seed: int = 0,
-                 backend: str = "xla") -> np.ndarray:
+                 image=None, strength=None, backend: str = "xla") -> np.ndarray:
         """Generates one digit per label.
 
         Args:
@@ -80,6 +80,9 @@ class DigitsPipeline(Pipeline):
             steps: Euler steps on the scheduler's flow-match grid.
             guidance_scale: classifier-free guidance scale (scalar or ``[B]``); ``None`` for none.
             seed: PRNG seed of the starting noise.
+            image, strength: image-to-image: redraw these 16x16 grey images (``[B, 16, 16]`` or
+                one for all, in [0, 1], or PIL) as the labels' digits, ``strength`` in (0, 1]
+                (default 0.6) of the way from the image to noise.
 
         Returns:
             ``[B, 16, 16]`` float32 images in [0, 1].
@@ -87,6 +90,14 @@ class DigitsPipeline(Pipeline):
         labels = _check_labels(labels)
         noise = self.noise(len(labels), seed)
         grid = schedules.flow_match(steps, shift=self.shift)
+        if image is not None:
+            arr = images_to_array(image, 1)
+            if arr.shape[1:] != self.latent_shape or arr.shape[0] not in (1, len(labels)):
+                raise ValueError(f"image has shape {arr.shape}; the model takes [1 or {len(labels)}, 16, 16] grey")
+            x0 = np.broadcast_to(arr * 2 - 1, (len(labels), *self.latent_shape))  # pixel space: [-1, 1]
+            noise, grid = img2img_start(self.model, x0, noise, grid, strength)
+        elif strength is not None:
+            raise ValueError("strength is for image-to-image: give image too")
         uncond = self.cond(np.full(len(labels), NULL_CLASS)) if guidance_scale is not None else None
         x = backends.sample(self.model, noise, grid, self.cond(labels), guidance_scale=guidance_scale, uncond=uncond,
                             backend=backend)
