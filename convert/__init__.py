@@ -263,6 +263,7 @@ class ConversionPlan:
     source: str
     treedef: object = None
     copies: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # more keys for one parameter
+    deltas: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # added on read (merged LoRAs)
 
     def read(self, names: list[str], cast=None) -> Iterator[tuple[str, np.ndarray]]:
         """Yields ``(parameter name, array)`` for ``names``, in the module's layout, cast to
@@ -283,6 +284,8 @@ class ConversionPlan:
                                           "but differ")
                 if key in extra:  # the copies are only checked; the primary key is the one yielded
                     continue
+            if name in self.deltas:  # added in float32, back to the tensor's dtype
+                array = (array.astype(np.float32) + self.deltas[name]).astype(array.dtype)
             if cast is not None and jax.numpy.issubdtype(array.dtype, jax.numpy.floating):
                 array = array.astype(cast)
             yield name, array

@@ -30,12 +30,15 @@ from streamflow_jax.converters import (
     CONVERTER_VERSION,
     ConversionPlan,
     class_name_of,
+    plan,
     plan_source,
     resolve_dtype,
 )
 from streamflow_jax.converters.common import check_model_source, read_json
 from streamflow_jax.errors import ConversionError
 from streamflow_jax.fsutil import atomic_dir
+from streamflow_jax.converters.lora import KOHYA_PREFIXES, lora_deltas, read_lora_file
+from streamflow_jax.lora import apply_loras, merged_deltas, parse_loras
 from streamflow_jax.models import FAMILIES, FlowModel, abstract_module, family_of, flat_params
 
 PARAMS_DIR = "params"
@@ -128,7 +131,7 @@ def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
 
 
 def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None = None, variant: str | None = None,
-            delta=None, delta_variant: str | None = None) -> Path:
+            delta=None, delta_variant: str | None = None, loras=None) -> Path:
     """Converts a diffusers model or pipeline directory (or a single file) into a streamflow-jax directory.
 
     Args:
@@ -141,11 +144,16 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         dst: output directory; must not exist. Written atomically.
         dtype: ``None`` keeps the checkpoint's dtype; or ``"float32"``, ``"bfloat16"``, ``"float16"``.
         progress: show a progress bar over tensors.
-        config: config fields overriding the model's (a single file cannot say everything).
+        config: config fields overriding the model's (a single file cannot say everything); for
+            a single-file pipeline checkpoint (SD 1.x/2.x in the original LDM layout), the
+            diffusers pipeline directory whose configs and tokenizer it takes.
         variant: read the ``*.{variant}.safetensors`` weights (``"fp16"``...), of every component.
         delta: a directory of weight differences to add (``W = W_base + dW``, in float32, then
             cast): to the model, or to a pipeline's ``unet``. Its keys must match exactly.
         delta_variant: which weights file of ``delta``, when it holds several.
+        loras: LoRA files to merge (``file``, ``(file, scale)`` or ``"file:scale"``; summed):
+            into the model, or into each pipeline component their keys name (a key that fits
+            no component's weight is an error).
 
     Returns:
         The output path.
@@ -156,10 +164,17 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     src, dst = Path(src), Path(dst).absolute()
     cast = resolve_dtype(dtype)
     reading = dict(variant=variant, delta=delta, delta_variant=delta_variant)
+    if src.is_file() and isinstance(config, str | Path) and (Path(config) / "model_index.json").is_file():
+        return _convert_single_file_pipeline(src, dst, Path(config), cast, progress)
+    if isinstance(config, str | Path):
+        raise ConversionError(f"{config}: config is a dict of fields, or for a single-file pipeline checkpoint a "
+                              "diffusers pipeline directory (model_index.json)")
     if src.is_file() or (src / "config.json").is_file():
         if not src.is_file():
             check_model_source(src)
         p, _ = plan_source(src, config=config, **reading)  # everything checked before dst is touched
+        if loras:
+            p.deltas = merged_deltas(p.family, p.config, p.targets, loras, strict_other=True)
         with atomic_dir(dst) as tmp:
             _write_plan(p, tmp, cast, str(src.absolute()), progress)
         return dst
@@ -167,6 +182,11 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     components = pipeline_components(src)
     if delta is not None and not components.get("unet", "skip").startswith("UNet"):
         raise ConversionError(f"{src}: a delta goes to a pipeline's unet, and this pipeline has none")
+    plans = {name: plan_source(src / name, variant=variant, delta=delta if name == "unet" else None,
+                               delta_variant=delta_variant)[0]
+             for name, kind in components.items() if kind != "config-only" and not kind.startswith("skip:")}
+    if loras:
+        _lora_into_components(plans, loras)
     with atomic_dir(dst) as tmp:
         record = {"converted": {}, "copied": [], "skipped": {}}
         for name, kind in components.items():
@@ -176,9 +196,7 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             elif kind.startswith("skip:"):
                 record["skipped"][name] = kind.removeprefix("skip: ")
             else:
-                p, _ = plan_source(src / name, variant=variant, delta=delta if name == "unet" else None,
-                                   delta_variant=delta_variant)
-                _write_plan(p, tmp / name, cast, str((src / name).absolute()), progress)
+                _write_plan(plans[name], tmp / name, cast, str((src / name).absolute()), progress)
                 record["converted"][name] = kind
         if not record["converted"]:
             raise ConversionError(f"{src}: no supported component ({record['skipped']})")
@@ -187,6 +205,58 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
                 shutil.copy(f, tmp / f.name)
             elif f.is_file():
                 record["skipped"][f.name] = f"root-level file over {ROOT_FILE_LIMIT >> 20} MiB"
+        (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+    return dst
+
+
+def _lora_into_components(plans: dict[str, ConversionPlan], loras) -> None:
+    """Each LoRA key into the component it names; one that fits none is an error."""
+    for path, scale in parse_loras(loras):
+        tensors, metadata = read_lora_file(path)
+        left = set(tensors) - {k for k in tensors if k.endswith(".alpha")}
+        unnamed = [k for k in left if not any(_names_component(k, c) for c in KOHYA_PREFIXES)]
+        if unnamed:
+            raise ConversionError(f"{path}: LoRA key(s) name no pipeline component (e.g. {sorted(unnamed)[0]!r}; "
+                                  "expected unet., transformer., text_encoder... or kohya's lora_unet_/lora_te_): "
+                                  "merge it into one model with sf.load(..., loras=...)")
+        for name, p in plans.items():
+            deltas, _ = lora_deltas(p.family, p.config, p.targets,
+                                    {k: v for k, v in tensors.items() if k in left or k.endswith(".alpha")},
+                                    metadata, name, source=f"{path} ({name})", scale=scale)
+            for k, d in deltas.items():
+                p.deltas[k] = p.deltas.get(k, 0) + d
+            taken = {k for k in left if _names_component(k, name)}
+            left -= taken
+        if left:
+            raise ConversionError(f"{path}: LoRA key(s) for no component of this pipeline: {sorted(left)[:5]}")
+
+
+def _names_component(key: str, component: str) -> bool:
+    return key.startswith(f"{component}.") or any(key.startswith(p) for p in KOHYA_PREFIXES.get(component, ()))
+
+
+def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast, progress: bool) -> Path:
+    """A whole pipeline in one file (the original LDM layout of SD 1.x/2.x: ``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``cond_stage_model.transformer.*``): each component's tensors are
+    mapped to diffusers keys and converted with the configs of ``pipeline_dir`` (as diffusers'
+    ``from_single_file(config=...)``), whose configuration-only parts (tokenizer, scheduler,
+    ``model_index.json``) are copied."""
+    from streamflow_jax.converters.ldm import ldm_pipeline_sources  # read only for single files
+
+    sources = ldm_pipeline_sources(src, pipeline_dir)  # {component: (raw config, source)}, all checked
+    plans = {name: plan(raw, source, source=f"{src} ({name})") for name, (raw, source) in sources.items()}
+    with atomic_dir(dst) as tmp:
+        record = {"converted": {}, "copied": [], "skipped": {}}
+        for name, p in plans.items():
+            _write_plan(p, tmp / name, cast, f"{src.absolute()} ({name})", progress)
+            record["converted"][name] = p.class_name
+        for name, kind in pipeline_components(pipeline_dir).items():
+            if kind == "config-only":
+                shutil.copytree(pipeline_dir / name, tmp / name)
+                record["copied"].append(name)
+            elif name not in plans:
+                record["skipped"][name] = "not in the single file" if not kind.startswith("skip:") else kind[6:]
+        shutil.copy(pipeline_dir / "model_index.json", tmp / "model_index.json")
         (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
     return dst
 
@@ -257,7 +327,7 @@ def _restore(params_dir: Path, shapes: dict, placement: Callable) -> dict[str, j
 
 def load(path, dtype=None, *, component: str | None = None, progress: bool = False,
          config: dict | None = None, sharding: Callable[[str, jax.ShapeDtypeStruct], object] | None = None,
-         variant: str | None = None, delta=None, delta_variant: str | None = None) -> FlowModel:
+         variant: str | None = None, delta=None, delta_variant: str | None = None, loras=None) -> FlowModel:
     """Loads a converted directory, or converts a diffusers directory (or single file) in memory.
 
     Args:
@@ -269,7 +339,17 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         sharding: ``(parameter name, abstract array) -> jax.sharding.Sharding`` placing each
             restored weight (default: the first device).
         variant, delta, delta_variant: as ``convert``'s, for a diffusers directory.
+        loras: LoRA files merged into the loaded model (``file``, ``(file, scale)`` or
+            ``"file:scale"``); the file's keys for ``component`` (default: the model's kind).
     """
+    model = _load(path, dtype, component=component, progress=progress, config=config, sharding=sharding,
+                  variant=variant, delta=delta, delta_variant=delta_variant)
+    if loras:
+        model = apply_loras(model, loras, component=component)
+    return model
+
+
+def _load(path, dtype, *, component, progress, config, sharding, variant, delta, delta_variant) -> FlowModel:
     path = _component_dir(Path(path), component)
     cfg_path = path / "config.json"
     raw = None

@@ -28,7 +28,7 @@ def _cmd_convert(args) -> int:
 
     out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet,
                   config=_config_overrides(args.config_from), variant=args.variant, delta=args.delta,
-                  delta_variant=args.delta_variant)
+                  delta_variant=args.delta_variant, loras=args.lora)
     print(f"converted {args.src} -> {out}")
     record = out / "conversion.json"
     if record.is_file():  # a pipeline: say what happened to each component
@@ -42,13 +42,16 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _config_overrides(path: str | None) -> dict | None:
-    """``--config-from``: a model directory (its config.json) or a JSON file of config fields."""
+def _config_overrides(path: str | None):
+    """``--config-from``: a model directory (its config.json) or a JSON file of config fields;
+    a pipeline directory (model_index.json) is passed on as is (a single-file pipeline's configs)."""
     if path is None:
         return None
     from streamflow_jax.converters.common import read_json
 
     p = Path(path)
+    if (p / "model_index.json").is_file():
+        return p
     raw = read_json(p / "config.json" if p.is_dir() else p)
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
@@ -230,9 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add these weight differences (W + dW, in float32; a pipeline's unet gets them), e.g. "
                         "PeRFlow's delta weights")
     p.add_argument("--delta-variant", default=None, help="which weights file of --delta, when it holds several")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA (diffusers/PEFT or kohya safetensors; repeat for several, summed)")
     p.add_argument("--config-from", default=None, metavar="PATH",
                    help="config fields overriding the source's: a model directory (its config.json) or a JSON file "
-                        "(a single file in a published layout cannot say everything)")
+                        "(a single file in a published layout cannot say everything); for a single-file SD 1.x/2.x "
+                        "checkpoint (LDM layout), the diffusers pipeline directory whose configs and tokenizer to use")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 

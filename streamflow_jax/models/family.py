@@ -55,6 +55,8 @@ class CheckpointLayout:
         parts: ``(key, shape) -> [(diffusers_key, rows), ...]``: the diffusers tensors one source
             tensor becomes (fused projections split by rows; ``rows`` may also reorder them).
         prefixes: key prefixes stripped before anything else.
+        modules: ``(config) -> names`` of the layout's weight-bearing modules (no ``.weight``),
+            so that files naming modules this way (kohya LoRAs for Flux) can be matched.
     """
 
     name: str
@@ -62,6 +64,7 @@ class CheckpointLayout:
     config: Callable[[dict[str, tuple[int, ...]]], dict]
     parts: Callable[[str, tuple[int, ...]], list[tuple[str, Rows]]]
     prefixes: tuple[str, ...] = ()
+    modules: Callable[[object], list[str]] = lambda config: []
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: one record per family

@@ -116,5 +116,15 @@ def config(shapes: dict[str, tuple[int, ...]]) -> dict:
     return raw
 
 
+def modules(cfg) -> list[str]:
+    """The BFL names of a Flux config's linear layers (what kohya-format LoRAs name)."""
+    top = [k for k in _RENAMES if cfg.guidance_embeds or not k.startswith("guidance_in")]
+    top.append("final_layer.adaLN_modulation.1")
+    double = [n for n in (*_DOUBLE, *_QKV) if "norm" not in n]
+    single = ["linear1", *(n for n in _SINGLE if "norm" not in n)]
+    return (top + [f"double_blocks.{i}.{n}" for i in range(cfg.num_layers) for n in double]
+            + [f"single_blocks.{i}.{n}" for i in range(cfg.num_single_layers) for n in single])
+
+
 LAYOUT = CheckpointLayout(name="bfl", detect=detect, config=config, parts=parts,
-                          prefixes=("model.diffusion_model.",))
+                          prefixes=("model.diffusion_model.",), modules=modules)

@@ -1,0 +1,212 @@
+"""LoRA files -> weight deltas on a model's parameters, strictly.
+
+Two formats, both as safetensors:
+
+- diffusers/PEFT: ``{component}.{module}.lora_A.weight`` ``[r, in(, kh, kw)]`` and
+  ``.lora_B.weight`` ``[out, r(, 1, 1)]``; the scale ``lora_alpha / r`` (``/ sqrt(r)`` with
+  rsLoRA) from the file's ``lora_adapter_metadata``, per module where ``rank_pattern`` /
+  ``alpha_pattern`` say so, or 1 without metadata (diffusers' reading);
+- kohya: ``lora_unet_{module with _ for .}.lora_down.weight`` / ``.lora_up.weight`` and
+  ``.alpha`` (scale ``alpha / r``); ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_``
+  for the text encoders. Module names are a family's diffusers names, or the names of a
+  published layout the family reads (Flux's BFL names: a fused ``qkv`` delta is split by rows
+  as the layout splits the weight).
+
+``delta = scale * (B @ A) * user_scale``, computed on the host in float32 and mapped to our
+parameter layout. A LoRA key that matches no weight is an error listing the keys (never a
+LoRA that silently does nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from streamflow_jax.errors import ConversionError
+
+from . import _target_for
+from .common import map_tensor
+
+# the diffusers pipeline component -> its kohya prefixes
+KOHYA_PREFIXES = {"unet": ("lora_unet_",), "transformer": ("lora_unet_", "lora_transformer_"),
+                  "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",),
+                  "text_encoder_3": ("lora_te3_",)}
+_PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_KOHYA = re.compile(r"^(?P<module>lora_[a-z0-9]+_.+)\.(?P<part>lora_down|lora_up)\.weight$")
+
+
+@dataclasses.dataclass
+class LoraModule:
+    """One low-rank update: ``down`` (A) ``[r, in, ...]``, ``up`` (B) ``[out, r, ...]``, its scale."""
+
+    name: str  # the module, as the file names it (component prefix stripped)
+    down: np.ndarray
+    up: np.ndarray
+    scale: float
+    keys: tuple[str, ...]  # the file's keys, for messages
+
+    def delta(self) -> np.ndarray:
+        """``scale * B @ A`` in float32, in PyTorch's layout ``[out, in(, kh, kw)]``."""
+        down = self.down.astype(np.float32)
+        up = self.up.astype(np.float32)
+        r = down.shape[0]
+        if up.shape[1] != r:
+            raise ConversionError(f"LoRA {self.name}: up {up.shape} and down {down.shape} ranks differ")
+        d = up.reshape(up.shape[0], r) @ down.reshape(r, -1)
+        return (self.scale * d).reshape((up.shape[0], *down.shape[1:]))
+
+
+def read_lora_file(path) -> tuple[dict[str, np.ndarray], dict]:
+    """A LoRA file's tensors (numpy) and metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such LoRA file")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def _peft_scales(metadata: dict, component: str):
+    """``module -> scale`` from diffusers' ``lora_adapter_metadata`` (None: no metadata)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    meta = json.loads(raw)
+    pick = lambda k, default=None: meta.get(f"{component}.{k}", meta.get(k, default))  # noqa: E731
+    if pick("use_dora"):
+        raise ConversionError("DoRA LoRAs (use_dora) are not supported")
+    r, alpha = pick("r"), pick("lora_alpha")
+    ranks, alphas = pick("rank_pattern", {}) or {}, pick("alpha_pattern", {}) or {}
+    rs = bool(pick("use_rslora"))
+
+    def scale(module: str) -> float:
+        rank = next((v for k, v in ranks.items() if module.endswith(k)), r)
+        a = next((v for k, v in alphas.items() if module.endswith(k)), alpha)
+        if rank is None or a is None:
+            return 1.0
+        return a / (math.sqrt(rank) if rs else rank)
+
+    return scale
+
+
+def lora_modules(tensors: dict[str, np.ndarray], metadata: dict, component: str) -> tuple[list[LoraModule], list[str]]:
+    """The file's updates for ``component`` (``"unet"``, ``"transformer"``, ``"text_encoder"``...)
+    and the keys that belong to other components."""
+    kohya_prefixes = KOHYA_PREFIXES.get(component, ())
+    peft_prefix = f"{component}."
+    scales = _peft_scales(metadata, component)
+    parts: dict[str, dict[str, str]] = {}
+    others, stray = [], []
+    for key in tensors:
+        if key.endswith(".alpha"):
+            continue
+        m = _KOHYA.match(key)
+        if m:
+            module = m.group("module")
+            prefix = next((p for p in kohya_prefixes if module.startswith(p)), None)
+            if prefix is None:
+                others.append(key)
+                continue
+            parts.setdefault(("kohya", module[len(prefix):], module), {})[m.group("part")] = key
+            continue
+        m = _PEFT.match(key)
+        if m:
+            module = m.group("module")
+            if module.startswith(peft_prefix):
+                module = module[len(peft_prefix):]
+            elif "." in module and module.split(".", 1)[0] in KOHYA_PREFIXES:
+                others.append(key)
+                continue
+            parts.setdefault(("peft", module, module), {})["lora_down" if m.group("part") == "A" else "lora_up"] = key
+            continue
+        stray.append(key)
+    if stray:
+        raise ConversionError(f"LoRA keys in no known format: {_few(stray)}")
+    modules = []
+    for (fmt, name, file_module), pair in parts.items():
+        if set(pair) != {"lora_down", "lora_up"}:
+            raise ConversionError(f"LoRA {file_module}: has {sorted(pair)} but not both halves")
+        down, up = tensors[pair["lora_down"]], tensors[pair["lora_up"]]
+        r = down.shape[0]
+        if fmt == "kohya":
+            alpha_key = f"{file_module}.alpha"
+            scale = float(np.asarray(tensors[alpha_key])) / r if alpha_key in tensors else 1.0
+        else:
+            scale = scales(name) if scales is not None else 1.0
+        modules.append(LoraModule(name, down, up, scale, (pair["lora_down"], pair["lora_up"])))
+    return modules, others
+
+
+def lora_deltas(family, config, targets: dict, tensors: dict[str, np.ndarray], metadata: dict, component: str, *,
+                source: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per-parameter deltas (our layout, float32) of one LoRA, and the file's keys that belong
+    to other components.
+
+    Args:
+        family, config: the model's ``Family`` record and config.
+        targets: parameter name -> array or abstract array (for names and shapes).
+        tensors, metadata: the LoRA file's (``read_lora_file``).
+        component: whose keys to take (``"unet"``, ``"transformer"``, ``"text_encoder"``...).
+        scale: multiplies the file's own scales.
+
+    Raises:
+        ConversionError: a key that matches no weight of the model (listed), a shape that does
+            not fit, a non-finite scale.
+    """
+    if not math.isfinite(scale):
+        raise ConversionError(f"{source}: LoRA scale {scale} is not finite")
+    modules, others = lora_modules(tensors, metadata, component)
+    by_underscore = {}  # kohya names: the module path with _ for .
+    for name in targets:
+        base = name.rpartition(".")[0]
+        by_underscore.setdefault(base.replace(".", "_"), base)
+    deltas: dict[str, np.ndarray] = {}
+    unmatched = []
+    for mod in modules:
+        placed = _place(mod, family, config, targets, by_underscore)
+        if placed is None:
+            unmatched.extend(mod.keys)
+            continue
+        d_full = mod.delta()
+        for target, rows in placed:
+            d = d_full if rows is None else d_full[rows]
+            d = map_tensor(f"{mod.name} (LoRA)", d, tuple(targets[target].shape), target.rpartition(".")[2]) * scale
+            deltas[target] = deltas.get(target, 0) + d
+    if unmatched:
+        raise ConversionError(f"{source}: LoRA key(s) match no weight of the {family.name} model: {_few(unmatched)}")
+    return deltas, others
+
+
+def _place(mod: LoraModule, family, config, targets: dict, by_underscore: dict):
+    """``[(parameter, rows)]`` the module's delta goes to, or None."""
+    for name in (mod.name, by_underscore.get(mod.name)):
+        if name is None:
+            continue
+        t = _target_for(family.keys.rename(f"{name}.weight"), targets)
+        if t is not None:
+            return [(t, None)]
+    for layout in family.keys.layouts:  # a published layout's names (BFL's double_blocks_0_img_attn_qkv)
+        names = {n.replace(".", "_"): n for n in layout.modules(config)}
+        name = mod.name if mod.name in names.values() else names.get(mod.name)
+        if name is None:
+            continue
+        shape = (mod.up.shape[0], *mod.down.shape[1:])
+        placed = [(_target_for(family.keys.rename(k), targets), rows) for k, rows in layout.parts(f"{name}.weight", shape)]
+        if placed and all(t is not None for t, _ in placed):
+            return placed
+    return None
+
+
+def _few(names: Iterable[str], n: int = 5) -> str:
+    names = sorted(names)
+    shown = ", ".join(repr(k) for k in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -1,0 +1,105 @@
+"""LoRA: low-rank weight updates merged into a model, at conversion, at load, or at run time.
+
+The merge happens on the host (``W + scale * B @ A`` in float32, cast back to the weight's
+dtype) and gives a ``FlowModel`` with the same structure, shapes and dtypes: the programs
+compiled for the base model run it as they are, so swapping one LoRA (or scale) for another
+on a live model compiles nothing (``apply_loras(base, other)``; keep the base model).
+Formats (diffusers/PEFT and kohya) and the key rules: ``converters.lora``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from streamflow_jax.converters.lora import lora_deltas, read_lora_file
+from streamflow_jax.errors import ConversionError
+from streamflow_jax.models import FlowModel, flat_params
+
+LoraSpec = str | Path | tuple[str | Path, float]
+
+
+def parse_loras(loras: Sequence[LoraSpec] | None) -> list[tuple[Path, float]]:
+    """``[file, (file, scale), "file:scale", ...]`` -> ``[(Path, scale)]``."""
+    out = []
+    for item in loras or ():
+        if isinstance(item, tuple):
+            path, scale = item
+        else:
+            text = str(item)
+            path, sep, scale = text.rpartition(":")
+            if not sep or not _is_number(scale):
+                path, scale = text, 1.0
+        out.append((Path(path), float(scale)))
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def default_component(family) -> str:
+    """The pipeline component a model is, for a LoRA's keys: ``unet``, ``transformer`` or ``text_encoder``."""
+    if family.kind == "velocity":
+        return "unet" if family.name == "unet" else "transformer"
+    return "text_encoder"
+
+
+def merged_deltas(family, config, targets: dict, loras, component: str | None = None, *,
+                  strict_other: bool = False) -> dict[str, np.ndarray]:
+    """The summed per-parameter deltas of several LoRAs for one component.
+
+    Keys for other components are warned about (``strict_other``: an error), keys of this
+    component that match no weight are an error (``converters.lora``).
+    """
+    component = component or default_component(family)
+    total: dict[str, np.ndarray] = {}
+    for path, scale in parse_loras(loras):
+        tensors, metadata = read_lora_file(path)
+        deltas, others = lora_deltas(family, config, targets, tensors, metadata, component, source=str(path),
+                                     scale=scale)
+        if others:
+            message = (f"{path}: {len(others)} LoRA key(s) are for other components than {component} "
+                       f"(e.g. {sorted(others)[0]!r})")
+            if strict_other:
+                raise ConversionError(message)
+            warnings.warn(message + "; not applied here", stacklevel=3)
+        if not deltas:
+            raise ConversionError(f"{path}: no LoRA weights for {component}")
+        for name, d in deltas.items():
+            total[name] = total.get(name, 0) + d
+    return total
+
+
+def apply_loras(model: FlowModel, loras: Sequence[LoraSpec], *, component: str | None = None) -> FlowModel:
+    """``model`` with the LoRAs merged (``W + sum scale_i * B_i @ A_i``); ``model`` unchanged.
+
+    Args:
+        model: the base model.
+        loras: files, ``(file, scale)`` pairs or ``"file:scale"`` strings, summed.
+        component: which of a file's components to take (default: the model's: ``unet``,
+            ``transformer``, ``text_encoder``; e.g. ``"text_encoder_2"`` for SD3's CLIP-G).
+    """
+    flat, treedef, names = flat_params(nnx.to_pure_dict(model.state))
+    deltas = merged_deltas(model.family, model.config, flat, loras, component)
+    leaves = []
+    for name in names:
+        w = flat[name]
+        if name in deltas:
+            host = np.asarray(w)
+            merged = (host.astype(np.float32) + deltas[name]).astype(host.dtype)
+            w = jax.device_put(merged, w.sharding) if isinstance(w, jax.Array) else jnp.asarray(merged)
+        leaves.append(w)
+    state = jax.tree_util.tree_map(lambda x: x, model.state)  # a new state object, same structure
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, leaves))
+    return model._replace(state=state)

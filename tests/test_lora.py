@@ -1,0 +1,288 @@
+"""LoRA merged at conversion, at load and at run time, against diffusers' own LoRA loading and
+``fuse_lora`` (peft), in diffusers/PEFT and kohya formats, for the SD1.5 UNet and CLIP, SD3 and
+Flux (its kohya LoRAs name BFL's fused layers); swapping a LoRA compiles nothing; bad LoRAs."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import CLIP, UNETS, randomize
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import streamflow_jax as sf
+from streamflow_jax.cli import main as cli
+from streamflow_jax.lora import apply_loras
+
+pytest.importorskip("peft")
+from peft import LoraConfig  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+
+SCALE = 0.7
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def make_peft_lora(model, targets, path, component, r=4, alpha=8, seed=0):
+    """A random LoRA on ``model`` (a copy gets the adapter), saved as diffusers does, with its
+    alpha in the metadata; returns the file."""
+    import copy
+
+    from peft import inject_adapter_in_model
+
+    m = copy.deepcopy(model)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    inject_adapter_in_model(cfg, m)
+    sd = get_peft_model_state_dict(m)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {f"{component}.{k}": torch.randn(v.shape, generator=gen) * 0.1 for k, v in sd.items()}
+    meta = {f"{component}.{k}": v for k, v in cfg.to_dict().items()}
+    save_file(sd, path, metadata={"lora_adapter_metadata": json.dumps(meta, default=list), "format": "pt"})
+    return path
+
+
+def _fused(model, path, load, scale=SCALE):
+    """diffusers' reading of a LoRA file (as ``load_lora_weights`` reads it: alphas and the
+    adapter metadata), loaded into a copy of ``model`` and fused at ``scale``."""
+    import copy
+
+    m = copy.deepcopy(model)
+    if load == "text_encoder":
+        return _peft_merged(m, path, "text_encoder", scale)
+    pipe = diffusers.FluxPipeline if load == "flux" else diffusers.StableDiffusionPipeline
+    out = pipe.lora_state_dict(str(path), return_lora_metadata=True, **({"return_alphas": True} if load == "flux" else {}))
+    sd, alphas, meta = out
+    if load == "unet":
+        pipe.load_lora_into_unet(sd, alphas, unet=m, metadata=meta)
+    else:
+        pipe.load_lora_into_transformer(sd, alphas, transformer=m, metadata=meta)
+    m.fuse_lora(lora_scale=scale)
+    return m
+
+
+def _peft_merged(model, path, component, scale):
+    """peft's own injection and merge (transformers 5's LoRA loading wants peft >= 0.22, which
+    the package index here does not have; diffusers reaches the same peft layers)."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    with safe_open(path, "pt") as f:
+        sd = {k[len(component) + 1:]: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    cfg = LoraConfig(r=meta[f"{component}.r"], lora_alpha=meta[f"{component}.lora_alpha"],
+                     target_modules=meta[f"{component}.target_modules"])
+    inject_adapter_in_model(cfg, model)
+    set_peft_model_state_dict(model, sd)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.scale_layer(scale)
+            module.merge()
+    return model
+
+
+@jax.jit
+def _unet_call(model, x, t, ehs):
+    return model.module(x, t, ehs)
+
+
+def _unet_outputs(torch_unet, ours, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    t = np.array([900.0, 100.0], np.float32)
+    ehs = rng.standard_normal((2, 5, 768)).astype(np.float32)
+    with torch.no_grad():
+        want = torch_unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                          torch.from_numpy(ehs)).sample.permute(0, 2, 3, 1).numpy()
+    return np.asarray(_unet_call(ours, x, t, ehs)), want
+
+
+def to_kohya(path, out, component="unet", prefix="lora_unet_"):
+    """The same LoRA in kohya's names: lora_down/lora_up and an .alpha per module."""
+    with safe_open(path, "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    alpha, r = meta[f"{component}.lora_alpha"], meta[f"{component}.r"]
+    out_sd = {}
+    for k, v in sd.items():
+        module, _, part = k[len(component) + 1:].rpartition(".lora_")
+        name = prefix + module.replace(".", "_")
+        out_sd[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = v
+        out_sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    assert all(sd[k].shape[0] == r for k in sd if ".lora_A." in k)
+    save_file(out_sd, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unet")
+    model = randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 0, std=0.1).eval()
+    model.save_pretrained(root / "unet")
+    return model, root / "unet"
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_unet_lora_equals_diffusers_fuse_lora(unet, tmp_path, fmt):
+    ref, path = unet
+    lora = make_peft_lora(ref, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2"],
+                          tmp_path / "peft.safetensors", "unet")
+    if fmt == "kohya":
+        lora = to_kohya(lora, tmp_path / "kohya.safetensors")
+    fused = _fused(ref, lora, "unet")
+    got, want = _unet_outputs(fused, sf.load(path, loras=[(lora, SCALE)]))
+    assert _rel(got, want) <= 1e-4  # measured ~1e-6
+    base, _ = _unet_outputs(ref, sf.load(path))
+    assert _rel(base, want) > 1e-2  # the LoRA changes the output
+    # merged at conversion (CLI, FILE:SCALE) = merged at load
+    assert cli(["convert", str(path), str(tmp_path / "out"), "--lora", f"{lora}:{SCALE}", "-q"]) == 0
+    np.testing.assert_allclose(_unet_outputs(fused, sf.load(tmp_path / "out"))[0], got, rtol=1e-5, atol=1e-5)
+
+
+def test_text_encoder_lora(tmp_path):
+    ref = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)), 1).eval()
+    ref.save_pretrained(tmp_path / "te")
+    lora = make_peft_lora(ref, ["q_proj", "v_proj", "fc1"], tmp_path / "te.safetensors", "text_encoder")
+    fused = _fused(ref, lora, "text_encoder")
+    ids = np.array([[527, 5, 7, 9, 528, 528, 528, 528]])
+    with torch.no_grad():
+        want = fused(torch.from_numpy(ids)).last_hidden_state.numpy()
+    got = sf.load(tmp_path / "te", loras=[(lora, SCALE)]).module(ids)["last_hidden_state"]
+    assert _rel(got, want) <= 1e-4
+
+
+def _flux():
+    from test_flux import FLUX_TINY
+
+    return randomize(diffusers.FluxTransformer2DModel(**FLUX_TINY, guidance_embeds=True), 2, std=0.2).eval()
+
+
+def _bfl_kohya(peft_path, out):
+    """A Flux PEFT LoRA on to_q/to_k/to_v (+ proj_out of single blocks) written as a kohya file
+    in BFL's names: the double blocks' q/k/v LoRAs fused into one qkv LoRA (down stacked, up
+    block-diagonal), as trainers that see BFL's fused layers save them."""
+    with safe_open(peft_path, "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    alpha, r = meta["transformer.lora_alpha"], meta["transformer.r"]
+    out_sd = {}
+    for i in range(2):
+        p = f"transformer.transformer_blocks.{i}.attn."
+        downs = [sd[f"{p}to_{c}.lora_A.weight"] for c in "qkv"]
+        ups = [sd[f"{p}to_{c}.lora_B.weight"] for c in "qkv"]
+        name = f"lora_unet_double_blocks_{i}_img_attn_qkv"
+        out_sd[f"{name}.lora_down.weight"] = torch.cat(downs)  # [3r, in]
+        out_sd[f"{name}.lora_up.weight"] = torch.block_diag(*ups)  # [3 out, 3r]
+        out_sd[f"{name}.alpha"] = torch.tensor(float(alpha * 3))  # rank 3r: keep the same scale
+    for i in range(2):
+        p = f"transformer.single_transformer_blocks.{i}.proj_out."
+        name = f"lora_unet_single_blocks_{i}_linear2"
+        out_sd[f"{name}.lora_down.weight"] = sd[f"{p}lora_A.weight"]
+        out_sd[f"{name}.lora_up.weight"] = sd[f"{p}lora_B.weight"]
+        out_sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    assert r == 4
+    save_file({k: v.contiguous() for k, v in out_sd.items()}, out)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya_bfl"])
+def test_flux_lora(tmp_path, fmt):
+    from test_flux import flux_inputs, reference_velocity
+
+    ref = _flux()
+    ref.save_pretrained(tmp_path / "flux")
+    targets = ["to_q", "to_k", "to_v"] if fmt == "kohya_bfl" else ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"]
+    lora = make_peft_lora(ref, targets + ["single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"]
+                          if fmt == "kohya_bfl" else targets, tmp_path / "flux_lora.safetensors", "transformer")
+    fused = _fused(ref, lora, "flux")
+    if fmt == "kohya_bfl":
+        # only the double blocks' to_q/k/v and the single blocks' proj_out are in the kohya file
+        lora = _bfl_kohya(lora, tmp_path / "kohya.safetensors")
+        fused = _fused(ref, lora, "flux")
+    x, t, cond = flux_inputs(2, 8, 8)
+    got = sf.load(tmp_path / "flux", loras=[(lora, SCALE)]).velocity(x, t, cond)
+    assert _rel(got, reference_velocity(fused, x, t, cond)) <= 1e-4
+
+
+def test_swapping_a_lora_compiles_nothing(unet, tmp_path):
+    from jax import monitoring
+
+    ref, path = unet
+    a = make_peft_lora(ref, ["to_q", "to_v"], tmp_path / "a.safetensors", "unet", seed=1)
+    b = make_peft_lora(ref, ["to_q", "to_v"], tmp_path / "b.safetensors", "unet", seed=2)
+    base = sf.load(path)
+    rng = np.random.default_rng(0)
+    x, ehs = rng.standard_normal((1, 16, 16, 4)).astype(np.float32), rng.standard_normal((1, 5, 768)).astype(np.float32)
+    t = np.array([500.0], np.float32)
+    out_a = np.asarray(_unet_call(apply_loras(base, [(a, 1.0)]), x, t, ehs))  # compiles once
+    compiles = []
+    monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None)
+    out_b = np.asarray(_unet_call(apply_loras(base, [(b, 0.5)]), x, t, ehs))
+    out_a2 = np.asarray(_unet_call(apply_loras(base, [(a, 1.0)]), x, t, ehs))
+    assert compiles == [] and not np.allclose(out_a, out_b)
+    np.testing.assert_array_equal(out_a, out_a2)
+
+
+def test_bad_loras(unet, tmp_path, capsys):
+    ref, path = unet
+    good = make_peft_lora(ref, ["to_q"], tmp_path / "good.safetensors", "unet")
+    with safe_open(good, "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    # a LoRA for another architecture: its keys match nothing (never loaded silently)
+    save_file({"unet.single_blocks.0.linear1.lora_A.weight": torch.zeros(4, 8),
+               "unet.single_blocks.0.linear1.lora_B.weight": torch.zeros(8, 4)}, tmp_path / "other.safetensors")
+    assert cli(["convert", str(path), str(tmp_path / "o1"), "--lora", str(tmp_path / "other.safetensors"), "-q"]) == 1
+    assert "match no weight of the unet model: 'unet.single_blocks.0.linear1.lora_A.weight'" in capsys.readouterr().err
+    # wrong rank between the halves, and a shape that does not fit the weight
+    key = next(k for k in sd if k.endswith("lora_B.weight"))
+    bad = dict(sd, **{key: torch.zeros(sd[key].shape[0], 3)})
+    save_file(bad, tmp_path / "rank.safetensors")
+    with pytest.raises(sf.ConversionError, match="ranks differ"):
+        sf.load(path, loras=[tmp_path / "rank.safetensors"])
+    bad = dict(sd, **{key: torch.zeros(sd[key].shape[0] + 1, 4)})
+    save_file(bad, tmp_path / "shape.safetensors")
+    with pytest.raises(sf.ConversionError, match="does not fit"):
+        sf.load(path, loras=[tmp_path / "shape.safetensors"])
+    with pytest.raises(sf.ConversionError, match="not finite"):
+        sf.load(path, loras=[(good, float("nan"))])
+    assert not (tmp_path / "o1").exists()
+
+
+def test_sd3_transformer_lora(tmp_path):
+    from conftest import make_sd3, sd3_inputs, torch_velocity, VARIANTS
+
+    ref = make_sd3(tmp_path / "sd3", "sd35_medium", seed=4)
+    lora = make_peft_lora(ref, ["to_q", "to_k", "to_v", "add_k_proj", "proj"], tmp_path / "sd3.safetensors",
+                          "transformer")
+    import copy
+
+    fused = copy.deepcopy(ref)
+    pipe = diffusers.StableDiffusion3Pipeline
+    sd, meta = pipe.lora_state_dict(str(lora), return_lora_metadata=True)
+    pipe.load_lora_into_transformer(sd, transformer=fused, metadata=meta)
+    fused.fuse_lora(lora_scale=SCALE)
+    x, t, cond = sd3_inputs(VARIANTS["sd35_medium"], 2, 8, 8)
+    got = sf.load(tmp_path / "sd3", loras=[(lora, SCALE)]).velocity(x, t, cond)
+    assert _rel(got, torch_velocity(fused, x, t, cond)) <= 1e-4
+
+
+def test_t5_lora(tmp_path):
+    from test_t5 import T5_A, make_t5, padded_ids
+
+    ref = make_t5(tmp_path / "t5", T5_A, seed=5)
+    lora = make_peft_lora(ref, ["q", "v", "wi_0", "wo"], tmp_path / "t5.safetensors", "text_encoder_2")
+    fused = _peft_merged(ref, lora, "text_encoder_2", SCALE)
+    ids = padded_ids(24)
+    with torch.no_grad():
+        want = fused(torch.from_numpy(ids)).last_hidden_state.numpy()
+    got = sf.load(tmp_path / "t5", loras=[(lora, SCALE)], component="text_encoder_2")
+    assert _rel(got.module(ids)["last_hidden_state"], want) <= 1e-4
