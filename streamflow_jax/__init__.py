@@ -17,6 +17,7 @@ from streamflow_jax.checkpoint import convert, load, save
 from streamflow_jax.errors import ConversionError, ExportError, RequestError, ShapeError
 from streamflow_jax.models import FlowModel
 from streamflow_jax.pipelines import Pipeline
+from streamflow_jax.sharding import make_mesh, shard
 from streamflow_jax.sampling import euler_step, guided_velocity
 from streamflow_jax.stream import StreamEngine
 
@@ -36,7 +37,9 @@ __all__ = [
     "euler_step",
     "guided_velocity",
     "load",
+    "make_mesh",
     "sample",
     "save",
     "schedules",
+    "shard",
 ]

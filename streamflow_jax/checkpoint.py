@@ -40,6 +40,7 @@ from streamflow_jax.fsutil import atomic_dir
 from streamflow_jax.converters.lora import KOHYA_PREFIXES, lora_deltas, read_lora_file
 from streamflow_jax.lora import apply_loras, merged_deltas, parse_loras
 from streamflow_jax.models import FAMILIES, FlowModel, abstract_module, family_of, flat_params
+from streamflow_jax.sharding import placement, shard
 
 PARAMS_DIR = "params"
 PARTS_INDEX = "parts.json"
@@ -300,8 +301,8 @@ def _component_dir(path: Path, component: str | None) -> Path:
     return path
 
 
-def _restore(params_dir: Path, shapes: dict, placement: Callable) -> dict[str, jax.Array]:
-    """Restores every parameter straight into an array placed by ``placement(name, abstract)``."""
+def _restore(params_dir: Path, shapes: dict, place: Callable) -> dict[str, jax.Array]:
+    """Restores every parameter straight into an array placed by ``place(name, abstract)``."""
     index_file = params_dir / PARTS_INDEX
     with ocp.StandardCheckpointer() as ckpt:
         if not index_file.is_file():  # format 1 (converter version 1): one item, restored on the host
@@ -309,7 +310,7 @@ def _restore(params_dir: Path, shapes: dict, placement: Callable) -> dict[str, j
             if set(flat) != set(shapes):
                 odd = sorted(set(flat) ^ set(shapes))[:5]
                 raise ConversionError(f"{params_dir}: parameters do not match the model (differing keys {odd})")
-            return {n: jax.device_put(a, placement(n, a)) for n, a in flat.items()}
+            return {n: jax.device_put(a, place(n, a)) for n, a in flat.items()}
         index = json.loads(index_file.read_text())
         listed = {n: part for part, names in index["parts"].items() for n in names}
         if set(listed) != set(shapes):
@@ -320,14 +321,15 @@ def _restore(params_dir: Path, shapes: dict, placement: Callable) -> dict[str, j
             targets = {}
             for n in names:
                 abstract = jax.ShapeDtypeStruct(shapes[n].shape, np.dtype(index["dtypes"][n]))
-                targets[n] = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=placement(n, abstract))
+                targets[n] = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=place(n, abstract))
             out.update(ckpt.restore(params_dir / part, targets))
         return out
 
 
 def load(path, dtype=None, *, component: str | None = None, progress: bool = False,
          config: dict | None = None, sharding: Callable[[str, jax.ShapeDtypeStruct], object] | None = None,
-         variant: str | None = None, delta=None, delta_variant: str | None = None, loras=None) -> FlowModel:
+         variant: str | None = None, delta=None, delta_variant: str | None = None, loras=None,
+         mesh=None, strategy: str = "fsdp") -> FlowModel:
     """Loads a converted directory, or converts a diffusers directory (or single file) in memory.
 
     Args:
@@ -341,15 +343,19 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         variant, delta, delta_variant: as ``convert``'s, for a diffusers directory.
         loras: LoRA files merged into the loaded model (``file``, ``(file, scale)`` or
             ``"file:scale"``); the file's keys for ``component`` (default: the model's kind).
+        mesh, strategy: place the weights on a ``("data", "model")`` mesh (``sharding.make_mesh``)
+            by ``"replicate"``, ``"fsdp"`` or ``"tensor"``: a converted directory is restored
+            straight into each weight's shards, never whole on one device or the host.
     """
     model = _load(path, dtype, component=component, progress=progress, config=config, sharding=sharding,
-                  variant=variant, delta=delta, delta_variant=delta_variant)
+                  variant=variant, delta=delta, delta_variant=delta_variant, mesh=mesh, strategy=strategy)
     if loras:
         model = apply_loras(model, loras, component=component)
     return model
 
 
-def _load(path, dtype, *, component, progress, config, sharding, variant, delta, delta_variant) -> FlowModel:
+def _load(path, dtype, *, component, progress, config, sharding, variant, delta, delta_variant, mesh,
+          strategy) -> FlowModel:
     path = _component_dir(Path(path), component)
     cfg_path = path / "config.json"
     raw = None
@@ -360,7 +366,8 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
             raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from None
     if not (isinstance(raw, dict) and META_KEY in raw):
         p, _ = plan_source(path, config=config, variant=variant, delta=delta, delta_variant=delta_variant)
-        return p.model(resolve_dtype(dtype), progress)
+        model = p.model(resolve_dtype(dtype), progress)
+        return shard(model, mesh, strategy) if mesh is not None else model
     if variant is not None or delta is not None:
         raise ConversionError(f"{path}: already converted; variant and delta apply to diffusers directories")
 
@@ -378,9 +385,11 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
     if not params_dir.is_dir():
         raise ConversionError(f"{params_dir}: missing (incomplete converted checkpoint)")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    placement = sharding or (lambda name, abstract: device)
+    if sharding is None and mesh is not None:
+        sharding = placement(mesh, strategy, fam.logical_axes)
+    place = sharding or (lambda name, abstract: device)
     try:
-        flat = _restore(params_dir, shapes, placement)
+        flat = _restore(params_dir, shapes, place)
     except ConversionError:
         raise
     except Exception as e:  # orbax raises many types; name the directory and pass the reason on

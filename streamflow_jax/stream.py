@@ -42,6 +42,7 @@ from streamflow_jax import sampling, schedules
 from streamflow_jax.backends import check_backend, runner_for
 from streamflow_jax.errors import RequestError
 from streamflow_jax.models import FlowModel, decode_latents
+from streamflow_jax.sharding import shard_batch
 
 __all__ = ["DeviceBuffers", "Request", "RequestError", "RequestValidator", "SlotScheduler", "StreamEngine"]
 
@@ -172,17 +173,18 @@ class TickPlan:
     done_index: np.ndarray | None  # [d] int32 the finishing slots, padded to a power of two
 
 
-def bucket(n: int, limit: int, smallest: int = 1) -> int:
-    """Batches are padded to a power of two (at least ``smallest``, at most ``limit``): few
-    compiled variants."""
-    return min(max(1 << max(n - 1, 0).bit_length(), smallest), limit)
+def bucket(n: int, limit: int, smallest: int = 1, multiple: int = 1) -> int:
+    """Batches are padded to a power of two (at least ``smallest``, at most ``limit``; rounded
+    up to a ``multiple``, a mesh's data axis): few compiled variants."""
+    b = min(max(1 << max(n - 1, 0).bit_length(), smallest), limit)
+    return min(-(-b // multiple) * multiple, limit)
 
 
 class SlotScheduler:
     """Which slot holds which request at which step; plans ticks and retires finished requests."""
 
-    def __init__(self, num_slots: int, admit_per_tick: int, min_batch: int | None = None):
-        self.num_slots, self.admit_per_tick = num_slots, admit_per_tick
+    def __init__(self, num_slots: int, admit_per_tick: int, min_batch: int | None = None, multiple: int = 1):
+        self.num_slots, self.admit_per_tick, self.multiple = num_slots, admit_per_tick, multiple
         # by default at most three active-batch sizes (N/4, N/2, N as powers of two): under-filled
         # engines skip idle slots without compiling a program per occupancy
         self.smallest = max(1, -(-num_slots // 4)) if min_batch is None else min(max(1, int(min_batch)), num_slots)
@@ -206,7 +208,7 @@ class SlotScheduler:
         occupied = [i for i, r in enumerate(self.requests) if r is not None]
         if not occupied:
             return None
-        b = bucket(len(occupied), self.num_slots, self.smallest)
+        b = bucket(len(occupied), self.num_slots, self.smallest, self.multiple)
         active = np.full(b, self.num_slots, np.int32)
         t = np.full(b, PAD_TIME, np.float32)
         t_next = np.full(b, PAD_TIME, np.float32)
@@ -291,7 +293,7 @@ class DeviceBuffers:
     """
 
     def __init__(self, num_slots: int, latent_shape: tuple[int, ...], cond_shapes: dict[str, tuple[int, ...]],
-                 guided: bool, admit_rows: int):
+                 guided: bool, admit_rows: int, mesh=None):
         self.num_slots, self.latent_shape, self.cond_shapes = num_slots, latent_shape, cond_shapes
         self.admit_rows = admit_rows
         zeros = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
@@ -300,6 +302,8 @@ class DeviceBuffers:
         if guided:
             self.state["uncond"] = {k: zeros(num_slots, *s) for k, s in cond_shapes.items()}
             self.state["guidance"] = zeros(num_slots)  # [N]
+        if mesh is not None:  # the slots over the mesh's data axis: one tick is one SPMD program
+            self.state = shard_batch(self.state, mesh)
         self._no_noise = np.zeros((admit_rows, *latent_shape), np.float32)
 
     def admission(self, admissions: list[tuple[int, Request]]) -> dict | None:
@@ -376,12 +380,15 @@ class StreamEngine:
         min_batch: the smallest batch a step computes: occupied slots are padded to a power of
             two of at least this (default a quarter of the slots), each size one compiled
             program; ``min_batch=slots`` computes every slot every tick with one program.
+        mesh: a ``("data", "model")`` mesh (``sf.make_mesh``): the slots are split over
+            ``data`` (slots and batch sizes multiples of it), the model as it was sharded
+            (``sf.shard``); a tick is one SPMD program over every device.
     """
 
     def __init__(self, model, latent_shape: tuple[int, int, int], cond_shapes: dict[str, tuple[int, ...]], *,
                  slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
                  decoder=None, postprocess: Callable | None = None, backend: str = "xla",
-                 admit_per_tick: int | None = None, min_batch: int | None = None):
+                 admit_per_tick: int | None = None, min_batch: int | None = None, mesh=None):
         check_backend(backend)
         if slots_per_stream < 1 or streams < 1:
             raise ValueError("slots_per_stream and streams must be >= 1")
@@ -394,8 +401,11 @@ class StreamEngine:
         if not 1 <= admit <= self.num_slots:
             raise ValueError(f"admit_per_tick must be in [1, {self.num_slots}], got {admit}")
         self.validate = RequestValidator(self.latent_shape, self.cond_shapes, self.guided)
-        self.scheduler = SlotScheduler(self.num_slots, admit, min_batch)
-        self.buffers = DeviceBuffers(self.num_slots, self.latent_shape, self.cond_shapes, self.guided, admit)
+        data = mesh.shape["data"] if mesh is not None else 1
+        if self.num_slots % data:
+            raise ValueError(f"{self.num_slots} slots do not split over the mesh's {data} data devices")
+        self.scheduler = SlotScheduler(self.num_slots, admit, min_batch, multiple=data)
+        self.buffers = DeviceBuffers(self.num_slots, self.latent_shape, self.cond_shapes, self.guided, admit, mesh)
         self._ids = itertools.count()
         self._in_flight: collections.deque[tuple[list[int], jax.Array]] = collections.deque()
         self.results: dict[int, Any] = {}

@@ -8,6 +8,7 @@ collects them. Converters, export specs, runners, pipelines and the CLI read onl
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -94,6 +95,41 @@ class KeyMap:
     layouts: tuple[CheckpointLayout, ...] = ()
 
 
+# Logical axes of weights (for sharding): module names (the last part of a weight's path, before kernel/bias) by role
+_QKV = re.compile(r"(^|\.)(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|q_proj|k_proj|v_proj|q|k|v)$")
+_ATTN_OUT = re.compile(r"(^|\.)(to_out\.0|to_add_out|out_proj|o)$")
+_MLP_IN = re.compile(r"(^|\.)(net\.0\.proj|fc1|wi_0|wi_1|proj_mlp)$")
+_MLP_OUT = re.compile(r"(^|\.)(net\.2|fc2|wo)$|single_transformer_blocks\.\d+\.proj_out$")
+
+
+def standard_logical_axes(path: str, shape: tuple[int, ...]) -> tuple[str | None, ...]:
+    """The logical axes of a weight, from its module's role in diffusers/transformers naming.
+
+    Linear kernels are ``[in, out]``, conv kernels ``[kh, kw, in, out]``, embeddings
+    ``[vocab, D]``; vectors (biases, norm scales) get no name (replicated).
+    """
+    module, _, leaf = path.rpartition(".")
+    if len(shape) <= 1:
+        return (None,) * len(shape)
+    if leaf == "kernel" and len(shape) == 2:
+        if _QKV.search(module):
+            return ("embed", "heads")
+        if _ATTN_OUT.search(module):
+            return ("heads", "embed")
+        if _MLP_IN.search(module):
+            return ("embed", "mlp")
+        if _MLP_OUT.search(module):
+            return ("mlp", "embed")
+        return (None, "out")
+    if leaf == "kernel" and len(shape) == 4:
+        return (None, None, None, "out")
+    if len(shape) == 2:  # embedding tables [vocab, D], relative-position tables [buckets, heads]
+        return ("vocab", "out")
+    return (None,) * (len(shape) - 1) + ("out",)
+
+
+
+
 def _none(config) -> None:
     return None
 
@@ -122,8 +158,8 @@ class Family:
         dynamic_spatial: exported graphs can take symbolic ``H`` and ``W``.
         scale_factor: decoders: image pixels per latent pixel.
         image_channels: decoders: channels of the decoded image.
-        logical_axes: ``(param_path, shape) -> logical axis names`` for sharding (None: not
-            declared yet; every weight replicated).
+        logical_axes: ``(param_path, shape) -> logical axis names`` of its weights, for
+            sharding (``heads``, ``mlp``, ``out``, ``embed``, ``vocab``, or None).
     """
 
     name: str
@@ -141,7 +177,7 @@ class Family:
     dynamic_spatial: bool = True
     scale_factor: Callable[[Any], int] = lambda config: 1
     image_channels: Callable[[Any], int | None] = _none
-    logical_axes: Callable[[str, tuple[int, ...]], tuple[str | None, ...]] | None = None
+    logical_axes: Callable[[str, tuple[int, ...]], tuple[str | None, ...]] = standard_logical_axes
 
     def __post_init__(self):
         if self.kind not in KINDS:

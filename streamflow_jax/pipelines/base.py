@@ -20,6 +20,7 @@ from PIL import Image
 from streamflow_jax import backends, schedules
 from streamflow_jax.errors import ConversionError, RequestError
 from streamflow_jax.models import decode_latents, encode_latents
+from streamflow_jax.sharding import shard_batch
 from streamflow_jax.stream import StreamEngine
 
 DEFAULT_STRENGTH = 0.6  # diffusers' img2img default
@@ -201,6 +202,7 @@ class PromptPipeline(Pipeline):
     model: Any
     decoder: Any
     text_len: int
+    mesh: Any = None  # set by load(mesh=...): batches are split over its data axis
 
     # -- what a family's pipeline provides -----------------------------------------------------
 
@@ -337,6 +339,8 @@ class PromptPipeline(Pipeline):
         if x0 is not None:
             x, grid = img2img_start(self.model, x0, x, grid, strength)
         cond, uncond, cfg = self.conditioning(prompts, guidance_scale, negative_prompt, max_sequence_length)
+        if self.mesh is not None:  # the batch over the mesh's data axis (where it divides)
+            x, cond, uncond = shard_batch((x, cond, uncond), self.mesh)
         latents = backends.sample(self.model, x, grid, cond, guidance_scale=cfg, uncond=uncond, backend=backend)
         return self.output(latents, output_type)
 
@@ -367,7 +371,7 @@ class PromptStream:
         self.engine = StreamEngine(pipe.model, self.latent_shape, pipe.cond_shapes(),
                                    slots_per_stream=slots_per_stream, streams=streams, guidance=self.guided,
                                    decoder=None if output_type == "latent" else pipe.decoder, postprocess=post,
-                                   backend=backend)
+                                   backend=backend, mesh=pipe.mesh)
 
     def submit(self, prompt: str, *, steps: int | None = None, seed: int = 0, noise=None,
                guidance_scale: float | None = None, negative_prompt: str = "", image=None,

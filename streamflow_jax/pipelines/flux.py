@@ -72,7 +72,8 @@ class FluxPipeline(PromptPipeline):
         self.text_len = int(max_sequence_length or (512 if self.embedded_guidance else 256))
 
     @classmethod
-    def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int | None = None) -> FluxPipeline:
+    def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int | None = None, mesh=None,
+             strategy: str = "fsdp") -> FluxPipeline:
         """A diffusers Flux pipeline directory (or one converted by ``sf.convert``): ``transformer/``,
         ``text_encoder/`` (CLIP-L), ``tokenizer/``, ``text_encoder_2/`` (T5), ``tokenizer_2/``,
         ``vae/``, ``scheduler/``.
@@ -82,15 +83,20 @@ class FluxPipeline(PromptPipeline):
                 residual stream, see ``models.t5``).
             taesd: a tiny autoencoder directory to decode with instead of the VAE.
             max_sequence_length: T5 tokens (default 512 for dev, 256 for schnell).
+            mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``), T5's
+                included (where single-device memory runs out first); batches split over ``data``.
         """
         path = Path(path)
         scheduler = read_scheduler_config(path)
-        model = load(path, dtype=dtype, component="transformer")
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
+        model = load(path, component="transformer", **opts)
         if model.family.name != "flux":
             raise ConversionError(f"{path / 'transformer'}: {model.class_name} is not a Flux transformer")
-        return cls(model, load(path, dtype=dtype, component="text_encoder"), CLIPTokenizer.from_dir(path / "tokenizer"),
-                   load(path, dtype=dtype, component="text_encoder_2"), path / "tokenizer_2",
-                   load_decoder(path, taesd, dtype), scheduler, max_sequence_length=max_sequence_length)
+        pipe = cls(model, load(path, component="text_encoder", **opts), CLIPTokenizer.from_dir(path / "tokenizer"),
+                   load(path, component="text_encoder_2", **opts), path / "tokenizer_2",
+                   load_decoder(path, taesd, **opts), scheduler, max_sequence_length=max_sequence_length)
+        pipe.mesh = mesh
+        return pipe
 
     def t5_tokenizer(self, max_length: int) -> T5Tokenizer:
         """The T5 tokenizer for ``max_length`` tokens (one per length, made once)."""

@@ -19,9 +19,9 @@ from streamflow_jax.pipelines.base import PromptPipeline, clip_last_hidden_state
 from streamflow_jax.tokenizer import CLIPTokenizer
 
 
-def load_decoder(path: Path, taesd, dtype):
-    """The pipeline's ``vae/``, or a TAESD directory given instead."""
-    decoder = load(taesd, dtype=dtype) if taesd is not None else load(path, dtype=dtype, component="vae")
+def load_decoder(path: Path, taesd, **opts):
+    """The pipeline's ``vae/``, or a TAESD directory given instead (``opts``: ``load``'s)."""
+    decoder = load(taesd, **opts) if taesd is not None else load(path, component="vae", **opts)
     if decoder.family.kind != "decoder":
         raise ConversionError(f"{taesd or path / 'vae'}: {decoder.class_name} is not a VAE/TAESD")
     return decoder
@@ -47,7 +47,7 @@ class PeRFlowPipeline(PromptPipeline):
 
     @classmethod
     def load(cls, path, *, taesd=None, dtype=None, prediction_type: str | None = None,
-             num_time_windows: int | None = None) -> PeRFlowPipeline:
+             num_time_windows: int | None = None, mesh=None, strategy: str = "fsdp") -> PeRFlowPipeline:
         """A diffusers pipeline directory, or one converted by ``sf.convert``.
 
         Args:
@@ -56,6 +56,8 @@ class PeRFlowPipeline(PromptPipeline):
                 ``diff_eps``, ``ddim_eps`` or ``velocity``; ``num_time_windows`` defaults to 4).
             taesd: a TAESD (``AutoencoderTiny``) directory to decode with instead of the VAE.
             dtype: cast every component's weights.
+            mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``), the
+                text encoder's included; batches then split over its ``data`` axis.
             prediction_type, num_time_windows: override the scheduler config's, as PeRFlow's
                 own instructions do on a directory that ships its base model's scheduler
                 (``PeRFlowScheduler.from_config(config, prediction_type="diff_eps",
@@ -79,10 +81,13 @@ class PeRFlowPipeline(PromptPipeline):
                                      beta_schedule=sched.get("beta_schedule", "scaled_linear"))
         except ValueError as e:
             raise ConversionError(f"{path / 'scheduler' / 'scheduler_config.json'}: {e}") from None
-        unet = load(path, dtype=dtype, component="unet").with_adapter(adapter)
-        text = load(path, dtype=dtype, component="text_encoder")
-        return cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), load_decoder(path, taesd, dtype),
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
+        unet = load(path, component="unet", **opts).with_adapter(adapter)
+        text = load(path, component="text_encoder", **opts)
+        pipe = cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), load_decoder(path, taesd, **opts),
                    num_windows=windows)
+        pipe.mesh = mesh
+        return pipe
 
     def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
         """Prompts -> ``{"encoder_hidden_states": [B, 77, D]}`` (CLIP's last hidden state)."""

@@ -53,7 +53,8 @@ class SD3Pipeline(PromptPipeline):
         self._t5_tokenizers: dict[int, T5Tokenizer] = {}
 
     @classmethod
-    def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int = 256) -> SD3Pipeline:
+    def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int = 256, mesh=None,
+             strategy: str = "fsdp") -> SD3Pipeline:
         """A diffusers SD3/SD3.5 pipeline directory (or one converted by ``sf.convert``):
         ``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP-L), ``text_encoder_2/`` +
         ``tokenizer_2/`` (CLIP-G), optionally ``text_encoder_3/`` + ``tokenizer_3/`` (T5),
@@ -63,22 +64,27 @@ class SD3Pipeline(PromptPipeline):
             dtype: cast every component's weights.
             taesd: a tiny autoencoder directory (16-channel, e.g. TAESD3) instead of the VAE.
             max_sequence_length: T5 tokens (default 256, as diffusers).
+            mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``), the
+                text encoders' included; batches split over ``data``.
         """
         path = Path(path)
         sched = read_scheduler_config(path)
         if sched.get("use_dynamic_shifting"):
             raise ConversionError(f"{path / 'scheduler'}: use_dynamic_shifting=True is not implemented for SD3 "
                                   "(SD3 and SD3.5 ship a static shift)")
-        model = load(path, dtype=dtype, component="transformer")
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
+        model = load(path, component="transformer", **opts)
         if model.family.name != "sd3":
             raise ConversionError(f"{path / 'transformer'}: {model.class_name} is not an SD3 transformer")
-        clip = lambda n: (load(path, dtype=dtype, component=f"text_encoder{n}"),  # noqa: E731
+        clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
                           CLIPTokenizer.from_dir(path / f"tokenizer{n}"))
         t5 = None
         if (path / "text_encoder_3").is_dir():
-            t5 = (load(path, dtype=dtype, component="text_encoder_3"), path / "tokenizer_3")
-        return cls(model, clip(""), clip("_2"), t5, load_decoder(path, taesd, dtype), shift=sched.get("shift", 3.0),
+            t5 = (load(path, component="text_encoder_3", **opts), path / "tokenizer_3")
+        pipe = cls(model, clip(""), clip("_2"), t5, load_decoder(path, taesd, **opts), shift=sched.get("shift", 3.0),
                    max_sequence_length=max_sequence_length)
+        pipe.mesh = mesh
+        return pipe
 
     def model_text_len(self, text_len: int | None = None) -> int:
         return CLIP_TOKENS + super().model_text_len(text_len)

@@ -1,0 +1,142 @@
+"""Weights and batches over many devices with ``jax.sharding``: ``sf.shard(model, mesh, strategy)``.
+
+A mesh has two named axes, ``("data", "model")``: batches (and the stream engine's slots) are
+split over ``data``; weights are placed by a strategy:
+
+- ``"replicate"``: every device holds every weight;
+- ``"fsdp"``: each weight's largest axis that divides by all the mesh's devices is split over
+  all of them (``("data", "model")``); XLA gathers a layer's weights where they are used;
+- ``"tensor"``: Megatron-style over ``model``: attention q/k/v and the first MLP layer by their
+  outputs (heads, hidden units), the attention output and the second MLP layer by their
+  inputs, every other weight matrix (modulation, embedders, projections) by its output
+  features, convolutions by output channels; vectors stay replicated.
+
+The tensor strategy reads the logical axis names each family declares on its weights (its
+``Family.logical_axes``: ``standard_logical_axes`` unless a family says otherwise) through one table,
+``TENSOR_RULES``, mapping logical axes to mesh axes (as maxdiffusion's logical axis rules).
+An axis that does not divide its mesh axis falls back to replication, never an error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from streamflow_jax.models import FlowModel, flat_params
+from streamflow_jax.models.family import standard_logical_axes
+
+STRATEGIES = ("replicate", "fsdp", "tensor")
+MESH_AXES = ("data", "model")
+# logical axis -> mesh axis, for the "tensor" strategy (None: not split)
+TENSOR_RULES = {"heads": "model", "mlp": "model", "out": "model", "embed": None, "vocab": None}
+
+def make_mesh(devices: Sequence | int | None = None, *, data: int | None = None, model: int | None = None) -> Mesh:
+    """A ``("data", "model")`` mesh over ``devices`` (default: all; an int: the first N).
+
+    Args:
+        data, model: the axes' sizes (default: all devices on ``data``, 1 on ``model``; give
+            one and the other is what is left).
+    """
+    if devices is None:
+        devices = jax.devices()
+    elif isinstance(devices, int):
+        if devices > jax.device_count():
+            raise ValueError(f"{devices} devices asked for, {jax.device_count()} present")
+        devices = jax.devices()[:devices]
+    n = len(devices)
+    if data is None and model is None:
+        data, model = n, 1
+    elif data is None:
+        data = n // model
+    elif model is None:
+        model = n // data
+    if data * model != n:
+        raise ValueError(f"mesh {data} x {model} does not cover {n} devices")
+    return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
+
+
+def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh, strategy: str, logical_axes=None) -> PartitionSpec:
+    """Where one weight goes: its ``PartitionSpec`` on ``mesh`` under ``strategy``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if strategy == "replicate" or not shape:
+        return PartitionSpec()
+    if strategy == "fsdp":
+        n = mesh.size
+        for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+            if n > 1 and shape[axis] % n == 0:
+                spec = [None] * len(shape)
+                spec[axis] = MESH_AXES
+                return PartitionSpec(*spec)
+        return PartitionSpec()
+    names = (logical_axes or standard_logical_axes)(path, tuple(shape))
+    spec, used = [], set()
+    for dim, name in zip(shape, names):
+        axis = TENSOR_RULES.get(name) if name else None
+        if axis is None or axis in used or dim % mesh.shape[axis]:
+            spec.append(None)  # replicated along this axis (not split, or does not divide)
+        else:
+            spec.append(axis)
+            used.add(axis)
+    return PartitionSpec(*spec)
+
+
+def weight_shardings(model, mesh: Mesh, strategy: str) -> dict[str, NamedSharding]:
+    """Each parameter's ``NamedSharding`` (parameters by their dotted names)."""
+    flat, _, _ = flat_params(nnx.to_pure_dict(model.state))
+    axes = model.family.logical_axes
+    return {name: NamedSharding(mesh, partition_spec(name, tuple(a.shape), mesh, strategy, axes))
+            for name, a in flat.items()}
+
+
+def shard(model: FlowModel, mesh: Mesh, strategy: str = "fsdp") -> FlowModel:
+    """The same model with its weights placed on ``mesh`` by ``strategy`` (see the module doc).
+
+    The result is a ``FlowModel`` like any other: ``velocity``, ``sf.sample``, the pipelines and
+    the stream engine run it as one SPMD program over the mesh.
+    """
+    flat, treedef, names = flat_params(nnx.to_pure_dict(model.state))
+    shardings = weight_shardings(model, mesh, strategy)
+    leaves = [jax.device_put(flat[n], shardings[n]) for n in names]
+    state = jax.tree_util.tree_map(lambda x: x, model.state)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, leaves))
+    return model._replace(state=state)
+
+
+def placement(mesh: Mesh, strategy: str, logical_axes=None):
+    """``(name, abstract array) -> NamedSharding``: ``checkpoint.load``'s ``sharding`` hook, so
+    that each weight is restored straight into its shards."""
+    def place(name: str, abstract) -> NamedSharding:
+        return NamedSharding(mesh, partition_spec(name, tuple(abstract.shape), mesh, strategy, logical_axes))
+
+    return place
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch: int) -> NamedSharding:
+    """A batch's placement: its leading axis over ``data`` when it divides, else replicated."""
+    data = mesh.shape["data"]
+    spec = PartitionSpec("data", *([None] * (ndim - 1))) if data > 1 and batch % data == 0 else PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+
+def shard_batch(tree, mesh: Mesh):
+    """Places every array of ``tree`` (``[B, ...]``) with its batch over ``data``."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, batch_sharding(mesh, np.ndim(a), np.shape(a)[0] if np.ndim(a) else 1)), tree)
+
+
+def bytes_per_device(model_or_state, mesh: Mesh, strategy: str, logical_axes=None) -> int:
+    """The largest number of weight bytes any device of ``mesh`` holds under ``strategy``
+    (from shapes alone: abstract arrays from ``jax.eval_shape`` will do)."""
+    state = model_or_state.state if isinstance(model_or_state, FlowModel) else model_or_state
+    flat, _, _ = flat_params(nnx.to_pure_dict(state))
+    total = 0
+    for name, a in flat.items():
+        sharding = NamedSharding(mesh, partition_spec(name, tuple(a.shape), mesh, strategy, logical_axes))
+        total += math.prod(sharding.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+    return total
