@@ -56,6 +56,16 @@ def _config_overrides(path: str | None):
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
+def _mesh(args):
+    """``--devices N --strategy S``: tensor parallelism over a (1, N) mesh, the others over (N, 1)."""
+    if not args.devices or args.devices == 1 and args.strategy == "replicate":
+        return None
+    from streamflow_jax.sharding import make_mesh
+
+    n = args.devices
+    return make_mesh(n, data=1, model=n) if args.strategy == "tensor" else make_mesh(n, data=n, model=1)
+
+
 def _cmd_generate(args) -> int:
     prompts = bool(args.prompt) or bool(args.model and not (Path(args.model) / "conditioning.safetensors").is_file())
     if args.steps is not None and args.steps < 1:
@@ -72,7 +82,8 @@ def _cmd_generate(args) -> int:
     if args.per_digit < 1:
         raise ValueError(f"--per-digit must be >= 1, got {args.per_digit}")
     t0 = time.perf_counter()
-    pipe = DigitsPipeline.from_dir(args.model or DIGITS_DIR, dtype=args.dtype)
+    pipe = DigitsPipeline.from_dir(args.model or DIGITS_DIR, dtype=args.dtype, mesh=_mesh(args),
+                                   strategy=args.strategy)
     print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), converted in {time.perf_counter() - t0:.2f} s")
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
     guidance = None if args.guidance <= 0 else args.guidance
@@ -118,7 +129,7 @@ def _generate_prompts(args) -> int:
                         ("num_time_windows", args.windows)):
         if value is not None:
             kwargs[name] = value
-    pipe = Pipeline.from_diffusers(args.model, **kwargs)
+    pipe = Pipeline.from_diffusers(args.model, mesh=_mesh(args), strategy=args.strategy, **kwargs)
     # no --guidance: the pipeline's default (CFG off for PeRFlow, 7.0 SD3, 3.5 Flux-dev); 0: off
     guidance = None if args.guidance is None or args.guidance <= 0 else args.guidance
     t0 = time.perf_counter()
@@ -193,7 +204,8 @@ def _cmd_bench(args) -> int:
 
     path = Path(args.model) if args.model else DIGITS_DIR
     _, text_hint = _model_dir_hints(path) if path.is_dir() else (None, None)
-    model = load(path)
+    mesh = _mesh(args)
+    model = load(path, mesh=mesh, strategy=args.strategy)
     if model.family.kind != "velocity":
         raise ValueError(f"{path}: bench samples a velocity model, got {model.class_name}")
     shape = model.latent_shape(args.latent, args.latent)
@@ -202,6 +214,10 @@ def _cmd_bench(args) -> int:
     cond = {k: rng.standard_normal((args.batch, *s), dtype=np.float32)
             for k, s in model.cond_shapes(args.text_len or text_hint).items()}
     grid = schedules.flow_match(args.steps)
+    if mesh is not None:
+        from streamflow_jax.sharding import shard_batch
+
+        noise, cond = shard_batch((noise, cond), mesh)
     run = lambda: jax.block_until_ready(sample(model, noise, grid, cond, backend=args.backend))  # noqa: E731
     t0 = time.perf_counter()
     run()
@@ -214,8 +230,16 @@ def _cmd_bench(args) -> int:
     mean = sum(times) / len(times)
     print(json.dumps({"model": str(path), "backend": args.backend, "batch": args.batch, "latent": shape[0],
                       "steps": args.steps, "first_call_s": round(first, 4), "sample_s": round(mean, 4),
-                      "images_per_s": round(args.batch / mean, 2), "device": str(jax.devices()[0])}))
+                      "images_per_s": round(args.batch / mean, 2), "device": str(jax.devices()[0]),
+                      "devices": args.devices or 1, "strategy": args.strategy}))
     return 0
+
+
+def _mesh_flags(p) -> None:
+    p.add_argument("--devices", type=int, default=None, help="run on this many devices (a mesh; see --strategy)")
+    p.add_argument("--strategy", choices=("fsdp", "tensor", "replicate"), default="fsdp",
+                   help="with --devices: how weights are split (fsdp and replicate split batches over the devices, "
+                        "tensor splits heads and hidden units)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=16, help="with --stream: slots per stream (default 16)")
     p.add_argument("--streams", type=int, default=1, help="with --stream: streams sharing each call (default 1)")
     p.add_argument("--out", default="digits.png", help="output PNG (default digits.png)")
+    _mesh_flags(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("export", help="export a model's velocity graph to ONNX (and build a TensorRT engine)")
@@ -303,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's sample size)")
     p.add_argument("--text-len", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
+    _mesh_flags(p)
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -17,6 +17,7 @@ from streamflow_jax import backends, schedules
 from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConversionError
 from streamflow_jax.pipelines.base import Pipeline, images_to_array, img2img_start, read_scheduler_config, register
+from streamflow_jax.sharding import shard_batch
 from streamflow_jax.stream import StreamEngine
 
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
@@ -46,25 +47,27 @@ class DigitsPipeline(Pipeline):
         shift: the scheduler's time shift (from ``scheduler/scheduler_config.json``).
     """
 
-    def __init__(self, model, conditioning: dict[str, np.ndarray], shift: float = 1.0):
+    def __init__(self, model, conditioning: dict[str, np.ndarray], shift: float = 1.0, mesh=None):
         self.model = model
         self.conditioning = {k: jnp.asarray(v) for k, v in conditioning.items()}
         self.shift = shift
+        self.mesh = mesh
 
     @classmethod
-    def from_dir(cls, path=DIGITS_DIR, dtype=None) -> DigitsPipeline:
-        """Loads (converting in memory) a digits pipeline directory; the embedded one by default."""
+    def from_dir(cls, path=DIGITS_DIR, dtype=None, *, mesh=None, strategy: str = "fsdp") -> DigitsPipeline:
+        """Loads (converting in memory) a digits pipeline directory; the embedded one by default.
+        With ``mesh``, the weights are placed by ``strategy`` and batches split over ``data``."""
         path = Path(path)
         cond_file = path / "conditioning.safetensors"
         if not cond_file.is_file():
             raise ConversionError(f"{path}: no conditioning.safetensors (not a digits pipeline directory)")
-        model = load(path, dtype=dtype)
+        model = load(path, dtype=dtype, mesh=mesh, strategy=strategy)
         shift = read_scheduler_config(path).get("shift", 1.0) if (path / "scheduler").is_dir() else 1.0
-        return cls(model, load_file(cond_file), shift)
+        return cls(model, load_file(cond_file), shift, mesh)
 
     @classmethod
-    def load(cls, path, dtype=None) -> DigitsPipeline:
-        return cls.from_dir(path, dtype=dtype)
+    def load(cls, path, dtype=None, **kwargs) -> DigitsPipeline:
+        return cls.from_dir(path, dtype=dtype, **kwargs)
 
     def cond(self, labels) -> dict[str, jax.Array]:
         """Conditioning dict for ``[B]`` integer labels (10 = unconditional)."""
@@ -99,7 +102,10 @@ class DigitsPipeline(Pipeline):
         elif strength is not None:
             raise ValueError("strength is for image-to-image: give image too")
         uncond = self.cond(np.full(len(labels), NULL_CLASS)) if guidance_scale is not None else None
-        x = backends.sample(self.model, noise, grid, self.cond(labels), guidance_scale=guidance_scale, uncond=uncond,
+        cond = self.cond(labels)
+        if self.mesh is not None:
+            noise, cond, uncond = shard_batch((noise, cond, uncond), self.mesh)
+        x = backends.sample(self.model, noise, grid, cond, guidance_scale=guidance_scale, uncond=uncond,
                             backend=backend)
         return to_images(x)
 

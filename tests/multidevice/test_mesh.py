@@ -114,3 +114,17 @@ def test_pipeline_with_a_mesh(tmp_path):
     got = pipe(prompts, noise=noise, guidance_scale=2.0, output_type="latent")
     want = sf.Pipeline.from_diffusers(root)(prompts, noise=noise, guidance_scale=2.0, output_type="latent")
     assert _rel(got, want) <= 1e-5
+
+
+def test_cli_devices_and_strategy(tmp_path, capsys):
+    import json
+
+    from streamflow_jax.cli import main as cli
+
+    assert cli(["bench", "--devices", "8", "--strategy", "tensor", "--batch", "8", "--steps", "2",
+                "--repeats", "1"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["devices"] == 8 and row["strategy"] == "tensor"
+    assert cli(["generate", "--devices", "8", "--strategy", "fsdp", "--per-digit", "1", "--steps", "4",
+                "--out", str(tmp_path / "d.png")]) == 0
+    assert "digit accuracy" in capsys.readouterr().out
