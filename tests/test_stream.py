@@ -176,3 +176,31 @@ def test_thousand_mixed_requests_bad_ones_fail_alone(model):
             with pytest.raises(RequestError, match=re.escape(messages[kind])):
                 engine.result(rid)
     assert sum(k == "good" for k in expected.values()) > 500 and len(set(expected.values())) == len(kinds)
+
+
+def test_guided_onnxruntime_engine_with_a_decoder_max_ticks_and_reject(model, tmp_path):
+    """ONNX Runtime behind a guided engine with a (XLA) decoder equals the XLA engine; run stops
+    at max_ticks with requests still pending; reject records an error under its own id."""
+    pytest.importorskip("onnxruntime")
+    import diffusers
+    from conftest import VAES, randomize
+
+    randomize(diffusers.AutoencoderKL(**VAES["sd"]), 0, std=0.1).save_pretrained(tmp_path / "vae")
+    vae = sf.load(tmp_path / "vae")
+    x, conds = _requests(3, seed=9)
+    _, unconds = _requests(3, seed=10)
+    outs = {}
+    for backend in ("xla", "onnxruntime"):
+        engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=2, guidance=True, decoder=vae,
+                              backend=backend)
+        ids = [engine.submit(conds[i], steps=2 + i, noise=x[i], guidance_scale=2.0 + i, uncond=unconds[i])
+               for i in range(3)]
+        rejected = engine.reject("prompt failed to encode")
+        engine.run(max_ticks=2)
+        assert engine.pending > 0 and len(engine.results) < 4  # stopped early
+        engine.run()
+        outs[backend] = np.stack([engine.result(r) for r in ids])
+        with pytest.raises(RequestError, match="prompt failed to encode"):
+            engine.result(rejected)
+    assert outs["xla"].shape == (3, 16, 16, 3)
+    np.testing.assert_allclose(outs["onnxruntime"], outs["xla"], rtol=1e-4, atol=1e-4)
