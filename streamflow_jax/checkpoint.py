@@ -252,10 +252,12 @@ def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast
             _write_plan(p, tmp / name, cast, f"{src.absolute()} ({name})", progress)
             record["converted"][name] = p.class_name
         for name, kind in pipeline_components(pipeline_dir).items():
+            if name in plans:  # written from the single file (a configs-only directory lists it as config-only)
+                continue
             if kind == "config-only":
                 shutil.copytree(pipeline_dir / name, tmp / name)
                 record["copied"].append(name)
-            elif name not in plans:
+            else:
                 record["skipped"][name] = "not in the single file" if not kind.startswith("skip:") else kind[6:]
         shutil.copy(pipeline_dir / "model_index.json", tmp / "model_index.json")
         (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,326 @@
+"""Single-file SD 1.x checkpoints in the original LDM layout (``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.transformer.*``), converted with a diffusers
+pipeline directory's configs.
+
+The LDM file is written here from a tiny random diffusers pipeline with an inverse key map
+written from the published LDM names (``ldm/modules/diffusionmodules/openaimodel.py`` and
+``model.py``), independently of ``streamflow_jax.models.sd_ldm``: the conversion must give back
+exactly the pipeline's parameters, agree with diffusers' own converter, and generate the same
+latents. The tiny UNet has an attention level and one without (down and up), a downsampler
+and an upsampler; the VAE its mid attention (1x1 convs in LDM) and quant convs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import UNETS, make_perflow_pipeline, randomize
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
+from flax import nnx
+from safetensors.torch import load_file, save_file
+
+import streamflow_jax as sf
+from streamflow_jax.cli import main as cli
+from streamflow_jax.converters import plan
+from streamflow_jax.converters.ldm import ldm_pipeline_sources
+from streamflow_jax.models import flat_params
+
+COMPONENTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+              "text_encoder": "model.safetensors"}
+
+# ---------------------------------------------------------------------------------------------
+# diffusers -> LDM, from the published names (the inverse of what is tested)
+# ---------------------------------------------------------------------------------------------
+
+# openaimodel.ResBlock: in_layers (GroupNorm, SiLU, conv), emb_layers (SiLU, linear),
+# out_layers (GroupNorm, SiLU, Dropout, conv), skip_connection
+UNET_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _sub(table, rest):
+    module, leaf = rest.rsplit(".", 1)
+    return f"{table.get(module, module)}.{leaf}"
+
+
+def ldm_unet_key(key: str, cfg: dict) -> str:
+    """A diffusers UNet key -> ``model.diffusion_model.*``: LDM numbers its blocks flat,
+    ``n + 1`` per down level (its resnets, then the downsampler as a block of its own) after
+    ``input_blocks.0`` (conv_in), ``n + 1`` per up level."""
+    n = cfg["layers_per_block"]
+    up_attn = ["CrossAttn" in t for t in cfg["up_block_types"]]
+    module, leaf = key.rsplit(".", 1)
+    if module in UNET_TOP:
+        out = f"{UNET_TOP[module]}.{leaf}"
+    elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        i = 1 + b * (n + 1) + j
+        out = f"input_blocks.{i}.0.{_sub(UNET_RES, rest)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
+    elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        out = f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
+    elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        out = f"middle_block.{2 * int(m[1])}.{_sub(UNET_RES, m[2])}"
+    elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        out = f"middle_block.1.{m[1]}"
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        i = b * (n + 1) + j
+        out = f"output_blocks.{i}.0.{_sub(UNET_RES, rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        b = int(m[1])
+        out = f"output_blocks.{b * (n + 1) + n}.{2 if up_attn[b] else 1}.conv.{m[2]}"
+    else:
+        raise AssertionError(f"no LDM name for UNet key {key}")
+    return "model.diffusion_model." + out
+
+
+def ldm_vae_key(key: str, cfg: dict) -> str:
+    """A diffusers VAE key -> ``first_stage_model.*``; the decoder's ``up.N`` is numbered by
+    resolution (``up.0`` the highest), reversed against diffusers' ``up_blocks``."""
+    levels = len(cfg["block_out_channels"])
+
+    def res(rest):  # model.py's ResnetBlock keeps diffusers' names but for the shortcut
+        return rest.replace("conv_shortcut", "nin_shortcut")
+
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        out = f"encoder.down.{m[1]}.block.{m[2]}.{res(m[3])}"
+    elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
+        out = f"encoder.down.{m[1]}.downsample.{m[2]}"
+    elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        out = f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{res(m[3])}"
+    elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+        out = f"decoder.up.{levels - 1 - int(m[1])}.upsample.{m[2]}"
+    elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        out = f"{m[1]}.mid.block_{int(m[2]) + 1}.{res(m[3])}"
+    elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
+        out = f"{m[1]}.mid.attn_1.{_sub(VAE_ATTN, m[2])}"
+    else:
+        out = key.replace("conv_norm_out", "norm_out")  # conv_in, conv_out, (post_)quant_conv
+    return "first_stage_model." + out
+
+
+def ldm_clip_key(key: str) -> str:
+    """transformers 5 saves CLIPTextModel without ``text_model.``; SD 1.x files have it."""
+    return "cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)
+
+
+NON_WEIGHTS = {  # what LDM files carry beside the weights
+    "betas": torch.linspace(1e-4, 2e-2, 1000),
+    "alphas_cumprod": torch.linspace(1, 0, 1000),
+    "model_ema.decay": torch.tensor(0.9999),
+    "model_ema.num_updates": torch.tensor(123, dtype=torch.int32),
+    "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+    "scale_factor": torch.tensor(0.18215),
+}
+
+
+def ldm_state_dict(pipe, components=COMPONENTS) -> dict[str, torch.Tensor]:
+    """The pipeline's weights in one LDM-layout dict (the VAE's mid attention as 1x1 convs)."""
+    out = {}
+    for name in components:
+        cfg = json.loads((pipe / name / "config.json").read_text())
+        for key, t in load_file(pipe / name / COMPONENTS[name]).items():
+            if name == "unet":
+                out[ldm_unet_key(key, cfg)] = t
+            elif name == "vae":
+                new = ldm_vae_key(key, cfg)
+                conv = re.search(r"attn_1\.(q|k|v|proj_out)\.weight", new)  # LDM: 1x1 convs
+                out[new] = t[:, :, None, None].contiguous() if conv else t
+            else:
+                out[ldm_clip_key(key)] = t
+    return out
+
+
+@pytest.fixture(scope="module")
+def ldm(tmp_path_factory):
+    """(pipeline directory, LDM file, its state dict)."""
+    root = tmp_path_factory.mktemp("ldm")
+    pipe = make_perflow_pipeline(root / "pipe")
+    sd = ldm_state_dict(pipe)
+    assert any(k.endswith("mid.attn_1.q.weight") and v.ndim == 4 for k, v in sd.items())
+    sd.update(NON_WEIGHTS)
+    save_file(sd, root / "sd15.safetensors")
+    return pipe, root / "sd15.safetensors", sd
+
+
+def leaves(model) -> dict[str, np.ndarray]:
+    flat, _, _ = flat_params(nnx.to_pure_dict(model.state))
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) API and CLI: exactly the pipeline directory's parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def test_converts_to_the_pipelines_parameters(ldm, tmp_path, capsys):
+    pipe, file, _ = ldm
+    sf.convert(file, tmp_path / "api", config=pipe, progress=False)
+    assert cli(["convert", str(file), str(tmp_path / "cli"), "--config-from", str(pipe), "-q"]) == 0
+    out = capsys.readouterr().out
+    for line in ("converted unet (UNet2DConditionModel)", "converted vae (AutoencoderKL)",
+                 "converted text_encoder (CLIPTextModel)", "copied    scheduler", "copied    tokenizer"):
+        assert line in out, out
+    for dst in (tmp_path / "api", tmp_path / "cli"):
+        record = json.loads((dst / "conversion.json").read_text())
+        assert record["converted"] == {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL",
+                                       "text_encoder": "CLIPTextModel"}
+        assert sorted(record["copied"]) == ["scheduler", "tokenizer"] and record["skipped"] == {}
+        assert json.loads((dst / "model_index.json").read_text()) == json.loads(
+            (pipe / "model_index.json").read_text())
+        for name in COMPONENTS:
+            want, got = leaves(sf.load(pipe, component=name)), leaves(sf.load(dst, component=name))
+            assert got.keys() == want.keys(), name
+            for k, v in got.items():
+                assert v.dtype == np.float32, k
+                np.testing.assert_array_equal(v, want[k], err_msg=f"{name} {k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) against diffusers' own LDM converters
+# ---------------------------------------------------------------------------------------------
+
+
+def _assert_same(source, want: dict, label: str):
+    got = dict(source.items(source.keys()))
+    assert sorted(got) == sorted(want), (label, sorted(set(got) ^ set(want))[:5])
+    for k, v in got.items():
+        assert v.shape == tuple(want[k].shape) == tuple(source.shape(k)), (label, k)
+        np.testing.assert_array_equal(v, want[k].numpy(), err_msg=f"{label} {k}")
+
+
+def test_matches_diffusers_converters(ldm):
+    pipe, file, sd = ldm
+    sources = ldm_pipeline_sources(file, pipe)
+    assert list(sources) == ["unet", "vae", "text_encoder"]
+    unet_cfg, vae_cfg = (json.loads((pipe / n / "config.json").read_text()) for n in ("unet", "vae"))
+    _assert_same(sources["unet"][1], convert_ldm_unet_checkpoint(sd, unet_cfg), "unet")
+    _assert_same(sources["vae"][1], convert_ldm_vae_checkpoint(sd, vae_cfg), "vae")
+    # diffusers keeps CLIP's position_ids buffer (transformers ignores it on load); we drop it
+    clip = convert_ldm_clip_checkpoint(sd)
+    assert clip.pop("text_model.embeddings.position_ids").shape == (1, 77)
+    _assert_same(sources["text_encoder"][1], clip, "text_encoder")
+
+
+def test_three_level_unet_with_linear_projections(tmp_path):
+    """An SD2-like UNet (3 levels, per-level heads, linear proj_in/out): its middle level has
+    attention *and* an upsampler, which LDM then numbers ``.2.conv``. Only the UNet is in the
+    file (the pipeline's other components are skipped)."""
+    pipe = tmp_path / "pipe"
+    randomize(diffusers.UNet2DConditionModel(**UNETS["sd2"]), 5, std=0.1).save_pretrained(pipe / "unet")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"]}))
+    sd = ldm_state_dict(pipe, {"unet": COMPONENTS["unet"]})
+    # layers_per_block 1: two output blocks per level, the last of each ending with the upsampler
+    assert "model.diffusion_model.output_blocks.3.2.conv.weight" in sd  # up level 1: res, attention, upsampler
+    assert "model.diffusion_model.output_blocks.1.1.conv.weight" in sd  # up level 0: res, upsampler
+    save_file(sd, tmp_path / "unet.safetensors")
+    sources = ldm_pipeline_sources(tmp_path / "unet.safetensors", pipe)
+    assert list(sources) == ["unet"]
+    raw, source = sources["unet"]
+    _assert_same(source, convert_ldm_unet_checkpoint(sd, raw), "unet")
+    _assert_same(source, load_file(pipe / "unet" / COMPONENTS["unet"]), "unet")
+    p = plan(raw, source)
+    assert len(p.targets) == len(source.keys())
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the converted pipeline generates what the diffusers directory does
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generates_the_same_latents(ldm, tmp_path):
+    pipe, file, _ = ldm
+    sf.convert(file, tmp_path / "out", config=pipe, progress=False)
+    noise = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    want = sf.Pipeline.from_diffusers(pipe)("a cat", noise=noise, steps=2, output_type="latent")
+    got = sf.Pipeline.from_diffusers(tmp_path / "out")("a cat", noise=noise, steps=2, output_type="latent")
+    assert np.all(np.isfinite(got)) and np.any(got != noise)
+    np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) bad input: a clear error, nothing written
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_file(tmp_path, sd, name, drop=(), **extra):
+    out = {k: v for k, v in sd.items() if k not in drop}
+    out.update(extra)
+    save_file(out, tmp_path / name)
+    return tmp_path / name
+
+
+def _fails(src, pipe, dst, match, capsys):
+    with pytest.raises(sf.ConversionError, match=match):
+        sf.convert(src, dst, config=pipe, progress=False)
+    assert cli(["convert", str(src), str(dst), "--config-from", str(pipe), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not dst.exists() and list(dst.parent.iterdir()) == []
+
+
+def test_bad_files(ldm, tmp_path, capsys):
+    pipe, _, sd = ldm
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    dst = outs / "out"
+    one = torch.zeros(3)
+    # an LDM name no map knows, inside a component: the planner reports it by its file name
+    extra = "model.diffusion_model.input_blocks.1.0.extra_layers.0.weight"
+    _fails(_bad_file(tmp_path, sd, "extra.safetensors", **{extra: one}), pipe, dst, re.escape(repr(extra)), capsys)
+    # ...and outside every component
+    _fails(_bad_file(tmp_path, sd, "stray.safetensors", some_buffer=one), pipe, dst,
+           r"unexpected tensor\(s\) 'some_buffer' outside the LDM components", capsys)
+    # a missing weight (named as the module's parameter it would fill)
+    _fails(_bad_file(tmp_path, sd, "missing.safetensors", drop={"first_stage_model.decoder.up.0.block.1.conv2.weight"}),
+           pipe, dst, r"missing tensor\(s\) 'decoder\.up_blocks\.1\.resnets\.1\.conv2\.kernel'", capsys)
+    # a mis-shaped one
+    wrong = {"model.diffusion_model.out.2.weight": torch.zeros(4, 32, 1, 1)}
+    _fails(_bad_file(tmp_path, sd, "shape.safetensors", **wrong), pipe, dst, r"tensor 'conv_out\.weight': shape",
+           capsys)
+    # not an LDM file: a diffusers model file
+    _fails(pipe / "unet" / COMPONENTS["unet"], pipe, dst,
+           "not a Stable Diffusion checkpoint in the original LDM layout", capsys)
+    # SD 2.x's OpenCLIP text encoder
+    _fails(_bad_file(tmp_path, sd, "openclip.safetensors", drop={k for k in sd if k.startswith("cond_stage_model.")},
+                     **{"cond_stage_model.model.positional_embedding": torch.zeros(77, 8)}),
+           pipe, dst, r"OpenCLIP text encoder .* not supported", capsys)
+    # a latent scale other than the pipeline VAE's
+    _fails(_bad_file(tmp_path, sd, "scale.safetensors", scale_factor=torch.tensor(0.13025)), pipe, dst,
+           "scale_factor 0.1302.* differs from the pipeline's vae scaling_factor 0.18215", capsys)
+
+
+def test_pipeline_directory_lacking_a_component(ldm, tmp_path, capsys):
+    pipe, file, _ = ldm
+    shutil.copytree(pipe, tmp_path / "novae", ignore=shutil.ignore_patterns("vae"))
+    (tmp_path / "outs").mkdir()
+    _fails(file, tmp_path / "novae", tmp_path / "outs" / "out",
+           r"no vae/config\.json, needed for the first_stage_model\.", capsys)
+
+
+def test_configs_only_pipeline_directory(ldm, tmp_path):
+    """The usual config source of a single file: a pipeline directory with configs and tokenizer
+    but no weights (what ``from_single_file(config=...)`` downloads)."""
+    pipe, file, _ = ldm
+    shutil.copytree(pipe, tmp_path / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+    sf.convert(file, tmp_path / "out", config=tmp_path / "configs", progress=False)
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert sorted(record["converted"]) == sorted(COMPONENTS)
+    assert sorted(record["copied"]) == ["scheduler", "tokenizer"]
+    for name in COMPONENTS:
+        want, got = leaves(sf.load(pipe, component=name)), leaves(sf.load(tmp_path / "out", component=name))
+        assert all(np.array_equal(v, want[k]) for k, v in got.items()) and got.keys() == want.keys()
