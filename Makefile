@@ -16,10 +16,11 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 # torch first and pinned: any other spelling may pull a multi-GB CUDA build.
-# The onnx extra too: the export and ONNX Runtime tests run in CI.
+# The onnx extra too: the export and ONNX Runtime tests run in CI. And TensorRT-RTX (~330 MB):
+# its builder needs no GPU, so CI parses and builds an engine of every exported graph.
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,onnx]"
+	$(BIN)/python -m pip install -q -e ".[test,onnx,tensorrt-rtx]"
 	touch $@
 
 demo: $(VENV)/.runtime

@@ -170,9 +170,11 @@ def _cmd_export(args) -> int:
     from streamflow_jax.export import export_onnx, velocity_spec
 
     if args.backend == "tensorrt":
-        from streamflow_jax.backends.tensorrt import import_tensorrt
+        from streamflow_jax.backends.tensorrt import tensorrt_flavour
 
-        import_tensorrt()  # fail before exporting when TensorRT is missing
+        # fail before exporting when TensorRT is missing or the targets are wrong
+        flavour = tensorrt_flavour(args.tensorrt)
+        targets = flavour.targets(args.compute_capability)
     path = Path(args.model)
     scale_hint, text_hint = _model_dir_hints(path) if path.is_dir() else (None, None)
     model = load(path, progress=not args.quiet)
@@ -183,14 +185,19 @@ def _cmd_export(args) -> int:
     dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
     print(f"exported {model.class_name} {spec.method} -> {exported.onnx_path} ({dims}, {spec.dtype}, opset {args.opset})")
     if args.backend == "tensorrt":
-        from streamflow_jax.backends.tensorrt import TensorRTRunner
+        from streamflow_jax.backends.tensorrt import export_engine, local_gpu
 
-        try:
-            TensorRTRunner(exported, opt_level=args.opt_level)
+        try:  # TensorRT-RTX needs no GPU to build; running is another matter, said below
+            entry = export_engine(exported, flavour=flavour, targets=targets, opt_level=args.opt_level)
         except Exception as e:
             raise ValueError(f"the ONNX export in {exported.path} is complete, but the TensorRT engine was not "
                              f"built: {e}") from None
-        print("TensorRT engine built and cached")
+        print(f"{entry['flavour']} {entry['version']} engine -> {exported.path / entry['engine']} "
+              f"({entry['engine_bytes'] / 2**20:.1f} MiB, compute capability {', '.join(entry['targets'])}, "
+              f"built in {entry['build_seconds']:.1f} s)")
+        reason = flavour.cannot_run(entry["targets"], local_gpu())
+        if reason:
+            print(f"note: it cannot run on this machine: {reason}")
     return 0
 
 
@@ -306,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="converted directory, or a diffusers model/pipeline directory")
     p.add_argument("out", help="export directory (must not exist; written atomically)")
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
-                   help="tensorrt also builds (and caches) the engine")
+                   help="tensorrt also builds the engine, OUT/model.engine (recorded in OUT/export.json)")
     p.add_argument("--batch", default="1:2:8", help="batch min:opt:max, CFG's doubled batch included (default 1:2:8)")
     p.add_argument("--resolution", default=None,
                    help="image side in pixels, min:opt:max (default: the model's sample size)")
@@ -317,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype inside the graph (inputs/outputs stay float32; default: the model's)")
     p.add_argument("--opset", type=int, default=23)
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")
+    p.add_argument("--tensorrt", choices=("tensorrt", "tensorrt_rtx"), default=None,
+                   help="with --backend tensorrt: the TensorRT flavour (default: $STREAMFLOW_JAX_TENSORRT, else "
+                        "tensorrt when installed, else tensorrt_rtx, which builds without a GPU)")
+    p.add_argument("--compute-capability", default=None, metavar="CC[,CC...]",
+                   help="with --tensorrt tensorrt_rtx: GPU compute capabilities the engine runs on, e.g. 8.6,12.0 "
+                        "(default: all TensorRT-RTX offers but Turing's 7.5, which takes float16 graphs only)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_export)
 

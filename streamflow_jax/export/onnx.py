@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from streamflow_jax._version import __version__
 from streamflow_jax.errors import ExportError
+from streamflow_jax.export.clean import clean_graph
 from streamflow_jax.export.spec import ExportSpec
 from streamflow_jax.fsutil import atomic_dir
 from streamflow_jax.models import velocity_of
@@ -101,6 +102,7 @@ def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
     # distinct axes (the arange over H//P and W//P both get one name), which makes ONNX
     # Runtime re-use buffers of the wrong size; ONNX's own shape inference redoes them.
     del proto.graph.value_info[:]
+    clean_graph(proto)  # what TensorRT's parser and builder would warn about; meaning unchanged
     return proto
 
 
