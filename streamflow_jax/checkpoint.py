@@ -29,12 +29,13 @@ from streamflow_jax._version import __version__
 from streamflow_jax.converters import (
     CONVERTER_VERSION,
     ConversionPlan,
+    DeltaSource,
     class_name_of,
     plan,
     plan_source,
     resolve_dtype,
 )
-from streamflow_jax.converters.common import check_model_source, read_json
+from streamflow_jax.converters.common import check_model_source, read_json, weights_file
 from streamflow_jax.errors import ConversionError
 from streamflow_jax.fsutil import atomic_dir
 from streamflow_jax.converters.lora import KOHYA_PREFIXES, lora_deltas, read_lora_file
@@ -166,7 +167,10 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     cast = resolve_dtype(dtype)
     reading = dict(variant=variant, delta=delta, delta_variant=delta_variant)
     if src.is_file() and isinstance(config, str | Path) and (Path(config) / "model_index.json").is_file():
-        return _convert_single_file_pipeline(src, dst, Path(config), cast, progress)
+        if variant is not None:
+            raise ConversionError(f"{src}: variant={variant!r} picks files in a directory; a single file is read as is")
+        return _convert_single_file_pipeline(src, dst, Path(config), cast, progress, delta=delta,
+                                             delta_variant=delta_variant, loras=loras)
     if isinstance(config, str | Path):
         raise ConversionError(f"{config}: config is a dict of fields, or for a single-file pipeline checkpoint a "
                               "diffusers pipeline directory (model_index.json)")
@@ -236,16 +240,25 @@ def _names_component(key: str, component: str) -> bool:
     return key.startswith(f"{component}.") or any(key.startswith(p) for p in KOHYA_PREFIXES.get(component, ()))
 
 
-def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast, progress: bool) -> Path:
+def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast, progress: bool, *,
+                                  delta=None, delta_variant: str | None = None, loras=None) -> Path:
     """A whole pipeline in one file (the original LDM layout of SD 1.x/2.x: ``model.diffusion_model.*``,
     ``first_stage_model.*``, ``cond_stage_model.transformer.*``): each component's tensors are
     mapped to diffusers keys and converted with the configs of ``pipeline_dir`` (as diffusers'
     ``from_single_file(config=...)``), whose configuration-only parts (tokenizer, scheduler,
-    ``model_index.json``) are copied."""
+    ``model_index.json``) are copied. A ``delta`` goes to the UNet, ``loras`` to the components
+    their keys name, as for a pipeline directory."""
     from streamflow_jax.converters.ldm import ldm_pipeline_sources  # read only for single files
 
     sources = ldm_pipeline_sources(src, pipeline_dir)  # {component: (raw config, source)}, all checked
+    if delta is not None:
+        if "unet" not in sources:
+            raise ConversionError(f"{src}: a delta goes to the unet, and this file holds none")
+        raw, base = sources["unet"]
+        sources["unet"] = raw, DeltaSource(base, weights_file(delta, delta_variant), source=f"{src} + delta {delta}")
     plans = {name: plan(raw, source, source=f"{src} ({name})") for name, (raw, source) in sources.items()}
+    if loras:
+        _lora_into_components(plans, loras)
     with atomic_dir(dst) as tmp:
         record = {"converted": {}, "copied": [], "skipped": {}}
         for name, p in plans.items():

@@ -324,3 +324,35 @@ def test_configs_only_pipeline_directory(ldm, tmp_path):
     for name in COMPONENTS:
         want, got = leaves(sf.load(pipe, component=name)), leaves(sf.load(tmp_path / "out", component=name))
         assert all(np.array_equal(v, want[k]) for k, v in got.items()) and got.keys() == want.keys()
+
+
+def test_delta_and_lora_on_a_single_file(ldm, tmp_path, capsys):
+    """``--delta`` (to the UNet) and ``--lora`` (to each component its keys name) on a single file
+    give what they give on the pipeline directory the file was written from."""
+    pipe, file, _ = ldm
+    gen = torch.Generator().manual_seed(3)
+    unet_sd = load_file(pipe / "unet" / COMPONENTS["unet"])
+    (tmp_path / "delta").mkdir()
+    shutil.copy(pipe / "unet" / "config.json", tmp_path / "delta")
+    save_file({k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in unet_sd.items()},
+              tmp_path / "delta" / "diffusion_pytorch_model.v0-1.safetensors")
+    lora = {}
+    text_sd = load_file(pipe / "text_encoder" / COMPONENTS["text_encoder"])
+    for component, sd, suffix in (("unet", unet_sd, "attn2.to_k.weight"), ("text_encoder", text_sd, "q_proj.weight")):
+        key = next(k for k in sorted(sd) if k.endswith(suffix))
+        out, inp = sd[key].shape
+        lora[f"{component}.{key[:-len('.weight')]}.lora_A.weight"] = torch.randn(2, inp, generator=gen)
+        lora[f"{component}.{key[:-len('.weight')]}.lora_B.weight"] = torch.randn(out, 2, generator=gen)
+    save_file(lora, tmp_path / "lora.safetensors")
+    extra = ["--delta", str(tmp_path / "delta"), "--lora", f"{tmp_path / 'lora.safetensors'}:0.5", "-q"]
+    assert cli(["convert", str(file), str(tmp_path / "file"), "--config-from", str(pipe), *extra]) == 0
+    assert cli(["convert", str(pipe), str(tmp_path / "dir"), *extra]) == 0
+    for name in COMPONENTS:
+        want, got = leaves(sf.load(tmp_path / "dir", component=name)), leaves(sf.load(tmp_path / "file", component=name))
+        base = leaves(sf.load(pipe, component=name))
+        changed = any(not np.array_equal(want[k], base[k]) for k in want)
+        assert got.keys() == want.keys() and changed == (name != "vae"), name
+        for k, v in got.items():
+            np.testing.assert_array_equal(v, want[k], err_msg=f"{name} {k}")
+    assert cli(["convert", str(file), str(tmp_path / "v"), "--config-from", str(pipe), "--variant", "fp16", "-q"]) == 1
+    assert "a single file is read as is" in capsys.readouterr().err and not (tmp_path / "v").exists()
