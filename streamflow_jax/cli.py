@@ -130,22 +130,45 @@ def _generate_prompts(args) -> int:
         if value is not None:
             kwargs[name] = value
     pipe = Pipeline.from_diffusers(args.model, mesh=_mesh(args), strategy=args.strategy, **kwargs)
-    # no --guidance: the pipeline's default (CFG off for PeRFlow, 7.0 SD3, 3.5 Flux-dev); 0: off
-    guidance = None if args.guidance is None or args.guidance <= 0 else args.guidance
+    # no --guidance: the pipeline's default (CFG off for PeRFlow, 7.0 SD3, 3.5 Flux-dev); <= 1: CFG off
+    guidance = pipe.default_guidance if args.guidance is None else args.guidance
+    if not pipe.embedded_guidance and guidance is not None and guidance <= 1:
+        guidance = None
     t0 = time.perf_counter()
     image = None
     if args.image:
         with Image.open(args.image) as im:
             image = im.convert("RGB")
             image.load()
-    images = pipe(args.prompt, steps=args.steps, guidance_scale=guidance, seed=args.seed, backend=args.backend,
-                  height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
-                  image=image, strength=args.strength)
+    if args.stream:
+        images = _stream_prompts(pipe, args, guidance, image)
+    else:
+        images = pipe(args.prompt, steps=args.steps, guidance_scale=0.0 if guidance is None else guidance, seed=args.seed, backend=args.backend,
+                      height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+                      image=image, strength=args.strength)
     elapsed = time.perf_counter() - t0
     row = Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
     row.save(args.out)
     print(f"{len(images)} image(s) in {elapsed:.2f} s (first call includes compilation); wrote {args.out}")
     return 0
+
+
+def _stream_prompts(pipe, args, guidance, image) -> list:
+    """``generate --stream`` for a prompt pipeline: one request per prompt through ``PromptStream``,
+    each starting from its row of the batch path's noise, so both paths give the same images."""
+    from streamflow_jax.pipelines import PromptStream
+
+    stream = PromptStream(pipe, slots_per_stream=args.slots, streams=args.streams, guidance=guidance is not None,
+                          height=args.height, width=args.width, backend=args.backend,
+                          max_sequence_length=args.max_sequence_length)
+    noise = np.asarray(pipe.noise(len(args.prompt), stream.latent_shape, args.seed))
+    ids = [stream.submit(prompt, steps=args.steps, noise=row, guidance_scale=guidance, image=image,
+                         strength=args.strength) for prompt, row in zip(args.prompt, noise)]
+    results = stream.run()
+    for i, prompt in zip(ids, args.prompt):
+        if isinstance(results[i], Exception):
+            raise ValueError(f"prompt {prompt!r}: {results[i]}")
+    return [results[i] for i in ids]
 
 
 def _model_dir_hints(path: Path) -> tuple[int | None, int | None]:
@@ -178,6 +201,9 @@ def _cmd_export(args) -> int:
     path = Path(args.model)
     scale_hint, text_hint = _model_dir_hints(path) if path.is_dir() else (None, None)
     model = load(path, progress=not args.quiet)
+    if model.family.kind == "decoder" and args.latent_scale and args.latent_scale != model.scale_factor:
+        raise ValueError(f"--latent-scale {args.latent_scale}: the decoder {path} turns each latent pixel into "
+                         f"{model.scale_factor} x {model.scale_factor} pixels; leave --latent-scale out for a decoder")
     spec = velocity_spec(model, batch=args.batch, resolution=args.resolution,
                          latent_scale=args.latent_scale or scale_hint or 8,
                          text_len=args.text_len or text_hint, dtype=args.dtype)
@@ -290,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 tokens for Flux and SD3 (default: the pipeline's; longer prompts are truncated)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale; 0 turns CFG off (default: 3 digits; for prompts the pipeline's: off PeRFlow, "
-                        "7 SD3, 3.5 Flux-dev, whose scale is a model input)")
+                   help="guidance scale (default: 3 digits; for prompts the pipeline's: off PeRFlow, 7 SD3, 3.5 Flux-dev, "
+                        "whose scale is a model input); CFG is off at 0 for digits, at <= 1 for prompts as in diffusers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-digit", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--image", default=None,

@@ -302,7 +302,8 @@ class PromptPipeline(Pipeline):
             prompts: a string or a non-empty list of strings.
             steps: Euler steps (default: the pipeline's).
             guidance_scale: a scalar or one per prompt; classifier-free guidance against
-                ``negative_prompt``, or the model's guidance input (Flux-dev).
+                ``negative_prompt``, or the model's guidance input (Flux-dev). None: the
+                pipeline's default; a scalar <= 1 turns classifier-free guidance off, as in diffusers.
             negative_prompt: the unconditional prompt of classifier-free guidance (one, or one
                 per prompt).
             seed / noise: the starting latents, ``jax.random.normal(key(seed))`` or ``[B, h, w, C]``.
@@ -322,6 +323,9 @@ class PromptPipeline(Pipeline):
         steps = self.default_steps if steps is None else int(steps)
         if guidance_scale is None:
             guidance_scale = self.default_guidance
+        if not self.embedded_guidance and guidance_scale is not None and np.ndim(guidance_scale) == 0 \
+                and float(guidance_scale) <= 1:
+            guidance_scale = None  # diffusers' rule: CFG only above 1
         x0 = None
         if image is not None:
             x0 = self.encode_image(image, len(prompts))
@@ -358,17 +362,20 @@ class PromptStream:
             instead, whatever this says.
         height, width: image size in pixels (default: the model's).
         output_type: ``"pil"``, ``"np"`` or ``"latent"``, as the pipeline's.
+        max_sequence_length: T5 tokens for every request (Flux, SD3; default: the pipeline's).
     """
 
     def __init__(self, pipe: PromptPipeline, *, slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
                  height: int | None = None, width: int | None = None, backend: str = "xla",
-                 output_type: str = "pil"):
+                 output_type: str = "pil", max_sequence_length: int | None = None):
         check_output_type(output_type)
-        self.pipe, self.output_type = pipe, output_type
+        self.pipe, self.output_type, self.text_len = pipe, output_type, max_sequence_length
+        if max_sequence_length is not None:
+            pipe.encode([""], max_sequence_length)  # refused here, by name, where it does not apply
         self.latent_shape = pipe.latent_shape(height, width)
         self.guided = bool(guidance) and not pipe.embedded_guidance
         post = {"pil": to_uint8, "np": to_float_images, "latent": None}[output_type]
-        self.engine = StreamEngine(pipe.model, self.latent_shape, pipe.cond_shapes(),
+        self.engine = StreamEngine(pipe.model, self.latent_shape, pipe.cond_shapes(max_sequence_length),
                                    slots_per_stream=slots_per_stream, streams=streams, guidance=self.guided,
                                    decoder=None if output_type == "latent" else pipe.decoder, postprocess=post,
                                    backend=backend, mesh=pipe.mesh)
@@ -391,7 +398,7 @@ class PromptStream:
                 if guidance_scale is None:
                     raise RequestError("this stream takes a guidance scale: give guidance_scale")
             cond, uncond, cfg = self.pipe.conditioning([prompt], guidance_scale if takes_scale else None,
-                                                       negative_prompt)
+                                                       negative_prompt, self.text_len)
             init = None
             if image is not None:
                 init = self.pipe.encode_image(image, 1)[0]

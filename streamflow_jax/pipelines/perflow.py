@@ -74,7 +74,7 @@ class PeRFlowPipeline(PromptPipeline):
                 "velocity (InstaFlow). For a PeRFlow UNet shipped with its base model's scheduler, give it: "
                 "Pipeline.from_diffusers(path, prediction_type='diff_eps', num_time_windows=4), or "
                 "generate --prediction-type diff_eps --windows 4")
-        windows = int(num_time_windows or sched.get("num_time_windows", 4))
+        windows = int(num_time_windows if num_time_windows is not None else sched.get("num_time_windows", 4))
         try:
             adapter = PeRFlowAdapter(prediction, windows, beta_start=float(sched.get("beta_start", 0.00085)),
                                      beta_end=float(sched.get("beta_end", 0.012)),
