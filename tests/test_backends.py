@@ -1,0 +1,94 @@
+"""The on-demand export cache behind ``sf.sample(..., backend=...)``: ``runner_for``'s cache
+directory, a cache entry made from another model, and graphs over protobuf's 2 GB (weights in
+``model.onnx.data``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import VARIANTS, make_sd3, sd3_inputs
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("jax2onnx")
+
+import streamflow_jax as sf  # noqa: E402
+from streamflow_jax import backends  # noqa: E402
+from streamflow_jax.export import load_export  # noqa: E402
+
+CFG = VARIANTS["sd3"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny SD3 models of one config, different weights (loaded once: exports are per test)."""
+    root = tmp_path_factory.mktemp("models")
+    make_sd3(root / "a", seed=0)
+    make_sd3(root / "b", seed=1)
+    return sf.load(root / "a"), sf.load(root / "b")
+
+
+def rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+def test_cache_entry_made_from_another_model_is_rebuilt(models, isolated_cache):
+    """A cache entry at this model's path whose export.json says another model made it (intact
+    files, right hashes) is rebuilt, never used: the samples are this model's."""
+    a, b = models
+    x, _, cond = sd3_inputs(CFG, 2, 8, 8, seed=3)
+    grid = sf.schedules.flow_match(2)
+    from_a = np.asarray(sf.sample(a, x, grid, cond, backend="onnxruntime"))
+    (entry_a,) = (isolated_cache / "exports").iterdir()
+    # the entry b would use: its name carries b's fingerprint where a's is
+    entry_b = entry_a.with_name(entry_a.name.replace(a.fingerprint()[:16], b.fingerprint()[:16]))
+    assert entry_b != entry_a
+    shutil.copytree(entry_a, entry_b)
+    assert load_export(entry_b).meta["model_fingerprint"] == a.fingerprint()  # a valid export, of a
+    backends.clear_runners()
+    from_b = np.asarray(sf.sample(b, x, grid, cond, backend="onnxruntime"))
+    assert load_export(entry_b).meta["model_fingerprint"] == b.fingerprint()  # rebuilt
+    want = np.asarray(sf.sample(b, x, grid, cond))
+    assert rel(from_b, want) <= 1e-5  # measured 1.05e-6
+    assert rel(from_a, want) > 0.1  # using a's graph would have shown (measured 0.82)
+
+
+def test_cache_dir_and_weights_outside_a_graph_over_the_protobuf_limit(models, tmp_path, monkeypatch,
+                                                                       isolated_cache):
+    """``runner_for(cache_dir=...)`` exports there (not under the default cache root) and a fresh
+    process finds the export there again; over protobuf's 2 GB (the limit made small here) the
+    weights go to ``model.onnx.data``: recorded and hashed in export.json, loaded and run by ONNX
+    Runtime as the XLA model."""
+    import onnx
+
+    from streamflow_jax.export import onnx as export_onnx_module
+
+    model, _ = models
+    monkeypatch.setattr(export_onnx_module, "_PROTO_LIMIT", 1 << 10)
+    x, t, cond = sd3_inputs(CFG, 3, 8, 8, seed=4)
+    runner = backends.runner_for(model, "onnxruntime", batch=3, height=8, width=8, cond=cond,
+                                 cache_dir=tmp_path / "mine")
+    path = runner.exported.path
+    assert [p.name for p in (tmp_path / "mine" / "exports").iterdir()] == [path.name]
+    assert not (isolated_cache / "exports").exists()
+    meta = json.loads((path / "export.json").read_text())
+    assert meta["files"] == ["model.onnx", "model.onnx.data"]
+    data, graph = (path / "model.onnx.data").stat().st_size, (path / "model.onnx").stat().st_size
+    weights = sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(model.state))
+    assert data > 0.9 * weights and graph < data / 2  # the weights (all but the tiny ones) are outside
+    assert not any(init.HasField("raw_data") and len(init.raw_data) > 1024
+                   for init in onnx.load(path / "model.onnx", load_external_data=False).graph.initializer)
+    assert rel(runner.velocity(x, t, cond), model.velocity(x, t, cond)) <= 5e-5  # measured 6.6e-6
+
+    backends.clear_runners()  # as in a new process: the same entry, no new export
+    again = backends.runner_for(model, "onnxruntime", batch=3, height=8, width=8, cond=cond,
+                                cache_dir=tmp_path / "mine")
+    assert again is not runner and again.exported.path == path
+    assert [p.name for p in (tmp_path / "mine" / "exports").iterdir()] == [path.name]
+
+    (path / "model.onnx.data").write_bytes(b"\0" * data)  # the data file is covered by the hashes
+    with pytest.raises(sf.ExportError, match="corrupt or stale"):
+        load_export(path)

@@ -1,0 +1,167 @@
+"""Converted checkpoints: ``sf.save``, ``sf.load(dtype=...)`` of a converted directory, the ways
+``load`` refuses a damaged one, and what pipeline conversion does with odd components."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import make_sd3
+
+import streamflow_jax as sf
+from streamflow_jax import checkpoint
+from streamflow_jax.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny SD3 model, converted once; tests that damage it work on a copy."""
+    root = tmp_path_factory.mktemp("ckpt")
+    make_sd3(root / "src", seed=5)
+    sf.convert(root / "src", root / "conv", progress=False)
+    return root / "conv"
+
+
+def damaged_copy(converted, tmp_path):
+    dst = tmp_path / "conv"
+    shutil.copytree(converted, dst)
+    return dst
+
+
+def leaves(model):
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(model.state)]
+
+
+def test_save_then_load_is_the_same_model(converted, tmp_path):
+    model = sf.load(converted)
+    out = sf.save(model, tmp_path / "saved", source="test")
+    assert out == (tmp_path / "saved").absolute()
+    again = sf.load(out)
+    assert again.class_name == model.class_name and again.config == model.config
+    assert again.fingerprint() == model.fingerprint()  # every parameter, bit for bit
+    meta = json.loads((out / "config.json").read_text())[checkpoint.META_KEY]
+    assert meta["source"] == "test" and meta["dtype"] == "float32"
+    with pytest.raises(sf.ConversionError, match="already exists"):
+        sf.save(model, out)
+
+
+def test_save_keeps_half_precision(converted, tmp_path):
+    half = sf.load(converted, dtype="bfloat16")
+    sf.save(half, tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())[checkpoint.META_KEY]["dtype"] == "bfloat16"
+    again = sf.load(tmp_path / "bf16")
+    assert again.dtype == jnp.bfloat16 and again.fingerprint() == half.fingerprint()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_load_converted_with_dtype(converted, dtype):
+    """``load(dtype=...)`` of a converted directory: every parameter cast exactly as numpy casts
+    (round to nearest); what that does to the velocity is test_convert's half-precision test."""
+    f32 = sf.load(converted)
+    cast = sf.load(converted, dtype=dtype)
+    assert cast.dtype == jnp.dtype(dtype) and cast.config == f32.config
+    for a, b in zip(leaves(cast), leaves(f32)):
+        assert a.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(a, b.astype(jnp.dtype(dtype)))
+
+
+def test_load_refuses_a_missing_params_dir(converted, tmp_path):
+    conv = damaged_copy(converted, tmp_path)
+    shutil.rmtree(conv / "params")
+    with pytest.raises(sf.ConversionError, match=r"params: missing \(incomplete converted checkpoint\)"):
+        sf.load(conv)
+
+
+def test_load_refuses_parameters_that_do_not_match(converted, tmp_path):
+    conv = damaged_copy(converted, tmp_path)
+    index_file = conv / "params" / "parts.json"
+    index = json.loads(index_file.read_text())
+    names = next(iter(index["parts"].values()))
+    dropped = names.pop(0)
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(sf.ConversionError, match=rf"parameters do not match the model \(differing keys \['{dropped}'\]"):
+        sf.load(conv)
+
+
+def test_load_refuses_bad_config_json(converted, tmp_path):
+    conv = damaged_copy(converted, tmp_path)
+    (conv / "config.json").write_text('{"_class_name": "SD3Transformer2DModel",')
+    with pytest.raises(sf.ConversionError, match=r"config.json: not valid JSON"):
+        sf.load(conv)
+
+
+def test_load_refuses_an_unknown_class(converted, tmp_path):
+    conv = damaged_copy(converted, tmp_path)
+    raw = json.loads((conv / "config.json").read_text())
+    (conv / "config.json").write_text(json.dumps({**raw, "_class_name": "UNet3DConditionModel"}))
+    with pytest.raises(sf.ConversionError, match="UNet3DConditionModel"):
+        sf.load(conv)
+
+
+def test_load_refuses_variant_or_delta_on_a_converted_dir(converted):
+    with pytest.raises(sf.ConversionError, match="already converted"):
+        sf.load(converted, variant="fp16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline directories with odd components
+# ---------------------------------------------------------------------------------------------
+
+
+def odd_pipeline(root):
+    """A supported transformer beside: a .bin-only component, weights without a config, an
+    unsupported class, a scheduler (configuration only) and a large root-level file."""
+    make_sd3(root / "transformer", seed=6)
+    diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, layers_per_block=1,
+                            down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)
+                            ).save_pretrained(root / "vae_bin", safe_serialization=False)  # pickle only
+    (root / "no_config").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, root / "no_config" / "diffusion_pytorch_model.safetensors")
+    make_sd3(root / "unsupported", seed=7)
+    raw = json.loads((root / "unsupported" / "config.json").read_text())
+    (root / "unsupported" / "config.json").write_text(json.dumps({**raw, "_class_name": "UNet3DConditionModel"}))
+    diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    (root / "big.bin").write_bytes(b"\0" * 4096)
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae_bin": ["diffusers", "AutoencoderKL"], "no_config": ["diffusers", "X"],
+        "unsupported": ["diffusers", "UNet3DConditionModel"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "absent": ["diffusers", "Y"]}))
+    return root
+
+
+def test_pipeline_conversion_records_each_odd_component(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "ROOT_FILE_LIMIT", 1024)  # big.bin (4 KiB) is over it
+    src = odd_pipeline(tmp_path / "pipe")
+    assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 0
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert record["converted"] == {"transformer": "SD3Transformer2DModel"}
+    assert record["copied"] == ["scheduler"]
+    assert record["skipped"] == {
+        "absent": "not present",
+        "no_config": "no config.json",
+        "unsupported": "unsupported class UNet3DConditionModel",
+        "vae_bin": "only .bin (pickle) weights; safetensors needed",
+        "big.bin": "root-level file over 0 MiB",
+    }
+    assert (tmp_path / "out" / "model_index.json").is_file() and not (tmp_path / "out" / "big.bin").exists()
+    out = capsys.readouterr().out
+    assert "skipped   vae_bin: only .bin (pickle) weights" in out and "skipped   big.bin: root-level file" in out
+    assert sf.load(tmp_path / "out").class_name == "SD3Transformer2DModel"
+
+
+def test_pipeline_without_a_supported_component(tmp_path, capsys):
+    src = odd_pipeline(tmp_path / "pipe")
+    shutil.rmtree(src / "transformer")
+    assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "no supported component" in err and "only .bin (pickle) weights" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # nothing left behind
