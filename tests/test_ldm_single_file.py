@@ -124,6 +124,8 @@ NON_WEIGHTS = {  # what LDM files carry beside the weights
     "model_ema.num_updates": torch.tensor(123, dtype=torch.int32),
     "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
     "scale_factor": torch.tensor(0.18215),
+    "first_stage_model.loss.logvar": torch.zeros(()),  # LDM autoencoder training checkpoints carry their loss
+    "first_stage_model.loss.perceptual_loss.net.slice1.0.weight": torch.zeros(64, 3, 3, 3),
 }
 
 

@@ -53,6 +53,7 @@ CLIP_BUFFERS = frozenset({"text_model.embeddings.position_ids", "embeddings.posi
 def is_non_weight(key: str) -> bool:
     """Whether a file key is a known LDM buffer that no component reads (full file key)."""
     return (key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX)
+            or key.startswith(VAE_PREFIX + "loss.")  # LDM's autoencoder training loss (LPIPS, discriminator)
             or (key.startswith(CLIP_PREFIX) and key[len(CLIP_PREFIX):] in CLIP_BUFFERS))
 
 
