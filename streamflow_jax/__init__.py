@@ -8,6 +8,7 @@ The public API, re-exported explicitly::
     v = model.velocity(x, t, cond)            # [B,H,W,C], [B], dict -> [B,H,W,C]
     x0 = sf.sample(model, noise, ts, cond)    # ts: [S+1] or [S+1, B]; backend="xla" | ...
     pipe = sf.Pipeline.from_diffusers(path)   # the pipeline class from model_index.json
+    styled = sf.apply_loras(model, ["lora.safetensors:0.8"])  # same structure: nothing recompiles
 """
 
 from streamflow_jax import schedules
@@ -15,6 +16,7 @@ from streamflow_jax._version import __version__
 from streamflow_jax.backends import enable_compilation_cache, sample
 from streamflow_jax.checkpoint import convert, load, save
 from streamflow_jax.errors import ConversionError, ExportError, RequestError, ShapeError
+from streamflow_jax.lora import apply_loras
 from streamflow_jax.models import FlowModel
 from streamflow_jax.pipelines import Pipeline
 from streamflow_jax.sharding import make_mesh, shard
@@ -32,6 +34,7 @@ __all__ = [
     "ShapeError",
     "StreamEngine",
     "__version__",
+    "apply_loras",
     "convert",
     "enable_compilation_cache",
     "euler_step",
