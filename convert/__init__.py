@@ -15,6 +15,7 @@ held twice in memory.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,26 +147,20 @@ class DeltaSource:
             yield key, (w.astype(np.float32) + deltas.pop(key).astype(np.float32)).astype(w.dtype)
 
 
-class LayoutSource:
-    """A single file in a published layout, seen under the diffusers keys its tensors become."""
+class MappedSource:
+    """Tensors of one file seen under other keys, each read whole or transformed on read (rows
+    of a fused tensor, a 1x1 convolution reshaped to a linear weight)."""
 
-    def __init__(self, tensors: TensorSource, layout, prefix: str):
-        self.tensors, self.layout, self.prefix = tensors, layout, prefix
-        self._parts: dict[str, tuple[str, object]] = {}  # diffusers key -> (file key, rows)
-        for file_key in tensors.keys():
-            for key, rows in layout.parts(file_key[len(prefix):], tensors.shape(file_key)):
-                self._parts[key] = (file_key, rows)
+    def __init__(self, tensors: TensorSource, parts: dict[str, tuple[str, tuple[int, ...] | None, object]]):
+        self.tensors = tensors
+        self._parts = parts  # key -> (file key, shape after the transform or None, transform or None)
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return list(self._parts)
 
-    def shape(self, key):
-        file_key, rows = self._parts[key]
-        shape = self.tensors.shape(file_key)
-        if rows is None:
-            return shape
-        n = len(range(*rows.indices(shape[0]))) if isinstance(rows, slice) else len(rows)
-        return (n, *shape[1:])
+    def shape(self, key: str) -> tuple[int, ...]:
+        file_key, shape, _ = self._parts[key]
+        return tuple(self.tensors.shape(file_key)) if shape is None else shape
 
     def items(self, keys):
         wanted: dict[str, list[str]] = {}
@@ -173,8 +168,24 @@ class LayoutSource:
             wanted.setdefault(self._parts[key][0], []).append(key)
         for file_key, array in self.tensors.items(list(wanted)):
             for key in wanted[file_key]:
-                rows = self._parts[key][1]
-                yield key, array if rows is None else array[rows]
+                transform = self._parts[key][2]
+                yield key, array if transform is None else transform(array)
+
+
+class LayoutSource(MappedSource):
+    """A single file in a published layout, seen under the diffusers keys its tensors become."""
+
+    def __init__(self, tensors: TensorSource, layout, prefix: str):
+        parts = {}
+        for file_key in tensors.keys():
+            shape = tuple(tensors.shape(file_key))
+            for key, rows in layout.parts(file_key[len(prefix):], shape):
+                if rows is None:
+                    parts[key] = (file_key, None, None)
+                else:
+                    n = len(range(*rows.indices(shape[0]))) if isinstance(rows, slice) else len(rows)
+                    parts[key] = (file_key, (n, *shape[1:]), operator.itemgetter(rows))
+        super().__init__(tensors, parts)
 
 
 def _single_file_source(path: Path, overrides: dict | None):

@@ -20,6 +20,7 @@ import numpy as np
 from streamflow_jax.errors import ConversionError
 from streamflow_jax.models import sd_ldm
 
+from . import MappedSource
 from .common import CONFIG_NAME, TensorSource, read_json
 
 PREFIXES = {"unet": sd_ldm.UNET_PREFIX, "vae": sd_ldm.VAE_PREFIX, "text_encoder": sd_ldm.CLIP_PREFIX}
@@ -28,28 +29,8 @@ CLASSES = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
 DEFAULT_SCALING = 0.18215  # AutoencoderKL's default scaling_factor
 
 
-class MappedSource:
-    """Tensors of one file seen under other keys, some reshaped (a 1x1 conv read as a linear)."""
-
-    def __init__(self, tensors: TensorSource, parts: dict[str, tuple[str, tuple[int, ...] | None]]):
-        self.tensors = tensors
-        self._parts = parts  # key -> (file key, new shape or None)
-
-    def keys(self) -> list[str]:
-        return list(self._parts)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        file_key, shape = self._parts[key]
-        return shape if shape is not None else tuple(self.tensors.shape(file_key))
-
-    def items(self, keys):
-        wanted: dict[str, list[str]] = {}
-        for key in keys:
-            wanted.setdefault(self._parts[key][0], []).append(key)
-        for file_key, array in self.tensors.items(list(wanted)):
-            for key in wanted[file_key]:
-                shape = self._parts[key][1]
-                yield key, array if shape is None else array.reshape(shape)
+def _drop_1x1(array: np.ndarray) -> np.ndarray:
+    return array[:, :, 0, 0]
 
 
 def _few(keys: list[str], n: int = 5) -> str:
@@ -117,17 +98,17 @@ def ldm_pipeline_sources(file, pipeline_dir) -> dict[str, tuple[dict, MappedSour
         _check_scale_factor(tensors, configs["vae"], file)
     out = {}
     for name, (prefix, key_map) in sd_ldm.component_maps(configs).items():
-        parts: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+        parts: dict[str, tuple[str, tuple[int, ...] | None, object]] = {}
         for k in split[name]:
-            new, shape = key_map(k[len(prefix):]), None
+            new, shape, reshape = key_map(k[len(prefix):]), None, None
             if new is None:  # not an LDM name: kept as is, the planner reports it as unexpected
                 new = k
             elif name == "vae" and sd_ldm.linear_from_conv(new):
                 s = tuple(tensors.shape(k))
                 if len(s) == 4 and s[2:] == (1, 1):  # [C, C, 1, 1] -> [C, C]; anything else: a shape error
-                    shape = s[:2]
+                    shape, reshape = s[:2], _drop_1x1
             if new in parts:
                 raise ConversionError(f"{file}: {parts[new][0]!r} and {k!r} both map to {name} {new!r}")
-            parts[new] = (k, shape)
+            parts[new] = (k, shape, reshape)
         out[name] = (configs[name], MappedSource(tensors, parts))
     return out
