@@ -143,7 +143,8 @@ def _generate_prompts(args) -> int:
     if args.stream:
         images = _stream_prompts(pipe, args, guidance, image)
     else:
-        images = pipe(args.prompt, steps=args.steps, guidance_scale=0.0 if guidance is None else guidance, seed=args.seed, backend=args.backend,
+        images = pipe(args.prompt, steps=args.steps, guidance_scale=0.0 if guidance is None else guidance,
+                      seed=args.seed, backend=args.backend,
                       height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
                       image=image, strength=args.strength)
     elapsed = time.perf_counter() - t0

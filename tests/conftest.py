@@ -174,17 +174,24 @@ def perflow_reference_velocity(prediction, eps, x, t, k=4):
     t_s, t_e = starts[w], ends[w]
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     ac = np.cumprod(1 - betas).astype(np.float32).astype(np.float64)
-    a_s, a_e = ac[int(t_s * 1000) - 1], ac[max(int(t_e * 1000) - 1, 0)]
     if prediction == "velocity":
         return eps
+    c_x, c_eps = perflow_window_end(prediction, t, t_s, t_e, ac)
+    return (c_x * x + c_eps * eps - x) / (t_e - t)
+
+
+def perflow_window_end(prediction, t, t_s, t_e, ac):
+    """PeRFlow's step(): the window end ``x_end = c_x x + c_eps out`` predicted from the model
+    output at ``t`` in the window ``[t_s, t_e]``, with the training alphas ``ac`` (cumulative
+    products, 1000 entries); returns ``(c_x, c_eps)``."""
+    a_s, a_e = ac[int(t_s * 1000) - 1], ac[max(int(t_e * 1000) - 1, 0)]
     if prediction == "diff_eps":
         gamma = np.sqrt(a_s / a_e)
         lam_s, eta_s = 1 / gamma, -np.sqrt(1 - gamma**2) / gamma
-    else:
+    else:  # ddim_eps
         lam_s, eta_s = np.sqrt(a_e / a_s), np.sqrt(1 - a_e) - np.sqrt(a_e / a_s * (1 - a_s))
     denom = lam_s * (t - t_s) + (t_e - t)
-    x_end = lam_s * (t_e - t_s) / denom * x + eta_s * (t_e - t) / denom * eps
-    return (x_end - x) / (t_e - t)
+    return lam_s * (t_e - t_s) / denom, eta_s * (t_e - t) / denom
 
 
 def make_perflow_pipeline(root, scheduler: dict | None = None):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import UNETS, perflow_reference_velocity, randomize
+from conftest import UNETS, perflow_reference_velocity, perflow_window_end, randomize
 
 import streamflow_jax as sf
 from streamflow_jax.models.perflow import PeRFlowAdapter, window_index
@@ -88,14 +88,7 @@ def window_end_coefficients(prediction, t, k=4):
     t_s, t_e = starts[w], ends[w]
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
     ac = torch.cumprod(1.0 - betas, dim=0).double().numpy()
-    a_s, a_e = ac[int(t_s * 1000) - 1], ac[max(int(t_e * 1000) - 1, 0)]
-    if prediction == "diff_eps":
-        gamma = np.sqrt(a_s / a_e)
-        lam_s, eta_s = 1 / gamma, -np.sqrt(1 - gamma**2) / gamma
-    else:  # ddim_eps
-        lam_s, eta_s = np.sqrt(a_e / a_s), np.sqrt(1 - a_e) - np.sqrt(a_e / a_s * (1 - a_s))
-    denom = lam_s * (t - t_s) + (t_e - t)
-    return lam_s * (t_e - t_s) / denom, eta_s * (t_e - t) / denom, t_e
+    return (*perflow_window_end(prediction, t, t_s, t_e, ac), t_e)
 
 
 @pytest.mark.parametrize("prediction", ["diff_eps", "ddim_eps"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from conftest import CLIP, TAESD, UNETS, VAES, randomize, write_tiny_clip_vocab
+from conftest import CLIP, TAESD, UNETS, VAES, perflow_window_end, randomize, write_tiny_clip_vocab
 
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
@@ -144,15 +144,8 @@ def perflow_velocity(prediction, out, x, t, k, ac):
     if prediction == "velocity":
         return out
     t_s, t_e = window_of(t, k)
-    a_s, a_e = ac[int(t_s * 1000) - 1], ac[max(int(t_e * 1000) - 1, 0)]
-    if prediction == "diff_eps":
-        gamma = np.sqrt(a_s / a_e)
-        lam_s, eta_s = 1 / gamma, -np.sqrt(1 - gamma**2) / gamma
-    else:  # ddim_eps
-        lam_s, eta_s = np.sqrt(a_e / a_s), np.sqrt(1 - a_e) - np.sqrt(a_e / a_s * (1 - a_s))
-    denom = lam_s * (t - t_s) + (t_e - t)
-    x_end = lam_s * (t_e - t_s) / denom * x + eta_s * (t_e - t) / denom * out
-    return (x_end - x) / (t_e - t)
+    c_x, c_eps = perflow_window_end(prediction, t, t_s, t_e, ac)
+    return (c_x * x + c_eps * out - x) / (t_e - t)
 
 
 class Reference:
