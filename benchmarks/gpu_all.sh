@@ -6,7 +6,9 @@
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
 #   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
 #   components  UNet / VAE / TAESD per call (components.py)
-# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all four; e.g. `stream sd3` in one
+#   engine   the stream engine's own cost vs batched sf.sample, host time per tick (stream_engine.py)
+#   encode   image-to-image encoding per request vs batched per tick (img2img_encode.py)
+# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all six; e.g. `stream sd3` in one
 # command and `flux` in the next). Each part prints a summary table; JSON lands in $OUT (or
 # benchmarks/results/ when run by hand). Figures go to benchmarks/RESULTS.md.
 # The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime; diffusers
@@ -35,7 +37,7 @@ part() {  # name, seconds, json, command...
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(stream sd3 flux components)
+[ ${#parts[@]} -eq 0 ] && parts=(stream sd3 flux components engine encode)
 for p in "${parts[@]}"; do
   case "$p" in
     # torch.compile of the SD1.5 UNet + TAESD (~2 min) does not fit the seed part's budget: its
@@ -46,6 +48,8 @@ for p in "${parts[@]}"; do
     flux) part flux 200 flux_gpu.json python3 benchmarks/flux_gpu.py --no-compile ;;
     flux-compiled) part flux-compiled 290 flux_gpu_compiled.json python3 benchmarks/flux_gpu.py ;;
     components) part components 150 components_gpu.json python3 benchmarks/components.py --preset gpu ;;
-    *) echo "unknown part $p (stream sd3 flux flux-compiled components)" ;;
+    engine) part engine 120 stream_engine_gpu.json python3 benchmarks/stream_engine.py ;;
+    encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae ;;
+    *) echo "unknown part $p (stream sd3 flux flux-compiled components engine encode)" ;;
   esac
 done

@@ -1,0 +1,104 @@
+"""Compile times on this CPU, and what the persistent compilation cache saves; one run, JSON.
+
+1. ``compile_only``: the velocity call of full-size SD1.5 UNet (with the PeRFlow adapter),
+   SD3-medium and Flux.1-dev configs, lowered and compiled by XLA:CPU on abstract bf16 weights
+   (``jax.ShapeDtypeStruct``: nothing allocated, so the 12B Flux compiles on a 24 GB machine),
+   batch 2, 1024^2 images (512^2 for SD1.5). Lowering and compiling are timed apart.
+2. ``generate_cache``: ``streamflow-jax generate`` (the embedded digits model) run three times in
+   fresh processes against one empty ``$STREAMFLOW_JAX_CACHE``: with the XLA cache off, then
+   twice with it on (the first fills it). Each prints ``first call (compile + run): X s``.
+   Target: the second process's first call <= 0.5x the first process's.
+
+    python benchmarks/compile_cpu.py [--skip-flux] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit, environment  # noqa: E402
+
+
+def compile_only(name: str, class_name: str, config, latent: tuple[int, int, int], adapter=None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from streamflow_jax.models import abstract_module, family_of, velocity_of
+
+    family = family_of(class_name)
+    graphdef, state = nnx.split(abstract_module(family, config))
+    state = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype),
+        state)
+    b = 2
+    x = jax.ShapeDtypeStruct((b, *latent), jnp.float32)
+    t = jax.ShapeDtypeStruct((b,), jnp.float32)
+    shapes = family.conditioning(config, family.text_len(config))
+    cond = {k: jax.ShapeDtypeStruct((b, *s), jnp.float32) for k, s in shapes.items()}
+
+    @jax.jit
+    def call(state, x, t, cond):
+        return velocity_of(nnx.merge(graphdef, state), adapter, x, t, cond)
+
+    t0 = time.perf_counter()
+    lowered = call.lower(state, x, t, cond)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lowered.compile()
+    compile_s = time.perf_counter() - t0
+    params = sum(int(jnp.prod(jnp.array(a.shape))) for a in jax.tree_util.tree_leaves(state))
+    return {"model": name, "params_M": round(params / 1e6, 1), "batch": b, "latent": list(latent),
+            "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2)}
+
+
+FIRST_CALL = re.compile(r"first call \(compile \+ run\): ([0-9.]+) s")
+
+
+def generate_cache() -> dict:
+    runs = []
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+        for label, xla_cache in (("cache off", "0"), ("cache on, first process", "1"),
+                                 ("cache on, second process", "1")):
+            env = {**os.environ, "STREAMFLOW_JAX_CACHE": cache, "STREAMFLOW_JAX_XLA_CACHE": xla_cache}
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "streamflow_jax", "generate", "--out",
+                                   os.path.join(out, "d.png")], env=env, capture_output=True, text=True, check=True)
+            wall = time.perf_counter() - t0
+            m = FIRST_CALL.search(proc.stdout)
+            if not m:
+                raise RuntimeError(f"no first-call line in: {proc.stdout}")
+            runs.append({"run": label, "first_call_s": float(m[1]), "process_wall_s": round(wall, 2)})
+    ratio = runs[2]["first_call_s"] / runs[1]["first_call_s"]
+    return {"runs": runs, "second_over_first": round(ratio, 2), "target": "<= 0.5"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-flux", action="store_true", help="leave out Flux-dev (its compile takes the longest)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from streamflow_jax.models.flux import FluxConfig
+    from streamflow_jax.models.mmdit import SD3Config
+    from streamflow_jax.models.perflow import PeRFlowAdapter
+    from streamflow_jax.models.unet import UNetConfig
+
+    results = [compile_only("SD1.5 UNet + PeRFlow adapter, 512^2", "UNet2DConditionModel", UNetConfig.sd15(),
+                            (64, 64, 4), PeRFlowAdapter("diff_eps")),
+               compile_only("SD3-medium, 1024^2", "SD3Transformer2DModel", SD3Config.sd3_medium(), (128, 128, 16))]
+    if not args.skip_flux:
+        results.append(compile_only("Flux.1-dev, 1024^2", "FluxTransformer2DModel", FluxConfig.dev(), (128, 128, 16)))
+    emit({"benchmark": "compile_cpu", "env": environment(), "compile_only": results,
+          "generate_cache": generate_cache()}, args.out)
+
+
+if __name__ == "__main__":
+    main()
