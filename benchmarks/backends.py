@@ -72,12 +72,16 @@ def main():
                   "uncond": {k: rng.standard_normal(v.shape, dtype=np.float32) for k, v in cond.items()}}
 
     names = ["xla", "onnxruntime"]
-    try:
-        import tensorrt  # noqa: F401
+    from streamflow_jax.backends.tensorrt import TensorRTUnavailable, local_gpu, tensorrt_flavour
 
-        if jax.default_backend() == "gpu":
+    try:  # either flavour ($STREAMFLOW_JAX_TENSORRT chooses), where its engines can run on this GPU
+        flavour = tensorrt_flavour()
+        reason = flavour.cannot_run(flavour.targets(), local_gpu())
+        if reason is None:
             names.append("tensorrt")
-    except ImportError:
+        else:
+            print(f"tensorrt left out: {reason}", file=sys.stderr)
+    except TensorRTUnavailable:
         pass
     rows, ref_out = [], None
     for name in names:

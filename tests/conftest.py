@@ -7,7 +7,9 @@ import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
-os.environ["JAX_PLATFORMS"] = "cpu"  # forced: the suite's tolerances are CPU fp32's
+# forced: the suite's tolerances are CPU fp32's. STREAMFLOW_JAX_TEST_PLATFORMS=cuda,cpu is the
+# explicit way out, for the GPU-only tests (TensorRT engine execution on an RTX card or A100)
+os.environ["JAX_PLATFORMS"] = os.environ.get("STREAMFLOW_JAX_TEST_PLATFORMS", "cpu")
 # nothing under ~/.cache: the process-wide compilation cache goes to a temporary directory (each
 # test's exports and engines get their own, see isolated_cache)
 os.environ["STREAMFLOW_JAX_CACHE"] = tempfile.mkdtemp(prefix="streamflow-jax-tests-")

@@ -41,7 +41,8 @@ RTX = "tensorrt_rtx"
 RTX_CCS = "7.5/8.0/8.6/8.9/12.x"
 EXEC_SKIP = (f"executing needs a GPU that TensorRT-RTX runs on (compute capability {RTX_CCS}) with JAX on it; "
              "this machine has no GPU (and the suite runs JAX on the CPU), and the lent GPU machine is an H100/H200 "
-             "(9.0, not an RTX target) without network to install datacenter TensorRT")
+             "(9.0, not an RTX target) without network to install datacenter TensorRT; on such a GPU run "
+             "STREAMFLOW_JAX_TEST_PLATFORMS=cuda,cpu pytest tests/test_tensorrt.py -k engine_matches")
 
 
 def _digits_dir():
