@@ -209,9 +209,13 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             if f.is_file() and f.stat().st_size <= ROOT_FILE_LIMIT:
                 shutil.copy(f, tmp / f.name)
             elif f.is_file():
-                record["skipped"][f.name] = f"root-level file over {ROOT_FILE_LIMIT >> 20} MiB"
+                record["skipped"][f.name] = f"root-level file over {_size(ROOT_FILE_LIMIT)}"
         (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
     return dst
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
 
 
 def _lora_into_components(plans: dict[str, ConversionPlan], loras) -> None:

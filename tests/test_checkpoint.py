@@ -150,7 +150,7 @@ def test_pipeline_conversion_records_each_odd_component(tmp_path, monkeypatch, c
         "no_config": "no config.json",
         "unsupported": "unsupported class UNet3DConditionModel",
         "vae_bin": "only .bin (pickle) weights; safetensors needed",
-        "big.bin": "root-level file over 0 MiB",
+        "big.bin": "root-level file over 1 KiB",
     }
     assert (tmp_path / "out" / "model_index.json").is_file() and not (tmp_path / "out" / "big.bin").exists()
     out = capsys.readouterr().out
