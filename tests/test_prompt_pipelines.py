@@ -211,6 +211,16 @@ def test_flux_prompt_stream_takes_guidance_as_input(tmp_path):
         alone = pipe(PROMPTS[i], steps=2 + i, guidance_scale=[2.0, 5.0][i], noise=noise[i : i + 1],
                      output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-5, atol=1e-5)
+    # a T5 length of the stream's own: every request encoded at it, as the pipeline does
+    short = PromptStream(pipe, slots_per_stream=2, height=16, width=16, output_type="latent", max_sequence_length=4)
+    assert short.engine.cond_shapes["encoder_hidden_states"][0] == 4
+    rid = short.submit(PROMPTS[1], steps=2, noise=noise[1], guidance_scale=2.0)
+    alone = pipe(PROMPTS[1], steps=2, guidance_scale=2.0, noise=noise[1:], output_type="latent", max_sequence_length=4)
+    default = pipe(PROMPTS[1], steps=2, guidance_scale=2.0, noise=noise[1:], output_type="latent")
+    assert np.abs(alone[0] - default[0]).max() > 1e-4  # the length matters
+    np.testing.assert_allclose(short.run()[rid], alone[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_sequence_length must be >= 1"):
+        PromptStream(pipe, max_sequence_length=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from conftest import CLIP, TAESD, UNETS, VAES, perflow_window_end, randomize, wr
 
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
-from streamflow_jax.pipelines import PeRFlowPipeline
+from streamflow_jax.pipelines import PeRFlowPipeline, PromptStream
 
 PROMPTS = ["a photo of the cat", "string theory!"]
 NEGATIVE = ["the photo", "cat string"]
@@ -354,6 +354,8 @@ def test_pipeline_bad_input(perflow_dir, pipelines, tmp_path):
         pipe("a cat", guidance_scale=2.0, negative_prompt=NEGATIVE)
     with pytest.raises(ValueError, match="max_sequence_length does not apply"):
         pipe("a cat", max_sequence_length=64)
+    with pytest.raises(ValueError, match="max_sequence_length does not apply"):
+        PromptStream(pipe, max_sequence_length=64)
 
     root = copy_of(perflow_dir, tmp_path / "p", {"_class_name": "DDIMScheduler", "prediction_type": "epsilon"})
     with pytest.raises(sf.ConversionError, match="not a rectified flow"):

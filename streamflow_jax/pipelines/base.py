@@ -235,6 +235,8 @@ class PromptPipeline(Pipeline):
     def model_text_len(self, text_len: int | None = None) -> int:
         """The conditioning's text length for an encoder length ``text_len`` (default: the
         pipeline's); SD3 puts 77 CLIP tokens before it."""
+        if text_len is not None and int(text_len) < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {text_len}")
         return self.text_len if text_len is None else int(text_len)
 
     def cond_shapes(self, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
@@ -370,8 +372,6 @@ class PromptStream:
                  output_type: str = "pil", max_sequence_length: int | None = None):
         check_output_type(output_type)
         self.pipe, self.output_type, self.text_len = pipe, output_type, max_sequence_length
-        if max_sequence_length is not None:
-            pipe.encode([""], max_sequence_length)  # refused here, by name, where it does not apply
         self.latent_shape = pipe.latent_shape(height, width)
         self.guided = bool(guidance) and not pipe.embedded_guidance
         post = {"pil": to_uint8, "np": to_float_images, "latent": None}[output_type]

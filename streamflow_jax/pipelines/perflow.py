@@ -89,10 +89,14 @@ class PeRFlowPipeline(PromptPipeline):
         pipe.mesh = mesh
         return pipe
 
-    def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
-        """Prompts -> ``{"encoder_hidden_states": [B, 77, D]}`` (CLIP's last hidden state)."""
+    def model_text_len(self, text_len: int | None = None) -> int:
         if text_len not in (None, self.text_len):
             raise ValueError(f"this pipeline's CLIP text is {self.text_len} tokens; max_sequence_length does not apply")
+        return self.text_len
+
+    def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
+        """Prompts -> ``{"encoder_hidden_states": [B, 77, D]}`` (CLIP's last hidden state)."""
+        self.model_text_len(text_len)  # refuses another length
         return {"encoder_hidden_states": clip_last_hidden_state(self.text_encoder, self.tokenizer(prompts))}
 
     def encode_prompt(self, prompts) -> dict[str, jax.Array]:
