@@ -131,9 +131,7 @@ def _generate_prompts(args) -> int:
             kwargs[name] = value
     pipe = Pipeline.from_diffusers(args.model, mesh=_mesh(args), strategy=args.strategy, **kwargs)
     # no --guidance: the pipeline's default (CFG off for PeRFlow, 7.0 SD3, 3.5 Flux-dev); <= 1: CFG off
-    guidance = pipe.default_guidance if args.guidance is None else args.guidance
-    if not pipe.embedded_guidance and guidance is not None and guidance <= 1:
-        guidance = None
+    guidance = pipe.resolve_guidance(args.guidance)
     t0 = time.perf_counter()
     image = None
     if args.image:
@@ -143,10 +141,9 @@ def _generate_prompts(args) -> int:
     if args.stream:
         images = _stream_prompts(pipe, args, guidance, image)
     else:
-        images = pipe(args.prompt, steps=args.steps, guidance_scale=0.0 if guidance is None else guidance,
-                      seed=args.seed, backend=args.backend,
-                      height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
-                      image=image, strength=args.strength)
+        images = pipe(args.prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                      backend=args.backend, height=args.height, width=args.width,
+                      max_sequence_length=args.max_sequence_length, image=image, strength=args.strength)
     elapsed = time.perf_counter() - t0
     row = Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
     row.save(args.out)

@@ -238,39 +238,10 @@ class SlotScheduler:
 # ---------------------------------------------------------------------------------------------
 
 
-@jax.tree_util.register_pytree_node_class
-class Flattened:
-    """A pytree flattened once (a model, a decoder): passing it to a compiled tick hands jit
-    its list of leaves, instead of walking the model's NNX state in Python on every call
-    (about 0.3 ms per call for a small model, 5% of a digits tick on this CPU)."""
-
-    def __init__(self, leaves, treedef):
-        self.leaves, self.treedef = list(leaves), treedef
-
-    @classmethod
-    def of(cls, tree):
-        return None if tree is None else cls(*jax.tree_util.tree_flatten(tree))
-
-    def get(self):
-        return jax.tree_util.tree_unflatten(self.treedef, self.leaves)
-
-    def tree_flatten(self):
-        return self.leaves, self.treedef
-
-    @classmethod
-    def tree_unflatten(cls, treedef, leaves):
-        return cls(leaves, treedef)
-
-
-def _unwrap(tree):
-    return tree.get() if isinstance(tree, Flattened) else tree
-
-
 def _admit(model, state, admit):
     """Writes the admitted rows (slot index ``num_slots`` = padding, dropped) into the buffers:
     each row's noise (made from its seed, or given), noised from its starting latent by the
     model's forward process where it has one (image-to-image)."""
-    model = _unwrap(model)
     idx = admit["slot"]  # [K]
     shape = state["x"].shape[1:]
     seeded = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), shape, state["x"].dtype))(admit["seed"])
@@ -289,7 +260,6 @@ def _admit(model, state, admit):
 
 def _step(model, state, active, t, t_next):
     """One step of the ``active`` slots (padding rows ``num_slots`` read zeros, write nothing)."""
-    model = _unwrap(model)
     take = lambda buf: buf.at[active].get(mode="fill", fill_value=0)  # noqa: E731  [b, ...]
     guided = state.get("uncond") is not None
     x = sampling.step(model, take(state["x"]), t, t_next, jax.tree_util.tree_map(take, state["cond"]),
@@ -301,7 +271,7 @@ def _step(model, state, active, t, t_next):
 def _outputs(decoder, x, done_index):
     """The finishing slots' latents, decoded when there is a decoder."""
     out = x[done_index]
-    return out if decoder is None else decode_latents(_unwrap(decoder), out)
+    return out if decoder is None else decode_latents(decoder, out)
 
 
 # Module-level, so engines of the same shapes share compiled code; the slot buffers are donated.
@@ -440,10 +410,7 @@ class StreamEngine:
         self._in_flight: collections.deque[tuple[list[int], jax.Array]] = collections.deque()
         self.results: dict[int, Any] = {}
         self.ticks = 0
-        # what the compiled tick takes: flattened once (a runner is called eagerly, as it is)
-        self._velocity_model = Flattened.of(model)
-        self._flow_model = Flattened.of(model) if isinstance(model, FlowModel) else None
-        self._decoder = Flattened.of(decoder)
+        self._velocity_model = model
         if backend != "xla":
             h, w, _ = self.latent_shape
             cond0 = {k: np.zeros((1, *s), np.float32) for k, s in self.cond_shapes.items()}
@@ -502,8 +469,8 @@ class StreamEngine:
         plan = self.scheduler.plan()
         if plan is None:
             return []
-        outputs = self.buffers.tick(self._velocity_model, self._decoder, plan, compiled=self.backend == "xla",
-                                    flow_model=self._flow_model)
+        outputs = self.buffers.tick(self._velocity_model, self.decoder, plan, compiled=self.backend == "xla",
+                                    flow_model=self.model if isinstance(self.model, FlowModel) else None)
         self.ticks += 1
         finished = [req.id for req in self.scheduler.advance(plan)]
         if finished:

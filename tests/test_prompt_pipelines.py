@@ -118,6 +118,11 @@ def test_sd3_pipeline_matches_diffusers(tmp_path, with_t5):
     assert images.shape == want_img.shape == (2, 16, 16, 3)
     assert np.abs(images - want_img).max() <= 2e-6  # measured 1.8e-7
     assert np.abs(_uint8(images).astype(int) - _uint8(want_img).astype(int)).max() <= 2
+    # guidance 1 (and 0) is no CFG in diffusers' SD3 pipeline, not a fall back to the default 7
+    no_cfg = sd3_reference(ref, PROMPTS, noise, 3, 1.0, 12, "latent")
+    assert _rel(no_cfg, want) > 100 * 3e-5
+    for g in (1.0, 0.0):
+        assert _rel(pipe(PROMPTS, steps=3, guidance_scale=g, noise=noise, output_type="latent"), no_cfg) <= 3e-5
 
 
 def test_sd3_converted_pipeline_and_stream(tmp_path):

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamflow_jax.backends import cache_root
-from streamflow_jax.export.onnx import META_NAME, ExportedGraph, file_sha256, load_export
+from streamflow_jax.export.onnx import META_NAME, ExportedGraph, load_export
 from streamflow_jax.export.spec import dim_value
 from streamflow_jax.fsutil import write_atomic
 
@@ -508,8 +508,9 @@ def engine_for(exported: ExportedGraph, *, flavour: str | Flavour | None = None,
     beside = exported.meta.get("tensorrt") or {}
     engine_path = exported.path / ENGINE_NAME
     if beside.get("record") == record and engine_path.is_file():
-        if file_sha256([engine_path]) == beside.get("engine_sha256"):
-            return engine_path.read_bytes(), record, str(engine_path)
+        plan = engine_path.read_bytes()  # read once: hashed and used
+        if hashlib.sha256(plan).hexdigest() == beside.get("engine_sha256"):
+            return plan, record, str(engine_path)
         _LOG.warning("%s: does not match %s (changed since export); using the engine cache", engine_path, META_NAME)
     cache_dir = Path(cache_dir or cache_root())
     cache = EngineCache(cache_dir)

@@ -239,6 +239,16 @@ class PromptPipeline(Pipeline):
             raise ValueError(f"max_sequence_length must be >= 1, got {text_len}")
         return self.text_len if text_len is None else int(text_len)
 
+    def resolve_guidance(self, guidance_scale):
+        """The guidance scale a call runs with: ``None`` gives the pipeline's default; a scalar
+        <= 1 turns classifier-free guidance off (``None``), as diffusers' rule (CFG only above
+        1); a model's own guidance input (Flux-dev) is taken as given."""
+        if guidance_scale is None:
+            return self.default_guidance
+        if not self.embedded_guidance and np.ndim(guidance_scale) == 0 and float(guidance_scale) <= 1:
+            return None
+        return guidance_scale
+
     def cond_shapes(self, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
         """Per-request conditioning shapes (the stream engine's ``cond_shapes``)."""
         return self.model.cond_shapes(self.model_text_len(text_len))
@@ -323,11 +333,7 @@ class PromptPipeline(Pipeline):
         check_output_type(output_type)
         prompts = check_prompts(prompts)
         steps = self.default_steps if steps is None else int(steps)
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance
-        if not self.embedded_guidance and guidance_scale is not None and np.ndim(guidance_scale) == 0 \
-                and float(guidance_scale) <= 1:
-            guidance_scale = None  # diffusers' rule: CFG only above 1
+        guidance_scale = self.resolve_guidance(guidance_scale)
         x0 = None
         if image is not None:
             x0 = self.encode_image(image, len(prompts))
