@@ -14,12 +14,14 @@ Axis letters used in shape comments across the project, each with one meaning:
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+ATTENTION_ENV = "STREAMFLOW_JAX_ATTENTION"
 
 
 def cudnn_head_dim_limit(device) -> int:
@@ -29,6 +31,30 @@ def cudnn_head_dim_limit(device) -> int:
     return 256 if int(cc.split(".")[0]) >= 9 else 128
 
 
+def attention_choice(head_dim: int, setting: str | None = None) -> str:
+    """What ``$STREAMFLOW_JAX_ATTENTION`` (or ``setting``) asks for at ``head_dim``: ``"auto"``,
+    ``"cudnn"`` or ``"xla"``.
+
+    The setting is ``auto`` (unset: the rule in ``attention_implementation``), ``cudnn``, ``xla``,
+    or a per-head-dim list such as ``40=xla,80=cudnn`` (head dims not named stay ``auto``). It
+    is a measurement switch (``benchmarks/levers_gpu.py``), read when a function is traced: a
+    program already compiled keeps the choice it was traced with.
+    """
+    setting = (os.environ.get(ATTENTION_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
+    choices = ("auto", "cudnn", "xla")
+    if "=" not in setting:
+        if setting not in choices:
+            raise ValueError(f"{ATTENTION_ENV}={setting!r}: expected auto, cudnn, xla or HEAD_DIM=IMPL,...")
+        return setting
+    for item in setting.split(","):
+        dim, _, impl = item.partition("=")
+        if not dim.strip().isdigit() or impl.strip() not in choices:
+            raise ValueError(f"{ATTENTION_ENV}={setting!r}: {item!r} is not HEAD_DIM=auto|cudnn|xla")
+        if int(dim) == head_dim:
+            return impl.strip()
+    return "auto"
+
+
 def attention_implementation(q: jax.Array, device=None) -> str:
     """Which ``jax.nn.dot_product_attention`` lowering serves ``q`` on ``device`` (default: the
     first device).
@@ -36,16 +62,16 @@ def attention_implementation(q: jax.Array, device=None) -> str:
     cuDNN's fused attention is several times faster on NVIDIA GPUs but only takes half
     precision and head dims that are multiples of 8 up to its device's limit (SD1.5's head dim
     160 fits an H100, not an A100), so everything else (fp32 parity runs, CPU, odd head sizes)
-    takes the XLA lowering.
+    takes the XLA lowering. ``$STREAMFLOW_JAX_ATTENTION`` overrides the rule per head dim (see
+    ``attention_choice``): ``xla`` always takes XLA's lowering; ``cudnn`` asks cuDNN for any
+    head dim on a GPU in half precision (what cuDNN refuses still falls back to XLA).
     """
     device = device or jax.devices()[0]
     head_dim = q.shape[-1]
-    if (
-        device.platform == "gpu"
-        and q.dtype in _CUDNN_DTYPES
-        and head_dim % 8 == 0
-        and head_dim <= cudnn_head_dim_limit(device)
-    ):
+    choice = attention_choice(head_dim)
+    if choice == "xla" or device.platform != "gpu" or q.dtype not in _CUDNN_DTYPES:
+        return "xla"
+    if choice == "cudnn" or (head_dim % 8 == 0 and head_dim <= cudnn_head_dim_limit(device)):
         return "cudnn"
     return "xla"
 
@@ -89,6 +115,56 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.matmul(probs, vh).transpose(0, 2, 1, 3)
+
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+
+
+def fp8_scale(amax: jax.Array) -> jax.Array:
+    """The per-tensor scale of a tensor whose largest magnitude is ``amax``: the power of two
+    that brings ``amax`` into ``(224, 448]`` (float32 scalar; 1 for an all-zero tensor).
+
+    A power of two, so that dividing by it and multiplying back are exact in every float type
+    (a bfloat16 copy of the scale is the scale itself), and e4m3's relative precision is the
+    same as with ``amax / 448``.
+    """
+    amax = jnp.asarray(amax, jnp.float32)
+    # built from the exponent bits: XLA's exp2 is not exact for every power of two
+    mant, exp = jnp.frexp(jnp.where(amax > 0, amax, FP8_MAX) / FP8_MAX)  # mant in [0.5, 1)
+    exp = jnp.clip(jnp.where(mant == 0.5, exp - 1, exp), -126, 127)
+    return jax.lax.bitcast_convert_type((exp + 127).astype(jnp.int32) << 23, jnp.float32)
+
+
+def quantize_fp8(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x / scale`` rounded to ``float8_e4m3fn`` (saturating at +-448: e4m3fn has no inf)."""
+    y = x / scale.astype(x.dtype)
+    return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array) -> jax.Array:
+    """``x @ (weight * weight_scale).T`` with ``x`` quantized to e4m3 per tensor on the fly.
+
+    Written as XLA's FP8 GEMM pattern (openxla RFC 22, ``GemmRewriter``): both operands are
+    ``convert(f8) * broadcast(scalar scale)`` feeding one ``dot``, which XLA on Hopper and Ada
+    rewrites into one cuBLASLt FP8 GEMM (``__cublas$lt$matmul$f8``) with the scales in its
+    alpha; elsewhere (CPU, older GPUs) the same HLO runs as a dequantized matmul. The weight
+    is ``[out, in]`` (K minor), the layout cuBLASLt's FP8 kernels take, so no transpose runs
+    per call.
+
+    Args:
+        x: ``[..., in]`` activations, any float dtype (the compute dtype).
+        weight: ``[out, in]`` ``float8_e4m3fn``.
+        weight_scale: float scalar.
+
+    Returns:
+        ``[..., out]`` in ``x``'s dtype.
+    """
+    x_scale = fp8_scale(jnp.max(jnp.abs(x)))
+    xq = quantize_fp8(x, x_scale)
+    dequant = lambda q, s: q.astype(x.dtype) * s.astype(x.dtype)  # noqa: E731
+    return jax.lax.dot_general(dequant(xq, x_scale), dequant(weight, weight_scale),
+                               (((x.ndim - 1,), (1,)), ((), ())))
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

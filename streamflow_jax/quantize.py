@@ -1,0 +1,142 @@
+"""FP8 weights for the transformers: ``quantize(model, "fp8")``.
+
+A quantized model is a ``FlowModel`` of the same family whose chosen ``Linear`` layers became
+``Fp8Linear``: the weight is stored as ``float8_e4m3fn`` (``[out, in]``, one byte a parameter)
+with one float32 scale per tensor, and each product quantizes its input per tensor on the fly
+(``ops.fp8_matmul``). On Hopper (and Ada) XLA turns each such product into one cuBLASLt FP8
+GEMM; elsewhere it runs as a dequantized matmul with the same numbers. Everything else
+(attention, norms, convolutions, embedders, the final projection) keeps its dtype.
+
+Why per tensor, with power-of-two scales:
+
+- XLA's FP8 rewrite takes scalar scales only: a per-channel weight scale would leave the
+  product in bf16 (or need an extra pass over the output).
+- It is the scheme deployed FP8 Flux checkpoints use (one scale per weight tensor).
+- A power of two divides and multiplies exactly, so the bf16 copy of a scale is the scale.
+
+Which linears, per family (``RULES``):
+
+- ``sd3``, ``flux``: every linear inside the transformer blocks (attention projections, MLPs,
+  modulation). They hold nearly all of the FLOPs and bytes: 96% of SD3-medium's bf16 weight
+  bytes, 98% of SD3.5-large's, 99.4% of Flux-dev's (whose bytes fall to 0.50x of bf16).
+- ``unet``: the linears of the UNet's transformer blocks (attention and GEGLU MLP), not the
+  convolutions, the time embedding or the ResNets' time projections (28% of SD1.5's weight
+  bytes; its bytes fall to 0.86x); whether FP8 wins there at SD1.5's widths (320-1280) is
+  measured on the GPU (``benchmarks/fp8_gpu.py``).
+- Kept in the compute dtype everywhere: the input embedders (``x_embedder``, ``pos_embed``,
+  ``context_embedder``, the time/text MLPs: under 1% of the work, and they read raw encoder
+  outputs and timestep features with the widest ranges), and the final ``norm_out`` /
+  ``proj_out``, which write the velocity with no later layer to absorb an error, and whose
+  kernel dtype the models read as their compute dtype.
+
+Activations are scaled per tensor, so an element's result depends (slightly) on what shares
+its batch; batch-independent results need per-row scales, which cuBLASLt's FP8 GEMM on
+Hopper does not take.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from streamflow_jax import ops
+from streamflow_jax.models.flow import FlowModel
+from streamflow_jax.models.layers import Linear
+
+MODES = ("fp8",)
+
+# family name -> which linears (by dotted path in the module) are quantized by default
+RULES: dict[str, str] = {
+    "sd3": r"^transformer_blocks\.",
+    "flux": r"^(single_)?transformer_blocks\.",
+    "unet": r"\.transformer_blocks\.",
+}
+
+
+class Fp8Linear(nnx.Module):
+    """``x @ (weight * weight_scale).T + bias`` with e4m3 weights, in ``x``'s dtype.
+
+    Attributes:
+        weight: ``[out, in]`` ``float8_e4m3fn`` (PyTorch's orientation: K minor, as cuBLASLt's
+            FP8 kernels take their second operand).
+        weight_scale: float32 scalar, a power of two.
+        bias: ``[out]`` in the original dtype, or None.
+    """
+
+    def __init__(self, weight: jax.Array, weight_scale: jax.Array, bias: jax.Array | None):
+        self.weight = nnx.Param(weight)
+        self.weight_scale = nnx.Param(weight_scale)
+        self.bias = nnx.Param(bias) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: Linear) -> Fp8Linear:
+        weight, scale = _quantize_kernel(linear.kernel[...])
+        return cls(weight, scale, linear.bias[...] if linear.bias is not None else None)
+
+    def __call__(self, x):  # [..., in] -> [..., out]
+        y = ops.fp8_matmul(x, self.weight[...], self.weight_scale[...])
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+@jax.jit
+def _quantize_kernel(kernel):  # [in, out] -> [out, in] e4m3, scalar float32 scale
+    kernel = kernel.astype(jnp.float32)
+    scale = ops.fp8_scale(jnp.max(jnp.abs(kernel)))
+    return ops.quantize_fp8(kernel.T, scale), scale
+
+
+def _replace(parent, key, new) -> None:
+    if isinstance(parent, nnx.List):
+        parent[int(key)] = new
+    else:
+        setattr(parent, key, new)
+
+
+def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None) -> FlowModel:
+    """The same model with its chosen linear layers' weights in FP8.
+
+    Args:
+        model: a ``FlowModel`` (float32 or bfloat16; the other parameters keep their dtype).
+        mode: ``"fp8"`` (e4m3 weights with a per-tensor scale; activations quantized per
+            tensor when the model runs).
+        include: a regular expression over the dotted module paths (``transformer_blocks.3.
+            attn.to_q``) choosing the linears, instead of the family's rule in ``RULES``
+            (required for families without one).
+
+    Returns:
+        A ``FlowModel`` of the same class, config and adapter: usable by ``sf.sample`` (inside
+        ``jax.jit`` too) and the stream engine.
+
+    Raises:
+        ValueError: an unknown mode, a family without a rule (and no ``include``), or nothing
+            to quantize (for example a model quantized already).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
+    family = model.family.name
+    pattern = include if include is not None else RULES.get(family)
+    if pattern is None:
+        raise ValueError(f"no FP8 rule for the {family} family (rules: {', '.join(sorted(RULES))}); "
+                         "choose the linears with include=REGEX")
+    chosen = re.compile(pattern)
+    module = model.module
+    targets = [(path, node) for path, node in nnx.iter_graph(module)
+               if isinstance(node, Linear) and path and chosen.search(".".join(map(str, path)))]
+    if not targets:
+        raise ValueError(f"no linear layer of this {family} model matches {pattern!r} "
+                         "(is it quantized already?)")
+    for path, linear in targets:
+        parent = module
+        for key in path[:-1]:
+            parent = parent[int(key)] if isinstance(parent, nnx.List) else getattr(parent, key)
+        _replace(parent, path[-1], Fp8Linear.from_linear(linear))
+    graphdef, state = nnx.split(module)
+    return model._replace(graphdef=graphdef, state=state)
+
+
+def parameter_bytes(model: FlowModel) -> int:
+    """Bytes of the model's parameters (works on abstract models too: ``jax.eval_shape``)."""
+    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(model.state))

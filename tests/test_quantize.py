@@ -1,0 +1,241 @@
+"""FP8 quantization (``quantize(model, "fp8")``): the scheme against an independent torch
+emulation of it on diffusers' own transformers, its error against float32 diffusers, the digits
+model's accuracy, parameter bytes, and the quantized model in jit, scan and the stream engine."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from conftest import VARIANTS, make_sd3, sd3_inputs, torch_velocity
+from flax import nnx
+from test_flux import flux_inputs, make_flux, reference_velocity
+
+import streamflow_jax as sf
+from streamflow_jax import ops
+from streamflow_jax.eval import digit_accuracy
+from streamflow_jax.models import FlowModel, abstract_module, family_of
+from streamflow_jax.pipelines import DigitsPipeline
+from streamflow_jax.quantize import RULES, Fp8Linear, parameter_bytes, quantize
+
+E4M3_MAX = 448.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: the same scheme written independently in torch, on diffusers' modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_fake_quant(t: torch.Tensor) -> torch.Tensor:
+    """Per-tensor e4m3 with a power-of-two scale bringing the largest magnitude into
+    (224, 448], rounded by torch's own float8 conversion, back to float32."""
+    amax = t.abs().max().float()
+    scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX))) if amax > 0 else torch.tensor(1.0)
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def fake_quantize_diffusers(model: torch.nn.Module, pattern: str) -> int:
+    """Replaces the forward of every ``nn.Linear`` whose name matches ``pattern`` by the FP8
+    emulation (weights and inputs quantized); returns how many."""
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and re.search(pattern, name):
+            wq = _torch_fake_quant(mod.weight.detach())
+            mod.forward = lambda x, wq=wq, b=mod.bias: torch.nn.functional.linear(_torch_fake_quant(x), wq, b)
+            n += 1
+    return n
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+def _fp8_layers(model: FlowModel) -> list[Fp8Linear]:
+    return [node for _, node in nnx.iter_graph(model.module) if isinstance(node, Fp8Linear)]
+
+
+# Tolerances. Against the torch emulation the only differences are float32 summation order
+# (measured <= 2e-5 relative over SD3, SD3.5-medium, SD3.5-large and both Flux variants, 3 seeds
+# each). Against float32 the error is FP8's own: e4m3 keeps 3 mantissa bits (relative rounding
+# error up to 2^-4, ~3.6% rms per operand) on both operands of every block linear, compounded
+# through the chained projections of 2-3 blocks; measured 0.058-0.138 (max |err| / max |v|) on
+# the same 15 models. The digits model keeps all its accuracy (below).
+VS_EMULATION, VS_FLOAT32 = 2e-4, 0.2
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35_medium"])
+def test_sd3_velocity(tmp_path, variant):
+    ref = make_sd3(tmp_path / "src", variant, seed=1)
+    model = sf.load(tmp_path / "src")
+    x, t, cond = sd3_inputs(VARIANTS[variant], 3, 8, 8, seed=1)
+    want = torch_velocity(ref, x, t, cond)
+    got = np.asarray(quantize(model, "fp8").velocity(x, t, cond))
+    assert fake_quantize_diffusers(ref, RULES["sd3"]) == (47 if variant == "sd35_medium" else 25)
+    want_fp8 = torch_velocity(ref, x, t, cond)
+    assert _rel(got, want_fp8) <= VS_EMULATION
+    assert 0.01 < _rel(got, want) <= VS_FLOAT32  # quantized for real, and not more than FP8 costs
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flux_velocity(tmp_path, guidance):
+    ref = make_flux(tmp_path / "src", guidance, seed=2)
+    model = sf.load(tmp_path / "src")
+    x, t, cond = flux_inputs(3, 8, 8, guidance=guidance, seed=2)
+    want = reference_velocity(ref, x, t, cond)
+    q = quantize(model, "fp8")
+    got = np.asarray(q.velocity(x, t, cond))
+    assert fake_quantize_diffusers(ref, RULES["flux"]) == len(_fp8_layers(q)) == 40
+    want_fp8 = reference_velocity(ref, x, t, cond)
+    assert _rel(got, want_fp8) <= VS_EMULATION
+    assert 0.01 < _rel(got, want) <= VS_FLOAT32
+
+
+def test_quantized_layers(tmp_path):
+    """Weights in e4m3 as [out, in] with power-of-two scales; embedders and the final
+    projection untouched; the other parameters keep their dtype."""
+    make_flux(tmp_path / "src", True)
+    model = sf.load(tmp_path / "src", dtype="bfloat16")
+    q = quantize(model, "fp8")
+    assert q.class_name == model.class_name and q.config == model.config and q.family is model.family
+    layers = _fp8_layers(q)
+    for layer in layers:
+        w, s = layer.weight[...], float(layer.weight_scale[...])
+        assert w.dtype == jnp.float8_e4m3fn and w.ndim == 2
+        assert s == 2.0 ** np.round(np.log2(s))
+        assert 224 <= float(jnp.max(jnp.abs(w.astype(jnp.float32)))) <= 448  # (224, 448] before rounding
+        assert layer.bias is None or layer.bias[...].dtype == jnp.bfloat16
+    mod = q.module
+    assert mod.transformer_blocks[0].attn.to_q.weight[...].shape == (32, 32)
+    assert mod.single_transformer_blocks[0].proj_mlp.weight[...].shape == (128, 32)
+    for name in ("x_embedder", "context_embedder", "proj_out"):
+        assert getattr(mod, name).kernel[...].dtype == jnp.bfloat16
+    assert mod.norm_out.linear.kernel[...].dtype == jnp.bfloat16
+    assert q.dtype == jnp.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded digits model: accuracy, bytes, jit / scan / stream engine
+# ---------------------------------------------------------------------------------------------
+
+LABELS = np.repeat(np.arange(10), 8)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return DigitsPipeline.from_dir()
+
+
+def test_digits_keep_their_accuracy(digits):
+    quantized = DigitsPipeline(quantize(digits.model, "fp8"), digits.conditioning, digits.shift)
+    images = quantized(LABELS, steps=16, guidance_scale=3.0, seed=0)
+    assert digit_accuracy(images, LABELS) >= 0.9  # measured 1.0 (float32: 1.0)
+    # the stream engine runs it too; per-tensor activation scales couple a batch's elements,
+    # so the engine's batches (other companions) move pixels a little: measured mean 0.017
+    streamed = quantized.stream(LABELS, steps=16, guidance_scale=3.0, seed=0)
+    assert digit_accuracy(streamed, LABELS) >= 0.9
+    assert float(np.mean(np.abs(streamed - images))) < 0.05
+
+
+def test_digits_bfloat16_accuracy_and_bytes():
+    pipe = DigitsPipeline.from_dir(dtype="bfloat16")
+    q = quantize(pipe.model, "fp8")
+    ratio = parameter_bytes(q) / parameter_bytes(pipe.model)
+    assert 0.5 <= ratio <= 0.56  # measured 0.542: the embedders and proj_out stay bf16
+    images = DigitsPipeline(q, pipe.conditioning, pipe.shift)(LABELS[::2], steps=16, guidance_scale=3.0, seed=1)
+    assert digit_accuracy(images, LABELS[::2]) >= 0.9
+
+
+@pytest.mark.parametrize("class_name,preset,most", [
+    ("SD3Transformer2DModel", "sd3_medium", 0.53),   # measured 0.519
+    ("FluxTransformer2DModel", "dev", 0.51),         # measured 0.503
+    ("UNet2DConditionModel", "sd15", 0.87),          # measured 0.859: convolutions stay bf16
+])
+def test_full_size_bytes(class_name, preset, most):
+    """The published architectures, quantized abstractly (``jax.eval_shape``: nothing allocated)."""
+    family = family_of(class_name)
+    config = getattr(family.config_cls, preset)()
+    graphdef, state = nnx.split(abstract_module(family, config))
+    state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), state)
+    bf16 = FlowModel(class_name, config, graphdef, state, family=family)
+    q = jax.eval_shape(lambda m: quantize(m, "fp8"), bf16)
+    assert parameter_bytes(q) / parameter_bytes(bf16) <= most
+
+
+def test_sample_inside_jit(digits):
+    """A quantized FlowModel is a pytree: it goes into a caller's jit and through the scan."""
+    q = quantize(digits.model, "fp8")
+    labels = np.arange(4)
+    cond = digits.cond(labels)
+    noise = digits.noise(4, 3)
+    grid = sf.schedules.flow_match(4)
+    inside = jax.jit(lambda m, n: sf.sample(m, n, grid, cond))(q, noise)
+    np.testing.assert_allclose(np.asarray(inside), np.asarray(sf.sample(q, noise, grid, cond)), rtol=1e-5, atol=1e-5)
+
+
+def test_errors_and_include(digits):
+    with pytest.raises(ValueError, match="unsupported quantization mode 'int4'"):
+        quantize(digits.model, "int4")
+    q = quantize(digits.model, "fp8")
+    with pytest.raises(ValueError, match="is it quantized already"):
+        quantize(q, "fp8")
+    only = quantize(digits.model, "fp8", include=r"^proj_out$")
+    assert [type(only.module.proj_out).__name__, len(_fp8_layers(only))] == ["Fp8Linear", 1]
+    family = family_of("AutoencoderTiny")
+    config = family.config_cls()
+    graphdef, state = nnx.split(abstract_module(family, config))
+    taesd = FlowModel("AutoencoderTiny", config, graphdef, state, family=family)
+    with pytest.raises(ValueError, match="no FP8 rule for the taesd family"):
+        jax.eval_shape(lambda m: quantize(m, "fp8"), taesd)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops: the scale, the rounding, and the HLO pattern XLA's FP8 GEMM rewrite looks for
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp8_scale_and_rounding():
+    amax = np.array([0.0, 1e-3, 0.5, 224.0, 224.01, 448.0, 449.0, 3e4], np.float32)
+    scales = np.array([float(ops.fp8_scale(a)) for a in amax])
+    assert scales[0] == 1.0
+    assert np.all(np.log2(scales) == np.round(np.log2(scales)))  # powers of two
+    ratio = amax[1:] / scales[1:]
+    assert np.all((ratio > 224) & (ratio <= 448))
+    x = np.array([-1000.0, -448.0, -0.3, 0.0, 1.7, 300.0, 460.0], np.float32)
+    got = np.asarray(ops.quantize_fp8(jnp.asarray(x), jnp.float32(1.0)).astype(jnp.float32))
+    want = np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)  # ml_dtypes rounds
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fp8_matmul_against_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 48)).astype(np.float32) * 3
+    w = rng.standard_normal((48, 40)).astype(np.float32) * 0.1  # [in, out]
+
+    def np_fake_quant(a):
+        scale = 2.0 ** np.ceil(np.log2(np.abs(a).max() / E4M3_MAX))
+        return (a / scale).clip(-448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * scale
+
+    want = np_fake_quant(x) @ np_fake_quant(w)
+    scale = ops.fp8_scale(jnp.max(jnp.abs(w)))
+    got = ops.fp8_matmul(jnp.asarray(x), ops.quantize_fp8(jnp.asarray(w.T), scale), scale)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert _rel(got, x @ w) > 1e-3  # and it did quantize
+
+
+def test_fp8_matmul_hlo_has_the_rewrite_pattern():
+    """Each dot operand is multiply(convert(f8e4m3fn), broadcast(scalar)): the pattern XLA's
+    GemmRewriter turns into a cuBLASLt FP8 GEMM on Hopper (checked on the GPU by fp8_gpu.py)."""
+    x = jax.ShapeDtypeStruct((4, 32, 64), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((48, 64), jnp.float8_e4m3fn)
+    s = jax.ShapeDtypeStruct((), jnp.float32)
+    hlo = jax.jit(ops.fp8_matmul).lower(x, w, s).as_text(dialect="hlo")
+    dot = next(line for line in hlo.splitlines() if " dot(" in line)
+    operands = re.search(r"dot\(([^)]*)\)", dot)[1].replace("%", "").split(", ")
+    defs = {m[1]: m[2] for m in re.finditer(r"%?([\w.\-]+) = \S+ (\w+)\(", hlo)}
+    assert [defs[o] for o in operands] == ["multiply", "multiply"]
+    assert hlo.count("f8e4m3fn") >= 2 and "lhs_contracting_dims={2}, rhs_contracting_dims={1}" in dot
