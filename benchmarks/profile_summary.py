@@ -1,0 +1,403 @@
+"""Where a workload's device time goes, from a ``jax.profiler`` trace; JSON.
+
+Reads the trace that ``jax.profiler.trace(DIR)`` writes (``DIR/plugins/profile/RUN/HOST.xplane.pb``
+through JAX's own reader, ``jax.profiler.ProfileData``; the ``HOST.trace.json.gz`` beside it when
+that reader is missing) and prints, for the kernels of one workload:
+
+- the top kernels by total time, each with a category (conv, GEMM, attention, norm,
+  elementwise, copy, other) and its share of the kernel time;
+- the kernel count per call;
+- the device timeline: span (first kernel start to last kernel end), busy time (the union of
+  the kernels' intervals) and idle time (the gaps between them: host and launch gaps), with
+  ``busy + idle = span``;
+- the achieved TFLOP/s, given the FLOPs of one call (``xla_flops``: XLA's cost analysis).
+
+What a trace holds (checked on JAX 0.10 CPU; the GPU layout is XLA's CUPTI tracer's):
+
+- GPU: kernels and memcpys are events on the ``/device:GPU:N`` planes, one line per CUDA
+  stream (``Stream #N(...)``), named by the CUDA kernel, with ``hlo_op`` / ``hlo_module``
+  stats. Lines derived from them (``XLA Ops``, ``XLA Modules``, ``Steps``...) are skipped.
+- CPU: XLA:CPU runs each HLO op (thunk) on the host's threads (``tf_XLAPjRtCpuClient/...``,
+  ``tf_XLAEigen/...``) as an event named by the op, with ``hlo_op`` / ``hlo_module`` /
+  ``program_id`` / ``run_id`` stats; a ``while`` op's event encloses its body's ops, so only
+  the innermost events count.
+
+Categories come from the compiled HLO when it is given (``--hlo``: ``Compiled.as_text()`` or
+XLA's ``*after_optimizations.txt`` dumps): an op is classified by what it (or the computation
+a fusion calls) contains; otherwise from the kernel's name.
+
+    python benchmarks/profile_summary.py TRACE_DIR [--calls N] [--flops F] [--hlo FILE_OR_DIR ...]
+        [--modules REGEX] [--top 15] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+CATEGORIES = ("conv", "GEMM", "attention", "norm", "elementwise", "copy", "other")
+DERIVED_LINES = ("XLA Ops", "XLA Modules", "XLA TraceMe", "Steps", "Framework Ops", "TensorFlow Ops",
+                 "Launch Stats", "Source code", "XLA Async Ops", "Framework Name Scope", "TensorFlow Name Scope")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel (GPU) or one HLO op's execution (CPU)."""
+
+    name: str  # the CUDA kernel's name (GPU) or the HLO op's (CPU)
+    op: str  # the HLO op it ran for ("" when the trace does not say)
+    module: str  # the HLO module (the jitted program, e.g. "jit_velocity_call")
+    line: str  # the timeline it ran on (a CUDA stream, a host thread)
+    start_us: float
+    dur_us: float
+
+    @property
+    def end_us(self) -> float:
+        return self.start_us + self.dur_us
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a trace
+# ---------------------------------------------------------------------------------------------
+
+
+def trace_run(path) -> Path:
+    """The newest run directory under a ``jax.profiler.trace`` directory (or the file's)."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent
+    runs = sorted(p.parent for p in path.glob("**/*.xplane.pb")) or sorted(p.parent for p in path.glob("**/*.trace.json.gz"))
+    if not runs:
+        raise FileNotFoundError(f"{path}: no *.xplane.pb or *.trace.json.gz (not a jax.profiler.trace directory)")
+    return max(runs, key=lambda p: p.name)
+
+
+def _events_from_xplane(run: Path):
+    from jax.profiler import ProfileData
+
+    for pb in sorted(run.glob("*.xplane.pb")):
+        for plane in ProfileData.from_file(str(pb)).planes:
+            for line in plane.lines:
+                for ev in line.events:
+                    yield plane.name, line.name, ev.name, ev.start_ns / 1e3, ev.duration_ns / 1e3, dict(ev.stats)
+
+
+def _events_from_json(run: Path):
+    for js in sorted(run.glob("*.trace.json.gz")):
+        events = json.load(gzip.open(js))["traceEvents"]
+        planes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+        lines = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "thread_name"}
+        for e in events:
+            if e.get("ph") == "X":
+                yield (planes.get(e["pid"], ""), lines.get((e["pid"], e.get("tid")), ""), e["name"],
+                       float(e["ts"]), float(e.get("dur", 0.0)), e.get("args", {}))
+
+
+def read_events(path, source: str = "auto") -> tuple[str, list[tuple]]:
+    """``(source, [(plane, line, name, start_us, dur_us, stats)])`` of a trace directory's newest
+    run; ``source``: ``"xplane"`` (JAX's reader), ``"json"`` or ``"auto"`` (xplane if it reads)."""
+    run = trace_run(path)
+    if source in ("auto", "xplane") and list(run.glob("*.xplane.pb")):
+        try:
+            return "xplane", list(_events_from_xplane(run))
+        except ImportError:
+            if source == "xplane":
+                raise
+    return "json", list(_events_from_json(run))
+
+
+def _innermost(kernels: list[Kernel]) -> list[Kernel]:
+    """Drops events that enclose another on the same line (a CPU ``while`` around its body)."""
+    out = []
+    by_line: dict[str, list[Kernel]] = {}
+    for k in kernels:
+        by_line.setdefault(k.line, []).append(k)
+    for ks in by_line.values():
+        ks.sort(key=lambda k: (k.start_us, -k.dur_us))
+        for i, k in enumerate(ks):
+            nxt = ks[i + 1] if i + 1 < len(ks) else None
+            if nxt is None or nxt.start_us >= k.end_us:
+                out.append(k)
+    return sorted(out, key=lambda k: k.start_us)
+
+
+def device_kernels(events: list[tuple]) -> tuple[str, list[Kernel]]:
+    """``(device, kernels)``: the GPU planes' stream events if there are any ("gpu"), else the
+    host's XLA op events ("cpu")."""
+    gpu = [e for e in events if e[0].startswith("/device:GPU")]
+    if gpu:
+        streams = [e for e in gpu if e[1].startswith("Stream")]
+        chosen = streams or [e for e in gpu if e[1] not in DERIVED_LINES]
+        device = "gpu"
+    else:
+        chosen = [e for e in events if e[0].startswith("/host") and "hlo_op" in e[5] and not e[2].startswith("end:")]
+        device = "cpu"
+    kernels = [Kernel(name=name, op=str(stats.get("hlo_op", "")), module=str(stats.get("hlo_module", "")),
+                      line=f"{plane}/{line}", start_us=start, dur_us=dur)
+               for plane, line, name, start, dur, stats in chosen]
+    return device, _innermost(kernels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Categories
+# ---------------------------------------------------------------------------------------------
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|called_computations)="
+                    r"\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_MOVES = {"parameter", "constant", "copy", "copy-start", "copy-done", "transpose", "bitcast", "reshape",
+          "broadcast", "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "pad", "gather",
+          "scatter", "tuple", "get-tuple-element", "iota", "reverse", "bitcast-convert"}
+_CONTROL = {"while", "conditional", "call", "async-start", "async-done", "send", "recv", "infeed", "outfeed",
+            "rng", "rng-bit-generator", "sort", "all-reduce", "all-gather", "all-to-all", "collective-permute"}
+
+
+def _classify(opcodes: set[str], targets: set[str]) -> str:
+    opcodes = opcodes - {"fusion"}  # a fusion is what it fuses
+    target = " ".join(targets).lower()
+    if re.search(r"fmha|flash|attention", target):
+        return "attention"
+    if "convolution" in opcodes or re.search(r"conv", target):
+        return "conv"
+    if opcodes & {"dot", "ragged-dot"} or re.search(r"gemm|matmul|cublas", target):
+        return "GEMM"
+    if opcodes & {"reduce", "reduce-window"}:
+        return "attention" if "exponential" in opcodes else "norm"  # softmax of XLA's attention
+    if opcodes & _CONTROL or targets:
+        return "other"
+    if opcodes <= _MOVES:
+        return "copy"
+    return "elementwise"
+
+
+def hlo_op_categories(text: str) -> tuple[str, dict[str, str]]:
+    """``(module name, {op name: category})`` of one HLO module's text (op names are unique
+    within a module; a fusion is classified by the computations it calls, recursively)."""
+    module = re.match(r"\s*HloModule\s+([\w.\-]+)", text)
+    comps: dict[str, list[tuple[str, str, list[str], str | None]]] = {}
+    current = None
+    for raw in text.splitlines():
+        if raw.startswith("}"):
+            current = None
+            continue
+        m = _COMPUTATION.match(raw)
+        if m and not raw.startswith(" "):
+            current = comps.setdefault(m[1], [])
+            continue
+        m = _INSTRUCTION.match(raw)
+        if m and current is not None:
+            op = _OPCODE.search(" " + m[2])
+            calls = [c.strip().lstrip("%") for g in _CALLS.findall(m[2]) for c in g.split(",")]
+            target = _TARGET.search(m[2])
+            current.append((m[1], op[1] if op else "", calls, target[1] if target else None))
+
+    cache: dict[str, tuple[set, set]] = {}
+
+    def contents(comp: str, seen=()) -> tuple[set, set]:
+        if comp in cache:
+            return cache[comp]
+        ops, targets = set(), set()
+        for _, opcode, calls, target in comps.get(comp, []):
+            ops.add(opcode)
+            if target:
+                targets.add(target)
+            for c in calls:
+                if c not in seen:
+                    o, t = contents(c, seen + (comp,))
+                    ops |= o
+                    targets |= t
+        cache[comp] = (ops, targets)
+        return ops, targets
+
+    table = {}
+    for insts in comps.values():
+        for name, opcode, calls, target in insts:
+            if opcode in ("while", "conditional", "call") and calls:
+                table[name] = "other"
+                continue
+            ops, targets = {opcode}, {target} if target else set()
+            for c in calls:
+                o, t = contents(c)
+                ops |= o
+                targets |= t
+            table[name] = _classify(ops, targets)
+    return (module[1] if module else ""), table
+
+
+_NAME_RULES = [
+    ("attention", r"fmha|flash|attention|softmax"),
+    ("conv", r"conv|implicit_gemm|winograd|dgrad|wgrad"),
+    ("GEMM", r"gemm|matmul|cublas|cutlass|xmma|nvjet|dot"),
+    ("norm", r"norm|reduce|reduction"),
+    ("copy", r"copy|transpose|memcpy|memset|concatenate|dynamic.update.slice|slice|pad|gather|scatter"),
+    ("elementwise", r"fusion|loop|elementwise|convert|add|multiply|wrapped"),
+]
+
+
+def categorize(kernel: Kernel, tables: dict[str, dict[str, str]]) -> str:
+    """The kernel's category: from its module's HLO when known, else from its name."""
+    table = tables.get(kernel.module)
+    if table is None and len(tables) == 1 and not kernel.module:
+        table = next(iter(tables.values()))
+    if table and kernel.op in table:
+        return table[kernel.op]
+    name = kernel.name.lower()
+    return next((cat for cat, rx in _NAME_RULES if re.search(rx, name)), "other")
+
+
+def load_hlo_texts(paths) -> dict[str, dict[str, str]]:
+    """``{module: {op: category}}`` from HLO texts, files, or dump directories (their
+    ``*after_optimizations.txt``; a module compiled twice keeps its latest dump's ops and adds
+    the others')."""
+    tables: dict[str, dict[str, str]] = {}
+    for p in paths:
+        if isinstance(p, str) and p.lstrip().startswith("HloModule"):
+            texts = [p]
+        elif Path(p).is_dir():
+            texts = [f.read_text() for f in sorted(Path(p).glob("*after_optimizations.txt"))]
+        else:
+            texts = [Path(p).read_text()]
+        for text in texts:
+            module, table = hlo_op_categories(text)
+            tables[module] = {**tables.get(module, {}), **table}
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+# ---------------------------------------------------------------------------------------------
+
+
+def timeline(kernels: list[Kernel]) -> dict:
+    """Span, busy (union of the intervals), idle (the gaps) of a set of kernels, in us."""
+    if not kernels:
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": []}
+    merged: list[list[float]] = []
+    for k in sorted(kernels, key=lambda k: k.start_us):
+        if merged and k.start_us <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], k.end_us)
+        else:
+            merged.append([k.start_us, k.end_us])
+    gaps = [b[0] - a[1] for a, b in zip(merged, merged[1:])]
+    span = merged[-1][1] - merged[0][0]
+    busy = sum(b - a for a, b in merged)
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "gaps": gaps}
+
+
+def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo=(), modules: str | None = None,
+              top: int = 15, source: str = "auto") -> dict:
+    """The summary of the kernels in a trace (see the module doc).
+
+    Args:
+        path: a ``jax.profiler.trace`` directory (its newest run) or a file in a run.
+        calls: how many calls of the workload the trace holds (default: the distinct
+            ``run_id`` s where the trace records them, else 1).
+        flops: FLOPs of one call (``xla_flops``), for the achieved TFLOP/s.
+        hlo: compiled HLO texts, files or XLA dump directories, for the categories.
+        modules: keep only kernels of HLO modules matching this regular expression.
+        top: how many kernels to list.
+    """
+    source, events = read_events(path, source)
+    device, kernels = device_kernels(events)
+    if modules is not None:
+        kernels = [k for k in kernels if re.search(modules, k.module)]
+    if calls is None:
+        runs = {(e[5].get("hlo_module"), e[5].get("run_id")) for e in events if "run_id" in e[5] and "hlo_op" in e[5]}
+        calls = max(len(runs), 1)
+    tables = load_hlo_texts(hlo)
+    line = timeline(kernels)
+    total = sum(k.dur_us for k in kernels) or 1.0
+    cats = {c: {"us": 0.0, "kernels": 0} for c in CATEGORIES}
+    groups: dict[str, dict] = {}
+    for k in kernels:
+        cat = categorize(k, tables)
+        cats[cat]["us"] += k.dur_us
+        cats[cat]["kernels"] += 1
+        g = groups.setdefault(k.name, {"name": k.name, "category": cat, "us": 0.0, "count": 0, "op": k.op})
+        g["us"] += k.dur_us
+        g["count"] += 1
+    for c in cats.values():
+        c["share"] = round(c["us"] / total, 4)
+        c["us"] = round(c["us"], 2)
+    ranked = sorted(groups.values(), key=lambda g: -g["us"])[:top]
+    for g in ranked:
+        g.update(share=round(g["us"] / total, 4), mean_us=round(g["us"] / g["count"], 2),
+                 per_call=round(g["count"] / calls, 2), us=round(g["us"], 2))
+    gaps = sorted(line["gaps"], reverse=True)
+    out = {
+        "trace": str(trace_run(path)), "source": source, "device": device, "calls": calls,
+        "kernels": len(kernels), "kernels_per_call": round(len(kernels) / calls, 1),
+        "kernel_time_us": round(sum(k.dur_us for k in kernels), 2),
+        "span_us": round(line["span_us"], 2), "busy_us": round(line["busy_us"], 2),
+        "idle_us": round(line["idle_us"], 2), "per_call_us": round(line["span_us"] / calls, 2),
+        "busy_fraction": round(line["busy_us"] / line["span_us"], 4) if line["span_us"] else None,
+        "gaps": {"count": len(gaps), "total_us": round(sum(gaps), 2), "largest_us": [round(g, 2) for g in gaps[:5]],
+                 "over_10us": sum(g > 10 for g in gaps), "over_100us": sum(g > 100 for g in gaps)},
+        "categories": cats, "top": ranked, "hlo_modules": sorted(tables),
+    }
+    if flops:
+        out["flops_per_call"] = flops
+        out["tflops_per_s"] = round(flops * calls / (line["span_us"] * 1e6), 3) if line["span_us"] else None
+        out["tflops_per_s_busy"] = round(flops * calls / (line["busy_us"] * 1e6), 3) if line["busy_us"] else None
+    return out
+
+
+def xla_flops(fn, *args, **kwargs) -> float:
+    """FLOPs of one ``fn(*args, **kwargs)``, by XLA's cost analysis of the lowered program.
+
+    Attention is traced with XLA's lowering (``$STREAMFLOW_JAX_ATTENTION=xla``) so that its
+    matmuls count: cuDNN's fused attention is a custom call that cost analysis counts as zero.
+    JAX's caches are cleared before and after (the switch is read at trace time), so call this
+    before compiling the program itself.
+    """
+    import jax
+
+    from streamflow_jax.ops import ATTENTION_ENV
+
+    saved = os.environ.get(ATTENTION_ENV)
+    jax.clear_caches()
+    os.environ[ATTENTION_ENV] = "xla"
+    try:
+        cost = jax.jit(fn).lower(*args, **kwargs).cost_analysis()
+    finally:
+        if saved is None:
+            os.environ.pop(ATTENTION_ENV, None)
+        else:
+            os.environ[ATTENTION_ENV] = saved
+        jax.clear_caches()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace", help="a jax.profiler.trace directory")
+    p.add_argument("--calls", type=int, default=None)
+    p.add_argument("--flops", type=float, default=None, help="FLOPs of one call")
+    p.add_argument("--hlo", nargs="*", default=[], help="compiled HLO text files or XLA dump directories")
+    p.add_argument("--modules", default=None, help="regular expression over HLO module names")
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    result = summarize(args.trace, calls=args.calls, flops=args.flops, hlo=args.hlo, modules=args.modules,
+                       top=args.top)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

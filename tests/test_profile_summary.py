@@ -1,0 +1,201 @@
+"""The profile summarizer (benchmarks/profile_summary.py) on real XLA:CPU traces made here, and on
+the GPU layout (stream lines, derived lines, kernel names) written out by hand."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from profile_summary import (  # noqa: E402
+    CATEGORIES,
+    Kernel,
+    categorize,
+    device_kernels,
+    hlo_op_categories,
+    summarize,
+    timeline,
+    xla_flops,
+)
+
+from streamflow_jax.ops import ATTENTION_ENV  # noqa: E402
+
+M, K, N = 192, 256, 128
+CALLS = 3
+
+
+def matmul_conv(a, b, k):
+    """A [M, K] x [K, N] matmul, then a 3x3 convolution of its output, then a reduction."""
+    y = a @ b
+    z = jax.lax.conv_general_dilated(y[None, :, :, None], k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jnp.tanh(z), axis=(0, 3))
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """CALLS calls of a compiled ``matmul_conv`` under ``jax.profiler.trace``; the wall time."""
+    args = (jnp.ones((M, K)), jnp.full((K, N), 0.01), jnp.ones((3, 3, 1, 8)))
+    compiled = jax.jit(matmul_conv).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    path = tmp_path_factory.mktemp("trace")
+    with jax.profiler.trace(str(path)):
+        t0 = time.perf_counter()
+        for _ in range(CALLS):
+            jax.block_until_ready(compiled(*args))
+        wall_us = (time.perf_counter() - t0) * 1e6
+    return path, compiled, args, wall_us
+
+
+def test_cpu_trace(traced):
+    path, compiled, args, wall_us = traced
+    flops = xla_flops(matmul_conv, *args)
+    s = summarize(path, flops=flops, hlo=[compiled.as_text()])
+    assert s["device"] == "cpu" and s["source"] == "xplane" and s["hlo_modules"] == ["jit_matmul_conv"]
+    assert s["calls"] == CALLS  # from the trace's run ids
+    assert s["kernels"] % CALLS == 0 and s["kernels_per_call"] == s["kernels"] / CALLS >= 2
+    cats = s["categories"]
+    assert list(cats) == list(CATEGORIES)
+    assert cats["GEMM"]["kernels"] == CALLS and cats["conv"]["kernels"] == CALLS  # one of each per call
+    assert abs(sum(c["share"] for c in cats.values()) - 1) < 1e-3
+    assert {t["category"] for t in s["top"]} >= {"GEMM", "conv"}
+    assert all(t["per_call"] == 1 for t in s["top"])
+    # the timeline: busy + idle = span, no negative gap, inside the measured wall time
+    assert s["gaps"]["count"] >= CALLS - 1 and min(s["gaps"]["largest_us"]) >= 0
+    assert abs(s["busy_us"] + s["idle_us"] - s["span_us"]) < 0.05
+    assert abs(s["gaps"]["total_us"] - s["idle_us"]) < 0.05
+    assert 0 < s["busy_us"] <= s["kernel_time_us"] + 0.05 and s["span_us"] <= wall_us
+    assert s["per_call_us"] == pytest.approx(s["span_us"] / CALLS, abs=0.01)
+    # FLOPs from XLA's cost analysis: the matmul's 2MNK, the convolution's, and a few per element
+    assert 2 * M * N * K + 2 * 9 * 8 * M * N <= flops <= 2 * M * N * K + 2 * 9 * 8 * M * N + 8 * 8 * M * N
+    assert s["flops_per_call"] == flops
+    assert s["tflops_per_s"] == pytest.approx(flops * CALLS / (s["span_us"] * 1e6), rel=1e-2, abs=1e-3)
+    assert s["tflops_per_s_busy"] >= s["tflops_per_s"]
+
+
+def test_json_trace_agrees(traced):
+    path, compiled, _, _ = traced
+    a = summarize(path, hlo=[compiled.as_text()], calls=CALLS)
+    b = summarize(path, hlo=[compiled.as_text()], calls=CALLS, source="json")
+    assert b["source"] == "json"
+    assert (a["kernels"], a["categories"]) == (b["kernels"], b["categories"])
+    assert a["busy_us"] == pytest.approx(b["busy_us"], abs=0.01)
+
+
+def test_module_filter_and_name_fallback(traced):
+    path, *_ = traced
+    assert summarize(path, modules="^jit_other$")["kernels"] == 0
+    s = summarize(path, modules="matmul_conv")  # no HLO: categories from the op names
+    assert s["kernels"] > 0 and s["categories"]["conv"]["kernels"] == CALLS
+
+
+def test_while_body_counts_once(tmp_path):
+    """XLA:CPU's ``while`` event encloses its body's ops: only the body's ops count."""
+    def loop(x, w):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=4)[0]
+
+    args = (jnp.ones((64, 64)), jnp.full((64, 64), 0.01))
+    compiled = jax.jit(loop).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    with jax.profiler.trace(str(tmp_path)):
+        jax.block_until_ready(compiled(*args))
+    s = summarize(tmp_path, hlo=[compiled.as_text()])
+    assert s["categories"]["GEMM"]["kernels"] == 4 and s["categories"]["other"]["kernels"] == 0
+    assert s["busy_us"] <= s["kernel_time_us"] + 0.05
+
+
+def test_xla_flops_counts_attention_and_restores_the_switch(monkeypatch):
+    from streamflow_jax import ops
+
+    monkeypatch.setenv(ATTENTION_ENV, "cudnn")
+    b, n, h, k = 2, 100, 4, 16
+    q = jnp.ones((b, n, h, k), jnp.float32)
+    flops = xla_flops(lambda q: ops.attention(q, q, q), q)
+    assert flops >= 2 * (2 * b * h * n * n * k)  # q k^T and p v
+    assert os.environ[ATTENTION_ENV] == "cudnn"
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU layout, written out: what XLA's CUPTI tracer and GPU compiler produce
+# ---------------------------------------------------------------------------------------------
+
+GPU_HLO = """HloModule jit_velocity_call, is_scheduled=true, entry_computation_layout={(bf16[4,64]{1,0})->bf16[4,64]{1,0}}
+
+%fused_norm (param_0: bf16[4,64]) -> bf16[4,64] {
+  %param_0 = bf16[4,64]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  %cv = f32[4,64]{1,0} convert(%param_0)
+  %r = f32[4]{0} reduce(%cv, %c), dimensions={1}, to_apply=%add
+  %rs = f32[4]{0} rsqrt(%r)
+  %b = f32[4,64]{1,0} broadcast(%rs), dimensions={0}
+  %m = f32[4,64]{1,0} multiply(%cv, %b)
+  ROOT %o = bf16[4,64]{1,0} convert(%m)
+}
+
+%fused_transpose (param_0.1: bf16[4,64]) -> bf16[64,4] {
+  %param_0.1 = bf16[4,64]{1,0} parameter(0)
+  ROOT %t = bf16[64,4]{1,0} transpose(%param_0.1), dimensions={1,0}
+}
+
+%fused_add (param_0.2: bf16[4,64], param_1.2: bf16[4,64]) -> bf16[4,64] {
+  %param_0.2 = bf16[4,64]{1,0} parameter(0)
+  %param_1.2 = bf16[4,64]{1,0} parameter(1)
+  ROOT %a = bf16[4,64]{1,0} add(%param_0.2, %param_1.2)
+}
+
+%triton_gemm_computation (p0: bf16[4,64], p1: bf16[64,64]) -> bf16[4,64] {
+  %p0 = bf16[4,64]{1,0} parameter(0)
+  %p1 = bf16[64,64]{1,0} parameter(1)
+  ROOT %d = bf16[4,64]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: bf16[4,64]) -> bf16[4,64] {
+  %x = bf16[4,64]{1,0} parameter(0)
+  %input_reduce_fusion = bf16[4,64]{1,0} fusion(%x), kind=kInput, calls=%fused_norm
+  %transpose_fusion = bf16[64,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_transpose
+  %cublas-lt-matmul.2 = (bf16[4,64]{1,0}, s8[1024]{0}) custom-call(%x, %x, %s, %s, %s, %s), custom_call_target="__cublas$lt$matmul$f8"
+  %custom-call.7 = (bf16[4,64]{1,0}, u8[0]{0}) custom-call(%x, %x, %x), custom_call_target="__cudnn$fmhaSoftmax"
+  %cudnn-conv.1 = (bf16[4,64]{1,0}, u8[0]{0}) custom-call(%x, %x), custom_call_target="__cudnn$convForward"
+  %gemm_fusion_dot.3 = bf16[4,64]{1,0} fusion(%x, %x), kind=kCustom, calls=%triton_gemm_computation
+  ROOT %loop_add_fusion = bf16[4,64]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_add
+}
+"""
+
+
+def test_hlo_categories():
+    module, table = hlo_op_categories(GPU_HLO)
+    assert module == "jit_velocity_call"
+    assert {op: table[op] for op in ("input_reduce_fusion", "transpose_fusion", "cublas-lt-matmul.2", "custom-call.7",
+                                     "cudnn-conv.1", "gemm_fusion_dot.3", "loop_add_fusion")} == {
+        "input_reduce_fusion": "norm", "transpose_fusion": "copy", "cublas-lt-matmul.2": "GEMM",
+        "custom-call.7": "attention", "cudnn-conv.1": "conv", "gemm_fusion_dot.3": "GEMM",
+        "loop_add_fusion": "elementwise"}
+
+
+def test_gpu_planes():
+    stats = lambda op: {"hlo_op": op, "hlo_module": "jit_velocity_call"}  # noqa: E731
+    events = [
+        ("/host:CPU", "tf_XLAPjRtGpuClient", "ThunkExecutor", 0.0, 500.0, stats("loop_add_fusion")),
+        ("/device:GPU:0", "Stream #13(Compute)", "sm90_xmma_gemm_bf16bf16_bf16f32", 10.0, 20.0, stats("cublas-lt-matmul.2")),
+        ("/device:GPU:0", "Stream #13(Compute)", "cudnn_generated_sdpa_sm90_flash_fprop", 32.0, 30.0, stats("custom-call.7")),
+        ("/device:GPU:0", "Stream #13(Compute)", "loop_add_fusion", 70.0, 5.0, stats("loop_add_fusion")),
+        ("/device:GPU:0", "Stream #14(Memcpy)", "MemcpyD2D", 71.0, 10.0, {}),
+        ("/device:GPU:0", "XLA Ops", "loop_add_fusion", 70.0, 5.0, stats("loop_add_fusion")),
+        ("/device:GPU:0", "XLA Modules", "jit_velocity_call", 10.0, 71.0, {}),
+    ]
+    device, kernels = device_kernels(events)
+    assert device == "gpu" and [k.name for k in kernels] == [
+        "sm90_xmma_gemm_bf16bf16_bf16f32", "cudnn_generated_sdpa_sm90_flash_fprop", "loop_add_fusion", "MemcpyD2D"]
+    _, table = hlo_op_categories(GPU_HLO)
+    tables = {"jit_velocity_call": table}
+    assert [categorize(k, tables) for k in kernels] == ["GEMM", "attention", "elementwise", "copy"]
+    assert [categorize(k, {}) for k in kernels] == ["GEMM", "attention", "elementwise", "copy"]  # by name
+    line = timeline(kernels)  # 10-30, 32-62, 70-81 (two streams overlap)
+    assert line["span_us"] == 71.0 and line["busy_us"] == 61.0 and line["gaps"] == [2.0, 8.0]
+    assert categorize(Kernel("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "", "", "s", 0, 1), {}) == "GEMM"
+    assert categorize(Kernel("input_reduce_fusion_3", "", "", "s", 0, 1), {}) == "norm"
