@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -91,3 +92,42 @@ def torch_to_flowmodel(raw_config: dict, torch_model):
         leaves.append(jnp.array(a, copy=True))
     params = jax.tree_util.tree_unflatten(p.treedef, leaves)
     return FlowModel.from_params(p.family, p.config, params, class_name=p.class_name)
+
+
+def random_flowmodel(class_name: str, config, dtype: str = "bfloat16", seed: int = 0):
+    """A ``FlowModel`` of ``config`` with random weights made on the default device (no torch,
+    no files): kernels N(0, 1/fan_in) so that activations stay of order one through deep
+    stacks, 1-D ``weight`` (norm scales) ones, biases zeros, other tables N(0, 0.02). One small
+    program per distinct shape (not one per leaf, nor one for the whole tree: XLA takes minutes
+    to compile a thousand random generators at once)."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+    import numpy as np
+    from flax import nnx
+
+    from streamflow_jax.models import FlowModel, abstract_module, family_of, flat_params
+
+    @functools.partial(jax.jit, static_argnums=(2, 3, 4))
+    def normal(key, i, shape, std, dt):
+        return (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * std).astype(dt)
+
+    family = family_of(class_name)
+    _, state = nnx.split(abstract_module(family, config))
+    named, treedef, names = flat_params(nnx.to_pure_dict(state))
+    key = jax.random.key(seed, impl="unsafe_rbg")  # XLA's RngBitGenerator: small programs, quick compiles
+    host_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    leaves = []
+    for i, name in enumerate(names):
+        a = named[name]
+        shape = tuple(a.shape)
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            leaves.append(jnp.asarray(np.zeros(shape, a.dtype)))
+        elif name.endswith(".bias") or (name.endswith(".weight") and len(shape) == 1):
+            leaves.append(jnp.asarray((np.zeros if name.endswith(".bias") else np.ones)(shape, host_dtype)))
+        else:
+            fan_in = (shape[0] if len(shape) == 2 else int(np.prod(shape[:3])) if len(shape) == 4 else 0) \
+                if name.endswith(".kernel") else 0
+            leaves.append(normal(key, i, shape, float(fan_in ** -0.5) if fan_in else 0.02, dtype))
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    return FlowModel.from_params(family, config, params, class_name=class_name)

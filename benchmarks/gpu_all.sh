@@ -2,14 +2,21 @@
 # The GPU benchmarks in parts of at most 5 minutes each, for a session lent an H100/H200 (see
 # the device tool's README): a session has 15 minutes of device time and 10 per command, so it
 # runs as many parts as its time allows, in this order:
+#   profile  jax.profiler traces of a stream tick (seed setting), SD3-medium (batch 2) and Flux-dev
+#            (batch 1), summarized: top kernels by category, kernels per call, idle gaps, TFLOP/s;
+#            traces + compiled HLO under $OUT/profile_traces (profile_gpu.py, 240 s)
+#   fp8      quantize(model, "fp8") vs bf16: cuBLASLt FP8 GEMMs in the compiled HLO, ms per call,
+#            velocity distance, bytes; Flux-dev, SD3-medium, SD1.5 UNet (fp8_gpu.py, 270 s)
+#   levers   XLA flags / attention switch variants vs the default, one process each, stream
+#            images/s (levers_gpu.py, 280 s; levers-sd3: the same on SD3-medium, 280 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
 #   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
 #   components  UNet / VAE / TAESD per call (components.py)
 #   engine   the stream engine's own cost vs batched sf.sample, host time per tick (stream_engine.py)
 #   encode   image-to-image encoding per request vs batched per tick (img2img_encode.py)
-# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all six; e.g. `stream sd3` in one
-# command and `flux` in the next). Each part prints a summary table; JSON lands in $OUT (or
+# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all nine; e.g. `profile` in one
+# command, `fp8` in the next, `levers` in a third). Each part prints a summary table; JSON lands in $OUT (or
 # benchmarks/results/ when run by hand). Figures go to benchmarks/RESULTS.md.
 # The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime; diffusers
 # (and importlib_metadata) travel as wheels in .whl/ (run(..., carry=[".whl"])):
@@ -37,9 +44,13 @@ part() {  # name, seconds, json, command...
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(stream sd3 flux components engine encode)
+[ ${#parts[@]} -eq 0 ] && parts=(profile fp8 levers stream sd3 flux components engine encode)
 for p in "${parts[@]}"; do
   case "$p" in
+    profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py ;;
+    fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py ;;
+    levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --budget-s 260 ;;
+    levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --budget-s 260 ;;
     # torch.compile of the SD1.5 UNet + TAESD (~2 min) does not fit the seed part's budget: its
     # in-run references are diffusers eager, sequential and stream
     stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset gpu --no-compile ;;
@@ -50,6 +61,6 @@ for p in "${parts[@]}"; do
     components) part components 150 components_gpu.json python3 benchmarks/components.py --preset gpu ;;
     engine) part engine 120 stream_engine_gpu.json python3 benchmarks/stream_engine.py ;;
     encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae ;;
-    *) echo "unknown part $p (stream sd3 flux flux-compiled components engine encode)" ;;
+    *) echo "unknown part $p (profile fp8 levers levers-sd3 stream sd3 flux flux-compiled components engine encode)" ;;
   esac
 done

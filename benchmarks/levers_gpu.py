@@ -1,0 +1,167 @@
+"""Levers of issue 22, each measured against the default in the same run; JSON with ratios.
+
+Every variant runs in a fresh process with its own ``XLA_FLAGS`` or environment switch (XLA
+reads its flags once per process) and times the same workloads, built as ``profile_gpu.py``
+builds them (random weights, bf16):
+
+- ``stream``: the seed's setting, SD1.5 UNet + TAESD, 512^2, 4 steps, stream N=4: images/s;
+- ``sd3``: SD3-medium velocity call, batch 2, 1024^2: ms per call;
+- ``flux``: Flux.1-dev velocity call, batch 1, 1024^2: ms per call (costly: opt in).
+
+A ratio above 1 is a win over the default (``default_ms / variant_ms``); ``default_again``
+closes the run so that the noise between processes can be read off. No default changes here:
+a lever becomes the default only on a measured win. Variants are run in order while the time
+budget (``--budget-s``) allows; a variant whose flag this XLA does not know fails alone.
+
+    python benchmarks/levers_gpu.py [--workloads stream] [--variants default cmdbuf_off ...]
+        [--budget-s 270] [--out FILE]
+    python benchmarks/levers_gpu.py --smoke   # tiny configs on this CPU (flags parse, plumbing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit  # noqa: E402
+
+# name -> (extra XLA_FLAGS, extra environment). In the order they run: likeliest wins first.
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "default": ("", {}),
+    # CUDA graphs: none at all, and graphs of any size (XLA's default skips graphs under 5 ops)
+    "cmdbuf_off": ("--xla_gpu_enable_command_buffer=", {}),
+    "cmdbuf_min1": ("--xla_gpu_graph_min_graph_size=1", {}),
+    # attention per head dim: SD1.5's levels have head dims 40, 80, 160; SD3/Flux 64/128
+    "attention_xla": ("", {"STREAMFLOW_JAX_ATTENTION": "xla"}),
+    "attention_40_xla": ("", {"STREAMFLOW_JAX_ATTENTION": "40=xla"}),
+    # GEMMs: cuBLAS everywhere (no Triton), cuBLASLt (bias/GELU epilogues), cuDNN GEMM fusions,
+    # a wider Triton tiling search
+    "triton_gemm_off": ("--xla_gpu_enable_triton_gemm=false", {}),
+    "cublaslt": ("--xla_gpu_enable_cublaslt=true", {}),
+    "cudnn_gemm_fusion": ("--xla_gpu_cudnn_gemm_fusion_level=2", {}),
+    "exhaustive_tiling": ("--xla_gpu_exhaustive_tiling_search=true", {}),
+    # what autotuning buys (its compile time against its run time)
+    "autotune_0": ("--xla_gpu_autotune_level=0", {}),
+    # graphs around loops and conditionals too
+    "cmdbuf_all": ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE", {}),
+    "default_again": ("", {}),
+}
+SMOKE_VARIANTS = ("default", "cmdbuf_off", "attention_xla", "default_again")
+
+
+def child(workloads: list[str], smoke: bool, repeats: int) -> dict:
+    """One variant's measurements (run in its own process)."""
+    import jax
+
+    from profile_gpu import SLOTS, configs, run_stream, run_velocity, stream_setup, velocity_setup
+
+    dtype = "float32" if smoke else "bfloat16"
+    specs = configs(smoke)
+    out = {"device": str(jax.devices()[0].device_kind)}
+    for name in workloads:
+        t0 = time.perf_counter()
+        try:
+            if name == "stream":
+                ticks = 8 if smoke else 48
+                _, _, engine = stream_setup(specs[name], dtype, requests=3 * SLOTS + ticks)
+                out[name] = run_stream(engine, ticks)
+            else:
+                model, inputs = velocity_setup(name, specs[name], dtype)
+                out[name] = run_velocity(model, inputs, repeats)
+                del model, inputs
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        out[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        jax.clear_caches()
+    return out
+
+
+def ratios(results: dict[str, dict], workloads: list[str]) -> dict[str, dict[str, float]]:
+    """``{variant: {workload: default_ms / variant_ms}}`` (above 1: faster than the default)."""
+    base = results.get("default", {})
+    out = {}
+    for variant, res in results.items():
+        if variant == "default":
+            continue
+        row = {}
+        for w in workloads:
+            a, b = base.get(w, {}).get("ms_per_call"), res.get(w, {}).get("ms_per_call")
+            if a and b:
+                row[w] = round(a / b, 3)
+        out[variant] = row
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", nargs="+", default=["stream"], choices=["stream", "sd3", "flux"])
+    p.add_argument("--variants", nargs="+", default=None, help=f"subset of {', '.join(VARIANTS)}")
+    p.add_argument("--budget-s", type=float, default=270.0, help="launch no variant past this (the part's limit)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="tiny configs, float32, on the CPU")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.workloads, args.smoke, args.repeats)), flush=True)
+        return
+
+    names = args.variants or list(SMOKE_VARIANTS if args.smoke else VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    start = time.perf_counter()
+    results: dict[str, dict] = {}
+    runs = []
+    longest = 0.0
+    for name in names:
+        elapsed = time.perf_counter() - start
+        if elapsed + longest * 1.2 > args.budget_s:
+            runs.append({"variant": name, "skipped": f"budget: {elapsed:.0f} s used, a variant takes ~{longest:.0f} s"})
+            continue
+        flags, env_extra = VARIANTS[name]
+        env = {**os.environ, **env_extra}
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        if args.smoke:
+            env["JAX_PLATFORMS"] = "cpu"
+        cmd = [sys.executable, __file__, "--child", "--workloads", *args.workloads, "--repeats", str(args.repeats)]
+        if args.smoke:
+            cmd.append("--smoke")
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=max(30.0, args.budget_s - elapsed))
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            res = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
+        except subprocess.TimeoutExpired:
+            res = {"error": "timed out"}
+        wall = time.perf_counter() - t0
+        longest = max(longest, wall)
+        results[name] = res
+        runs.append({"variant": name, "xla_flags": flags, "env": env_extra, "process_s": round(wall, 1), **res})
+        print(runs[-1], file=sys.stderr, flush=True)
+    rows = []
+    for r in runs:
+        row = {"variant": r["variant"]}
+        for w in args.workloads:
+            m = r.get(w, {})
+            row[f"{w}_ms"] = m.get("ms_per_call")
+            if w == "stream":
+                row["stream_images_per_s"] = m.get("images_per_s")
+            row[f"{w}_compile_s"] = m.get("first_tick_s", m.get("first_call_s"))
+        row["note"] = r.get("skipped") or r.get("error") or next(
+            (r[w]["error"] for w in args.workloads if isinstance(r.get(w), dict) and "error" in r[w]), "")
+        rows.append(row)
+    emit({"benchmark": "levers_gpu", "model": "random weights" + (" (SMOKE: tiny, CPU)" if args.smoke else ""),
+          "workloads": args.workloads, "results": rows,
+          "ratios": {f"{v}/{w}": r for v, by in ratios(results, args.workloads).items() for w, r in by.items()},
+          "runs": runs}, args.out)
+
+
+if __name__ == "__main__":
+    main()

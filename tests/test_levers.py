@@ -1,0 +1,84 @@
+"""The switches behind issue 22's GPU levers: the attention-implementation switch (default
+unchanged), and levers_gpu.py's variant table (XLA knows every flag) and ratios."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+from streamflow_jax import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from levers_gpu import VARIANTS, ratios  # noqa: E402
+
+
+class FakeDevice:
+    """What ``attention_implementation`` reads of a device."""
+
+    def __init__(self, platform: str, compute_capability: str = "9.0"):
+        self.platform, self.compute_capability = platform, compute_capability
+
+
+H100, A100, CPU = FakeDevice("gpu", "9.0"), FakeDevice("gpu", "8.0"), FakeDevice("cpu", "")
+
+
+def _impl(head_dim, device, dtype=jnp.bfloat16):
+    return ops.attention_implementation(jnp.zeros((1, 4, 2, head_dim), dtype), device)
+
+
+def test_default_rule_unchanged(monkeypatch):
+    monkeypatch.delenv(ops.ATTENTION_ENV, raising=False)
+    assert [_impl(k, H100) for k in (40, 64, 160, 256, 264, 36)] == ["cudnn"] * 4 + ["xla"] * 2
+    assert [_impl(k, A100) for k in (64, 128, 160)] == ["cudnn", "cudnn", "xla"]
+    assert _impl(64, H100, jnp.float32) == _impl(64, CPU) == "xla"
+    monkeypatch.setenv(ops.ATTENTION_ENV, "auto")
+    assert _impl(160, A100) == "xla" and _impl(160, H100) == "cudnn"
+
+
+@pytest.mark.parametrize("setting,want", [
+    ("xla", {40: "xla", 64: "xla", 160: "xla"}),
+    ("cudnn", {40: "cudnn", 64: "cudnn", 160: "cudnn"}),  # even past the A100's 128: cuDNN may refuse
+    ("40=xla", {40: "xla", 64: "cudnn", 160: "xla"}),    # 160 keeps the A100 rule
+    ("40=xla, 160=cudnn", {40: "xla", 64: "cudnn", 160: "cudnn"}),
+])
+def test_switch(monkeypatch, setting, want):
+    monkeypatch.setenv(ops.ATTENTION_ENV, setting)
+    assert {k: _impl(k, A100) for k in want} == want
+    assert _impl(64, CPU) == _impl(64, A100, jnp.float32) == "xla"  # never cuDNN where it cannot run
+
+
+@pytest.mark.parametrize("bad", ["fast", "40=fast", "k=xla", "40"])
+def test_switch_refuses_typos(monkeypatch, bad):
+    monkeypatch.setenv(ops.ATTENTION_ENV, bad)
+    with pytest.raises(ValueError, match=ops.ATTENTION_ENV):
+        ops.attention_choice(40)
+
+
+def test_attention_still_runs_with_the_switch(monkeypatch):
+    monkeypatch.setenv(ops.ATTENTION_ENV, "cudnn")  # on this CPU: XLA's lowering regardless
+    q = jnp.ones((1, 3, 2, 8))
+    assert ops.attention(q, q, q).shape == (1, 3, 2, 8)
+
+
+def test_xla_knows_every_lever_flag():
+    """An unknown flag in XLA_FLAGS aborts the process: every variant's flags parse here (GPU
+    flags are fields of the same DebugOptions, so XLA:CPU parses them too)."""
+    flags = " ".join(f for f, _ in VARIANTS.values() if f)
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(2).sum()))"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
+    assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
+    assert all(env_extra.keys() <= {ops.ATTENTION_ENV} for _, env_extra in VARIANTS.values())
+
+
+def test_ratios():
+    results = {"default": {"stream": {"ms_per_call": 20.0}, "sd3": {"ms_per_call": 40.0}},
+               "cmdbuf_off": {"stream": {"ms_per_call": 25.0}, "sd3": {"error": "x"}},
+               "cublaslt": {"stream": {"ms_per_call": 16.0}, "sd3": {"ms_per_call": 32.0}}}
+    assert ratios(results, ["stream", "sd3"]) == {"cmdbuf_off": {"stream": 0.8}, "cublaslt": {"stream": 1.25, "sd3": 1.25}}
