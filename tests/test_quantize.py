@@ -4,6 +4,7 @@ model's accuracy, parameter bytes, and the quantized model in jit, scan and the 
 
 from __future__ import annotations
 
+import copy
 import re
 
 import jax
@@ -20,7 +21,7 @@ import streamflow_jax as sf
 from streamflow_jax import ops
 from streamflow_jax.eval import digit_accuracy
 from streamflow_jax.models import FlowModel, abstract_module, family_of
-from streamflow_jax.pipelines import DigitsPipeline
+from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline
 from streamflow_jax.quantize import RULES, Fp8Linear, parameter_bytes, quantize
 
 E4M3_MAX = 448.0
@@ -53,6 +54,13 @@ def fake_quantize_diffusers(model: torch.nn.Module, pattern: str) -> int:
 
 def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+def _with_model(pipe, model):
+    """The same pipeline (conditioning, scheduler) around another model."""
+    out = copy.copy(pipe)
+    out.model = model
+    return out
 
 
 def _fp8_layers(model: FlowModel) -> list[Fp8Linear]:
@@ -127,11 +135,11 @@ LABELS = np.repeat(np.arange(10), 8)
 
 @pytest.fixture(scope="module")
 def digits():
-    return DigitsPipeline.from_dir()
+    return DigitsPipeline.load(DIGITS_DIR)
 
 
 def test_digits_keep_their_accuracy(digits):
-    quantized = DigitsPipeline(quantize(digits.model, "fp8"), digits.conditioning, digits.shift)
+    quantized = _with_model(digits, quantize(digits.model, "fp8"))
     images = quantized(LABELS, steps=16, guidance_scale=3.0, seed=0)
     assert digit_accuracy(images, LABELS) >= 0.9  # measured 1.0 (float32: 1.0)
     # the stream engine runs it too; per-tensor activation scales couple a batch's elements,
@@ -142,11 +150,11 @@ def test_digits_keep_their_accuracy(digits):
 
 
 def test_digits_bfloat16_accuracy_and_bytes():
-    pipe = DigitsPipeline.from_dir(dtype="bfloat16")
+    pipe = DigitsPipeline.load(DIGITS_DIR, dtype="bfloat16")
     q = quantize(pipe.model, "fp8")
     ratio = parameter_bytes(q) / parameter_bytes(pipe.model)
     assert 0.5 <= ratio <= 0.56  # measured 0.542: the embedders and proj_out stay bf16
-    images = DigitsPipeline(q, pipe.conditioning, pipe.shift)(LABELS[::2], steps=16, guidance_scale=3.0, seed=1)
+    images = _with_model(pipe, q)(LABELS[::2], steps=16, guidance_scale=3.0, seed=1)
     assert digit_accuracy(images, LABELS[::2]) >= 0.9
 
 
