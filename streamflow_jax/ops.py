@@ -130,10 +130,20 @@ def fp8_scale(amax: jax.Array) -> jax.Array:
     same as with ``amax / 448``.
     """
     amax = jnp.asarray(amax, jnp.float32)
-    # built from the exponent bits: XLA's exp2 is not exact for every power of two
-    mant, exp = jnp.frexp(jnp.where(amax > 0, amax, FP8_MAX) / FP8_MAX)  # mant in [0.5, 1)
-    exp = jnp.clip(jnp.where(mant == 0.5, exp - 1, exp), -126, 127)
-    return jax.lax.bitcast_convert_type((exp + 127).astype(jnp.int32) << 23, jnp.float32)
+    r = jnp.where(amax > 0, amax, FP8_MAX) / FP8_MAX
+    s = _exact_exp2(jnp.clip(jnp.ceil(jnp.log2(r)), -126, 126))
+    s = jnp.where(r <= s * 0.5, s * 0.5, s)  # log2 is approximate next to powers of two
+    return jnp.where(r > s, s * 2, s)
+
+
+def _exact_exp2(e: jax.Array) -> jax.Array:
+    """``2 ** e`` for integral float32 ``e`` in [-126, 126], exactly: products of exact powers
+    of two. (XLA's ``exp2`` is not exact; ``frexp`` / bit casts are, but ONNX has no BitCast.)"""
+    a, s = jnp.abs(e), jnp.ones_like(e)
+    for k in (64, 32, 16, 8, 4, 2, 1):
+        take = a >= k
+        s, a = jnp.where(take, s * float(2**k), s), jnp.where(take, a - k, a)
+    return jnp.where(e < 0, 1 / s, s)
 
 
 def quantize_fp8(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -160,7 +170,8 @@ def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array) -> jax.
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
-    x_scale = fp8_scale(jnp.max(jnp.abs(x)))
+    # lax.reduce_max, not jnp.max: no emptiness check, which symbolic (exported) sizes cannot answer
+    x_scale = fp8_scale(jax.lax.reduce_max(jnp.abs(x), tuple(range(x.ndim))))
     xq = quantize_fp8(x, x_scale)
     dequant = lambda q, s: q.astype(x.dtype) * s.astype(x.dtype)  # noqa: E731
     return jax.lax.dot_general(dequant(xq, x_scale), dequant(weight, weight_scale),
