@@ -1,5 +1,5 @@
 # Two entry points, each self-contained on a fresh machine with Python 3.11:
-#   make demo   runtime install, then `streamflow-jax generate` on the embedded model
+#   make demo   runtime install (+ scikit-learn, for the digit accuracy), then `streamflow-jax generate`
 #   make test   runtime + test extra (CPU torch pinned, diffusers, transformers), then pytest
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -23,7 +23,11 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(BIN)/python -m pip install -q -e ".[test,onnx,tensorrt-rtx]"
 	touch $@
 
-demo: $(VENV)/.runtime
+$(VENV)/.demo: pyproject.toml $(VENV)/.runtime
+	$(BIN)/python -m pip install -q -e ".[demo]"
+	touch $@
+
+demo: $(VENV)/.demo
 	$(BIN)/streamflow-jax generate
 
 test: $(VENV)/.test

@@ -33,14 +33,14 @@ def engine_vs_batched(n: int, steps: int, slots: int, repeats: int) -> dict:
     import streamflow_jax as sf
     from streamflow_jax.pipelines import NULL_CLASS, DigitsPipeline
 
-    pipe = DigitsPipeline.from_dir()
+    pipe = DigitsPipeline.load()
     shape = pipe.latent_shape
     table = {k: np.asarray(v) for k, v in pipe.conditioning.items()}
     labels = np.arange(n) % 10
     cond = {k: v[labels] for k, v in table.items()}
     uncond = {k: np.repeat(v[NULL_CLASS][None], n, 0) for k, v in table.items()}
     noise = np.asarray(pipe.noise(n, 0))
-    grid = sf.schedules.flow_match(steps, shift=pipe.shift)
+    grid = pipe.scheduler.flow_match_grid(steps)
 
     def batched():
         outs = []

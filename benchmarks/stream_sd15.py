@@ -74,7 +74,8 @@ def main():
     import torch
 
     import streamflow_jax as sf
-    from streamflow_jax.models.perflow import PeRFlowAdapter, sd_alphas_cumprod
+    from streamflow_jax.models.perflow import PeRFlowAdapter
+    from streamflow_jax.schedules import alphas_cumprod as sd_alphas_cumprod
 
     torch.set_num_threads(args.threads)
     device = "cuda" if args.preset == "gpu" else "cpu"

@@ -275,12 +275,14 @@ class ConversionPlan:
     treedef: object = None
     copies: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # more keys for one parameter
     deltas: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # added on read (merged LoRAs)
+    allow_nonfinite: bool = False  # NaN/inf weights are an error unless this says they are wanted
 
     def read(self, names: list[str], cast=None) -> Iterator[tuple[str, np.ndarray]]:
         """Yields ``(parameter name, array)`` for ``names``, in the module's layout, cast to
         ``cast`` where floating point (``None`` keeps each tensor's dtype: bf16 stays bf16).
         A parameter that several keys fill (a tied embedding saved twice) is read from each,
-        and the copies must be equal."""
+        and the copies must be equal. A floating-point tensor with NaN or inf values (after
+        any delta or LoRA) is an error naming it, unless ``allow_nonfinite``."""
         by_key = {self.origin[n]: n for n in names}
         extra = {k: n for n in names for k in self.copies.get(n, ())}
         first: dict[str, tuple[str, np.ndarray]] = {}
@@ -297,7 +299,14 @@ class ConversionPlan:
                     continue
             if name in self.deltas:  # added in float32, back to the tensor's dtype
                 array = (array.astype(np.float32) + self.deltas[name]).astype(array.dtype)
-            if cast is not None and jax.numpy.issubdtype(array.dtype, jax.numpy.floating):
+            floating = jax.numpy.issubdtype(array.dtype, jax.numpy.floating)
+            if floating and not self.allow_nonfinite:
+                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+                if bad:
+                    raise ConversionError(f"{self.source}: tensor {key!r} has {bad} non-finite value(s) (NaN or inf); "
+                                          "a model with them samples NaN. To convert it anyway: allow_nonfinite=True "
+                                          "(streamflow-jax convert --allow-nonfinite)")
+            if cast is not None and floating:
                 array = array.astype(cast)
             yield name, array
 

@@ -30,14 +30,24 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from streamflow_jax.errors import ConversionError
+from streamflow_jax.models import FAMILIES
 
 from . import _target_for
 from .common import map_tensor
 
-# the diffusers pipeline component -> its kohya prefixes
-KOHYA_PREFIXES = {"unet": ("lora_unet_",), "transformer": ("lora_unet_", "lora_transformer_"),
-                  "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",),
-                  "text_encoder_3": ("lora_te3_",)}
+# kohya names text encoders by their pipeline slot, whatever the family (CLIP, T5...)
+TEXT_ENCODER_SLOTS = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",),
+                      "text_encoder_3": ("lora_te3_",)}
+
+
+def component_prefixes() -> dict[str, tuple[str, ...]]:
+    """Each pipeline component -> the kohya key prefixes naming it: a velocity family's from its
+    ``Family.lora_prefixes`` (its ``component``), text encoders' by slot."""
+    out: dict[str, tuple[str, ...]] = {}
+    for family in FAMILIES.values():
+        if family.lora_prefixes:
+            out[family.component] = tuple(dict.fromkeys(out.get(family.component, ()) + family.lora_prefixes))
+    return {**out, **TEXT_ENCODER_SLOTS}
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _KOHYA = re.compile(r"^(?P<module>lora_[a-z0-9]+_.+)\.(?P<part>lora_down|lora_up)\.weight$")
 
@@ -101,7 +111,8 @@ def _peft_scales(metadata: dict, component: str):
 def lora_modules(tensors: dict[str, np.ndarray], metadata: dict, component: str) -> tuple[list[LoraModule], list[str]]:
     """The file's updates for ``component`` (``"unet"``, ``"transformer"``, ``"text_encoder"``...)
     and the keys that belong to other components."""
-    kohya_prefixes = KOHYA_PREFIXES.get(component, ())
+    prefixes = component_prefixes()
+    kohya_prefixes = prefixes.get(component, ())
     peft_prefix = f"{component}."
     scales = _peft_scales(metadata, component)
     parts: dict[str, dict[str, str]] = {}
@@ -123,7 +134,7 @@ def lora_modules(tensors: dict[str, np.ndarray], metadata: dict, component: str)
             module = m.group("module")
             if module.startswith(peft_prefix):
                 module = module[len(peft_prefix):]
-            elif "." in module and module.split(".", 1)[0] in KOHYA_PREFIXES:
+            elif "." in module and module.split(".", 1)[0] in prefixes:
                 others.append(key)
                 continue
             parts.setdefault(("peft", module, module), {})["lora_down" if m.group("part") == "A" else "lora_up"] = key

@@ -35,18 +35,19 @@ from streamflow_jax.converters import (
     plan_source,
     resolve_dtype,
 )
+from streamflow_jax import schedules
+from streamflow_jax.converters import parse_config
 from streamflow_jax.converters.common import check_model_source, read_json, weights_file
-from streamflow_jax.errors import ConversionError
-from streamflow_jax.fsutil import atomic_dir
-from streamflow_jax.converters.lora import KOHYA_PREFIXES, lora_deltas, read_lora_file
+from streamflow_jax.converters.lora import component_prefixes, lora_deltas, read_lora_file
+from streamflow_jax.errors import ConfigError, ConversionError
+from streamflow_jax.fsutil import atomic_dir, interrupts_held
 from streamflow_jax.lora import apply_loras, merged_deltas, parse_loras
-from streamflow_jax.models import FAMILIES, FlowModel, abstract_module, family_of, flat_params
+from streamflow_jax.models import FAMILIES, VELOCITY_COMPONENTS, FlowModel, abstract_module, family_of, flat_params
 from streamflow_jax.sharding import placement, shard
 
 PARAMS_DIR = "params"
 PARTS_INDEX = "parts.json"
 PART_BYTES = 256 << 20  # parameters per orbax item: the conversion's working set is a few times this
-VELOCITY_COMPONENTS = ("transformer", "unet")  # what sf.load takes from a pipeline by default
 ROOT_FILE_LIMIT = 16 << 20  # pipeline-root files copied by convert (configs, conditioning tables)
 META_KEY = "streamflow_jax"  # present in our config.json, absent from diffusers'
 
@@ -99,8 +100,9 @@ def _write_parts(out: Path, parts: Iterator[dict[str, np.ndarray]], progress: bo
     with ocp.StandardCheckpointer() as ckpt, tqdm(total=total, desc=label, unit="tensor", disable=not progress) as bar:
         for i, arrays in enumerate(parts):
             name = f"part-{i:03d}"
-            ckpt.save(params / name, arrays)
-            ckpt.wait_until_finished()
+            with interrupts_held():  # orbax writes on background threads: Ctrl-C waits for them
+                ckpt.save(params / name, arrays)
+                ckpt.wait_until_finished()
             index[name] = list(arrays)
             for k, a in arrays.items():
                 dtypes[k] = str(a.dtype)
@@ -133,7 +135,7 @@ def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
 
 
 def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None = None, variant: str | None = None,
-            delta=None, delta_variant: str | None = None, loras=None) -> Path:
+            delta=None, delta_variant: str | None = None, loras=None, allow_nonfinite: bool = False) -> Path:
     """Converts a diffusers model or pipeline directory (or a single file) into a streamflow-jax directory.
 
     Args:
@@ -151,11 +153,14 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             diffusers pipeline directory whose configs and tokenizer it takes.
         variant: read the ``*.{variant}.safetensors`` weights (``"fp16"``...), of every component.
         delta: a directory of weight differences to add (``W = W_base + dW``, in float32, then
-            cast): to the model, or to a pipeline's ``unet``. Its keys must match exactly.
+            cast): to the model, or to a pipeline's velocity model (its ``unet``, PeRFlow's delta
+            weights). Its keys must match exactly.
         delta_variant: which weights file of ``delta``, when it holds several.
         loras: LoRA files to merge (``file``, ``(file, scale)`` or ``"file:scale"``; summed):
             into the model, or into each pipeline component their keys name (a key that fits
             no component's weight is an error).
+        allow_nonfinite: convert weights with NaN or inf values (by default an error naming
+            the tensor: such a model samples NaN).
 
     Returns:
         The output path.
@@ -170,7 +175,7 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         if variant is not None:
             raise ConversionError(f"{src}: variant={variant!r} picks files in a directory; a single file is read as is")
         return _convert_single_file_pipeline(src, dst, Path(config), cast, progress, delta=delta,
-                                             delta_variant=delta_variant, loras=loras)
+                                             delta_variant=delta_variant, loras=loras, allow_nonfinite=allow_nonfinite)
     if isinstance(config, str | Path):
         raise ConversionError(f"{config}: config is a dict of fields, or for a single-file pipeline checkpoint a "
                               "diffusers pipeline directory (model_index.json)")
@@ -178,6 +183,7 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         if not src.is_file():
             check_model_source(src)
         p, _ = plan_source(src, config=config, **reading)  # everything checked before dst is touched
+        p.allow_nonfinite = allow_nonfinite
         if loras:
             p.deltas = merged_deltas(p.family, p.config, p.targets, loras, strict_other=True)
         with atomic_dir(dst) as tmp:
@@ -185,11 +191,15 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         return dst
     check_model_source(src)
     components = pipeline_components(src)
-    if delta is not None and not components.get("unet", "skip").startswith("UNet"):
-        raise ConversionError(f"{src}: a delta goes to a pipeline's unet, and this pipeline has none")
-    plans = {name: plan_source(src / name, variant=variant, delta=delta if name == "unet" else None,
+    velocity = [n for n, kind in components.items() if kind in FAMILIES and FAMILIES[kind].kind == "velocity"]
+    if delta is not None and not velocity:
+        raise ConversionError(f"{src}: a delta goes to a pipeline's velocity model (its unet), and this pipeline "
+                              "has none")
+    plans = {name: plan_source(src / name, variant=variant, delta=delta if name in velocity[:1] else None,
                                delta_variant=delta_variant)[0]
              for name, kind in components.items() if kind != "config-only" and not kind.startswith("skip:")}
+    for p in plans.values():
+        p.allow_nonfinite = allow_nonfinite
     if loras:
         _lora_into_components(plans, loras)
     with atomic_dir(dst) as tmp:
@@ -223,7 +233,8 @@ def _lora_into_components(plans: dict[str, ConversionPlan], loras) -> None:
     for path, scale in parse_loras(loras):
         tensors, metadata = read_lora_file(path)
         left = set(tensors) - {k for k in tensors if k.endswith(".alpha")}
-        unnamed = [k for k in left if not any(_names_component(k, c) for c in KOHYA_PREFIXES)]
+        prefixes = component_prefixes()
+        unnamed = [k for k in left if not any(_names_component(k, c, prefixes) for c in prefixes)]
         if unnamed:
             raise ConversionError(f"{path}: LoRA key(s) name no pipeline component (e.g. {sorted(unnamed)[0]!r}; "
                                   "expected unet., transformer., text_encoder... or kohya's lora_unet_/lora_te_): "
@@ -234,18 +245,19 @@ def _lora_into_components(plans: dict[str, ConversionPlan], loras) -> None:
                                     metadata, name, source=f"{path} ({name})", scale=scale)
             for k, d in deltas.items():
                 p.deltas[k] = p.deltas.get(k, 0) + d
-            taken = {k for k in left if _names_component(k, name)}
+            taken = {k for k in left if _names_component(k, name, prefixes)}
             left -= taken
         if left:
             raise ConversionError(f"{path}: LoRA key(s) for no component of this pipeline: {sorted(left)[:5]}")
 
 
-def _names_component(key: str, component: str) -> bool:
-    return key.startswith(f"{component}.") or any(key.startswith(p) for p in KOHYA_PREFIXES.get(component, ()))
+def _names_component(key: str, component: str, prefixes: dict[str, tuple[str, ...]]) -> bool:
+    return key.startswith(f"{component}.") or any(key.startswith(p) for p in prefixes.get(component, ()))
 
 
 def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast, progress: bool, *,
-                                  delta=None, delta_variant: str | None = None, loras=None) -> Path:
+                                  delta=None, delta_variant: str | None = None, loras=None,
+                                  allow_nonfinite: bool = False) -> Path:
     """A whole pipeline in one file (the original LDM layout of SD 1.x/2.x: ``model.diffusion_model.*``,
     ``first_stage_model.*``, ``cond_stage_model.transformer.*``): each component's tensors are
     mapped to diffusers keys and converted with the configs of ``pipeline_dir`` (as diffusers'
@@ -261,6 +273,8 @@ def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast
         raw, base = sources["unet"]
         sources["unet"] = raw, DeltaSource(base, weights_file(delta, delta_variant), source=f"{src} + delta {delta}")
     plans = {name: plan(raw, source, source=f"{src} ({name})") for name, (raw, source) in sources.items()}
+    for p in plans.values():
+        p.allow_nonfinite = allow_nonfinite
     if loras:
         _lora_into_components(plans, loras)
     with atomic_dir(dst) as tmp:
@@ -286,7 +300,10 @@ def pipeline_components(src: Path) -> dict[str, str]:
     (no weights: scheduler, tokenizer, feature extractor), or ``"skip: reason"``."""
     index = read_json(src / "model_index.json")
     out = {}
-    for name in sorted(k for k in index if not k.startswith("_")):
+    # components are [library, class] pairs; other entries are pipeline settings
+    # (requires_safety_checker, force_zeros_for_empty_prompt...), not components
+    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2]
+    for name in sorted(names):
         sub = src / name
         weights = sorted(p.name for p in sub.glob("*.safetensors")) if sub.is_dir() else []
         if not sub.is_dir():
@@ -309,6 +326,7 @@ def pipeline_components(src: Path) -> dict[str, str]:
 
 
 def _component_dir(path: Path, component: str | None) -> Path:
+    """A pipeline directory's component (default: its velocity model); any other path as is."""
     if (path / "model_index.json").is_file() and not (path / "config.json").is_file():
         if component is None:
             component = next((c for c in VELOCITY_COMPONENTS if (path / c / "config.json").is_file()), None)
@@ -323,13 +341,10 @@ def _component_dir(path: Path, component: str | None) -> Path:
 def _restore(params_dir: Path, shapes: dict, place: Callable) -> dict[str, jax.Array]:
     """Restores every parameter straight into an array placed by ``place(name, abstract)``."""
     index_file = params_dir / PARTS_INDEX
+    if not index_file.is_file():
+        raise ConversionError(f"{params_dir}: no {PARTS_INDEX} (written by an older streamflow-jax, or incomplete); "
+                              "convert the checkpoint again")
     with ocp.StandardCheckpointer() as ckpt:
-        if not index_file.is_file():  # format 1 (converter version 1): one item, restored on the host
-            flat = ckpt.restore(params_dir)
-            if set(flat) != set(shapes):
-                odd = sorted(set(flat) ^ set(shapes))[:5]
-                raise ConversionError(f"{params_dir}: parameters do not match the model (differing keys {odd})")
-            return {n: jax.device_put(a, place(n, a)) for n, a in flat.items()}
         index = json.loads(index_file.read_text())
         listed = {n: part for part, names in index["parts"].items() for n in names}
         if set(listed) != set(shapes):
@@ -348,33 +363,83 @@ def _restore(params_dir: Path, shapes: dict, place: Callable) -> dict[str, jax.A
 def load(path, dtype=None, *, component: str | None = None, progress: bool = False,
          config: dict | None = None, sharding: Callable[[str, jax.ShapeDtypeStruct], object] | None = None,
          variant: str | None = None, delta=None, delta_variant: str | None = None, loras=None,
-         mesh=None, strategy: str = "fsdp") -> FlowModel:
+         mesh=None, strategy: str = "fsdp", prediction_type: str | None = None, num_time_windows: int | None = None,
+         scheduler: schedules.Scheduler | None = None, allow_nonfinite: bool = False) -> FlowModel:
     """Loads a converted directory, or converts a diffusers directory (or single file) in memory.
 
     Args:
         path: a directory written by ``convert``, a diffusers model/pipeline directory, or a
             single safetensors file in a published layout.
         dtype: cast floating-point parameters to this dtype (``None`` keeps them).
-        component: for a pipeline directory, which one (default: its ``transformer`` or ``unet``).
+        component: for a pipeline directory, which one (default: its velocity model, the
+            ``transformer`` or ``unet``).
         config: config fields overriding a diffusers directory's or a single file's.
         sharding: ``(parameter name, abstract array) -> jax.sharding.Sharding`` placing each
             restored weight (default: the first device).
         variant, delta, delta_variant: as ``convert``'s, for a diffusers directory.
         loras: LoRA files merged into the loaded model (``file``, ``(file, scale)`` or
-            ``"file:scale"``); the file's keys for ``component`` (default: the model's kind).
+            ``"file:scale"``); the file's keys for ``component`` (default: the model's).
         mesh, strategy: place the weights on a ``("data", "model")`` mesh (``sharding.make_mesh``)
             by ``"replicate"``, ``"fsdp"`` or ``"tensor"``: a converted directory is restored
             straight into each weight's shards, never whole on one device or the host.
+        prediction_type, num_time_windows: a model that predicts noise (a PeRFlow UNet) becomes a
+            velocity field through the adapter its pipeline's scheduler describes; these override
+            the scheduler config (PeRFlow's hub layout ships its base model's scheduler), or,
+            for a UNet directory without a pipeline, say what it predicts.
+        scheduler: the scheduler record to take the adapter from, instead of reading it.
+        allow_nonfinite: convert weights with NaN or inf values (an error otherwise).
     """
     model = _load(path, dtype, component=component, progress=progress, config=config, sharding=sharding,
-                  variant=variant, delta=delta, delta_variant=delta_variant, mesh=mesh, strategy=strategy)
+                  variant=variant, delta=delta, delta_variant=delta_variant, mesh=mesh, strategy=strategy,
+                  allow_nonfinite=allow_nonfinite)
     if loras:
         model = apply_loras(model, loras, component=component)
-    return model
+    return _with_adapter(model, Path(path), scheduler, prediction_type, num_time_windows)
+
+
+def _with_adapter(model: FlowModel, path: Path, scheduler, prediction_type, num_time_windows) -> FlowModel:
+    """A noise-predicting model with the velocity adapter of its scheduler (see ``load``)."""
+    overrides = prediction_type is not None or num_time_windows is not None
+    if model.family.predicts == "velocity":
+        if overrides:
+            raise ConfigError(f"{path}: prediction_type and num_time_windows (--prediction-type, --windows) apply to "
+                              f"UNets run as PeRFlow/InstaFlow, not to {model.class_name}")
+        return model
+    from streamflow_jax.models.perflow import PeRFlowAdapter  # the one adapter there is
+
+    if scheduler is None:
+        pipeline = (path / "model_index.json").is_file()
+        if pipeline and (path / schedules.SCHEDULER_FILE).is_file():
+            raw = read_json(path / schedules.SCHEDULER_FILE)
+            if not overrides and raw.get("_class_name") in schedules.BASE_SCHEDULERS:
+                return model  # a base model's scheduler: no adapter unless asked (velocity() says how)
+            scheduler = schedules.read_scheduler(path, prediction_type=prediction_type,
+                                                 num_time_windows=num_time_windows)
+        elif overrides:
+            scheduler = schedules.parse_scheduler({"_class_name": "PeRFlowScheduler"}, prediction_type=prediction_type,
+                                                  num_time_windows=num_time_windows, source=str(path))
+        else:
+            return model
+    if not scheduler.perflow:
+        raise ConfigError(f"{path}: {model.class_name} predicts noise, and the scheduler {scheduler.class_name} gives "
+                          "no PeRFlow/InstaFlow prediction_type to make it a velocity field")
+    return model.with_adapter(PeRFlowAdapter.from_scheduler(scheduler))
+
+
+def read_model_config(path) -> tuple[object, object]:
+    """``(family, config)`` of a model directory, converted (our ``config.json``) or diffusers'."""
+    path = Path(path)
+    raw = read_json(path / "config.json")
+    if META_KEY in raw:
+        family = family_of(raw.get("_class_name"))
+        fields = {f.name for f in dataclasses.fields(family.config_cls)}
+        return family, family.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
+                                             if k in fields})
+    return parse_config(raw, source=str(path))
 
 
 def _load(path, dtype, *, component, progress, config, sharding, variant, delta, delta_variant, mesh,
-          strategy) -> FlowModel:
+          strategy, allow_nonfinite) -> FlowModel:
     path = _component_dir(Path(path), component)
     cfg_path = path / "config.json"
     raw = None
@@ -385,6 +450,7 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
             raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from None
     if not (isinstance(raw, dict) and META_KEY in raw):
         p, _ = plan_source(path, config=config, variant=variant, delta=delta, delta_variant=delta_variant)
+        p.allow_nonfinite = allow_nonfinite
         model = p.model(resolve_dtype(dtype), progress)
         return shard(model, mesh, strategy) if mesh is not None else model
     if variant is not None or delta is not None:
@@ -392,12 +458,9 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
 
     class_name = raw.get("_class_name")
     try:
-        fam = family_of(class_name)
+        fam, model_config = read_model_config(path)
     except ValueError as e:
         raise ConversionError(f"{cfg_path}: {e}") from None
-    fields = {f.name for f in dataclasses.fields(fam.config_cls)}
-    model_config = fam.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
-                                     if k in fields})
     graphdef, abstract_state = nnx.split(abstract_module(fam, model_config))
     shapes, treedef, names = flat_params(nnx.to_pure_dict(abstract_state))
     params_dir = (path / PARAMS_DIR).absolute()

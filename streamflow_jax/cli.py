@@ -1,26 +1,31 @@
-"""``streamflow-jax``: convert | generate | export | bench.
+"""streamflow-jax: convert diffusers checkpoints, generate images, export graphs, benchmark.
 
 Errors a user can fix (bad paths, bad checkpoints, bad arguments) print one line to stderr
-and exit with status 1; Ctrl-C prints one line and exits with 130. Nothing half-written is
-left behind. Subcommands import the library when they run, so ``--help`` and argument errors
-answer without loading JAX.
+and exit with status 1; Ctrl-C prints one line and exits with 130, at any moment (compiled
+sampling runs in segments so that it can stop between two). Nothing half-written is left
+behind. Every flag is checked before any model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from safetensors import safe_open
 
+from streamflow_jax._version import __version__
+from streamflow_jax.backends import BACKENDS
 from streamflow_jax.errors import ConversionError
+from streamflow_jax.sampling import check_seed
+from streamflow_jax.schedules import MAX_STEPS, PREDICTIONS, check_steps
 
-BACKENDS = ("xla", "onnxruntime", "tensorrt")  # as streamflow_jax.backends.BACKENDS (checked in tests)
+DESCRIPTION = ("Rectified-flow image generators (SD3/SD3.5, Flux.1, PeRFlow/InstaFlow SD1.5) converted from "
+               "diffusers checkpoints and compiled with JAX/XLA.")
 
 
 def _cmd_convert(args) -> int:
@@ -28,7 +33,7 @@ def _cmd_convert(args) -> int:
 
     out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet,
                   config=_config_overrides(args.config_from), variant=args.variant, delta=args.delta,
-                  delta_variant=args.delta_variant, loras=args.lora)
+                  delta_variant=args.delta_variant, loras=args.lora, allow_nonfinite=args.allow_nonfinite)
     print(f"converted {args.src} -> {out}")
     record = out / "conversion.json"
     if record.is_file():  # a pipeline: say what happened to each component
@@ -66,72 +71,138 @@ def _mesh(args):
     return make_mesh(n, data=1, model=n) if args.strategy == "tensor" else make_mesh(n, data=n, model=1)
 
 
+def _positive(args, *names: str) -> None:
+    """Each flag (by dest name) given must be an integer >= 1; named as the user typed it."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _check_common(args) -> None:
+    """The flags every sampling command shares, checked before anything is loaded."""
+    _positive(args, "devices")
+    if getattr(args, "steps", None) is not None:
+        try:
+            check_steps(args.steps)
+        except ValueError:
+            raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {args.steps}") from None
+    if getattr(args, "seed", None) is not None:
+        try:
+            check_seed(args.seed)
+        except ValueError:
+            raise ValueError(f"--seed must be an integer in [0, 2**32), got {args.seed}") from None
+    for flag, value in (("--guidance", getattr(args, "guidance", None)), ("--strength", getattr(args, "strength", None))):
+        if value is not None and not np.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+    strength = getattr(args, "strength", None)
+    if strength is not None and not 0 < strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+
+
+def _check_out(path: str) -> Path:
+    """``--out``: an image file whose directory exists and whose extension Pillow writes."""
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {path}: unknown image extension {out.suffix!r} (e.g. .png, .jpg, .webp)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or out.is_dir():
+        raise ValueError(f"--out {path}: cannot write there")
+    return out
+
+
+def _is_digits_model(path: str | None) -> bool:
+    return path is None or (Path(path) / "conditioning.safetensors").is_file()
+
+
 def _cmd_generate(args) -> int:
-    prompts = bool(args.prompt) or bool(args.model and not (Path(args.model) / "conditioning.safetensors").is_file())
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if prompts:
-        return _generate_prompts(args)
-    if args.steps is None:
-        args.steps = 16
-    if args.guidance is None:
-        args.guidance = 3.0
-    from streamflow_jax.eval import digit_accuracy  # scikit-learn: only the digits demo needs it
+    _check_common(args)
+    _positive(args, "slots", "streams", "per_digit")
+    _check_out(args.out)
+    if args.strength is not None and not args.image:
+        raise ValueError("--strength is for image-to-image: give --image too")
+    if _is_digits_model(args.model):
+        return _generate_digits(args)
+    return _generate_prompts(args)
+
+
+def _generate_digits(args) -> int:
     from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline, image_grid
 
-    if args.per_digit < 1:
-        raise ValueError(f"--per-digit must be >= 1, got {args.per_digit}")
+    for flag, value in (("--prompt", args.prompt), ("--height", args.height), ("--width", args.width),
+                        ("--taesd", args.taesd), ("--prediction-type", args.prediction_type),
+                        ("--windows", args.windows), ("--max-sequence-length", args.max_sequence_length)):
+        if value is not None and value != []:
+            raise ValueError(f"{flag} is for prompt pipelines; the digits model makes 16x16 digits from class labels "
+                             "(give --model PIPELINE_DIR for prompts)")
+    steps = 16 if args.steps is None else args.steps
     t0 = time.perf_counter()
-    pipe = DigitsPipeline.from_dir(args.model or DIGITS_DIR, dtype=args.dtype, mesh=_mesh(args),
-                                   strategy=args.strategy)
-    print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), converted in {time.perf_counter() - t0:.2f} s")
+    pipe = DigitsPipeline.load(args.model or DIGITS_DIR, dtype=args.dtype, mesh=_mesh(args), strategy=args.strategy)
+    if args.quantize:
+        pipe.model = _quantize(pipe.model, args.quantize)
+    guidance = pipe.resolve_guidance(args.guidance)
+    print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), loaded in {time.perf_counter() - t0:.2f} s")
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
-    guidance = None if args.guidance <= 0 else args.guidance
     image = None
     if args.image:  # one input digit, redrawn as every class
-        with Image.open(args.image) as im:
-            image = np.asarray(im.convert("L").resize((16, 16), Image.Resampling.BILINEAR), np.float32)[None] / 255
         if args.stream:
             raise ValueError("--image with --stream: the digits demo's stream runs text-to-image only")
+        with Image.open(args.image) as im:
+            image = np.asarray(im.convert("L").resize((16, 16), Image.Resampling.BILINEAR), np.float32)[None] / 255
     if args.stream:
-        run = lambda seed: pipe.stream(labels, steps=args.steps, guidance_scale=guidance, seed=seed,  # noqa: E731
+        run = lambda seed: pipe.stream(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
                                        slots_per_stream=args.slots, streams=args.streams, backend=args.backend)
     else:
-        run = lambda seed: pipe(labels, steps=args.steps, guidance_scale=guidance, seed=seed,  # noqa: E731
+        run = lambda seed: pipe(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
                                 backend=args.backend, image=image, strength=args.strength)
     t0 = time.perf_counter()
-    run(args.seed + 1)  # first call compiles
+    run((args.seed + 1) % 2**32)  # first call compiles
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     images = run(args.seed)
     run_s = time.perf_counter() - t0
     image_grid(images, rows=10).save(args.out)
-    acc = digit_accuracy(images, labels)
+    scale = "off" if not guidance.cfg else f"{guidance.scale:g}"
     print(f"first call (compile + run): {compile_s:.2f} s; then {len(labels)} images in {run_s:.3f} s "
-          f"= {len(labels) / run_s:.1f} images/s ({args.steps} steps, guidance {args.guidance}, backend {args.backend}"
+          f"= {len(labels) / run_s:.1f} images/s ({steps} steps, guidance {scale}, backend {args.backend}"
           + (f", stream engine {args.streams} x {args.slots} slots" if args.stream else ", one batch") + ")")
-    print(f"digit accuracy (classifier trained on the real digits): {acc:.1%}")
+    try:
+        from streamflow_jax.eval import digit_accuracy  # scikit-learn: an optional extra (make demo has it)
+
+        print(f"digit accuracy (classifier trained on the real digits): {digit_accuracy(images, labels):.1%}")
+    except ImportError:
+        print("digit accuracy: not measured (pip install scikit-learn, or the demo extra, to see it)")
     print(f"wrote {args.out}")
     return 0
 
 
+def _quantize(model, kind: str):
+    from streamflow_jax.quantize import quantize
+
+    return quantize(model, kind)
+
+
 def _generate_prompts(args) -> int:
     """``generate --model PIPELINE --prompt ...``: a prompt pipeline (class from model_index.json)."""
-    from streamflow_jax.pipelines import Pipeline
+    from streamflow_jax.pipelines import Pipeline, pipeline_class
 
-    if not args.model:
-        raise ValueError("--prompt needs --model PIPELINE_DIR (a prompt pipeline directory)")
     if not args.prompt:
-        raise ValueError(f"{args.model}: no conditioning.safetensors, so not a digits model directory; "
-                         "for a prompt pipeline give --prompt")
+        raise ValueError(f"{args.model}: a prompt pipeline (no conditioning.safetensors, so not a digits model "
+                         "directory): give --prompt TEXT")
+    if args.per_digit != 8:
+        raise ValueError("--per-digit is for the digits model; give one --prompt per image")
+    pipeline_class(args.model)  # a directory that is no pipeline fails here, before loading
     kwargs = {"dtype": args.dtype}
     for name, value in (("taesd", args.taesd), ("prediction_type", args.prediction_type),
                         ("num_time_windows", args.windows)):
         if value is not None:
             kwargs[name] = value
     pipe = Pipeline.from_diffusers(args.model, mesh=_mesh(args), strategy=args.strategy, **kwargs)
-    # no --guidance: the pipeline's default (CFG off for PeRFlow, 7.0 SD3, 3.5 Flux-dev); <= 1: CFG off
-    guidance = pipe.resolve_guidance(args.guidance)
+    if args.quantize:
+        pipe.model = _quantize(pipe.model, args.quantize)
+    guidance = pipe.resolve_guidance(args.guidance)  # refuses NaN/inf before any work
     t0 = time.perf_counter()
     image = None
     if args.image:
@@ -139,7 +210,7 @@ def _generate_prompts(args) -> int:
             image = im.convert("RGB")
             image.load()
     if args.stream:
-        images = _stream_prompts(pipe, args, guidance, image)
+        images = _stream_prompts(pipe, args, image)
     else:
         images = pipe(args.prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                       backend=args.backend, height=args.height, width=args.width,
@@ -147,20 +218,23 @@ def _generate_prompts(args) -> int:
     elapsed = time.perf_counter() - t0
     row = Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
     row.save(args.out)
-    print(f"{len(images)} image(s) in {elapsed:.2f} s (first call includes compilation); wrote {args.out}")
+    scale = guidance.kind if guidance.scale is None else f"{guidance.kind} {guidance.scale:g}"
+    print(f"{len(images)} image(s) in {elapsed:.2f} s (first call includes compilation; guidance {scale}); "
+          f"wrote {args.out}")
     return 0
 
 
-def _stream_prompts(pipe, args, guidance, image) -> list:
+def _stream_prompts(pipe, args, image) -> list:
     """``generate --stream`` for a prompt pipeline: one request per prompt through ``PromptStream``,
     each starting from its row of the batch path's noise, so both paths give the same images."""
     from streamflow_jax.pipelines import PromptStream
 
-    stream = PromptStream(pipe, slots_per_stream=args.slots, streams=args.streams, guidance=guidance is not None,
+    guided = pipe.resolve_guidance(args.guidance).cfg
+    stream = PromptStream(pipe, slots_per_stream=args.slots, streams=args.streams, guidance=guided,
                           height=args.height, width=args.width, backend=args.backend,
                           max_sequence_length=args.max_sequence_length)
     noise = np.asarray(pipe.noise(len(args.prompt), stream.latent_shape, args.seed))
-    ids = [stream.submit(prompt, steps=args.steps, noise=row, guidance_scale=guidance, image=image,
+    ids = [stream.submit(prompt, steps=args.steps, noise=row, guidance_scale=args.guidance, image=image,
                          strength=args.strength) for prompt, row in zip(args.prompt, noise)]
     results = stream.run()
     for i, prompt in zip(ids, args.prompt):
@@ -169,16 +243,20 @@ def _stream_prompts(pipe, args, guidance, image) -> list:
     return [results[i] for i in ids]
 
 
-def _model_dir_hints(path: Path) -> tuple[int | None, int | None]:
-    """(latent scale, text length) a pipeline directory implies, where it implies them."""
-    from streamflow_jax.converters import read_config
+def pipeline_facts(path: Path) -> tuple[int | None, int | None]:
+    """(latent scale, text length) a pipeline directory implies, where it implies them: its
+    autoencoder's scale (1 for a pipeline without one: pixel space) and the digits model's
+    conditioning table's text length. Converted and diffusers directories alike."""
+    from safetensors import safe_open
+
+    from streamflow_jax.checkpoint import read_model_config
 
     scale = text_len = None
     if (path / "vae" / "config.json").is_file():
-        family, config = read_config(path / "vae")
+        family, config = read_model_config(path / "vae")
         scale = family.scale_factor(config)
     elif (path / "model_index.json").is_file():
-        scale = 1  # a pipeline without a VAE works in pixel space
+        scale = 1  # a pipeline without an autoencoder works in pixel space
     cond = path / "conditioning.safetensors"
     if cond.is_file():
         with safe_open(cond, framework="numpy") as f:
@@ -186,10 +264,23 @@ def _model_dir_hints(path: Path) -> tuple[int | None, int | None]:
     return scale, text_len
 
 
-def _cmd_export(args) -> int:
+def _load_for_graph(args, path: Path, **kwargs):
+    """The model ``export`` and ``bench`` run: a pipeline's velocity model with its adapter (a
+    PeRFlow UNet: from the scheduler, or --prediction-type/--windows), or any model directory."""
     from streamflow_jax.checkpoint import load
-    from streamflow_jax.export import export_onnx, velocity_spec
 
+    model = load(path, prediction_type=args.prediction_type, num_time_windows=args.windows, **kwargs)
+    if model.family.predicts != "velocity" and model.adapter is None:
+        raise ValueError(f"{path}: {model.class_name} predicts noise, and nothing says how to make it a velocity "
+                         "field: give --prediction-type diff_eps|ddim_eps|velocity (and --windows N), or a pipeline "
+                         "directory whose scheduler is PeRFlow's")
+    return model
+
+
+def _cmd_export(args) -> int:
+    from streamflow_jax.export import export_onnx, export_spec
+
+    _positive(args, "latent_scale", "text_len", "opt_level")
     if args.backend == "tensorrt":
         from streamflow_jax.backends.tensorrt import tensorrt_flavour
 
@@ -197,14 +288,13 @@ def _cmd_export(args) -> int:
         flavour = tensorrt_flavour(args.tensorrt)
         targets = flavour.targets(args.compute_capability)
     path = Path(args.model)
-    scale_hint, text_hint = _model_dir_hints(path) if path.is_dir() else (None, None)
-    model = load(path, progress=not args.quiet)
-    if model.family.kind == "decoder" and args.latent_scale and args.latent_scale != model.scale_factor:
-        raise ValueError(f"--latent-scale {args.latent_scale}: the decoder {path} turns each latent pixel into "
-                         f"{model.scale_factor} x {model.scale_factor} pixels; leave --latent-scale out for a decoder")
-    spec = velocity_spec(model, batch=args.batch, resolution=args.resolution,
-                         latent_scale=args.latent_scale or scale_hint or 8,
-                         text_len=args.text_len or text_hint, dtype=args.dtype)
+    scale_hint, text_hint = pipeline_facts(path) if path.is_dir() else (None, None)
+    model = _load_for_graph(args, path, progress=not args.quiet)
+    if args.quantize:
+        model = _quantize(model, args.quantize)
+    spec = export_spec(model, batch=args.batch, resolution=args.resolution,
+                       latent_scale=args.latent_scale or (scale_hint if model.family.kind == "velocity" else None),
+                       text_len=args.text_len or text_hint, dtype=args.dtype)
     exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet)
     dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
     print(f"exported {model.class_name} {spec.method} -> {exported.onnx_path} ({dims}, {spec.dtype}, opset {args.opset})")
@@ -226,19 +316,22 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    _check_common(args)
+    _positive(args, "batch", "repeats", "latent", "text_len")
     import jax
 
     from streamflow_jax import schedules
     from streamflow_jax.backends import sample
-    from streamflow_jax.checkpoint import load
     from streamflow_jax.pipelines import DIGITS_DIR
 
     path = Path(args.model) if args.model else DIGITS_DIR
-    _, text_hint = _model_dir_hints(path) if path.is_dir() else (None, None)
+    _, text_hint = pipeline_facts(path) if path.is_dir() else (None, None)
     mesh = _mesh(args)
-    model = load(path, mesh=mesh, strategy=args.strategy)
+    model = _load_for_graph(args, path, mesh=mesh, strategy=args.strategy)
     if model.family.kind != "velocity":
         raise ValueError(f"{path}: bench samples a velocity model, got {model.class_name}")
+    if args.quantize:
+        model = _quantize(model, args.quantize)
     shape = model.latent_shape(args.latent, args.latent)
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((args.batch, *shape), dtype=np.float32)
@@ -262,7 +355,7 @@ def _cmd_bench(args) -> int:
     print(json.dumps({"model": str(path), "backend": args.backend, "batch": args.batch, "latent": shape[0],
                       "steps": args.steps, "first_call_s": round(first, 4), "sample_s": round(mean, 4),
                       "images_per_s": round(args.batch / mean, 2), "device": str(jax.devices()[0]),
-                      "devices": args.devices or 1, "strategy": args.strategy}))
+                      "devices": args.devices or 1, "strategy": args.strategy, "quantize": args.quantize}))
     return 0
 
 
@@ -273,13 +366,29 @@ def _mesh_flags(p) -> None:
                         "tensor splits heads and hidden units)")
 
 
+def _adapter_flags(p) -> None:
+    p.add_argument("--prediction-type", choices=PREDICTIONS, default=None,
+                   help="PeRFlow/InstaFlow UNets: what the UNet predicts, overriding the scheduler config's (a PeRFlow "
+                        "UNet shipped with its base model's scheduler)")
+    p.add_argument("--windows", type=int, default=None,
+                   help="PeRFlow: time windows (default: the scheduler config's, or 4)")
+
+
+def _quantize_flag(p) -> None:
+    p.add_argument("--quantize", choices=("fp8",), default=None,
+                   help="fp8: linear weights stored as float8_e4m3fn with scales (sf.quantize)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamflow-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="streamflow-jax", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    backends = list(BACKENDS)
+    backend_help = "; ".join(f"{b.name}: {b.summary}" for b in BACKENDS.values())
 
     p = sub.add_parser("convert", help="convert a diffusers model or pipeline directory")
     p.add_argument("src", help="diffusers model directory (config.json + safetensors), pipeline directory, or a "
-                               "single safetensors file in a published layout (Black Forest Labs' Flux)")
+                               "single safetensors file in a published layout (Black Forest Labs' Flux, SD 1.x LDM)")
     p.add_argument("dst", help="output directory (must not exist; written atomically)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast floating-point parameters (default: keep the checkpoint's dtype)")
@@ -292,60 +401,66 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge a LoRA (diffusers/PEFT or kohya safetensors; repeat for several, summed)")
     p.add_argument("--config-from", default=None, metavar="PATH",
                    help="config fields overriding the source's: a model directory (its config.json) or a JSON file "
-                        "(a single file in a published layout cannot say everything); for a single-file SD 1.x/2.x "
+                        "(a single file in a published layout cannot say everything); for a single-file SD 1.x "
                         "checkpoint (LDM layout), the diffusers pipeline directory whose configs and tokenizer to use")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN or inf (refused by default, naming the tensor)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("generate", help="digits from the embedded default model, or images from prompts with a "
-                                        "PeRFlow/InstaFlow pipeline (--model DIR --prompt ...)")
+    p = sub.add_parser("generate", help="digits from the embedded default model, or images from prompts with any "
+                                        "prompt pipeline: Flux.1, SD3/SD3.5, PeRFlow/InstaFlow SD1.5 "
+                                        "(--model DIR --prompt ...)")
     p.add_argument("--model", default=None,
-                   help="a digits pipeline directory (default: the embedded one) or an SD1.5-family RF pipeline")
+                   help="a prompt pipeline directory (diffusers or converted: Flux, SD3/SD3.5, PeRFlow/InstaFlow "
+                        "SD1.5), or a digits pipeline directory (default: the embedded one)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several); needs --model")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
-    p.add_argument("--prediction-type", choices=("diff_eps", "ddim_eps", "velocity"), default=None,
-                   help="PeRFlow/InstaFlow: override the scheduler config's (a PeRFlow UNet shipped with its base "
-                        "model's scheduler)")
-    p.add_argument("--windows", type=int, default=None, help="PeRFlow: time windows (default: the config's, or 4)")
+    _adapter_flags(p)
     p.add_argument("--height", type=int, default=None, help="image height in pixels (prompt pipelines)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (prompt pipelines)")
     p.add_argument("--steps", type=int, default=None,
-                   help="Euler steps (default: 16 digits; the pipeline's: 4 PeRFlow and schnell, 28 SD3 and Flux-dev)")
+                   help=f"Euler steps, at most {MAX_STEPS} (default: 16 digits; the pipeline's: 4 PeRFlow and "
+                        "schnell, 28 SD3 and Flux-dev)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 tokens for Flux and SD3 (default: the pipeline's; longer prompts are truncated)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default: 3 digits; for prompts the pipeline's: off PeRFlow, 7 SD3, 3.5 Flux-dev, "
-                        "whose scale is a model input); CFG is off at 0 for digits, at <= 1 for prompts as in diffusers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-digit", type=int, default=8, help="images per row (default 8)")
+                   help="guidance scale (default: the pipeline's: 3 digits, off PeRFlow, 7 SD3, 3.5 Flux-dev, whose "
+                        "scale is a model input); classifier-free guidance is off at <= 1, as in diffusers")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, in [0, 2**32)")
+    p.add_argument("--per-digit", type=int, default=8, help="digits model: images per row (default 8)")
     p.add_argument("--image", default=None,
                    help="image-to-image: start from this image (digits: one digit, redrawn as every class)")
     p.add_argument("--strength", type=float, default=None,
                    help="with --image: how far towards noise the image goes, in (0, 1] (default 0.6)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument("--backend", choices=BACKENDS, default="xla",
-                   help="xla (default), or onnxruntime / tensorrt: the model is exported to ONNX on first use")
+    _quantize_flag(p)
+    p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
     p.add_argument("--stream", action="store_true",
                    help="one request per image through the stream engine instead of one batch")
     p.add_argument("--slots", type=int, default=16, help="with --stream: slots per stream (default 16)")
     p.add_argument("--streams", type=int, default=1, help="with --stream: streams sharing each call (default 1)")
-    p.add_argument("--out", default="digits.png", help="output PNG (default digits.png)")
+    p.add_argument("--out", default="digits.png", help="output image, checked before generating (default digits.png)")
     _mesh_flags(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("export", help="export a model's velocity graph to ONNX (and build a TensorRT engine)")
-    p.add_argument("model", help="converted directory, or a diffusers model/pipeline directory")
+    p = sub.add_parser("export", help="export a model's graph to ONNX (and build a TensorRT engine)")
+    p.add_argument("model", help="converted directory, or a diffusers model/pipeline directory (a pipeline: its "
+                                 "velocity model, a PeRFlow UNet with its scheduler's adapter)")
     p.add_argument("out", help="export directory (must not exist; written atomically)")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+    p.add_argument("--backend", choices=[b for b in backends if BACKENDS[b].exported], default="onnxruntime",
                    help="tensorrt also builds the engine, OUT/model.engine (recorded in OUT/export.json)")
-    p.add_argument("--batch", default="1:2:8", help="batch min:opt:max, CFG's doubled batch included (default 1:2:8)")
+    p.add_argument("--batch", default=None, help="batch min:opt:max, CFG's doubled batch included (default 1:1:8; "
+                                                 "autoencoders and text encoders 1:1:4)")
     p.add_argument("--resolution", default=None,
                    help="image side in pixels, min:opt:max (default: the model's sample size)")
     p.add_argument("--latent-scale", type=int, default=None,
-                   help="pixels per latent pixel (default: from the pipeline's vae/, 1 without one, else 8)")
+                   help="pixels per latent pixel (default: from the pipeline's vae/, 1 without one, else the family's)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens fixed in the graph (default per family)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype inside the graph (inputs/outputs stay float32; default: the model's)")
+    _adapter_flags(p)
+    _quantize_flag(p)
     p.add_argument("--opset", type=int, default=23)
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")
     p.add_argument("--tensorrt", choices=("tensorrt", "tensorrt_rtx"), default=None,
@@ -358,13 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="time sampling of a model on random inputs with one backend, print JSON")
-    p.add_argument("model", nargs="?", default=None, help="model directory (default: the embedded digits model)")
-    p.add_argument("--backend", choices=BACKENDS, default="xla")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model or pipeline directory (default: the embedded digits model)")
+    p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=16, help=f"Euler steps, at most {MAX_STEPS}")
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's sample size)")
     p.add_argument("--text-len", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
+    _adapter_flags(p)
+    _quantize_flag(p)
     _mesh_flags(p)
     p.set_defaults(func=_cmd_bench)
     return parser
@@ -373,11 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from streamflow_jax.backends.cache import enable_compilation_cache
+
+        enable_compilation_cache()
         return args.func(args)
     except KeyboardInterrupt:  # whatever was being written has been removed on the way out
         print(f"streamflow-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ConversionError, ValueError, OSError, RuntimeError) as e:
+    except (ConversionError, ValueError, OSError, RuntimeError, OverflowError) as e:
         print(f"streamflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
 

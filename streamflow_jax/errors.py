@@ -9,6 +9,11 @@ class ConversionError(ValueError):
     """A checkpoint that cannot be converted or loaded; the message names the file and the key."""
 
 
+class ConfigError(ValueError):
+    """A pipeline configuration that does not fit (``scheduler_config.json``, ``model_index.json``,
+    an override of one); the message names the file and the field."""
+
+
 class RequestError(ValueError):
     """Why one stream-engine request failed; the engine goes on with the others."""
 

@@ -13,13 +13,34 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from streamflow_jax.errors import ConversionError
 
 PARTIAL = ".partial-"
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) inside the block is held until the block ends, then raised as
+    ``KeyboardInterrupt``: for writes that run on background threads (orbax's), which must finish
+    before their directory can be removed. Only the main thread receives signals; elsewhere
+    the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def free_path(dst: Path) -> None:

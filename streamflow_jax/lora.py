@@ -48,13 +48,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def default_component(family) -> str:
-    """The pipeline component a model is, for a LoRA's keys: ``unet``, ``transformer`` or ``text_encoder``."""
-    if family.kind == "velocity":
-        return "unet" if family.name == "unet" else "transformer"
-    return "text_encoder"
-
-
 def merged_deltas(family, config, targets: dict, loras, component: str | None = None, *,
                   strict_other: bool = False) -> dict[str, np.ndarray]:
     """The summed per-parameter deltas of several LoRAs for one component.
@@ -62,7 +55,7 @@ def merged_deltas(family, config, targets: dict, loras, component: str | None = 
     Keys for other components are warned about (``strict_other``: an error), keys of this
     component that match no weight are an error (``converters.lora``).
     """
-    component = component or default_component(family)
+    component = component or family.component
     total: dict[str, np.ndarray] = {}
     for path, scale in parse_loras(loras):
         tensors, metadata = read_lora_file(path)

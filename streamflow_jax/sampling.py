@@ -1,19 +1,131 @@
-"""The math of sampling: the velocity protocol, classifier-free guidance, the Euler step, the scan.
+"""The math of sampling: the velocity protocol, guidance, the Euler step, the scan.
 
 Every family exposes ``velocity(x, t, cond)`` (``[B, H, W, C]``, ``[B]``, dict of ``[B, ...]``).
 The sampler integrates ``dx/dt = v`` from t=1 to t=0 along a ``[S+1, B]`` grid: one time
 column per element, so one batch can mix schedules (see ``schedules.stack``). Nothing here
 knows about exported graphs: ``backends.sample`` (``sf.sample``) runs these same steps around
 the velocity of whichever backend is asked for.
+
+``Guidance.resolve`` is the one rule that turns a requested guidance scale into what a call
+runs with (none, classifier-free guidance with a scale, or a scale the model takes as an input);
+pipelines, the stream engine, the CLI and the server all take it from there. ``check_seed`` is
+the one rule for seeds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+GUIDANCE_MODES = ("cfg", "embedded", "none")  # what a model or pipeline does with a guidance scale
+SEED_LIMIT = 2**32  # seeds are integers in [0, 2**32): the stream engine makes noise from uint32 seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """What one call (or one request) is guided by.
+
+    Attributes:
+        kind: ``"none"``; ``"cfg"``: classifier-free guidance ``v_u + g (v_c - v_u)`` against an
+            unconditional branch; ``"embedded"``: the scale is an input of the model
+            (guidance-distilled Flux-dev), no second branch.
+        scale: a float, or ``[B]`` float32 (one per element); None for ``"none"``.
+    """
+
+    kind: str = "none"
+    scale: Any = None
+
+    @classmethod
+    def resolve(cls, scale=None, *, mode: str = "cfg", default=None) -> Guidance:
+        """The one guidance rule.
+
+        Args:
+            scale: the requested scale: None (the default), a number, or one per element.
+            mode: what the model does with a scale: ``"cfg"``, ``"embedded"``, or ``"none"``
+                (neither, e.g. Flux-schnell: a scale is ignored, as diffusers ignores it).
+            default: the pipeline's default scale (None: no guidance by default).
+
+        Returns:
+            ``"none"`` when the mode takes no scale, when no scale is given and there is no
+            default, or for classifier-free guidance at a scalar scale <= 1 (as diffusers: CFG
+            only above 1, where it changes the result); else the scale with its kind.
+
+        Raises:
+            ValueError: a scale that is not a finite number (NaN, inf, a string), or an
+                embedded-guidance model without a scale.
+        """
+        if mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance mode {mode!r} not in {GUIDANCE_MODES}")
+        scale = default if scale is None else scale
+        if mode == "none":
+            return cls()
+        if scale is None:
+            if mode == "embedded":
+                raise ValueError("this model takes the guidance scale as an input: give guidance_scale")
+            return cls()
+        scale = _finite_scale(scale)
+        if mode == "cfg" and np.ndim(scale) == 0 and scale <= 1:
+            return cls()
+        return cls(mode, scale)
+
+    @property
+    def cfg(self) -> bool:
+        return self.kind == "cfg"
+
+    @property
+    def cfg_scale(self):
+        """The scale of classifier-free guidance (None without it): ``sample``'s ``guidance_scale``."""
+        return self.scale if self.kind == "cfg" else None
+
+
+def _finite_scale(scale):
+    if isinstance(scale, bool | str | bytes):
+        raise ValueError(f"guidance_scale must be a number, got {scale!r}")
+    try:
+        arr = np.asarray(scale, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_scale must be a number or one number per element, got {scale!r}") from None
+    if arr.ndim > 1:
+        raise ValueError(f"guidance_scale must be a number or [B] numbers, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"guidance_scale {scale!r} is not finite")
+    return float(arr) if arr.ndim == 0 else arr.astype(np.float32)
+
+
+def check_seed(seed) -> int:
+    """A seed as an int in ``[0, 2**32)``, the one rule everywhere (pipelines, the stream engine,
+    the CLI, the server); anything else is a ValueError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed {seed} outside [0, 2**32)")
+    return int(seed)
+
+
+def seeded_noise(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """The starting latents of a seed: ``jax.random.normal(key(seed), shape)``, as every path makes them."""
+    return jax.random.normal(jax.random.key(check_seed(seed)), shape, dtype)
+
+
+def is_traced(*arrays) -> bool:
+    """Whether any of these is a tracer (inside a caller's jit, grad or vmap): values unknown."""
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(arrays))
+
+
+def check_finite(**arrays) -> None:
+    """Raises a ValueError naming the first argument with NaN or inf values (concrete values only:
+    under a caller's trace there are none to look at)."""
+    for name, value in arrays.items():
+        for path, leaf in jax.tree_util.tree_leaves_with_path(value):
+            if leaf is None or is_traced(leaf):
+                continue
+            if not bool(jnp.isfinite(jnp.asarray(leaf)).all()):
+                where = name + jax.tree_util.keystr(path)
+                raise ValueError(f"{where} has non-finite values (NaN or inf)")
 
 
 class VelocityModel(Protocol):
@@ -73,7 +185,8 @@ def check_inputs(noise, grid, cond, guidance_scale=None, uncond=None):
     """Validates a sampling call; returns the ``[S+1, B]`` grid and the ``[B]`` scale (or None).
 
     Raises:
-        ValueError: naming the argument whose shape does not fit.
+        ValueError: naming the argument whose shape does not fit, or (outside a caller's trace)
+            whose values are not finite.
     """
     if noise.ndim != 4:
         raise ValueError(f"noise must be NHWC [B, H, W, C], got shape {noise.shape}")
@@ -94,6 +207,7 @@ def check_inputs(noise, grid, cond, guidance_scale=None, uncond=None):
             if jnp.shape(arr) != jnp.shape(cond[name]):
                 raise ValueError(f"uncond[{name!r}] has shape {jnp.shape(arr)}, cond has {jnp.shape(cond[name])}")
         guidance_scale = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (b,))
+    check_finite(noise=noise, grid=grid, cond=cond, guidance_scale=guidance_scale, uncond=uncond)
     return grid, guidance_scale
 
 
@@ -108,4 +222,16 @@ def scan(model: VelocityModel, noise, grid, cond, guidance_scale=None, uncond=No
     return x
 
 
+def steps_between(model: VelocityModel, x, grid, start, stop, cond, guidance_scale=None, uncond=None):
+    """Steps ``start .. stop-1`` of a checked ``[S+1, B]`` grid: the same step as ``scan``, in a
+    loop whose bounds are traced values, so one compiled program runs any segment of the grid
+    (``backends.sample`` runs long grids a segment at a time, to show progress and to let Ctrl-C in)."""
+
+    def body(i, x):
+        return step(model, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
+
+    return jax.lax.fori_loop(start, stop, body, x)
+
+
 scan_jit = jax.jit(scan)  # module-level: models of the same shapes share compiled code
+steps_between_jit = jax.jit(steps_between)

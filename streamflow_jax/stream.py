@@ -42,6 +42,7 @@ from streamflow_jax import sampling, schedules
 from streamflow_jax.backends import check_backend, runner_for
 from streamflow_jax.errors import RequestError
 from streamflow_jax.models import FlowModel, decode_latents
+from streamflow_jax.sampling import Guidance, check_seed
 from streamflow_jax.sharding import shard_batch
 
 __all__ = ["DeviceBuffers", "Request", "RequestError", "RequestValidator", "SlotScheduler", "StreamEngine"]
@@ -76,7 +77,10 @@ class RequestValidator:
     Args:
         latent_shape: ``(H, W, C)`` every request's latent has.
         cond_shapes: name -> per-request shape of each conditioning entry.
-        guided: whether requests must bring ``guidance_scale`` and ``uncond``.
+        guided: the engine's slots have an unconditional branch: a request's scale resolves by
+            the one guidance rule (``sampling.Guidance.resolve``: None or a scale <= 1 is no
+            guidance, run as the conditional velocity exactly, ``uncond = cond`` at scale 1);
+            above 1 it brings its ``uncond``.
     """
 
     def __init__(self, latent_shape: tuple[int, ...], cond_shapes: dict[str, tuple[int, ...]], guided: bool):
@@ -91,7 +95,7 @@ class RequestValidator:
                 if init.shape != self.latent_shape:
                     raise RequestError(f"request {rid}: init latent shape {init.shape}, the engine runs "
                                        f"{self.latent_shape}")
-                req.grid = schedules.truncate(req.grid, 0.6 if strength is None else strength)
+                req.grid = schedules.truncate(req.grid, schedules.DEFAULT_STRENGTH if strength is None else strength)
                 req.init = init
             elif strength is not None:
                 raise RequestError(f"request {rid}: strength is for image-to-image: give init too")
@@ -110,20 +114,24 @@ class RequestValidator:
             if noise.shape != self.latent_shape:
                 raise RequestError(f"request {rid}: latent shape {noise.shape}, the engine runs {self.latent_shape}")
         else:
-            seed = int(seed)
-            if not 0 <= seed < 2**32:
-                raise RequestError(f"request {rid}: seed {seed} outside [0, 2**32)")
+            seed = check_seed(seed)
         cond = self._cond(rid, "cond", cond)
-        if self.guided:
-            if guidance_scale is None or uncond is None:
-                raise RequestError(f"request {rid}: this engine runs CFG; give guidance_scale and uncond")
-            guidance_scale = float(guidance_scale)
-            if not np.isfinite(guidance_scale):
-                raise RequestError(f"request {rid}: guidance_scale {guidance_scale} is not finite")
+        guidance = Guidance.resolve(guidance_scale, mode="cfg")
+        if np.ndim(guidance.scale):
+            raise RequestError(f"request {rid}: a request takes one guidance scale, not one per element")
+        if self.guided and guidance.cfg:
+            if uncond is None:
+                raise RequestError(f"request {rid}: guidance_scale {guidance.scale} needs uncond (the unconditional "
+                                   "conditioning)")
             uncond = self._cond(rid, "uncond", uncond)
-        elif guidance_scale is not None or uncond is not None:
-            raise RequestError(f"request {rid}: this engine runs without CFG (construct it with guidance=True)")
-        return Request(rid, grid, cond, uncond, float(guidance_scale or 0.0), seed, noise)
+        elif self.guided:  # no guidance in a guided engine: v_u = v_c, so v = v_c exactly
+            uncond, guidance = cond, Guidance("cfg", 1.0)
+        elif guidance.cfg:
+            raise RequestError(f"request {rid}: guidance_scale {guidance.scale} asks for classifier-free guidance, and "
+                               "this engine runs without it (construct it with guidance=True)")
+        elif uncond is not None:
+            raise RequestError(f"request {rid}: uncond without classifier-free guidance (this engine runs none)")
+        return Request(rid, grid, cond, uncond, float(guidance.scale or 0.0), seed, noise)
 
     def _grid(self, rid, steps, grid, shift) -> np.ndarray:
         if grid is None:
@@ -368,14 +376,15 @@ class StreamEngine:
             (``model.cond_shapes(text_len)`` gives the family's).
         slots_per_stream: N, the slots of one stream (StreamFlow's stream batch size).
         streams: how many streams share each call (batch = N * streams).
-        guidance: ``True`` runs classifier-free guidance on every slot (each request brings
-            its ``uncond`` and scale); ``False`` runs none. CFG is all or nothing per engine.
+        guidance: ``True`` gives every slot an unconditional branch, so that requests may be
+            guided (each with its scale and ``uncond``; one without guidance runs its conditional
+            velocity exactly); ``False`` runs none (a request asking for CFG fails alone).
         decoder: optional VAE/TAESD ``FlowModel``; its ``decode_latents`` runs on the finishing
             slots inside the tick's compiled call (padded to a power of two of them).
         postprocess: optional host function applied to each finished output (decoded image
             or, without a decoder, latent), e.g. conversion to uint8.
-        backend: ``"xla"`` (the tick is one jitted call, its buffers donated) or
-            ``"onnxruntime"`` / ``"tensorrt"`` (the same tick around the exported graph).
+        backend: ``"xla"`` (the tick's step is compiled, its buffers donated) or another entry
+            of ``backends.BACKENDS`` (the same step around the exported graph, run eagerly).
         admit_per_tick: requests admitted per tick (default: one per stream).
         min_batch: the smallest batch a step computes: occupied slots are padded to a power of
             two of at least this (default a quarter of the slots), each size one compiled
@@ -389,9 +398,10 @@ class StreamEngine:
                  slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
                  decoder=None, postprocess: Callable | None = None, backend: str = "xla",
                  admit_per_tick: int | None = None, min_batch: int | None = None, mesh=None):
-        check_backend(backend)
-        if slots_per_stream < 1 or streams < 1:
-            raise ValueError("slots_per_stream and streams must be >= 1")
+        entry = check_backend(backend)
+        for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.backend, self.decoder, self.postprocess = model, backend, decoder, postprocess
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.cond_shapes = {k: tuple(int(d) for d in v) for k, v in cond_shapes.items()}
@@ -411,7 +421,8 @@ class StreamEngine:
         self.results: dict[int, Any] = {}
         self.ticks = 0
         self._velocity_model = model
-        if backend != "xla":
+        self._compiled = not entry.exported
+        if entry.exported:
             h, w, _ = self.latent_shape
             cond0 = {k: np.zeros((1, *s), np.float32) for k, s in self.cond_shapes.items()}
             self._velocity_model = runner_for(model, backend, batch=2 * self.num_slots if self.guided else self.num_slots,
@@ -429,9 +440,10 @@ class StreamEngine:
             cond: per-request conditioning (no batch axis), shapes as ``cond_shapes``.
             steps, shift: a ``schedules.flow_match(steps, shift)`` grid, or give ``grid``.
             grid: ``[S+1]`` times from 1 down to 0.
-            seed / noise: the starting latent, ``jax.random.normal(key(seed), latent_shape)``
-                (made on the device) or the ``[H, W, C]`` array itself.
-            guidance_scale, uncond: for an engine with ``guidance=True``.
+            seed / noise: the starting latent, ``sampling.seeded_noise(seed, latent_shape)`` (made
+                on the device; seed in [0, 2**32)) or the ``[H, W, C]`` array itself.
+            guidance_scale, uncond: classifier-free guidance (an engine with ``guidance=True``);
+                None or a scale <= 1: none (the one rule, ``sampling.Guidance.resolve``).
             init, strength: image-to-image: start from this ``[H, W, C]`` latent (an encoded
                 image), noised by the model's forward process to where ``strength`` (in (0, 1],
                 default 0.6) cuts the grid (diffusers' img2img rule); the noise is mixed in on
@@ -469,7 +481,7 @@ class StreamEngine:
         plan = self.scheduler.plan()
         if plan is None:
             return []
-        outputs = self.buffers.tick(self._velocity_model, self.decoder, plan, compiled=self.backend == "xla",
+        outputs = self.buffers.tick(self._velocity_model, self.decoder, plan, compiled=self._compiled,
                                     flow_model=self.model if isinstance(self.model, FlowModel) else None)
         self.ticks += 1
         finished = [req.id for req in self.scheduler.advance(plan)]

@@ -71,6 +71,25 @@ def test_taesd_encode_decode_match_diffusers(tmp_path):
     assert _rel(run(taesd, "decode", z), want_img) <= 3e-6  # measured 2.4e-7
 
 
+def test_taesd_scaled_latents_with_a_shift_match_the_sd3_pipelines_formula(tmp_path):
+    """A TAESD3-style config with a scale and a shift: the latents the model sees are
+    ``(encode(x) - shift) * scale`` and decode ``z / scale + shift`` (diffusers' SD3 pipelines, on
+    diffusers' module); a decoder ignoring either would miss."""
+    ref = randomize(diffusers.AutoencoderTiny(**TAESD, scaling_factor=1.5, shift_factor=0.3), 0, std=0.1).eval()
+    ref.save_pretrained(tmp_path / "src")
+    taesd = sf.load(tmp_path / "src")
+    rng = np.random.default_rng(2)
+    images = rng.uniform(-1, 1, (2, 32, 24, 3)).astype(np.float32)
+    z = rng.standard_normal((2, 4, 3, 4)).astype(np.float32)
+    with torch.no_grad():
+        want_lat = (_nhwc(ref.encode(_nchw(images)).latents) - 0.3) * 1.5
+        want_img = _nhwc(ref.decode(_nchw(z) / 1.5 + 0.3).sample)
+        unshifted = _nhwc(ref.decode(_nchw(z) / 1.5).sample)
+    assert _rel(run(taesd, "encode_latents", images), want_lat) <= 3e-6
+    assert _rel(run(taesd, "decode_latents", z), want_img) <= 3e-6
+    assert _rel(run(taesd, "decode_latents", z), unshifted) > 1e-3  # the shift counts
+
+
 @pytest.mark.parametrize("cls,cfg,field,value", [
     ("AutoencoderKL", VAES["sd"], "act_fn", "gelu"),
     ("AutoencoderKL", VAES["sd"], "latents_mean", [0.1, 0.2, 0.3, 0.4]),

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
 from streamflow_jax.models import flat_params
-from streamflow_jax.models.perflow import PeRFlowAdapter, alphas_cumprod
+from streamflow_jax.models.perflow import PeRFlowAdapter
+from streamflow_jax.schedules import alphas_cumprod
 
 DDIM_CONFIG = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
@@ -44,7 +45,7 @@ def test_scheduler_override_on_the_base_models_config(tmp_path, capsys):
     (tmp_path / "perflow" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "PeRFlowScheduler", "prediction_type": "diff_eps", "num_time_windows": 4,
          "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}))
-    with pytest.raises(sf.ConversionError, match=r"prediction_type='epsilon'.*prediction_type='diff_eps'"):
+    with pytest.raises(sf.ConfigError, match=r"prediction_type='epsilon'.*prediction_type='diff_eps'"):
         sf.Pipeline.from_diffusers(base)
     noise = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
     over = sf.Pipeline.from_diffusers(base, prediction_type="diff_eps", num_time_windows=4)
@@ -223,7 +224,7 @@ def test_digits_redrawn_as_other_classes(tmp_path):
 
     x, y = real_digits()
     three = x[np.where(y == 3)[0][0]]
-    pipe = DigitsPipeline.from_dir()
+    pipe = DigitsPipeline.load()
     labels = np.repeat(np.arange(10), 4)
     assert digit_accuracy(pipe(labels, image=three, strength=0.6, seed=0), labels) >= 0.9  # measured 0.99
     assert digit_accuracy(pipe(labels, image=three, strength=0.3, seed=0), np.full(40, 3)) >= 0.9  # measured 0.99

@@ -1,5 +1,5 @@
 """The CLI's paths not covered beside the features they drive: ``bench``, the export hints a
-pipeline directory gives (``_model_dir_hints``), a decoder export's ``--latent-scale``."""
+pipeline directory gives (``pipeline_facts``), a decoder export's ``--latent-scale``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import diffusers
 import pytest
 from conftest import VAES, make_sd3, randomize
 
-from streamflow_jax.cli import _model_dir_hints
+from streamflow_jax.cli import pipeline_facts
 from streamflow_jax.cli import main as cli
 from streamflow_jax.pipelines import DIGITS_DIR
 
@@ -42,15 +42,15 @@ def test_bench_options_and_refusals(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_model_dir_hints(tmp_path):
+def test_pipeline_facts(tmp_path):
     """(latent scale, text length): from vae/ (its factor) and conditioning.safetensors; 1 for a
     pipeline without a VAE (pixel space); nothing for a plain model directory."""
-    assert _model_dir_hints(DIGITS_DIR) == (1, 1)
+    assert pipeline_facts(DIGITS_DIR) == (1, 1)
     pipe = tmp_path / "pipe"
     randomize(diffusers.AutoencoderKL(**VAES["sd3"]), 0).save_pretrained(pipe / "vae")  # 3 levels: x4
     (pipe / "model_index.json").write_text("{}")
-    assert _model_dir_hints(pipe) == (4, None)
-    assert _model_dir_hints(pipe / "vae") == (None, None)
+    assert pipeline_facts(pipe) == (4, None)
+    assert pipeline_facts(pipe / "vae") == (None, None)
 
 
 @pytest.fixture
@@ -111,3 +111,121 @@ def test_decoder_export_refuses_a_contradicting_latent_scale(tmp_path, capsys, s
     assert cli(["export", str(tmp_path / "vae"), str(tmp_path / "onnx"), "--batch", "1:1:1", "--resolution", "16",
                 "--latent-scale", "8", "-q"]) == 1
     assert "latent-scale" in capsys.readouterr().err and not specs
+
+
+# ---------------------------------------------------------------------------------------------
+# What a new user hit: one line for every bad flag, checked before any work
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    (["generate", "--guidance", "inf"], "--guidance must be a finite number, got inf"),
+    (["generate", "--seed", "99999999999999999999"], "--seed must be an integer in [0, 2**32)"),
+    (["generate", "--seed", "-1"], "--seed must be an integer in [0, 2**32), got -1"),
+    (["generate", "--steps", "20000"], "--steps must be in [1, 1000], got 20000"),
+    (["generate", "--steps", "0"], "--steps must be in [1, 1000], got 0"),
+    (["generate", "--slots", "0", "--stream"], "--slots must be >= 1, got 0"),
+    (["generate", "--streams", "-2", "--stream"], "--streams must be >= 1, got -2"),
+    (["generate", "--height", "0"], "--height is for prompt pipelines"),
+    (["generate", "--width=-16"], "--width is for prompt pipelines"),
+    (["generate", "--prompt", "a cat"], "--prompt is for prompt pipelines"),
+    (["generate", "--strength", "0.5"], "--strength is for image-to-image: give --image too"),
+    (["generate", "--image", "x.png", "--strength", "1.5"], "--strength must be in (0, 1], got 1.5"),
+    (["generate", "--out", "digits.txt"], "unknown image extension '.txt'"),
+    (["generate", "--out", "/no/such/dir/d.png"], "directory /no/such/dir does not exist"),
+    (["bench", "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["bench", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["bench", "--steps", "1001"], "--steps must be in [1, 1000], got 1001"),
+    (["bench", "--devices", "0"], "--devices must be >= 1, got 0"),
+])
+def test_bad_flags_get_one_line_before_any_work(argv, message, capsys, monkeypatch):
+    from streamflow_jax import checkpoint
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the flags")
+
+    monkeypatch.setattr(checkpoint, "load", no_loading)
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_prompt_pipeline_flag_messages(tmp_path, capsys):
+    """``--windows 0`` names the flag, not the scheduler config; a non-pipeline directory is said
+    to be one before loading; --height 0 says positive, not 'multiple of 2'."""
+    from conftest import make_perflow_pipeline
+
+    pipe = make_perflow_pipeline(tmp_path / "pipe")
+    assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--windows", "0", "--out",
+                str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err
+    assert "num_time_windows (--windows) must be an integer >= 1, got 0" in err and "scheduler_config" not in err
+    assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--height", "0", "--out",
+                str(tmp_path / "o.png")]) == 1
+    assert "image height must be positive, got 0" in capsys.readouterr().err
+    assert cli(["generate", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o.png")]) == 1
+    assert "no model_index.json" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_version_and_plain_help(capsys):
+    from streamflow_jax import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"streamflow-jax {__version__}"
+    with pytest.raises(SystemExit):
+        cli(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "Rectified-flow image generators" in out
+
+
+def test_export_and_bench_of_a_perflow_pipeline_and_a_converted_pipeline(tmp_path, capsys, specs):
+    """A PeRFlow pipeline directory (diffusers or converted) exports and benches its UNet with
+    the scheduler's adapter; a base model's scheduler takes --prediction-type/--windows."""
+    import streamflow_jax as sf
+    from conftest import make_perflow_pipeline
+
+    pipe = make_perflow_pipeline(tmp_path / "pipe")
+    sf.convert(pipe, tmp_path / "converted", progress=False)
+    for source in (pipe, tmp_path / "converted"):
+        assert cli(["export", str(source), str(tmp_path / f"onnx-{source.name}"), "--batch", "1:1:2", "-q"]) == 0
+        assert cli(["bench", str(source), "--batch", "1", "--steps", "1", "--repeats", "1", "--latent", "8"]) == 0
+        rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (rec["batch"], rec["latent"]) == (1, 8)
+    spec = specs[-1][1]
+    assert specs[-1][0] == "UNet2DConditionModel" and spec.dims["B"].max == 2
+    # PeRFlow's hub layout: the base model's scheduler; refused until told what the UNet predicts
+    base = make_perflow_pipeline(tmp_path / "hub", scheduler={"_class_name": "PNDMScheduler",
+                                                              "prediction_type": "epsilon"})
+    assert cli(["bench", str(base), "--batch", "1", "--steps", "1", "--repeats", "1"]) == 1
+    assert "--prediction-type" in capsys.readouterr().err
+    assert cli(["bench", str(base), "--batch", "1", "--steps", "1", "--repeats", "1", "--prediction-type",
+                "diff_eps", "--windows", "2"]) == 0
+    capsys.readouterr()
+    assert cli(["bench", "--prediction-type", "diff_eps", "--batch", "1", "--steps", "1"]) == 1
+    assert "apply to UNets" in capsys.readouterr().err
+
+
+def test_importing_the_library_changes_no_global_state(tmp_path):
+    """``import streamflow_jax`` leaves JAX's configuration alone; the entry points (here a
+    pipeline's loader) turn the persistent compilation cache on, under $STREAMFLOW_JAX_CACHE."""
+    import subprocess
+    import sys
+
+    script = (
+        "import jax\n"
+        "before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)\n"
+        "import streamflow_jax as sf\n"
+        "after = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)\n"
+        "assert before == after, (before, after)\n"
+        "from streamflow_jax.pipelines import DigitsPipeline\n"
+        "DigitsPipeline.load()\n"
+        "print(jax.config.jax_compilation_cache_dir)\n"
+    )
+    env = {**__import__("os").environ, "STREAMFLOW_JAX_CACHE": str(tmp_path)}
+    env.pop("STREAMFLOW_JAX_XLA_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "xla")

@@ -61,6 +61,26 @@ def test_wrong_shape(tiny_sd3, tmp_path, capsys):
     _convert_fails(capsys, src, tmp_path / "out", "'context_embedder.weight'", "(13, 24)", "(12, 24)")
 
 
+def test_non_finite_weights_are_refused_unless_allowed(tiny_sd3, tmp_path, capsys):
+    """NaN or inf in a weight: conversion stops naming the tensor (a model with them samples NaN);
+    ``--allow-nonfinite`` converts it anyway. Loading the directory in memory refuses it too."""
+    src, _ = tiny_sd3
+
+    def poison(t):
+        t["transformer_blocks.0.ff.net.2.weight"][1, 2] = float("nan")
+        t["proj_out.bias"][0] = float("inf")
+
+    _edit_weights(src, poison)
+    err = _convert_fails(capsys, src, tmp_path / "out", "non-finite", "--allow-nonfinite")
+    assert "'proj_out.bias'" in err or "'transformer_blocks.0.ff.net.2.weight'" in err
+    with pytest.raises(sf.ConversionError, match="non-finite"):
+        sf.load(src)
+    assert cli(["convert", str(src), str(tmp_path / "out"), "-q", "--allow-nonfinite"]) == 0
+    model = sf.load(tmp_path / "out")
+    assert np.isnan(np.asarray(model.module.transformer_blocks[0].ff.net[2].kernel[...])).sum() == 1
+    assert sf.load(src, allow_nonfinite=True) is not None
+
+
 def test_unknown_config_field(tiny_sd3, tmp_path, capsys):
     src, _ = tiny_sd3
     cfg = json.loads((src / "config.json").read_text())

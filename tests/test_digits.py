@@ -26,7 +26,7 @@ STEPS, GUIDANCE = 16, 3.0  # the CLI's defaults
 
 @pytest.fixture(scope="module")
 def ours():
-    pipe = DigitsPipeline.from_dir()
+    pipe = DigitsPipeline.load()
     return pipe(LABELS, steps=STEPS, guidance_scale=GUIDANCE, seed=0)
 
 
@@ -73,7 +73,7 @@ def test_diffusers_makes_the_same_digits(ours):
     from our noise, gives our pixels (a quarter of the images: two per digit). Measured max
     1.5e-6; guidance x1.1 moves diffusers' by 0.17, 17 steps instead of 16 by 1.7e-2."""
     pick = np.arange(0, len(LABELS), 4)
-    noise = np.asarray(DigitsPipeline.from_dir().noise(len(LABELS), 0))[pick]
+    noise = np.asarray(DigitsPipeline.load().noise(len(LABELS), 0))[pick]
     theirs = diffusers_digits(LABELS[pick], STEPS, GUIDANCE, noise)
     assert theirs.shape == (len(pick), 16, 16)
     np.testing.assert_allclose(ours[pick], theirs, rtol=0, atol=2e-5)
@@ -84,14 +84,14 @@ def test_onnxruntime_backend_same_images(ours):
     (measured max difference 1.8e-6)."""
     pytest.importorskip("onnxruntime")
 
-    theirs = DigitsPipeline.from_dir()(LABELS, steps=STEPS, guidance_scale=GUIDANCE, seed=0, backend="onnxruntime")
+    theirs = DigitsPipeline.load()(LABELS, steps=STEPS, guidance_scale=GUIDANCE, seed=0, backend="onnxruntime")
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=2e-5)
 
 
 def test_stream_engine_same_images(ours):
     """Through the stream engine (one request per digit), the same images as one batch
     (measured max difference 1.4e-6)."""
-    theirs = DigitsPipeline.from_dir().stream(LABELS, steps=STEPS, guidance_scale=GUIDANCE, seed=0,
+    theirs = DigitsPipeline.load().stream(LABELS, steps=STEPS, guidance_scale=GUIDANCE, seed=0,
                                               slots_per_stream=8, streams=2)
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=2e-5)
 
@@ -141,7 +141,7 @@ def test_generate_cli_stream(tmp_path, capsys, monkeypatch):
                 "--out", str(out)]) == 0
     assert "stream engine 1 x 2 slots" in capsys.readouterr().out
     assert made == [(2, 1), (2, 1)]  # the compiling call, the timed call
-    want = DigitsPipeline.from_dir().stream(np.arange(10), steps=2, guidance_scale=GUIDANCE, seed=0,
+    want = DigitsPipeline.load().stream(np.arange(10), steps=2, guidance_scale=GUIDANCE, seed=0,
                                             slots_per_stream=2, streams=1)
     with Image.open(out) as img:
         np.testing.assert_array_equal(np.asarray(img), np.asarray(image_grid(want, rows=10)))
@@ -151,7 +151,7 @@ def test_generate_cli_bad_input(tmp_path, capsys):
     from streamflow_jax.cli import main as cli
 
     assert cli(["generate", "--steps", "0"]) == 1
-    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert "--steps must be in [1, 1000], got 0" in capsys.readouterr().err
     assert cli(["generate", "--model", str(tmp_path)]) == 1
     assert "conditioning.safetensors" in capsys.readouterr().err
     assert cli(["generate", "--per-digit", "0"]) == 1
@@ -167,11 +167,11 @@ def test_training_script_smoke(tmp_path):
         sys.path.pop(0)
     record = train_digits.main(["--out", str(tmp_path / "d"), "--steps", "3", "--batch", "8"])
     assert record["steps"] == 3 and np.isfinite(record["final_loss"])
-    pipe = DigitsPipeline.from_dir(tmp_path / "d")
+    pipe = DigitsPipeline.load(tmp_path / "d")
     images = pipe(np.arange(10), steps=2)
     assert images.shape == (10, 16, 16) and np.isfinite(images).all()
     sf.convert(tmp_path / "d", tmp_path / "converted", progress=False)  # the pipeline, converted
     record = json.loads((tmp_path / "converted" / "conversion.json").read_text())
     assert record["converted"] == {"transformer": "SD3Transformer2DModel"} and record["copied"] == ["scheduler"]
-    again = DigitsPipeline.from_dir(tmp_path / "converted")(np.arange(10), steps=2)
+    again = DigitsPipeline.load(tmp_path / "converted")(np.arange(10), steps=2)
     np.testing.assert_allclose(again, images, atol=1e-6)

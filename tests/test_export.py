@@ -18,7 +18,7 @@ from streamflow_jax import backends  # noqa: E402
 from streamflow_jax.backends.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from streamflow_jax.backends.tensorrt import EngineCache, engine_key, engine_record  # noqa: E402
 from streamflow_jax.cli import main as cli  # noqa: E402
-from streamflow_jax.export import ExportError, Range, export_onnx, load_export, velocity_spec  # noqa: E402
+from streamflow_jax.export import ExportError, Range, export_onnx, load_export, export_spec  # noqa: E402
 from streamflow_jax.export.tensorrt_ops import tensorrt_problems  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     DIFFUSERS[request.param] = make_sd3(root / "src", request.param, seed=11)
     model = sf.load(root / "src")
-    spec = velocity_spec(model, batch="1:3:8", latent="4:8:12", text_len=7)
+    spec = export_spec(model, batch="1:3:8", latent="4:8:12", text_len=7)
     return request.param, model, export_onnx(model, spec, root / "onnx", progress=False)
 
 
@@ -66,7 +66,7 @@ def test_graph_is_valid_and_tensorrt_parsable(exported):
 def test_half_precision_export_keeps_float32_io(tmp_path, dtype, onnx_type):
     make_sd3(tmp_path / "src", "sd35_medium", seed=12)
     model = sf.load(tmp_path / "src")
-    spec = velocity_spec(model, batch="1:2:4", latent=8, text_len=7, dtype=dtype)
+    spec = export_spec(model, batch="1:2:4", latent=8, text_len=7, dtype=dtype)
     graph = export_onnx(model, spec, tmp_path / "onnx", progress=False)
     proto = onnx.load(graph.onnx_path)
     assert tensorrt_problems(proto) == []
@@ -153,17 +153,17 @@ def test_corrupt_or_missing_export_files(exported, tmp_path):
 
 def test_spec_ranges_and_profile(tiny_sd3):
     model = sf.load(tiny_sd3[0])
-    spec = velocity_spec(model, batch="1:4:8", resolution="64:64:96", latent_scale=8, text_len=7)
+    spec = export_spec(model, batch="1:4:8", resolution="64:64:96", latent_scale=8, text_len=7)
     assert spec.dims == {"B": Range(1, 4, 8), "H": Range(8, 8, 12), "W": Range(8, 8, 12)}
     prof = spec.profile()
     assert prof["x"] == ((1, 8, 8, 4), (4, 8, 8, 4), (8, 12, 12, 4))
     assert prof["t"] == ((1,), (4,), (8,))
     assert prof["encoder_hidden_states"][2] == (8, 7, 12)
     assert type(spec).from_json(json.loads(json.dumps(spec.to_json()))) == spec
-    with pytest.raises(ValueError, match="not divisible by 8"):
-        velocity_spec(model, resolution="60:64:96")
+    with pytest.raises(ValueError, match="resolution 60 is not a multiple of 8"):
+        export_spec(model, resolution="60:64:96")
     with pytest.raises(ValueError, match="exceeds the largest the sd3 model takes"):
-        velocity_spec(model, latent="8:8:26")
+        export_spec(model, latent="8:8:26")
     with pytest.raises(ValueError, match="min <= opt <= max"):
         Range.parse("8:4:2")
     with pytest.raises(ValueError, match="min:opt:max"):
@@ -255,8 +255,8 @@ def test_perflow_unet_velocity_export_matches_xla(tmp_path, prediction):
     randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 6, std=0.1).save_pretrained(tmp_path / "unet")
     model = sf.load(tmp_path / "unet").with_adapter(PeRFlowAdapter(prediction, 4))
     with pytest.raises(ValueError, match="one latent height .* strided convolutions"):
-        velocity_spec(model, batch="1:3:8", latent="8:8:16", text_len=5)
-    spec = velocity_spec(model, batch="1:3:8", latent=16, text_len=5)
+        export_spec(model, batch="1:3:8", latent="8:8:16", text_len=5)
+    spec = export_spec(model, batch="1:3:8", latent=16, text_len=5)
     runner = OnnxRuntimeRunner(export_onnx(model, spec, tmp_path / "onnx", progress=False))
     rng = np.random.default_rng(0)
     for b, h, w in [(1, 16, 16), (3, 16, 16), (8, 16, 16)]:
@@ -276,7 +276,7 @@ def test_flux_velocity_export_dynamic_shapes(tmp_path):
 
     ref = make_flux(tmp_path / "src", True, seed=7)
     model = sf.load(tmp_path / "src")
-    spec = velocity_spec(model, batch="1:2:4", latent="4:8:16", text_len=5)
+    spec = export_spec(model, batch="1:2:4", latent="4:8:16", text_len=5)
     assert spec.input_names == ["x", "t", "encoder_hidden_states", "pooled_projections", "guidance"]
     graph = export_onnx(model, spec, tmp_path / "onnx", progress=False)
     assert tensorrt_problems(onnx.load(graph.onnx_path)) == []
@@ -309,7 +309,7 @@ def test_text_encoder_export(tmp_path, family):
         ref.save_pretrained(tmp_path / "src")
         ids, length = np.array([[527] + list(range(5, 80)) + [528]] * 2), 77
     model = sf.load(tmp_path / "src")
-    graph = export_onnx(model, velocity_spec(model, batch="1:2:4", text_len=length), tmp_path / "onnx",
+    graph = export_onnx(model, export_spec(model, batch="1:2:4", text_len=length), tmp_path / "onnx",
                         progress=False)
     assert graph.spec.inputs[0].dtype == "int32" and tensorrt_problems(onnx.load(graph.onnx_path)) == []
     runner = OnnxRuntimeRunner(graph)

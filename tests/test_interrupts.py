@@ -96,3 +96,68 @@ def test_export_dir_stale_partial_and_ctrl_c(tiny_sd3, tmp_path, monkeypatch, ca
                 "-q"]) == 130
     assert capsys.readouterr().err.strip().endswith("export: interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "sd3_tiny"]
+
+
+def _big_sd3(path):
+    """A checkpoint that converts in many orbax parts (with PART_BYTES at 1 MiB): long enough to be
+    interrupted while orbax's background writers run."""
+    from conftest import make_sd3
+
+    make_sd3(path, num_layers=4, attention_head_dim=32, num_attention_heads=6, caption_projection_dim=192)
+
+
+CONVERT = ("import sys, streamflow_jax.checkpoint as c\n"
+           "c.PART_BYTES = 1 << 20\n"
+           "from streamflow_jax.cli import main\n"
+           "sys.exit(main(['convert', sys.argv[1], sys.argv[2], '-q']))\n")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.4, 1.0, 2.0])
+def test_ctrl_c_during_convert_at_any_moment(tmp_path, delay):
+    """A real SIGINT at several moments of a conversion in parts: either the conversion had
+    finished (exit 0, a complete directory), or exit 130 with exactly one line on stderr and
+    nothing left, never a swallowed signal, a partial directory or orbax's error logs."""
+    _big_sd3(tmp_path / "src")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", CONVERT, str(tmp_path / "src"), str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not any(
+                p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if proc.returncode == 0:  # finished before the signal arrived
+        assert left == ["out", "src"] and sf.load(out) is not None
+    else:
+        assert proc.returncode == 130, err
+        assert err.strip() == "streamflow-jax convert: interrupted", err
+        assert left == ["src"]
+
+
+def test_ctrl_c_stops_a_long_compiled_run(tmp_path):
+    """``generate --steps 1000``: compiled sampling runs in segments, so Ctrl-C stops it within a
+    segment (about half a second), with one line and no output file."""
+    out = tmp_path / "d.png"
+    proc = subprocess.Popen([sys.executable, "-m", "streamflow_jax.cli", "generate", "--steps", "1000",
+                             "--per-digit", "1", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8.0)  # loaded and compiled; sampling its 1000 steps
+        assert proc.poll() is None
+        sent = time.time()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        waited = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "streamflow-jax generate: interrupted"
+    assert waited < 5, waited
+    assert not out.exists()

@@ -51,6 +51,7 @@ def make_sd15_pipeline(root):
         "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "image_encoder": ["transformers", "BertModel"],
         "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "requires_safety_checker": False, "force_zeros_for_empty_prompt": True,  # settings, not components
     }))
 
 
@@ -63,6 +64,7 @@ def test_pipeline_converts_every_supported_component(tmp_path, capsys):
                  "converted text_encoder_2 (T5EncoderModel)", "skipped   image_encoder: unsupported class BertModel",
                  "skipped   safety_checker: not present"):
         assert line in out, out
+    assert "requires_safety_checker" not in out and "force_zeros_for_empty_prompt" not in out
     # every converted component computes what its diffusers/transformers original does
     # (measured rel. errors: UNet 7.3e-7, VAE 3.5e-7, CLIP 3.3e-7, T5 6e-8)
     pipe = tmp_path / "pipe"

@@ -167,7 +167,7 @@ def flux_reference(ref, prompts, noise, steps, guidance, text_len, output_type):
 def test_flux_pipeline_matches_diffusers(tmp_path, guidance):
     ref = make_flux_pipeline(tmp_path, guidance)
     pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe", max_sequence_length=10)
-    assert isinstance(pipe, FluxPipeline) and pipe.embedded_guidance is guidance
+    assert isinstance(pipe, FluxPipeline) and pipe.guidance_mode == ("embedded" if guidance else "none")
     assert pipe.default_steps == (28 if guidance else 4)
     noise = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype(np.float32)
     ours = pipe(PROMPTS, steps=3, guidance_scale=3.5, noise=noise, output_type="latent")
@@ -224,7 +224,7 @@ def test_flux_prompt_stream_takes_guidance_as_input(tmp_path):
     default = pipe(PROMPTS[1], steps=2, guidance_scale=2.0, noise=noise[1:], output_type="latent")
     assert np.abs(alone[0] - default[0]).max() > 1e-4  # the length matters
     np.testing.assert_allclose(short.run()[rid], alone[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="max_sequence_length must be >= 1"):
+    with pytest.raises(ValueError, match="max_sequence_length must be an integer >= 1, got 0"):
         PromptStream(pipe, max_sequence_length=0)
 
 
@@ -276,6 +276,15 @@ def test_sd3_img2img_matches_diffusers(tmp_path):
                      output_type="latent"), want) > 100 * 5e-5
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         pipe(PROMPTS, image=images, strength=1.5, steps=4)
+    # step counts and strengths where float32 strengths would cut the grid elsewhere than diffusers
+    # (5 steps at 0.6: diffusers keeps 3, float32(0.6) * 5 would keep 4)
+    for steps, strength in ((5, 0.6), (10, 0.7)):
+        gen = torch.Generator().manual_seed(7)
+        want = i2i(PROMPTS, image=images, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+                   max_sequence_length=12, generator=gen, output_type="latent").images.permute(0, 2, 3, 1).numpy()
+        ours = pipe(PROMPTS, image=images, strength=strength, steps=steps, guidance_scale=5.0, noise=noise,
+                    output_type="latent")
+        assert _rel(ours, want) <= 5e-5, (steps, strength)
     with pytest.raises(ValueError, match="image has shape"):
         pipe(PROMPTS, image=np.zeros((2, 16, 16, 4), np.float32), steps=4)
     with pytest.raises(ValueError, match="image height 10 is not a multiple of 4"):
@@ -291,12 +300,14 @@ def test_img2img_through_the_stream_engine(tmp_path):
     images = _images(2, seed=3)
     noise = np.random.default_rng(4).standard_normal((2, 8, 8, 16)).astype(np.float32)
     stream = PromptStream(pipe, slots_per_stream=2, guidance=True, height=16, width=16, output_type="latent")
-    ids = [stream.submit(PROMPTS[i], steps=4, noise=noise[i], guidance_scale=4.0, image=images[i],
-                         strength=[0.6, 0.9][i]) for i in range(2)]
+    # (5 steps, 0.6): the pair where float32 strengths would keep 4 steps instead of diffusers' 3
+    requests = [(4, 0.6), (4, 0.9), (5, 0.6)]
+    ids = [stream.submit(PROMPTS[i % 2], steps=steps, noise=noise[i % 2], guidance_scale=4.0, image=images[i % 2],
+                         strength=strength) for i, (steps, strength) in enumerate(requests)]
     bad = stream.submit("x", steps=4, guidance_scale=4.0, image=images[0], strength=0.0)
     results = stream.run()
-    for i, rid in enumerate(ids):
-        alone = pipe(PROMPTS[i], steps=4, guidance_scale=4.0, noise=noise[i : i + 1], image=images[i],
-                     strength=[0.6, 0.9][i], output_type="latent")[0]
+    for i, (rid, (steps, strength)) in enumerate(zip(ids, requests)):
+        alone = pipe(PROMPTS[i % 2], steps=steps, guidance_scale=4.0, noise=noise[i % 2 : i % 2 + 1],
+                     image=images[i % 2], strength=strength, output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
     assert "strength must be in (0, 1]" in str(results[bad])

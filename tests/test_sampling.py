@@ -84,7 +84,82 @@ def test_bad_inputs_name_the_problem(model):
         model.velocity(np.zeros((1, 26, 8, 4), np.float32), np.ones(1, np.float32), _one(cond, 0))
 
 
-def test_cli_lists_the_backends_dispatch_knows():
+def test_cli_backend_choices_are_the_registry():
     from streamflow_jax import backends, cli
 
-    assert cli.BACKENDS == backends.BACKENDS
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for command in ("generate", "bench"):
+        action = next(a for a in sub.choices[command]._actions if a.dest == "backend")
+        assert list(action.choices) == list(backends.BACKENDS)
+    export = next(a for a in sub.choices["export"]._actions if a.dest == "backend")
+    assert list(export.choices) == [b for b, entry in backends.BACKENDS.items() if entry.exported]
+
+
+def test_guided_velocity_is_the_written_formula(model):
+    """``v_u + g (v_c - v_u)`` from two separate velocity calls, per element."""
+    x, t, cond = sd3_inputs(CFG, batch=3, height=8, width=8, seed=3)
+    _, _, uncond = sd3_inputs(CFG, batch=3, height=8, width=8, seed=4)
+    g = np.array([0.5, 3.0, 7.5], np.float32)
+    v_c = np.asarray(model.velocity(x, t, cond), np.float64)
+    v_u = np.asarray(model.velocity(x, t, uncond), np.float64)
+    want = v_u + g[:, None, None, None] * (v_c - v_u)
+    got = np.asarray(sf.guided_velocity(model, x, t, cond, g, uncond))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # one doubled batch vs two calls
+    np.testing.assert_array_equal(np.asarray(sf.guided_velocity(model, x, t, cond)), np.asarray(model.velocity(x, t, cond)))
+
+
+def test_the_guidance_rule():
+    """One rule: None is the default; CFG only above 1 (diffusers); an embedded scale is taken as
+    given; a model with neither ignores it; non-finite scales are refused."""
+    G = sf.Guidance
+    assert G.resolve(None, mode="cfg", default=None) == G()
+    assert G.resolve(None, mode="cfg", default=7.0) == G("cfg", 7.0)
+    assert G.resolve(1.0, mode="cfg", default=7.0) == G()
+    assert G.resolve(0, mode="cfg") == G() and G.resolve(-2.0, mode="cfg") == G()
+    assert G.resolve(1.5, mode="cfg").cfg_scale == 1.5
+    assert G.resolve(0.5, mode="embedded") == G("embedded", 0.5)
+    assert G.resolve(None, mode="embedded", default=3.5).scale == 3.5
+    assert G.resolve(9.0, mode="none") == G()
+    per_element = G.resolve([1.0, 4.0], mode="cfg")
+    assert per_element.cfg and per_element.scale.tolist() == [1.0, 4.0]
+    for bad in (float("nan"), float("inf"), [1.0, float("nan")], "3", True):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            G.resolve(bad, mode="cfg")
+    with pytest.raises(ValueError, match="takes the guidance scale as an input"):
+        G.resolve(None, mode="embedded")
+
+
+def test_the_seed_rule():
+    from streamflow_jax.sampling import check_seed
+
+    assert check_seed(0) == 0 and check_seed(2**32 - 1) == 2**32 - 1 and check_seed(np.int64(5)) == 5
+    for bad in (-1, 2**32, 99999999999999999999, 1.0, True, "1"):
+        with pytest.raises(ValueError, match="seed"):
+            check_seed(bad)
+
+
+def test_non_finite_inputs_are_refused(model):
+    x, _, cond = sd3_inputs(CFG, batch=2, height=8, width=8)
+    grid = sf.schedules.flow_match(2)
+    with pytest.raises(ValueError, match="noise has non-finite"):
+        sf.sample(model, np.where(np.arange(x.size).reshape(x.shape) == 3, np.nan, x), grid, cond)
+    bad = {**cond, "pooled_projections": np.full_like(cond["pooled_projections"], np.inf)}
+    with pytest.raises(ValueError, match=r"cond\['pooled_projections'\] has non-finite"):
+        sf.sample(model, x, grid, bad)
+    with pytest.raises(ValueError, match="guidance_scale has non-finite"):
+        sf.sample(model, x, grid, cond, guidance_scale=np.nan, uncond=cond)
+    with pytest.raises(ValueError, match="grid has non-finite"):
+        sf.sample(model, x, np.array([1.0, np.nan, 0.0], np.float32), cond)
+
+
+def test_long_grids_run_in_segments_with_the_scans_result(model):
+    """Past 8 steps a concrete call runs in compiled segments (progress, Ctrl-C between two);
+    every step is the scan's own: the result is the scan's, bit for bit."""
+    x, _, cond = sd3_inputs(CFG, batch=2, height=8, width=8, seed=5)
+    _, _, uncond = sd3_inputs(CFG, batch=2, height=8, width=8, seed=6)
+    grid = sf.schedules.stack([sf.schedules.flow_match(13), sf.schedules.flow_match(9, shift=1.0)])
+    segmented = np.asarray(sf.sample(model, x, grid, cond, guidance_scale=[2.0, 4.0], uncond=uncond, progress=True))
+    g = jnp.asarray([2.0, 4.0])
+    scanned = np.asarray(jax.jit(sf.sample)(model, x, grid, cond, g, uncond))  # traced: one scan
+    np.testing.assert_array_equal(segmented, scanned)

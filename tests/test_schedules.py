@@ -22,13 +22,35 @@ def test_flow_match_equals_sd3_scheduler(steps, shift):
 
 @pytest.mark.parametrize("steps,seq_len", [(4, 256), (28, 4096), (20, 1024), (50, 64 * 64 // 4)])
 def test_flux_equals_flux_pipeline_scheduler(steps, seq_len):
+    """The grid FluxPipeline makes, with diffusers' own mu (calculate_shift), not ours."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     sched = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
     )
-    mu = sf.schedules.flux_mu(seq_len)
+    mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)  # as FluxPipeline does
     np.testing.assert_allclose(sf.schedules.flux(steps, image_seq_len=seq_len), sched.sigmas.numpy(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("seq_len", [1, 256, 1024, 4096, 9000])
+@pytest.mark.parametrize("line", [(256, 4096, 0.5, 1.15), (64, 8192, 0.25, 2.0)])
+def test_flux_mu_equals_diffusers_calculate_shift(seq_len, line):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    assert sf.schedules.flux_mu(seq_len, *line) == pytest.approx(calculate_shift(seq_len, *line), rel=1e-12)
+
+
+def test_truncate_computes_in_python_floats_as_diffusers():
+    """img2img's rule ``grid[int(S - min(S * strength, S)):]`` in Python floats: 5 steps at 0.6
+    keep 3 (5 * float32(0.6) would be 3.0000001 and keep 4)."""
+    grid = sf.schedules.flow_match(5)
+    for steps, strength in ((5, 0.6), (5, 0.3), (28, 0.6), (10, 0.35), (7, 0.7)):
+        grid = sf.schedules.flow_match(steps)
+        start = int(max(steps - min(steps * strength, steps), 0))  # diffusers' get_timesteps
+        np.testing.assert_array_equal(sf.schedules.truncate(grid, strength), grid[start:])
+    assert sf.schedules.truncate(sf.schedules.flow_match(5), 0.6).shape == (4,)
 
 
 def test_stack_pads_with_zero_length_steps():
@@ -40,9 +62,103 @@ def test_stack_pads_with_zero_length_steps():
     np.testing.assert_array_equal(grid[:, 1], b)
 
 
-@pytest.mark.parametrize("bad", [0, -3])
+@pytest.mark.parametrize("bad", [0, -3, 1001, 2.5, True, "4"])
 def test_bad_step_counts(bad):
-    with pytest.raises(ValueError, match="num_steps"):
-        sf.schedules.flow_match(bad)
-    with pytest.raises(ValueError, match="num_steps"):
-        sf.schedules.flux(bad)
+    for grid in (sf.schedules.flow_match, sf.schedules.flux, sf.schedules.perflow):
+        with pytest.raises(ValueError, match="steps must be"):
+            grid(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler record: diffusers' own configs, saved by diffusers, parsed strictly
+# ---------------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path, scheduler):
+    scheduler.save_config(tmp_path / "scheduler")
+    return sf.schedules.read_scheduler(tmp_path)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sd3_config_gives_the_sd3_pipeline_grid(tmp_path, shift):
+    record = _saved(tmp_path, FlowMatchEulerDiscreteScheduler(shift=shift))
+    reference = FlowMatchEulerDiscreteScheduler(shift=shift)
+    reference.set_timesteps(28)
+    np.testing.assert_array_equal(record.flow_match_grid(28), reference.sigmas.numpy())
+
+
+@pytest.mark.parametrize("time_shift", ["exponential", "linear"])
+def test_dynamic_shifting_as_the_sd3_pipeline_drives_it(tmp_path, time_shift):
+    """``use_dynamic_shifting`` in an SD3-style config: the SD3 pipeline passes mu from the
+    image token count (diffusers' calculate_shift) to ``set_timesteps(steps, mu=...)``."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+               max_image_seq_len=4096, time_shift_type=time_shift)
+    record = _saved(tmp_path, FlowMatchEulerDiscreteScheduler(**cfg))
+    reference = FlowMatchEulerDiscreteScheduler(**cfg)
+    reference.set_timesteps(12, mu=calculate_shift(1024, 256, 4096, 0.5, 1.15))
+    np.testing.assert_allclose(record.flow_match_grid(12, image_seq_len=1024), reference.sigmas.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        record.flow_match_grid(12)
+
+
+def test_flux_schnell_config_static_shift(tmp_path):
+    """schnell ships use_dynamic_shifting=False: the Flux pipeline's sigmas under the static shift."""
+    record = _saved(tmp_path, FlowMatchEulerDiscreteScheduler(shift=2.0, use_dynamic_shifting=False))
+    reference = FlowMatchEulerDiscreteScheduler(shift=2.0, use_dynamic_shifting=False)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=0.7)
+    np.testing.assert_allclose(record.flux_grid(4, image_seq_len=4096), reference.sigmas.numpy(), rtol=1e-6)
+
+
+def test_base_scheduler_needs_an_override_and_gives_only_its_betas(tmp_path):
+    """PeRFlow's hub layout: SD1.5's PNDMScheduler. Without an override it is refused with the line
+    to give; with one only its betas are kept (linear betas here, to tell them from SD's)."""
+    from diffusers import PNDMScheduler
+
+    PNDMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear").save_config(tmp_path / "scheduler")
+    with pytest.raises(sf.ConfigError, match="prediction_type='diff_eps'"):
+        sf.schedules.read_scheduler(tmp_path)
+    record = sf.schedules.read_scheduler(tmp_path, prediction_type="ddim_eps", num_time_windows=5)
+    assert (record.prediction_type, record.num_time_windows) == ("ddim_eps", 5)
+    assert (record.beta_start, record.beta_end, record.beta_schedule) == (0.0001, 0.02, "linear")
+    np.testing.assert_array_equal(record.perflow_grid(5), sf.schedules.perflow(5, 5))
+    np.testing.assert_allclose(sf.schedules.alphas_cumprod(0.0001, 0.02, "linear"),
+                               PNDMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+                               .alphas_cumprod.numpy(), rtol=1e-6)
+
+
+def test_scheduler_config_is_read_strictly(tmp_path):
+    def parse(raw, **kw):
+        return sf.schedules.parse_scheduler(raw, source="cfg.json", **kw)
+
+    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+    assert parse(flow).shift == 3.0
+    with pytest.raises(sf.ConfigError, match="cfg.json: unknown field 'shifty'"):
+        parse({**flow, "shifty": 1})
+    with pytest.raises(sf.ConfigError, match="use_karras_sigmas=True"):
+        parse({**flow, "use_karras_sigmas": True})
+    with pytest.raises(sf.ConfigError, match="shift='3'"):
+        parse({**flow, "shift": "3"})
+    with pytest.raises(sf.ConfigError, match="shift must be > 0"):
+        parse({**flow, "shift": 0})
+    with pytest.raises(sf.ConfigError, match="apply to PeRFlow"):
+        parse(flow, prediction_type="diff_eps")
+    with pytest.raises(sf.ConfigError, match="unsupported scheduler class 'LMSSomething'"):
+        parse({"_class_name": "LMSSomething"})
+    perflow = {"_class_name": "PeRFlowScheduler", "prediction_type": "diff_eps", "num_time_windows": 4}
+    assert parse(perflow).perflow
+    with pytest.raises(sf.ConfigError, match=r"num_time_windows \(--windows\) must be an integer >= 1, got 0"):
+        parse(perflow, num_time_windows=0)
+    with pytest.raises(sf.ConfigError, match="num_time_windows must be an integer >= 1, got 0"):
+        parse({**perflow, "num_time_windows": 0})
+    with pytest.raises(sf.ConfigError, match="t_noise=0.9"):
+        parse({**perflow, "t_noise": 0.9})
+    with pytest.raises(sf.ConfigError, match="beta_schedule='cosine'"):
+        parse({**perflow, "beta_schedule": "cosine"})
+    with pytest.raises(sf.ConfigError, match="missing"):
+        sf.schedules.read_scheduler(tmp_path)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(sf.ConfigError, match="not valid JSON"):
+        sf.schedules.read_scheduler(tmp_path)

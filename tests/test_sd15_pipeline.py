@@ -238,9 +238,12 @@ def test_prompt_stream_latents_match_reference_loop(pipelines, reference):
     ids = [stream.submit(p, steps=s, noise=noise[i], guidance_scale=g, negative_prompt=n)
            for i, (p, n, s, g) in enumerate(reqs)]
     bad = [stream.submit(["not", "a", "string"], guidance_scale=2.0), stream.submit("ok", steps=0, guidance_scale=2.0),
-           stream.submit("no guidance scale")]
+           stream.submit("nan", guidance_scale=float("nan")), stream.submit("seed", seed=-1)]
+    # no scale: the pipeline's default (none for PeRFlow), in a guided stream too: its conditional velocity
+    plain = stream.submit(PROMPTS[0], steps=4, noise=noise[0])
     results = stream.run()
-    assert len(results) == 6
+    assert len(results) == 8
+    assert rel(results[plain], reference.latents([PROMPTS[0]], noise[:1], 4)[0]) <= TOL
     for i, (rid, (p, n, s, g)) in enumerate(zip(ids, reqs)):
         want = reference.latents([p], noise[i : i + 1], s, guidance=g, negative=[n])[0]
         assert results[rid].shape == (8, 8, 4)
@@ -348,8 +351,18 @@ def test_pipeline_bad_input(perflow_dir, pipelines, tmp_path):
         pipe([])
     with pytest.raises(ValueError, match="noise has shape"):
         pipe("a cat", noise=np.zeros((1, 8, 8, 3), np.float32))  # the size may vary, the channels may not
-    with pytest.raises(ValueError, match="not a multiple of 2"):
+    with pytest.raises(ValueError, match="image height 15 is not a multiple of 2"):
         pipe("a cat", height=15)
+    with pytest.raises(ValueError, match="image height must be positive, got 0"):
+        pipe("a cat", height=0)
+    for bad in (-1, 2**32, 1.5):
+        with pytest.raises(ValueError, match="seed"):
+            pipe("a cat", seed=bad)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale .* is not finite"):
+            pipe("a cat", guidance_scale=bad)
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 1000\], got 20000"):
+        pipe("a cat", steps=20000)
     with pytest.raises(ValueError, match="2 negative prompts for 1 prompts"):
         pipe("a cat", guidance_scale=2.0, negative_prompt=NEGATIVE)
     with pytest.raises(ValueError, match="max_sequence_length does not apply"):
@@ -358,18 +371,18 @@ def test_pipeline_bad_input(perflow_dir, pipelines, tmp_path):
         PromptStream(pipe, max_sequence_length=64)
 
     root = copy_of(perflow_dir, tmp_path / "p", {"_class_name": "DDIMScheduler", "prediction_type": "epsilon"})
-    with pytest.raises(sf.ConversionError, match="not a rectified flow"):
+    with pytest.raises(sf.ConfigError, match="not a rectified flow"):
         sf.Pipeline.from_diffusers(root)
     index = json.loads((root / "model_index.json").read_text())
     (root / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
-    with pytest.raises(sf.ConversionError, match="unsupported pipeline class 'KandinskyPipeline'"):
+    with pytest.raises(sf.ConfigError, match="unsupported pipeline class 'KandinskyPipeline'"):
         sf.Pipeline.from_diffusers(root)
     (root / "model_index.json").unlink()
-    with pytest.raises(sf.ConversionError, match="no model_index.json"):
+    with pytest.raises(sf.ConfigError, match="no model_index.json"):
         sf.Pipeline.from_diffusers(root)
     set_scheduler(root, perflow_scheduler(windows=0))
-    with pytest.raises((sf.ConversionError, ValueError), match="num_windows must be >= 1"):
+    with pytest.raises(sf.ConfigError, match="scheduler_config.json: num_time_windows must be an integer >= 1"):
         PeRFlowPipeline.load(root)
     set_scheduler(root, perflow_scheduler())
-    with pytest.raises((sf.ConversionError, ValueError), match="num_windows must be >= 1"):
+    with pytest.raises(sf.ConfigError, match=r"num_time_windows \(--windows\) must be an integer >= 1, got 0"):
         PeRFlowPipeline.load(root, num_time_windows=0)  # an override of 0 is refused, not read as "none given"

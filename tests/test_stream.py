@@ -44,11 +44,18 @@ def test_stream_with_guidance_equals_sequential(model):
     scales = [1.5, 3.0, 6.0, 2.0]
     engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=2, streams=2, guidance=True)
     ids = [engine.submit(conds[i], steps=3, noise=x[i], guidance_scale=scales[i], uncond=unconds[i]) for i in range(4)]
+    # the one guidance rule: no scale, or one <= 1, is no guidance, even in a guided engine
+    plain = [engine.submit(conds[0], steps=3, noise=x[0]), engine.submit(conds[1], steps=3, noise=x[1],
+                                                                         guidance_scale=0.5, uncond=unconds[1])]
     engine.run()
     for i, rid in enumerate(ids):
         alone = sf.sample(model, x[i : i + 1], sf.schedules.flow_match(3, shift=1.0),
                           {k: v[None] for k, v in conds[i].items()}, guidance_scale=scales[i],
                           uncond={k: v[None] for k, v in unconds[i].items()})
+        np.testing.assert_allclose(engine.result(rid), np.asarray(alone)[0], rtol=1e-4, atol=1e-4)
+    for i, rid in enumerate(plain):
+        alone = sf.sample(model, x[i : i + 1], sf.schedules.flow_match(3, shift=1.0),
+                          {k: v[None] for k, v in conds[i].items()})
         np.testing.assert_allclose(engine.result(rid), np.asarray(alone)[0], rtol=1e-4, atol=1e-4)
 
 
@@ -87,13 +94,18 @@ def test_invalid_requests_fail_alone(model):
     missing = engine.submit({}, steps=2, seed=3)
     no_steps = engine.submit(conds[2], seed=4)
     cfg_on_plain = engine.submit(conds[2], steps=2, seed=5, guidance_scale=2.0, uncond=conds[0])
+    bad_seed = engine.submit(conds[2], steps=2, seed=-1)
+    nan_scale = engine.submit(conds[2], steps=2, seed=7, guidance_scale=float("nan"))
     good.append(engine.submit(conds[2], steps=1, seed=6))
+    good.append(engine.submit(conds[2], steps=1, seed=8, guidance_scale=1.0))  # <= 1: no guidance, the one rule
     results = engine.run()
-    assert len(results) == 8
+    assert len(results) == 11
     for rid in good:
         assert engine.result(rid).shape == (8, 8, 4)
     for rid, msg in [(bad_size, r"latent shape \(6, 8, 4\)"), (bad_cond, r"cond\['encoder_hidden_states'\] has shape \(9, 12\)"),
-                     (missing, "cond keys"), (no_steps, "give steps or grid"), (cfg_on_plain, "without CFG")]:
+                     (missing, "cond keys"), (no_steps, "give steps or grid"),
+                     (cfg_on_plain, "asks for classifier-free guidance, and this engine runs without it"),
+                     (bad_seed, r"seed -1 outside \[0, 2\*\*32\)"), (nan_scale, "guidance_scale nan is not finite")]:
         with pytest.raises(RequestError, match=msg):
             engine.result(rid)
 

@@ -33,7 +33,7 @@ from streamflow_jax.backends.tensorrt import (  # noqa: E402
     tensorrt_flavour,
 )
 from streamflow_jax.cli import main as cli  # noqa: E402
-from streamflow_jax.export import ExportedGraph, export_onnx, load_export, velocity_spec  # noqa: E402
+from streamflow_jax.export import ExportedGraph, export_onnx, load_export, export_spec  # noqa: E402
 from streamflow_jax.export import onnx as onnx_export  # noqa: E402
 from streamflow_jax.export.clean import clean_graph  # noqa: E402
 
@@ -68,39 +68,39 @@ def _export_family(family: str, root) -> ExportedGraph:
     src = root / "src"
     if family == "digits":  # the embedded model, as the README's example exports it
         model = sf.load(_digits_dir())
-        spec = velocity_spec(model, latent=16, latent_scale=1, text_len=1)
+        spec = export_spec(model, latent=16, latent_scale=1, text_len=1)
     elif family.startswith("sd3"):
         variant, dtype = family.split("-")
         make_sd3(src, variant, seed=11)
         model = sf.load(src)
-        spec = velocity_spec(model, batch="1:3:8", latent="4:8:12", text_len=7, dtype=dtype)
+        spec = export_spec(model, batch="1:3:8", latent="4:8:12", text_len=7, dtype=dtype)
     elif family == "unet-perflow":
         from streamflow_jax.models.perflow import PeRFlowAdapter
 
         randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 6, std=0.1).save_pretrained(src)
         model = sf.load(src).with_adapter(PeRFlowAdapter("diff_eps", 4))
-        spec = velocity_spec(model, batch="1:3:8", latent=16, text_len=5)
+        spec = export_spec(model, batch="1:3:8", latent=16, text_len=5)
     elif family in ("vae", "taesd"):
         module = diffusers.AutoencoderKL(**VAES["sd"]) if family == "vae" else diffusers.AutoencoderTiny(**TAESD)
         randomize(module, 0, std=0.1).save_pretrained(src)
         model = sf.load(src)
-        spec = velocity_spec(model, batch="1:2:3", resolution="16:32:64" if family == "vae" else "32:64:128")
+        spec = export_spec(model, batch="1:2:3", resolution="16:32:64" if family == "vae" else "32:64:128")
     elif family == "flux":
         from test_flux import make_flux
 
         make_flux(src, True, seed=7)
         model = sf.load(src)
-        spec = velocity_spec(model, batch="1:2:4", latent="4:8:16", text_len=5)
+        spec = export_spec(model, batch="1:2:4", latent="4:8:16", text_len=5)
     elif family == "t5":
         from test_t5 import T5_A, make_t5
 
         make_t5(src, T5_A, seed=3)
         model = sf.load(src)
-        spec = velocity_spec(model, batch="1:2:4", text_len=24)
+        spec = export_spec(model, batch="1:2:4", text_len=24)
     else:
         randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)), 3).save_pretrained(src)
         model = sf.load(src)
-        spec = velocity_spec(model, batch="1:2:4", text_len=77)
+        spec = export_spec(model, batch="1:2:4", text_len=77)
     return export_onnx(model, spec, root / "onnx", progress=False)
 
 
@@ -188,7 +188,7 @@ def test_clean_graph_removes_tensorrt_warnings_and_keeps_results(tmp_path, monke
     initializers and makes every shape-computed Reshape a zero-placeholder shuffle; after
     ``clean_graph`` neither, and ONNX Runtime gives the same velocity."""
     model = sf.load(_digits_dir())
-    spec = velocity_spec(model, batch="1:2:4", latent=16, latent_scale=1, text_len=1)
+    spec = export_spec(model, batch="1:2:4", latent=16, latent_scale=1, text_len=1)
     monkeypatch.setattr(onnx_export, "clean_graph", lambda proto: {})
     raw = onnx_export.trace_onnx(model, spec)
     monkeypatch.undo()
@@ -345,7 +345,7 @@ def test_tensorrt_engine_matches_xla(variant, tmp_path):
         pytest.skip(EXEC_SKIP)
     make_sd3(tmp_path / "src", variant, seed=11)
     model = sf.load(tmp_path / "src")
-    graph = export_onnx(model, velocity_spec(model, batch="1:3:8", latent="4:8:12", text_len=7), tmp_path / "onnx",
+    graph = export_onnx(model, export_spec(model, batch="1:3:8", latent="4:8:12", text_len=7), tmp_path / "onnx",
                         progress=False)
     runner = TensorRTRunner(graph, cache_dir=tmp_path, flavour=RTX)
     for b, h, w in [(1, 8, 8), (3, 12, 4), (8, 8, 8)]:

@@ -1,65 +1,46 @@
-"""Backends behind ``sf.sample(..., backend=...)``: ``xla`` (jit), ``onnxruntime``, ``tensorrt``.
+"""Backends behind ``sf.sample(..., backend=...)``: the registry, and the one dispatch.
 
-This is the one place that dispatches to a backend. ``xla`` runs ``sampling.scan`` compiled;
-the others run the same ``sampling.step`` around a velocity runner (an object with
-``velocity(x, t, cond)`` and a ``backend`` name) built on an exported graph. ``runner_for``
-finds or makes one for a ``FlowModel``: it exports the model on first use with a profile that
-covers the call (batch up to max(8, batch), any latent size the model allows) into a cache
-directory keyed by the model's fingerprint and the spec, and re-exports when a cached export
-fails its integrity check.
+``BACKENDS`` lists every backend once (the CLI takes its choices from it). ``xla`` runs
+``sampling``'s scan compiled; every other backend is a ``Runner`` (``backends.base``) of an
+exported graph, around which the same ``sampling.step`` runs. ``runner_for`` finds or makes one
+for a ``FlowModel``: it exports the model on first use with a profile that covers the call
+(batch up to max(8, batch), any latent size the model allows) into a cache directory keyed by
+the model's fingerprint and the spec, and re-exports when a cached export fails its integrity
+check. Adding a backend = a ``Runner`` subclass in its own module + one line in ``BACKENDS``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import importlib
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from streamflow_jax import sampling
+from streamflow_jax.backends.base import Backend, Runner
+from streamflow_jax.backends.cache import cache_root, enable_compilation_cache
 from streamflow_jax.errors import ExportError
 from streamflow_jax.export.onnx import export_onnx, load_export
 from streamflow_jax.export.spec import Range, build_velocity_spec, latent_range
 from streamflow_jax.models import FlowModel
 
-BACKENDS = ("xla", "onnxruntime", "tensorrt")
-CACHE_ENV = "STREAMFLOW_JAX_CACHE"
-_RUNNERS: dict[tuple, object] = {}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("xla", "jax.jit-compiled scan (default)"),
+    Backend("onnxruntime", "the ONNX export run by ONNX Runtime", "streamflow_jax.backends.onnxruntime:OnnxRuntimeRunner"),
+    Backend("tensorrt", "the ONNX export built into a TensorRT engine", "streamflow_jax.backends.tensorrt:TensorRTRunner"),
+)}
+SEGMENT_SECONDS = 0.5  # a long grid runs in segments of about this long: progress, and Ctrl-C gets in
+_RUNNERS: dict[tuple, Runner] = {}
 
-
-def cache_root() -> Path:
-    """Where exports, engines and compiled programs are cached: ``$STREAMFLOW_JAX_CACHE``, else
-    ``~/.cache/streamflow-jax`` (read at each use, so the variable can be set at any time)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "streamflow-jax")
-
-
-XLA_CACHE_ENV = "STREAMFLOW_JAX_XLA_CACHE"  # "0" turns the persistent compilation cache off
-
-
-def enable_compilation_cache() -> Path | None:
-    """Turns on JAX's persistent compilation cache under ``cache_root()/xla``, so that a second
-    process reuses the programs a first one compiled (all of them: the library sets
-    ``jax_persistent_cache_min_compile_time_secs`` to 0 from JAX's 1 s). Left alone when
-    ``$STREAMFLOW_JAX_XLA_CACHE`` is ``0`` or when the application set a cache directory itself.
-
-    Returns:
-        The cache directory in use, or None when off.
-    """
-    if os.environ.get(XLA_CACHE_ENV, "1").lower() in ("0", "false", "off", "no"):
-        return None
-    if jax.config.jax_compilation_cache_dir:
-        return Path(jax.config.jax_compilation_cache_dir)
-    path = cache_root() / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    # every program, not only those over 1 s: a pipeline compiles many sub-second ones
-    # (scan, admission, decode), which together are most of a first call
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return path
+__all__ = ["BACKENDS", "Backend", "Runner", "cache_root", "check_backend", "clear_runners",
+           "enable_compilation_cache", "open_export", "runner_class", "runner_for", "sample"]
 
 
 def clear_runners() -> None:
@@ -67,27 +48,26 @@ def clear_runners() -> None:
     _RUNNERS.clear()
 
 
-def check_backend(backend: str) -> None:
+def check_backend(backend: str) -> Backend:
+    """The registry entry of ``backend``, or a ValueError listing the choices."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    return BACKENDS[backend]
 
 
-def runner_class(backend: str):
-    if backend == "onnxruntime":
-        from streamflow_jax.backends.onnxruntime import OnnxRuntimeRunner  # onnxruntime: optional, heavy
-
-        return OnnxRuntimeRunner
-    if backend == "tensorrt":
-        from streamflow_jax.backends.tensorrt import TensorRTRunner  # tensorrt: optional, heavy
-
-        return TensorRTRunner
-    check_backend(backend)
-    raise ValueError(f"backend {backend!r} runs models directly, not exported graphs")
+def runner_class(backend: str) -> type[Runner]:
+    """The ``Runner`` class of a backend that runs exported graphs (imported now: its engine is an
+    optional extra)."""
+    entry = check_backend(backend)
+    if entry.runner is None:
+        raise ValueError(f"backend {backend!r} runs models directly, not exported graphs")
+    module, _, name = entry.runner.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def open_export(path, backend: str, **kwargs):
+def open_export(path, backend: str, *, cache_dir=None) -> Runner:
     """A runner for an export directory made by ``export_onnx`` / ``streamflow-jax export``."""
-    return runner_class(backend)(load_export(path), **kwargs)
+    return runner_class(backend)(load_export(path), cache_dir=Path(cache_dir or cache_root()))
 
 
 def auto_spec(model, batch: int, height: int, width: int, text_len: int | None):
@@ -96,7 +76,7 @@ def auto_spec(model, batch: int, height: int, width: int, text_len: int | None):
                                width=latent_range(model, width), text_len=text_len, dtype=str(model.dtype))
 
 
-def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond: dict, cache_dir=None):
+def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond: dict, cache_dir=None) -> Runner:
     """The ``backend`` runner to use for ``model`` on inputs of these shapes.
 
     Args:
@@ -105,7 +85,7 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
         height, width: latent sides; cond: the conditioning (its shapes set the graph's).
         cache_dir: the cache root (default ``cache_root()``).
     """
-    if getattr(model, "backend", None) is not None:
+    if isinstance(model, Runner):
         if model.backend != backend:
             raise ValueError(f"model is a {model.backend} runner, but backend={backend!r} was asked for")
         return model
@@ -119,12 +99,8 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
     feeds = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in feeds.items()}
     root = Path(cache_dir or cache_root())
     for (fingerprint, _, kind, where), runner in _RUNNERS.items():  # an earlier export may cover this call
-        if fingerprint == model.fingerprint() and kind == backend and where == str(root):
-            try:
-                runner.spec.check(feeds)
-                return runner
-            except ValueError:
-                pass
+        if fingerprint == model.fingerprint() and kind == backend and where == str(root) and runner.covers(feeds):
+            return runner
     spec = auto_spec(model, batch, height, width, text_len)
     key = (model.fingerprint(), spec.key(), backend, str(root))
     name = f"{model.family.name}-{model.fingerprint()[:16]}-{hashlib.sha256(spec.key().encode()).hexdigest()[:12]}"
@@ -140,7 +116,7 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
             exported = None
     if exported is None:
         exported = export_onnx(model, spec, path, progress=False, shared=True)
-    runner = runner_class(backend)(exported, **({"cache_dir": root} if backend == "tensorrt" else {}))
+    runner = runner_class(backend)(exported, cache_dir=root)
     _RUNNERS[key] = runner
     return runner
 
@@ -153,6 +129,7 @@ def sample(
     guidance_scale=None,
     uncond: dict[str, Any] | None = None,
     backend: str = "xla",
+    progress: bool = False,
 ) -> jax.Array:
     """Integrates the RF ODE from ``noise`` at t=ts[0] to ts[-1] with Euler steps.
 
@@ -162,31 +139,37 @@ def sample(
         ts: ``[S+1]`` (one grid for all) or ``[S+1, B]`` (one column per element; pad shorter
             schedules with ``schedules.stack``).
         cond: dict of ``[B, ...]`` conditioning arrays, named as in diffusers.
-        guidance_scale: ``None`` for no classifier-free guidance, or a scalar / ``[B]`` scale.
+        guidance_scale: ``None`` for no classifier-free guidance, or a scalar / ``[B]`` scale:
+            ``v_u + g (v_c - v_u)`` as written, whatever ``g`` is (the pipelines apply the
+            guidance rule, ``sampling.Guidance.resolve``, before they get here).
         uncond: conditioning of the unconditional branch, same keys and shapes as ``cond``.
-        backend: ``"xla"`` (jit-compiled scan), or ``"onnxruntime"`` / ``"tensorrt"``: the same
-            steps around an exported graph. ``model`` is then a ``FlowModel`` (exported on first
-            use into the cache directory, see ``runner_for``) or a runner from ``open_export``.
+        backend: ``"xla"`` (jit-compiled scan), or another entry of ``BACKENDS``: the same steps
+            around an exported graph. ``model`` is then a ``FlowModel`` (exported on first use
+            into the cache directory, see ``runner_for``) or a runner from ``open_export``.
+        progress: show a progress bar over the steps (it appears for runs longer than 2 s).
 
     Returns:
         ``[B, H, W, C]`` latents at the grid's last time.
 
-    Works inside a caller's ``jax.jit`` with the XLA backend. The other backends return the
-    same result within the tolerance of the exported graph's precision.
+    Works inside a caller's ``jax.jit`` with the XLA backend (one scan). Called with concrete
+    arrays, inputs with NaN or inf are refused, and a grid of more than a few steps runs in
+    compiled segments of about half a second, so that Ctrl-C stops it between two. The other
+    backends return the same result within the tolerance of the exported graph's precision.
     """
-    check_backend(backend)
+    entry = check_backend(backend)
     noise = jnp.asarray(noise)
     cond = dict(cond)
     uncond = None if uncond is None else dict(uncond)
     grid, guidance_scale = sampling.check_inputs(noise, jnp.asarray(ts, jnp.float32), cond, guidance_scale, uncond)
-    if backend == "xla":
-        if getattr(model, "backend", None) is not None:
+    if not entry.exported:
+        if isinstance(model, Runner):
             raise ValueError(f"backend='xla' needs a FlowModel, got a {model.backend} runner")
-        run = sampling.scan_jit if isinstance(model, FlowModel) else sampling.scan
-        return run(model, noise, grid, cond, guidance_scale, uncond)
+        if not isinstance(model, FlowModel) or sampling.is_traced(model, noise, grid, cond, guidance_scale, uncond):
+            return sampling.scan(model, noise, grid, cond, guidance_scale, uncond)
+        return _segments(model, noise, grid, cond, guidance_scale, uncond, progress)
     b, h, w, _ = noise.shape
     runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w, cond=cond)
-    if not getattr(runner, "on_device", False):
+    if not runner.on_device:
         # a runner computing on the host (ONNX Runtime on CPU): the loop in numpy, so each step
         # is one graph call and a few numpy ops, with no device dispatch or copy around it
         to_host = lambda a: None if a is None else np.asarray(a, np.float32)  # noqa: E731
@@ -194,6 +177,34 @@ def sample(
         cond = jax.tree_util.tree_map(to_host, cond)
         uncond = None if uncond is None else jax.tree_util.tree_map(to_host, uncond)
     x = noise
-    for i in range(grid.shape[0] - 1):
+    for i in tqdm(range(grid.shape[0] - 1), disable=not progress, delay=2, unit="step", leave=False):
         x = sampling.step(runner, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
     return jnp.asarray(x)
+
+
+def _segments(model, x, grid, cond, guidance_scale, uncond, progress: bool):
+    """The compiled steps of a whole grid, run a segment at a time (``sampling.steps_between``,
+    one program for every segment), each about ``SEGMENT_SECONDS`` long: between two the host
+    updates the progress bar and a pending Ctrl-C is raised. Short grids run as one scan."""
+    steps = grid.shape[0] - 1
+    if steps <= 8:
+        return sampling.scan_jit(model, x, grid, cond, guidance_scale, uncond)
+    done, size, bar = 0, 1, None
+    try:
+        while done < steps:
+            n = min(size, steps - done)
+            t0 = time.perf_counter()
+            x = sampling.steps_between_jit(model, x, grid, np.int32(done), np.int32(done + n), cond, guidance_scale,
+                                           uncond)
+            x.block_until_ready()  # the host waits here, so Ctrl-C lands between two segments
+            elapsed = time.perf_counter() - t0
+            done += n
+            if bar is None:  # after the first segment, which compiles: the bar shows runs still long after it
+                bar = tqdm(total=steps, initial=done, disable=not progress, delay=2, unit="step", leave=False)
+            else:
+                bar.update(n)
+            size = max(1, min(steps, int(n * SEGMENT_SECONDS / max(elapsed, 1e-6))))
+    finally:
+        if bar is not None:
+            bar.close()
+    return x

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from streamflow_jax.backends.base import Runner
 from streamflow_jax.export.onnx import ExportedGraph, load_export
 from streamflow_jax.export.spec import dim_value
 
@@ -26,12 +27,13 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(Runner):
     """An exported graph run by ONNX Runtime: ``velocity(x, t, cond)``, ``encode(ids)`` or
-    ``decode_latents(z)``.
+    ``decode_latents(z)`` (the ``Runner`` protocol).
 
     Args:
         exported: an ``ExportedGraph`` or an export directory.
+        cache_dir: unused (ONNX Runtime keeps nothing between processes).
         providers: ONNX Runtime execution providers (default: CUDA when present, then CPU).
 
     Attributes:
@@ -41,7 +43,7 @@ class OnnxRuntimeRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, exported, providers: list[str] | None = None):
+    def __init__(self, exported, *, cache_dir=None, providers: list[str] | None = None):
         try:
             import onnxruntime as ort  # optional extra
         except ImportError:
@@ -87,25 +89,3 @@ class OnnxRuntimeRunner:
         jax.block_until_ready((arrays, out))  # inputs computed, output allocated, before ORT touches them
         self.session.run_with_iobinding(binding)
         return out
-
-    def velocity(self, x, t, cond):
-        """``[B, H, W, C]``, ``[B]``, dict of ``[B, ...]`` -> ``[B, H, W, C]`` in x's dtype:
-        numpy for numpy input (the host loop), a JAX array otherwise."""
-        missing = [n for n in self.spec.cond_names if n not in cond]
-        if missing:
-            raise ValueError(f"cond lacks {missing} (the graph takes {self.spec.cond_names})")
-        t = np.asarray(t, np.float32) if isinstance(t, np.ndarray | float | int) else t
-        feeds = {"x": x, "t": jnp.broadcast_to(t, x.shape[:1]) if np.ndim(t) == 0 else t,
-                 **{n: cond[n] for n in self.spec.cond_names}}
-        out = self.run(feeds)
-        if isinstance(x, np.ndarray):
-            return np.asarray(out).astype(x.dtype, copy=False)
-        return jnp.asarray(out).astype(jnp.asarray(x).dtype)
-
-    def encode(self, ids):
-        """A text-encoder graph: ``[B, L]`` token ids -> ``[B, L, D]`` last hidden state."""
-        return jnp.asarray(self.run({"ids": ids}))
-
-    def decode_latents(self, latents):
-        """A decoder graph: ``[B, h, w, C]`` scaled latents -> ``[B, H, W, 3]`` images."""
-        return jnp.asarray(self.run({"latents": latents}))

@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamflow_jax.backends import cache_root
+from streamflow_jax.backends.base import Runner
+from streamflow_jax.backends.cache import cache_root
 from streamflow_jax.export.onnx import META_NAME, ExportedGraph, load_export
 from streamflow_jax.export.spec import dim_value
 from streamflow_jax.fsutil import write_atomic
@@ -560,9 +561,9 @@ def _cudart():
     return cudart
 
 
-class TensorRTRunner:
+class TensorRTRunner(Runner):
     """An exported graph run by a TensorRT engine of either flavour: ``velocity(x, t, cond)``,
-    ``encode(ids)`` or ``decode_latents(z)``.
+    ``encode(ids)`` or ``decode_latents(z)`` (the ``Runner`` protocol).
 
     Args:
         exported: an ``ExportedGraph`` or an export directory.
@@ -609,21 +610,6 @@ class TensorRTRunner:
         self._in_dtype = {t.name: np.dtype(t.dtype) for t in self.spec.inputs}
         self._out_dtype = {t.name: jnp.dtype(_DTYPES[self.engine.get_tensor_dtype(t.name).name])
                            for t in self.spec.outputs}
-
-    def velocity(self, x, t, cond):
-        x = jnp.asarray(x)
-        t = jnp.asarray(t, jnp.float32)
-        feeds = {"x": x, "t": jnp.full(x.shape[:1], t) if t.ndim == 0 else t}
-        feeds.update({n: cond[n] for n in self.spec.cond_names})
-        return self.run(feeds).astype(x.dtype)
-
-    def encode(self, ids):
-        """A text-encoder graph: ``[B, L]`` token ids -> ``[B, L, D]`` last hidden state."""
-        return self.run({"ids": ids})
-
-    def decode_latents(self, latents):
-        """A decoder graph: ``[B, h, w, C]`` scaled latents -> ``[B, H, W, 3]`` images."""
-        return self.run({"latents": latents})
 
     def run(self, feeds: dict) -> jax.Array:
         """The engine's first output for inputs named as in the spec (checked against it first)."""

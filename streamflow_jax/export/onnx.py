@@ -123,7 +123,7 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
 
     Args:
         model: a ``FlowModel`` (cast to ``spec.dtype`` for the export).
-        spec: from ``export.velocity_spec``.
+        spec: from ``export.export_spec``.
         out_dir: a new directory (must not exist); written atomically.
         opset: ONNX opset (>= 23).
         shared: ``out_dir`` is a cache entry that concurrent processes may also be making.

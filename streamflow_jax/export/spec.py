@@ -1,8 +1,11 @@
 """Export specs: the single place where exported shapes are computed, from each family's record.
 
-An ``ExportSpec`` names the velocity graph's inputs and outputs, their dtypes and which axes
-are dynamic, and carries the min/opt/max range of every dynamic axis. The ONNX export, the
-TensorRT optimization profile and the run-time shape checks all read it.
+An ``ExportSpec`` names an exported graph's inputs and outputs, their dtypes and which axes are
+dynamic, and carries the min/opt/max range of every dynamic axis. The ONNX export, the TensorRT
+optimization profile and the run-time shape checks all read it. Three kinds of graph, one per
+family kind (``export_spec`` picks): a velocity field's ``velocity`` (``velocity_spec``), an
+autoencoder's ``decode_latents`` (``autoencoder_spec``) and a text encoder's ``encode``
+(``text_encoder_spec``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from streamflow_jax.errors import ShapeError
+from streamflow_jax.models.flow import pixels_to_latent
 
 # ---------------------------------------------------------------------------------------------
 # Ranges and tensors
@@ -52,11 +56,9 @@ class Range:
         return cls(*parts)
 
     def scaled(self, divisor: int, what: str) -> Range:
-        """This range divided by ``divisor`` (pixels -> latent), which must divide each value."""
-        bad = [v for v in (self.min, self.opt, self.max) if v % divisor]
-        if bad:
-            raise ValueError(f"{what} {bad} not divisible by {divisor}")
-        return Range(self.min // divisor, self.opt // divisor, self.max // divisor)
+        """This range of image pixels in latent pixels (``divisor`` pixels each; see
+        ``models.pixels_to_latent``)."""
+        return Range(*(pixels_to_latent(v, divisor, what=what) for v in (self.min, self.opt, self.max)))
 
     def __str__(self):
         return f"{self.min}:{self.opt}:{self.max}"
@@ -82,7 +84,8 @@ def dim_value(dim: int | str, bound: dict[str, int]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ExportSpec:
-    """An exported graph's interface: ``velocity(x, t, **cond) -> v`` or ``decode_latents(latents) -> images``.
+    """An exported graph's interface: ``velocity(x, t, **cond) -> v``, ``decode_latents(latents) -> images``
+    or ``encode(ids) -> last_hidden_state``.
 
     Attributes:
         class_name: the diffusers class of the model.
@@ -100,7 +103,7 @@ class ExportSpec:
     dims: dict[str, Range]
     dtype: str = "float32"
     multiple: dict[str, int] = dataclasses.field(default_factory=dict)
-    method: str = "velocity"  # the module method exported: "velocity" or "decode_latents"
+    method: str = "velocity"  # the module method exported: "velocity", "decode_latents" or "encode"
 
     @property
     def input_names(self) -> list[str]:
@@ -243,30 +246,46 @@ def _side(model, resolution, latent, scale: int) -> Range:
     return Range.parse(latent if latent is not None else model.family.default_latent(model.config))
 
 
-def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_scale: int = 8,
+def export_spec(model, *, batch=None, resolution=None, latent=None, latent_scale: int | None = None,
+                text_len: int | None = None, dtype: str | None = None) -> ExportSpec:
+    """The export spec of a model's graph, by its family's kind: a velocity field's ``velocity``,
+    an autoencoder's ``decode_latents``, a text encoder's ``encode`` (arguments as theirs; the
+    ones a kind does not take must be left out)."""
+    kind = model.family.kind
+    if kind == "autoencoder":
+        if latent_scale is not None and latent_scale != model.scale_factor:
+            raise ValueError(f"latent scale {latent_scale} (--latent-scale): this {model.class_name} turns each latent "
+                             f"pixel into {model.scale_factor} x {model.scale_factor} pixels; leave it out")
+        return autoencoder_spec(model, batch=batch or "1:1:4", resolution=resolution, latent=latent, dtype=dtype)
+    if kind == "text_encoder":
+        return text_encoder_spec(model, batch=batch or "1:1:4", text_len=text_len, dtype=dtype)
+    return velocity_spec(model, batch=batch or "1:1:8", resolution=resolution, latent=latent, latent_scale=latent_scale,
+                         text_len=text_len, dtype=dtype)
+
+
+def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_scale: int | None = None,
                   text_len: int | None = None, dtype: str | None = None) -> ExportSpec:
-    """The export spec of a model's velocity graph (or, for a decoder, of ``decode_latents``).
+    """The export spec of a velocity model's ``velocity`` graph.
 
     Args:
-        model: a ``FlowModel``.
+        model: a velocity ``FlowModel``.
         batch: ``Range`` or ``"min:opt:max"`` of the batch axis (count CFG's doubled batch).
         resolution: image side in pixels, ``"min:opt:max"``; divided by ``latent_scale``.
         latent: latent side directly (instead of ``resolution``); default: the family's.
-        latent_scale: pixels per latent pixel (8 for the SD3/SD1.5/Flux VAEs, 1 in pixel space).
+        latent_scale: pixels per latent pixel (default: the family's, 8 for the SD/SD3/Flux
+            VAEs; a pipeline in pixel space, as the embedded digits model, has 1).
         text_len: text tokens ``L`` (fixed in the graph; default: the family's).
         dtype: compute dtype inside the graph (default: the model's).
     """
-    kind = model.family.kind
-    if kind == "decoder":
-        return decoder_spec(model, batch=batch, resolution=resolution, latent=latent, dtype=dtype)
-    if kind == "text_encoder":
-        return text_encoder_spec(model, batch=batch, text_len=text_len, dtype=dtype)
-    side = _side(model, resolution, latent, latent_scale)
+    if model.family.kind != "velocity":
+        raise ValueError(f"{model.class_name} is not a velocity model (export_spec picks its graph)")
+    scale = model.family.latent_scale if latent_scale is None else latent_scale
+    side = _side(model, resolution, latent, scale)
     return build_velocity_spec(model, batch=Range.parse(batch), height=side, width=side, text_len=text_len,
                                dtype=dtype or str(np.dtype(model.dtype)))
 
 
-def decoder_spec(model, *, batch="1:1:4", resolution=None, latent=None, dtype: str | None = None) -> ExportSpec:
+def autoencoder_spec(model, *, batch="1:1:4", resolution=None, latent=None, dtype: str | None = None) -> ExportSpec:
     """The export spec of a VAE/TAESD ``decode_latents``: scaled latents in, images out.
 
     Args:

@@ -16,6 +16,7 @@ from streamflow_jax.models.flow import (
     decode_latents,
     encode_latents,
     flat_params,
+    pixels_to_latent,
     velocity_of,
 )
 
@@ -28,6 +29,9 @@ for _name in FAMILY_MODULES:
     FAMILIES.update({class_name: _family for class_name in _family.class_names})
 
 
+VELOCITY_COMPONENTS = tuple(dict.fromkeys(f.component for f in FAMILIES.values() if f.kind == "velocity"))
+
+
 def family_of(class_name: str | None) -> Family:
     """The family that converts and runs ``class_name`` (a diffusers/transformers class)."""
     try:
@@ -38,5 +42,5 @@ def family_of(class_name: str | None) -> Family:
         ) from None
 
 
-__all__ = ["FAMILIES", "FAMILY_MODULES", "Family", "FlowModel", "KeyMap", "abstract_module", "decode_latents",
-           "encode_latents", "family_of", "flat_params", "velocity_of"]
+__all__ = ["FAMILIES", "FAMILY_MODULES", "VELOCITY_COMPONENTS", "Family", "FlowModel", "KeyMap", "abstract_module", "decode_latents",
+           "encode_latents", "family_of", "flat_params", "pixels_to_latent", "velocity_of"]

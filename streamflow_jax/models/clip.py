@@ -46,11 +46,6 @@ class CLIPTextConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} not divisible by num_attention_heads")
 
-    @classmethod
-    def vit_l14(cls) -> CLIPTextConfig:
-        """SD 1.x's text encoder (openai/clip-vit-large-patch14); eos_token_id 2 is its legacy config."""
-        return cls(hidden_size=768, intermediate_size=3072, projection_dim=768, num_attention_heads=12, eos_token_id=2)
-
 
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig):
@@ -170,6 +165,7 @@ FAMILY = Family(
     class_names=("CLIPTextModel", "CLIPTextModelWithProjection"),
     config_cls=CLIPTextConfig,
     module_cls=CLIPTextModel,
+    component="text_encoder",
     keys=KeyMap(rename=_rename, any_value=ANY_VALUE, weights=TRANSFORMERS_WEIGHTS,
                 prepare_config=_prepare_config),
     text_len=lambda c: c.max_position_embeddings,

@@ -16,7 +16,8 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
-KINDS = ("velocity", "decoder", "text_encoder")
+KINDS = ("velocity", "autoencoder", "text_encoder")
+PREDICTS = ("velocity", "noise")
 
 # transformers' generic PretrainedConfig fields (file metadata, output switches, training and
 # generation settings; older versions wrote them all): none changes an encoder's forward pass,
@@ -134,6 +135,10 @@ def _none(config) -> None:
     return None
 
 
+def _identity_time(t):
+    return t
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: static data under jit
 class Family:
     """One architecture as the outer layers see it.
@@ -142,22 +147,36 @@ class Family:
 
     Attributes:
         name: short name used in messages, cache names and graph names (``"sd3"``).
-        kind: ``"velocity"`` (has ``velocity(x, t, cond)``, or takes an adapter),
-            ``"decoder"`` (``decode_latents``) or ``"text_encoder"``.
+        kind: ``"velocity"`` (a velocity field, or one with an adapter, see ``predicts``),
+            ``"autoencoder"`` (``encode_latents`` / ``decode_latents``) or ``"text_encoder"``.
         class_names: the diffusers/transformers class names it converts from.
         config_cls: its config dataclass (field names as in ``config.json``).
         module_cls: its root NNX module, ``module_cls(config)``.
         keys: its checkpoint ``KeyMap``.
-        latent_channels: ``C`` of the NHWC latents it takes (velocity, decoder).
+        component: the pipeline component it is (``"transformer"``, ``"unet"``, ``"vae"``,
+            ``"text_encoder"``): what ``sf.load`` takes from a pipeline directory by default
+            (velocity families) and which keys of a LoRA file are its.
+        lora_prefixes: kohya LoRA key prefixes naming this component (text encoders: by the
+            pipeline slot they sit in, see ``converters.lora``).
+        predicts: velocity families: ``"velocity"`` (the module's ``velocity`` is the field) or
+            ``"noise"`` (a UNet: an adapter from the pipeline's scheduler makes it one).
+        timestep: ``t -> native timestep``: how the sampler's time (the RF sigma in [0, 1], ``[B]``)
+            becomes the timestep the network was trained on.
+        latent_channels: ``C`` of the NHWC latents it takes (velocity, autoencoder).
         latent_multiple: latent ``H`` and ``W`` must be multiples of this.
+        latent_scale: velocity families: image pixels per latent pixel of the autoencoder they
+            come with (8 for SD's VAEs); autoencoders: see ``scale_factor``.
         default_latent: latent side used when a size is not given.
         max_latent: the largest latent side it can take (None: no limit).
         conditioning: ``(config, text_len) -> {name: per-element shape}``, the ``cond`` dict
             of ``velocity`` without the batch axis.
         text_len: default text length ``L`` (velocity: the graph's; text encoders: their ids').
+        text_prefix: tokens of ``L`` that come before a prompt pipeline's main text encoder's
+            sequence (SD3: 77 CLIP tokens before T5's); ``text_len - text_prefix`` is the
+            default ``max_sequence_length``.
         dynamic_spatial: exported graphs can take symbolic ``H`` and ``W``.
-        scale_factor: decoders: image pixels per latent pixel.
-        image_channels: decoders: channels of the decoded image.
+        scale_factor: autoencoders: image pixels per latent pixel.
+        image_channels: autoencoders: channels of the decoded image.
         logical_axes: ``(param_path, shape) -> logical axis names`` of its weights, for
             sharding (``heads``, ``mlp``, ``out``, ``embed``, ``vocab``, or None).
     """
@@ -167,13 +186,19 @@ class Family:
     class_names: tuple[str, ...]
     config_cls: type
     module_cls: type
+    component: str
     keys: KeyMap = KeyMap()
+    lora_prefixes: tuple[str, ...] = ()
+    predicts: str = "velocity"
+    timestep: Callable[[Any], Any] = _identity_time
     latent_channels: Callable[[Any], int | None] = _none
     latent_multiple: Callable[[Any], int] = lambda config: 1
+    latent_scale: int = 1
     default_latent: Callable[[Any], int | None] = _none
     max_latent: Callable[[Any], int | None] = _none
     conditioning: Callable[[Any, int], dict[str, tuple[int, ...]]] = lambda config, text_len: {}
     text_len: Callable[[Any], int | None] = _none
+    text_prefix: int = 0
     dynamic_spatial: bool = True
     scale_factor: Callable[[Any], int] = lambda config: 1
     image_channels: Callable[[Any], int | None] = _none
@@ -182,3 +207,5 @@ class Family:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"family {self.name}: kind {self.kind!r} not in {KINDS}")
+        if self.predicts not in PREDICTS:
+            raise ValueError(f"family {self.name}: predicts {self.predicts!r} not in {PREDICTS}")

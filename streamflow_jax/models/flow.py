@@ -20,6 +20,24 @@ from flax import nnx
 from streamflow_jax import sampling
 
 
+def pixels_to_latent(pixels, scale: int, multiple: int = 1, *, what: str = "image size") -> int:
+    """An image side in pixels as latent pixels, ``scale`` image pixels each, the one place this
+    arithmetic is done (pipelines, export specs, the CLI).
+
+    Raises:
+        ValueError: naming ``what``: not a positive integer, or not a multiple of
+            ``scale * multiple`` (the latent side must be a multiple of ``multiple``).
+    """
+    if isinstance(pixels, bool) or not isinstance(pixels, int | np.integer):
+        raise ValueError(f"{what} must be an integer number of pixels, got {pixels!r}")
+    if pixels < 1:
+        raise ValueError(f"{what} must be positive, got {pixels}")
+    step = scale * multiple
+    if pixels % step:
+        raise ValueError(f"{what} {pixels} is not a multiple of {step}")
+    return int(pixels) // scale
+
+
 def abstract_module(family, config) -> nnx.Module:
     """The family's module with shape-only parameters (nothing allocated)."""
     return nnx.eval_shape(lambda: family.module_cls(config))
@@ -36,9 +54,9 @@ def flat_params(tree) -> tuple[dict, object, list[str]]:
 
 
 @jax.jit
-def decode_latents(decoder, latents):
+def decode_latents(autoencoder, latents):
     """A VAE/TAESD ``FlowModel``'s ``decode_latents``, jitted with the weights as arguments."""
-    return decoder.module.decode_latents(latents)
+    return autoencoder.module.decode_latents(latents)
 
 
 @jax.jit
@@ -52,8 +70,9 @@ def velocity_of(module, adapter, x, t, cond):
     if adapter is not None:
         return adapter.velocity(module, x, t, cond)
     if not hasattr(module, "velocity"):
-        raise ValueError(f"{type(module).__name__} is not a velocity field by itself; give it an adapter, "
-                         "e.g. model.with_adapter(PeRFlowAdapter('diff_eps'))")
+        raise ValueError(f"{type(module).__name__} predicts noise, not a velocity: load it from its pipeline directory "
+                         "(the scheduler config gives its adapter), or sf.load(path, prediction_type='diff_eps'), or "
+                         "model.with_adapter(PeRFlowAdapter(...))")
     return module.velocity(x, t, cond)
 
 
@@ -115,7 +134,7 @@ class FlowModel:
 
     @property
     def scale_factor(self) -> int:
-        """Decoders: image pixels per latent pixel."""
+        """Autoencoders: image pixels per latent pixel."""
         return self.family.scale_factor(self.config)
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:

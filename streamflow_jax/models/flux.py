@@ -25,7 +25,11 @@ from streamflow_jax.models import flux_bfl, layers
 from streamflow_jax.models.family import Family, KeyMap
 
 ROPE_THETA = 10000.0
-F16_MAX = 65504.0
+
+
+def timestep(t):
+    """Flux takes the sigma itself (``[B]``); it scales by 1000 inside, as diffusers' forward."""
+    return t
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -127,37 +131,9 @@ def traced_rope_tables(x, text, axes_dims: tuple[int, ...]):
     return ops.rope_angles([jnp.zeros_like(rows), rows, cols], axes_dims, ROPE_THETA)
 
 
-def _clip_f16(x):
-    """diffusers clips float16 streams to the float16 range after each block."""
-    return jnp.clip(x, -F16_MAX, F16_MAX) if x.dtype == jnp.float16 else x
-
-
 # ---------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------
-
-
-class FluxTransformerBlock(nnx.Module):
-    """Double-stream block: image and text tokens modulated and projected apart, one attention."""
-
-    def __init__(self, cfg: FluxConfig):
-        d = cfg.inner_dim
-        self.norm1 = layers.AdaLayerNormZero(d, 6)
-        self.norm1_context = layers.AdaLayerNormZero(d, 6)
-        self.attn = layers.Attention(d, cfg.num_attention_heads, qkv_bias=True, qk_norm="rms_norm", joint=True)
-        self.ff = layers.FeedForward(d)
-        self.ff_context = layers.FeedForward(d)
-
-    def __call__(self, x, context, temb, rope):  # [B, M, D], [B, L, D], [B, D] -> same
-        norm_x, (gate_msa, shift_mlp, scale_mlp, gate_mlp) = self.norm1(x, temb)
-        norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(context, temb)
-        attn_x, attn_c = self.attn(norm_x, norm_c, rope)
-        x = x + gate_msa[:, None] * attn_x
-        x = x + gate_mlp[:, None] * self.ff(layers.modulate(ops.layer_norm(x), shift_mlp, scale_mlp))
-        context = context + c_gate_msa[:, None] * attn_c
-        h = layers.modulate(ops.layer_norm(context), c_shift_mlp, c_scale_mlp)
-        context = _clip_f16(context + c_gate_mlp[:, None] * self.ff_context(h))
-        return x, context
 
 
 class FluxSingleTransformerBlock(nnx.Module):
@@ -174,7 +150,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         normed, (gate,) = self.norm(h, temb)
         mlp = jax.nn.gelu(self.proj_mlp(normed), approximate=True)
         out = self.proj_out(jnp.concatenate([self.attn(normed, rope=rope), mlp], axis=-1))
-        return _clip_f16(h + gate[:, None] * out)
+        return layers.clip_f16(h + gate[:, None] * out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +168,10 @@ class FluxTransformer2DModel(nnx.Module):
         self.time_text_embed = layers.TimeTextEmbedding(d, config.pooled_projection_dim,
                                                         guidance=config.guidance_embeds)
         self.context_embedder = layers.Linear(config.joint_attention_dim, d)
-        self.transformer_blocks = nnx.List([FluxTransformerBlock(config) for _ in range(config.num_layers)])
+        # the double-stream blocks: the joint block SD3 has too, with qk RMSNorm and rotary positions
+        self.transformer_blocks = nnx.List([
+            layers.JointTransformerBlock(d, config.num_attention_heads, qk_norm="rms_norm", clip_context_f16=True)
+            for _ in range(config.num_layers)])
         self.single_transformer_blocks = nnx.List(
             [FluxSingleTransformerBlock(config) for _ in range(config.num_single_layers)])
         self.norm_out = layers.AdaLayerNormContinuous(d)
@@ -241,7 +220,7 @@ class FluxTransformer2DModel(nnx.Module):
             rope = rope_tables(text.shape[1], height // 2, width // 2, cfg.axes_dims_rope)
         else:
             rope = traced_rope_tables(x, text, cfg.axes_dims_rope)
-        v = self(pack(x), text, cond["pooled_projections"], t, rope, cond.get("guidance"))
+        v = self(pack(x), text, cond["pooled_projections"], timestep(t), rope, cond.get("guidance"))
         return unpack(v, height, width).astype(x.dtype)
 
 
@@ -264,9 +243,13 @@ FAMILY = Family(
     class_names=("FluxTransformer2DModel",),
     config_cls=FluxConfig,
     module_cls=FluxTransformer2DModel,
+    component="transformer",
     keys=KeyMap(layouts=(flux_bfl.LAYOUT,)),
+    lora_prefixes=("lora_unet_", "lora_transformer_"),
+    timestep=timestep,
     latent_channels=lambda c: c.latent_channels,
     latent_multiple=lambda c: 2,
+    latent_scale=8,
     default_latent=lambda c: 128,  # 1024^2 images
     max_latent=lambda c: 256,  # 2048^2 images: the profile's bound (rotary ids have no hard limit)
     conditioning=_conditioning,

@@ -1,8 +1,9 @@
 """Building blocks shared by the families (the only thing families share), NHWC.
 
 Grouped by kind: leaves (linear, conv, norms, embedding), timestep/text embeddings, attention
-and feed-forward, adaptive norms, convolutional blocks. Attribute names mirror the diffusers
-checkpoint keys (``to_q``, ``to_out.0``, ``ff.net.2``, ``time_emb_proj``); parameter leaves are
+and feed-forward, adaptive norms and the joint (text + image) transformer block, convolutional
+blocks. Attribute names mirror the diffusers checkpoint keys (``to_q``, ``to_out.0``,
+``ff.net.2``, ``time_emb_proj``); parameter leaves are
 ``kernel``/``bias`` on linears and convs (the converter transposes PyTorch's ``weight``) and
 ``weight``/``bias`` on norms and embeddings, so conversion stays renaming.
 
@@ -284,6 +285,65 @@ class AdaLayerNormContinuous(nnx.Module):
     def __call__(self, x, emb):  # [B, L, D], [B, D] -> [B, L, D]
         scale, shift = jnp.split(self.linear(jax.nn.silu(emb)), 2, axis=-1)
         return modulate(ops.layer_norm(x), shift, scale)
+
+
+F16_MAX = 65504.0
+
+
+def clip_f16(x):
+    """diffusers clips float16 streams to the float16 range after Flux's blocks (inf -> max)."""
+    return jnp.clip(x, -F16_MAX, F16_MAX) if x.dtype == jnp.float16 else x
+
+
+class JointTransformerBlock(nnx.Module):
+    """MMDiT's joint block (SD3/SD3.5) and Flux's double-stream block, which compute the same
+    thing: image and text tokens modulated and projected apart, one joint attention, an MLP each.
+
+    Args:
+        dim, heads: width and attention heads.
+        qk_norm: ``"rms_norm"`` (SD3.5, Flux) or None (SD3).
+        context_pre_only: the last SD3 block: the text tokens only feed this block's attention
+            (continuous norm, no text output).
+        dual_attention: SD3.5's second self-attention of the image tokens (``attn2``), with its
+            own three modulation vectors.
+        clip_context_f16: Flux: the text stream is clipped to the float16 range after the block.
+    """
+
+    def __init__(self, dim: int, heads: int, *, qk_norm: str | None = None, context_pre_only: bool = False,
+                 dual_attention: bool = False, clip_context_f16: bool = False):
+        self.context_pre_only, self.dual_attention, self.clip_context_f16 = (context_pre_only, dual_attention,
+                                                                             clip_context_f16)
+        self.norm1 = AdaLayerNormZero(dim, 9 if dual_attention else 6)
+        self.norm1_context = AdaLayerNormContinuous(dim) if context_pre_only else AdaLayerNormZero(dim, 6)
+        self.attn = Attention(dim, heads, qkv_bias=True, qk_norm=qk_norm, joint=True,
+                              context_pre_only=context_pre_only)
+        self.attn2 = Attention(dim, heads, qkv_bias=True, qk_norm=qk_norm) if dual_attention else None
+        self.ff = FeedForward(dim)
+        self.ff_context = None if context_pre_only else FeedForward(dim)
+
+    def __call__(self, x, context, temb, rope=None):
+        """``[B, M, D]`` image, ``[B, L, D]`` text, ``[B, D]`` conditioning, rotary ``(cos, sin)``
+        or None -> ``([B, M, D], [B, L, D] | None)``."""
+        norm_x, mods = self.norm1(x, temb)
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:4]
+        if self.context_pre_only:
+            norm_c = self.norm1_context(context, temb)
+        else:
+            norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(context, temb)
+
+        attn_x, attn_c = self.attn(norm_x, norm_c, rope)
+        x_in, x = x, x + gate_msa[:, None] * attn_x
+        if self.dual_attention:  # on the block's input, with its own modulation
+            shift2, scale2, gate2 = mods[4:]
+            x = x + gate2[:, None] * self.attn2(modulate(ops.layer_norm(x_in), shift2, scale2))
+        x = x + gate_mlp[:, None] * self.ff(modulate(ops.layer_norm(x), shift_mlp, scale_mlp))
+
+        if self.context_pre_only:
+            return x, None
+        context = context + c_gate_msa[:, None] * attn_c
+        h = modulate(ops.layer_norm(context), c_shift_mlp, c_scale_mlp)
+        context = context + c_gate_mlp[:, None] * self.ff_context(h)
+        return x, clip_f16(context) if self.clip_context_f16 else context
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,15 @@ from streamflow_jax import ops
 from streamflow_jax.models import layers
 from streamflow_jax.models.family import Family
 
+CLIP_TOKENS = 77  # StableDiffusion3Pipeline's text: CLIP-L and CLIP-G's 77 tokens side by side...
+T5_TOKENS = 256  # ...then T5's max_sequence_length tokens (default 256)
+
+
+def timestep(t):
+    """SD3 is trained on ``timestep = sigma * 1000`` (``[B]``)."""
+    return t * 1000.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
@@ -132,42 +141,6 @@ class PatchEmbed(nnx.Module):
         return tokens + table.reshape(1, h * w, d).astype(tokens.dtype)
 
 
-class JointTransformerBlock(nnx.Module):
-    def __init__(self, cfg: SD3Config, *, context_pre_only: bool, use_dual_attention: bool):
-        d, heads = cfg.inner_dim, cfg.num_attention_heads
-        self.context_pre_only = context_pre_only
-        self.use_dual_attention = use_dual_attention
-        self.norm1 = layers.AdaLayerNormZero(d, 9 if use_dual_attention else 6)
-        self.norm1_context = (layers.AdaLayerNormContinuous(d) if context_pre_only
-                              else layers.AdaLayerNormZero(d, 6))
-        self.attn = layers.Attention(d, heads, qkv_bias=True, qk_norm=cfg.qk_norm, joint=True,
-                                     context_pre_only=context_pre_only)
-        self.attn2 = layers.Attention(d, heads, qkv_bias=True, qk_norm=cfg.qk_norm) if use_dual_attention else None
-        self.ff = layers.FeedForward(d)
-        self.ff_context = None if context_pre_only else layers.FeedForward(d)
-
-    def __call__(self, x, context, temb):  # [B, M, D], [B, L, D], [B, D]
-        norm_x, mods = self.norm1(x, temb)
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:4]
-        if self.context_pre_only:
-            norm_c = self.norm1_context(context, temb)
-        else:
-            norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(context, temb)
-
-        attn_x, attn_c = self.attn(norm_x, norm_c)
-        x_in, x = x, x + gate_msa[:, None] * attn_x
-        if self.use_dual_attention:  # SD3.5: a second self-attention on the block input, own modulation
-            shift2, scale2, gate2 = mods[4:]
-            x = x + gate2[:, None] * self.attn2(layers.modulate(ops.layer_norm(x_in), shift2, scale2))
-        x = x + gate_mlp[:, None] * self.ff(layers.modulate(ops.layer_norm(x), shift_mlp, scale_mlp))
-
-        if self.context_pre_only:
-            return x, None
-        context = context + c_gate_msa[:, None] * attn_c
-        h = layers.modulate(ops.layer_norm(context), c_shift_mlp, c_scale_mlp)
-        return x, context + c_gate_mlp[:, None] * self.ff_context(h)
-
-
 # ---------------------------------------------------------------------------------------------
 # Root
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +156,9 @@ class SD3Transformer2DModel(nnx.Module):
         self.time_text_embed = layers.TimeTextEmbedding(d, config.pooled_projection_dim)
         self.context_embedder = layers.Linear(config.joint_attention_dim, config.caption_projection_dim)
         self.transformer_blocks = nnx.List([
-            JointTransformerBlock(config, context_pre_only=i == config.num_layers - 1,
-                                  use_dual_attention=i in config.dual_attention_layers)
+            layers.JointTransformerBlock(d, config.num_attention_heads, qk_norm=config.qk_norm,
+                                         context_pre_only=i == config.num_layers - 1,
+                                         dual_attention=i in config.dual_attention_layers)
             for i in range(config.num_layers)
         ])
         self.norm_out = layers.AdaLayerNormContinuous(d)
@@ -214,7 +188,7 @@ class SD3Transformer2DModel(nnx.Module):
         ``[B, E]``. SD3 is trained on ``timestep = sigma * 1000`` and predicts the velocity
         (noise minus data) directly.
         """
-        v = self(x, cond["encoder_hidden_states"], cond["pooled_projections"], t * 1000.0)
+        v = self(x, cond["encoder_hidden_states"], cond["pooled_projections"], timestep(t))
         return v.astype(x.dtype)
 
 
@@ -228,11 +202,16 @@ FAMILY = Family(
     class_names=("SD3Transformer2DModel",),
     config_cls=SD3Config,
     module_cls=SD3Transformer2DModel,
+    component="transformer",
+    lora_prefixes=("lora_unet_", "lora_transformer_"),
+    timestep=timestep,
     latent_channels=lambda c: c.in_channels,
+    latent_scale=8,
     latent_multiple=lambda c: c.patch_size,
     default_latent=lambda c: c.sample_size,
     max_latent=lambda c: c.pos_embed_max_size * c.patch_size,
     conditioning=lambda c, text_len: {"encoder_hidden_states": (text_len, c.joint_attention_dim),
                                       "pooled_projections": (c.pooled_projection_dim,)},
-    text_len=lambda c: 333,  # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's default
+    text_len=lambda c: CLIP_TOKENS + T5_TOKENS,
+    text_prefix=CLIP_TOKENS,
 )

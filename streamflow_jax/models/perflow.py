@@ -11,40 +11,14 @@ timestep. The formulas are PeRFlow's (Yan et al., 2024, piecewise rectified flow
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from streamflow_jax.schedules import perflow_windows
+from streamflow_jax import schedules
+from streamflow_jax.models import unet
 
-PREDICTIONS = ("diff_eps", "ddim_eps", "velocity")
 WINDOW_EPS = 1e-4  # a t within this of a window's end belongs to the next window
-
-
-BETA_SCHEDULES = ("scaled_linear", "linear")
-NUM_TRAIN_TIMESTEPS = 1000  # the UNet's timestep is int(t * 1000)
-
-
-@functools.lru_cache(maxsize=8)
-def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
-                   beta_schedule: str = "scaled_linear") -> np.ndarray:
-    """The training noise schedule's cumulative alphas, ``[1000]`` float32, as the scheduler
-    config's betas define them: ``scaled_linear`` ``linspace(sqrt(b0), sqrt(b1))^2`` (Stable
-    Diffusion's) or ``linear`` ``linspace(b0, b1)``."""
-    if beta_schedule == "scaled_linear":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, NUM_TRAIN_TIMESTEPS, dtype=np.float64) ** 2
-    elif beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, NUM_TRAIN_TIMESTEPS, dtype=np.float64)
-    else:
-        raise ValueError(f"unsupported: beta_schedule={beta_schedule!r} (supported: {', '.join(BETA_SCHEDULES)})")
-    return np.cumprod(1.0 - betas).astype(np.float32)
-
-
-def sd_alphas_cumprod() -> np.ndarray:
-    """Stable Diffusion's training schedule: ``betas = linspace(sqrt(.00085), sqrt(.012), 1000)^2``."""
-    return alphas_cumprod()
 
 
 def window_index(t: jax.Array, ends: jax.Array) -> jax.Array:
@@ -68,21 +42,34 @@ class PeRFlowAdapter:
 
     prediction_type: str = "diff_eps"
     num_windows: int = 4
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
+    beta_start: float = schedules.BETA_START
+    beta_end: float = schedules.BETA_END
+    beta_schedule: str = schedules.BETA_SCHEDULE
 
     def __post_init__(self):
-        if self.prediction_type not in PREDICTIONS:
-            raise ValueError(f"unsupported: prediction_type={self.prediction_type!r} (supported: {', '.join(PREDICTIONS)})")
+        if self.prediction_type not in schedules.PREDICTIONS:
+            raise ValueError(f"unsupported: prediction_type={self.prediction_type!r} (supported: "
+                             f"{', '.join(schedules.PREDICTIONS)})")
         if self.num_windows < 1:
             raise ValueError(f"num_windows must be >= 1, got {self.num_windows}")
-        alphas_cumprod(self.beta_start, self.beta_end, self.beta_schedule)  # checks the schedule
+        self.alphas()  # checks the schedule
+
+    @classmethod
+    def from_scheduler(cls, scheduler: schedules.Scheduler) -> PeRFlowAdapter:
+        """The adapter a pipeline's scheduler record describes (its prediction, windows, betas)."""
+        if not scheduler.perflow:
+            raise ValueError(f"{scheduler.class_name} is not a PeRFlow/InstaFlow scheduler (no prediction_type)")
+        return cls(scheduler.prediction_type, scheduler.num_time_windows, scheduler.beta_start, scheduler.beta_end,
+                   scheduler.beta_schedule)
+
+    def alphas(self):
+        """The training schedule's cumulative alphas, ``[1000]`` float32."""
+        return schedules.alphas_cumprod(self.beta_start, self.beta_end, self.beta_schedule)
 
     def coefficients(self, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """For one scalar ``t``: ``(lambda_t, eta_t, t_e)`` with ``x_end = lambda_t*x + eta_t*eps``."""
-        starts, ends = (jnp.asarray(a) for a in perflow_windows(self.num_windows))
-        ac = jnp.asarray(alphas_cumprod(self.beta_start, self.beta_end, self.beta_schedule))
+        starts, ends = (jnp.asarray(a) for a in schedules.perflow_windows(self.num_windows))
+        ac = jnp.asarray(self.alphas())
         k = window_index(t, ends)
         t_s, t_e = starts[k], ends[k]
         a_s = ac[(t_s * 1000).astype(jnp.int32) - 1]
@@ -100,16 +87,16 @@ class PeRFlowAdapter:
         """The sample at time ``t`` (``[B]``): PeRFlow's windows end on the training diffusion's
         marginals, ``sqrt(a) x0 + sqrt(1 - a) noise`` with ``a`` the cumulative alpha at
         ``int(t * 1000)`` (image-to-image starts there)."""
-        ac = jnp.asarray(alphas_cumprod(self.beta_start, self.beta_end, self.beta_schedule))
-        a = ac[jnp.clip((jnp.asarray(t, jnp.float32) * 1000).astype(jnp.int32) - 1, 0, NUM_TRAIN_TIMESTEPS - 1)]
+        ac = jnp.asarray(self.alphas())
+        n = schedules.NUM_TRAIN_TIMESTEPS
+        a = ac[jnp.clip((jnp.asarray(t, jnp.float32) * n).astype(jnp.int32) - 1, 0, n - 1)]
         a = a.reshape(a.shape + (1,) * (x0.ndim - 1)).astype(x0.dtype)
         return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
 
-    def velocity(self, unet, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
+    def velocity(self, unet_module, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
         """``x`` ``[B, H, W, C]``, ``t`` ``[B]`` -> ``[B, H, W, C]``; ``cond["encoder_hidden_states"]``
-        ``[B, S, D]``. The UNet sees the integer timestep ``int(t * 1000)``."""
-        timestep = jnp.floor(t.astype(jnp.float32) * 1000)
-        out = unet(x, timestep, cond["encoder_hidden_states"]).astype(jnp.float32)
+        ``[B, S, D]``. The UNet sees its integer timestep ``int(t * 1000)`` (``models.unet.timestep``)."""
+        out = unet_module(x, unet.timestep(t), cond["encoder_hidden_states"]).astype(jnp.float32)
         if self.prediction_type == "velocity":
             return out.astype(x.dtype)
         lam, eta, t_e = jax.vmap(self.coefficients)(t.astype(jnp.float32))  # [B] each

@@ -88,11 +88,6 @@ class T5Config:
             raise ValueError(f"relative_attention_max_distance={self.relative_attention_max_distance} must exceed "
                              f"relative_attention_num_buckets // 4 = {self.relative_attention_num_buckets // 4}")
 
-    @classmethod
-    def v1_1_xxl(cls) -> T5Config:
-        """google/t5-v1_1-xxl's encoder: ``text_encoder_3`` of SD3, ``text_encoder_2`` of Flux."""
-        return cls(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
-
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: relative positions and activation
@@ -312,6 +307,7 @@ FAMILY = Family(
     class_names=("T5EncoderModel",),
     config_cls=T5Config,
     module_cls=T5EncoderModel,
+    component="text_encoder",
     keys=KeyMap(rename=_rename, ignorable=IGNORABLE, any_value=ANY_VALUE_FIELDS, weights=TRANSFORMERS_WEIGHTS,
                 prepare_config=_prepare_config),
     # relative positions set no hard limit; 512 is T5's pretraining length and FluxPipeline's

@@ -146,10 +146,11 @@ def scale_factor(c: TinyConfig) -> int:
 
 FAMILY = Family(
     name="taesd",
-    kind="decoder",
+    kind="autoencoder",
     class_names=("AutoencoderTiny",),
     config_cls=TinyConfig,
     module_cls=AutoencoderTiny,
+    component="vae",
     latent_channels=lambda c: c.latent_channels,
     default_latent=lambda c: 64,  # SD1.5's 512^2 images
     scale_factor=scale_factor,

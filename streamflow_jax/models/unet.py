@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from streamflow_jax import ops
@@ -21,6 +22,13 @@ from streamflow_jax.models.family import Family, KeyMap
 # ---------------------------------------------------------------------------------------------
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+
+
+def timestep(t):
+    """The UNet's integer training timestep ``int(t * 1000)`` of the sampler's time (``[B]``)."""
+    return jnp.floor(t.astype(jnp.float32) * 1000)
+
+
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
@@ -285,12 +293,17 @@ IGNORABLE = {
 
 FAMILY = Family(
     name="unet",
-    kind="velocity",  # with an adapter (models.perflow): the UNet itself predicts noise
+    kind="velocity",  # with an adapter (models.perflow) built from the pipeline's scheduler
     class_names=("UNet2DConditionModel",),
     config_cls=UNetConfig,
     module_cls=UNet2DConditionModel,
+    component="unet",
     keys=KeyMap(ignorable=IGNORABLE),
+    lora_prefixes=("lora_unet_",),
+    predicts="noise",
+    timestep=timestep,
     latent_channels=lambda c: c.in_channels,
+    latent_scale=8,
     # any latent size: each level upsamples back to its skip's size, odd sizes included
     default_latent=lambda c: c.sample_size,
     max_latent=lambda c: 2 * c.sample_size,  # twice its training size (SD1.5: 1024^2 images)

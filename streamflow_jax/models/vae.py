@@ -185,10 +185,11 @@ def scale_factor(c: VAEConfig) -> int:
 
 FAMILY = Family(
     name="vae",
-    kind="decoder",
+    kind="autoencoder",
     class_names=("AutoencoderKL",),
     config_cls=VAEConfig,
     module_cls=AutoencoderKL,
+    component="vae",
     latent_channels=lambda c: c.latent_channels,
     default_latent=lambda c: c.sample_size // scale_factor(c),
     scale_factor=scale_factor,

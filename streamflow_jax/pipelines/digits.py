@@ -14,14 +14,18 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from streamflow_jax import backends, schedules
+from streamflow_jax.backends.cache import enable_compilation_cache
 from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConversionError
-from streamflow_jax.pipelines.base import Pipeline, images_to_array, img2img_start, read_scheduler_config, register
+from streamflow_jax.pipelines.base import Pipeline, img2img_start, register
+from streamflow_jax.pipelines.images import images_to_array
+from streamflow_jax.sampling import Guidance, check_seed, seeded_noise
 from streamflow_jax.sharding import shard_batch
 from streamflow_jax.stream import StreamEngine
 
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
 NULL_CLASS = 10
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 16, 3.0
 
 
 def to_images(x) -> np.ndarray:
@@ -31,7 +35,8 @@ def to_images(x) -> np.ndarray:
 
 def _check_labels(labels) -> np.ndarray:
     labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() > 9:
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) \
+            or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"labels must be a non-empty 1-D array of classes 0-9, got {labels!r}")
     return labels
 
@@ -44,55 +49,63 @@ class DigitsPipeline(Pipeline):
         model: the converted ``FlowModel``.
         conditioning: ``encoder_hidden_states`` ``[11, 1, J]`` and ``pooled_projections``
             ``[11, E]``, one row per class, row 10 the null class.
-        shift: the scheduler's time shift (from ``scheduler/scheduler_config.json``).
+        scheduler: the ``schedules.Scheduler`` record (``scheduler/scheduler_config.json``).
     """
 
-    def __init__(self, model, conditioning: dict[str, np.ndarray], shift: float = 1.0, mesh=None):
+    def __init__(self, model, conditioning: dict[str, np.ndarray], scheduler: schedules.Scheduler | None = None,
+                 mesh=None):
         self.model = model
         self.conditioning = {k: jnp.asarray(v) for k, v in conditioning.items()}
-        self.shift = shift
+        self.scheduler = scheduler or schedules.Scheduler()
         self.mesh = mesh
 
     @classmethod
-    def from_dir(cls, path=DIGITS_DIR, dtype=None, *, mesh=None, strategy: str = "fsdp") -> DigitsPipeline:
+    def load(cls, path=DIGITS_DIR, dtype=None, *, mesh=None, strategy: str = "fsdp") -> DigitsPipeline:
         """Loads (converting in memory) a digits pipeline directory; the embedded one by default.
         With ``mesh``, the weights are placed by ``strategy`` and batches split over ``data``."""
+        enable_compilation_cache()
         path = Path(path)
         cond_file = path / "conditioning.safetensors"
         if not cond_file.is_file():
             raise ConversionError(f"{path}: no conditioning.safetensors (not a digits pipeline directory)")
         model = load(path, dtype=dtype, mesh=mesh, strategy=strategy)
-        shift = read_scheduler_config(path).get("shift", 1.0) if (path / "scheduler").is_dir() else 1.0
-        return cls(model, load_file(cond_file), shift, mesh)
+        scheduler = schedules.read_scheduler(path) if (path / schedules.SCHEDULER_FILE).is_file() else None
+        return cls(model, load_file(cond_file), scheduler, mesh)
 
-    @classmethod
-    def load(cls, path, dtype=None, **kwargs) -> DigitsPipeline:
-        return cls.from_dir(path, dtype=dtype, **kwargs)
+    @staticmethod
+    def resolve_guidance(guidance_scale=None) -> Guidance:
+        """The guidance rule (``sampling.Guidance.resolve``): None is 3.0, a scale <= 1 is none."""
+        return Guidance.resolve(guidance_scale, mode="cfg", default=DEFAULT_GUIDANCE)
 
     def cond(self, labels) -> dict[str, jax.Array]:
         """Conditioning dict for ``[B]`` integer labels (10 = unconditional)."""
         labels = jnp.asarray(labels, jnp.int32)
         return {k: v[labels] for k, v in self.conditioning.items()}
 
-    def __call__(self, labels, *, steps: int = 16, guidance_scale: float | None = 3.0, seed: int = 0,
-                 image=None, strength=None, backend: str = "xla") -> np.ndarray:
+    def __call__(self, labels, *, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
+                 image=None, strength=None, backend: str = "xla", progress: bool = True) -> np.ndarray:
         """Generates one digit per label.
 
         Args:
             labels: ``[B]`` classes 0-9.
             steps: Euler steps on the scheduler's flow-match grid.
-            guidance_scale: classifier-free guidance scale (scalar or ``[B]``); ``None`` for none.
-            seed: PRNG seed of the starting noise.
+            guidance_scale: classifier-free guidance scale (scalar or ``[B]``); None: 3.0; a
+                scalar <= 1: no guidance (the one rule, ``sampling.Guidance.resolve``).
+            seed: PRNG seed of the starting noise, in [0, 2**32).
             image, strength: image-to-image: redraw these 16x16 grey images (``[B, 16, 16]`` or
                 one for all, in [0, 1], or PIL) as the labels' digits, ``strength`` in (0, 1]
                 (default 0.6) of the way from the image to noise.
+            backend: a backend name (``backends.BACKENDS``).
+            progress: a progress bar over the steps of runs longer than 2 s.
 
         Returns:
             ``[B, 16, 16]`` float32 images in [0, 1].
         """
+        backends.check_backend(backend)
         labels = _check_labels(labels)
+        guidance = self.resolve_guidance(guidance_scale)
         noise = self.noise(len(labels), seed)
-        grid = schedules.flow_match(steps, shift=self.shift)
+        grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
         if image is not None:
             arr = images_to_array(image, 1)
             if arr.shape[1:] != self.latent_shape or arr.shape[0] not in (1, len(labels)):
@@ -101,12 +114,12 @@ class DigitsPipeline(Pipeline):
             noise, grid = img2img_start(self.model, x0, noise, grid, strength)
         elif strength is not None:
             raise ValueError("strength is for image-to-image: give image too")
-        uncond = self.cond(np.full(len(labels), NULL_CLASS)) if guidance_scale is not None else None
+        uncond = self.cond(np.full(len(labels), NULL_CLASS)) if guidance.cfg else None
         cond = self.cond(labels)
         if self.mesh is not None:
             noise, cond, uncond = shard_batch((noise, cond, uncond), self.mesh)
-        x = backends.sample(self.model, noise, grid, cond, guidance_scale=guidance_scale, uncond=uncond,
-                            backend=backend)
+        x = backends.sample(self.model, noise, grid, cond, guidance_scale=guidance.cfg_scale, uncond=uncond,
+                            backend=backend, progress=progress)
         return to_images(x)
 
     @property
@@ -115,23 +128,25 @@ class DigitsPipeline(Pipeline):
 
     def noise(self, n: int, seed: int) -> jax.Array:
         """The ``[n, 16, 16, 1]`` starting noise that ``__call__`` uses for ``seed``."""
-        return jax.random.normal(jax.random.key(seed), (n, *self.latent_shape), jnp.float32)
+        return seeded_noise(seed, (n, *self.latent_shape))
 
-    def stream(self, labels, *, steps: int = 16, guidance_scale: float | None = 3.0, seed: int = 0,
+    def stream(self, labels, *, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
                slots_per_stream: int = 4, streams: int = 1, backend: str = "xla") -> np.ndarray:
         """The same images as ``__call__``, made by a ``StreamEngine`` (one request per label)."""
         labels = _check_labels(labels)
+        guidance = self.resolve_guidance(guidance_scale)
+        if np.ndim(guidance.scale):
+            raise ValueError("the stream takes one guidance scale for all labels")
         shapes = {k: tuple(v.shape[1:]) for k, v in self.conditioning.items()}
         engine = StreamEngine(self.model, self.latent_shape, shapes, slots_per_stream=slots_per_stream,
-                              streams=streams, guidance=guidance_scale is not None,
+                              streams=streams, guidance=guidance.cfg,
                               postprocess=lambda x: to_images(x[None])[0], backend=backend)
-        noise = np.asarray(self.noise(len(labels), seed))
+        noise = np.asarray(self.noise(len(labels), check_seed(seed)))
+        grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
         table = {k: np.asarray(v) for k, v in self.conditioning.items()}
         null = {k: v[NULL_CLASS] for k, v in table.items()}
-        ids = []
-        for i, label in enumerate(labels):
-            extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale, "uncond": null}
-            ids.append(engine.submit({k: v[label] for k, v in table.items()}, steps=steps, shift=self.shift,
-                                     noise=noise[i], **extra))
+        extra = {"guidance_scale": guidance.scale, "uncond": null} if guidance.cfg else {}
+        ids = [engine.submit({k: v[label] for k, v in table.items()}, grid=grid, noise=noise[i], **extra)
+               for i, label in enumerate(labels)]
         engine.run()
         return np.stack([engine.result(i) for i in ids])

@@ -17,18 +17,10 @@ import numpy as np
 
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
-from streamflow_jax.errors import ConversionError
-from streamflow_jax.pipelines.base import (
-    PromptPipeline,
-    clip_penultimate_and_projection,
-    read_scheduler_config,
-    register,
-    t5_last_hidden_state,
-)
-from streamflow_jax.pipelines.perflow import load_decoder
-from streamflow_jax.tokenizer import CLIPTokenizer, T5Tokenizer
-
-CLIP_TOKENS = 77
+from streamflow_jax.pipelines.base import PromptPipeline, register
+from streamflow_jax.pipelines.images import load_autoencoder
+from streamflow_jax.pipelines.text import T5Tokenizers, clip_penultimate_and_projection, t5_last_hidden_state
+from streamflow_jax.tokenizer import CLIPTokenizer
 
 
 @register("StableDiffusion3Pipeline")
@@ -38,22 +30,25 @@ class SD3Pipeline(PromptPipeline):
     Attributes:
         model: the ``SD3Transformer2DModel`` ``FlowModel``.
         clip_l, clip_g: ``(text encoder, tokenizer)`` of CLIP-L and CLIP-G.
-        t5: ``(text encoder, tokenizer directory)`` or None (zeros in its place).
+        t5: ``(text encoder, T5Tokenizers)`` or None (zeros in its place).
         decoder: the VAE (or a tiny autoencoder given instead).
-        shift: the scheduler's time shift.
+        scheduler: the ``schedules.Scheduler`` record (its shift).
     """
 
+    model_classes = ("SD3Transformer2DModel",)
     default_steps = 28
     default_guidance = 7.0
 
-    def __init__(self, model, clip_l, clip_g, t5, decoder, *, shift: float = 3.0, max_sequence_length: int = 256):
+    def __init__(self, model, clip_l, clip_g, t5, decoder, scheduler: schedules.Scheduler, *,
+                 max_sequence_length: int | None = None):
+        self.check_model(model)
         self.model, self.clip_l, self.clip_g, self.t5, self.decoder = model, clip_l, clip_g, t5, decoder
-        self.shift = float(shift)
-        self.text_len = int(max_sequence_length)
-        self._t5_tokenizers: dict[int, T5Tokenizer] = {}
+        self.scheduler = scheduler
+        default = model.family.text_len(model.config) - model.family.text_prefix
+        self.text_len = int(max_sequence_length or default)
 
     @classmethod
-    def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int = 256, mesh=None,
+    def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int | None = None, mesh=None,
              strategy: str = "fsdp") -> SD3Pipeline:
         """A diffusers SD3/SD3.5 pipeline directory (or one converted by ``sf.convert``):
         ``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP-L), ``text_encoder_2/`` +
@@ -68,31 +63,23 @@ class SD3Pipeline(PromptPipeline):
                 text encoders' included; batches split over ``data``.
         """
         path = Path(path)
-        sched = read_scheduler_config(path)
-        if sched.get("use_dynamic_shifting"):
-            raise ConversionError(f"{path / 'scheduler'}: use_dynamic_shifting=True is not implemented for SD3 "
-                                  "(SD3 and SD3.5 ship a static shift)")
+        scheduler = schedules.read_scheduler(path)
         opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
         model = load(path, component="transformer", **opts)
-        if model.family.name != "sd3":
-            raise ConversionError(f"{path / 'transformer'}: {model.class_name} is not an SD3 transformer")
         clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
                           CLIPTokenizer.from_dir(path / f"tokenizer{n}"))
         t5 = None
         if (path / "text_encoder_3").is_dir():
-            t5 = (load(path, component="text_encoder_3", **opts), path / "tokenizer_3")
-        pipe = cls(model, clip(""), clip("_2"), t5, load_decoder(path, taesd, **opts), shift=sched.get("shift", 3.0),
+            t5 = (load(path, component="text_encoder_3", **opts), T5Tokenizers(path / "tokenizer_3"))
+        pipe = cls(model, clip(""), clip("_2"), t5, load_autoencoder(path, taesd, **opts), scheduler,
                    max_sequence_length=max_sequence_length)
         pipe.mesh = mesh
         return pipe
 
-    def model_text_len(self, text_len: int | None = None) -> int:
-        return CLIP_TOKENS + super().model_text_len(text_len)
-
     def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
         """Prompts -> ``encoder_hidden_states`` ``[B, 77 + L, J]`` and ``pooled_projections``
         ``[B, E_l + E_g]``."""
-        length = self.model_text_len(text_len) - CLIP_TOKENS
+        length = self.model_text_len(text_len) - self.model.family.text_prefix
         width = self.model.cond_shapes(1)["encoder_hidden_states"][1]
         seqs, pooled = zip(*(clip_penultimate_and_projection(enc, tok(prompts)) for enc, tok in (self.clip_l,
                                                                                                   self.clip_g)))
@@ -103,12 +90,10 @@ class SD3Pipeline(PromptPipeline):
         if self.t5 is None:
             t5 = jnp.zeros((len(prompts), length, width), clip.dtype)
         else:
-            encoder, tokenizer_dir = self.t5
-            if length not in self._t5_tokenizers:
-                self._t5_tokenizers[length] = T5Tokenizer.from_dir(tokenizer_dir, max_length=length)
-            t5 = t5_last_hidden_state(encoder, self._t5_tokenizers[length](prompts)).astype(clip.dtype)
+            encoder, tokenizers = self.t5
+            t5 = t5_last_hidden_state(encoder, tokenizers(length)(prompts)).astype(clip.dtype)
         return {"encoder_hidden_states": jnp.concatenate([clip, t5], axis=1),
                 "pooled_projections": jnp.concatenate(pooled, axis=-1)}
 
-    def schedule(self, steps: int, latent_shape=None) -> np.ndarray:
-        return schedules.flow_match(steps, shift=self.shift)
+    def schedule(self, steps: int, latent_shape) -> np.ndarray:
+        return self.scheduler.flow_match_grid(steps, self.image_seq_len(latent_shape))

@@ -1,0 +1,46 @@
+"""Where the library caches what it makes: exports, engines and compiled programs.
+
+``cache_root()`` is ``$STREAMFLOW_JAX_CACHE`` (read at each use), else ``~/.cache/streamflow-jax``.
+``enable_compilation_cache()`` turns on JAX's persistent compilation cache under it; the
+library's entry points (the CLI, the server, the pipelines' loaders) call it, importing the
+library does not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+CACHE_ENV = "STREAMFLOW_JAX_CACHE"
+XLA_CACHE_ENV = "STREAMFLOW_JAX_XLA_CACHE"  # "0" turns the persistent compilation cache off
+
+
+def cache_root() -> Path:
+    """Where exports, engines and compiled programs are cached: ``$STREAMFLOW_JAX_CACHE``, else
+    ``~/.cache/streamflow-jax`` (read at each use, so the variable can be set at any time)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "streamflow-jax")
+
+
+def enable_compilation_cache() -> Path | None:
+    """Turns on JAX's persistent compilation cache under ``cache_root()/xla``, so that a second
+    process reuses the programs a first one compiled (all of them: the library sets
+    ``jax_persistent_cache_min_compile_time_secs`` to 0 from JAX's 1 s). Left alone when
+    ``$STREAMFLOW_JAX_XLA_CACHE`` is ``0`` or when the application set a cache directory itself.
+
+    The CLI, the server and the pipelines' loaders call it; ``import streamflow_jax`` does not.
+
+    Returns:
+        The cache directory in use, or None when off.
+    """
+    if os.environ.get(XLA_CACHE_ENV, "1").lower() in ("0", "false", "off", "no"):
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    path = cache_root() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # every program, not only those over 1 s: a pipeline compiles many sub-second ones
+    # (scan, admission, decode), which together are most of a first call
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path

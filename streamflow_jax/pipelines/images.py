@@ -1,0 +1,77 @@
+"""Images in and out of the pipelines: the autoencoder they decode with, conversions, grids.
+
+Decoder outputs are about [-1, 1]; images handed to users are uint8 (PIL) or floats in [0, 1],
+NHWC throughout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from streamflow_jax.checkpoint import load
+from streamflow_jax.errors import ConversionError
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def load_autoencoder(path: Path, taesd=None, **opts):
+    """A pipeline's ``vae/``, or a TAESD directory given instead (``opts``: ``load``'s)."""
+    model = load(taesd, **opts) if taesd is not None else load(path, component="vae", **opts)
+    if model.family.kind != "autoencoder":
+        raise ConversionError(f"{taesd or Path(path) / 'vae'}: {model.class_name} is not a VAE/TAESD")
+    return model
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r} not in {OUTPUT_TYPES}")
+
+
+def to_float_images(images) -> np.ndarray:
+    """Decoder output about [-1, 1] -> float32 images in [0, 1]."""
+    return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Decoder output about [-1, 1] -> uint8 pixels (as diffusers' image processor rounds)."""
+    return (to_float_images(images) * 255).round().astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2) -> Image.Image:
+    """``[rows*cols, h, w]`` images in [0, 1] -> one PIL image, tiles upscaled nearest-neighbour."""
+    n, h, w = images.shape
+    cols = n // rows
+    tile_w, tile_h = w * scale, h * scale
+    canvas = Image.new("L", (cols * (tile_w + gap) + gap, rows * (tile_h + gap) + gap), color=40)
+    pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        tile = Image.fromarray(pixels[i], mode="L").resize((tile_w, tile_h), Image.Resampling.NEAREST)
+        canvas.paste(tile, (gap + c * (tile_w + gap), gap + r * (tile_h + gap)))
+    return canvas
+
+
+def images_to_array(image, channels: int | None = 3) -> np.ndarray:
+    """PIL image(s) or an array ``[B, H, W, C]`` / ``[H, W, C]`` (floats in [0, 1], or uint8)
+    -> float32 ``[B, H, W, C]`` in [0, 1]."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and image and isinstance(image[0], Image.Image):
+        mode = "L" if channels == 1 else "RGB"
+        image = np.stack([np.asarray(im.convert(mode)) for im in image])
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255
+    arr = arr.astype(np.float32)
+    if channels == 1 and arr.ndim in (2, 3) and (arr.ndim == 2 or arr.shape[-1] != 1):
+        arr = arr[..., None]  # [(B,) H, W] grey
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or (channels is not None and arr.shape[-1] != channels):
+        raise ValueError(f"image has shape {arr.shape}; expected [B, H, W, {channels}] (or PIL images)")
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        raise ValueError("image values must lie in [0, 1] (floats) or be uint8")
+    return arr
