@@ -181,7 +181,7 @@ def test_sample_inside_jit(digits):
     cond = digits.cond(labels)
     noise = digits.noise(4, 3)
     grid = sf.schedules.flow_match(4)
-    inside = jax.jit(lambda m, n: sf.sample(m, n, grid, cond))(q, noise)
+    inside = jax.jit(lambda m, n, c: sf.sample(m, n, grid, c))(q, noise, cond)
     np.testing.assert_allclose(np.asarray(inside), np.asarray(sf.sample(q, noise, grid, cond)), rtol=1e-5, atol=1e-5)
 
 
