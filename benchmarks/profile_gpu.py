@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, environment, random_flowmodel, timed  # noqa: E402
 
-MODULES = {"stream": r"^jit__(step|admit|outputs)$", "sd3": r"^jit_velocity_call$", "flux": r"^jit_velocity_call$"}
+MODULES = {"stream": r"^jit__(step|admit|outputs)\b", "sd3": r"^jit_velocity_call\b", "flux": r"^jit_velocity_call\b"}
 STEPS, WINDOWS, SLOTS = 4, 4, 4
 
 

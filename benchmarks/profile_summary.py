@@ -309,8 +309,13 @@ def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo
     """
     source, events = read_events(path, source)
     device, kernels = device_kernels(events)
+    note = None
     if modules is not None:
-        kernels = [k for k in kernels if re.search(modules, k.module)]
+        kept = [k for k in kernels if re.search(modules, k.module)]
+        if not kept and kernels and not any(k.module for k in kernels):
+            note = f"no kernel names its HLO module: all {len(kernels)} kept (filter {modules!r} not applied)"
+        else:
+            kernels = kept
     if calls is None:
         runs = {(e[5].get("hlo_module"), e[5].get("run_id")) for e in events if "run_id" in e[5] and "hlo_op" in e[5]}
         calls = max(len(runs), 1)
@@ -345,6 +350,8 @@ def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo
                  "over_10us": sum(g > 10 for g in gaps), "over_100us": sum(g > 100 for g in gaps)},
         "categories": cats, "top": ranked, "hlo_modules": sorted(tables),
     }
+    if note:
+        out["note"] = note
     if flops:
         out["flops_per_call"] = flops
         out["tflops_per_s"] = round(flops * calls / (line["span_us"] * 1e6), 3) if line["span_us"] else None

@@ -199,3 +199,29 @@ def test_gpu_planes():
     assert line["span_us"] == 71.0 and line["busy_us"] == 61.0 and line["gaps"] == [2.0, 8.0]
     assert categorize(Kernel("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "", "", "s", 0, 1), {}) == "GEMM"
     assert categorize(Kernel("input_reduce_fusion_3", "", "", "s", 0, 1), {}) == "norm"
+
+
+def test_gpu_json_trace_without_module_names(tmp_path):
+    """A GPU trace in the JSON layout whose kernels do not name their module: the module filter
+    cannot apply, so every kernel is kept and the summary says so."""
+    import gzip
+    import json
+
+    run = tmp_path / "plugins" / "profile" / "2026_01_01_00_00_00"
+    run.mkdir(parents=True)
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 13, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "M", "pid": 1, "tid": 99, "name": "thread_name", "args": {"name": "XLA Ops"}},
+            {"ph": "M", "pid": 701, "name": "process_name", "args": {"name": "/host:CPU"}}]
+    kernels = [{"ph": "X", "pid": 1, "tid": 13, "ts": 100.0 + 10 * i, "dur": 8.0, "name": name, "args": {}}
+               for i, name in enumerate(["nvjet_tst_64x8", "loop_add_fusion", "nvjet_tst_64x8", "loop_add_fusion"])]
+    derived = [{"ph": "X", "pid": 1, "tid": 99, "ts": 100.0, "dur": 40.0, "name": "fusion", "args": {}}]
+    host = [{"ph": "X", "pid": 701, "tid": 5, "ts": 0.0, "dur": 500.0, "name": "op", "args": {"hlo_op": "op"}}]
+    with gzip.open(run / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + kernels + derived + host}, f)
+    s = summarize(tmp_path, calls=2, modules="^jit_velocity_call", flops=2e9)
+    assert (s["source"], s["device"], s["kernels"], s["kernels_per_call"]) == ("json", "gpu", 4, 2.0)
+    assert "not applied" in s["note"]
+    assert s["categories"]["GEMM"]["kernels"] == 2 and s["categories"]["elementwise"]["kernels"] == 2
+    assert (s["span_us"], s["busy_us"], s["idle_us"], s["gaps"]["count"]) == (38.0, 32.0, 6.0, 3)
+    assert s["tflops_per_s"] == pytest.approx(2e9 * 2 / 38e6, abs=1e-3)
