@@ -24,6 +24,13 @@ The host never waits for the device inside a tick: finished outputs are copied t
 asynchronously and collected when ready (``results`` fills as they arrive; ``run`` and
 ``result`` wait for what they need). Every submitted request yields exactly one result or one
 error, by id.
+
+Two ways to take results. In batch use, ``run`` and ``result`` read ``results``, which keeps
+every result until the engine goes away. A long-running consumer (a server) calls
+``pop_results`` instead: it hands over what is ready and forgets it, so nothing accumulates.
+``cancel`` withdraws a request that is queued or in a slot (its slot is free at the next tick).
+The engine is not thread-safe: one thread owns it (``streamflow_jax.serve`` runs one device
+thread per engine).
 """
 
 from __future__ import annotations
@@ -229,6 +236,25 @@ class SlotScheduler:
             size = bucket(len(done), self.num_slots)
             done_index = np.array(done + [done[0]] * (size - len(done)), np.int32)
         return TickPlan(admissions, active, t, t_next, done, done_index)
+
+    def room(self) -> int:
+        """Requests the next ``plan`` would admit if the queue held them (free slots, at most
+        ``admit_per_tick``), less those already queued."""
+        free = sum(r is None for r in self.requests)
+        return max(0, min(free, self.admit_per_tick) - len(self.queue))
+
+    def remove(self, rid: int) -> bool:
+        """Withdraws request ``rid`` from the queue or from its slot (the slot is free for the
+        next plan; its buffer rows are overwritten at the next admission). False: not here."""
+        for req in self.queue:
+            if req.id == rid:
+                self.queue.remove(req)
+                return True
+        for i, req in enumerate(self.requests):
+            if req is not None and req.id == rid:
+                self.requests[i] = None
+                return True
+        return False
 
     def advance(self, plan: TickPlan) -> list[Request]:
         """After the tick's step: every occupied slot moves on; the finished ones are freed."""
@@ -502,6 +528,38 @@ class StreamEngine:
                 self.results[rid] = self.postprocess(host[k]) if self.postprocess is not None else host[k]
             if until is not None and until in ids:
                 return
+
+    def pop_results(self, wait: bool = False) -> dict[int, Any]:
+        """Hands over every result that is ready (outputs and ``RequestError``s, by id) and
+        forgets them: the consumer's way to take results (a server's), so that a long-running
+        engine keeps nothing it has delivered. ``wait``: first wait for the outputs still being
+        copied to the host."""
+        self._collect(wait=wait)
+        out, self.results = self.results, {}
+        return out
+
+    def cancel(self, rid: int) -> bool:
+        """Withdraws a request that is queued or in a slot (a client that went away): its slot
+        is free at the next tick, and its result is a ``RequestError`` saying it was cancelled.
+        False when the request is not pending (unknown, failed at submit, or finished: its output
+        is delivered as usual)."""
+        if not self.scheduler.remove(rid):
+            return False
+        self.results[rid] = RequestError(f"request {rid}: cancelled")
+        return True
+
+    @property
+    def room(self) -> int:
+        """How many more requests the next tick would admit if they were submitted now (free
+        slots, at most ``admit_per_tick``, less the queue): a caller that prepares requests just
+        in time (``PromptStream`` encodes the prompts a tick admits) submits this many."""
+        return self.scheduler.room()
+
+    def wait(self) -> None:
+        """Blocks until the device has run every tick dispatched so far. A loop that ticks as
+        fast as it can otherwise queues ticks far ahead of the device, and a request submitted
+        then waits behind all of them; calling this before each ``tick`` keeps one tick ahead."""
+        jax.block_until_ready(self.buffers.state["x"])
 
     def run(self, max_ticks: int | None = None) -> dict[int, Any]:
         """Ticks until every submitted request has a result (or ``max_ticks``); returns ``results``."""
