@@ -12,6 +12,7 @@ and an upsampler; the VAE its mid attention (1x1 convs in LDM) and quant convs.
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import shutil
@@ -47,7 +48,9 @@ COMPONENTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_p
 UNET_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
             "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            # SDXL's added text_time embedding: label_emb.0 = (linear, SiLU, linear)
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -112,9 +115,10 @@ def ldm_vae_key(key: str, cfg: dict) -> str:
     return "first_stage_model." + out
 
 
-def ldm_clip_key(key: str) -> str:
-    """transformers 5 saves CLIPTextModel without ``text_model.``; SD 1.x files have it."""
-    return "cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)
+def ldm_clip_key(key: str, prefix: str = "cond_stage_model.transformer.") -> str:
+    """transformers 5 saves CLIPTextModel without ``text_model.``; SD 1.x files (and SDXL's
+    ``conditioner.embedders.0.transformer.``) have it."""
+    return prefix + (key if key.startswith("text_model.") else "text_model." + key)
 
 
 NON_WEIGHTS = {  # what LDM files carry beside the weights
@@ -144,6 +148,81 @@ def ldm_state_dict(pipe, components=COMPONENTS) -> dict[str, torch.Tensor]:
             else:
                 out[ldm_clip_key(key)] = t
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip's text tower (SD 2.x's OpenCLIP-H, SDXL's bigG), written from open_clip's model.py
+# and transformer.py: its state dict has open_clip's names, its forward is the reference
+# ---------------------------------------------------------------------------------------------
+
+
+class OpenCLIPBlock(torch.nn.Module):
+    """open_clip's ResidualAttentionBlock: pre-LayerNorm, ``nn.MultiheadAttention`` (fused
+    ``in_proj``), an MLP named ``c_fc``/``c_proj`` with GELU (OpenCLIP-H and bigG)."""
+
+    def __init__(self, width: int, heads: int, mlp: int):
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(collections.OrderedDict(
+            c_fc=torch.nn.Linear(width, mlp), gelu=torch.nn.GELU(), c_proj=torch.nn.Linear(mlp, width)))
+
+    def forward(self, x, mask):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPText(torch.nn.Module):
+    """open_clip's text tower as SD 2.x's ``FrozenOpenCLIPEmbedder`` and SDXL's
+    ``FrozenOpenCLIPEmbedder2`` keep it (``visual`` deleted)."""
+
+    def __init__(self, vocab: int, width: int, heads: int, layers: int, mlp: int, embed_dim: int, ctx: int = 77):
+        super().__init__()
+        self.token_embedding = torch.nn.Embedding(vocab, width)
+        self.positional_embedding = torch.nn.Parameter(torch.empty(ctx, width))
+        self.transformer = torch.nn.Module()
+        self.transformer.resblocks = torch.nn.ModuleList(OpenCLIPBlock(width, heads, mlp) for _ in range(layers))
+        self.ln_final = torch.nn.LayerNorm(width)
+        self.text_projection = torch.nn.Parameter(torch.empty(width, embed_dim))  # x @ text_projection
+        self.logit_scale = torch.nn.Parameter(torch.ones([]) * np.log(1 / 0.07))
+        self.register_buffer("attn_mask", torch.full((ctx, ctx), float("-inf")).triu_(1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, ids):
+        """Every block's output (embeddings first), ``ln_final`` of the last, the pooled
+        projection (the EOT token is the highest id), and SD 2.x's encoding: ``ln_final`` of the
+        penultimate block's output."""
+        ids = torch.as_tensor(ids)
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        mask = self.attn_mask[: ids.shape[1], : ids.shape[1]]
+        states = [x]
+        for block in self.transformer.resblocks:
+            x = block(x, mask)
+            states.append(x)
+        last = self.ln_final(x)
+        pooled = last[torch.arange(ids.shape[0]), ids.argmax(dim=-1)] @ self.text_projection
+        return {"hidden_states": [h.numpy() for h in states], "last": last.numpy(), "text_embeds": pooled.numpy(),
+                "sd2": self.ln_final(states[-2]).numpy()}
+
+
+def open_clip_tower(cfg: dict, layers: int, seed: int) -> OpenCLIPText:
+    """A random tower shaped as the transformers CLIP config ``cfg`` (``layers`` blocks)."""
+    tower = OpenCLIPText(cfg["vocab_size"], cfg["hidden_size"], cfg["num_attention_heads"], layers,
+                         cfg["intermediate_size"], cfg["projection_dim"], cfg.get("max_position_embeddings", 77))
+    return randomize(tower, seed, std=0.2).eval()
+
+
+def prompt_ids(batch: int, vocab: int, eos: int, seed: int = 0, length: int = 77) -> np.ndarray:
+    """Token ids whose EOT (``eos``, the highest id) ends each row at a different position,
+    padded with EOT as CLIP's tokenizer does."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((batch, length), eos, np.int64)
+    for b in range(batch):
+        n = 3 + 4 * b
+        ids[b, :n] = rng.integers(0, min(vocab, eos), n)
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +376,14 @@ def test_bad_files(ldm, tmp_path, capsys):
     # not an LDM file: a diffusers model file
     _fails(pipe / "unet" / COMPONENTS["unet"], pipe, dst,
            "not a Stable Diffusion checkpoint in the original LDM layout", capsys)
-    # SD 2.x's OpenCLIP text encoder
-    _fails(_bad_file(tmp_path, sd, "openclip.safetensors", drop={k for k in sd if k.startswith("cond_stage_model.")},
+    # SD 1.x's CLIP and SD 2.x's OpenCLIP side by side: two encoders for one text_encoder
+    _fails(_bad_file(tmp_path, sd, "openclip.safetensors",
                      **{"cond_stage_model.model.positional_embedding": torch.zeros(77, 8)}),
-           pipe, dst, r"OpenCLIP text encoder .* not supported", capsys)
+           pipe, dst, r"both cond_stage_model\.transformer\.\* and cond_stage_model\.model\.\* tensors", capsys)
+    # an SDXL embedder in a file whose pipeline directory has no text_encoder_2
+    _fails(_bad_file(tmp_path, sd, "sdxl.safetensors",
+                     **{"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8)}),
+           pipe, dst, r"no text_encoder_2/config\.json, needed for the conditioner\.embedders\.1\.model\.", capsys)
     # a latent scale other than the pipeline VAE's
     _fails(_bad_file(tmp_path, sd, "scale.safetensors", scale_factor=torch.tensor(0.13025)), pipe, dst,
            "scale_factor 0.1302.* differs from the pipeline's vae scaling_factor 0.18215", capsys)

@@ -1,8 +1,10 @@
-"""The original LDM (CompVis/Stability) single-file layout of Stable Diffusion 1.x/2.x -> diffusers keys.
+"""The original LDM (CompVis/Stability) and SGM single-file layouts of Stable Diffusion 1.x/2.x
+and SDXL -> diffusers keys.
 
-Written from the published layout (``ldm/modules/diffusionmodules/openaimodel.py``,
-``ldm/modules/diffusionmodules/model.py``, ``ldm/modules/encoders/modules.py``). One file holds
-the whole pipeline under three prefixes:
+Written from the published layouts (``ldm/modules/diffusionmodules/openaimodel.py``,
+``ldm/modules/diffusionmodules/model.py``, ``ldm/modules/encoders/modules.py``, and SGM's
+``sgm/modules/encoders/modules.py`` for SDXL). One file holds the whole pipeline, each
+component under its prefix (its ``Slot``):
 
 - ``model.diffusion_model.``: the UNet. Its blocks are numbered flat: ``input_blocks.0`` is the
   input conv, then for each level ``layers_per_block`` blocks (``.0`` a ResBlock, ``.1`` a
@@ -11,50 +13,90 @@ the whole pipeline under three prefixes:
   ``output_blocks`` have ``layers_per_block + 1`` blocks per level, the last of a level (but the
   top one) ending with an upsampler ``.conv`` after its ResBlock and attention (index 1 or 2).
   The ResBlock's ``in_layers``/``emb_layers``/``out_layers`` are Sequentials (norm, SiLU, conv...);
-  the SpatialTransformer already uses diffusers' names (``proj_in``, ``transformer_blocks``...).
+  the SpatialTransformer already uses diffusers' names (``proj_in``, ``transformer_blocks``...,
+  as many blocks as SDXL's ``transformer_layers_per_block`` says). SDXL's added embedding of the
+  pooled text and the size/crop ids (diffusers' ``add_embedding``, ``text_time``) is
+  ``label_emb.0`` = (linear, SiLU, linear).
 - ``first_stage_model.``: the VAE. ``encoder.down.N.block.M``, ``down.N.downsample``,
   ``mid.block_1/attn_1/block_2``, ``norm_out``; the decoder's ``up.N`` counts from the
   *lowest* resolution's output side, i.e. reversed against diffusers' ``up_blocks``. The mid
   attention's q/k/v/proj_out are 1x1 convs (``[C, C, 1, 1]``) where diffusers has linears.
-- ``cond_stage_model.transformer.``: SD 1.x's CLIP text encoder, a transformers
-  ``CLIPTextModel`` saved with its own keys (``text_model.*``). SD 2.x's OpenCLIP encoder
-  (``cond_stage_model.model.*``) is a different layout, not mapped here.
+- the text encoders: SD 1.x's CLIP-L, a transformers ``CLIPTextModel`` saved with its own keys
+  (``cond_stage_model.transformer.text_model.*``); SD 2.x's OpenCLIP-H in open_clip's layout
+  (``cond_stage_model.model.*``, see ``models/open_clip.py``); SDXL's two, CLIP-L
+  (``conditioner.embedders.0.transformer.*``, transformers' keys) and OpenCLIP bigG
+  (``conditioner.embedders.1.model.*``, open_clip's), and the SDXL refiner's bigG alone
+  (``conditioner.embedders.0.model.*``).
 
-The maps are pure functions of the key and of the diffusers config; a key they do not know
-maps to ``None`` (the reader keeps it under its own name, and the planner reports it).
+The maps are pure functions of the key, its shape and the diffusers config: each file tensor
+becomes a list of ``(diffusers key, how)`` parts; a known tensor that no component reads maps
+to ``[]``, and a key they do not know to ``None`` (the reader keeps it under its own name, and
+the planner reports it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: open_clip's layout (unsupported)
+from streamflow_jax.models import open_clip
+from streamflow_jax.models.open_clip import TRANSPOSED, Part
+
+CONV_AS_LINEAR = "conv as linear"  # a 1x1 conv [C, C, 1, 1] that diffusers stores as a linear [C, C]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one pipeline component sits in a single file.
+
+    Attributes:
+        prefix: its keys' prefix.
+        component: the diffusers pipeline component it becomes (its config comes from there).
+        layout: ``"unet"``, ``"vae"``, ``"clip"`` (transformers' own keys) or ``"open_clip"``.
+        classes: the diffusers/transformers classes the component may be.
+    """
+
+    prefix: str
+    component: str
+    layout: str
+    classes: tuple[str, ...]
+
+
+_CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+UNET = Slot("model.diffusion_model.", "unet", "unet", ("UNet2DConditionModel",))
+SLOTS = (
+    UNET,
+    Slot("first_stage_model.", "vae", "vae", ("AutoencoderKL",)),
+    Slot("cond_stage_model.transformer.", "text_encoder", "clip", _CLIP_CLASSES),  # SD 1.x: CLIP-L
+    Slot("cond_stage_model.model.", "text_encoder", "open_clip", _CLIP_CLASSES),  # SD 2.x: OpenCLIP-H
+    Slot("conditioner.embedders.0.transformer.", "text_encoder", "clip", _CLIP_CLASSES),  # SDXL: CLIP-L
+    Slot("conditioner.embedders.1.model.", "text_encoder_2", "open_clip", _CLIP_CLASSES),  # SDXL: bigG
+    Slot("conditioner.embedders.0.model.", "text_encoder_2", "open_clip", _CLIP_CLASSES),  # SDXL refiner: bigG
+)
 EMA_PREFIX = "model_ema."  # EMA copies of the UNet with flattened names (``model_ema.input_blocks00weight``)
 
-# Buffers of LDM's top-level ``DDPM``/``LatentDiffusion`` (registered from the training noise
-# schedule, or training-only): not weights of any component. The schedule comes from the
-# pipeline directory's scheduler config instead. ``scale_factor`` is the VAE's latent scale,
-# a buffer only when trained with ``scale_by_std``; the reader checks it against the VAE config.
+# Buffers of LDM's top-level ``DDPM``/``LatentDiffusion`` and SGM's ``DiffusionEngine``
+# (registered from the training noise schedule, or training-only): not weights of any
+# component. The schedule comes from the pipeline directory's scheduler config instead.
+# ``scale_factor`` is the VAE's latent scale, a buffer only when trained with ``scale_by_std``;
+# the reader checks it against the VAE config.
 SCHEDULE_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar",  # per-timestep loss weights (a parameter only with learn_logvar)
     "scale_factor",
+    "denoiser.sigmas",  # SGM's DiscreteDenoiser: the training sigmas
 })
 # transformers < 4.31 saved CLIP's ``position_ids`` (an arange buffer) with the weights
 CLIP_BUFFERS = frozenset({"text_model.embeddings.position_ids", "embeddings.position_ids"})
+VAE_LOSS = "loss."  # LDM's autoencoder training loss (LPIPS, discriminator) below first_stage_model.
 
 
 def is_non_weight(key: str) -> bool:
-    """Whether a file key is a known LDM buffer that no component reads (full file key)."""
-    return (key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX)
-            or key.startswith(VAE_PREFIX + "loss.")  # LDM's autoencoder training loss (LPIPS, discriminator)
-            or (key.startswith(CLIP_PREFIX) and key[len(CLIP_PREFIX):] in CLIP_BUFFERS))
+    """Whether a file key outside every slot is a known buffer that no component reads."""
+    return key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +143,9 @@ def unet_table(config: dict) -> Table:
         "out.0": ("conv_norm_out", LEAF),  # out = (GroupNorm, SiLU, conv)
         "out.2": ("conv_out", LEAF),
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: label_emb.0 = (linear, SiLU, linear)
+        table["label_emb.0.0"] = ("add_embedding.linear_1", LEAF)
+        table["label_emb.0.2"] = ("add_embedding.linear_2", LEAF)
     block = 1  # input_blocks.0 is conv_in
     for level in range(levels):
         for j in range(n):
@@ -175,32 +220,46 @@ def rename(key: str, table: Table) -> str | None:
     return None
 
 
-def clip_key(key: str) -> str | None:
-    """A CLIP key below ``cond_stage_model.transformer.``: transformers' own names already
-    (``text_model.encoder.layers.0.self_attn.q_proj.weight``; the CLIP family adds a missing
-    ``text_model.``). Its ``position_ids`` buffer is dropped before (``is_non_weight``)."""
-    return key
-
-
 _VAE_CONV_AS_LINEAR = re.compile(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
-
-def linear_from_conv(diffusers_key: str) -> bool:
-    """Whether the LDM tensor behind this VAE key is a 1x1 conv ``[C, C, 1, 1]`` that diffusers
-    stores as a linear ``[C, C]`` (the mid attention's projections)."""
-    return bool(_VAE_CONV_AS_LINEAR.match(diffusers_key))
+Parts = Callable[[str, tuple[int, ...]], "list[Part] | None"]
 
 
-def component_maps(configs: dict[str, dict]) -> dict[str, tuple[str, Callable[[str], str | None]]]:
-    """``{component: (file prefix, LDM key below it -> diffusers key or None)}`` for the
-    components whose diffusers configs are given (``unet``, ``vae``, ``text_encoder``)."""
-    maps = {}
-    if "unet" in configs:
-        table = unet_table(configs["unet"])
-        maps["unet"] = (UNET_PREFIX, lambda k, t=table: rename(k, t))
-    if "vae" in configs:
-        table = vae_table(configs["vae"])
-        maps["vae"] = (VAE_PREFIX, lambda k, t=table: rename(k, t))
-    if "text_encoder" in configs:
-        maps["text_encoder"] = (CLIP_PREFIX, clip_key)
-    return maps
+def _table_parts(table: Table, conv_as_linear=None) -> Parts:
+    def parts(key: str, shape: tuple[int, ...]) -> list[Part] | None:
+        new = rename(key, table)
+        if new is None:
+            return None
+        return [(new, CONV_AS_LINEAR if conv_as_linear and conv_as_linear.match(new) else None)]
+    return parts
+
+
+def _vae_parts(config: dict) -> Parts:
+    renamed = _table_parts(vae_table(config), _VAE_CONV_AS_LINEAR)
+    return lambda key, shape: [] if key.startswith(VAE_LOSS) else renamed(key, shape)
+
+
+def _clip_parts(key: str, shape: tuple[int, ...]) -> list[Part] | None:
+    """transformers' own names already (``text_model.encoder.layers.0.self_attn.q_proj.weight``;
+    the CLIP family adds a missing ``text_model.``); the ``position_ids`` buffer is not read."""
+    return [] if key in CLIP_BUFFERS else [(key, None)]
+
+
+def _open_clip_parts(config: dict) -> Parts:
+    layers = config.get("num_hidden_layers", 12)
+    projection = (config.get("architectures") or ["CLIPTextModel"])[0] == "CLIPTextModelWithProjection"
+    return lambda key, shape: open_clip.parts(key, shape, num_hidden_layers=layers, with_projection=projection)
+
+
+def slot_parts(slot: Slot, config: dict) -> Parts:
+    """``(key below the slot's prefix, shape) -> [(diffusers key, how)]`` (``[]``: not read,
+    ``None``: unknown) for a component whose raw diffusers/transformers config is ``config``.
+    ``how``: None (as is), rows (a slice), ``TRANSPOSED`` or ``CONV_AS_LINEAR``."""
+    if slot.layout == "unet":
+        return _table_parts(unet_table(config))
+    if slot.layout == "vae":
+        return _vae_parts(config)
+    if slot.layout == "clip":
+        return _clip_parts
+    return _open_clip_parts(config)
+
