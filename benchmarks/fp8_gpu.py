@@ -42,7 +42,8 @@ def gemm_counts(hlo: str) -> dict:
     """FP8 GEMM custom calls and the other GEMMs in a compiled (GPU) HLO module's text."""
     return {"fp8_gemms": hlo.count(f'custom_call_target="{FP8_GEMM}"'),
             "half_gemms": sum(len(re.findall(p, hlo)) for p in HALF_GEMMS),
-            "dots_left": len(re.findall(r"\sdot\(", hlo))}
+            "dots_left": len(re.findall(r"\sdot\(", hlo)),
+            "f8_mentions": hlo.count("f8e4m3fn")}  # where FP8 went if not to cuBLASLt (Triton?)
 
 
 def unet_setup(spec: dict, dtype: str):

@@ -8,7 +8,9 @@
 #   fp8      quantize(model, "fp8") vs bf16: cuBLASLt FP8 GEMMs in the compiled HLO, ms per call,
 #            velocity distance, bytes; Flux-dev, SD3-medium, SD1.5 UNet (fp8_gpu.py, 270 s)
 #   levers   XLA flags / attention switch variants vs the default, one process each, stream
-#            images/s (levers_gpu.py, 280 s; levers-sd3: the same on SD3-medium, 280 s)
+#            images/s: command buffers, attention per head dim, Triton GEMM (levers_gpu.py group a,
+#            280 s); levers-b: cuBLASLt, cuDNN GEMM fusion, tiling search, autotune, graphs around
+#            loops (280 s); levers-sd3: group a on SD3-medium (280 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
 #   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
@@ -49,8 +51,9 @@ for p in "${parts[@]}"; do
   case "$p" in
     profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py ;;
     fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py ;;
-    levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --budget-s 260 ;;
-    levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --budget-s 260 ;;
+    levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 ;;
+    levers-b) part levers-b 280 levers_b_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group b --budget-s 260 ;;
+    levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --group a --budget-s 260 ;;
     # torch.compile of the SD1.5 UNet + TAESD (~2 min) does not fit the seed part's budget: its
     # in-run references are diffusers eager, sequential and stream
     stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset gpu --no-compile ;;
@@ -61,6 +64,6 @@ for p in "${parts[@]}"; do
     components) part components 150 components_gpu.json python3 benchmarks/components.py --preset gpu ;;
     engine) part engine 120 stream_engine_gpu.json python3 benchmarks/stream_engine.py ;;
     encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae ;;
-    *) echo "unknown part $p (profile fp8 levers levers-sd3 stream sd3 flux flux-compiled components engine encode)" ;;
+    *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode)" ;;
   esac
 done

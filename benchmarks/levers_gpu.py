@@ -13,7 +13,7 @@ closes the run so that the noise between processes can be read off. No default c
 a lever becomes the default only on a measured win. Variants are run in order while the time
 budget (``--budget-s``) allows; a variant whose flag this XLA does not know fails alone.
 
-    python benchmarks/levers_gpu.py [--workloads stream] [--variants default cmdbuf_off ...]
+    python benchmarks/levers_gpu.py [--workloads stream] [--group a|b|all | --variants NAME ...]
         [--budget-s 270] [--out FILE]
     python benchmarks/levers_gpu.py --smoke   # tiny configs on this CPU (flags parse, plumbing)
 """
@@ -51,7 +51,15 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "cmdbuf_all": ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE", {}),
     "default_again": ("", {}),
 }
-SMOKE_VARIANTS = ("default", "cmdbuf_off", "attention_xla", "default_again")
+# One device command fits about six variants (a process builds, compiles and times in ~40 s):
+# the variants come in groups, each measured against its own run of the default.
+GROUPS = {
+    "a": ("default", "cmdbuf_off", "cmdbuf_min1", "attention_40_xla", "attention_xla", "triton_gemm_off",
+          "default_again"),
+    "b": ("default", "cublaslt", "cudnn_gemm_fusion", "exhaustive_tiling", "autotune_0", "cmdbuf_all", "default_again"),
+    "all": tuple(VARIANTS),
+    "smoke": ("default", "cmdbuf_off", "attention_xla", "default_again"),
+}
 
 
 def child(workloads: list[str], smoke: bool, repeats: int) -> dict:
@@ -100,7 +108,9 @@ def ratios(results: dict[str, dict], workloads: list[str]) -> dict[str, dict[str
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=["stream"], choices=["stream", "sd3", "flux"])
-    p.add_argument("--variants", nargs="+", default=None, help=f"subset of {', '.join(VARIANTS)}")
+    p.add_argument("--group", choices=sorted(GROUPS), default=None, help="a named list of variants (default: a; smoke)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"instead of a group (the default runs first anyway): {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=270.0, help="launch no variant past this (the part's limit)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny configs, float32, on the CPU")
@@ -111,10 +121,12 @@ def main():
         print("RESULT " + json.dumps(child(args.workloads, args.smoke, args.repeats)), flush=True)
         return
 
-    names = args.variants or list(SMOKE_VARIANTS if args.smoke else VARIANTS)
+    names = list(args.variants or GROUPS[args.group or ("smoke" if args.smoke else "a")])
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    if "default" not in names:  # every ratio is to a default measured in the same run
+        names.insert(0, "default")
     start = time.perf_counter()
     results: dict[str, dict] = {}
     runs = []
