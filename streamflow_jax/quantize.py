@@ -11,7 +11,7 @@ Why per tensor, with power-of-two scales:
 
 - XLA's FP8 rewrite takes scalar scales only: a per-channel weight scale would leave the
   product in bf16 (or need an extra pass over the output).
-- It is the scheme deployed FP8 Flux checkpoints use (one scale per weight tensor).
+- It is the common FP8 inference recipe (TransformerEngine's, torchao's default granularity).
 - A power of two divides and multiplies exactly, so the bf16 copy of a scale is the scale.
 
 Which linears, per family (``RULES``):
@@ -29,9 +29,13 @@ Which linears, per family (``RULES``):
   ``proj_out``, which write the velocity with no later layer to absorb an error, and whose
   kernel dtype the models read as their compute dtype.
 
-Activations are scaled per tensor, so an element's result depends (slightly) on what shares
-its batch; batch-independent results need per-row scales, which cuBLASLt's FP8 GEMM on
-Hopper does not take.
+Limits:
+
+- Activations are scaled per tensor, so an element's result depends (slightly) on what shares
+  its batch (the stream engine's batches differ from ``sf.sample``'s); batch-independent
+  results need per-row scales, which XLA's FP8 rewrite does not take.
+- LoRAs merge into ``kernel`` leaves, which quantized layers no longer have: apply them first.
+- ``FlowModel.astype`` casts the e4m3 weights too (their values stay exact, the bytes do not).
 """
 
 from __future__ import annotations
