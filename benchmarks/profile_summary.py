@@ -107,8 +107,8 @@ def read_events(path, source: str = "auto") -> tuple[str, list[tuple]]:
     if source in ("auto", "xplane") and list(run.glob("*.xplane.pb")):
         try:
             return "xplane", list(_events_from_xplane(run))
-        except ImportError:
-            if source == "xplane":
+        except Exception:  # a JAX without ProfileData, or one whose reader differs: the JSON
+            if source == "xplane" or not list(run.glob("*.trace.json.gz")):
                 raise
     return "json", list(_events_from_json(run))
 
