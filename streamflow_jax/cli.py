@@ -1,4 +1,4 @@
-"""streamflow-jax: convert diffusers checkpoints, generate images, export graphs, benchmark.
+"""streamflow-jax: convert diffusers checkpoints, generate images, export graphs, benchmark, serve.
 
 Errors a user can fix (bad paths, bad checkpoints, bad arguments) print one line to stderr
 and exit with status 1; Ctrl-C prints one line and exits with 130, at any moment (compiled
@@ -19,10 +19,8 @@ import numpy as np
 from PIL import Image
 
 from streamflow_jax._version import __version__
-from streamflow_jax.backends import BACKENDS
 from streamflow_jax.errors import ConversionError
-from streamflow_jax.sampling import check_seed
-from streamflow_jax.schedules import MAX_STEPS, PREDICTIONS, check_steps
+from streamflow_jax.schedules import MAX_STEPS, PREDICTIONS, SEED_LIMIT, check_steps
 
 DESCRIPTION = ("Rectified-flow image generators (SD3/SD3.5, Flux.1, PeRFlow/InstaFlow SD1.5) converted from "
                "diffusers checkpoints and compiled with JAX/XLA.")
@@ -87,11 +85,9 @@ def _check_common(args) -> None:
             check_steps(args.steps)
         except ValueError:
             raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {args.steps}") from None
-    if getattr(args, "seed", None) is not None:
-        try:
-            check_seed(args.seed)
-        except ValueError:
-            raise ValueError(f"--seed must be an integer in [0, 2**32), got {args.seed}") from None
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {seed}")
     for flag, value in (("--guidance", getattr(args, "guidance", None)), ("--strength", getattr(args, "strength", None))):
         if value is not None and not np.isfinite(value):
             raise ValueError(f"{flag} must be a finite number, got {value}")
@@ -359,6 +355,46 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    """``serve [MODEL]``: the OpenAI-style images API, the realtime stream and the page (streamflow_jax.serve)."""
+    _positive(args, "devices", "slots", "streams", "max_n", "max_steps", "replicas", "frames_in_flight")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not (np.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise ValueError(f"{args.model}: not a directory (give a digits or prompt pipeline directory)")
+    try:
+        from streamflow_jax.serve.models import parse_size
+        parse_size(args.size)
+        import starlette, uvicorn  # noqa: E401, F401  the serve extra
+    except ImportError as e:
+        raise ValueError(f"serving needs the serve extra (pip install 'streamflow-jax[serve]'): {e}") from None
+    load = dict(model=args.model, slots_per_stream=args.slots, streams=args.streams, backend=args.backend,
+                size=args.size, dtype=args.dtype, taesd=args.taesd, prediction_type=args.prediction_type,
+                num_time_windows=args.windows, strategy=args.strategy, quantize=args.quantize)
+    options = dict(max_queue=args.max_queue, max_n=args.max_n, max_steps=args.max_steps, timeout=args.timeout,
+                   frames_in_flight=args.frames_in_flight)
+    name = Path(args.model).name if args.model else "digits"
+    if args.replicas is not None:
+        try:
+            import ray  # noqa: F401  the ray extra
+        except ImportError as e:
+            raise ValueError(f"--replicas needs the ray extra (pip install 'streamflow-jax[ray]'): {e}") from None
+        from streamflow_jax.serve.ray_serve import serve_ray
+
+        return serve_ray({**load, "devices": args.devices}, options, replicas=args.replicas, host=args.host,
+                         port=args.port, name=name)
+    from streamflow_jax.serve.app import create_app
+    from streamflow_jax.serve.server import serve
+
+    app = create_app(mesh=_mesh(args), **load, **options)
+    return serve(app, host=args.host, port=args.port, name=name, log_level=args.log_level,
+                 access_log=args.access_log)
+
+
 def _mesh_flags(p) -> None:
     p.add_argument("--devices", type=int, default=None, help="run on this many devices (a mesh; see --strategy)")
     p.add_argument("--strategy", choices=("fsdp", "tensor", "replicate"), default="fsdp",
@@ -380,6 +416,8 @@ def _quantize_flag(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from streamflow_jax.backends import BACKENDS  # the registry (imports JAX)
+
     parser = argparse.ArgumentParser(prog="streamflow-jax", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -485,23 +523,75 @@ def build_parser() -> argparse.ArgumentParser:
     _quantize_flag(p)
     _mesh_flags(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("serve", help="serve a model: OpenAI-style images API, realtime image-to-image over a "
+                                     "WebSocket, a web page; continuous batching on the stream engine")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a prompt pipeline directory (diffusers or converted: PeRFlow/InstaFlow SD1.5, SD3/SD3.5, "
+                        "Flux) or a digits directory (default: the embedded digits model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--slots", type=int, default=4, help="engine slots per stream (default 4)")
+    p.add_argument("--streams", type=int, default=2,
+                   help="streams: slots = slots x streams, and this many requests join per step (default 2)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="images that may wait for a slot; beyond, 429 with Retry-After (default 64)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="a request's deadline in seconds, queue included; then 503 and its slots are freed")
+    p.add_argument("--max-n", type=int, default=10, help="images per request, n (default 10)")
+    p.add_argument("--max-steps", type=int, default=100, help="steps per request (default 100)")
+    p.add_argument("--frames-in-flight", type=int, default=2,
+                   help="realtime: frames of one stream in the engine at once (default 2)")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT of every image (default: the model's)")
+    p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
+    _adapter_flags(p)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    _quantize_flag(p)
+    p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
+    _mesh_flags(p)
+    p.add_argument("--replicas", type=int, default=None,
+                   help="run N replicas as a Ray Serve deployment (local Ray unless RAY_ADDRESS names a cluster)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning")
+    p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         from streamflow_jax.backends.cache import enable_compilation_cache
 
         enable_compilation_cache()
         return args.func(args)
     except KeyboardInterrupt:  # whatever was being written has been removed on the way out
-        print(f"streamflow-jax {args.command}: interrupted", file=sys.stderr)
+        print(f"streamflow-jax{'' if args is None else ' ' + args.command}: interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C while an extension module loaded
+            print("streamflow-jax: interrupted", file=sys.stderr)
+            return 130
+        raise
     except (ConversionError, ValueError, OSError, RuntimeError, OverflowError) as e:
+        if args is None:
+            raise
         print(f"streamflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
 
 
+def run() -> None:
+    """The console script: ``main``, then the exit. After Ctrl-C the process ends at once, without
+    the interpreter's teardown: an XLA compilation that Ctrl-C interrupted goes on in JAX's
+    thread pool, and tearing the interpreter down under it crashes (seen with JAX 0.10 on the
+    CPU); everything written has been cleaned up before ``main`` returns."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from streamflow_jax.schedules import SEED_LIMIT
+
 GUIDANCE_MODES = ("cfg", "embedded", "none")  # what a model or pipeline does with a guidance scale
-SEED_LIMIT = 2**32  # seeds are integers in [0, 2**32): the stream engine makes noise from uint32 seeds
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from streamflow_jax.errors import ConfigError
 NUM_TRAIN_TIMESTEPS = 1000
 MAX_STEPS = 1000  # a grid's most steps: past the 1000 training timesteps no model sees a new time
 DEFAULT_STRENGTH = 0.6  # image-to-image: diffusers' img2img pipelines' default strength
+SEED_LIMIT = 2**32  # seeds are integers in [0, 2**32): the stream engine makes noise from uint32 seeds
 SCHEDULER_FILE = Path("scheduler") / "scheduler_config.json"
 
 # Stable Diffusion's training noise schedule (the betas PeRFlow's windows are built on)

@@ -184,26 +184,39 @@ def sample(
 
 def _segments(model, x, grid, cond, guidance_scale, uncond, progress: bool):
     """The compiled steps of a whole grid, run a segment at a time (``sampling.steps_between``,
-    one program for every segment), each about ``SEGMENT_SECONDS`` long: between two the host
-    updates the progress bar and a pending Ctrl-C is raised. Short grids run as one scan."""
+    one program for every segment), each about ``SEGMENT_SECONDS`` long once the step time is
+    known. Two segments are in flight, so the device never waits for the host; when the older
+    one completes the host updates the progress bar, and a pending Ctrl-C is raised there. Short
+    grids run as one scan."""
     steps = grid.shape[0] - 1
     if steps <= 8:
         return sampling.scan_jit(model, x, grid, cond, guidance_scale, uncond)
-    done, size, bar = 0, 1, None
+    done, size, finished_at, bar = 0, 1, None, None
+    in_flight: list[tuple[jax.Array, int]] = []
     try:
-        while done < steps:
-            n = min(size, steps - done)
-            t0 = time.perf_counter()
-            x = sampling.steps_between_jit(model, x, grid, np.int32(done), np.int32(done + n), cond, guidance_scale,
-                                           uncond)
-            x.block_until_ready()  # the host waits here, so Ctrl-C lands between two segments
-            elapsed = time.perf_counter() - t0
-            done += n
-            if bar is None:  # after the first segment, which compiles: the bar shows runs still long after it
-                bar = tqdm(total=steps, initial=done, disable=not progress, delay=2, unit="step", leave=False)
-            else:
+        while done < steps or in_flight:
+            if done < steps and len(in_flight) < 2:
+                n = min(size, steps - done)
+                x = sampling.steps_between_jit(model, x, grid, np.int32(done), np.int32(done + n), cond,
+                                               guidance_scale, uncond)
+                in_flight.append((x, n))
+                done += n
+                continue
+            oldest, n = in_flight.pop(0)
+            oldest.block_until_ready()  # the host waits here: Ctrl-C lands between two segments
+            now = time.perf_counter()
+            if finished_at is not None:  # completion to completion: one segment's run, compiling excluded
+                size = max(1, min(steps, int(n * SEGMENT_SECONDS / max(now - finished_at, 1e-6))))
+                if bar is None:  # the bar shows runs still going 2 s after they compiled
+                    bar = tqdm(total=steps, initial=done - n - sum(k for _, k in in_flight), disable=not progress,
+                               delay=2, unit="step", leave=False)
+            if bar is not None:
                 bar.update(n)
-            size = max(1, min(steps, int(n * SEGMENT_SECONDS / max(elapsed, 1e-6))))
+            finished_at = now
+    except BaseException:
+        for y, _ in in_flight:  # never leave a computation running under an exiting interpreter
+            y.block_until_ready()
+        raise
     finally:
         if bar is not None:
             bar.close()
