@@ -53,7 +53,8 @@ def unet_setup(spec: dict, dtype: str):
     from profile_gpu import SLOTS, WINDOWS
     from streamflow_jax.models.perflow import PeRFlowAdapter
 
-    unet = random_flowmodel("UNet2DConditionModel", spec["unet"], dtype).with_adapter(PeRFlowAdapter("diff_eps", WINDOWS))
+    unet = random_flowmodel("UNet2DConditionModel", spec["unet"], dtype)
+    unet = unet.with_adapter(PeRFlowAdapter("diff_eps", WINDOWS))
     lat, (text_len, text_dim) = spec["latent"], spec["text"]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((SLOTS, lat, lat, 4)), jnp.float32)
@@ -73,8 +74,8 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None) -> dic
     q = quantize(model, "fp8")
     jax.block_until_ready(q.state)
     quantize_s = time.perf_counter() - t0
-    row = {"workload": name, "bf16_GB": round(parameter_bytes(model) / 1e9, 3), "fp8_GB": round(parameter_bytes(q) / 1e9, 3),
-           "quantize_s": round(quantize_s, 2)}
+    row = {"workload": name, "bf16_GB": round(parameter_bytes(model) / 1e9, 3),
+           "fp8_GB": round(parameter_bytes(q) / 1e9, 3), "quantize_s": round(quantize_s, 2)}
     compiled = {}
     for label, m in (("bf16", model), ("fp8", q)):
         t0 = time.perf_counter()

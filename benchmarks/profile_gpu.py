@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import sys
@@ -49,8 +50,8 @@ def configs(smoke: bool) -> dict:
                 "sd3": dict(config=SD3Config.sd3_medium(), batch=2, latent=128, text=154),
                 "flux": dict(config=FluxConfig.dev(), batch=1, latent=128, text=512)}
     return {
-        "stream": dict(unet=UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                                       cross_attention_dim=32, attention_head_dim=2,
+        "stream": dict(unet=UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                                       norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2,
                                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
                        taesd=TinyConfig(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(8,) * 4,
@@ -84,7 +85,8 @@ def stream_setup(spec: dict, dtype: str, requests: int):
     import streamflow_jax as sf
     from streamflow_jax.models.perflow import PeRFlowAdapter
 
-    unet = random_flowmodel("UNet2DConditionModel", spec["unet"], dtype).with_adapter(PeRFlowAdapter("diff_eps", WINDOWS))
+    unet = random_flowmodel("UNet2DConditionModel", spec["unet"], dtype)
+    unet = unet.with_adapter(PeRFlowAdapter("diff_eps", WINDOWS))
     taesd = random_flowmodel("AutoencoderTiny", spec["taesd"], dtype, seed=1)
     lat, (text_len, text_dim) = spec["latent"], spec["text"]
     emb = np.random.default_rng(0).standard_normal((text_len, text_dim)).astype(np.float32)
@@ -166,7 +168,8 @@ def profile_stream(spec: dict, dtype: str, calls: int, trace_dir: Path) -> tuple
     return row, flops
 
 
-def profile_velocity(name: str, spec: dict, dtype: str, calls: int, trace_dir: Path, repeats: int) -> tuple[dict, float]:
+def profile_velocity(name: str, spec: dict, dtype: str, calls: int, trace_dir: Path,
+                     repeats: int) -> tuple[dict, float]:
     import jax
 
     from profile_summary import xla_flops
@@ -209,7 +212,9 @@ def main():
 
     dtype = "float32" if args.smoke else "bfloat16"
     specs = configs(args.smoke)
-    trace_root = Path(args.trace_dir) if args.trace_dir else (Path(args.out).parent / "profile_traces" if args.out else None)
+    trace_root = Path(args.trace_dir) if args.trace_dir else None
+    if trace_root is None and args.out:
+        trace_root = Path(args.out).parent / "profile_traces"
     result = {"benchmark": "profile_gpu", "model": "random weights" + (" (SMOKE: tiny, CPU)" if args.smoke else ""),
               "dtype": dtype, "calls_traced": calls, "env": environment(), "results": [], "summaries": {}}
     copied_mb = 0.0
@@ -247,7 +252,7 @@ def main():
         print(row, file=sys.stderr, flush=True)
         if args.out:  # partial results survive a time limit
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(__import__("json").dumps(result, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         jax.clear_caches()
         gc.collect()
     emit(result, args.out)

@@ -72,7 +72,8 @@ def trace_run(path) -> Path:
     path = Path(path)
     if path.is_file():
         return path.parent
-    runs = sorted(p.parent for p in path.glob("**/*.xplane.pb")) or sorted(p.parent for p in path.glob("**/*.trace.json.gz"))
+    runs = sorted(p.parent for p in path.glob("**/*.xplane.pb"))
+    runs = runs or sorted(p.parent for p in path.glob("**/*.trace.json.gz"))
     if not runs:
         raise FileNotFoundError(f"{path}: no *.xplane.pb or *.trace.json.gz (not a jax.profiler.trace directory)")
     return max(runs, key=lambda p: p.name)

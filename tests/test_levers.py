@@ -81,4 +81,5 @@ def test_ratios():
     results = {"default": {"stream": {"ms_per_call": 20.0}, "sd3": {"ms_per_call": 40.0}},
                "cmdbuf_off": {"stream": {"ms_per_call": 25.0}, "sd3": {"error": "x"}},
                "cublaslt": {"stream": {"ms_per_call": 16.0}, "sd3": {"ms_per_call": 32.0}}}
-    assert ratios(results, ["stream", "sd3"]) == {"cmdbuf_off": {"stream": 0.8}, "cublaslt": {"stream": 1.25, "sd3": 1.25}}
+    assert ratios(results, ["stream", "sd3"]) == {"cmdbuf_off": {"stream": 0.8},
+                                                  "cublaslt": {"stream": 1.25, "sd3": 1.25}}

@@ -124,7 +124,7 @@ def test_xla_flops_counts_attention_and_restores_the_switch(monkeypatch):
 # The GPU layout, written out: what XLA's CUPTI tracer and GPU compiler produce
 # ---------------------------------------------------------------------------------------------
 
-GPU_HLO = """HloModule jit_velocity_call, is_scheduled=true, entry_computation_layout={(bf16[4,64]{1,0})->bf16[4,64]{1,0}}
+GPU_HLO = """HloModule jit_velocity_call, is_scheduled=true
 
 %fused_norm (param_0: bf16[4,64]) -> bf16[4,64] {
   %param_0 = bf16[4,64]{1,0} parameter(0)
@@ -158,7 +158,7 @@ ENTRY %main (x: bf16[4,64]) -> bf16[4,64] {
   %x = bf16[4,64]{1,0} parameter(0)
   %input_reduce_fusion = bf16[4,64]{1,0} fusion(%x), kind=kInput, calls=%fused_norm
   %transpose_fusion = bf16[64,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_transpose
-  %cublas-lt-matmul.2 = (bf16[4,64]{1,0}, s8[1024]{0}) custom-call(%x, %x, %s, %s, %s, %s), custom_call_target="__cublas$lt$matmul$f8"
+  %cublas-lt-matmul.2 = (bf16[4,64]{1,0}, s8[8]{0}) custom-call(%x, %x), custom_call_target="__cublas$lt$matmul$f8"
   %custom-call.7 = (bf16[4,64]{1,0}, u8[0]{0}) custom-call(%x, %x, %x), custom_call_target="__cudnn$fmhaSoftmax"
   %cudnn-conv.1 = (bf16[4,64]{1,0}, u8[0]{0}) custom-call(%x, %x), custom_call_target="__cudnn$convForward"
   %gemm_fusion_dot.3 = bf16[4,64]{1,0} fusion(%x, %x), kind=kCustom, calls=%triton_gemm_computation
@@ -179,11 +179,12 @@ def test_hlo_categories():
 
 def test_gpu_planes():
     stats = lambda op: {"hlo_op": op, "hlo_module": "jit_velocity_call"}  # noqa: E731
+    gpu = ("/device:GPU:0", "Stream #13(Compute)")
     events = [
         ("/host:CPU", "tf_XLAPjRtGpuClient", "ThunkExecutor", 0.0, 500.0, stats("loop_add_fusion")),
-        ("/device:GPU:0", "Stream #13(Compute)", "sm90_xmma_gemm_bf16bf16_bf16f32", 10.0, 20.0, stats("cublas-lt-matmul.2")),
-        ("/device:GPU:0", "Stream #13(Compute)", "cudnn_generated_sdpa_sm90_flash_fprop", 32.0, 30.0, stats("custom-call.7")),
-        ("/device:GPU:0", "Stream #13(Compute)", "loop_add_fusion", 70.0, 5.0, stats("loop_add_fusion")),
+        (*gpu, "sm90_xmma_gemm_bf16bf16_bf16f32", 10.0, 20.0, stats("cublas-lt-matmul.2")),
+        (*gpu, "cudnn_generated_sdpa_sm90_flash_fprop", 32.0, 30.0, stats("custom-call.7")),
+        (*gpu, "loop_add_fusion", 70.0, 5.0, stats("loop_add_fusion")),
         ("/device:GPU:0", "Stream #14(Memcpy)", "MemcpyD2D", 71.0, 10.0, {}),
         ("/device:GPU:0", "XLA Ops", "loop_add_fusion", 70.0, 5.0, stats("loop_add_fusion")),
         ("/device:GPU:0", "XLA Modules", "jit_velocity_call", 10.0, 71.0, {}),
