@@ -99,6 +99,7 @@ def is_non_weight(key: str) -> bool:
     return key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX)
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Module tables: LDM module path -> (diffusers module path, renames below it)
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +222,6 @@ def rename(key: str, table: Table) -> str | None:
 
 
 _VAE_CONV_AS_LINEAR = re.compile(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-
 Parts = Callable[[str, tuple[int, ...]], "list[Part] | None"]
 
 
