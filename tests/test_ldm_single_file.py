@@ -8,6 +8,9 @@ written from the published LDM names (``ldm/modules/diffusionmodules/openaimodel
 exactly the pipeline's parameters, agree with diffusers' own converter, and generate the same
 latents. The tiny UNet has an attention level and one without (down and up), a downsampler
 and an upsampler; the VAE its mid attention (1x1 convs in LDM) and quant convs.
+
+The helpers here (the inverse maps, an open_clip text tower written from open_clip's modules)
+also write the SD 2.x and SDXL files of ``test_sd2_single_file`` and ``test_sdxl_single_file``.
 """
 
 from __future__ import annotations
