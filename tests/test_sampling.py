@@ -163,3 +163,12 @@ def test_long_grids_run_in_segments_with_the_scans_result(model):
     g = jnp.asarray([2.0, 4.0])
     scanned = np.asarray(jax.jit(sf.sample)(model, x, grid, cond, g, uncond))  # traced: one scan
     np.testing.assert_array_equal(segmented, scanned)
+
+
+def test_sample_in_a_jit_whose_closure_holds_the_conditioning(model):
+    """Concrete arrays captured by the caller's jit are constants of its trace: no value check
+    (and no TracerBoolConversionError), the same result as passing them as arguments."""
+    x, _, cond = sd3_inputs(CFG, batch=2, height=8, width=8, seed=11)
+    grid = sf.schedules.flow_match(3)
+    closed = jax.jit(lambda m, n: sf.sample(m, n, grid, cond))(model, x)
+    np.testing.assert_allclose(np.asarray(closed), np.asarray(sf.sample(model, x, grid, cond)), rtol=1e-5, atol=1e-5)

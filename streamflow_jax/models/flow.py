@@ -20,6 +20,11 @@ from flax import nnx
 from streamflow_jax import sampling
 
 
+def _compute_float(dtype) -> bool:
+    """A floating dtype models compute in (float8 is a storage format: quantized weights)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize >= 2
+
+
 def pixels_to_latent(pixels, scale: int, multiple: int = 1, *, what: str = "image size") -> int:
     """An image side in pixels as latent pixels, ``scale`` image pixels each, the one place this
     arithmetic is done (pipelines, export specs, the CLI).
@@ -158,8 +163,9 @@ class FlowModel:
 
     @property
     def dtype(self):
-        """The dtype of the floating-point parameters (the compute dtype)."""
-        return next(x.dtype for x in jax.tree_util.tree_leaves(self.state) if jnp.issubdtype(x.dtype, jnp.floating))
+        """The dtype of the floating-point parameters (the compute dtype; FP8 storage of a
+        quantized model's weights, see ``quantize``, is not one)."""
+        return next(x.dtype for x in jax.tree_util.tree_leaves(self.state) if _compute_float(x.dtype))
 
     @property
     def module(self) -> nnx.Module:
@@ -186,8 +192,8 @@ class FlowModel:
         return self._replace(adapter=adapter)
 
     def astype(self, dtype) -> FlowModel:
-        """A copy with floating-point parameters cast to ``dtype``."""
-        cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+        """A copy with floating-point parameters cast to ``dtype`` (FP8 weights stay FP8)."""
+        cast = lambda a: a.astype(dtype) if _compute_float(a.dtype) else a  # noqa: E731
         return self._replace(state=jax.tree_util.tree_map(cast, self.state))
 
     def _replace(self, **changes) -> FlowModel:
