@@ -213,3 +213,34 @@ def make_perflow_pipeline(root, scheduler: dict | None = None):
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["perflow", "PeRFlowScheduler"]}))
     return root
+
+
+# SDXL-like UNets: a DownBlock2D level first, per-block heads, linear projections, the added
+# "text_time" conditions (pooled text 24 wide + 6 time ids x 8 = 72), text states 80 wide
+# (tiny CLIP-L's 32 + tiny CLIP-G's 48, side by side as SDXL's pipeline puts them)
+SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+                 norm_num_groups=8, cross_attention_dim=80, attention_head_dim=(2, 4, 4),
+                 transformer_layers_per_block=(1, 2, 2), use_linear_projection=True, upcast_attention=None,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=72)
+SDXL_UNETS = {
+    "sdxl": SDXL_UNET,
+    # resnets per block, transformer layers per layer (SSD-1B/Vega style), the up blocks' given
+    "sdxl_per_layer": dict(SDXL_UNET, layers_per_block=(1, 2, 2), transformer_layers_per_block=(1, (1, 2), (2, 1)),
+                           reverse_transformer_layers_per_block=((1, 2, 1), (2, 1, 1), 1)),
+}
+# SDXL's second text encoder: CLIP-G-like, with a projection (its pooled, projected output is
+# the UNet's text_embeds); GELU, as OpenCLIP bigG
+CLIP_G = dict(CLIP, hidden_size=48, intermediate_size=50, num_attention_heads=6, projection_dim=24, hidden_act="gelu")
+
+
+def sdxl_added_inputs(batch: int, text_dim: int = 24, seed: int = 0, height: int = 1024, width: int = 1024):
+    """Random pooled text embeddings and SDXL's micro-conditioning time ids (original size, crop
+    top-left, target size) varying per element."""
+    rng = np.random.default_rng(seed)
+    text_embeds = rng.standard_normal((batch, text_dim)).astype(np.float32)
+    base = np.array([height, width, 0, 0, height, width], np.float32)
+    time_ids = np.stack([base + np.array([64 * i, -32 * i, 8 * i, 16 * i, 0, 0], np.float32) for i in range(batch)])
+    return text_embeds, time_ids
+

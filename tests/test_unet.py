@@ -1,4 +1,4 @@
-"""UNet2DConditionModel (SD 1.x / 2.x) against diffusers on tiny random configs."""
+"""UNet2DConditionModel (SD 1.x / 2.x, SDXL) against diffusers on tiny random configs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import UNETS, randomize
+from conftest import SDXL_UNETS, UNETS, randomize, sdxl_added_inputs
 
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
@@ -65,3 +65,86 @@ def test_unet_missing_tensor(tmp_path, capsys):
     save_file(tensors, weights)
     assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 1
     assert "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.kernel" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: the added "text_time" conditions, transformer layers per block and per layer
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def sdxl_eps(model, x, t, ehs, text_embeds, time_ids):
+    return model.module(x, t, ehs, text_embeds=text_embeds, time_ids=time_ids)
+
+
+def torch_sdxl_eps(ref, x, t, ehs, text_embeds, time_ids):
+    with torch.no_grad():
+        out = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ehs),
+                  added_cond_kwargs={"text_embeds": torch.from_numpy(text_embeds),
+                                     "time_ids": torch.from_numpy(time_ids)}).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("variant,height,width", [("sdxl", 16, 16), ("sdxl", 18, 10), ("sdxl_per_layer", 12, 20)])
+def test_sdxl_unet_matches_diffusers_added_conditions(tmp_path, variant, height, width):
+    """diffusers' UNet with ``added_cond_kwargs`` (pooled text, time ids), one timestep per
+    element, non-square and odd sizes. Measured rel. error 9.6e-7, 1.0e-6, 1.4e-6; the test sees
+    each input: the time ids of another element, or the pooled text shuffled, move diffusers'
+    output by 3.2e-2 .. 1.3e-1."""
+    ref = randomize(diffusers.UNet2DConditionModel(**SDXL_UNETS[variant]), 4, std=0.1).eval()
+    ref.save_pretrained(tmp_path / "src")
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "-q"]) == 0
+    model = sf.load(tmp_path / "dst")
+    assert model.cond_shapes(77) == {"encoder_hidden_states": (77, 80), "text_embeds": (24,), "time_ids": (6,)}
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, height, width, 4), dtype=np.float32)
+    t = np.array([999, 500, 1], np.float32)
+    ehs = rng.standard_normal((3, 5, 80), dtype=np.float32)
+    text_embeds, time_ids = sdxl_added_inputs(3)
+    want = torch_sdxl_eps(ref, x, t, ehs, text_embeds, time_ids)
+    got = np.asarray(sdxl_eps(model, x, t, ehs, text_embeds, time_ids))
+    assert got.shape == want.shape == (3, height, width, 4)
+    assert _rel(got, want) <= 1e-5
+    assert _rel(torch_sdxl_eps(ref, x, t, ehs, text_embeds, time_ids[::-1].copy()), want) > 1e-3
+    assert _rel(torch_sdxl_eps(ref, x, t, ehs, text_embeds[::-1].copy(), time_ids), want) > 1e-3
+
+
+def test_sdxl_unet_config_forms(tmp_path):
+    """What the Family record says of an SDXL config (and of SD1.5's: no added conditions); the
+    per-layer form without the up blocks' counts is refused, as diffusers refuses it; another
+    addition_embed_type is unsupported by name."""
+    from streamflow_jax.models.unet import UNetConfig
+
+    sdxl = UNetConfig.sdxl()
+    assert sf.models.FAMILIES["UNet2DConditionModel"].conditioning(sdxl, 77) == {
+        "encoder_hidden_states": (77, 2048), "text_embeds": (1280,), "time_ids": (6,)}
+    assert sdxl.down_layers == ((1, 1), (2, 2), (10, 10)) and sdxl.mid_layers == 10
+    assert sdxl.up_layers == ((10, 10, 10), (2, 2, 2), (1, 1, 1))
+    assert sf.models.FAMILIES["UNet2DConditionModel"].conditioning(UNetConfig.sd15(), 77) == {
+        "encoder_hidden_states": (77, 768)}
+    with pytest.raises(ValueError, match="needs reverse_transformer_layers_per_block"):
+        UNetConfig(**{**SDXL_UNETS["sdxl_per_layer"], "reverse_transformer_layers_per_block": None})
+    with pytest.raises(ValueError, match=r"reverse_transformer_layers_per_block\[0\] has 2 entries, expected 3"):
+        UNetConfig(**{**SDXL_UNETS["sdxl_per_layer"], "reverse_transformer_layers_per_block": ((1, 2), 1, 1)})
+    randomize(diffusers.UNet2DConditionModel(**SDXL_UNETS["sdxl"]), 0, std=0.1).save_pretrained(tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    assert cfg["upcast_attention"] is None and cfg["addition_embed_type_num_heads"] == 64  # as SDXL's config.json
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**cfg, "addition_embed_type": "image"}))
+    with pytest.raises(sf.ConversionError, match="unsupported: addition_embed_type='image'"):
+        sf.load(tmp_path / "src")
+
+
+def test_sdxl_unet_needs_its_added_conditions(tmp_path):
+    randomize(diffusers.UNet2DConditionModel(**SDXL_UNETS["sdxl"]), 0, std=0.1).save_pretrained(tmp_path / "sdxl")
+    model = sf.load(tmp_path / "sdxl")
+    x, t, ehs = np.zeros((1, 8, 8, 4), np.float32), np.ones(1, np.float32), np.zeros((1, 5, 80), np.float32)
+    with pytest.raises(ValueError, match="needs text_embeds and time_ids"):
+        model.module(x, t, ehs)
+    make_unet(tmp_path / "sd15", "sd15")
+    with pytest.raises(ValueError, match="without added conditions"):
+        sf.load(tmp_path / "sd15").module(x, t, np.zeros((1, 5, 768), np.float32), text_embeds=np.zeros((1, 24)),
+                                          time_ids=np.zeros((1, 6)))

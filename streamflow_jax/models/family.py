@@ -158,6 +158,9 @@ class Family:
             (velocity families) and which keys of a LoRA file are its.
         lora_prefixes: kohya LoRA key prefixes naming this component (text encoders: by the
             pipeline slot they sit in, see ``converters.lora``).
+        lora_names: ``config -> {name: diffusers name}``: module names of another layout that
+            LoRA files use besides diffusers' (kohya's SDXL LoRAs name the UNet's LDM modules,
+            ``input_blocks.4.1...``); a name ending in ``.`` stands for everything below it.
         predicts: velocity families: ``"velocity"`` (the module's ``velocity`` is the field) or
             ``"noise"`` (a UNet: an adapter from the pipeline's scheduler makes it one).
         timestep: ``t -> native timestep``: how the sampler's time (the RF sigma in [0, 1], ``[B]``)
@@ -189,6 +192,7 @@ class Family:
     component: str
     keys: KeyMap = KeyMap()
     lora_prefixes: tuple[str, ...] = ()
+    lora_names: Callable[[Any], Mapping[str, str]] = lambda config: {}
     predicts: str = "velocity"
     timestep: Callable[[Any], Any] = _identity_time
     latent_channels: Callable[[Any], int | None] = _none

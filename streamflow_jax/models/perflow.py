@@ -1,4 +1,4 @@
-"""PeRFlow / InstaFlow: an SD1.5 UNet turned into a velocity field, per element.
+"""PeRFlow / InstaFlow: an SD1.5 or SDXL UNet turned into a velocity field, per element.
 
 PeRFlow (piecewise rectified flow) splits t in [1, 0] into K windows; inside a window the
 network's output (``diff_eps`` or ``ddim_eps``, an epsilon in disguise) determines where the
@@ -95,12 +95,18 @@ class PeRFlowAdapter:
 
     def velocity(self, unet_module, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
         """``x`` ``[B, H, W, C]``, ``t`` ``[B]`` -> ``[B, H, W, C]``; ``cond["encoder_hidden_states"]``
-        ``[B, S, D]``. The UNet sees its integer timestep ``int(t * 1000)`` (``models.unet.timestep``)."""
-        out = unet_module(x, unet.timestep(t), cond["encoder_hidden_states"]).astype(jnp.float32)
+        ``[B, S, D]`` and the UNet's added conditions by name (SDXL: ``text_embeds`` ``[B, E]``,
+        ``time_ids`` ``[B, 6]``). The UNet sees its integer timestep ``int(t * 1000)``
+        (``models.unet.timestep``)."""
+        added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+        out = unet_module(x, unet.timestep(t), cond["encoder_hidden_states"], **added).astype(jnp.float32)
         if self.prediction_type == "velocity":
             return out.astype(x.dtype)
         lam, eta, t_e = jax.vmap(self.coefficients)(t.astype(jnp.float32))  # [B] each
         bcast = lambda a: a.reshape(-1, 1, 1, 1)  # noqa: E731
         x32 = x.astype(jnp.float32)
         x_end = bcast(lam) * x32 + bcast(eta) * out
-        return ((x_end - x32) / bcast(t_e - t)).astype(x.dtype)
+        # t_e - t is 0 only at t = 0, a grid's padding (zero-length steps after a shorter grid
+        # ended): the window is over, x_end = x exactly, and the velocity 0 (not 0/0)
+        dt = t_e - t
+        return ((x_end - x32) / bcast(jnp.where(dt == 0, 1, dt))).astype(x.dtype)
