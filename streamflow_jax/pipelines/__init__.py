@@ -18,6 +18,7 @@ from streamflow_jax.pipelines.flux import FluxPipeline
 from streamflow_jax.pipelines.images import image_grid, load_autoencoder, to_float_images, to_uint8
 from streamflow_jax.pipelines.perflow import PeRFlowPipeline
 from streamflow_jax.pipelines.sd3 import SD3Pipeline
+from streamflow_jax.pipelines.sdxl import PeRFlowSDXLPipeline
 from streamflow_jax.pipelines.stream import PromptStream
 
 __all__ = ["DIGITS_DIR", "NULL_CLASS", "PIPELINES", "DigitsPipeline", "FluxPipeline", "PeRFlowPipeline", "Pipeline",

@@ -179,11 +179,20 @@ class PromptPipeline(Pipeline):
         """Per-request conditioning shapes (the stream engine's ``cond_shapes``)."""
         return self.model.cond_shapes(self.model_text_len(text_len))
 
-    def conditioning(self, prompts: list[str], guidance: Guidance, negative_prompt="", text_len=None
-                     ) -> tuple[dict, dict | None, Any]:
-        """``(cond, uncond, cfg_scale)`` for ``sample``: an embedded scale goes into ``cond``."""
+    def image_conditioning(self, latent_shape: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+        """Conditioning that depends on the latent size ``(h, w, C)`` (None: the model's default)
+        instead of the text (SDXL's micro-conditioning time ids), ``{name: array}`` without the
+        batch axis, the same for every prompt and for the unconditional branch; none by default."""
+        return {}
+
+    def conditioning(self, prompts: list[str], guidance: Guidance, negative_prompt="", text_len=None, *,
+                     latent_shape: tuple[int, int, int] | None = None) -> tuple[dict, dict | None, Any]:
+        """``(cond, uncond, cfg_scale)`` for ``sample``: an embedded scale goes into ``cond``;
+        ``image_conditioning`` of ``latent_shape`` (default: the model's) into both."""
         b = len(prompts)
-        cond = self.encode(prompts, text_len)
+        sized = {k: jnp.broadcast_to(jnp.asarray(v), (b, *np.shape(v)))
+                 for k, v in self.image_conditioning(latent_shape).items()}
+        cond = {**self.encode(prompts, text_len), **sized}
         if guidance.kind == "embedded":
             return {**cond, "guidance": jnp.broadcast_to(jnp.asarray(guidance.scale, jnp.float32), (b,))}, None, None
         if not guidance.cfg:
@@ -193,7 +202,7 @@ class PromptPipeline(Pipeline):
             raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
         if np.ndim(guidance.scale) and np.shape(guidance.scale) != (b,):
             raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {b} prompts")
-        return cond, self.encode(negative, text_len), guidance.scale
+        return cond, {**self.encode(negative, text_len), **sized}, guidance.scale
 
     def noise(self, n: int, shape: tuple[int, int, int], seed: int = 0, noise=None) -> jax.Array:
         """``[n, h, w, C]`` starting latents: ``sampling.seeded_noise(seed)`` or ``noise`` checked."""
@@ -280,7 +289,8 @@ class PromptPipeline(Pipeline):
         grid = self.schedule(steps, shape)
         if x0 is not None:
             x, grid = img2img_start(self.model, x0, x, grid, strength)
-        cond, uncond, cfg = self.conditioning(prompts, guidance, negative_prompt, max_sequence_length)
+        cond, uncond, cfg = self.conditioning(prompts, guidance, negative_prompt, max_sequence_length,
+                                              latent_shape=shape)
         if self.mesh is not None:  # the batch over the mesh's data axis (where it divides)
             x, cond, uncond = shard_batch((x, cond, uncond), self.mesh)
         latents = backends.sample(self.model, x, grid, cond, guidance_scale=cfg, uncond=uncond, backend=backend,

@@ -1,0 +1,166 @@
+"""Prompt -> image for SDXL run as a rectified flow: PeRFlow-SDXL (``hansyan/perflow-sdxl-base``
+and kin), as diffusers' ``StableDiffusionXLPipeline`` with PeRFlow's scheduler swapped in.
+
+Two CLIP text encoders: the penultimate hidden states of both side by side (CLIP-L's 768 and
+CLIP-G's 1280 -> the UNet's 2048), and CLIP-G's projected pooled output as ``text_embeds``; the
+micro-conditioning ``time_ids`` (original size, crop top-left, target size, in pixels) as
+diffusers computes them; an empty (negative) prompt is zeros (``force_zeros_for_empty_prompt``).
+The UNet becomes a per-element velocity field through its ``PeRFlowAdapter`` (from the scheduler
+record, with the same override as SD1.5's for a directory that ships its base model's
+``EulerDiscreteScheduler``) -> ``sample`` -> the SDXL VAE (or a TAESDXL).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamflow_jax import schedules
+from streamflow_jax.checkpoint import load
+from streamflow_jax.errors import ConfigError
+from streamflow_jax.pipelines.base import PromptPipeline, register
+from streamflow_jax.pipelines.images import load_autoencoder
+from streamflow_jax.pipelines.text import clip_penultimate_and_projection
+from streamflow_jax.tokenizer import CLIPTokenizer
+
+
+@jax.jit
+def clip_penultimate(encoder, ids):  # [B, 77] -> [B, 77, D], the last layer's input (no final LayerNorm)
+    return encoder.module(ids)["hidden_states"][-2]
+
+
+def _pair(value, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    pair = tuple(value) if isinstance(value, list | tuple) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int | np.integer) and not isinstance(v, bool)
+                                                 for v in pair):
+        raise ValueError(f"{name} must be a pair of integers (height, width) / (top, left), got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+@register("StableDiffusionXLPipeline")
+class PeRFlowSDXLPipeline(PromptPipeline):
+    """PeRFlow (``ddim_eps``, ``diff_eps``) and InstaFlow-style (``velocity``) SDXL pipelines.
+
+    Attributes:
+        model: the SDXL UNet ``FlowModel`` with its ``PeRFlowAdapter``.
+        clip_l, clip_g: ``(text encoder, tokenizer)``: ``CLIPTextModel`` and
+            ``CLIPTextModelWithProjection`` with ``tokenizer_2`` (its own pad token).
+        decoder: the VAE (or a tiny autoencoder given instead).
+        scheduler: the ``schedules.Scheduler`` record (prediction type, windows, betas).
+        force_zeros_for_empty_prompt: an empty prompt is zeros (text and pooled;
+            ``model_index.json``'s setting, True when it says nothing): the default negative prompt
+            "" gives what diffusers gives without a negative prompt. (diffusers zeros only a
+            missing negative prompt; an empty *positive* prompt, which it encodes, is zeros here
+            too: the one place where they differ.)
+        original_size, crops_coords_top_left, target_size: the micro-conditioning, in pixels
+            (``(height, width)``, ``(top, left)``); None: the image's size, and (0, 0).
+    """
+
+    model_classes = ("UNet2DConditionModel",)
+    default_steps = 4
+
+    def __init__(self, model, clip_l, clip_g, decoder, scheduler: schedules.Scheduler, *,
+                 force_zeros_for_empty_prompt: bool = True, original_size=None, crops_coords_top_left=None,
+                 target_size=None):
+        self.check_model(model)
+        shapes = model.cond_shapes(1)
+        if "time_ids" not in shapes:
+            raise ConfigError(f"{type(self).__name__} runs an SDXL UNet (addition_embed_type='text_time'); this one "
+                              f"takes only {', '.join(shapes)}")
+        self.model, self.clip_l, self.clip_g, self.decoder = model, clip_l, clip_g, decoder
+        self.scheduler = scheduler
+        self.text_len = clip_l[1].max_length
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self.original_size = _pair(original_size, "original_size")
+        self.crops_coords_top_left = _pair(crops_coords_top_left, "crops_coords_top_left")
+        self.target_size = _pair(target_size, "target_size")
+
+    @classmethod
+    def load(cls, path, *, taesd=None, dtype=None, prediction_type: str | None = None,
+             num_time_windows: int | None = None, mesh=None, strategy: str = "fsdp",
+             **micro_conditioning) -> PeRFlowSDXLPipeline:
+        """A diffusers ``StableDiffusionXLPipeline`` directory, or one converted by ``sf.convert``.
+
+        Args:
+            path: holds ``unet/``, ``vae/``, ``text_encoder/`` + ``tokenizer/`` (CLIP-L),
+                ``text_encoder_2/`` + ``tokenizer_2/`` (CLIP-G with its projection) and
+                ``scheduler/scheduler_config.json``.
+            taesd: a tiny autoencoder directory (TAESDXL) to decode with instead of the VAE.
+            dtype: cast every component's weights.
+            prediction_type, num_time_windows: override the scheduler config's, as PeRFlow's
+                instructions do on its SDXL checkpoints, which ship SDXL's
+                ``EulerDiscreteScheduler`` (``prediction_type="ddim_eps"``, 4 windows).
+            mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``).
+            micro_conditioning: ``original_size``, ``crops_coords_top_left``, ``target_size``
+                (see the class).
+        """
+        path = Path(path)
+        scheduler = schedules.read_scheduler(path, prediction_type=prediction_type, num_time_windows=num_time_windows)
+        if not scheduler.perflow:
+            raise ValueError(f"{path / schedules.SCHEDULER_FILE}: {scheduler.class_name} has no PeRFlow/InstaFlow "
+                             "prediction_type for a UNet")
+        index = json.loads((path / "model_index.json").read_text())
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
+        unet = load(path, component="unet", scheduler=scheduler, **opts)
+        clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
+                          CLIPTokenizer.from_dir(path / f"tokenizer{n}"))
+        pipe = cls(unet, clip(""), clip("_2"), load_autoencoder(path, taesd, **opts), scheduler,
+                   force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), **micro_conditioning)
+        pipe.mesh = mesh
+        return pipe
+
+    @property
+    def num_windows(self) -> int:
+        return self.scheduler.num_time_windows
+
+    def model_text_len(self, text_len: int | None = None) -> int:
+        if text_len not in (None, self.text_len):
+            raise ValueError(f"this pipeline's CLIP text is {self.text_len} tokens; max_sequence_length does not apply")
+        return self.text_len
+
+    def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
+        """Prompts -> ``encoder_hidden_states`` ``[B, 77, D_l + D_g]`` (both CLIPs' penultimate
+        states), ``text_embeds`` ``[B, P]`` (CLIP-G's projection) and ``time_ids`` ``[B, 6]`` of
+        the default image size (``conditioning`` puts those of the sampled size); an empty
+        prompt is zeros with ``force_zeros_for_empty_prompt``."""
+        self.model_text_len(text_len)  # refuses another length
+        (enc_l, tok_l), (enc_g, tok_g) = self.clip_l, self.clip_g
+        seq_g, pooled = clip_penultimate_and_projection(enc_g, tok_g(prompts))
+        states = jnp.concatenate([clip_penultimate(enc_l, tok_l(prompts)).astype(seq_g.dtype), seq_g], axis=-1)
+        if self.force_zeros_for_empty_prompt:
+            empty = np.array([p == "" for p in prompts])
+            if empty.any():
+                states = jnp.where(empty[:, None, None], 0, states)
+                pooled = jnp.where(empty[:, None], 0, pooled)
+        ids = jnp.broadcast_to(jnp.asarray(self.image_conditioning()["time_ids"]), (len(prompts), 6))
+        return {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": ids}
+
+    def image_conditioning(self, latent_shape: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+        """``time_ids`` ``[6]`` float32: original size, crop top-left, target size, as diffusers'
+        ``_get_add_time_ids`` (sizes default to the image's, in pixels)."""
+        h, w = (latent_shape or self.model.latent_shape())[:2]
+        image = (h * self.vae_scale, w * self.vae_scale)
+        ids = (self.original_size or image) + (self.crops_coords_top_left or (0, 0)) + (self.target_size or image)
+        return {"time_ids": np.asarray(ids, np.float32)}
+
+    def __call__(self, prompts, *, original_size=None, crops_coords_top_left=None, target_size=None, **kwargs):
+        """``PromptPipeline.__call__`` (same arguments), and SDXL's micro-conditioning for this
+        call: ``original_size``, ``crops_coords_top_left``, ``target_size`` (see the class)."""
+        pipe = self
+        given = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size)
+        if any(v is not None for v in given.values()):
+            pipe = copy.copy(self)  # the same components, this call's settings
+            for name, value in given.items():
+                if value is not None:
+                    setattr(pipe, name, _pair(value, name))
+        return PromptPipeline.__call__(pipe, prompts, **kwargs)
+
+    def schedule(self, steps: int, latent_shape=None) -> np.ndarray:
+        return self.scheduler.perflow_grid(steps)
