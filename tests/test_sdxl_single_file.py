@@ -49,7 +49,6 @@ import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
 from streamflow_jax.converters import plan
 from streamflow_jax.converters.ldm import ldm_pipeline_sources
-from streamflow_jax.models import unet as unet_family
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 BIGG_PREFIX = "conditioner.embedders.1.model."
@@ -114,19 +113,6 @@ def sdxl(tmp_path_factory):
 def _with_text_model(state: dict) -> dict:
     """transformers 5 saves ``CLIPTextModel`` without ``text_model.``; diffusers' converters keep it."""
     return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state.items()}
-
-
-def _sdxl_unet_supported() -> bool:
-    try:
-        unet_family.UNetConfig(addition_embed_type="text_time", addition_time_embed_dim=8,
-                               projection_class_embeddings_input_dim=72)
-    except TypeError:
-        return False
-    return True
-
-
-# the whole file converts once models/unet.py takes SDXL's config (issue 21, item 1)
-needs_sdxl_unet = pytest.mark.skipif(not _sdxl_unet_supported(), reason="the UNet family has no SDXL text_time yet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,11 +214,10 @@ def test_bad_text_encoders(sdxl, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the whole file: API and CLI, delta and LoRA, refusals (needs the SDXL UNet)
+# the whole file: API and CLI, delta and LoRA, refusals
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_sdxl_unet
 def test_converts_to_the_pipelines_parameters(sdxl, tmp_path, capsys):
     pipe, file, _, _, _ = sdxl
     shutil.copytree(pipe, tmp_path / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
@@ -253,7 +238,6 @@ def test_converts_to_the_pipelines_parameters(sdxl, tmp_path, capsys):
                 np.testing.assert_array_equal(v, want[k], err_msg=f"{name} {k}")
 
 
-@needs_sdxl_unet
 def test_delta_and_lora_on_a_single_file(sdxl, tmp_path):
     """``--delta`` (to the UNet) and ``--lora`` (diffusers names for the UNet, kohya's
     ``lora_te1_``/``lora_te2_`` for the text encoders) on an SDXL file give what they give on
@@ -291,7 +275,6 @@ def test_delta_and_lora_on_a_single_file(sdxl, tmp_path):
             np.testing.assert_array_equal(v, want[k], err_msg=f"{name} {k}")
 
 
-@needs_sdxl_unet
 def test_bad_files(sdxl, tmp_path, capsys):
     pipe, _, sd, _, _ = sdxl
     (tmp_path / "outs").mkdir()
