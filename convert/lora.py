@@ -8,9 +8,10 @@ Two formats, both as safetensors:
   ``alpha_pattern`` say so, or 1 without metadata (diffusers' reading);
 - kohya: ``lora_unet_{module with _ for .}.lora_down.weight`` / ``.lora_up.weight`` and
   ``.alpha`` (scale ``alpha / r``); ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_``
-  for the text encoders. Module names are a family's diffusers names, or the names of a
+  for the text encoders. Module names are a family's diffusers names, the names of a
   published layout the family reads (Flux's BFL names: a fused ``qkv`` delta is split by rows
-  as the layout splits the weight).
+  as the layout splits the weight), or the other names its record lists (``Family.lora_names``:
+  kohya's SDXL LoRAs name the UNet's LDM/SGM modules, ``lora_unet_input_blocks_4_1_...``).
 
 ``delta = scale * (B @ A) * user_scale``, computed on the host in float32 and mapped to our
 parameter layout. A LoRA key that matches no weight is an error listing the keys (never a
@@ -180,10 +181,11 @@ def lora_deltas(family, config, targets: dict, tensors: dict[str, np.ndarray], m
     for name in targets:
         base = name.rpartition(".")[0]
         by_underscore.setdefault(base.replace(".", "_"), base)
+    aliases = _aliases(family, config)
     deltas: dict[str, np.ndarray] = {}
     unmatched = []
     for mod in modules:
-        placed = _place(mod, family, config, targets, by_underscore)
+        placed = _place(mod, family, config, targets, by_underscore, aliases)
         if placed is None:
             unmatched.extend(mod.keys)
             continue
@@ -197,11 +199,35 @@ def lora_deltas(family, config, targets: dict, tensors: dict[str, np.ndarray], m
     return deltas, others
 
 
-def _place(mod: LoraModule, family, config, targets: dict, by_underscore: dict):
+def _aliases(family, config) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """The family's other module names (``Family.lora_names``), each also with ``_`` for ``.``
+    (kohya): ``(exact names, prefixes longest first)`` -> diffusers names."""
+    exact, prefixes = {}, []
+    for name, ours in family.lora_names(config).items():
+        for spelled in (name, name.replace(".", "_")):
+            if name.endswith("."):
+                prefixes.append((spelled, ours))
+            else:
+                exact[spelled] = ours
+    return exact, sorted(prefixes, key=lambda p: -len(p[0]))
+
+
+def _diffusers_names(name: str, by_underscore: dict, aliases) -> list[str]:
+    """The diffusers module names a LoRA module name may stand for, most direct first."""
+    exact, prefixes = aliases
+    names = [name, by_underscore.get(name)]
+    if name in exact:
+        names.append(exact[name])
+    else:
+        alias = next((ours + name[len(p):] for p, ours in prefixes if name.startswith(p)), None)
+        if alias is not None:  # below a renamed module the names are the family's, maybe with _ for .
+            names += [alias, by_underscore.get(alias.replace(".", "_"))]
+    return [n for n in names if n is not None]
+
+
+def _place(mod: LoraModule, family, config, targets: dict, by_underscore: dict, aliases=({}, [])):
     """``[(parameter, rows)]`` the module's delta goes to, or None."""
-    for name in (mod.name, by_underscore.get(mod.name)):
-        if name is None:
-            continue
+    for name in _diffusers_names(mod.name, by_underscore, aliases):
         t = _target_for(family.keys.rename(f"{name}.weight"), targets)
         if t is not None:
             return [(t, None)]

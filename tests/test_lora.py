@@ -4,6 +4,7 @@ Flux (its kohya LoRAs name BFL's fused layers); swapping a LoRA compiles nothing
 
 from __future__ import annotations
 
+import copy
 import json
 
 import diffusers
@@ -286,3 +287,124 @@ def test_t5_lora(tmp_path):
         want = fused(torch.from_numpy(ids)).last_hidden_state.numpy()
     got = sf.load(tmp_path / "t5", loras=[(lora, SCALE)], component="text_encoder_2")
     assert _rel(got.module(ids)["last_hidden_state"], want) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: kohya's names (the UNet's LDM/SGM modules, lora_te1_/lora_te2_) and diffusers'
+# ---------------------------------------------------------------------------------------------
+
+# kohya's SDXL LoRAs name the modules of the LDM/SGM UNet it trains SDXL on (sd-scripts'
+# sdxl_original_unet; what published SDXL LoRAs hold), written here for the tiny SDXL UNet
+# (2 resnets per level: input_blocks 1-2 level 0, 3 its downsampler, 4-5 level 1, 7-8 level 2;
+# output_blocks 0-2 the deepest level, a level's last block ends with the upsampler "conv")
+SGM_NAMES = {
+    "input_blocks_0_0": "conv_in",
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_1_0_emb_layers_1": "down_blocks.0.resnets.0.time_emb_proj",
+    "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_8_1_proj_in": "down_blocks.2.attentions.1.proj_in",
+    "middle_block_1_transformer_blocks_1_ff_net_0_proj": "mid_block.attentions.0.transformer_blocks.1.ff.net.0.proj",
+    "middle_block_2_out_layers_3": "mid_block.resnets.1.conv2",
+    "output_blocks_2_1_transformer_blocks_1_attn2_to_k": "up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_k",
+    "output_blocks_3_0_skip_connection": "up_blocks.1.resnets.0.conv_shortcut",
+    "output_blocks_5_1_transformer_blocks_0_attn1_to_out_0":
+        "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0",
+    "output_blocks_5_2_conv": "up_blocks.1.upsamplers.0.conv",
+    "label_emb_0_0": "add_embedding.linear_1",
+    "time_embed_2": "time_embedding.linear_2",
+    "out_2": "conv_out",
+}
+# the text encoders in transformers' (4.x) names, by pipeline slot
+TE_NAMES = {"lora_te1_": "text_model.encoder.layers.0.self_attn.q_proj",
+            "lora_te2_": "text_model.encoder.layers.1.mlp.fc1"}
+
+
+def _kohya_module(weight, gen, r=4):
+    """Random kohya halves of a weight: linear ``[r, in]``, ``[out, r]``; conv ``[r, in, kh, kw]``,
+    ``[out, r, 1, 1]``."""
+    if weight.ndim == 4:
+        return (torch.randn(r, *weight.shape[1:], generator=gen) * 0.1,
+                torch.randn(weight.shape[0], r, 1, 1, generator=gen) * 0.1)
+    return torch.randn(r, weight.shape[1], generator=gen) * 0.1, torch.randn(weight.shape[0], r, generator=gen) * 0.1
+
+
+def _sdxl_kohya_lora(unet, text_encoders, path, sgm=True, alpha=8.0):
+    """A kohya SDXL LoRA: UNet modules in the SGM names (or diffusers' with ``_``), one module of
+    each text encoder; returns the file and ``{(component, module): (down, up)}``."""
+    gen = torch.Generator().manual_seed(5)
+    modules = dict(unet.named_modules())
+    sd, halves = {}, {}
+    for sgm_name, name in SGM_NAMES.items():
+        if not sgm and name.startswith("add_embedding"):
+            continue  # diffusers' kohya reader strips the index of add_embedding_linear_1 (a rule for SGM names)
+        down, up = _kohya_module(modules[name].weight, gen)
+        key = f"lora_unet_{sgm_name if sgm else name.replace('.', '_')}"
+        sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
+        halves["unet", name] = down, up
+    for (prefix, name), (component, encoder) in zip(TE_NAMES.items(), text_encoders.items()):
+        named = dict(encoder.named_modules())  # transformers 5 drops CLIPTextModel's text_model.
+        down, up = _kohya_module((named.get(name) or named[name.removeprefix("text_model.")]).weight, gen)
+        key = prefix + name.replace(".", "_")
+        sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
+        halves[component, name] = down, up
+    save_file(sd, path)
+    return path, halves
+
+
+@pytest.mark.parametrize("names", ["sgm", "diffusers"])
+def test_sdxl_kohya_lora_equals_diffusers(tmp_path, names):
+    """A kohya SDXL LoRA (UNet in the SGM names kohya's SDXL LoRAs use, or in diffusers' names;
+    lora_te1_/lora_te2_) merged into a whole SDXL pipeline at conversion: the UNet equals diffusers'
+    ``StableDiffusionXLPipeline.lora_state_dict`` (its SGM remapping) + ``load_lora_into_unet`` +
+    ``fuse_lora`` (measured 1.9e-6 rel. with the SGM names, 2.1e-6 with diffusers'), the text
+    encoders ``W + scale * alpha / r * up @ down`` (diffusers' text-encoder loading fails here:
+    "Could not automatically infer state dict type" with the peft the index has)."""
+    from conftest import SDXL_UNET, sdxl_added_inputs
+    from flax import nnx
+    from test_sdxl_pipeline import make_sdxl_pipeline
+
+    from streamflow_jax.models import flat_params
+
+    root = make_sdxl_pipeline(tmp_path)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(root, add_watermarker=False)
+    encoders = {"text_encoder": ref.text_encoder, "text_encoder_2": ref.text_encoder_2}
+    lora, halves = _sdxl_kohya_lora(ref.unet, encoders, tmp_path / "kohya.safetensors", sgm=names == "sgm")
+    assert cli(["convert", str(root), str(tmp_path / "out"), "--lora", f"{lora}:{SCALE}", "-q"]) == 0
+
+    sd, alphas, meta = diffusers.StableDiffusionXLPipeline.lora_state_dict(str(lora), unet_config=ref.unet.config,
+                                                                           return_lora_metadata=True)
+    fused = copy.deepcopy(ref.unet)
+    diffusers.StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet=fused, metadata=meta)
+    fused.fuse_lora(lora_scale=SCALE)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 12, 4)).astype(np.float32)
+    t = np.array([900.0, 100.0], np.float32)
+    ehs = rng.standard_normal((2, 5, SDXL_UNET["cross_attention_dim"])).astype(np.float32)
+    text_embeds, time_ids = sdxl_added_inputs(2)
+
+    def torch_eps(unet):
+        with torch.no_grad():
+            out = unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ehs),
+                       added_cond_kwargs={"text_embeds": torch.from_numpy(text_embeds),
+                                          "time_ids": torch.from_numpy(time_ids)}).sample
+        return out.permute(0, 2, 3, 1).numpy()
+
+    want = torch_eps(fused)
+    got = np.asarray(_sdxl_unet_call(sf.load(tmp_path / "out", component="unet"), x, t, ehs, text_embeds, time_ids))
+    assert _rel(got, want) <= 1e-4
+    assert _rel(torch_eps(ref.unet), want) > 1e-2  # the LoRA changes the output
+
+    for component, encoder in encoders.items():
+        name = next(n for (c, n) in halves if c == component)
+        down, up = halves[component, name]
+        params = flat_params(nnx.to_pure_dict(sf.load(tmp_path / "out", component=component).state))[0]
+        named = dict(encoder.named_modules())
+        weight = (named.get(name) or named[name.removeprefix("text_model.")]).weight.detach()
+        want = weight + SCALE * 8.0 / 4 * (up @ down)  # kohya: alpha / r
+        kernel = next(v for k, v in params.items() if k.endswith(name.removeprefix("text_model.") + ".kernel"))
+        np.testing.assert_allclose(np.asarray(kernel).T, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@jax.jit
+def _sdxl_unet_call(model, x, t, ehs, text_embeds, time_ids):
+    return model.module(x, t, ehs, text_embeds=text_embeds, time_ids=time_ids)
