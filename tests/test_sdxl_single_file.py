@@ -238,6 +238,20 @@ def test_converts_to_the_pipelines_parameters(sdxl, tmp_path, capsys):
                 np.testing.assert_array_equal(v, want[k], err_msg=f"{name} {k}")
 
 
+def test_generates_the_same_latents(sdxl, tmp_path):
+    """The converted file is a working PeRFlow-SDXL pipeline (tokenizers, scheduler and
+    model_index.json taken from the configs' directory): the latents of the directory it was
+    written from."""
+    pipe, file, _, _, _ = sdxl
+    sf.convert(file, tmp_path / "out", config=pipe, progress=False)
+    noise = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    opts = dict(prediction_type="ddim_eps", num_time_windows=4)
+    want = sf.Pipeline.from_diffusers(pipe, **opts)("a cat", noise=noise, steps=2, output_type="latent")
+    got = sf.Pipeline.from_diffusers(tmp_path / "out", **opts)("a cat", noise=noise, steps=2, output_type="latent")
+    assert np.all(np.isfinite(got)) and np.any(got != noise)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_delta_and_lora_on_a_single_file(sdxl, tmp_path):
     """``--delta`` (to the UNet) and ``--lora`` (diffusers names for the UNet, kohya's
     ``lora_te1_``/``lora_te2_`` for the text encoders) on an SDXL file give what they give on
