@@ -269,6 +269,49 @@ def test_perflow_unet_velocity_export_matches_xla(tmp_path, prediction):
                         {"encoder_hidden_states": np.zeros((1, 5, 768), np.float32)})
 
 
+def test_sdxl_unet_velocity_export_matches_xla_and_diffusers(tmp_path):
+    """The SDXL UNet's velocity graph (PeRFlow ddim_eps adapter): the added conditions
+    (``text_embeds``, ``time_ids``) are inputs with the dynamic batch, from the Family record;
+    ONNX Runtime equals XLA at batches 1, 2, 4 with per-element t and time ids, and, through
+    the adapter's formulas, diffusers' UNet with ``added_cond_kwargs`` (measured <= 1.5e-7 rel.
+    both); TensorRT's operator table takes the graph."""
+    import diffusers
+    import torch
+    from conftest import SDXL_UNET, perflow_reference_velocity, randomize, sdxl_added_inputs
+
+    from streamflow_jax.models.perflow import PeRFlowAdapter
+
+    ref = randomize(diffusers.UNet2DConditionModel(**SDXL_UNET), 7, std=0.1).eval()
+    ref.save_pretrained(tmp_path / "unet")
+    model = sf.load(tmp_path / "unet").with_adapter(PeRFlowAdapter("ddim_eps", 4))
+    spec = export_spec(model, batch="1:2:4", latent="8:8:8", text_len=5)
+    assert spec.input_names == ["x", "t", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert [i.shape for i in spec.inputs[2:]] == [("B", 5, 80), ("B", 24), ("B", 6)]
+    graph = export_onnx(model, spec, tmp_path / "onnx", progress=False)
+    assert tensorrt_problems(onnx.load(graph.onnx_path)) == []
+    runner = OnnxRuntimeRunner(graph)
+    rng = np.random.default_rng(0)
+    for b in (1, 2, 4):
+        x = rng.standard_normal((b, 8, 8, 4)).astype(np.float32)
+        t = np.linspace(1.0, 0.1, b).astype(np.float32)  # elements in different windows
+        text_embeds, time_ids = sdxl_added_inputs(b, seed=b)
+        cond = {"encoder_hidden_states": rng.standard_normal((b, 5, 80)).astype(np.float32),
+                "text_embeds": text_embeds, "time_ids": time_ids}
+        got = runner.velocity(x, t, cond)
+        assert _rel(got, model.velocity(x, t, cond)) <= 1e-4
+        with torch.no_grad():
+            eps = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([int(v * 1000) for v in t]),
+                      torch.from_numpy(cond["encoder_hidden_states"]),
+                      added_cond_kwargs={"text_embeds": torch.from_numpy(text_embeds),
+                                         "time_ids": torch.from_numpy(time_ids)}).sample
+        eps = eps.permute(0, 2, 3, 1).numpy().astype(np.float64)
+        want = np.stack([perflow_reference_velocity("ddim_eps", eps[i], x[i].astype(np.float64), float(t[i]))
+                         for i in range(b)])
+        assert _rel(got, want) <= 1e-4
+    with pytest.raises(ValueError, match="time_ids"):
+        runner.velocity(x, t, {**cond, "time_ids": time_ids[:, :5]})
+
+
 def test_flux_velocity_export_dynamic_shapes(tmp_path):
     """Flux with guidance: one graph for any batch, height and width (position ids computed in
     the graph), equal to diffusers' transformer and to XLA; within TensorRT's operator table."""

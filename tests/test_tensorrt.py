@@ -56,7 +56,7 @@ def _digits_dir():
 # ---------------------------------------------------------------------------------------------
 
 FAMILIES = ["digits", "sd3-float32", "sd3-bfloat16", "sd35_medium-float32", "sd35_medium-bfloat16", "unet-perflow",
-            "vae", "taesd", "flux", "t5", "clip"]
+            "unet-sdxl-bfloat16", "vae", "taesd", "flux", "t5", "clip"]
 
 
 def _export_family(family: str, root) -> ExportedGraph:
@@ -80,6 +80,14 @@ def _export_family(family: str, root) -> ExportedGraph:
         randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 6, std=0.1).save_pretrained(src)
         model = sf.load(src).with_adapter(PeRFlowAdapter("diff_eps", 4))
         spec = export_spec(model, batch="1:3:8", latent=16, text_len=5)
+    elif family == "unet-sdxl-bfloat16":  # SDXL's added conditions as inputs, in the GPU benchmark's dtype
+        from conftest import SDXL_UNET
+
+        from streamflow_jax.models.perflow import PeRFlowAdapter
+
+        randomize(diffusers.UNet2DConditionModel(**SDXL_UNET), 6, std=0.1).save_pretrained(src)
+        model = sf.load(src).with_adapter(PeRFlowAdapter("ddim_eps", 4))
+        spec = export_spec(model, batch="1:2:4", latent=8, text_len=77, dtype="bfloat16")
     elif family in ("vae", "taesd"):
         module = diffusers.AutoencoderKL(**VAES["sd"]) if family == "vae" else diffusers.AutoencoderTiny(**TAESD)
         randomize(module, 0, std=0.1).save_pretrained(src)
