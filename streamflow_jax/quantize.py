@@ -14,7 +14,7 @@ Why per tensor, with power-of-two scales:
 - It is the common FP8 inference recipe (TransformerEngine's, torchao's default granularity).
 - A power of two divides and multiplies exactly, so the bf16 copy of a scale is the scale.
 
-Which linears, per family (``RULES``):
+Which linears, per family (its ``Family.fp8_linears``):
 
 - ``sd3``, ``flux``: every linear inside the transformer blocks (attention projections, MLPs,
   modulation). They hold nearly all of the FLOPs and bytes: 96% of SD3-medium's bf16 weight
@@ -51,14 +51,6 @@ from streamflow_jax.models.flow import FlowModel
 from streamflow_jax.models.layers import Linear
 
 MODES = ("fp8",)
-
-# family name -> which linears (by dotted path in the module) are quantized by default
-RULES: dict[str, str] = {
-    "sd3": r"^transformer_blocks\.",
-    "flux": r"^(single_)?transformer_blocks\.",
-    "unet": r"\.transformer_blocks\.",
-}
-
 
 class Fp8Linear(nnx.Module):
     """``x @ (weight * weight_scale).T + bias`` with e4m3 weights, in ``x``'s dtype.
@@ -107,7 +99,7 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
         mode: ``"fp8"`` (e4m3 weights with a per-tensor scale; activations quantized per
             tensor when the model runs).
         include: a regular expression over the dotted module paths (``transformer_blocks.3.
-            attn.to_q``) choosing the linears, instead of the family's rule in ``RULES``
+            attn.to_q``) choosing the linears, instead of the family's ``Family.fp8_linears``
             (required for families without one).
 
     Returns:
@@ -121,9 +113,9 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
     if mode not in MODES:
         raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
     family = model.family.name
-    pattern = include if include is not None else RULES.get(family)
+    pattern = include if include is not None else model.family.fp8_linears
     if pattern is None:
-        raise ValueError(f"no FP8 rule for the {family} family (rules: {', '.join(sorted(RULES))}); "
+        raise ValueError(f"no FP8 rule for the {family} family (its Family.fp8_linears is None); "
                          "choose the linears with include=REGEX")
     chosen = re.compile(pattern)
     module = model.module

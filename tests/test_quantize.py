@@ -22,7 +22,8 @@ from streamflow_jax import ops
 from streamflow_jax.eval import digit_accuracy
 from streamflow_jax.models import FlowModel, abstract_module, family_of
 from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline
-from streamflow_jax.quantize import RULES, Fp8Linear, parameter_bytes, quantize
+from streamflow_jax.models import FAMILIES
+from streamflow_jax.quantize import Fp8Linear, parameter_bytes, quantize
 
 E4M3_MAX = 448.0
 
@@ -86,7 +87,7 @@ def test_sd3_velocity(tmp_path, variant):
     x, t, cond = sd3_inputs(VARIANTS[variant], 3, 8, 8, seed=1)
     want = torch_velocity(ref, x, t, cond)
     got = np.asarray(quantize(model, "fp8").velocity(x, t, cond))
-    assert fake_quantize_diffusers(ref, RULES["sd3"]) == (47 if variant == "sd35_medium" else 25)
+    assert fake_quantize_diffusers(ref, FAMILIES["SD3Transformer2DModel"].fp8_linears) == (47 if variant == "sd35_medium" else 25)
     want_fp8 = torch_velocity(ref, x, t, cond)
     assert _rel(got, want_fp8) <= VS_EMULATION
     assert 0.01 < _rel(got, want) <= VS_FLOAT32  # quantized for real, and not more than FP8 costs
@@ -100,7 +101,7 @@ def test_flux_velocity(tmp_path, guidance):
     want = reference_velocity(ref, x, t, cond)
     q = quantize(model, "fp8")
     got = np.asarray(q.velocity(x, t, cond))
-    assert fake_quantize_diffusers(ref, RULES["flux"]) == len(_fp8_layers(q)) == 40
+    assert fake_quantize_diffusers(ref, FAMILIES["FluxTransformer2DModel"].fp8_linears) == len(_fp8_layers(q)) == 40
     want_fp8 = reference_velocity(ref, x, t, cond)
     assert _rel(got, want_fp8) <= VS_EMULATION
     assert 0.01 < _rel(got, want) <= VS_FLOAT32
@@ -127,7 +128,7 @@ def test_unet_noise_prediction(tmp_path):
     want = diffusers_eps()
     got = np.asarray(jax.jit(lambda m, x, t, e: m.module(x, t, e))(q, x, t, ehs))
     # 6 transformer blocks (2 down, 1 mid, 3 up) x (attn1: 4, attn2: 4, GEGLU: 2)
-    assert fake_quantize_diffusers(ref, RULES["unet"]) == len(_fp8_layers(q)) == 6 * 10
+    assert fake_quantize_diffusers(ref, FAMILIES["UNet2DConditionModel"].fp8_linears) == len(_fp8_layers(q)) == 6 * 10
     assert _rel(got, diffusers_eps()) <= VS_EMULATION
     assert 0.001 < _rel(got, want) <= VS_FLOAT32
     assert q.module.conv_in.kernel[...].dtype == jnp.float32

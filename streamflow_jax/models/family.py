@@ -182,6 +182,8 @@ class Family:
         image_channels: autoencoders: channels of the decoded image.
         logical_axes: ``(param_path, shape) -> logical axis names`` of its weights, for
             sharding (``heads``, ``mlp``, ``out``, ``embed``, ``vocab``, or None).
+        fp8_linears: a regular expression over module paths choosing the linear layers
+            ``quantize(model, "fp8")`` stores in FP8 (None: no rule; ``include=`` chooses).
     """
 
     name: str
@@ -207,6 +209,7 @@ class Family:
     scale_factor: Callable[[Any], int] = lambda config: 1
     image_channels: Callable[[Any], int | None] = _none
     logical_axes: Callable[[str, tuple[int, ...]], tuple[str | None, ...]] = standard_logical_axes
+    fp8_linears: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

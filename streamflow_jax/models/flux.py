@@ -254,4 +254,5 @@ FAMILY = Family(
     max_latent=lambda c: 256,  # 2048^2 images: the profile's bound (rotary ids have no hard limit)
     conditioning=_conditioning,
     text_len=lambda c: 512,  # FluxPipeline's max_sequence_length (dev; BFL runs schnell at 256)
+    fp8_linears=r"^(single_)?transformer_blocks\.",  # every linear of both kinds of block
 )

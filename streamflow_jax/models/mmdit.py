@@ -214,4 +214,5 @@ FAMILY = Family(
                                       "pooled_projections": (c.pooled_projection_dim,)},
     text_len=lambda c: CLIP_TOKENS + T5_TOKENS,
     text_prefix=CLIP_TOKENS,
+    fp8_linears=r"^transformer_blocks\.",  # every linear of the blocks: nearly all FLOPs and bytes
 )

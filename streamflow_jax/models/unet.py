@@ -467,4 +467,5 @@ FAMILY = Family(
     # jax2onnx 0.17 cannot trace strided (downsampling) convolutions over symbolic sizes:
     # exported UNet graphs take one latent size each
     dynamic_spatial=False,
+    fp8_linears=r"\.transformer_blocks\.",  # the transformer blocks' linears (attention, GEGLU), not the convolutions
 )
