@@ -149,7 +149,8 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         dtype: ``None`` keeps the checkpoint's dtype; or ``"float32"``, ``"bfloat16"``, ``"float16"``.
         progress: show a progress bar over tensors.
         config: config fields overriding the model's (a single file cannot say everything); for
-            a single-file pipeline checkpoint (SD 1.x/2.x in the original LDM layout), the
+            a single-file pipeline checkpoint (SD 1.x/2.x in the original LDM layout, SDXL in
+            the SGM layout), the
             diffusers pipeline directory whose configs and tokenizer it takes.
         variant: read the ``*.{variant}.safetensors`` weights (``"fp16"``...), of every component.
         delta: a directory of weight differences to add (``W = W_base + dW``, in float32, then
@@ -258,8 +259,9 @@ def _names_component(key: str, component: str, prefixes: dict[str, tuple[str, ..
 def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast, progress: bool, *,
                                   delta=None, delta_variant: str | None = None, loras=None,
                                   allow_nonfinite: bool = False) -> Path:
-    """A whole pipeline in one file (the original LDM layout of SD 1.x/2.x: ``model.diffusion_model.*``,
-    ``first_stage_model.*``, ``cond_stage_model.transformer.*``): each component's tensors are
+    """A whole pipeline in one file (the LDM layout of SD 1.x/2.x, ``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``cond_stage_model.transformer.*`` or OpenCLIP's ``cond_stage_model.model.*``;
+    SDXL's SGM layout with ``conditioner.embedders.N.*``; see ``models.sd_ldm``): each component's tensors are
     mapped to diffusers keys and converted with the configs of ``pipeline_dir`` (as diffusers'
     ``from_single_file(config=...)``), whose configuration-only parts (tokenizer, scheduler,
     ``model_index.json``) are copied. A ``delta`` goes to the UNet, ``loras`` to the components
