@@ -561,6 +561,28 @@ class StreamEngine:
         then waits behind all of them; calling this before each ``tick`` keeps one tick ahead."""
         jax.block_until_ready(self.buffers.state["x"])
 
+    def warm_up(self, image_to_image: bool = True) -> None:
+        """Compiles every program the engine's ticks can run, without a request: the admission
+        (text to image, and image to image unless told not to), the step at each batch size, and
+        the outputs (with their decode) for each number of slots finishing together. Each call
+        writes nothing (its rows are padding); a server calls this before reporting ready."""
+        n, sched, bufs = self.num_slots, self.scheduler, self.buffers
+        flow_model = self.model if isinstance(self.model, FlowModel) else None
+        dummy = Request(-1, np.array([1.0, 0.0], np.float32), {k: np.zeros(s, np.float32) for k, s in
+                                                                  self.cond_shapes.items()}, None, 1.0, 0, None)
+        if self.guided:
+            dummy.uncond = dummy.cond
+        variants = [dummy] + ([dataclasses.replace(dummy, init=np.zeros(self.latent_shape, np.float32))]
+                              if image_to_image else [])
+        for req in variants:  # slot index n: padding, dropped
+            bufs.state = _admit_jit(flow_model, bufs.state, bufs.admission([(n, req)]))
+        if self._compiled:
+            for b in sorted({bucket(k, n, sched.smallest, sched.multiple) for k in range(1, n + 1)}):
+                pad = np.full(b, PAD_TIME, np.float32)
+                bufs.state = _step_jit(self._velocity_model, bufs.state, np.full(b, n, np.int32), pad, pad)
+        for d in sorted({bucket(k, n) for k in range(1, n + 1)}):
+            jax.block_until_ready(_outputs_jit(self.decoder, bufs.state["x"], np.zeros(d, np.int32)))
+
     def run(self, max_ticks: int | None = None) -> dict[int, Any]:
         """Ticks until every submitted request has a result (or ``max_ticks``); returns ``results``."""
         n = 0

@@ -244,3 +244,65 @@ def sdxl_added_inputs(batch: int, text_dim: int = 24, seed: int = 0, height: int
     time_ids = np.stack([base + np.array([64 * i, -32 * i, 8 * i, 16 * i, 0, 0], np.float32) for i in range(batch)])
     return text_embeds, time_ids
 
+
+# ---------------------------------------------------------------------------------------------
+# Servers under test (tests/test_serve*.py): the real `streamflow-jax serve` on a loopback port
+# ---------------------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """``streamflow-jax serve ARGS --port 0`` in a subprocess; ``url`` once it printed its
+    ``serving ... on http://127.0.0.1:PORT`` line (it has compiled by then)."""
+
+    def __init__(self, args, *, startup_s: float = 300, env: dict | None = None):
+        import subprocess
+        import sys
+        import threading
+
+        self.stderr = tempfile.NamedTemporaryFile(prefix="serve-stderr-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "streamflow_jax.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.lines: list[str] = []
+        self.url = None
+        started = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if self.url is None and line.startswith("serving ") and " on http://" in line:
+                    self.url = line.split(" on ", 1)[1].split()[0]
+                    started.set()
+            started.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not started.wait(startup_s) or self.url is None:
+            self.stop(timeout=10)
+            raise RuntimeError(f"the server did not start: {self.log}")
+
+    @property
+    def log(self) -> str:
+        with open(self.stderr.name, errors="replace") as f:
+            return "".join(self.lines) + f.read()
+
+    def stop(self, sig=None, timeout: float = 120) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if sig is None else sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def digits_server():
+    """One digits server for the serve tests: 4 x 2 slots, at most 4 images waiting (12 outstanding)."""
+    pytest.importorskip("uvicorn")
+    server = ServerProcess(["--slots", "4", "--streams", "2", "--max-queue", "4", "--timeout", "60"])
+    yield server
+    server.stop()

@@ -199,11 +199,8 @@ class PromptStream:
 
     def warm_up(self, prompt: str, image=None) -> None:
         """Compiles what serving runs, before any user waits for it: the text encoders at every
-        batch size a tick encodes, every step size of the engine (filled and drained once), the
-        outputs, and image-to-image when ``image`` is given; then forgets the warm-up's results
-        and embeddings. Call it on an idle stream."""
-        if self.pending:
-            raise RuntimeError("warm_up runs on an idle stream")
+        batch size a tick encodes, the engine's programs (``StreamEngine.warm_up``), and the image
+        encoder when ``image`` is given (image to image); the warm-up's embeddings are forgotten."""
         texts = 2 * self.engine.scheduler.admit_per_tick  # prompts and negative prompts of one tick
         size = 1
         while True:
@@ -211,14 +208,9 @@ class PromptStream:
             if size >= bucket(texts, 1 << 30):
                 break
             size *= 2
-        steps = max(self.pipe.default_steps, self.engine.num_slots // self.engine.scheduler.admit_per_tick)
-        for i in range(self.engine.num_slots):
-            self.submit(prompt, steps=steps, seed=i, negative_prompt="" if i % 2 else prompt)
         if image is not None:
-            self.submit(prompt, steps=steps, seed=0, image=image)
-        self.run()
-        self.cache.clear()
-        self.cache.hits = self.cache.misses = 0
+            self.pipe.encode_image(image, 1)
+        self.engine.warm_up(image_to_image=image is not None)
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -249,9 +241,9 @@ class PromptStream:
         try:
             self._store(texts, self.pipe.encode(padded, self.text_len))
             return {}
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as e:
             if len(texts) == 1:
-                raise
+                return {texts[0]: str(e)}
         failed = {}
         for t in texts:
             try:
@@ -279,7 +271,7 @@ class PromptStream:
             uncond, cfg = self._rows(w.negative), w.guidance.scale
         init = None
         if w.image is not None:
-            init = self.pipe.encode_image(w.image, 1)[0]
+            init = np.asarray(self.pipe.encode_image(w.image, 1))[0]  # host: the engine takes it there
             if tuple(init.shape) != self.latent_shape:
                 raise RequestError(f"request {w.id}: image gives latents {tuple(init.shape)}, the stream runs "
                                    f"{self.latent_shape}")

@@ -1,0 +1,184 @@
+"""Request validation and OpenAI's error shape.
+
+Bodies are parsed strictly: JSON without ``NaN``/``Infinity`` tokens, objects checked by
+pydantic models that forbid unknown fields (OpenAI's images fields, this server's extensions,
+and the three OpenAI fields that mean nothing here and are ignored). Every problem becomes an
+``APIError``, answered as ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.responses import JSONResponse
+
+from streamflow_jax import schedules
+from streamflow_jax.sampling import check_seed
+
+MAX_N = 10  # images per request (OpenAI's own limit for n)
+MAX_STEPS = 100  # steps per request, unless the server is started with another limit
+MAX_PROMPT_CHARS = 4000
+MAX_JSON_BYTES = 1 << 20
+MAX_UPLOAD_BYTES = 32 << 20
+IGNORED_FIELDS = ("quality", "style", "user")  # OpenAI's, meaning nothing here: accepted, ignored
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, param=self.param, type=self.type, code=self.code,
+                              headers=self.headers)
+
+
+def error_response(status: int, message: str, *, param: str | None = None, type: str = "invalid_request_error",
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Fields(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str
+    model: str | None = None
+    n: int | None = None
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    quality: Any = None
+    style: Any = None
+    user: Any = None
+
+
+class GenerationFields(_Fields):
+    """``POST /v1/images/generations``."""
+
+
+class EditFields(_Fields):
+    """``POST /v1/images/edits`` (multipart; ``image`` is the file part)."""
+
+    strength: float | None = None
+
+
+class StreamConfig(BaseModel):
+    """The realtime stream's configuration message (``WS /v1/stream``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str
+    strength: float | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: UTF-8, no ``NaN``/``Infinity``; else a 400."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise APIError(400, "the body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+
+
+def validate(model: type[BaseModel], data: Any, *, strict: bool):
+    """``data`` checked against ``model`` (JSON: strict types; form fields: strings converted)."""
+    if not isinstance(data, dict):
+        raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data, strict=strict)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(f for f in model.model_fields if f not in IGNORED_FIELDS)
+            raise APIError(400, f"unknown field {param!r} (this endpoint takes: {known})", param=param) from None
+        if err["type"] == "missing":
+            raise APIError(400, f"{param} is required", param=param) from None
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, str | bytes) or len(value) < 80 else repr(value[:80]) + "..."
+        raise APIError(400, f"{param}: {err['msg']} (got {shown})", param=param) from None
+
+
+def check_range(name: str, value, low, high) -> None:
+    if value is not None and not low <= value <= high:
+        raise APIError(400, f"{name} must be in [{low}, {high}], got {value}", param=name)
+
+
+def check_common(fields, *, served, max_n: int, max_steps: int) -> dict[str, Any]:
+    """The checks every image request shares; returns ``PromptStream.submit``'s arguments (less
+    the seed and image) and n."""
+    if fields.model is not None and fields.model != served.name:
+        raise APIError(404, f"model {fields.model!r} is not served here (this server serves {served.name!r})",
+                       param="model", code="model_not_found")
+    if fields.response_format == "url":
+        raise APIError(400, "response_format 'url' is not supported: this server returns images inline; "
+                            "use 'b64_json' (the default)", param="response_format")
+    if len(fields.prompt) > MAX_PROMPT_CHARS:
+        raise APIError(400, f"prompt is longer than {MAX_PROMPT_CHARS} characters", param="prompt")
+    check_range("n", fields.n, 1, max_n)
+    check_range("steps", fields.steps, 1, min(max_steps, schedules.MAX_STEPS))
+    if fields.seed is not None:
+        try:
+            check_seed(fields.seed)
+        except ValueError as e:
+            raise APIError(400, str(e), param="seed") from None
+    try:
+        size = _parse_size(fields.size)
+    except ValueError as e:
+        raise APIError(400, str(e), param="size") from None
+    if size is not None and size != served.size:
+        raise APIError(400, f"size {fields.size} cannot be made here: this server makes "
+                            f"{served.size[0]}x{served.size[1]} images", param="size")
+    for what in ("prompt", "negative_prompt"):
+        text = getattr(fields, what)
+        if text is not None:
+            try:
+                served.check_prompt(text, what)
+            except ValueError as e:
+                raise APIError(400, str(e), param=what) from None
+    try:
+        guidance = served.stream.pipe.resolve_guidance(fields.guidance_scale)
+    except ValueError as e:
+        raise APIError(400, str(e), param="guidance_scale") from None
+    if np.ndim(guidance.scale):
+        raise APIError(400, "guidance_scale must be one number", param="guidance_scale")
+    kwargs = {"prompt": fields.prompt, "steps": fields.steps, "guidance_scale": fields.guidance_scale}
+    if fields.negative_prompt is not None:
+        kwargs["negative_prompt"] = fields.negative_prompt
+    return kwargs
+
+
+def check_strength(strength) -> None:
+    if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
+        raise APIError(400, f"strength must be in (0, 1], got {strength}", param="strength")
+
+
+def _parse_size(size):
+    from streamflow_jax.serve.models import parse_size
+
+    return parse_size(size)

@@ -1,0 +1,122 @@
+"""``streamflow-jax serve --replicas N``: N engine replicas as a Ray Serve deployment, one API.
+
+Each replica is a Ray actor that loads the model, compiles it (the deployment is ready only
+then) and serves the same ASGI app as a single server (``create_app``), behind Ray Serve's
+HTTP proxy on ``--host``/``--port``; Ray's router spreads requests over the replicas, and each
+response names its replica (``x-streamflow-replica``). With ``RAY_ADDRESS`` unset, Ray starts
+on this machine; set, the deployment goes to that cluster (every node needs this library and
+the model directory at the same path).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+
+ENV_PASSED = ("JAX_PLATFORMS", "XLA_FLAGS", "STREAMFLOW_JAX_CACHE", "STREAMFLOW_JAX_XLA_CACHE", "PYTHONPATH",
+              "XLA_PYTHON_CLIENT_PREALLOCATE")
+
+
+def _replica_name() -> str:
+    from ray import serve
+
+    try:
+        rid = serve.get_replica_context().replica_id
+        tag = getattr(rid, "unique_id", None) or str(rid)
+    except Exception:  # outside a replica
+        tag = str(os.getpid())
+    return f"{socket.gethostname()}:{tag}"
+
+
+def build_deployment(load: dict, options: dict, replicas: int):
+    """The Ray Serve application: ``replicas`` copies of the server, each built from ``load``
+    (``load_served``'s arguments, plus ``devices``/``strategy`` for a mesh made on the replica)
+    and ``options`` (``Options`` fields)."""
+    from ray import serve
+
+    @serve.ingress()
+    class StreamflowReplica:
+        def __init__(self, load: dict, options: dict):
+            from streamflow_jax.backends.cache import enable_compilation_cache
+            from streamflow_jax.serve.app import create_app, warm_up
+            from streamflow_jax.serve.models import load_served
+
+            enable_compilation_cache()
+            load = dict(load)
+            devices, strategy = load.pop("devices", None), load.get("strategy", "fsdp")
+            if devices:
+                from streamflow_jax.sharding import make_mesh
+
+                load["mesh"] = (make_mesh(devices, data=1, model=devices) if strategy == "tensor"
+                                else make_mesh(devices, data=devices, model=1))
+            served = load_served(**load)
+            warm_up(served)  # the replica is ready once compiled
+            self.app = create_app(served=served, warm_up=False, **dict(options, replica=_replica_name()))
+
+        def __serve_build_asgi_app__(self):
+            return self.app
+
+    env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
+    max_ongoing = options.get("max_queue", 64) + load.get("slots_per_stream", 4) * load.get("streams", 2)
+    deployment = serve.deployment(
+        StreamflowReplica, name="streamflow", num_replicas=replicas, max_ongoing_requests=max_ongoing,
+        # CPU counts are for Ray's scheduling only: a replica uses what XLA gives it
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
+        graceful_shutdown_timeout_s=options.get("timeout", 120.0) + 5, health_check_period_s=5)
+    return deployment.bind(load, options)
+
+
+def _options(opts: dict):
+    from streamflow_jax.serve.app import Options
+
+    return Options(**opts)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def serve_ray(load: dict, options: dict, *, replicas: int, host: str = "127.0.0.1", port: int = 8000,
+              name: str = "model") -> int:
+    """Starts (or joins, with ``RAY_ADDRESS``) Ray, runs the deployment, prints the serving line,
+    and waits for a signal: the first shuts Serve down gracefully (replicas finish their requests)
+    and exits 0, a second exits at once."""
+    import ray
+    from ray import serve
+
+    _options(options)  # refuse bad options before starting anything
+    port = port or _free_port(host)
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or None, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             **({} if address else {"num_cpus": os.cpu_count()}))
+    stop = threading.Event()
+    signals = []
+
+    def on_signal(sig, frame):
+        if signals:
+            os.write(2, f"streamflow-jax serve: second {signal.Signals(sig).name}, exiting now\n".encode())
+            os._exit(128 + sig)
+        signals.append(sig)
+        print(f"streamflow-jax serve: {signal.Signals(sig).name}: draining the replicas (a second signal exits "
+              "at once)", flush=True)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_deployment(load, options, replicas), name="streamflow", route_prefix="/")
+        print(f"serving {name} on http://{host}:{port} ({replicas} replicas on Ray Serve"
+              f"{', cluster ' + address if address else ', local Ray'})", flush=True)
+        while not stop.wait(0.5):
+            pass
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    sys.stdout.flush()
+    return 0

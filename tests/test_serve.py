@@ -1,0 +1,391 @@
+"""`streamflow-jax serve` on the embedded digits model: the real server on a loopback port, real
+clients (httpx, the official openai client, websockets). One server for the module (conftest's
+``digits_server``); the shutdown tests start their own."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import ServerProcess
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+from PIL import Image  # noqa: E402
+
+REPLICA = "x-streamflow-replica"
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == str(v) for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def png(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def digit_png(label: int = 3) -> bytes:
+    from streamflow_jax.pipelines import DigitsPipeline
+
+    img = DigitsPipeline.load()(np.array([label]), steps=8, seed=42, progress=False)[0]
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def url(digits_server):
+    return digits_server.url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from streamflow_jax.pipelines import DigitsPipeline
+
+    return DigitsPipeline.load()
+
+
+def test_health_metrics_models_and_replica_header(url):
+    r = httpx.get(url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == "digits"
+    replica = r.headers[REPLICA]
+    assert replica and r.json()["replica"] == replica
+    m = httpx.get(url + "/metrics")
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    for name in ("streamflow_requests_total", "streamflow_queue_depth", "streamflow_slots_occupied",
+                 "streamflow_images_per_second", "streamflow_request_latency_seconds_bucket",
+                 "streamflow_compilations_total", "streamflow_engine_ticks_total", "streamflow_ready 1.0"):
+        assert name in m.text, name
+    assert metric(url, "streamflow_slots") == 8
+    assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "digits"
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and 'id="prompt"' in page.text
+    for r in (m, page, httpx.get(url + "/static/app.js"), httpx.get(url + "/nowhere"),
+              httpx.post(url + "/v1/images/generations", content=b"{")):
+        assert r.headers[REPLICA] == replica, r.url
+
+
+def test_openai_client_generate_equals_the_pipeline(client, pipe):
+    """n images of one request are the pipeline's batch call with that seed (same noise rows)."""
+    out = client.images.generate(prompt="3", n=3, extra_body={"seed": 5, "steps": 8, "guidance_scale": 3.0})
+    assert len(out.data) == 3 and out.created > 0
+    got = np.stack([png(d.b64_json) for d in out.data]).astype(np.float32) / 255
+    want = pipe(np.array([3, 3, 3]), steps=8, guidance_scale=3.0, seed=5, progress=False)
+    assert got.shape == (3, 16, 16)
+    np.testing.assert_allclose(got, want, atol=1 / 255 + 1e-6)
+    # model may name the served model; quality, style and user are accepted and ignored
+    one = client.images.generate(prompt="7", model="digits", quality="standard", style="vivid", user="me",
+                                 response_format="b64_json", size="16x16", extra_body={"seed": 1, "steps": 8})
+    want = pipe(np.array([7]), steps=8, seed=1, progress=False)
+    np.testing.assert_allclose(png(one.data[0].b64_json) / 255, want[0], atol=1 / 255 + 1e-6)
+
+
+def test_openai_client_edit_is_image_to_image(client, pipe):
+    source = digit_png(3)
+    out = client.images.edit(image=("three.png", source, "image/png"), prompt="8",
+                             extra_body={"strength": 0.6, "seed": 2, "steps": 8})
+    got = png(out.data[0].b64_json) / 255
+    image = np.asarray(Image.open(io.BytesIO(source)), np.float32) / 255
+    want = pipe(np.array([8]), steps=8, seed=2, image=image[None], strength=0.6, progress=False)
+    np.testing.assert_allclose(got, want[0], atol=1 / 255 + 1e-6)
+    # a larger RGB JPEG is made the served size (grey, centre crop, resize)
+    big = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 200, 200)).save(big, format="JPEG")
+    out = client.images.edit(image=("big.jpg", big.getvalue(), "image/jpeg"), prompt="1", n=2,
+                             extra_body={"output_format": "jpeg"})
+    assert len(out.data) == 2
+    assert Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).format == "JPEG"
+
+
+def test_openai_client_errors_are_its_own_exception_types(client):
+    with pytest.raises(openai.BadRequestError, match="n must be in"):
+        client.images.generate(prompt="3", n=0)
+    with pytest.raises(openai.BadRequestError, match="response_format 'url' is not supported"):
+        client.images.generate(prompt="3", response_format="url")
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.images.generate(prompt="3", model="dall-e-3")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="3", extra_body={"steps": 101})
+    assert e.value.body["param"] == "steps" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="mask"):
+        client.images.edit(image=("a.png", digit_png(), "image/png"), mask=("m.png", digit_png(), "image/png"),
+                           prompt="3")
+
+
+def _bad_requests():
+    gen = "/v1/images/generations"
+    j = lambda body: ("POST", gen, {"content": json.dumps(body).encode(),  # noqa: E731
+                                    "headers": {"content-type": "application/json"}})
+    raw = lambda text: ("POST", gen, {"content": text.encode() if isinstance(text, str) else text})  # noqa: E731
+    edit = lambda files, data: ("POST", "/v1/images/edits", {"files": files, "data": data})  # noqa: E731
+    good_png = ("d.png", _png_bytes(), "image/png")
+    return {
+        "not json": (raw("prompt=3"), 400), "empty body": (raw(""), 400), "json array": (j([1, 2]), 400),
+        "json string": (j("3"), 400), "NaN": (raw('{"prompt": "3", "guidance_scale": NaN}'), 400),
+        "Infinity": (raw('{"prompt": "3", "guidance_scale": Infinity}'), 400),
+        "-Infinity": (raw('{"prompt": "3", "seed": -Infinity}'), 400),
+        "1e400 (inf)": (raw('{"prompt": "3", "guidance_scale": 1e400}'), 400),
+        "invalid utf-8": (raw(b'{"prompt": "\xff"}'), 400), "deep nesting": (raw("[" * 100000 + "]" * 100000), 400),
+        "unknown field": (j({"prompt": "3", "temperature": 1}), 400), "missing prompt": (j({"n": 1}), 400),
+        "prompt not a string": (j({"prompt": 3}), 400), "prompt not a digit": (j({"prompt": "cat"}), 400),
+        "prompt too long": (j({"prompt": "3" * 5000}), 400), "n string": (j({"prompt": "3", "n": "2"}), 400),
+        "n bool": (j({"prompt": "3", "n": True}), 400), "n float": (j({"prompt": "3", "n": 1.5}), 400),
+        "n 0": (j({"prompt": "3", "n": 0}), 400), "n 11": (j({"prompt": "3", "n": 11}), 400),
+        "n huge": (j({"prompt": "3", "n": 10**30}), 400), "steps 0": (j({"prompt": "3", "steps": 0}), 400),
+        "steps 101": (j({"prompt": "3", "steps": 101}), 400), "steps -5": (j({"prompt": "3", "steps": -5}), 400),
+        "seed -1": (j({"prompt": "3", "seed": -1}), 400), "seed 2**32": (j({"prompt": "3", "seed": 2**32}), 400),
+        "guidance string": (j({"prompt": "3", "guidance_scale": "nan"}), 400),
+        "guidance list": (j({"prompt": "3", "guidance_scale": [1, 2]}), 400),
+        "size 17x16": (j({"prompt": "3", "size": "17x16"}), 400), "size 1024x1024": (j({"prompt": "3", "size": "1024x1024"}), 400),
+        "size junk": (j({"prompt": "3", "size": "big"}), 400), "size 0x0": (j({"prompt": "3", "size": "0x0"}), 400),
+        "response_format url": (j({"prompt": "3", "response_format": "url"}), 400),
+        "response_format junk": (j({"prompt": "3", "response_format": "gif"}), 400),
+        "output_format svg": (j({"prompt": "3", "output_format": "svg"}), 400),
+        "negative prompt not a digit": (j({"prompt": "3", "negative_prompt": "blurry"}), 400),
+        "strength on generations": (j({"prompt": "3", "strength": 0.5}), 400),
+        "other model": (j({"prompt": "3", "model": "gpt-image-1"}), 404),
+        "body over 1 MiB": (j({"prompt": "3", "user": "x" * (1 << 20)}), 413),
+        "GET generations": (("GET", gen, {}), 405), "unknown route": (("POST", "/v1/images/variations", {}), 404),
+        "edits as json": (("POST", "/v1/images/edits", {"json": {"prompt": "3"}}), 400),
+        "edits without image": (edit({"other": good_png}, {"prompt": "3"}), 400),
+        "edits image as text": (("POST", "/v1/images/edits", {"files": {"x": ("", b"", "text/plain")},
+                                                              "data": {"prompt": "3", "image": "abc"}}), 400),
+        "edits garbage image": (edit({"image": ("d.png", b"not an image", "image/png")}, {"prompt": "3"}), 400),
+        "edits truncated png": (edit({"image": ("d.png", _png_bytes()[:40], "image/png")}, {"prompt": "3"}), 400),
+        "edits two images": (("POST", "/v1/images/edits", {"files": [("image", good_png), ("image", good_png)],
+                                                           "data": {"prompt": "3"}}), 400),
+        "edits mask": (edit({"image": good_png, "mask": good_png}, {"prompt": "3"}), 400),
+        "edits strength 0": (edit({"image": good_png}, {"prompt": "3", "strength": "0"}), 400),
+        "edits strength 2": (edit({"image": good_png}, {"prompt": "3", "strength": "2"}), 400),
+        "edits strength nan": (edit({"image": good_png}, {"prompt": "3", "strength": "nan"}), 400),
+        "edits strength inf": (edit({"image": good_png}, {"prompt": "3", "strength": "inf"}), 400),
+        "edits n abc": (edit({"image": good_png}, {"prompt": "3", "n": "abc"}), 400),
+        "edits unknown field": (edit({"image": good_png}, {"prompt": "3", "color": "red"}), 400),
+        "edits broken multipart": (("POST", "/v1/images/edits", {
+            "content": b"--xyz\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n3",
+            "headers": {"content-type": "multipart/form-data; boundary=xyz"}}), 400),
+        "edits huge declared length": (("RAW", "/v1/images/edits", {"head": b"content-type: multipart/form-data; "
+                                                                          b"boundary=x\r\ncontent-length: 1099511627776"}), 413),
+        # malformed HTTP framing: uvicorn's HTTP parser answers 400 itself (plain text) before the app
+        "generations non-numeric length": (("RAW", gen, {"head": b"content-length: 12abc"}), "400 plain"),
+    }
+
+
+def _raw(url: str, path: str, head: bytes) -> httpx.Response:
+    """A request no client library sends: headers as given, one byte of body, then the answer."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: x\r\n" + head + b"\r\nconnection: close\r\n\r\nx")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    fields = dict(line.decode().split(": ", 1) for line in headers.split(b"\r\n") if b": " in line)
+    return httpx.Response(int(status_line.split()[1]), headers=fields, content=body)
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (16, 16), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(url, digits_server):
+    replica = httpx.get(url + "/health").headers[REPLICA]
+    for name, ((method, path, kwargs), status) in _bad_requests().items():
+        r = _raw(url, path, **kwargs) if method == "RAW" else httpx.request(method, url + path, timeout=30, **kwargs)
+        if status == "400 plain":
+            assert r.status_code == 400, name
+            continue
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], name
+        assert r.headers[REPLICA] == replica, name
+    assert metric(url, "streamflow_requests_total", endpoint="generations", outcome="bad_request") >= 30
+    ok = httpx.post(url + "/v1/images/generations", json={"prompt": "5", "steps": 4}, timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+    assert "Traceback" not in digits_server.log and " 500" not in digits_server.log
+
+
+def test_concurrent_requests_share_ticks(url):
+    """Continuous batching across HTTP requests: 8 concurrent requests of 8 steps take far fewer
+    ticks than 64 (each tick steps every occupied slot)."""
+    ticks0 = metric(url, "streamflow_engine_ticks_total")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda i: httpx.post(url + "/v1/images/generations", timeout=60,
+                                                json={"prompt": str(i), "steps": 8, "seed": i}), range(8)))
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+    ticks = metric(url, "streamflow_engine_ticks_total") - ticks0
+    assert 8 <= ticks < 32, ticks
+    assert metric(url, "streamflow_slots_occupied") == 0 and metric(url, "streamflow_queue_depth") == 0
+
+
+def test_queue_full_is_429_with_retry_after(url, client):
+    """4 waiting + 8 slots: a second n=10 request while the first runs finds no room."""
+    body = {"prompt": "2", "n": 10, "steps": 100}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, url + "/v1/images/generations", json=body, timeout=120)
+        while not metric(url, "streamflow_slots_occupied"):  # the first is running
+            time.sleep(0.01)
+        second = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
+        with pytest.raises(openai.RateLimitError, match="queue is full"):
+            client.images.generate(prompt="2", n=10)
+        assert first.result().status_code == 200
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert second.json()["error"]["type"] == "rate_limit_error"
+    assert metric(url, "streamflow_requests_total", endpoint="generations", outcome="rejected") >= 2
+
+
+def test_a_client_that_disconnects_frees_its_slots(url):
+    """A request whose client goes away is cancelled: its slots and queue places are freed long
+    before its 10 images x 100 steps would have finished."""
+    ticks0 = metric(url, "streamflow_engine_ticks_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/images/generations", json={"prompt": "4", "n": 10, "steps": 100}, timeout=0.4)
+    deadline = time.time() + 10
+    while time.time() < deadline and metric(url, "streamflow_requests_total", endpoint="generations",
+                                            outcome="cancelled") < 1:
+        time.sleep(0.05)
+    assert metric(url, "streamflow_requests_total", endpoint="generations", outcome="cancelled") >= 1
+    time.sleep(0.3)
+    assert metric(url, "streamflow_slots_occupied") == 0 and metric(url, "streamflow_queue_depth") == 0
+    assert metric(url, "streamflow_engine_ticks_total") - ticks0 < 104  # 10 admitted 2 per tick, 100 steps each
+    assert httpx.post(url + "/v1/images/generations", json={"prompt": "4"}, timeout=60).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Realtime: WS /v1/stream
+# ---------------------------------------------------------------------------------------------
+
+
+def _frame(value: int, fmt: str = "PNG", size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (value, value, value)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_realtime_stream(url):
+    from websockets.sync.client import connect
+
+    ws_url = url.replace("http://", "ws://") + "/v1/stream"
+    compiles0 = metric(url, "streamflow_compilations_total")
+    with connect(ws_url, open_timeout=30) as ws:
+        assert ws.response.headers[REPLICA]
+        ws.send(_frame(10))  # before any configuration: an error, and frame 0 is spent
+        assert json.loads(ws.recv(30)) == {"frame": 0, "error": "frame 0: send a JSON configuration "
+                                                                  "({\"prompt\": ...}) before the frames"}
+        ws.send(json.dumps({"prompt": "cat"}))
+        assert "digit" in json.loads(ws.recv(30))["error"]
+        ws.send(json.dumps({"prompt": "3", "strength": 0.6, "steps": 8, "seed": 1, "extra": 1}))
+        assert "unknown field 'extra'" in json.loads(ws.recv(30))["error"]
+        ws.send(json.dumps({"prompt": "3", "strength": 0.6, "steps": 8, "seed": 1}))
+        ws.send(_frame(100))
+        head = json.loads(ws.recv(30))
+        assert head["frame"] == 1 and head["dropped"] == 0 and head["latency_ms"] > 0
+        out = Image.open(io.BytesIO(ws.recv(30)))
+        assert out.format == "PNG" and out.size == (16, 16)
+        ws.send(b"garbage bytes")
+        assert json.loads(ws.recv(30)) == {"frame": 2, "error": "frame 2: not a PNG or JPEG image"}
+        ws.send(_frame(200, "JPEG")[:50] + b"\0" * 20)  # a JPEG header, then nonsense
+        assert json.loads(ws.recv(30))["frame"] == 3
+        ws.send(json.dumps({"prompt": "8", "strength": 0.5, "steps": 8}))  # switch prompts: nothing compiles
+        ws.send(_frame(200, "JPEG"))
+        head = json.loads(ws.recv(30))
+        assert head["frame"] == 4
+        assert Image.open(io.BytesIO(ws.recv(30))).format == "JPEG"
+        assert metric(url, "streamflow_compilations_total") == compiles0
+
+        # a burst faster than the engine: older waiting frames are dropped, the newest is processed
+        n0, burst = 5, 40
+        for i in range(burst):
+            ws.send(_frame(i * 5))
+        processed, last, dropped = [], None, 0
+        while last != n0 + burst - 1:
+            head = json.loads(ws.recv(60))
+            assert "error" not in head, head
+            processed.append(head["frame"])
+            last, dropped = head["frame"], head["dropped"]
+            ws.recv(30)
+        assert processed == sorted(processed) and dropped > 0
+        assert len(processed) + dropped == burst
+    assert metric(url, "streamflow_stream_frames_total", outcome="dropped") >= dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Deadlines and shutdown: servers of their own
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deadline_then_sigterm_drains_and_exits_0():
+    server = ServerProcess(["--slots", "2", "--streams", "1", "--max-queue", "100", "--timeout", "2"])
+    try:
+        url = server.url
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            slow = [pool.submit(httpx.post, url + "/v1/images/generations", timeout=60,
+                                json={"prompt": "1", "n": 10, "steps": 100}) for _ in range(3)]
+            codes = sorted(f.result().status_code for f in slow)
+        assert 503 in codes, codes  # past the deadline (2 s): 503, its slots freed
+        late = next(f.result() for f in slow if f.result().status_code == 503)
+        assert "deadline" in late.json()["error"]["message"] and late.headers["retry-after"]
+        assert metric(url, "streamflow_requests_total", endpoint="generations", outcome="timeout") >= 1
+        deadline = time.time() + 10
+        while metric(url, "streamflow_slots_occupied") and time.time() < deadline:
+            time.sleep(0.1)
+        assert metric(url, "streamflow_slots_occupied") == 0
+
+        # in flight when SIGTERM arrives: finished and answered, then exit 0
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            work = pool.submit(httpx.post, url + "/v1/images/generations", timeout=60,
+                               json={"prompt": "6", "steps": 40})
+            while not metric(url, "streamflow_slots_occupied"):  # it is running
+                time.sleep(0.01)
+            server.proc.send_signal(signal.SIGTERM)
+            r = work.result()
+        assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
+        assert server.proc.wait(60) == 0
+        assert "draining" in server.log and "Traceback" not in server.log
+    finally:
+        server.stop()
+
+
+def test_second_signal_exits_at_once():
+    server = ServerProcess(["--slots", "2", "--streams", "1", "--timeout", "300"])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            work = pool.submit(httpx.post, server.url + "/v1/images/generations", timeout=60,
+                               json={"prompt": "6", "n": 10, "steps": 100})
+            time.sleep(0.3)
+            server.proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            t0 = time.time()
+            server.proc.send_signal(signal.SIGINT)
+            assert server.proc.wait(10) == 128 + signal.SIGINT
+            assert time.time() - t0 < 5
+            with pytest.raises(httpx.HTTPError):
+                work.result()
+        assert re.search(r"second SIGINT, exiting now", server.log)
+    finally:
+        server.stop()

@@ -1,0 +1,143 @@
+"""What serving needs from the stream engine and PromptStream (no server): results handed over
+once and forgotten, cancellation that frees slots, warm-up that compiles everything, prompts of
+one tick encoded in one batched call with an LRU cache. On the digits model (fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamflow_jax.errors import RequestError
+from streamflow_jax.pipelines import DigitsPipeline, PromptStream
+from streamflow_jax.pipelines.stream import EmbeddingCache
+from streamflow_jax.stream import StreamEngine
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return DigitsPipeline.load()
+
+
+@pytest.fixture(scope="module")
+def prompts(pipe):
+    pytest.importorskip("starlette")
+    from streamflow_jax.serve.models import DigitsPrompts
+
+    return DigitsPrompts(pipe)
+
+
+def _engine(pipe, **kw):
+    shapes = {k: tuple(v.shape[1:]) for k, v in pipe.conditioning.items()}
+    return StreamEngine(pipe.model, pipe.latent_shape, shapes, **kw)
+
+
+def _cond(pipe, label):
+    return {k: np.asarray(v)[label] for k, v in pipe.conditioning.items()}
+
+
+def test_pop_results_hands_over_once_and_forgets(pipe):
+    engine = _engine(pipe, slots_per_stream=2)
+    ids = [engine.submit(_cond(pipe, i), steps=3, seed=i) for i in range(5)]
+    bad = engine.submit(_cond(pipe, 0), steps=3, seed=-1)
+    got = {}
+    while engine.pending:
+        engine.tick()
+        got.update(engine.pop_results())
+        assert not engine.results  # nothing kept once delivered
+    got.update(engine.pop_results(wait=True))
+    assert sorted(got) == sorted(ids + [bad]) and isinstance(got[bad], RequestError)
+    assert engine.pop_results(wait=True) == {} and engine.results == {}
+    # batch use keeps its meaning: run() returns, and result() reads, everything not popped
+    again = [engine.submit(_cond(pipe, i), steps=2, seed=i) for i in range(3)]
+    assert sorted(engine.run()) == again and engine.result(again[0]).shape == (16, 16, 1)
+
+
+def test_cancel_frees_the_slot(pipe):
+    engine = _engine(pipe, slots_per_stream=2, admit_per_tick=2)
+    long = [engine.submit(_cond(pipe, i), steps=50, seed=i) for i in range(2)]
+    queued = engine.submit(_cond(pipe, 2), steps=2, seed=2)
+    engine.tick()
+    assert engine.scheduler.requests.count(None) == 0 and engine.room == 0
+    assert engine.cancel(long[0]) and engine.cancel(queued) and not engine.cancel(12345)
+    assert engine.scheduler.requests.count(None) == 1 and engine.room == 1 and engine.pending == 1
+    late = engine.submit(_cond(pipe, 3), steps=2, seed=3)  # takes the freed slot at once
+    engine.tick()
+    engine.tick()
+    out = engine.pop_results(wait=True)
+    assert late in out and not isinstance(out[late], Exception)
+    for rid in (long[0], queued):
+        with pytest.raises(RequestError, match="cancelled"):
+            raise out[rid]
+    assert engine.cancel(long[1]) and engine.pending == 0
+
+
+def test_warm_up_compiles_every_tick_program(pipe):
+    jax = pytest.importorskip("jax")
+    compiled = []
+    listener = lambda event, duration, **kw: (  # noqa: E731
+        compiled.append(kw.get("fun_name")) if event.endswith("backend_compile_duration") else None)
+    engine = _engine(pipe, slots_per_stream=3, streams=2, guidance=True)
+    engine.warm_up()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        null = _cond(pipe, 10)
+        rng = np.random.default_rng(0)
+        for i in range(40):  # every occupancy, finishing counts, image to image
+            init = rng.uniform(-1, 1, (16, 16, 1)).astype(np.float32) if i % 5 == 0 else None
+            engine.submit(_cond(pipe, i % 10), steps=int(rng.integers(1, 9)), seed=i, guidance_scale=3.0,
+                          uncond=null, init=init, strength=0.5 if init is not None else None)
+        engine.run()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == []
+
+
+def test_prompt_stream_batches_a_ticks_prompts_and_caches_them(pipe, prompts):
+    stream = PromptStream(prompts, slots_per_stream=4, streams=2, guidance=True)
+    calls = []
+    original = prompts.encode
+    prompts.encode = lambda texts, text_len=None: calls.append(list(texts)) or original(texts, text_len)
+    try:
+        ids = [stream.submit(str(d), steps=4, seed=d, guidance_scale=3.0) for d in (1, 2, 1, 3)]
+        stream.tick()  # admits 2 (one per stream): "1", "2" and the negative "" in one call, padded to 4
+        assert calls == [["1", "", "2", "2"]]
+        stream.tick()  # "1" is cached; "3" is new
+        assert calls[1] == ["3"] and stream.cache.hits >= 2
+        first = stream.run()
+        assert sorted(first) == ids and stream.run() == {}  # each result handed over once
+        # the same prompts again: no encoder call at all
+        n_calls = len(calls)
+        again = [stream.submit(str(d), steps=4, seed=d, guidance_scale=3.0) for d in (1, 2, 3)]
+        out = stream.run()
+        assert len(calls) == n_calls and sorted(out) == again
+        np.testing.assert_array_equal(np.asarray(out[again[0]]), np.asarray(first[ids[0]]))
+        # a bad prompt fails alone, the good one in the same batch goes on
+        good, bad = stream.submit("4", steps=2, seed=0), stream.submit("cat", steps=2, seed=0)
+        out = stream.run()
+        assert not isinstance(out[good], Exception) and "one digit" in str(out[bad])
+        # cancel a waiting request
+        rid = stream.submit("5", steps=2)
+        assert stream.cancel(rid) and "cancelled" in str(stream.run()[rid])
+    finally:
+        prompts.encode = original
+
+
+def test_prompt_stream_equals_the_pipeline(pipe, prompts):
+    stream = PromptStream(prompts, slots_per_stream=2, streams=1, guidance=True, output_type="np")
+    ids = [stream.submit(str(d), steps=6, seed=7, guidance_scale=2.5) for d in (0, 9)]
+    out = stream.run()
+    for d, rid in zip((0, 9), ids):
+        want = pipe(np.array([d]), steps=6, guidance_scale=2.5, seed=7, progress=False)[0]
+        np.testing.assert_allclose(out[rid][..., 0], want, atol=1e-5)
+
+
+def test_embedding_cache_is_lru():
+    cache = EmbeddingCache(2)
+    for t in "abc":
+        cache.put(t, {"x": np.zeros(1)})
+    assert "a" not in cache and len(cache) == 2
+    cache.get("b")
+    cache.put("d", {"x": np.zeros(1)})
+    assert "b" in cache and "c" not in cache
+    with pytest.raises(ValueError):
+        EmbeddingCache(-1)
