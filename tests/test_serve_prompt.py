@@ -1,0 +1,82 @@
+"""A prompt pipeline behind `streamflow-jax serve` (a tiny PeRFlow SD1.5 directory): text to
+image and image to image through the openai client equal the pipeline's own calls, and the
+realtime stream switches prompts without compiling."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from conftest import ServerProcess, make_perflow_pipeline
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+from PIL import Image  # noqa: E402
+
+PROMPT = "a photo of the cat"
+
+
+@pytest.fixture(scope="module")
+def perflow(tmp_path_factory):
+    return make_perflow_pipeline(tmp_path_factory.mktemp("perflow") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def server(perflow):
+    server = ServerProcess([str(perflow), "--slots", "2", "--streams", "1", "--max-steps", "8"])
+    yield server
+    server.stop()
+
+
+def _image(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), np.int16)
+
+
+def test_prompt_pipeline_served_equals_the_pipeline(server, perflow):
+    import streamflow_jax as sf
+
+    pipe = sf.Pipeline.from_diffusers(perflow)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert httpx.get(server.url + "/health").json()["size"] == "16x16"
+    out = client.images.generate(prompt=PROMPT, size="16x16",
+                                 extra_body={"seed": 3, "steps": 2, "guidance_scale": 2.0, "negative_prompt": "dog"})
+    want = np.asarray(pipe([PROMPT], steps=2, seed=3, guidance_scale=2.0, negative_prompt="dog", progress=False)[0],
+                      np.int16)
+    got = _image(out.data[0].b64_json)
+    assert got.shape == want.shape == (16, 16, 3) and np.abs(got - want).max() <= 1
+
+    photo = np.random.default_rng(0).uniform(0, 1, (16, 16, 3)).astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray((photo * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    out = client.images.edit(image=("p.png", buf.getvalue(), "image/png"), prompt=PROMPT,
+                             extra_body={"seed": 4, "steps": 4, "strength": 0.5})
+    source = np.asarray(Image.open(io.BytesIO(buf.getvalue())), np.float32)[None] / 255
+    want = np.asarray(pipe([PROMPT], steps=4, seed=4, image=source, strength=0.5, progress=False)[0], np.int16)
+    assert np.abs(_image(out.data[0].b64_json) - want).max() <= 1
+    with pytest.raises(openai.BadRequestError, match="size 512x512 cannot be made here"):
+        client.images.generate(prompt=PROMPT, size="512x512")
+    with pytest.raises(openai.BadRequestError, match=r"steps must be in \[1, 8\]"):
+        client.images.generate(prompt=PROMPT, extra_body={"steps": 9})
+
+
+def test_realtime_prompt_switch_compiles_nothing(server):
+    from websockets.sync.client import connect
+
+    from test_serve import metric
+
+    compiles = metric(server.url, "streamflow_compilations_total")
+    with connect(server.url.replace("http://", "ws://") + "/v1/stream", open_timeout=60) as ws:
+        frame = io.BytesIO()
+        Image.new("RGB", (32, 24), (90, 160, 30)).save(frame, format="JPEG")
+        for i, prompt in enumerate(["a photo", "the cat on a string", "a photo"]):
+            ws.send(json.dumps({"prompt": prompt, "strength": 0.75, "steps": 4, "guidance_scale": 1.5 + i}))
+            ws.send(frame.getvalue())
+            head = json.loads(ws.recv(60))
+            assert head["frame"] == i and "error" not in head
+            out = Image.open(io.BytesIO(ws.recv(60)))
+            assert out.format == "JPEG" and out.size == (16, 16)
+    assert metric(server.url, "streamflow_compilations_total") == compiles
