@@ -302,3 +302,26 @@ def test_not_an_sdxl_unet(sdxl_dir, tmp_path):
     diffusers.UNet2DConditionModel(**dict(UNETS["sd15"], cross_attention_dim=80)).save_pretrained(root / "unet")
     with pytest.raises(sf.ConfigError, match="runs an SDXL UNet"):
         sf.Pipeline.from_diffusers(root, **OVERRIDE)
+
+
+def test_delta_weights_go_to_the_sdxl_unet(sdxl_dir, tmp_path):
+    """``convert SDXL_DIR OUT --delta DIR``: W = W_base + dW on the UNet, the SDXL-only weights
+    (add_embedding) included; the other components as they were."""
+    from flax import nnx
+    from safetensors.numpy import load_file, save_file
+
+    from streamflow_jax.models import flat_params
+
+    base = load_file(sdxl_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    rng = np.random.default_rng(8)
+    delta = {k: (0.01 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
+    (tmp_path / "delta").mkdir()
+    save_file(delta, tmp_path / "delta" / "diffusion_pytorch_model.v0-1.safetensors")
+    assert cli(["convert", str(sdxl_dir), str(tmp_path / "out"), "--delta", str(tmp_path / "delta"), "-q"]) == 0
+    ours = flat_params(nnx.to_pure_dict(sf.load(tmp_path / "out", component="unet").state))[0]
+    for key in ("add_embedding.linear_1", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"):
+        want = (base[f"{key}.weight"] + delta[f"{key}.weight"]).T
+        np.testing.assert_allclose(np.asarray(ours[f"{key}.kernel"]), want, rtol=1e-6, atol=1e-7)
+    te = flat_params(nnx.to_pure_dict(sf.load(tmp_path / "out", component="text_encoder_2").state))[0]
+    te_ref = flat_params(nnx.to_pure_dict(sf.load(sdxl_dir, component="text_encoder_2").state))[0]
+    assert all(np.array_equal(te[k], te_ref[k]) for k in te)

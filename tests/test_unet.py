@@ -148,3 +148,28 @@ def test_sdxl_unet_needs_its_added_conditions(tmp_path):
     with pytest.raises(ValueError, match="without added conditions"):
         sf.load(tmp_path / "sd15").module(x, t, np.zeros((1, 5, 768), np.float32), text_embeds=np.zeros((1, 24)),
                                           time_ids=np.zeros((1, 6)))
+
+
+def test_sdxl_unet_logical_axes():
+    """Sharding roles of the SDXL UNet's weights (tensor parallelism splits heads and MLPs; the
+    added embedding, like the time embedding, by its output features), and every 2-D+ weight
+    gets a role that splits it (none left replicated whole)."""
+    from flax import nnx
+
+    from streamflow_jax.models import FAMILIES, abstract_module, flat_params
+    from streamflow_jax.models.unet import UNetConfig
+
+    family = FAMILIES["UNet2DConditionModel"]
+    params = flat_params(nnx.to_pure_dict(nnx.split(abstract_module(family, UNetConfig.sdxl()))[1]))[0]
+    axes = {k: family.logical_axes(k, tuple(v.shape)) for k, v in params.items()}
+    assert axes["add_embedding.linear_1.kernel"] == (None, "out")  # [2816, 1280]
+    assert axes["add_embedding.linear_2.kernel"] == (None, "out")
+    block = "down_blocks.2.attentions.1.transformer_blocks.9."
+    assert axes[block + "attn2.to_k.kernel"] == ("embed", "heads")  # [2048, 1280]
+    assert axes[block + "attn1.to_out.0.kernel"] == ("heads", "embed")
+    assert axes[block + "ff.net.0.proj.kernel"] == ("embed", "mlp")
+    assert axes[block + "ff.net.2.kernel"] == ("mlp", "embed")
+    assert axes["down_blocks.2.attentions.1.proj_in.kernel"] == (None, "out")  # linear projections
+    unsplit = [k for k, a in axes.items() if len(params[k].shape) >= 2 and all(n is None for n in a)]
+    assert unsplit == []
+    assert sum(v.size for v in params.values()) == 2_567_463_684  # SDXL-base's UNet
