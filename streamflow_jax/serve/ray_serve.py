@@ -54,10 +54,10 @@ def build_deployment(load: dict, options: dict, replicas: int):
                                 else make_mesh(devices, data=devices, model=1))
             served = load_served(**load)
             warm_up(served)  # the replica is ready once compiled
-            self.app = create_app(served=served, warm_up=False, **dict(options, replica=_replica_name()))
+            self.asgi_app = create_app(served=served, warm_up=False, **dict(options, replica=_replica_name()))
 
         def __serve_build_asgi_app__(self):
-            return self.app
+            return self.asgi_app
 
     env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
     max_ongoing = options.get("max_queue", 64) + load.get("slots_per_stream", 4) * load.get("streams", 2)
@@ -92,7 +92,7 @@ def serve_ray(load: dict, options: dict, *, replicas: int, host: str = "127.0.0.
     _options(options)  # refuse bad options before starting anything
     port = port or _free_port(host)
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+    ray.init(address=address or None, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
              **({} if address else {"num_cpus": os.cpu_count()}))
     stop = threading.Event()
     signals = []
