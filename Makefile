@@ -1,11 +1,12 @@
-# Two entry points, each self-contained on a fresh machine with Python 3.11:
+# Entry points, each self-contained on a fresh machine with Python 3.11:
 #   make demo   runtime install (+ scikit-learn, for the digit accuracy), then `streamflow-jax generate`
+#   make serve  runtime + serve extra, then `streamflow-jax serve` (the digits model on http://127.0.0.1:8000)
 #   make test   runtime + test extra (CPU torch pinned, diffusers, transformers), then pytest
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +18,16 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 
 # torch first and pinned: any other spelling may pull a multi-GB CUDA build.
 # The onnx extra too: the export and ONNX Runtime tests run in CI. And TensorRT-RTX (~330 MB):
-# its builder needs no GPU, so CI parses and builds an engine of every exported graph.
+# its builder needs no GPU, so CI parses and builds an engine of every exported graph. And the
+# serve and ray extras with the clients the serve tests use (CI runs a server, 2 Ray replicas
+# and a headless Chromium against it).
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,onnx,tensorrt-rtx]"
+	$(BIN)/python -m pip install -q -e ".[test,onnx,tensorrt-rtx,serve,ray]"
+	touch $@
+
+$(VENV)/.serve: pyproject.toml $(VENV)/.runtime
+	$(BIN)/python -m pip install -q -e ".[serve]"
 	touch $@
 
 $(VENV)/.demo: pyproject.toml $(VENV)/.runtime
@@ -29,6 +36,9 @@ $(VENV)/.demo: pyproject.toml $(VENV)/.runtime
 
 demo: $(VENV)/.demo
 	$(BIN)/streamflow-jax generate
+
+serve: $(VENV)/.serve
+	$(BIN)/streamflow-jax serve
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
