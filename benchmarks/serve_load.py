@@ -47,6 +47,12 @@ class Server:
         self.startup_s = time.perf_counter() - t0
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:
             kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -163,7 +169,11 @@ def main():
     try:
         rss = {"after_warm_up": server.rss_mib()}
         asyncio.run(load(server.url, 64, args.clients, args.steps))  # first requests, connections
+        cpu0, client0 = server.cpu_s(), time.process_time()
         tp = asyncio.run(load(server.url, args.throughput_requests, args.clients, args.steps))
+        # where the two cores went: the server (XLA's threads included) and this process's clients
+        tp["cpu_s"] = {"server": round(server.cpu_s() - cpu0, 1), "clients": round(time.process_time() - client0, 1),
+                       "available": round(2 * tp["wall_s"] if os.cpu_count() == 2 else os.cpu_count() * tp["wall_s"], 1)}
         done = 64 + args.throughput_requests
         for mark in sorted({1000, args.requests}):
             if mark > done:

@@ -76,13 +76,13 @@ def test_warm_up_compiles_every_tick_program(pipe):
     compiled = []
     listener = lambda event, duration, **kw: (  # noqa: E731
         compiled.append(kw.get("fun_name")) if event.endswith("backend_compile_duration") else None)
-    engine = _engine(pipe, slots_per_stream=3, streams=2, guidance=True)
+    engine = _engine(pipe, slots_per_stream=2, streams=2, guidance=True)
     engine.warm_up()
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         null = _cond(pipe, 10)
         rng = np.random.default_rng(0)
-        for i in range(40):  # every occupancy, finishing counts, image to image
+        for i in range(24):  # every occupancy, finishing counts, image to image
             init = rng.uniform(-1, 1, (16, 16, 1)).astype(np.float32) if i % 5 == 0 else None
             engine.submit(_cond(pipe, i % 10), steps=int(rng.integers(1, 9)), seed=i, guidance_scale=3.0,
                           uncond=null, init=init, strength=0.5 if init is not None else None)
@@ -120,15 +120,6 @@ def test_prompt_stream_batches_a_ticks_prompts_and_caches_them(pipe, prompts):
         assert stream.cancel(rid) and "cancelled" in str(stream.run()[rid])
     finally:
         prompts.encode = original
-
-
-def test_prompt_stream_equals_the_pipeline(pipe, prompts):
-    stream = PromptStream(prompts, slots_per_stream=2, streams=1, guidance=True, output_type="np")
-    ids = [stream.submit(str(d), steps=6, seed=7, guidance_scale=2.5) for d in (0, 9)]
-    out = stream.run()
-    for d, rid in zip((0, 9), ids):
-        want = pipe(np.array([d]), steps=6, guidance_scale=2.5, seed=7, progress=False)[0]
-        np.testing.assert_allclose(out[rid][..., 0], want, atol=1e-5)
 
 
 def test_embedding_cache_is_lru():
