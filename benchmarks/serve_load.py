@@ -173,7 +173,7 @@ def main():
         tp = asyncio.run(load(server.url, args.throughput_requests, args.clients, args.steps))
         # where the two cores went: the server (XLA's threads included) and this process's clients
         tp["cpu_s"] = {"server": round(server.cpu_s() - cpu0, 1), "clients": round(time.process_time() - client0, 1),
-                       "available": round(2 * tp["wall_s"] if os.cpu_count() == 2 else os.cpu_count() * tp["wall_s"], 1)}
+                       "available": round(os.cpu_count() * tp["wall_s"], 1)}
         done = 64 + args.throughput_requests
         for mark in sorted({1000, args.requests}):
             if mark > done:

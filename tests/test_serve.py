@@ -85,8 +85,10 @@ def test_health_metrics_models_and_replica_header(url):
         assert r.headers[REPLICA] == replica, r.url
 
 
-def test_openai_client_generate_equals_the_pipeline(client, pipe):
-    """n images of one request are the pipeline's batch call with that seed (same noise rows)."""
+def test_openai_client_generate_equals_the_pipeline(client, pipe, url):
+    """n images of one request are the pipeline's batch call with that seed (same noise rows);
+    nothing compiles once the server is up."""
+    compiles = metric(url, "streamflow_compilations_total")
     out = client.images.generate(prompt="3", n=3, extra_body={"seed": 5, "steps": 8, "guidance_scale": 3.0})
     assert len(out.data) == 3 and out.created > 0
     got = np.stack([png(d.b64_json) for d in out.data]).astype(np.float32) / 255
@@ -98,6 +100,7 @@ def test_openai_client_generate_equals_the_pipeline(client, pipe):
                                  response_format="b64_json", size="16x16", extra_body={"seed": 1, "steps": 8})
     want = pipe(np.array([7]), steps=8, seed=1, progress=False)
     np.testing.assert_allclose(png(one.data[0].b64_json) / 255, want[0], atol=1 / 255 + 1e-6)
+    assert metric(url, "streamflow_compilations_total") == compiles
 
 
 def test_openai_client_edit_is_image_to_image(client, pipe):
@@ -156,7 +159,8 @@ def _bad_requests():
         "seed -1": (j({"prompt": "3", "seed": -1}), 400), "seed 2**32": (j({"prompt": "3", "seed": 2**32}), 400),
         "guidance string": (j({"prompt": "3", "guidance_scale": "nan"}), 400),
         "guidance list": (j({"prompt": "3", "guidance_scale": [1, 2]}), 400),
-        "size 17x16": (j({"prompt": "3", "size": "17x16"}), 400), "size 1024x1024": (j({"prompt": "3", "size": "1024x1024"}), 400),
+        "size 17x16": (j({"prompt": "3", "size": "17x16"}), 400),
+        "size 1024x1024": (j({"prompt": "3", "size": "1024x1024"}), 400),
         "size junk": (j({"prompt": "3", "size": "big"}), 400), "size 0x0": (j({"prompt": "3", "size": "0x0"}), 400),
         "response_format url": (j({"prompt": "3", "response_format": "url"}), 400),
         "response_format junk": (j({"prompt": "3", "response_format": "gif"}), 400),
@@ -184,8 +188,8 @@ def _bad_requests():
         "edits broken multipart": (("POST", "/v1/images/edits", {
             "content": b"--xyz\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n3",
             "headers": {"content-type": "multipart/form-data; boundary=xyz"}}), 400),
-        "edits huge declared length": (("RAW", "/v1/images/edits", {"head": b"content-type: multipart/form-data; "
-                                                                          b"boundary=x\r\ncontent-length: 1099511627776"}), 413),
+        "edits huge declared length": (("RAW", "/v1/images/edits", {
+            "head": b"content-type: multipart/form-data; boundary=x\r\ncontent-length: 1099511627776"}), 413),
         # malformed HTTP framing: uvicorn's HTTP parser answers 400 itself (plain text) before the app
         "generations non-numeric length": (("RAW", gen, {"head": b"content-length: 12abc"}), "400 plain"),
     }

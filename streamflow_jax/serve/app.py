@@ -75,12 +75,17 @@ class Options:
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
 
 
-def warm_up(served: Served) -> None:
-    """Compiles what serving runs (text to image and image to image at the served size)."""
+def warm_up(served: Served, max_n: int = api.MAX_N) -> None:
+    """Compiles what serving runs: text to image and image to image at the served size, and the
+    starting noise of requests of 2 to ``max_n`` images (made from one seed, see ``Job``)."""
+    from streamflow_jax.sampling import seeded_noise
+
     w, h = served.size
     grey = np.full((h, w) if served.channels == 1 else (h, w, 3), 0.5, np.float32)
     t0 = time.perf_counter()
     served.stream.warm_up(served.warm_prompt, image=grey)
+    for n in range(2, max_n + 1):
+        seeded_noise(0, (n, *served.stream.latent_shape)).block_until_ready()
     log.info("compiled in %.1f s", time.perf_counter() - t0)
 
 
@@ -102,7 +107,7 @@ class ServerState:
         return self.worker.ready.is_set() and self.worker.failed is None and not self.draining
 
     def _warm_up(self, stream) -> None:
-        warm_up(self.served)
+        warm_up(self.served, self.options.max_n)
 
     # -- images in and out ---------------------------------------------------------------------
 

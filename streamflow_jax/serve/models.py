@@ -101,7 +101,7 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
     if size is None or size == "auto":
         return None
     parts = size.lower().split("x") if isinstance(size, str) else []
-    if len(parts) != 2 or not all(p.isdigit() and 0 < len(p) <= 5 for p in parts) or "0" in (parts[0][:1], parts[1][:1]):
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and 0 < len(p) <= 5 and p[0] != "0" for p in parts):
         raise ValueError(f"size must be WIDTHxHEIGHT in pixels, e.g. \"512x512\", got {size!r}")
     return int(parts[0]), int(parts[1])
 

@@ -53,7 +53,7 @@ def build_deployment(load: dict, options: dict, replicas: int):
                 load["mesh"] = (make_mesh(devices, data=1, model=devices) if strategy == "tensor"
                                 else make_mesh(devices, data=devices, model=1))
             served = load_served(**load)
-            warm_up(served)  # the replica is ready once compiled
+            warm_up(served, options.get("max_n", 10))  # the replica is ready once compiled
             self.asgi_app = create_app(served=served, warm_up=False, **dict(options, replica=_replica_name()))
 
         def __serve_build_asgi_app__(self):
