@@ -60,10 +60,7 @@ class PeRFlowPipeline(PromptPipeline):
                 ``beta_schedule``) are read then: nothing else of another scheduler applies.
         """
         path = Path(path)
-        scheduler = schedules.read_scheduler(path, prediction_type=prediction_type, num_time_windows=num_time_windows)
-        if not scheduler.perflow:
-            raise ValueError(f"{path / schedules.SCHEDULER_FILE}: {scheduler.class_name} has no PeRFlow/InstaFlow "
-                             "prediction_type for a UNet")
+        scheduler = cls.perflow_scheduler(path, prediction_type, num_time_windows)
         opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
         unet = load(path, component="unet", scheduler=scheduler, **opts)
         text = load(path, component="text_encoder", **opts)
@@ -71,6 +68,15 @@ class PeRFlowPipeline(PromptPipeline):
                    scheduler)
         pipe.mesh = mesh
         return pipe
+
+    @staticmethod
+    def perflow_scheduler(path: Path, prediction_type: str | None, num_time_windows: int | None) -> schedules.Scheduler:
+        """The pipeline's scheduler record with the override, which must be a PeRFlow/InstaFlow one."""
+        scheduler = schedules.read_scheduler(path, prediction_type=prediction_type, num_time_windows=num_time_windows)
+        if not scheduler.perflow:
+            raise ValueError(f"{path / schedules.SCHEDULER_FILE}: {scheduler.class_name} has no PeRFlow/InstaFlow "
+                             "prediction_type for a UNet")
+        return scheduler
 
     @property
     def num_windows(self) -> int:

@@ -25,14 +25,9 @@ from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConfigError
 from streamflow_jax.pipelines.base import PromptPipeline, register
 from streamflow_jax.pipelines.images import load_autoencoder
-from streamflow_jax.pipelines.text import clip_penultimate_and_projection
+from streamflow_jax.pipelines.perflow import PeRFlowPipeline
+from streamflow_jax.pipelines.text import clip_penultimate, clip_penultimate_and_projection
 from streamflow_jax.tokenizer import CLIPTokenizer
-
-
-@jax.jit
-def clip_penultimate(encoder, ids):  # [B, 77] -> [B, 77, D], the last layer's input (no final LayerNorm)
-    return encoder.module(ids)["hidden_states"][-2]
-
 
 def _pair(value, name: str) -> tuple[int, int] | None:
     if value is None:
@@ -45,8 +40,9 @@ def _pair(value, name: str) -> tuple[int, int] | None:
 
 
 @register("StableDiffusionXLPipeline")
-class PeRFlowSDXLPipeline(PromptPipeline):
-    """PeRFlow (``ddim_eps``, ``diff_eps``) and InstaFlow-style (``velocity``) SDXL pipelines.
+class PeRFlowSDXLPipeline(PeRFlowPipeline):
+    """PeRFlow (``ddim_eps``, ``diff_eps``) and InstaFlow-style (``velocity``) SDXL pipelines: the
+    SD1.5 PeRFlow pipeline's schedule and CLIP length, with SDXL's two encoders and time ids.
 
     Attributes:
         model: the SDXL UNet ``FlowModel`` with its ``PeRFlowAdapter``.
@@ -62,9 +58,6 @@ class PeRFlowSDXLPipeline(PromptPipeline):
         original_size, crops_coords_top_left, target_size: the micro-conditioning, in pixels
             (``(height, width)``, ``(top, left)``); None: the image's size, and (0, 0).
     """
-
-    model_classes = ("UNet2DConditionModel",)
-    default_steps = 4
 
     def __init__(self, model, clip_l, clip_g, decoder, scheduler: schedules.Scheduler, *,
                  force_zeros_for_empty_prompt: bool = True, original_size=None, crops_coords_top_left=None,
@@ -102,10 +95,7 @@ class PeRFlowSDXLPipeline(PromptPipeline):
                 (see the class).
         """
         path = Path(path)
-        scheduler = schedules.read_scheduler(path, prediction_type=prediction_type, num_time_windows=num_time_windows)
-        if not scheduler.perflow:
-            raise ValueError(f"{path / schedules.SCHEDULER_FILE}: {scheduler.class_name} has no PeRFlow/InstaFlow "
-                             "prediction_type for a UNet")
+        scheduler = cls.perflow_scheduler(path, prediction_type, num_time_windows)
         index = json.loads((path / "model_index.json").read_text())
         opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
         unet = load(path, component="unet", scheduler=scheduler, **opts)
@@ -115,15 +105,6 @@ class PeRFlowSDXLPipeline(PromptPipeline):
                    force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), **micro_conditioning)
         pipe.mesh = mesh
         return pipe
-
-    @property
-    def num_windows(self) -> int:
-        return self.scheduler.num_time_windows
-
-    def model_text_len(self, text_len: int | None = None) -> int:
-        if text_len not in (None, self.text_len):
-            raise ValueError(f"this pipeline's CLIP text is {self.text_len} tokens; max_sequence_length does not apply")
-        return self.text_len
 
     def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
         """Prompts -> ``encoder_hidden_states`` ``[B, 77, D_l + D_g]`` (both CLIPs' penultimate
@@ -161,6 +142,3 @@ class PeRFlowSDXLPipeline(PromptPipeline):
                 if value is not None:
                     setattr(pipe, name, _pair(value, name))
         return PromptPipeline.__call__(pipe, prompts, **kwargs)
-
-    def schedule(self, steps: int, latent_shape=None) -> np.ndarray:
-        return self.scheduler.perflow_grid(steps)

@@ -24,6 +24,11 @@ def clip_pooled(encoder, ids):  # [B, 77] -> [B, D], the EOS position's final st
 
 
 @jax.jit
+def clip_penultimate(encoder, ids):  # [B, 77] -> [B, 77, D], the last layer's input (no final LayerNorm)
+    return encoder.module(ids)["hidden_states"][-2]
+
+
+@jax.jit
 def clip_penultimate_and_projection(encoder, ids):  # [B, 77] -> [B, 77, D], [B, E] (SD3)
     out = encoder.module(ids)
     return out["hidden_states"][-2], out["text_embeds"]
