@@ -17,7 +17,12 @@
 #   components  UNet / VAE / TAESD per call (components.py)
 #   engine   the stream engine's own cost vs batched sf.sample, host time per tick (stream_engine.py)
 #   encode   image-to-image encoding per request vs batched per tick (img2img_encode.py)
-# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all nine; e.g. `profile` in one
+#   sdxl     SDXL UNet 1024^2 (batch 1/2/4) vs diffusers eager, then PeRFlow-SDXL 4 steps through the
+#            stream engine vs diffusers eager sequential/stream (sdxl_gpu.py; torch.compile only if the
+#            budget allows, 290 s); sdxl-compiled: the SDXL UNet at batch 4 vs torch.compile (290 s)
+#   serve    the seed setting behind `streamflow-jax serve`: images/s of concurrent n=1 requests and
+#            realtime frames/s over WS /v1/stream (serve_gpu.py, 240 s)
+# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all eleven; e.g. `profile` in one
 # command, `fp8` in the next, `levers` in a third). Each part prints a summary table; JSON lands in $OUT (or
 # benchmarks/results/ when run by hand). Figures go to benchmarks/RESULTS.md.
 # The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime; diffusers
@@ -46,7 +51,7 @@ part() {  # name, seconds, json, command...
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(profile fp8 levers stream sd3 flux components engine encode)
+[ ${#parts[@]} -eq 0 ] && parts=(profile fp8 levers stream sd3 flux components engine encode sdxl serve)
 for p in "${parts[@]}"; do
   case "$p" in
     profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py ;;
@@ -64,6 +69,9 @@ for p in "${parts[@]}"; do
     components) part components 150 components_gpu.json python3 benchmarks/components.py --preset gpu ;;
     engine) part engine 120 stream_engine_gpu.json python3 benchmarks/stream_engine.py ;;
     encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae ;;
-    *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode)" ;;
+    sdxl) part sdxl 290 sdxl_gpu.json python3 benchmarks/sdxl_gpu.py --budget-s 280 ;;
+    sdxl-compiled) part sdxl-compiled 290 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --batches 4 ;;
+    serve) part serve 240 serve_gpu.json python3 benchmarks/serve_gpu.py ;;
+    *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve)" ;;
   esac
 done
