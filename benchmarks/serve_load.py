@@ -7,8 +7,9 @@
    is the ceiling: no HTTP, no PNG, no per-request admission.
 2. ``memory``: the server's resident memory (VmRSS) after warm-up, after 1,000 and after 10,000
    requests.
-3. ``realtime``: one WebSocket stream sending 64x64 JPEG frames at a fixed rate (default 60/s) for
-   a while: frames/s processed, dropped, per-frame latency (frame in -> result out, server side).
+3. ``realtime``: one WebSocket stream (8 frames in flight) sending 64x64 JPEG frames at a fixed
+   rate (60/s) for a while: frames/s processed, dropped, per-frame latency (frame in -> result out,
+   server side).
 
 The clients run in this process on the same cores as the server: the figures include them.
 
@@ -165,7 +166,7 @@ def main():
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     ref = batched_reference(args.throughput_requests, args.steps, 32)
-    server = Server(["--slots", "8", "--streams", "4", "--max-queue", "64", "--frames-in-flight", "2"])
+    server = Server(["--slots", "8", "--streams", "4", "--max-queue", "64", "--frames-in-flight", "8"])
     try:
         rss = {"after_warm_up": server.rss_mib()}
         asyncio.run(load(server.url, 64, args.clients, args.steps))  # first requests, connections

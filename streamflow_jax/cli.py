@@ -540,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a request's deadline in seconds, queue included; then 503 and its slots are freed")
     p.add_argument("--max-n", type=int, default=10, help="images per request, n (default 10)")
     p.add_argument("--max-steps", type=int, default=100, help="steps per request (default 100)")
-    p.add_argument("--frames-in-flight", type=int, default=2,
-                   help="realtime: frames of one stream in the engine at once (default 2)")
+    p.add_argument("--frames-in-flight", type=int, default=4,
+                   help="realtime: frames of one stream in the engine at once (default 4)")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT of every image (default: the model's)")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)

@@ -63,7 +63,7 @@ class Options:
     max_n: int = api.MAX_N
     max_steps: int = api.MAX_STEPS
     timeout: float = 120.0
-    frames_in_flight: int = 2
+    frames_in_flight: int = 4
     replica: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def __post_init__(self):
