@@ -5,8 +5,11 @@ realtime stream switches prompts without compiling."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -82,3 +85,25 @@ def test_realtime_prompt_switch_compiles_nothing(server):
             out = Image.open(io.BytesIO(ws.recv(60)))
             assert out.format == "JPEG" and out.size == (16, 16)
     assert metric(server.url, "streamflow_compilations_total") == compiles
+
+
+def test_second_signal_exits_at_once(server):
+    """Last in this module (it ends the module's server): the first SIGINT drains, a second one
+    while requests are still running exits at once, with status 128 + SIGINT."""
+    from test_serve import metric
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # 30 images x 8 steps on 2 slots: seconds
+        work = [pool.submit(httpx.post, server.url + "/v1/images/generations", timeout=120,
+                            json={"prompt": PROMPT, "n": 10, "steps": 8}) for _ in range(3)]
+        while not metric(server.url, "streamflow_slots_occupied"):
+            time.sleep(0.01)
+        server.proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        t0 = time.time()
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(10) == 128 + signal.SIGINT
+        assert time.time() - t0 < 5
+        for w in work:
+            with pytest.raises(httpx.HTTPError):
+                w.result()
+    assert "draining" in server.log and "second SIGINT, exiting now" in server.log
