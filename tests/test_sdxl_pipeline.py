@@ -208,6 +208,20 @@ def test_prompt_stream_equals_reference(pipe, reference):
         assert rel(results[rid], want) <= TOL, i
 
 
+def test_prompt_stream_at_another_size_takes_its_time_ids(sdxl_dir, reference):
+    """A stream of 16x24 images: every request's time ids are that size's (16, 24, 0, 0, 16, 24),
+    in both branches, as the pipeline (and diffusers) compute them at that size."""
+    pipe = sf.Pipeline.from_diffusers(sdxl_dir, prediction_type="diff_eps")
+    noise = _noise((2, 8, 12, 4), 4)
+    stream = PromptStream(pipe, slots_per_stream=2, guidance=True, height=16, width=24, output_type="latent")
+    ids = [stream.submit(PROMPTS[i], steps=4, noise=noise[i], guidance_scale=[None, 2.0][i]) for i in range(2)]
+    results = stream.run()
+    for i, rid in enumerate(ids):
+        want = reference.latents(PROMPTS[i : i + 1], noise[i : i + 1], 4, prediction="diff_eps",
+                                 guidance=[None, 2.0][i])[0]
+        assert rel(results[rid], want) <= TOL, i
+
+
 def test_img2img_per_prompt_strength(pipe, reference):
     """Image-to-image with one strength per prompt (per-element grids: the elements start at
     different times, in different windows): the image encoded by diffusers' VAE (mean, x0.13025),

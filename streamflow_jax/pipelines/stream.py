@@ -107,6 +107,9 @@ class PromptStream:
         check_output_type(output_type)
         self.pipe, self.output_type, self.text_len = pipe, output_type, max_sequence_length
         self.latent_shape = pipe.latent_shape(height, width)
+        # conditioning of the stream's image size rather than the text (SDXL's time ids), both branches
+        sized = getattr(pipe, "image_conditioning", lambda shape: {})(self.latent_shape)
+        self._sized = {k: np.asarray(v) for k, v in sized.items()}
         self.guided = bool(guidance) and pipe.guidance_mode == "cfg"
         self.cache = EmbeddingCache(cache_size)
         post = {"pil": to_uint8, "np": to_float_images, "latent": None}[output_type]
@@ -264,11 +267,11 @@ class PromptStream:
         return rows
 
     def _submit(self, w: _Waiting) -> None:
-        cond, uncond, cfg = self._rows(w.prompt), None, None
+        cond, uncond, cfg = {**self._rows(w.prompt), **self._sized}, None, None
         if w.guidance.kind == "embedded":
             cond = {**cond, "guidance": np.float32(w.guidance.scale)}
         elif w.guidance.cfg:
-            uncond, cfg = self._rows(w.negative), w.guidance.scale
+            uncond, cfg = {**self._rows(w.negative), **self._sized}, w.guidance.scale
         init = None
         if w.image is not None:
             init = np.asarray(self.pipe.encode_image(w.image, 1))[0]  # host: the engine takes it there
