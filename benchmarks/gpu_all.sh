@@ -20,8 +20,9 @@
 #   sdxl     SDXL UNet 1024^2 (batch 1/2/4) vs diffusers eager, then PeRFlow-SDXL 4 steps through the
 #            stream engine vs diffusers eager sequential/stream (sdxl_gpu.py; torch.compile only if the
 #            budget allows, 290 s); sdxl-compiled: the SDXL UNet at batch 4 vs torch.compile (290 s)
-#   serve    the seed setting behind `streamflow-jax serve`: images/s of concurrent n=1 requests and
-#            realtime frames/s over WS /v1/stream (serve_gpu.py, 240 s)
+#   serve    the seed setting behind `streamflow-jax serve`: images/s of 16 concurrent n=1 requests and
+#            realtime frames/s over WS /v1/stream (serve_gpu.py, 280 s; the server's stack travels as
+#            wheels too: starlette uvicorn websockets httpx python-multipart prometheus-client pydantic)
 # Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all eleven; e.g. `profile` in one
 # command, `fp8` in the next, `levers` in a third). Each part prints a summary table; JSON lands in $OUT (or
 # benchmarks/results/ when run by hand). Figures go to benchmarks/RESULTS.md.
@@ -29,6 +30,8 @@
 # (and importlib_metadata) travel as wheels in .whl/ (run(..., carry=[".whl"])):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+#   (and, for the serve part, the server's stack: add starlette uvicorn websockets httpx python-multipart
+#   prometheus-client pydantic to that command)
 set -u
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
@@ -71,7 +74,7 @@ for p in "${parts[@]}"; do
     encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae ;;
     sdxl) part sdxl 290 sdxl_gpu.json python3 benchmarks/sdxl_gpu.py --budget-s 280 ;;
     sdxl-compiled) part sdxl-compiled 290 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --batches 4 ;;
-    serve) part serve 240 serve_gpu.json python3 benchmarks/serve_gpu.py ;;
+    serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py ;;
     *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve)" ;;
   esac
 done
