@@ -7,10 +7,10 @@
 #            traces + compiled HLO under $OUT/profile_traces (profile_gpu.py, 240 s)
 #   fp8      quantize(model, "fp8") vs bf16: cuBLASLt FP8 GEMMs in the compiled HLO, ms per call,
 #            velocity distance, bytes; Flux-dev, SD3-medium, SD1.5 UNet (fp8_gpu.py, 270 s)
-#   levers   XLA flags / attention switch variants vs the default, one process each, stream
-#            images/s: command buffers, attention per head dim, Triton GEMM (levers_gpu.py group a,
-#            280 s); levers-b: cuBLASLt, cuDNN GEMM fusion, tiling search, autotune, graphs around
-#            loops (280 s); levers-sd3: group a on SD3-medium (280 s)
+#   levers   XLA flags / switch variants vs the default, one process each, stream images/s:
+#            command buffers, one program per tick, attention per head dim (levers_gpu.py group a,
+#            280 s); levers-b: Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling search,
+#            autotune, graphs around loops (280 s); levers-sd3: group a on SD3-medium (280 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
 #   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)

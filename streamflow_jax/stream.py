@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -308,12 +309,38 @@ def _outputs(decoder, x, done_index):
     return out if decoder is None else decode_latents(decoder, out)
 
 
+def _tick(model, decoder, flow_model, state, admit, active, t, t_next, done_index):
+    """Admission, step and outputs as one program (``tick="fused"``): ``admit`` and
+    ``done_index`` may be None (no admission, no finishing slot), each None a variant."""
+    if admit is not None:
+        state = _admit(flow_model, state, admit)
+    state = _step(model, state, active, t, t_next)
+    return state, (None if done_index is None else _outputs(decoder, state["x"], done_index))
+
+
 # Module-level, so engines of the same shapes share compiled code; the slot buffers are donated.
-# Three programs, so that the one holding the model has one variant per active-batch size only:
-# admissions and outputs vary per tick and compile small programs of their own.
+# Three programs by default, so that the one holding the model has one variant per active-batch
+# size only: admissions and outputs vary per tick and compile small programs of their own.
 _admit_jit = jax.jit(_admit, donate_argnums=(1,))
 _step_jit = jax.jit(_step, donate_argnums=(1,))
 _outputs_jit = jax.jit(_outputs)
+# One program per tick (a measurement lever, issue 22): no host gap between the three, at the
+# price of one model-holding variant per (admission kind, active batch, finishing batch).
+_tick_jit = jax.jit(_tick, donate_argnums=(3,))
+
+TICK_ENV = "STREAMFLOW_JAX_TICK"
+TICK_MODES = ("split", "fused")
+
+
+def tick_mode(setting: str | None = None) -> str:
+    """``setting``, else ``$STREAMFLOW_JAX_TICK``, else ``"split"``: how a tick runs on the XLA
+    backend. ``split`` (the default) is three programs (admission, step, outputs); ``fused``
+    is one program per tick, a switch measured by ``benchmarks/levers_gpu.py``."""
+    mode = (os.environ.get(TICK_ENV, "split") if setting is None else setting).strip().lower() or "split"
+    if mode not in TICK_MODES:
+        src = "tick=" if setting is not None else f"${TICK_ENV}="
+        raise ValueError(f"{src}{mode!r}: expected one of {', '.join(TICK_MODES)}")
+    return mode
 
 
 class DeviceBuffers:
@@ -375,9 +402,16 @@ class DeviceBuffers:
             out.update(uncond=uncond, guidance=guidance)
         return out
 
-    def tick(self, model, decoder, plan: TickPlan, *, compiled: bool = True, flow_model=None):
+    def tick(self, model, decoder, plan: TickPlan, *, compiled: bool = True, flow_model=None,
+             fused: bool = False):
         """Admits, steps and gathers the outputs of one tick (device calls, no host wait);
-        returns the finishing slots' outputs (a device array) or None."""
+        returns the finishing slots' outputs (a device array) or None. ``fused`` (compiled
+        only): the three as one program."""
+        if compiled and fused:
+            admit = self.admission(plan.admissions) if plan.admissions else None
+            self.state, out = _tick_jit(model, decoder, flow_model, self.state, admit, plan.active, plan.t,
+                                        plan.t_next, plan.done_index)
+            return out
         step = _step_jit if compiled else _step  # a runner (non-XLA backend) runs the step eagerly
         if plan.admissions:
             self.state = _admit_jit(flow_model, self.state, self.admission(plan.admissions))
@@ -418,13 +452,19 @@ class StreamEngine:
         mesh: a ``("data", "model")`` mesh (``sf.make_mesh``): the slots are split over
             ``data`` (slots and batch sizes multiples of it), the model as it was sharded
             (``sf.shard``); a tick is one SPMD program over every device.
+        tick: ``"split"`` (admission, step and outputs as three programs) or ``"fused"`` (one
+            program per tick); default ``$STREAMFLOW_JAX_TICK``, else ``"split"``. A measurement
+            switch of the XLA backend (``benchmarks/levers_gpu.py``): fused removes the host gaps
+            between the three at the price of more compiled variants of the model.
     """
 
     def __init__(self, model, latent_shape: tuple[int, int, int], cond_shapes: dict[str, tuple[int, ...]], *,
                  slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
                  decoder=None, postprocess: Callable | None = None, backend: str = "xla",
-                 admit_per_tick: int | None = None, min_batch: int | None = None, mesh=None):
+                 admit_per_tick: int | None = None, min_batch: int | None = None, mesh=None,
+                 tick: str | None = None):
         entry = check_backend(backend)
+        self.tick_mode = tick_mode(tick)
         for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -508,7 +548,8 @@ class StreamEngine:
         if plan is None:
             return []
         outputs = self.buffers.tick(self._velocity_model, self.decoder, plan, compiled=self._compiled,
-                                    flow_model=self.model if isinstance(self.model, FlowModel) else None)
+                                    flow_model=self.model if isinstance(self.model, FlowModel) else None,
+                                    fused=self.tick_mode == "fused")
         self.ticks += 1
         finished = [req.id for req in self.scheduler.advance(plan)]
         if finished:
@@ -574,6 +615,17 @@ class StreamEngine:
             dummy.uncond = dummy.cond
         variants = [dummy] + ([dataclasses.replace(dummy, init=np.zeros(self.latent_shape, np.float32))]
                               if image_to_image else [])
+        if self._compiled and self.tick_mode == "fused":  # every (admission, batch, finishing) variant
+            admits = [None] + [bufs.admission([(n, req)]) for req in variants]
+            for b in sorted({bucket(k, n, sched.smallest, sched.multiple) for k in range(1, n + 1)}):
+                pad = np.full(b, PAD_TIME, np.float32)
+                for d in [None] + sorted({bucket(k, n) for k in range(1, b + 1)}):
+                    for admit in admits:
+                        done = None if d is None else np.zeros(d, np.int32)
+                        bufs.state, out = _tick_jit(self._velocity_model, self.decoder, flow_model, bufs.state,
+                                                    admit, np.full(b, n, np.int32), pad, pad, done)
+            jax.block_until_ready(bufs.state)
+            return
         for req in variants:  # slot index n: padding, dropped
             bufs.state = _admit_jit(flow_model, bufs.state, bufs.admission([(n, req)]))
         if self._compiled:

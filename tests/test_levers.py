@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from streamflow_jax import ops
+from streamflow_jax.stream import TICK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from levers_gpu import VARIANTS, ratios  # noqa: E402
@@ -74,7 +75,7 @@ def test_xla_knows_every_lever_flag():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
     assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
-    assert all(env_extra.keys() <= {ops.ATTENTION_ENV} for _, env_extra in VARIANTS.values())
+    assert all(env_extra.keys() <= {ops.ATTENTION_ENV, TICK_ENV} for _, env_extra in VARIANTS.values())
 
 
 def test_ratios():

@@ -92,6 +92,16 @@ def test_warm_up_compiles_every_tick_program(pipe):
     assert compiled == []
 
 
+def test_tick_mode_is_checked(pipe, monkeypatch):
+    with pytest.raises(ValueError, match="tick='one': expected one of split, fused"):
+        _engine(pipe, tick="one")
+    monkeypatch.setenv("STREAMFLOW_JAX_TICK", "Fused ")
+    assert _engine(pipe).tick_mode == "fused"
+    monkeypatch.setenv("STREAMFLOW_JAX_TICK", "threaded")
+    with pytest.raises(ValueError, match=r"\$STREAMFLOW_JAX_TICK='threaded'"):
+        _engine(pipe)
+
+
 def test_prompt_stream_batches_a_ticks_prompts_and_caches_them(pipe, prompts):
     stream = PromptStream(prompts, slots_per_stream=4, streams=2, guidance=True)
     calls = []

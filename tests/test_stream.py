@@ -124,17 +124,18 @@ def test_stream_onnxruntime_equals_xla(model):
     np.testing.assert_allclose(outs["onnxruntime"], outs["xla"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("admit", [1, 5])
-def test_decoder_runs_inside_the_tick(model, tmp_path, admit):
+@pytest.mark.parametrize("admit,tick", [(1, "split"), (5, "split"), (5, "fused")])
+def test_decoder_runs_inside_the_tick(model, tmp_path, admit, tick):
     """Finished slots decoded on the device during the tick equal decoding the sequential result;
-    admit=5 makes all five finish on one tick (a padded decode batch)."""
+    admit=5 makes all five finish on one tick (a padded decode batch); fused: one program a tick."""
     import diffusers
     from conftest import VAES, randomize
 
     randomize(diffusers.AutoencoderKL(**VAES["sd"]), 0, std=0.1).save_pretrained(tmp_path / "vae")
     vae = sf.load(tmp_path / "vae")
     x, conds = _requests(5, seed=6)
-    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=5, decoder=vae, admit_per_tick=admit)
+    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=5, decoder=vae, admit_per_tick=admit,
+                          tick=tick)
     ids = [engine.submit(conds[i], steps=3, noise=x[i]) for i in range(5)]
     engine.run()
     for i, rid in enumerate(ids):
@@ -143,6 +144,41 @@ def test_decoder_runs_inside_the_tick(model, tmp_path, admit):
         want = np.asarray(vae.module.decode_latents(alone))[0]
         assert engine.result(rid).shape == want.shape == (16, 16, 3)
         np.testing.assert_allclose(engine.result(rid), want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_tick_warms_up_and_equals_the_split_tick(model, monkeypatch):
+    """One program per tick ($STREAMFLOW_JAX_TICK=fused): warm_up compiles every variant a run
+    meets (guided and plain requests, one and two finishing on a tick), and the results are the
+    three-program tick's (the decoder in a fused tick: test_decoder_runs_inside_the_tick)."""
+    import jax
+
+    x, conds = _requests(6, seed=9)
+    _, unconds = _requests(6, seed=10)
+    rng = np.random.default_rng(0)
+    reqs = [dict(cond=conds[i], steps=int(rng.integers(1, 5)), noise=x[i] if i % 2 else None,
+                 seed=None if i % 2 else i, guidance_scale=2.5 if i % 3 else None,
+                 uncond=unconds[i] if i % 3 else None) for i in range(6)]
+    out = {}
+    for tick in ("split", "fused"):
+        monkeypatch.setenv("STREAMFLOW_JAX_TICK", tick)
+        engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=2, guidance=True, min_batch=2)
+        assert engine.tick_mode == tick
+        compiled = []
+        if tick == "fused":
+            engine.warm_up(image_to_image=False)
+            jax.monitoring.register_event_duration_secs_listener(
+                listener := lambda event, duration, **kw: compiled.append(event) if event.endswith(
+                    "backend_compile_duration") else None)
+        try:
+            ids = [engine.submit(**r) for r in reqs]
+            engine.run()
+        finally:
+            if tick == "fused":
+                jax.monitoring.unregister_event_duration_listener(listener)
+        assert compiled == []
+        out[tick] = np.stack([engine.result(i) for i in ids])
+    assert np.isfinite(out["split"]).all()
+    np.testing.assert_allclose(out["fused"], out["split"], rtol=1e-5, atol=1e-5)
 
 
 def test_thousand_mixed_requests_bad_ones_fail_alone(model):
