@@ -360,3 +360,26 @@ def test_text_encoder_export(tmp_path, family):
         want = ref(torch.from_numpy(ids)).last_hidden_state.numpy()
     got = runner.encode(ids)
     assert got.shape == want.shape and _rel(got, want) <= 1e-5  # measured 2.8e-7 (T5)
+
+
+def test_linear_output_binding_leaves_the_graph_unchanged(tmp_path, monkeypatch):
+    """Our shortcut around jax2onnx's quadratic output check (export/onnx.py) is taken, and the
+    graph it gives is byte for byte the one jax2onnx gives on its own."""
+    import contextlib
+
+    from jax2onnx.converter import output_binding
+
+    from streamflow_jax.export import onnx as onnx_export
+
+    make_sd3(tmp_path / "src", "sd35_medium", seed=2)
+    model = sf.load(tmp_path / "src")
+    spec = export_spec(model, batch="1:2:4", latent="4:8:12", text_len=7)
+    scans = []
+    original = output_binding._value_is_graph_connected
+    monkeypatch.setattr(output_binding, "_value_is_graph_connected",
+                        lambda ctx, v: scans.append(1) or original(ctx, v))  # jax2onnx's scan, counted
+    fast = onnx_export.trace_onnx(model, spec).SerializeToString()
+    fast_scans, scans[:] = len(scans), []
+    monkeypatch.setattr(onnx_export, "linear_output_binding", contextlib.nullcontext)
+    assert onnx_export.trace_onnx(model, spec).SerializeToString() == fast
+    assert len(scans) > 500 and fast_scans < len(scans) / 4, (fast_scans, len(scans))
