@@ -208,6 +208,22 @@ def test_export_and_bench_of_a_perflow_pipeline_and_a_converted_pipeline(tmp_pat
     assert "apply to UNets" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting,where", [("0", None), ("off", None), ("on", "root"), ("DIR", "dir")])
+def test_xla_cache_setting(tmp_path, setting, where):
+    """$STREAMFLOW_JAX_XLA_CACHE: 0/off turns the persistent cache off, on keeps it under
+    $STREAMFLOW_JAX_CACHE/xla, a path moves it there."""
+    import subprocess
+    import sys
+
+    setting = str(tmp_path / "elsewhere") if setting == "DIR" else setting
+    env = {**__import__("os").environ, "STREAMFLOW_JAX_CACHE": str(tmp_path / "root"), "STREAMFLOW_JAX_XLA_CACHE": setting}
+    done = subprocess.run([sys.executable, "-c", "import streamflow_jax as sf; print(sf.enable_compilation_cache())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    want = {None: "None", "root": str(tmp_path / "root" / "xla"), "dir": str(tmp_path / "elsewhere")}[where]
+    assert done.stdout.strip() == want
+
+
 def test_importing_the_library_changes_no_global_state(tmp_path):
     """``import streamflow_jax`` leaves JAX's configuration alone; the entry points (here a
     pipeline's loader) turn the persistent compilation cache on, under $STREAMFLOW_JAX_CACHE."""

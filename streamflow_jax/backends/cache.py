@@ -14,7 +14,9 @@ from pathlib import Path
 import jax
 
 CACHE_ENV = "STREAMFLOW_JAX_CACHE"
-XLA_CACHE_ENV = "STREAMFLOW_JAX_XLA_CACHE"  # "0" turns the persistent compilation cache off
+XLA_CACHE_ENV = "STREAMFLOW_JAX_XLA_CACHE"  # "0" turns the persistent compilation cache off; a path moves it
+_OFF = ("0", "false", "off", "no")
+_DEFAULT = ("", "1", "true", "on", "yes")
 
 
 def cache_root() -> Path:
@@ -27,18 +29,21 @@ def enable_compilation_cache() -> Path | None:
     """Turns on JAX's persistent compilation cache under ``cache_root()/xla``, so that a second
     process reuses the programs a first one compiled (all of them: the library sets
     ``jax_persistent_cache_min_compile_time_secs`` to 0 from JAX's 1 s). Left alone when
-    ``$STREAMFLOW_JAX_XLA_CACHE`` is ``0`` or when the application set a cache directory itself.
+    ``$STREAMFLOW_JAX_XLA_CACHE`` is ``0`` or when the application set a cache directory itself;
+    ``$STREAMFLOW_JAX_XLA_CACHE=DIR`` puts the cache in DIR instead (processes with their own
+    ``$STREAMFLOW_JAX_CACHE`` can share one).
 
     The CLI, the server and the pipelines' loaders call it; ``import streamflow_jax`` does not.
 
     Returns:
         The cache directory in use, or None when off.
     """
-    if os.environ.get(XLA_CACHE_ENV, "1").lower() in ("0", "false", "off", "no"):
+    setting = os.environ.get(XLA_CACHE_ENV, "").strip()
+    if setting.lower() in _OFF:
         return None
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
-    path = cache_root() / "xla"
+    path = cache_root() / "xla" if setting.lower() in _DEFAULT else Path(setting).expanduser()
     jax.config.update("jax_compilation_cache_dir", str(path))
     # every program, not only those over 1 s: a pipeline compiles many sub-second ones
     # (scan, admission, decode), which together are most of a first call
