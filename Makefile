@@ -40,8 +40,9 @@ demo: $(VENV)/.demo
 serve: $(VENV)/.serve
 	$(BIN)/streamflow-jax serve
 
+# one pytest-xdist worker per core; each test file stays on one worker (conftest.py)
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/sd3_cpu.py

@@ -170,13 +170,14 @@ def digits():
 
 
 def test_digits_keep_their_accuracy(digits):
+    labels = LABELS[1::2]  # 4 of each digit
     quantized = _with_model(digits, quantize(digits.model, "fp8"))
-    images = quantized(LABELS, steps=16, guidance_scale=3.0, seed=0)
-    assert digit_accuracy(images, LABELS) >= 0.9  # measured 1.0 (float32: 1.0)
+    images = quantized(labels, steps=16, guidance_scale=3.0, seed=0)
+    assert digit_accuracy(images, labels) >= 0.9  # measured 1.0 (float32: 1.0)
     # the stream engine runs it too; per-tensor activation scales couple a batch's elements,
     # so the engine's batches (other companions) move pixels a little: measured mean 0.017
-    streamed = quantized.stream(LABELS, steps=16, guidance_scale=3.0, seed=0)
-    assert digit_accuracy(streamed, LABELS) >= 0.9
+    streamed = quantized.stream(labels, steps=16, guidance_scale=3.0, seed=0)
+    assert digit_accuracy(streamed, labels) >= 0.9
     assert float(np.mean(np.abs(streamed - images))) < 0.05
 
 

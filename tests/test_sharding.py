@@ -15,7 +15,9 @@ TESTS = Path(__file__).resolve().parent
 
 
 def test_multidevice_suite_passes():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # conftest's LLVM -O0 too: the subprocess's SPMD programs are compile-bound like the rest
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            str(TESTS / "multidevice")], env=env, cwd=TESTS.parent, capture_output=True, text=True,
                           timeout=1200)
