@@ -145,6 +145,11 @@ CLIP = dict(vocab_size=530, hidden_size=32, intermediate_size=37, num_hidden_lay
             max_position_embeddings=77, projection_dim=16, bos_token_id=527, eos_token_id=528, pad_token_id=528)  # as _write_tiny_clip_vocab numbers them
 
 
+def with_text_model(state: dict) -> dict:
+    """transformers 5 saves ``CLIPTextModel`` without ``text_model.``; diffusers' converters keep it."""
+    return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state.items()}
+
+
 def write_tiny_clip_vocab(path):
     """A byte-level vocabulary (every byte, alone and word-final) plus a few merges."""
     from tokenizers.pre_tokenizers import ByteLevel

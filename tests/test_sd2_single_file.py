@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import CLIP, UNETS, VAES, randomize, write_tiny_clip_vocab
+from conftest import CLIP, UNETS, VAES, randomize, with_text_model, write_tiny_clip_vocab
 from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
@@ -85,11 +85,6 @@ def sd2(tmp_path_factory):
     return make_sd2(tmp_path_factory.mktemp("sd2"))
 
 
-def _with_text_model(state: dict) -> dict:
-    """transformers 5 saves ``CLIPTextModel`` without ``text_model.``; diffusers' converters keep it."""
-    return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # against diffusers' own single-file conversion
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +103,7 @@ def test_matches_diffusers_single_file(sd2):
     # from_single_file(config=...): the whole pipeline, each component's parameters
     _assert_same(sources["unet"][1], loaded.unet.state_dict(), "from_single_file unet")
     _assert_same(sources["vae"][1], loaded.vae.state_dict(), "from_single_file vae")
-    _assert_same(sources["text_encoder"][1], _with_text_model(loaded.text_encoder.state_dict()),
+    _assert_same(sources["text_encoder"][1], with_text_model(loaded.text_encoder.state_dict()),
                  "from_single_file text_encoder")
     # the file's last block, its projection and logit_scale are not read; the fused q/k/v are split
     text = sources["text_encoder"][1]

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import CLIP, VAES, randomize, write_tiny_clip_vocab
+from conftest import CLIP, VAES, randomize, with_text_model, write_tiny_clip_vocab
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -110,11 +110,6 @@ def sdxl(tmp_path_factory):
     return make_sdxl(tmp_path_factory.mktemp("sdxl"))
 
 
-def _with_text_model(state: dict) -> dict:
-    """transformers 5 saves ``CLIPTextModel`` without ``text_model.``; diffusers' converters keep it."""
-    return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # against diffusers' own single-file conversion
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +132,7 @@ def test_matches_diffusers_single_file(sdxl):
     _assert_same(sources["unet"][1], loaded.unet.state_dict(), "from_single_file unet")
     _assert_same(sources["vae"][1], loaded.vae.state_dict(), "from_single_file vae")
     for name in ("text_encoder", "text_encoder_2"):
-        _assert_same(sources[name][1], _with_text_model(getattr(loaded, name).state_dict()), f"from_single_file {name}")
+        _assert_same(sources[name][1], with_text_model(getattr(loaded, name).state_dict()), f"from_single_file {name}")
     big_g = sources["text_encoder_2"][1]
     assert big_g.shape("text_projection.weight") == (24, 48)  # [P, D]; the file's is [D, P]
     assert {k for k in big_g.keys() if ".layers.3." in k}  # every block read (SDXL pools the last one)
