@@ -29,6 +29,7 @@ from streamflow_jax.pipelines.perflow import PeRFlowPipeline
 from streamflow_jax.pipelines.text import clip_penultimate, clip_penultimate_and_projection
 from streamflow_jax.tokenizer import CLIPTokenizer
 
+
 def _pair(value, name: str) -> tuple[int, int] | None:
     if value is None:
         return None

@@ -53,19 +53,20 @@ def build_deployment(load: dict, options: dict, replicas: int):
                 load["mesh"] = (make_mesh(devices, data=1, model=devices) if strategy == "tensor"
                                 else make_mesh(devices, data=devices, model=1))
             served = load_served(**load)
-            warm_up(served, options.get("max_n", 10))  # the replica is ready once compiled
+            warm_up(served, _options(options).max_n)  # the replica is ready once compiled
             self.asgi_app = create_app(served=served, warm_up=False, **dict(options, replica=_replica_name()))
 
         def __serve_build_asgi_app__(self):
             return self.asgi_app
 
     env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
-    max_ongoing = options.get("max_queue", 64) + load.get("slots_per_stream", 4) * load.get("streams", 2)
+    opts = _options(options)  # the Options defaults, written once
+    max_ongoing = opts.max_queue + load.get("slots_per_stream", 4) * load.get("streams", 2)
     deployment = serve.deployment(
         StreamflowReplica, name="streamflow", num_replicas=replicas, max_ongoing_requests=max_ongoing,
         # CPU counts are for Ray's scheduling only: a replica uses what XLA gives it
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
-        graceful_shutdown_timeout_s=options.get("timeout", 120.0) + 5, health_check_period_s=5)
+        graceful_shutdown_timeout_s=opts.timeout + 5, health_check_period_s=5)
     return deployment.bind(load, options)
 
 
