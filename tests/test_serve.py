@@ -71,7 +71,7 @@ def test_health_metrics_models_and_replica_header(url):
     assert replica and r.json()["replica"] == replica
     m = httpx.get(url + "/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
-    for name in ("streamflow_requests_total", "streamflow_queue_depth", "streamflow_slots_occupied",
+    for name in ("streamflow_requests_total", "streamflow_requests_in_progress", "streamflow_queue_depth", "streamflow_slots_occupied",
                  "streamflow_images_per_second", "streamflow_request_latency_seconds_bucket",
                  "streamflow_compilations_total", "streamflow_engine_ticks_total", "streamflow_ready 1.0"):
         assert name in m.text, name
@@ -244,6 +244,7 @@ def test_concurrent_requests_share_ticks(url):
     ticks = metric(url, "streamflow_engine_ticks_total") - ticks0
     assert 8 <= ticks < 32, ticks
     assert metric(url, "streamflow_slots_occupied") == 0 and metric(url, "streamflow_queue_depth") == 0
+    assert metric(url, "streamflow_requests_in_progress", endpoint="generations") == 0
 
 
 def test_queue_full_is_429_with_retry_after(url, client):

@@ -95,7 +95,9 @@ def test_second_signal_exits_at_once(server):
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # 30 images x 8 steps on 2 slots: seconds
         work = [pool.submit(httpx.post, server.url + "/v1/images/generations", timeout=120,
                             json={"prompt": PROMPT, "n": 10, "steps": 8}) for _ in range(3)]
-        while not metric(server.url, "streamflow_slots_occupied"):
+        # all three admitted (a request still on its way when the first SIGINT lands gets a 503 answer)
+        while metric(server.url, "streamflow_requests_in_progress", endpoint="generations") < 3:
+            assert not any(w.done() for w in work), [w.result() for w in work if w.done()]
             time.sleep(0.01)
         server.proc.send_signal(signal.SIGINT)
         time.sleep(0.3)

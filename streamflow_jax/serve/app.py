@@ -148,8 +148,9 @@ class ServerState:
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         watch = asyncio.ensure_future(_client_gone(request)) if request is not None else None
         try:
-            done, _ = await asyncio.wait({gathered} | ({watch} if watch else set()), timeout=self.options.timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            with self.metrics.in_progress.labels(endpoint).track_inprogress():
+                done, _ = await asyncio.wait({gathered} | ({watch} if watch else set()),
+                                             timeout=self.options.timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if watch is not None:
                 watch.cancel()

@@ -91,6 +91,8 @@ class Metrics:
         self.frames = Counter("streamflow_stream_frames", "realtime frames by outcome", ["outcome"], registry=r)
         self.frame_latency = Histogram("streamflow_stream_frame_latency_seconds", "realtime frame in to result out",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.in_progress = Gauge("streamflow_requests_in_progress", "requests admitted to the engine and not yet "
+                                 "answered", ["endpoint"], registry=r)
         self.queue_depth = Gauge("streamflow_queue_depth", "images waiting for a slot", registry=r)
         self.slots_occupied = Gauge("streamflow_slots_occupied", "engine slots holding a request", registry=r)
         self.slots = Gauge("streamflow_slots", "engine slots", registry=r)
@@ -101,6 +103,7 @@ class Metrics:
         self.info = Gauge("streamflow_replica_info", "the replica serving", ["replica", "model"], registry=r)
         for endpoint in ("generations", "edits"):  # every series exists from the start
             self.latency.labels(endpoint)
+            self.in_progress.labels(endpoint)
             for outcome in OUTCOMES:
                 self.requests.labels(endpoint, outcome)
         for outcome in ("processed", "dropped", "bad"):
