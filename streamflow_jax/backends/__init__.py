@@ -182,15 +182,29 @@ def sample(
     return jnp.asarray(x)
 
 
+def pad_grid(grid: jax.Array, least: int = 8) -> jax.Array:
+    """``[S+1, B]`` -> ``[N+1, B]``, N the power of two >= max(S, least), the last row repeated."""
+    steps = grid.shape[0] - 1
+    rows = max(least, 1 << (steps - 1).bit_length()) + 1
+    if rows == grid.shape[0]:
+        return grid
+    return jnp.concatenate([grid, jnp.broadcast_to(grid[-1:], (rows - grid.shape[0], *grid.shape[1:]))])
+
+
 def _segments(model, x, grid, cond, guidance_scale, uncond, progress: bool):
     """The compiled steps of a whole grid, run a segment at a time (``sampling.steps_between``,
     one program for every segment), each about ``SEGMENT_SECONDS`` long once the step time is
     known. Two segments are in flight, so the device never waits for the host; when the older
     one completes the host updates the progress bar, and a pending Ctrl-C is raised there. Short
-    grids run as one scan."""
+    grids run in one call.
+
+    The grid is padded to a bucket of steps (8, 16, 32...; the padding is never read), so that
+    every run of 1 to 8 steps uses one compiled program, 9 to 16 the next, and so on: another
+    step count does not compile again."""
     steps = grid.shape[0] - 1
+    grid = pad_grid(grid)
     if steps <= 8:
-        return sampling.scan_jit(model, x, grid, cond, guidance_scale, uncond)
+        return sampling.steps_between_jit(model, x, grid, np.int32(0), np.int32(steps), cond, guidance_scale, uncond)
     done, size, finished_at, bar = 0, 1, None, None
     in_flight: list[tuple[jax.Array, int]] = []
     try:
