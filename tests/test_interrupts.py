@@ -133,7 +133,9 @@ def test_ctrl_c_during_convert_at_any_moment(tmp_path, delay):
         if proc.poll() is None:
             proc.kill()
     left = sorted(p.name for p in tmp_path.iterdir())
-    if proc.returncode == 0:  # finished before the signal arrived
+    if proc.returncode == 0 or (proc.returncode == -signal.SIGINT and left == ["out", "src"]):
+        # finished before the signal arrived (or it arrived as the interpreter exited, after
+        # main() returned: Python's own exit by SIGINT); the directory is complete
         assert left == ["out", "src"] and sf.load(out) is not None
     else:
         assert proc.returncode == 130, err
