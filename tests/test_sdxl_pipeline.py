@@ -178,12 +178,17 @@ def test_pipeline_matches_reference_loop_non_square(sdxl_dir, reference):
 def test_force_zeros_and_micro_conditioning(pipe, reference):
     """The default negative prompt "" is diffusers' no negative prompt: zeros (text and pooled,
     force_zeros_for_empty_prompt); the micro-conditioning given per call is diffusers' time ids
-    of the same sizes and crop. Measured 1.3e-6 and 8.4e-7; the encoded empty string is 6.5e-1 away."""
+    of the same sizes and crop; an empty positive prompt is encoded (diffusers encodes it).
+    Measured 1.3e-6, 1.3e-6 and 8.4e-7; the encoded empty string as the negative is 6.5e-1 away,
+    a zeroed empty positive prompt 8.5e-1."""
     noise = _noise((2, 8, 8, 4), 2)
     want = reference.latents(PROMPTS, noise, 4, guidance=2.5)  # negative_prompt=None
     assert rel(pipe(PROMPTS, steps=4, guidance_scale=2.5, noise=noise, output_type="latent"), want) <= TOL
     encoded_empty = reference.latents(PROMPTS, noise, 4, guidance=2.5, negative=["", ""])
     assert rel(encoded_empty, want) > 100 * TOL  # zeros, not the encoded empty string
+    # an empty positive prompt is encoded, as diffusers encodes it (its negative stays zeros)
+    want = reference.latents(["", PROMPTS[1]], noise, 4, guidance=2.5)
+    assert rel(pipe(["", PROMPTS[1]], steps=4, guidance_scale=2.5, noise=noise, output_type="latent"), want) <= TOL
     micro = dict(original_size=(128, 96), crops_coords_top_left=(16, 8), target_size=(64, 80))
     want = reference.latents(PROMPTS, noise, 4, micro={"original": (128, 96), "crops": (16, 8), "target": (64, 80)})
     assert rel(pipe(PROMPTS, steps=4, noise=noise, output_type="latent", **micro), want) <= TOL
@@ -194,11 +199,11 @@ def test_force_zeros_and_micro_conditioning(pipe, reference):
 
 def test_prompt_stream_equals_reference(pipe, reference):
     """Through the stream engine (mixed steps, so the batch holds different timesteps; CFG with
-    and without a negative prompt; two slots for four requests), at the pipeline's default
-    size: each request's latents are the reference's. Measured 6.3e-7 .. 1.6e-6."""
-    noise = _noise((4, 8, 8, 4), 3)
+    and without a negative prompt; an empty prompt; two slots for five requests), at the
+    pipeline's default size: each request's latents are the reference's. Measured 6.3e-7 .. 1.6e-6."""
+    noise = _noise((5, 8, 8, 4), 3)
     reqs = [(PROMPTS[0], NEGATIVE[0], 4, 3.0), (PROMPTS[1], "", 6, 2.0), (PROMPTS[1], NEGATIVE[1], 5, None),
-            (PROMPTS[0], "", 4, None)]
+            (PROMPTS[0], "", 4, None), ("", "", 5, 2.5)]  # the last: "" encoded as the prompt, zeros as the negative
     stream = PromptStream(pipe, slots_per_stream=2, guidance=True, output_type="latent")
     ids = [stream.submit(p, steps=s, noise=noise[i], guidance_scale=g, negative_prompt=n)
            for i, (p, n, s, g) in enumerate(reqs)]

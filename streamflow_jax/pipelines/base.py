@@ -114,6 +114,7 @@ class PromptPipeline(Pipeline):
     default_steps = 4
     default_guidance: float | None = None
     cfg_mode = "cfg"
+    zero_empty_negative = False  # SDXL's force_zeros_for_empty_prompt (see negative_conditioning)
 
     model: Any
     decoder: Any
@@ -179,6 +180,18 @@ class PromptPipeline(Pipeline):
         """Per-request conditioning shapes (the stream engine's ``cond_shapes``)."""
         return self.model.cond_shapes(self.model_text_len(text_len))
 
+    def zeroed_if_empty(self, texts: list[str], cond: dict) -> dict:
+        """The unconditional branch's text conditioning: where ``zero_empty_negative`` is set, an
+        empty negative prompt is zeros (text states and pooled embedding), not the encoding of ""
+        (diffusers' SDXL without a negative prompt, ``force_zeros_for_empty_prompt``); the size
+        conditioning (``image_conditioning``'s keys) is left alone."""
+        empty = np.array([t == "" for t in texts])
+        if not (self.zero_empty_negative and empty.any()):
+            return cond
+        sized = self.image_conditioning().keys()
+        return {k: v if k in sized else jnp.where(empty.reshape(-1, *[1] * (np.ndim(v) - 1)), 0, v)
+                for k, v in cond.items()}
+
     def image_conditioning(self, latent_shape: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
         """Conditioning that depends on the latent size ``(h, w, C)`` (None: the model's default)
         instead of the text (SDXL's micro-conditioning time ids), ``{name: array}`` without the
@@ -202,7 +215,7 @@ class PromptPipeline(Pipeline):
             raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
         if np.ndim(guidance.scale) and np.shape(guidance.scale) != (b,):
             raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {b} prompts")
-        return cond, {**self.encode(negative, text_len), **sized}, guidance.scale
+        return cond, {**self.zeroed_if_empty(negative, self.encode(negative, text_len)), **sized}, guidance.scale
 
     def noise(self, n: int, shape: tuple[int, int, int], seed: int = 0, noise=None) -> jax.Array:
         """``[n, h, w, C]`` starting latents: ``sampling.seeded_noise(seed)`` or ``noise`` checked."""

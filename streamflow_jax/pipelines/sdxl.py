@@ -4,7 +4,7 @@ and kin), as diffusers' ``StableDiffusionXLPipeline`` with PeRFlow's scheduler s
 Two CLIP text encoders: the penultimate hidden states of both side by side (CLIP-L's 768 and
 CLIP-G's 1280 -> the UNet's 2048), and CLIP-G's projected pooled output as ``text_embeds``; the
 micro-conditioning ``time_ids`` (original size, crop top-left, target size, in pixels) as
-diffusers computes them; an empty (negative) prompt is zeros (``force_zeros_for_empty_prompt``).
+diffusers computes them; an empty negative prompt is zeros (``force_zeros_for_empty_prompt``).
 The UNet becomes a per-element velocity field through its ``PeRFlowAdapter`` (from the scheduler
 record, with the same override as SD1.5's for a directory that ships its base model's
 ``EulerDiscreteScheduler``) -> ``sample`` -> the SDXL VAE (or a TAESDXL).
@@ -51,11 +51,10 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
             ``CLIPTextModelWithProjection`` with ``tokenizer_2`` (its own pad token).
         decoder: the VAE (or a tiny autoencoder given instead).
         scheduler: the ``schedules.Scheduler`` record (prediction type, windows, betas).
-        force_zeros_for_empty_prompt: an empty prompt is zeros (text and pooled;
+        force_zeros_for_empty_prompt: an empty negative prompt is zeros (text and pooled;
             ``model_index.json``'s setting, True when it says nothing): the default negative prompt
-            "" gives what diffusers gives without a negative prompt. (diffusers zeros only a
-            missing negative prompt; an empty *positive* prompt, which it encodes, is zeros here
-            too: the one place where they differ.)
+            "" gives what diffusers gives without a negative prompt. An empty positive prompt is
+            encoded, as diffusers does.
         original_size, crops_coords_top_left, target_size: the micro-conditioning, in pixels
             (``(height, width)``, ``(top, left)``); None: the image's size, and (0, 0).
     """
@@ -107,20 +106,19 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
         pipe.mesh = mesh
         return pipe
 
+    @property
+    def zero_empty_negative(self) -> bool:
+        return self.force_zeros_for_empty_prompt
+
     def encode(self, prompts: list[str], text_len: int | None = None) -> dict[str, jax.Array]:
         """Prompts -> ``encoder_hidden_states`` ``[B, 77, D_l + D_g]`` (both CLIPs' penultimate
         states), ``text_embeds`` ``[B, P]`` (CLIP-G's projection) and ``time_ids`` ``[B, 6]`` of
-        the default image size (``conditioning`` puts those of the sampled size); an empty
-        prompt is zeros with ``force_zeros_for_empty_prompt``."""
+        the default image size (``conditioning`` puts those of the sampled size). An empty
+        negative prompt becomes zeros later (``zero_empty_negative``), not here."""
         self.model_text_len(text_len)  # refuses another length
         (enc_l, tok_l), (enc_g, tok_g) = self.clip_l, self.clip_g
         seq_g, pooled = clip_penultimate_and_projection(enc_g, tok_g(prompts))
         states = jnp.concatenate([clip_penultimate(enc_l, tok_l(prompts)).astype(seq_g.dtype), seq_g], axis=-1)
-        if self.force_zeros_for_empty_prompt:
-            empty = np.array([p == "" for p in prompts])
-            if empty.any():
-                states = jnp.where(empty[:, None, None], 0, states)
-                pooled = jnp.where(empty[:, None], 0, pooled)
         ids = jnp.broadcast_to(jnp.asarray(self.image_conditioning()["time_ids"]), (len(prompts), 6))
         return {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": ids}
 

@@ -271,7 +271,11 @@ class PromptStream:
         if w.guidance.kind == "embedded":
             cond = {**cond, "guidance": np.float32(w.guidance.scale)}
         elif w.guidance.cfg:
-            uncond, cfg = {**self._rows(w.negative), **self._sized}, w.guidance.scale
+            rows = self._rows(w.negative)
+            if w.negative == "" and self.pipe.zero_empty_negative:  # SDXL's force_zeros_for_empty_prompt
+                zeroed = self.pipe.zeroed_if_empty([""], {k: v[None] for k, v in rows.items()})
+                rows = {k: np.asarray(v)[0] for k, v in zeroed.items()}
+            uncond, cfg = {**rows, **self._sized}, w.guidance.scale
         init = None
         if w.image is not None:
             init = np.asarray(self.pipe.encode_image(w.image, 1))[0]  # host: the engine takes it there
