@@ -170,7 +170,7 @@ def digits():
 
 
 def test_digits_keep_their_accuracy(digits):
-    labels = LABELS[1::2]  # 4 of each digit
+    labels = LABELS[1::4]  # 2 of each digit
     quantized = _with_model(digits, quantize(digits.model, "fp8"))
     images = quantized(labels, steps=16, guidance_scale=3.0, seed=0)
     assert digit_accuracy(images, labels) >= 0.9  # measured 1.0 (float32: 1.0)
@@ -186,8 +186,8 @@ def test_digits_bfloat16_accuracy_and_bytes():
     q = quantize(pipe.model, "fp8")
     ratio = parameter_bytes(q) / parameter_bytes(pipe.model)
     assert 0.5 <= ratio <= 0.56  # measured 0.542: the embedders and proj_out stay bf16
-    images = _with_model(pipe, q)(LABELS[::2], steps=16, guidance_scale=3.0, seed=1)
-    assert digit_accuracy(images, LABELS[::2]) >= 0.9
+    images = _with_model(pipe, q)(LABELS[::4], steps=16, guidance_scale=3.0, seed=1)
+    assert digit_accuracy(images, LABELS[::4]) >= 0.9
 
 
 @pytest.mark.parametrize("class_name,preset,most", [
