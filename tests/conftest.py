@@ -264,14 +264,17 @@ def make_perflow_pipeline(root, scheduler: dict | None = None):
 # SDXL-like UNets: a DownBlock2D level first, per-block heads, linear projections, the added
 # "text_time" conditions (pooled text 24 wide + 6 time ids x 8 = 72), text states 80 wide
 # (tiny CLIP-L's 32 + tiny CLIP-G's 48, side by side as SDXL's pipeline puts them)
-SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+# SDXL's block layout, transformer depths (1, 2, 2) and added conditions, one resnet per down
+# block (the pipelines', exports' and LoRA tests': fewer blocks to compile and export);
+# SDXL_UNETS["sdxl"] is the published layers_per_block=2
+SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
                  norm_num_groups=8, cross_attention_dim=80, attention_head_dim=(2, 4, 4),
                  transformer_layers_per_block=(1, 2, 2), use_linear_projection=True, upcast_attention=None,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                  addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=72)
 SDXL_UNETS = {
-    "sdxl": SDXL_UNET,
+    "sdxl": dict(SDXL_UNET, layers_per_block=2),
     # resnets per block, transformer layers per layer (SSD-1B/Vega style), the up blocks' given
     "sdxl_per_layer": dict(SDXL_UNET, layers_per_block=(1, 2, 2), transformer_layers_per_block=(1, (1, 2), (2, 1)),
                            reverse_transformer_layers_per_block=((1, 2, 1), (2, 1, 1), 1)),

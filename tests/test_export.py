@@ -273,7 +273,7 @@ def test_sdxl_unet_velocity_export_matches_xla_and_diffusers(tmp_path):
     """The SDXL UNet's velocity graph (PeRFlow ddim_eps adapter): the added conditions
     (``text_embeds``, ``time_ids``) are inputs with the dynamic batch, from the Family record;
     ONNX Runtime equals XLA at batches 1, 2, 4 with per-element t and time ids, and, through
-    the adapter's formulas, diffusers' UNet with ``added_cond_kwargs`` (measured <= 1.5e-7 rel.
+    the adapter's formulas, diffusers' UNet with ``added_cond_kwargs`` (measured <= 1.8e-7 rel.
     both); TensorRT's operator table takes the graph."""
     import diffusers
     import torch

@@ -356,16 +356,16 @@ def test_sdxl_kohya_lora_equals_diffusers(tmp_path, names):
     """A kohya SDXL LoRA (UNet in the SGM names kohya's SDXL LoRAs use, or in diffusers' names;
     lora_te1_/lora_te2_) merged into a whole SDXL pipeline at conversion: the UNet equals diffusers'
     ``StableDiffusionXLPipeline.lora_state_dict`` (its SGM remapping) + ``load_lora_into_unet`` +
-    ``fuse_lora`` (measured 1.9e-6 rel. with the SGM names, 2.1e-6 with diffusers'), the text
+    ``fuse_lora`` (measured 1.9e-6 rel. with the SGM names, 1.5e-6 with diffusers'), the text
     encoders ``W + scale * alpha / r * up @ down`` (diffusers' text-encoder loading fails here:
     "Could not automatically infer state dict type" with the peft the index has)."""
-    from conftest import SDXL_UNET, sdxl_added_inputs
+    from conftest import SDXL_UNETS, sdxl_added_inputs
     from flax import nnx
     from test_sdxl_pipeline import make_sdxl_pipeline
 
     from streamflow_jax.models import flat_params
 
-    root = make_sdxl_pipeline(tmp_path)
+    root = make_sdxl_pipeline(tmp_path, SDXL_UNETS["sdxl"])  # SGM_NAMES are SDXL's published layout
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(root, add_watermarker=False)
     encoders = {"text_encoder": ref.text_encoder, "text_encoder_2": ref.text_encoder_2}
     lora, halves = _sdxl_kohya_lora(ref.unet, encoders, tmp_path / "kohya.safetensors", sgm=names == "sgm")
@@ -379,7 +379,7 @@ def test_sdxl_kohya_lora_equals_diffusers(tmp_path, names):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 12, 4)).astype(np.float32)
     t = np.array([900.0, 100.0], np.float32)
-    ehs = rng.standard_normal((2, 5, SDXL_UNET["cross_attention_dim"])).astype(np.float32)
+    ehs = rng.standard_normal((2, 5, SDXL_UNETS["sdxl"]["cross_attention_dim"])).astype(np.float32)
     text_embeds, time_ids = sdxl_added_inputs(2)
 
     def torch_eps(unet):
