@@ -5,8 +5,9 @@ then reads, converts and writes the parameters a part at a time (about ``PART_BY
 separate orbax items ``params/part-NNN``: a 24 GB checkpoint never has to be in memory at
 once, and bf16 stays bf16. It writes into a partial sibling directory renamed
 into place at the end (``fsutil.atomic_dir``), so a failed or interrupted conversion leaves
-nothing behind. ``load`` restores each part straight into device memory (or, given a mesh,
-into each weight's shards), or converts a diffusers directory in memory.
+nothing behind. ``load`` restores a part at a time through host memory onto the default
+device (or, given a mesh, straight into each weight's shards), or converts a diffusers
+directory in memory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -340,8 +342,11 @@ def _component_dir(path: Path, component: str | None) -> Path:
     return path
 
 
-def _restore(params_dir: Path, shapes: dict, place: Callable) -> dict[str, jax.Array]:
-    """Restores every parameter straight into an array placed by ``place(name, abstract)``."""
+def _restore(params_dir: Path, shapes: dict, place: Callable | None) -> dict[str, jax.Array]:
+    """Restores every parameter straight into an array placed by ``place(name, abstract)``; with
+    no ``place``, a part at a time into host memory and then onto the default device, as
+    ``FlowModel.from_params`` places a diffusers checkpoint's weights (uncommitted arrays: one
+    set of compiled programs serves a model however it was loaded, and what it computes)."""
     index_file = params_dir / PARTS_INDEX
     if not index_file.is_file():
         raise ConversionError(f"{params_dir}: no {PARTS_INDEX} (written by an older streamflow-jax, or incomplete); "
@@ -357,8 +362,10 @@ def _restore(params_dir: Path, shapes: dict, place: Callable) -> dict[str, jax.A
             targets = {}
             for n in names:
                 abstract = jax.ShapeDtypeStruct(shapes[n].shape, np.dtype(index["dtypes"][n]))
-                targets[n] = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=place(n, abstract))
-            out.update(ckpt.restore(params_dir / part, targets))
+                targets[n] = (np.empty(abstract.shape, abstract.dtype) if place is None else
+                              jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=place(n, abstract)))
+            restored = ckpt.restore(params_dir / part, targets)
+            out.update(restored if place is not None else {n: jnp.asarray(a) for n, a in restored.items()})
         return out
 
 
@@ -377,7 +384,7 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
             ``transformer`` or ``unet``).
         config: config fields overriding a diffusers directory's or a single file's.
         sharding: ``(parameter name, abstract array) -> jax.sharding.Sharding`` placing each
-            restored weight (default: the first device).
+            restored weight (default: the default device, as a diffusers directory's weights).
         variant, delta, delta_variant: as ``convert``'s, for a diffusers directory.
         loras: LoRA files merged into the loaded model (``file``, ``(file, scale)`` or
             ``"file:scale"``); the file's keys for ``component`` (default: the model's).
@@ -468,10 +475,9 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
     params_dir = (path / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise ConversionError(f"{params_dir}: missing (incomplete converted checkpoint)")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if sharding is None and mesh is not None:
         sharding = placement(mesh, strategy, fam.logical_axes)
-    place = sharding or (lambda name, abstract: device)
+    place = sharding
     try:
         flat = _restore(params_dir, shapes, place)
     except ConversionError:

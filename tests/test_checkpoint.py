@@ -51,6 +51,21 @@ def test_save_then_load_is_the_same_model(converted, tmp_path):
         sf.save(model, out)
 
 
+def test_converted_and_diffusers_models_share_compiled_programs(converted):
+    """The same model loaded from its diffusers directory and from its converted one: weights
+    placed alike, so one compiled velocity program serves both (a second load compiles nothing)."""
+    from conftest import SD3_TINY, sd3_inputs
+
+    from streamflow_jax.models import flow
+
+    x, t, cond = sd3_inputs(SD3_TINY, 2, 8, 8, seed=3)
+    models = [sf.load(converted.parent / "src"), sf.load(converted)]
+    before = flow._velocity._cache_size()
+    outs = [np.asarray(m.velocity(x, t, cond)) for m in models]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert flow._velocity._cache_size() - before <= 1  # 2 when one set of weights was placed otherwise
+
+
 def test_save_keeps_half_precision(converted, tmp_path):
     half = sf.load(converted, dtype="bfloat16")
     sf.save(half, tmp_path / "bf16")

@@ -146,11 +146,16 @@ def test_decoder_runs_inside_the_tick(model, tmp_path, admit, tick):
         np.testing.assert_allclose(engine.result(rid), want, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_tick_warms_up_and_equals_the_split_tick(model, monkeypatch):
+def test_fused_tick_warms_up_and_equals_the_split_tick(tiny_sd3, tmp_path, monkeypatch):
     """One program per tick ($STREAMFLOW_JAX_TICK=fused): warm_up compiles every variant a run
     meets (guided and plain requests, one and two finishing on a tick), and the results are the
-    three-program tick's (the decoder in a fused tick: test_decoder_runs_inside_the_tick)."""
+    three-program tick's (the decoder in a fused tick: test_decoder_runs_inside_the_tick). The
+    model comes from a converted directory, as `serve` often loads one (its weights once
+    restored as committed arrays made the run compile again after the warm-up)."""
     import jax
+
+    sf.convert(tiny_sd3[0], tmp_path / "converted", progress=False)
+    model = sf.load(tmp_path / "converted")
 
     x, conds = _requests(6, seed=9)
     _, unconds = _requests(6, seed=10)
