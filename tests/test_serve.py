@@ -34,6 +34,16 @@ def metric(url: str, name: str, **labels) -> float:
     return 0.0
 
 
+def wait_running(url: str, request, timeout: float = 60) -> None:
+    """Waits until the engine holds a request (``request``: the future of the one sent), failing
+    with its answer if it ended first, or after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while not metric(url, "streamflow_slots_occupied"):
+        assert not request.done(), request.result().text[:500]
+        assert time.time() < deadline, f"no request running after {timeout} s"
+        time.sleep(0.01)
+
+
 def png(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
@@ -252,8 +262,7 @@ def test_queue_full_is_429_with_retry_after(url, client):
     body = {"prompt": "2", "n": 10, "steps": 100}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, url + "/v1/images/generations", json=body, timeout=120)
-        while not metric(url, "streamflow_slots_occupied"):  # the first is running
-            time.sleep(0.01)
+        wait_running(url, first)
         second = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
         with pytest.raises(openai.RateLimitError, match="queue is full"):
             client.images.generate(prompt="2", n=10)
@@ -364,8 +373,7 @@ def test_deadline_then_sigterm_drains_and_exits_0():
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             work = pool.submit(httpx.post, url + "/v1/images/generations", timeout=60,
                                json={"prompt": "6", "steps": 40})
-            while not metric(url, "streamflow_slots_occupied"):  # it is running
-                time.sleep(0.01)
+            wait_running(url, work)
             server.proc.send_signal(signal.SIGTERM)
             r = work.result()
         assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
