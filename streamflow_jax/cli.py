@@ -357,7 +357,7 @@ def _cmd_bench(args) -> int:
 
 def _cmd_serve(args) -> int:
     """``serve [MODEL]``: the OpenAI-style images API, the realtime stream and the page (streamflow_jax.serve)."""
-    _positive(args, "devices", "slots", "streams", "max_n", "max_steps", "replicas", "frames_in_flight")
+    _positive(args, "devices", "slots", "streams", "max_n", "max_steps", "replicas", "frames_in_flight", "max_streams")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not (np.isfinite(args.timeout) and args.timeout > 0):
@@ -376,7 +376,7 @@ def _cmd_serve(args) -> int:
                 size=args.size, dtype=args.dtype, taesd=args.taesd, prediction_type=args.prediction_type,
                 num_time_windows=args.windows, strategy=args.strategy, quantize=args.quantize)
     options = dict(max_queue=args.max_queue, max_n=args.max_n, max_steps=args.max_steps, timeout=args.timeout,
-                   frames_in_flight=args.frames_in_flight)
+                   frames_in_flight=args.frames_in_flight, max_streams=args.max_streams)
     name = Path(args.model).name if args.model else "digits"
     if args.replicas is not None:
         try:
@@ -542,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=100, help="steps per request (default 100)")
     p.add_argument("--frames-in-flight", type=int, default=4,
                    help="realtime: frames of one stream in the engine at once (default 4)")
+    p.add_argument("--max-streams", type=int, default=16,
+                   help="realtime: streams open at once; one more is closed with code 1013 (default 16)")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT of every image (default: the model's)")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)

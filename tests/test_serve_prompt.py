@@ -30,7 +30,7 @@ def perflow(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(perflow):
-    server = ServerProcess([str(perflow), "--slots", "2", "--streams", "1", "--max-steps", "8"])
+    server = ServerProcess([str(perflow), "--slots", "2", "--streams", "1", "--max-steps", "8", "--max-streams", "2"])
     yield server
     server.stop()
 
@@ -87,6 +87,36 @@ def test_realtime_prompt_switch_compiles_nothing(server):
     assert metric(server.url, "streamflow_compilations_total") == compiles
 
 
+def test_realtime_streams_past_the_limit_are_told_to_retry(server):
+    """--max-streams 2: a third stream is accepted and closed at once with 1013 and the reason;
+    once one of the two ends, a new one is served."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from test_serve import metric
+
+    ws_url = server.url.replace("http://", "ws://") + "/v1/stream"
+    first, second = connect(ws_url, open_timeout=60), connect(ws_url, open_timeout=60)
+    try:
+        deadline = time.time() + 10
+        while metric(server.url, "streamflow_realtime_streams") < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert metric(server.url, "streamflow_realtime_streams") == 2
+        with connect(ws_url, open_timeout=60) as third:
+            with pytest.raises(ConnectionClosed) as closed:
+                third.recv(10)
+        assert closed.value.rcvd.code == 1013 and "2 realtime streams open" in closed.value.rcvd.reason
+    finally:
+        first.close()
+    deadline = time.time() + 10
+    while metric(server.url, "streamflow_realtime_streams") > 1 and time.time() < deadline:
+        time.sleep(0.02)
+    with connect(ws_url, open_timeout=60) as again:  # room again: configured, it answers
+        again.send(json.dumps({"prompt": "x", "steps": 1, "strength": 2.0}))
+        assert json.loads(again.recv(30))["param"] == "strength"
+    second.close()
+
+
 def test_second_signal_exits_at_once(server):
     """Last in this module (it ends the module's server): the first SIGINT drains, a second one
     while requests are still running exits at once, with status 128 + SIGINT."""
@@ -96,8 +126,10 @@ def test_second_signal_exits_at_once(server):
         work = [pool.submit(httpx.post, server.url + "/v1/images/generations", timeout=120,
                             json={"prompt": PROMPT, "n": 10, "steps": 8}) for _ in range(3)]
         # all three admitted (a request still on its way when the first SIGINT lands gets a 503 answer)
+        deadline = time.time() + 60
         while metric(server.url, "streamflow_requests_in_progress", endpoint="generations") < 3:
-            assert not any(w.done() for w in work), [w.result() for w in work if w.done()]
+            assert not any(w.done() for w in work), [w.result().text[:300] for w in work if w.done()]
+            assert time.time() < deadline, "the three requests were not admitted within 60 s"
             time.sleep(0.01)
         server.proc.send_signal(signal.SIGINT)
         time.sleep(0.3)

@@ -56,6 +56,8 @@ class Options:
             slots are freed.
         frames_in_flight: frames of one realtime stream in the engine at once; newer frames wait
             (one at a time: the newest replaces an older waiting one, which is dropped).
+        max_streams: realtime streams open at once; one more is accepted and closed at once
+            with code 1013 (try again later) and the reason.
         replica: the name every response carries in ``x-streamflow-replica``.
     """
 
@@ -64,10 +66,11 @@ class Options:
     max_steps: int = api.MAX_STEPS
     timeout: float = 120.0
     frames_in_flight: int = 4
+    max_streams: int = 16
     replica: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def __post_init__(self):
-        for name in ("max_queue", "max_n", "max_steps", "frames_in_flight"):
+        for name in ("max_queue", "max_n", "max_steps", "frames_in_flight", "max_streams"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
                 raise ValueError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1}, got {value!r}")
@@ -101,6 +104,8 @@ class ServerState:
         self.metrics.watch(self.worker)
         self.metrics.ready.set_function(lambda: float(self.ready))
         self.draining = False
+        self.streams_open = 0  # realtime streams (WebSockets) being served
+        self.metrics.realtime_streams.set_function(lambda: self.streams_open)
 
     @property
     def ready(self) -> bool:
@@ -375,7 +380,8 @@ def create_app(model=None, *, served: Served | None = None, slots_per_stream: in
             strategy, quantize: how the model is loaded and run (as the CLI's flags).
         warm_up: compile everything before reporting ready (``/health`` 503 until then).
         on_ready: called (on the device thread) once the app is ready.
-        **options: ``Options`` fields: max_queue, max_n, max_steps, timeout, frames_in_flight, replica.
+        **options: ``Options`` fields: max_queue, max_n, max_steps, timeout, frames_in_flight,
+            max_streams, replica.
     """
     opts = Options(**options)
     if served is None:

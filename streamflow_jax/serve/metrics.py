@@ -96,6 +96,8 @@ class Metrics:
         self.queue_depth = Gauge("streamflow_queue_depth", "images waiting for a slot", registry=r)
         self.slots_occupied = Gauge("streamflow_slots_occupied", "engine slots holding a request", registry=r)
         self.slots = Gauge("streamflow_slots", "engine slots", registry=r)
+        self.realtime_streams = Gauge("streamflow_realtime_streams", "realtime streams (WebSockets) open",
+                                      registry=r)
         self.images_per_second = Gauge("streamflow_images_per_second", "images finished per second over the last "
                                        "10 seconds", registry=r)
         self.ready = Gauge("streamflow_ready", "1 when compiled and serving, 0 while compiling or draining",

@@ -14,8 +14,9 @@ the served size. ``dropped`` counts the frames of this stream dropped so far. A 
 be used (undecodable, or sent before any configuration) gets ``{"frame": n, "error": ...}``, and
 the stream goes on; so does a bad configuration (``{"error": ...}``, the previous one stays).
 
-Frames ride the engine's slots like any other request, ``frames_in_flight`` of them at once per
-stream. A frame that arrives while they are all busy waits; a newer one replaces it (the
+A server takes ``max_streams`` streams at once; one more is accepted and closed at once with
+code 1013 (try again later) and the reason. Frames ride the engine's slots like any other
+request, ``frames_in_flight`` of them at once per stream. A frame that arrives while they are all busy waits; a newer one replaces it (the
 newest wins, the older is dropped), and a result older than one already sent is dropped too.
 """
 
@@ -187,4 +188,12 @@ async def stream_endpoint(ws: WebSocket) -> None:
         await ws.close(code=1012)  # service restart
         return
     await ws.accept(headers=[(b"x-streamflow-replica", state.options.replica.encode())])
-    await RealtimeSession(ws, state).run()
+    if state.streams_open >= state.options.max_streams:  # accepted, so that the client reads why
+        await ws.close(code=1013, reason=f"{state.streams_open} realtime streams open, the most this server takes; "
+                                         "try again later")
+        return
+    state.streams_open += 1
+    try:
+        await RealtimeSession(ws, state).run()
+    finally:
+        state.streams_open -= 1
