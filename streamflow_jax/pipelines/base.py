@@ -114,7 +114,7 @@ class PromptPipeline(Pipeline):
     default_steps = 4
     default_guidance: float | None = None
     cfg_mode = "cfg"
-    zero_empty_negative = False  # SDXL's force_zeros_for_empty_prompt (see negative_conditioning)
+    zero_empty_negative = False  # SDXL's force_zeros_for_empty_prompt (see zeroed_if_empty)
 
     model: Any
     decoder: Any

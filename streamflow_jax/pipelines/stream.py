@@ -272,7 +272,7 @@ class PromptStream:
             cond = {**cond, "guidance": np.float32(w.guidance.scale)}
         elif w.guidance.cfg:
             rows = self._rows(w.negative)
-            if w.negative == "" and getattr(self.pipe, "zero_empty_negative", False):  # SDXL's force_zeros...
+            if w.negative == "" and getattr(self.pipe, "zero_empty_negative", False):  # SDXL (digits: no such rule)
                 zeroed = self.pipe.zeroed_if_empty([""], {k: v[None] for k, v in rows.items()})
                 rows = {k: np.asarray(v)[0] for k, v in zeroed.items()}
             uncond, cfg = {**rows, **self._sized}, w.guidance.scale

@@ -16,8 +16,9 @@ the stream goes on; so does a bad configuration (``{"error": ...}``, the previou
 
 A server takes ``max_streams`` streams at once; one more is accepted and closed at once with
 code 1013 (try again later) and the reason. Frames ride the engine's slots like any other
-request, ``frames_in_flight`` of them at once per stream. A frame that arrives while they are all busy waits; a newer one replaces it (the
-newest wins, the older is dropped), and a result older than one already sent is dropped too.
+request, ``frames_in_flight`` of them at once per stream. A frame that arrives while they are
+all busy waits; a newer one replaces it (the newest wins, the older is dropped), and a result
+older than one already sent is dropped too.
 """
 
 from __future__ import annotations
