@@ -324,15 +324,17 @@ def test_realtime_stream(url):
         assert json.loads(ws.recv(30)) == {"frame": 2, "error": "frame 2: not a PNG or JPEG image"}
         ws.send(_frame(200, "JPEG")[:50] + b"\0" * 20)  # a JPEG header, then nonsense
         assert json.loads(ws.recv(30))["frame"] == 3
+        ws.send(b"\x89PNG\r\n\x1a\n" + bytes(16 << 20))  # past the app's frame limit, under the socket's
+        assert json.loads(ws.recv(30)) == {"frame": 4, "error": f"frame 4: larger than {16 << 20} bytes"}
         ws.send(json.dumps({"prompt": "8", "strength": 0.5, "steps": 8}))  # switch prompts: nothing compiles
         ws.send(_frame(200, "JPEG"))
         head = json.loads(ws.recv(30))
-        assert head["frame"] == 4
+        assert head["frame"] == 5
         assert Image.open(io.BytesIO(ws.recv(30))).format == "JPEG"
         assert metric(url, "streamflow_compilations_total") == compiles0
 
         # a burst faster than the engine: older waiting frames are dropped, the newest is processed
-        n0, burst = 5, 40
+        n0, burst = 6, 40
         for i in range(burst):
             ws.send(_frame(i * 5))
         processed, last, dropped = [], None, 0

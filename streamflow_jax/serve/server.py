@@ -15,6 +15,8 @@ import threading
 
 import uvicorn
 
+from streamflow_jax.serve.realtime import MAX_FRAME_BYTES
+
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -58,7 +60,10 @@ def serve(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = "model"
     once it listens and has compiled. Returns the exit status."""
     state = app.state.server
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            lifespan="on", timeout_graceful_shutdown=state.options.timeout + 5)
+                            lifespan="on", timeout_graceful_shutdown=state.options.timeout + 5,
+                            # twice the app's frame limit: a frame over it gets the app's JSON error
+                            # and the stream goes on; only one over this closes the socket (1009)
+                            ws_max_size=2 * MAX_FRAME_BYTES)
     server = DrainingServer(config, on_drain=lambda: setattr(state, "draining", True))
 
     def announce():
