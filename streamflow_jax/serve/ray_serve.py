@@ -93,7 +93,8 @@ def serve_ray(load: dict, options: dict, *, replicas: int, host: str = "127.0.0.
     _options(options)  # refuse bad options before starting anything
     port = port or _free_port(host)
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+    # "local": always a Ray of our own when RAY_ADDRESS is unset, even where `ray start` runs one
+    ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING", log_to_driver=True,
              **({} if address else {"num_cpus": os.cpu_count()}))
     stop = threading.Event()
     signals = []
