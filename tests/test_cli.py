@@ -138,6 +138,13 @@ def test_decoder_export_refuses_a_contradicting_latent_scale(tmp_path, capsys, s
     (["bench", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["bench", "--steps", "1001"], "--steps must be in [1, 1000], got 1001"),
     (["bench", "--devices", "0"], "--devices must be >= 1, got 0"),
+    (["serve", "--max-queue", "-1"], "--max-queue must be >= 0, got -1"),
+    (["serve", "--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["serve", "--timeout", "nan"], "--timeout must be a positive number of seconds, got nan"),
+    (["serve", "--slots", "0"], "--slots must be >= 1, got 0"),
+    (["serve", "--replicas", "0"], "--replicas must be >= 1, got 0"),
+    (["serve", "--max-streams", "0"], "--max-streams must be >= 1, got 0"),
+    (["serve", "/no/such/dir"], "/no/such/dir: not a directory"),
 ])
 def test_bad_flags_get_one_line_before_any_work(argv, message, capsys, monkeypatch):
     from streamflow_jax import checkpoint

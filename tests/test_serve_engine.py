@@ -142,3 +142,35 @@ def test_embedding_cache_is_lru():
     assert "b" in cache and "c" not in cache
     with pytest.raises(ValueError):
         EmbeddingCache(-1)
+
+
+def test_create_app_runs_in_process_and_mounted():
+    """The importable ASGI app in a user's own app: mounted under a prefix, its lifespan handed
+    to the outer app. /health is 503 ("compiling") until that lifespan has run and compiled."""
+    pytest.importorskip("starlette")
+    import base64
+    import io
+    import time
+
+    from PIL import Image
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    from streamflow_jax.serve import create_app
+
+    app = create_app(slots_per_stream=2, streams=1, replica="in-process")
+    outer = Starlette(routes=[Mount("/sf", app)], lifespan=app.router.lifespan_context)
+    early = TestClient(outer).get("/sf/health")  # no lifespan yet: nothing compiled
+    assert early.status_code == 503 and early.json()["status"] == "compiling"
+    with TestClient(outer) as client:
+        deadline = time.time() + 120
+        while (health := client.get("/sf/health")).status_code != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        assert health.json()["status"] == "ok", health.text
+        r = client.post("/sf/v1/images/generations", json={"prompt": "7", "n": 2, "steps": 4, "seed": 3})
+        assert r.status_code == 200 and r.headers["x-streamflow-replica"] == "in-process"
+        images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in r.json()["data"]]
+        assert [im.format for im in images] == ["PNG", "PNG"] and images[0].size == (16, 16)
+        bad = client.post("/sf/v1/images/generations", json={"prompt": "7", "steps": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "steps"
