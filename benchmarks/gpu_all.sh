@@ -19,7 +19,7 @@
 #   encode   image-to-image encoding per request vs batched per tick (img2img_encode.py)
 #   sdxl     SDXL UNet 1024^2 (batch 1/2/4) vs diffusers eager, then PeRFlow-SDXL 4 steps through the
 #            stream engine vs diffusers eager sequential/stream (sdxl_gpu.py; torch.compile only if the
-#            budget allows, 290 s); sdxl-compiled: the SDXL UNet at batch 4 vs torch.compile (290 s)
+#            budget allows, 290 s); sdxl-compiled: the SDXL UNet at batch 4, 2, 1 vs torch.compile (450 s)
 #   serve    the seed setting behind `streamflow-jax serve`: images/s of 16 concurrent n=1 requests and
 #            realtime frames/s over WS /v1/stream (serve_gpu.py, 280 s; the server's stack travels as
 #            wheels too: starlette uvicorn websockets httpx python-multipart prometheus-client pydantic)
@@ -73,7 +73,7 @@ for p in "${parts[@]}"; do
     engine) part engine 120 stream_engine_gpu.json python3 benchmarks/stream_engine.py ;;
     encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae ;;
     sdxl) part sdxl 290 sdxl_gpu.json python3 benchmarks/sdxl_gpu.py --budget-s 280 ;;
-    sdxl-compiled) part sdxl-compiled 290 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --batches 4 ;;
+    sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 ;;
     serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py ;;
     *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve)" ;;
   esac
