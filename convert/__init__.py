@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from streamflow_jax.errors import ConversionError
-from streamflow_jax.models import FAMILIES, FlowModel, abstract_module, family_of, flat_params
+from streamflow_jax.models import FAMILIES, FlowModel, abstract_split, family_of, flat_params
 
 from .common import (
     CONFIG_NAME,
@@ -339,7 +339,7 @@ def plan(raw_config: dict, tensors, *, source: str = "<tensors>", config_source:
     class_name = class_name_of(raw_config)
     if not hasattr(tensors, "items"):
         tensors = DictSource(tensors)
-    _, abstract_state = nnx.split(abstract_module(family, config))
+    _, abstract_state = abstract_split(family, config)
     targets, treedef, _ = flat_params(nnx.to_pure_dict(abstract_state))
     origin, unexpected, copies = {}, [], {}
     for key in tensors.keys():

@@ -44,7 +44,7 @@ from streamflow_jax.converters.lora import component_prefixes, lora_deltas, read
 from streamflow_jax.errors import ConfigError, ConversionError
 from streamflow_jax.fsutil import atomic_dir, interrupts_held
 from streamflow_jax.lora import apply_loras, merged_deltas, parse_loras
-from streamflow_jax.models import FAMILIES, VELOCITY_COMPONENTS, FlowModel, abstract_module, family_of, flat_params
+from streamflow_jax.models import FAMILIES, VELOCITY_COMPONENTS, FlowModel, abstract_split, family_of, flat_params
 from streamflow_jax.sharding import placement, shard
 
 PARAMS_DIR = "params"
@@ -470,7 +470,7 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
         fam, model_config = read_model_config(path)
     except ValueError as e:
         raise ConversionError(f"{cfg_path}: {e}") from None
-    graphdef, abstract_state = nnx.split(abstract_module(fam, model_config))
+    graphdef, abstract_state = abstract_split(fam, model_config)
     shapes, treedef, names = flat_params(nnx.to_pure_dict(abstract_state))
     params_dir = (path / PARAMS_DIR).absolute()
     if not params_dir.is_dir():

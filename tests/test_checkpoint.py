@@ -66,6 +66,23 @@ def test_converted_and_diffusers_models_share_compiled_programs(converted):
     assert flow._velocity._cache_size() - before <= 1  # 2 when one set of weights was placed otherwise
 
 
+def test_models_of_one_config_share_a_structure_not_weights(converted, tmp_path):
+    """Loading builds a config's module once (abstract_split remembers it); every load fills a
+    state of its own: two models of one config, from other weights, keep their own."""
+    from streamflow_jax.models import abstract_split
+
+    make_sd3(tmp_path / "other", seed=6)
+    first, other = sf.load(converted), sf.load(tmp_path / "other")
+    again = sf.load(converted)
+    assert first.graphdef is other.graphdef is again.graphdef
+    assert first.fingerprint() == again.fingerprint() != other.fingerprint()
+    src = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "other")
+    np.testing.assert_array_equal(np.asarray(other.state["pos_embed"]["proj"]["bias"][...]),
+                                  src.pos_embed.proj.bias.detach().numpy())
+    _, state = abstract_split(first.family, first.config)  # what the next load starts from
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(state))
+
+
 def test_save_keeps_half_precision(converted, tmp_path):
     half = sf.load(converted, dtype="bfloat16")
     sf.save(half, tmp_path / "bf16")

@@ -13,6 +13,7 @@ from streamflow_jax.models.family import Family, KeyMap
 from streamflow_jax.models.flow import (
     FlowModel,
     abstract_module,
+    abstract_split,
     decode_latents,
     encode_latents,
     flat_params,
@@ -42,5 +43,5 @@ def family_of(class_name: str | None) -> Family:
         ) from None
 
 
-__all__ = ["FAMILIES", "FAMILY_MODULES", "VELOCITY_COMPONENTS", "Family", "FlowModel", "KeyMap", "abstract_module", "decode_latents",
+__all__ = ["FAMILIES", "FAMILY_MODULES", "VELOCITY_COMPONENTS", "Family", "FlowModel", "KeyMap", "abstract_module", "abstract_split", "decode_latents",
            "encode_latents", "family_of", "flat_params", "pixels_to_latent", "velocity_of"]

@@ -48,6 +48,32 @@ def abstract_module(family, config) -> nnx.Module:
     return nnx.eval_shape(lambda: family.module_cls(config))
 
 
+_SPLITS: dict = {}  # (module class, config) -> (graphdef, abstract state), the newest 32
+_SPLITS_KEPT = 32
+
+
+def abstract_split(family, config) -> tuple[nnx.GraphDef, nnx.State]:
+    """``nnx.split(abstract_module(family, config))``, remembered per module class and config.
+
+    Building a module (traced under ``eval_shape``) is most of the time it takes to load or
+    convert a small model, and loading builds it twice (the plan, then the model). The graph
+    definition is shared (it is immutable); the state is a fresh copy each call, for the
+    caller to fill in.
+    """
+    key = (family.module_cls, config)
+    try:
+        hit = _SPLITS.get(key)
+    except TypeError:  # a config with an unhashable field: nothing remembered
+        return nnx.split(abstract_module(family, config))
+    if hit is None:
+        hit = nnx.split(abstract_module(family, config))
+        while len(_SPLITS) >= _SPLITS_KEPT:
+            _SPLITS.pop(next(iter(_SPLITS)))
+        _SPLITS[key] = hit
+    graphdef, state = hit
+    return graphdef, jax.tree_util.tree_map(lambda leaf: leaf, state)
+
+
 def flat_params(tree) -> tuple[dict, object, list[str]]:
     """A nested parameter dict as ``{"a.0.kernel": leaf}``, its treedef, and the names in order.
 
@@ -111,7 +137,7 @@ class FlowModel:
     @classmethod
     def from_params(cls, family, config, params: dict, class_name: str | None = None) -> FlowModel:
         """Builds the model from a nested dict of arrays shaped like the module's state."""
-        graphdef, state = nnx.split(abstract_module(family, config))
+        graphdef, state = abstract_split(family, config)
         # device arrays, so that jitted calls do not copy host weights on every call
         nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
         return cls(class_name or family.class_names[0], config, graphdef, state, family=family)
