@@ -20,13 +20,13 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 # The onnx extra too: the export and ONNX Runtime tests run in CI. And TensorRT-RTX (~330 MB):
 # its builder needs no GPU, so CI parses and builds an engine of every exported graph. And the
 # serve and ray extras with the clients the serve tests use (CI runs a server, 2 Ray replicas
-# and a headless Chromium against it).
-# --no-compile, then compileall on every core: pip byte-compiles on one (about 30 s more here)
-$(VENV)/.test: pyproject.toml $(VENV)/.runtime
+# and a headless Chromium against it). The runtime comes with the extras, in the same command.
+# --no-compile: pip would byte-compile every file of every package, on one core (transformers'
+# thousands of model files, Ray, torch): 141 s of install here, 59 s without. The test run
+# writes the bytecode of what it imports instead (see test).
+$(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
 	$(BIN)/python -m pip install -q --no-compile -e ".[test,onnx,tensorrt-rtx,serve,ray]"
-	$(BIN)/python -m compileall -q -j 0 $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))") \
-	  > /dev/null 2>&1 || true  # as pip: files that are not Python 3.11 (torch's py312 tests) are skipped
 	touch $@
 
 $(VENV)/.serve: pyproject.toml $(VENV)/.runtime
@@ -43,9 +43,12 @@ demo: $(VENV)/.demo
 serve: $(VENV)/.serve
 	$(BIN)/streamflow-jax serve
 
-# one pytest-xdist worker per core; each test file stays on one worker (conftest.py)
+# one pytest-xdist worker per core; each test file stays on one worker (conftest.py). Bytecode
+# is written even where PYTHONDONTWRITEBYTECODE is set: the first process to import a module
+# compiles it once for the workers, servers and subprocesses after it (else every one of them
+# compiles torch, diffusers and transformers again: 15 s each)
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/sd3_cpu.py
