@@ -172,11 +172,11 @@ def digits():
 def test_digits_keep_their_accuracy(digits):
     labels = LABELS[1::4]  # 2 of each digit
     quantized = _with_model(digits, quantize(digits.model, "fp8"))
-    images = quantized(labels, steps=16, guidance_scale=3.0, seed=0)
+    images = quantized(labels, steps=8, guidance_scale=3.0, seed=0)
     assert digit_accuracy(images, labels) >= 0.9  # measured 1.0 (float32: 1.0)
     # the stream engine runs it too; per-tensor activation scales couple a batch's elements,
-    # so the engine's batches (other companions) move pixels a little: measured mean 0.017
-    streamed = quantized.stream(labels, steps=16, guidance_scale=3.0, seed=0)
+    # so the engine's batches (other companions) move pixels a little: measured mean 0.014 (8 steps)
+    streamed = quantized.stream(labels, steps=8, guidance_scale=3.0, seed=0)
     assert digit_accuracy(streamed, labels) >= 0.9
     assert float(np.mean(np.abs(streamed - images))) < 0.05
 
@@ -186,7 +186,7 @@ def test_digits_bfloat16_accuracy_and_bytes():
     q = quantize(pipe.model, "fp8")
     ratio = parameter_bytes(q) / parameter_bytes(pipe.model)
     assert 0.5 <= ratio <= 0.56  # measured 0.542: the embedders and proj_out stay bf16
-    images = _with_model(pipe, q)(LABELS[::4], steps=16, guidance_scale=3.0, seed=1)
+    images = _with_model(pipe, q)(LABELS[::4], steps=8, guidance_scale=3.0, seed=1)
     assert digit_accuracy(images, LABELS[::4]) >= 0.9
 
 
