@@ -119,8 +119,9 @@ def test_delta_weights_add_to_a_unet_and_to_a_pipeline(tmp_path):
     # bf16 target: added in float32, then cast
     half = sf.load(tmp_path / "unet", delta=tmp_path / "delta").astype(jax.numpy.bfloat16)
     sf.convert(tmp_path / "unet", tmp_path / "out_bf16", dtype="bfloat16", delta=tmp_path / "delta", progress=False)
+    want = _leaves(half)
     for k, v in _leaves(sf.load(tmp_path / "out_bf16")).items():
-        np.testing.assert_array_equal(v, _leaves(half)[k])
+        np.testing.assert_array_equal(v, want[k])
     # a whole pipeline: its unet gets the delta
     pipe = make_perflow_pipeline(tmp_path / "pipe")
     pipe_unet = diffusers.UNet2DConditionModel.from_pretrained(pipe / "unet")
