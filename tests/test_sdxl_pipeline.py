@@ -345,3 +345,31 @@ def test_delta_weights_go_to_the_sdxl_unet(sdxl_dir, tmp_path):
     te = flat_params(nnx.to_pure_dict(sf.load(tmp_path / "out", component="text_encoder_2").state))[0]
     te_ref = flat_params(nnx.to_pure_dict(sf.load(sdxl_dir, component="text_encoder_2").state))[0]
     assert all(np.array_equal(te[k], te_ref[k]) for k in te)
+
+
+def test_served_equals_the_pipeline(sdxl_dir, pipe):
+    """``serve`` of the SDXL directory (the app in-process, as ``streamflow-jax serve`` runs it):
+    a generation through the stream engine is the pipeline's image of the same seed."""
+    pytest.importorskip("starlette")
+    import base64
+    import io
+    import time
+
+    from starlette.testclient import TestClient
+
+    from streamflow_jax.serve import create_app
+
+    app = create_app(sdxl_dir, slots_per_stream=2, streams=1, max_steps=8, **OVERRIDE)
+    with TestClient(app) as client:
+        deadline = time.time() + 300
+        while (health := client.get("/health")).status_code != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        assert health.json()["size"] == "16x16", health.text
+        r = client.post("/v1/images/generations", json={"prompt": "a cat", "steps": 4, "guidance_scale": 2.0,
+                                                        "seed": 3, "negative_prompt": "a dog"})
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))).astype(int)
+    want = np.asarray(pipe(["a cat"], steps=4, guidance_scale=2.0, seed=3, negative_prompt="a dog")[0]).astype(int)
+    assert got.shape == want.shape == (16, 16, 3) and np.abs(got - want).max() <= 1 and want.std() > 5
+    other = np.asarray(pipe(["a cat"], steps=4, guidance_scale=2.0, seed=3)[0]).astype(int)  # "" as the negative
+    assert np.abs(got - other).max() > 2  # the served request's negative prompt counted
