@@ -57,6 +57,35 @@ def test_vae_encode_decode_match_diffusers(tmp_path, variant):
     assert _rel(run(vae, "decode_latents", z), want) <= 5e-6
 
 
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_float16_vae_with_force_upcast_computes_in_float32(tmp_path, force_upcast):
+    """SDXL's VAE overflows float16; its config says ``force_upcast`` and diffusers' pipelines
+    decode in float32. Here a VAE whose first convs give activations past 65504 (8.1e4): loaded
+    as float16 with ``force_upcast``, it matches diffusers in float32 (on the same float16-held
+    weights) and gives float32 images; without the flag it runs in float16 and overflows."""
+    ref = randomize(diffusers.AutoencoderKL(**VAES["sd"], force_upcast=force_upcast), 0, std=0.1).eval()
+    with torch.no_grad():
+        ref.decoder.conv_in.weight.mul_(1e5)
+        ref.encoder.conv_in.weight.mul_(1e5)
+    ref = ref.half().float()  # the weights as float16 holds them
+    ref.save_pretrained(tmp_path / "src")
+    vae = sf.load(tmp_path / "src", dtype="float16")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 16, 12, 3)).astype(np.float32)
+    z = rng.standard_normal((2, 8, 6, 4)).astype(np.float32)
+    with torch.no_grad():
+        assert float(ref.decoder.conv_in(ref.post_quant_conv(_nchw(z))).abs().max()) > 65504
+        want_mean = _nhwc(ref.encode(_nchw(images)).latent_dist.mean)
+        want_img = _nhwc(ref.decode(_nchw(z)).sample)
+    got_mean, got_img = run(vae, "encode", images), run(vae, "decode", z)
+    if force_upcast:
+        assert got_mean.dtype == got_img.dtype == np.float32
+        assert _rel(got_mean, want_mean) <= 5e-6 and _rel(got_img, want_img) <= 5e-6  # measured 4.7e-7
+    else:
+        assert got_img.dtype == np.float16
+        assert not np.isfinite(np.asarray(got_img, np.float32)).all()
+
+
 def test_taesd_encode_decode_match_diffusers(tmp_path):
     ref = randomize(diffusers.AutoencoderTiny(**TAESD), 0, std=0.1).eval()
     ref.save_pretrained(tmp_path / "src")

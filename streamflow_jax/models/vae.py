@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from streamflow_jax.models import layers
@@ -34,7 +35,7 @@ class VAEConfig:
     sample_size: int = 512
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
-    force_upcast: bool = True  # a torch-fp16 workaround; nothing to do here
+    force_upcast: bool = True  # float16 weights compute in float32 (see AutoencoderKL.compute_dtype)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
@@ -148,9 +149,19 @@ class AutoencoderKL(nnx.Module):
         self.quant_conv = layers.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
         self.post_quant_conv = layers.Conv2d(c, c, 1) if config.use_post_quant_conv else None
 
+    def compute_dtype(self, weights_dtype):
+        """The dtype the VAE computes in, given its weights': their own, but float32 for float16
+        weights when the config says ``force_upcast`` (as diffusers' SDXL pipelines upcast the
+        VAE). SDXL's VAE overflows float16 (activations past 65504 in the decoder give inf, then
+        NaN after the next norm); the layers cast their weights to the activations' dtype, so
+        float16 weights computing in float32 are exact and keep their memory. A VAE tuned to
+        stay in range (``madebyollin/sdxl-vae-fp16-fix``: ``force_upcast: false``) runs in
+        float16."""
+        return jnp.float32 if weights_dtype == jnp.float16 and self.config.force_upcast else weights_dtype
+
     def encode(self, images):
         """``[B, H, W, 3]`` images in [-1, 1] -> ``[B, H/f, W/f, C]`` mean of the latent posterior."""
-        dtype = self.encoder.conv_in.kernel.dtype
+        dtype = self.compute_dtype(self.encoder.conv_in.kernel.dtype)
         moments = self.encoder(images.astype(dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -158,7 +169,7 @@ class AutoencoderKL(nnx.Module):
 
     def decode(self, z):
         """``[B, h, w, C]`` latents (unscaled) -> ``[B, h*f, w*f, 3]`` images, about [-1, 1]."""
-        z = z.astype(self.decoder.conv_in.kernel.dtype)
+        z = z.astype(self.compute_dtype(self.decoder.conv_in.kernel.dtype))
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
