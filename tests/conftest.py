@@ -334,6 +334,7 @@ class ServerProcess:
         import threading
 
         self.stderr = tempfile.NamedTemporaryFile(prefix="serve-stderr-", suffix=".log", delete=False)
+        self._stderr_text: str | None = None
         cmd = [sys.executable, "-m", "streamflow_jax.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
@@ -356,8 +357,11 @@ class ServerProcess:
 
     @property
     def log(self) -> str:
-        with open(self.stderr.name, errors="replace") as f:
-            return "".join(self.lines) + f.read()
+        """Its stdout and stderr so far (after ``stop``: all of them; the file is gone then)."""
+        if self._stderr_text is None:
+            with open(self.stderr.name, errors="replace") as f:
+                return "".join(self.lines) + f.read()
+        return "".join(self.lines) + self._stderr_text
 
     def stop(self, sig=None, timeout: float = 120) -> int:
         import signal
@@ -370,6 +374,11 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._stderr_text is None:  # keep the text, remove the file
+            self.stderr.close()
+            with open(self.stderr.name, errors="replace") as f:
+                self._stderr_text = f.read()
+            os.unlink(self.stderr.name)
         return self.proc.returncode
 
 
