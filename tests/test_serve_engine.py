@@ -174,3 +174,15 @@ def test_create_app_runs_in_process_and_mounted():
         assert [im.format for im in images] == ["PNG", "PNG"] and images[0].size == (16, 16)
         bad = client.post("/sf/v1/images/generations", json={"prompt": "7", "steps": 0})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "steps"
+        # a realtime stream opened while draining: accepted with the replica's name, then closed
+        # with 1012 and the reason
+        from starlette.websockets import WebSocketDisconnect
+
+        app.state.server.draining = True
+        with client.websocket_connect("/sf/v1/stream") as ws:
+            assert dict(ws.extra_headers)[b"x-streamflow-replica"] == b"in-process"
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+        assert closed.value.code == 1012 and "draining" in closed.value.reason
+        assert client.get("/sf/health").json()["status"] == "draining"
+        app.state.server.draining = False

@@ -185,11 +185,12 @@ class RealtimeSession:
 
 async def stream_endpoint(ws: WebSocket) -> None:
     state = ws.app.state.server
-    if state.draining:
-        await ws.close(code=1012)  # service restart
-        return
+    # accepted before any refusal, so that the client reads why and which replica refused
     await ws.accept(headers=[(b"x-streamflow-replica", state.options.replica.encode())])
-    if state.streams_open >= state.options.max_streams:  # accepted, so that the client reads why
+    if state.draining:
+        await ws.close(code=1012, reason="this server is draining (shutting down); connect again, to another replica")
+        return
+    if state.streams_open >= state.options.max_streams:
         await ws.close(code=1013, reason=f"{state.streams_open} realtime streams open, the most this server takes; "
                                          "try again later")
         return
