@@ -4,6 +4,7 @@ the graph TensorRT would parse, engine-cache keys, and bad input."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -257,7 +258,10 @@ def test_perflow_unet_velocity_export_matches_xla(tmp_path, prediction):
     with pytest.raises(ValueError, match="one latent height .* strided convolutions"):
         export_spec(model, batch="1:3:8", latent="8:8:16", text_len=5)
     spec = export_spec(model, batch="1:3:8", latent=16, text_len=5)
-    runner = OnnxRuntimeRunner(export_onnx(model, spec, tmp_path / "onnx", progress=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = OnnxRuntimeRunner(export_onnx(model, spec, tmp_path / "onnx", progress=False))
+    assert not [str(w.message) for w in caught if "float64" in str(w.message)]  # traced float32 throughout
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 16, 16, 4)).astype(np.float32)
     t = np.linspace(1.0, 0.05, 8).astype(np.float32)  # elements in different windows

@@ -68,8 +68,10 @@ class PeRFlowAdapter:
 
     def coefficients(self, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """For one scalar ``t``: ``(lambda_t, eta_t, t_e)`` with ``x_end = lambda_t*x + eta_t*eps``."""
-        starts, ends = (jnp.asarray(a) for a in schedules.perflow_windows(self.num_windows))
-        ac = jnp.asarray(self.alphas())
+        # float32 constants: jax2onnx traces with float64 enabled, where numpy's float64 windows
+        # would make the coefficients float64 (a float64 subgraph, and a truncation warning)
+        starts, ends = (jnp.asarray(a, jnp.float32) for a in schedules.perflow_windows(self.num_windows))
+        ac = jnp.asarray(self.alphas(), jnp.float32)
         k = window_index(t, ends)
         t_s, t_e = starts[k], ends[k]
         a_s = ac[(t_s * 1000).astype(jnp.int32) - 1]
@@ -87,7 +89,7 @@ class PeRFlowAdapter:
         """The sample at time ``t`` (``[B]``): PeRFlow's windows end on the training diffusion's
         marginals, ``sqrt(a) x0 + sqrt(1 - a) noise`` with ``a`` the cumulative alpha at
         ``int(t * 1000)`` (image-to-image starts there)."""
-        ac = jnp.asarray(self.alphas())
+        ac = jnp.asarray(self.alphas(), jnp.float32)
         n = schedules.NUM_TRAIN_TIMESTEPS
         a = ac[jnp.clip((jnp.asarray(t, jnp.float32) * n).astype(jnp.int32) - 1, 0, n - 1)]
         a = a.reshape(a.shape + (1,) * (x0.ndim - 1)).astype(x0.dtype)
@@ -108,5 +110,6 @@ class PeRFlowAdapter:
         x_end = bcast(lam) * x32 + bcast(eta) * out
         # t_e - t is 0 only at t = 0, a grid's padding (zero-length steps after a shorter grid
         # ended): the window is over, x_end = x exactly, and the velocity 0 (not 0/0)
+        # (ones_like, not the literal 1: jax2onnx 0.17's where promotes a Python scalar to float64)
         dt = t_e - t
-        return ((x_end - x32) / bcast(jnp.where(dt == 0, 1, dt))).astype(x.dtype)
+        return ((x_end - x32) / bcast(jnp.where(dt == 0, jnp.ones_like(dt), dt))).astype(x.dtype)
