@@ -34,3 +34,18 @@ def test_two_replicas_behind_one_api():
         assert server.stop() == 0
     finally:
         server.stop(timeout=30)
+
+
+def test_each_replica_asks_for_gpus_of_its_own():
+    """On a cluster with GPUs each replica asks Ray for ``--devices`` GPUs (1 by default), so
+    that Ray gives it cards of its own; none on a CPU cluster (as the test above runs)."""
+    from streamflow_jax.serve.ray_serve import actor_options, gpus_per_replica
+
+    assert gpus_per_replica(0, None, 4, local=True) == 0
+    assert gpus_per_replica(8, None, 4, local=True) == 1
+    assert gpus_per_replica(8, 2, 4, local=True) == 2
+    with pytest.raises(ValueError, match=r"--replicas 3 with 2 GPU\(s\) each needs 6 GPUs; this machine has 4"):
+        gpus_per_replica(4, 2, 3, local=True)
+    assert gpus_per_replica(4, 2, 3, local=False) == 2  # a cluster may grow: Ray queues the rest
+    assert actor_options({"XLA_FLAGS": "x"}, 1) == {"num_cpus": 0, "num_gpus": 1,
+                                                    "runtime_env": {"env_vars": {"XLA_FLAGS": "x"}}}

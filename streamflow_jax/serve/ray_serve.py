@@ -31,10 +31,36 @@ def _replica_name() -> str:
     return f"{socket.gethostname()}:{tag}"
 
 
-def build_deployment(load: dict, options: dict, replicas: int):
+def gpus_per_replica(cluster_gpus: float, devices: int | None, replicas: int, *, local: bool) -> int:
+    """The GPUs each replica asks Ray for: none on a cluster without GPUs, else ``--devices``
+    (1 by default). Ray then gives each replica GPUs of its own (it sets the replica's
+    ``CUDA_VISIBLE_DEVICES``); asking for none, every replica would see every GPU, take the
+    first as its default device and preallocate memory on all of them.
+
+    Raises:
+        ValueError: on a local Ray (``local``) with fewer GPUs than the replicas need (Ray
+            would leave the extra replicas pending, and the deployment would never be ready).
+            A cluster (``RAY_ADDRESS``) may add nodes, so there the count is not checked.
+    """
+    if not cluster_gpus:
+        return 0
+    per = devices or 1
+    if local and per * replicas > cluster_gpus:
+        raise ValueError(f"--replicas {replicas} with {per} GPU(s) each needs {per * replicas} GPUs; this machine "
+                         f"has {int(cluster_gpus)} (fewer --replicas, or fewer --devices)")
+    return per
+
+
+def actor_options(env: dict, gpus: int) -> dict:
+    """A replica's ``ray_actor_options``: its GPUs (``gpus_per_replica``), no CPUs (CPU counts
+    are for Ray's scheduling only: a replica uses what XLA gives it), and the environment."""
+    return {"num_cpus": 0, "num_gpus": gpus, "runtime_env": {"env_vars": env}}
+
+
+def build_deployment(load: dict, options: dict, replicas: int, gpus: int = 0):
     """The Ray Serve application: ``replicas`` copies of the server, each built from ``load``
     (``load_served``'s arguments, plus ``devices``/``strategy`` for a mesh made on the replica)
-    and ``options`` (``Options`` fields)."""
+    and ``options`` (``Options`` fields), each with ``gpus`` GPUs of its own."""
     from ray import serve
 
     @serve.ingress()
@@ -64,8 +90,7 @@ def build_deployment(load: dict, options: dict, replicas: int):
     max_ongoing = opts.max_queue + load.get("slots_per_stream", 4) * load.get("streams", 2)
     deployment = serve.deployment(
         StreamflowReplica, name="streamflow", num_replicas=replicas, max_ongoing_requests=max_ongoing,
-        # CPU counts are for Ray's scheduling only: a replica uses what XLA gives it
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
+        ray_actor_options=actor_options(env, gpus),
         graceful_shutdown_timeout_s=opts.timeout + 5, health_check_period_s=5)
     return deployment.bind(load, options)
 
@@ -96,6 +121,12 @@ def serve_ray(load: dict, options: dict, *, replicas: int, host: str = "127.0.0.
     # "local": always a Ray of our own when RAY_ADDRESS is unset, even where `ray start` runs one
     ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING", log_to_driver=True,
              **({} if address else {"num_cpus": os.cpu_count()}))
+    try:
+        gpus = gpus_per_replica(ray.cluster_resources().get("GPU", 0), load.get("devices"), replicas,
+                                local=not address)
+    except ValueError:
+        ray.shutdown()
+        raise
     stop = threading.Event()
     signals = []
 
@@ -112,9 +143,10 @@ def serve_ray(load: dict, options: dict, *, replicas: int, host: str = "127.0.0.
         signal.signal(sig, on_signal)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_deployment(load, options, replicas), name="streamflow", route_prefix="/")
+        serve.run(build_deployment(load, options, replicas, gpus), name="streamflow", route_prefix="/")
         print(f"serving {name} on http://{host}:{port} ({replicas} replicas on Ray Serve"
-              f"{', cluster ' + address if address else ', local Ray'})", flush=True)
+              f"{', cluster ' + address if address else ', local Ray'}"
+              f"{f', {gpus} GPU(s) each' if gpus else ''})", flush=True)
         while not stop.wait(0.5):
             pass
         serve.shutdown()
