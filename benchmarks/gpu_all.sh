@@ -20,10 +20,12 @@
 #   sdxl     SDXL UNet 1024^2 (batch 1/2/4) vs diffusers eager, then PeRFlow-SDXL 4 steps through the
 #            stream engine vs diffusers eager sequential/stream (sdxl_gpu.py; torch.compile only if the
 #            budget allows, 290 s); sdxl-compiled: the SDXL UNet at batch 4, 2, 1 vs torch.compile (450 s)
+#   first    time to first image (seed setting) and first SD3-medium call in fresh processes: no cache,
+#            cache cold, cache warm (what the persistent compilation cache saves; first_image_gpu.py, 220 s)
 #   serve    the seed setting behind `streamflow-jax serve`: images/s of 16 concurrent n=1 requests and
 #            realtime frames/s over WS /v1/stream (serve_gpu.py, 280 s; the server's stack travels as
 #            wheels too: starlette uvicorn websockets httpx python-multipart prometheus-client pydantic)
-# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all eleven; e.g. `profile` in one
+# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all twelve; e.g. `profile` in one
 # command, `fp8` in the next, `levers` in a third). Each part prints a summary table; JSON lands in $OUT (or
 # benchmarks/results/ when run by hand). Figures go to benchmarks/RESULTS.md.
 # The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime; diffusers
@@ -54,7 +56,7 @@ part() {  # name, seconds, json, command...
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(profile fp8 levers stream sd3 flux components engine encode sdxl serve)
+[ ${#parts[@]} -eq 0 ] && parts=(profile fp8 levers stream sd3 flux components engine encode sdxl serve first)
 for p in "${parts[@]}"; do
   case "$p" in
     profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py ;;
@@ -75,6 +77,7 @@ for p in "${parts[@]}"; do
     sdxl) part sdxl 290 sdxl_gpu.json python3 benchmarks/sdxl_gpu.py --budget-s 280 ;;
     sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 ;;
     serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py ;;
-    *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve)" ;;
+    first) part first 230 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 220 ;;
+    *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
   esac
 done

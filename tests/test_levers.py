@@ -15,6 +15,7 @@ from streamflow_jax import ops
 from streamflow_jax.stream import TICK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from first_image_gpu import ratios as cache_ratios  # noqa: E402
 from levers_gpu import VARIANTS, ratios  # noqa: E402
 
 
@@ -84,3 +85,10 @@ def test_ratios():
                "cublaslt": {"stream": {"ms_per_call": 16.0}, "sd3": {"ms_per_call": 32.0}}}
     assert ratios(results, ["stream", "sd3"]) == {"cmdbuf_off": {"stream": 0.8},
                                                   "cublaslt": {"stream": 1.25, "sd3": 1.25}}
+
+
+def test_cache_ratios():
+    results = {"no_cache": {"stream": {"first_s": 20.0}, "sd3": {"first_s": 16.0}},
+               "cache_cold": {"stream": {"first_s": 21.0}, "sd3": {"first_s": 17.0}},
+               "cache_warm": {"stream": {"first_s": 5.0}, "sd3": {"error": "x"}}}
+    assert cache_ratios(results, ["stream", "sd3"]) == {"stream": 0.25}
