@@ -68,7 +68,7 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None) -> dic
     import numpy as np
 
     from profile_gpu import velocity_call
-    from streamflow_jax.quantize import parameter_bytes, quantize
+    from streamflow_jax.quantization import parameter_bytes, quantize
 
     t0 = time.perf_counter()
     q = quantize(model, "fp8")

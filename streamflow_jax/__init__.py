@@ -45,7 +45,7 @@ _EXPORTS = {
     "sample": "streamflow_jax.backends",
     "make_mesh": "streamflow_jax.sharding",
     "shard": "streamflow_jax.sharding",
-    "quantize": "streamflow_jax.quantize",
+    "quantize": "streamflow_jax.quantization",
 }
 _SUBMODULES = ("schedules",)
 
@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from streamflow_jax.lora import apply_loras
     from streamflow_jax.models import FlowModel
     from streamflow_jax.pipelines import Pipeline
-    from streamflow_jax.quantize import quantize
+    from streamflow_jax.quantization import quantize
     from streamflow_jax.sampling import Guidance, euler_step, guided_velocity
     from streamflow_jax.sharding import make_mesh, shard
     from streamflow_jax.stream import StreamEngine

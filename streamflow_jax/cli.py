@@ -175,7 +175,7 @@ def _generate_digits(args) -> int:
 
 
 def _quantize(model, kind: str):
-    from streamflow_jax.quantize import quantize
+    from streamflow_jax.quantization import quantize
 
     return quantize(model, kind)
 

@@ -82,7 +82,17 @@ def apply_loras(model: FlowModel, loras: Sequence[LoraSpec], *, component: str |
         loras: files, ``(file, scale)`` pairs or ``"file:scale"`` strings, summed.
         component: which of a file's components to take (default: the model's: ``unet``,
             ``transformer``, ``text_encoder``; e.g. ``"text_encoder_2"`` for SD3's CLIP-G).
+
+    Raises:
+        ValueError: ``model`` is quantized (a LoRA merges into float weights; an FP8 weight is
+            stored divided by its scale, so a merged delta would land in the wrong units).
+        ConversionError: a bad file, a key matching no weight, a shape that does not fit.
     """
+    from streamflow_jax.quantization import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("this model's linears are FP8 (sf.quantize): LoRAs merge into float weights; apply them "
+                         "first (sf.load(..., loras=...) or sf.apply_loras on the float model), then quantize")
     flat, treedef, names = flat_params(nnx.to_pure_dict(model.state))
     deltas = merged_deltas(model.family, model.config, flat, loras, component)
     leaves = []

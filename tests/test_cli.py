@@ -231,6 +231,32 @@ def test_xla_cache_setting(tmp_path, setting, where):
     assert done.stdout.strip() == want
 
 
+def test_public_names_survive_importing_every_submodule():
+    """Each ``sf.NAME`` is its defining module's object even after every submodule has been
+    imported: a submodule named like an export (``streamflow_jax/quantize.py`` once) is set on
+    the package by the import system and shadows the export (``sf.quantize`` became a module,
+    not callable, whenever the CLI, the server or a LoRA merge had imported it first)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib, pkgutil, types\n"
+        "import streamflow_jax as sf\n"
+        "skip = ('streamflow_jax.converters', 'streamflow_jax.__main__')  # a link to convert/; the CLI's run\n"
+        "for m in pkgutil.walk_packages(sf.__path__, 'streamflow_jax.'):\n"
+        "    if not m.name.startswith(skip):\n"
+        "        importlib.import_module(m.name)\n"
+        "for name, mod in sf._EXPORTS.items():\n"
+        "    got = getattr(sf, name)\n"
+        "    assert not isinstance(got, types.ModuleType), name\n"
+        "    assert got is getattr(importlib.import_module(mod), name), name\n"
+        "print(len(sf._EXPORTS))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.strip()) >= 19
+
+
 def test_importing_the_library_changes_no_global_state(tmp_path):
     """``import streamflow_jax`` leaves JAX's configuration alone; the entry points (here a
     pipeline's loader) turn the persistent compilation cache on, under $STREAMFLOW_JAX_CACHE."""

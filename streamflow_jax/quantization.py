@@ -133,6 +133,11 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
     return model._replace(graphdef=graphdef, state=state)
 
 
+def is_quantized(model: FlowModel) -> bool:
+    """Whether any layer of ``model`` holds FP8 weights (``quantize`` made it)."""
+    return any(isinstance(node, Fp8Linear) for _, node in nnx.iter_graph(model.module))
+
+
 def parameter_bytes(model: FlowModel) -> int:
     """Bytes of the model's parameters (works on abstract models too: ``jax.eval_shape``)."""
     return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(model.state))
