@@ -88,10 +88,13 @@ def _release_memory() -> None:
         pass
 
 
-def _write_config(out: Path, class_name: str, config, dtype: str, source: str | None) -> None:
+def _write_config(out: Path, class_name: str, config, dtype: str, source: str | None,
+                  quantization: dict | None = None) -> None:
     data = {"_class_name": class_name, **dataclasses.asdict(config)}
     data[META_KEY] = {"version": __version__, "converter_version": CONVERTER_VERSION, "dtype": dtype,
                       "source": source}
+    if quantization:
+        data[META_KEY]["quantization"] = quantization
     (out / "config.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -131,13 +134,21 @@ def _write_plan(p: ConversionPlan, out: Path, cast, source: str | None, progress
 
 
 def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
-    """Writes ``model`` to a new directory ``dst`` atomically (partial dir + rename), in parts."""
+    """Writes ``model`` to a new directory ``dst`` atomically (partial dir + rename), in parts.
+
+    A quantized model (``sf.quantize``) is written as it is, FP8 weights included, with its FP8
+    layers listed in ``config.json``; ``load`` restores it quantized.
+    """
+    from streamflow_jax.quantization import quantized_layers
+
     dst = Path(dst).absolute()
     flat, _, names = flat_params(nnx.to_pure_dict(model.state))
+    layers = quantized_layers(model)
     with atomic_dir(dst) as tmp:
         groups = part_names(names, lambda n: flat[n].nbytes)
         dtype = _write_parts(tmp, ({n: np.asarray(flat[n]) for n in g} for g in groups), False, len(names), "saving")
-        _write_config(tmp, model.class_name, model.config, dtype, source)
+        _write_config(tmp, model.class_name, model.config, dtype, source,
+                      {"mode": "fp8", "layers": layers} if layers else None)
     return dst
 
 
@@ -452,6 +463,22 @@ def read_model_config(path) -> tuple[object, object]:
     return parse_config(raw, source=str(path))
 
 
+def _quantized_structure(cfg_path, class_name, model_config, fam, graphdef, abstract_state, quantization):
+    """The abstract ``(graphdef, state)`` of a model saved quantized (its ``config.json`` lists
+    the FP8 layers)."""
+    from streamflow_jax.quantization import quantized_structure
+
+    mode, layers = (quantization.get(k) if isinstance(quantization, dict) else None for k in ("mode", "layers"))
+    if not (isinstance(layers, list) and layers and all(isinstance(n, str) for n in layers)):
+        raise ConversionError(f"{cfg_path}: {META_KEY}.quantization.layers must be a list of layer names")
+    abstract = FlowModel(class_name, model_config, graphdef, abstract_state, family=fam)
+    try:
+        abstract = quantized_structure(abstract, mode, layers)
+    except ValueError as e:
+        raise ConversionError(f"{cfg_path}: {META_KEY}.quantization: {e}") from None
+    return abstract.graphdef, abstract.state
+
+
 def _load(path, dtype, *, component, progress, config, sharding, variant, delta, delta_variant, mesh,
           strategy, allow_nonfinite) -> FlowModel:
     path = _component_dir(Path(path), component)
@@ -476,6 +503,10 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
     except ValueError as e:
         raise ConversionError(f"{cfg_path}: {e}") from None
     graphdef, abstract_state = abstract_split(fam, model_config)
+    quantization = raw[META_KEY].get("quantization")
+    if quantization:  # saved quantized: restore into the quantized structure
+        graphdef, abstract_state = _quantized_structure(cfg_path, class_name, model_config, fam, graphdef,
+                                                        abstract_state, quantization)
     shapes, treedef, names = flat_params(nnx.to_pure_dict(abstract_state))
     params_dir = (path / PARAMS_DIR).absolute()
     if not params_dir.is_dir():

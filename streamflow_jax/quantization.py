@@ -35,7 +35,9 @@ Limits:
   its batch (the stream engine's batches differ from ``sf.sample``'s); batch-independent
   results need per-row scales, which XLA's FP8 rewrite does not take.
 - LoRAs merge into ``kernel`` leaves, which quantized layers no longer have: apply them first.
-- ``FlowModel.astype`` casts the e4m3 weights too (their values stay exact, the bytes do not).
+- ``FlowModel.astype`` casts the other floating parameters and leaves the e4m3 weights FP8.
+- ``sf.save`` writes a quantized model (e4m3 weights, one byte each, and the list of FP8
+  layers in ``config.json``); ``sf.load`` restores it quantized.
 """
 
 from __future__ import annotations
@@ -133,9 +135,31 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
     return model._replace(graphdef=graphdef, state=state)
 
 
+def quantized_layers(model: FlowModel) -> list[str]:
+    """The dotted paths of ``model``'s FP8 layers (``transformer_blocks.0.attn.to_q``), in order."""
+    return [".".join(map(str, path)) for path, node in nnx.iter_graph(model.module) if isinstance(node, Fp8Linear)]
+
+
 def is_quantized(model: FlowModel) -> bool:
     """Whether any layer of ``model`` holds FP8 weights (``quantize`` made it)."""
     return any(isinstance(node, Fp8Linear) for _, node in nnx.iter_graph(model.module))
+
+
+def quantized_structure(model: FlowModel, mode: str, layers: list[str]) -> FlowModel:
+    """``model`` (abstract: ``jax.ShapeDtypeStruct`` leaves) with exactly ``layers`` made FP8,
+    abstract too: the structure a saved quantized model is restored into (``sf.load``)."""
+    if mode not in MODES:
+        raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
+    pattern = "^(?:" + "|".join(re.escape(name) for name in layers) + ")$"
+
+    def build(m):
+        linears = {".".join(map(str, path)) for path, node in nnx.iter_graph(m.module) if isinstance(node, Linear)}
+        missing = sorted(set(layers) - linears)
+        if missing:
+            raise ValueError(f"no linear layer named {missing[0]!r} in this {m.family.name} model")
+        return quantize(m, mode, include=pattern)
+
+    return jax.eval_shape(build, model)
 
 
 def parameter_bytes(model: FlowModel) -> int:

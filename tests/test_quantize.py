@@ -233,6 +233,40 @@ def test_errors_and_include(digits):
         jax.eval_shape(lambda m: quantize(m, "fp8"), taesd)
 
 
+def test_save_and_load_a_quantized_model(tmp_path):
+    """``sf.save`` of a quantized model writes its e4m3 weights as they are and lists the FP8
+    layers; ``sf.load`` restores the same quantized model (the same velocity, bit for bit; with
+    ``dtype`` the float parameters cast, the FP8 ones kept). A bad layer list is an error naming
+    the file."""
+    import json
+
+    from streamflow_jax.quantization import quantized_layers
+
+    make_sd3(tmp_path / "src")
+    base = sf.load(tmp_path / "src")
+    q = quantize(base, "fp8")
+    sf.save(q, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())["streamflow_jax"]
+    assert meta["quantization"] == {"mode": "fp8", "layers": quantized_layers(q)} and len(quantized_layers(q)) > 10
+    index = json.loads((tmp_path / "q" / "params" / "parts.json").read_text())
+    assert sum(d == "float8_e4m3fn" for d in index["dtypes"].values()) == len(quantized_layers(q))
+    loaded = sf.load(tmp_path / "q")
+    assert quantized_layers(loaded) == quantized_layers(q) and parameter_bytes(loaded) == parameter_bytes(q)
+    x, t, cond = sd3_inputs(VARIANTS["sd3"], 2, 8, 8)
+    np.testing.assert_array_equal(np.asarray(loaded.velocity(x, t, cond)), np.asarray(q.velocity(x, t, cond)))
+    half = sf.load(tmp_path / "q", dtype="bfloat16")
+    assert half.dtype == jnp.bfloat16 and quantized_layers(half) == quantized_layers(q)
+    assert {str(layer.weight[...].dtype) for layer in _fp8_layers(half)} == {"float8_e4m3fn"}
+    cfg = tmp_path / "q" / "config.json"
+    raw = json.loads(cfg.read_text())
+    for bad, message in ((["transformer_blocks.0.attn.nope"], "no linear layer named 'transformer_blocks.0.attn.nope'"),
+                         ("all", "quantization.layers must be a list of layer names")):
+        raw["streamflow_jax"]["quantization"]["layers"] = bad
+        cfg.write_text(json.dumps(raw))
+        with pytest.raises(sf.ConversionError, match=re.escape(str(cfg)) + ".*" + re.escape(message)):
+            sf.load(tmp_path / "q")
+
+
 def test_loras_go_in_before_quantizing(tmp_path):
     """A LoRA merged into an FP8 model would land in the weights' scaled units (it used to,
     silently): refused, saying what to do; merged first, then quantized, the model is as far

@@ -99,6 +99,21 @@ def test_sdxl_unet_on_a_mesh_equals_one_device(tmp_path):
     assert _rel(got, want) <= 1e-5
 
 
+def test_quantized_model_saved_then_loaded_onto_a_mesh(models, tmp_path):
+    """An FP8 SD3 saved by sf.save, loaded straight onto a 2 x 4 tensor mesh: the velocity of
+    the quantized model on one device (per-tensor activation scales reduce across devices)."""
+    from streamflow_jax.quantization import quantize
+
+    q = quantize(sf.load(models["sd3"]), "fp8")
+    sf.save(q, tmp_path / "q")
+    mesh = sf.make_mesh(data=2, model=4)
+    loaded = sf.load(tmp_path / "q", mesh=mesh, strategy="tensor")
+    x, t, cond = sd3_inputs(SD3_WIDE, 8, 8, 8, seed=4)
+    want = q.velocity(x, t, cond)
+    got = loaded.velocity(*shard_batch((x,), mesh), t, shard_batch(cond, mesh))
+    assert _rel(got, want) <= 1e-5
+
+
 def test_load_straight_onto_a_mesh(models, tmp_path):
     sf.convert(models["flux"], tmp_path / "flux", progress=False)
     mesh = sf.make_mesh(data=2, model=4)
