@@ -13,6 +13,8 @@ Axis letters used in shape comments across the project, each with one meaning:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 
@@ -152,6 +154,21 @@ def quantize_fp8(x: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(FP8)
 
 
+_EXPORTING = contextvars.ContextVar("streamflow_jax_exporting", default=False)
+
+
+@contextlib.contextmanager
+def exporting():
+    """Within it, functions are traced for ONNX (``export.trace_onnx``): ``fp8_matmul`` writes
+    its product as MatMul of a transposed weight, which ONNX takes in every float type (jax2onnx
+    writes the ``dot_general`` as Einsum, which ONNX refuses in bfloat16)."""
+    token = _EXPORTING.set(True)
+    try:
+        yield
+    finally:
+        _EXPORTING.reset(token)
+
+
 def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array) -> jax.Array:
     """``x @ (weight * weight_scale).T`` with ``x`` quantized to e4m3 per tensor on the fly.
 
@@ -174,6 +191,8 @@ def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array) -> jax.
     x_scale = fp8_scale(jax.lax.reduce_max(jnp.abs(x), tuple(range(x.ndim))))
     xq = quantize_fp8(x, x_scale)
     dequant = lambda q, s: q.astype(x.dtype) * s.astype(x.dtype)  # noqa: E731
+    if _EXPORTING.get():
+        return jnp.matmul(dequant(xq, x_scale), dequant(weight, weight_scale).T)
     return jax.lax.dot_general(dequant(xq, x_scale), dequant(weight, weight_scale),
                                (((x.ndim - 1,), (1,)), ((), ())))
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from streamflow_jax import ops
 from streamflow_jax._version import __version__
 from streamflow_jax.errors import ExportError
 from streamflow_jax.export.clean import clean_graph
@@ -130,7 +131,7 @@ def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
 
     # onnx_ir warns once per untyped shape constant jax2onnx makes; harmless, and hundreds
     logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
-    with linear_output_binding():
+    with linear_output_binding(), ops.exporting():
         proto = to_onnx(graph, _input_specs(spec), model_name=f"{model.family.name}_{spec.method}",
                         opset=opset, input_names=spec.input_names, output_names=[t.name for t in spec.outputs])
     # jax2onnx 0.17 annotates some intermediate values with symbolic dims that conflate
