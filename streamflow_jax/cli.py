@@ -80,6 +80,7 @@ def _positive(args, *names: str) -> None:
 def _check_common(args) -> None:
     """The flags every sampling command shares, checked before anything is loaded."""
     _positive(args, "devices")
+    _check_quantize_backend(args)
     if getattr(args, "steps", None) is not None:
         try:
             check_steps(args.steps)
@@ -94,6 +95,13 @@ def _check_common(args) -> None:
     strength = getattr(args, "strength", None)
     if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], got {strength}")
+
+
+def _check_quantize_backend(args) -> None:
+    if getattr(args, "quantize", None) and getattr(args, "backend", None) == "tensorrt":
+        from streamflow_jax.quantization import TENSORRT_REFUSAL
+
+        raise ValueError(f"--quantize {args.quantize} --backend tensorrt: {TENSORRT_REFUSAL}")
 
 
 def _check_out(path: str) -> Path:
@@ -277,6 +285,7 @@ def _cmd_export(args) -> int:
     from streamflow_jax.export import export_onnx, export_spec
 
     _positive(args, "latent_scale", "text_len", "opt_level")
+    _check_quantize_backend(args)
     if args.backend == "tensorrt":
         from streamflow_jax.backends.tensorrt import tensorrt_flavour
 
@@ -358,6 +367,7 @@ def _cmd_bench(args) -> int:
 def _cmd_serve(args) -> int:
     """``serve [MODEL]``: the OpenAI-style images API, the realtime stream and the page (streamflow_jax.serve)."""
     _positive(args, "devices", "slots", "streams", "max_n", "max_steps", "replicas", "frames_in_flight", "max_streams")
+    _check_quantize_backend(args)
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not (np.isfinite(args.timeout) and args.timeout > 0):

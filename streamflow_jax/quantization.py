@@ -53,6 +53,9 @@ from streamflow_jax.models.flow import FlowModel
 from streamflow_jax.models.layers import Linear
 
 MODES = ("fp8",)
+TENSORRT_REFUSAL = ("FP8 models (quantize) do not build as TensorRT engines: their activations are quantized with "
+                    "scales computed per call, and TensorRT's FP8 (Q/DQ) takes scales fixed at build time; run them "
+                    "with backend xla (cuBLASLt FP8 GEMMs on Hopper and Ada) or onnxruntime")
 
 class Fp8Linear(nnx.Module):
     """``x @ (weight * weight_scale).T + bias`` with e4m3 weights, in ``x``'s dtype.

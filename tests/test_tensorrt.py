@@ -314,6 +314,30 @@ def test_rtx_targets_and_where_engines_run():
     assert "JAX sees no NVIDIA GPU" in fl.cannot_run(("8.6",), None)
 
 
+def test_fp8_models_are_refused_with_the_reason(tmp_path, capsys):
+    """A quantized model's graph casts activations to FP8 with scales computed per call;
+    TensorRT takes FP8 tensors only from its Q/DQ layers with build-time scales (TensorRT-RTX's
+    own builder says "has datatype FP8 but is not produced by ... IQuantizeLayer"). Refused with
+    that reason: by the CLI before loading, by runner_for before exporting, by build_engine."""
+    from streamflow_jax.backends import runner_for
+    from streamflow_jax.pipelines import DigitsPipeline
+    from streamflow_jax.quantization import quantize
+
+    digits = str(_digits_dir())
+    for argv in (["export", digits, str(tmp_path / "a"), "--backend", "tensorrt", "--quantize", "fp8", "-q"],
+                 ["generate", "--backend", "tensorrt", "--quantize", "fp8", "--out", str(tmp_path / "a.png")]):
+        assert cli(argv) == 1
+        err = capsys.readouterr().err
+        assert "--quantize fp8 --backend tensorrt: FP8 models (quantize) do not build as TensorRT engines" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.png").exists()
+    q = quantize(DigitsPipeline.load().model, "fp8")
+    with pytest.raises(ValueError, match="scales computed per call, and TensorRT's FP8"):
+        runner_for(q, "tensorrt", batch=1, height=8, width=8, cond={})
+    assert cli(["export", digits, str(tmp_path / "q"), "--quantize", "fp8", "--latent-scale", "1", "-q"]) == 0
+    with pytest.raises(ValueError, match=r"q/model\.onnx: FP8 models \(quantize\) do not build"):
+        build_engine(load_export(tmp_path / "q"), flavour=RTX)
+
+
 def test_runner_refuses_before_building_without_a_gpu(digits_cli_export, tmp_path):
     if local_gpu() is not None:
         pytest.skip("a GPU is visible to JAX")

@@ -91,6 +91,11 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
         return model
     if model.family.kind != "velocity":
         raise ValueError(f"backend {backend!r}: {model.class_name} is not a velocity model")
+    if backend == "tensorrt":
+        from streamflow_jax.quantization import TENSORRT_REFUSAL, is_quantized
+
+        if is_quantized(model):
+            raise ValueError(TENSORRT_REFUSAL)
     text = cond.get("encoder_hidden_states")
     text_len = None if text is None else int(text.shape[1])
     model.latent_shape(height, width)  # raises on sizes the model cannot take

@@ -409,6 +409,16 @@ def _tensor_info(tensor) -> tuple[str, tuple[int, ...]]:
     return _DTYPES.get(tensor.dtype.name, tensor.dtype.name), tuple(tensor.shape)
 
 
+def _has_fp8_casts(onnx_path) -> bool:
+    """Whether the graph casts to float8 (a quantized model's export): TensorRT takes FP8
+    tensors only from its Q/DQ layers, with build-time scales."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
+    return any(n.op_type == "Cast" and any(a.name == "to" and a.i in fp8 for a in n.attribute) for n in graph.node)
+
+
 def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = None, targets=None,
                  opt_level: int = 3, timing_cache: Path | None = None,
                  workspace_bytes: int | None = None) -> BuiltEngine:
@@ -423,12 +433,17 @@ def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = Non
         workspace_bytes: the builder's workspace limit.
 
     Raises:
-        ValueError: the parser rejected the graph, or the builder failed (TensorRT's errors in
-            the message).
+        ValueError: the graph is an FP8 model's (``quantize``; TensorRT cannot take its
+            per-call activation scales), the parser rejected the graph, or the builder failed
+            (TensorRT's errors in the message).
     """
     fl = tensorrt_flavour(flavour)
     trt = fl.trt
     targets = fl.targets(targets)
+    if _has_fp8_casts(exported.onnx_path):
+        from streamflow_jax.quantization import TENSORRT_REFUSAL
+
+        raise ValueError(f"{exported.onnx_path}: {TENSORRT_REFUSAL}")
     logger = _process_logger(trt)
     with logger.capture() as log:
         builder = trt.Builder(logger)
