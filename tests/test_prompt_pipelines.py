@@ -146,6 +146,14 @@ def test_sd3_converted_pipeline_and_stream(tmp_path):
         alone = conv(PROMPTS[i], steps=[2, 3][i], guidance_scale=[4.0, 6.0][i], noise=noise[i : i + 1],
                      output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
+    # a TAESD of another family (4-channel SD1.5 latents, for a 16-channel SD3): refused at load,
+    # naming both, not by a convolution after sampling
+    from conftest import TAESD
+
+    randomize(diffusers.AutoencoderTiny(**TAESD), 0, std=0.1).save_pretrained(tmp_path / "taesd")
+    with pytest.raises(sf.ConfigError, match=r"taesd: AutoencoderTiny takes 4-channel latents, and this pipeline's "
+                                             r"SD3Transformer2DModel makes 16-channel ones"):
+        sf.Pipeline.from_diffusers(tmp_path / "conv", taesd=tmp_path / "taesd")
 
 
 # ---------------------------------------------------------------------------------------------

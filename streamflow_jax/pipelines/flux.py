@@ -70,7 +70,7 @@ class FluxPipeline(PromptPipeline):
         model = load(path, component="transformer", **opts)
         pipe = cls(model, load(path, component="text_encoder", **opts), CLIPTokenizer.from_dir(path / "tokenizer"),
                    load(path, component="text_encoder_2", **opts), T5Tokenizers(path / "tokenizer_2"),
-                   load_autoencoder(path, taesd, **opts), scheduler, max_sequence_length=max_sequence_length)
+                   load_autoencoder(path, taesd, for_model=model, **opts), scheduler, max_sequence_length=max_sequence_length)
         pipe.mesh = mesh
         return pipe
 

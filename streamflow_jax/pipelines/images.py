@@ -12,16 +12,26 @@ import numpy as np
 from PIL import Image
 
 from streamflow_jax.checkpoint import load
-from streamflow_jax.errors import ConversionError
+from streamflow_jax.errors import ConfigError, ConversionError
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
-def load_autoencoder(path: Path, taesd=None, **opts):
-    """A pipeline's ``vae/``, or a TAESD directory given instead (``opts``: ``load``'s)."""
+def load_autoencoder(path: Path, taesd=None, *, for_model=None, **opts):
+    """A pipeline's ``vae/``, or a TAESD directory given instead (``opts``: ``load``'s).
+
+    Args:
+        for_model: the pipeline's velocity model: the decoder must take its latents (a TAESD
+            for another family is refused here, not by a convolution after sampling).
+    """
+    where = taesd or Path(path) / "vae"
     model = load(taesd, **opts) if taesd is not None else load(path, component="vae", **opts)
     if model.family.kind != "autoencoder":
-        raise ConversionError(f"{taesd or Path(path) / 'vae'}: {model.class_name} is not a VAE/TAESD")
+        raise ConversionError(f"{where}: {model.class_name} is not a VAE/TAESD")
+    if for_model is not None and model.latent_channels != for_model.latent_channels:
+        raise ConfigError(f"{where}: {model.class_name} takes {model.latent_channels}-channel latents, and this "
+                          f"pipeline's {for_model.class_name} makes {for_model.latent_channels}-channel ones "
+                          "(an autoencoder of another model family?)")
     return model
 
 

@@ -64,7 +64,7 @@ class PeRFlowPipeline(PromptPipeline):
         opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
         unet = load(path, component="unet", scheduler=scheduler, **opts)
         text = load(path, component="text_encoder", **opts)
-        pipe = cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), load_autoencoder(path, taesd, **opts),
+        pipe = cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), load_autoencoder(path, taesd, for_model=unet, **opts),
                    scheduler)
         pipe.mesh = mesh
         return pipe

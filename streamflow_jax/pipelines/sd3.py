@@ -71,7 +71,7 @@ class SD3Pipeline(PromptPipeline):
         t5 = None
         if (path / "text_encoder_3").is_dir():
             t5 = (load(path, component="text_encoder_3", **opts), T5Tokenizers(path / "tokenizer_3"))
-        pipe = cls(model, clip(""), clip("_2"), t5, load_autoencoder(path, taesd, **opts), scheduler,
+        pipe = cls(model, clip(""), clip("_2"), t5, load_autoencoder(path, taesd, for_model=model, **opts), scheduler,
                    max_sequence_length=max_sequence_length)
         pipe.mesh = mesh
         return pipe

@@ -101,7 +101,7 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
         unet = load(path, component="unet", scheduler=scheduler, **opts)
         clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
                           CLIPTokenizer.from_dir(path / f"tokenizer{n}"))
-        pipe = cls(unet, clip(""), clip("_2"), load_autoencoder(path, taesd, **opts), scheduler,
+        pipe = cls(unet, clip(""), clip("_2"), load_autoencoder(path, taesd, for_model=unet, **opts), scheduler,
                    force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), **micro_conditioning)
         pipe.mesh = mesh
         return pipe
