@@ -101,7 +101,7 @@ def _write_config(out: Path, class_name: str, config, dtype: str, source: str | 
 def _write_parts(out: Path, parts: Iterator[dict[str, np.ndarray]], progress: bool, total: int, label: str) -> str:
     """Saves each dict of arrays as its own orbax item ``params/part-NNN``, indexes them (names
     and dtypes, so that loading can place every array before reading it) and returns the dtype
-    most of the parameters have."""
+    most of the parameters have (FP8 weights aside: their compute dtype is the others')."""
     params = out / PARAMS_DIR
     params.mkdir(parents=True)
     index, dtypes, counts = {}, {}, {}
@@ -121,16 +121,48 @@ def _write_parts(out: Path, parts: Iterator[dict[str, np.ndarray]], progress: bo
             if large:  # a small part leaves little behind; the release costs ~0.4 s (a full gc)
                 _release_memory()
     (params / PARTS_INDEX).write_text(json.dumps({"format": 2, "parts": index, "dtypes": dtypes}) + "\n")
-    return max(counts, key=counts.get) if counts else "float32"
+    compute = {k: v for k, v in counts.items() if not k.startswith("float8")} or counts  # FP8 is storage
+    return max(compute, key=compute.get) if compute else "float32"
 
 
-def _write_plan(p: ConversionPlan, out: Path, cast, source: str | None, progress: bool) -> None:
-    """Converts and writes a planned model part by part (never all of it in memory)."""
+def _fp8_layers_of(p: ConversionPlan) -> list[str]:
+    """The linear layers ``quantize(model, "fp8")`` would make FP8 in the planned model."""
+    from streamflow_jax.quantization import fp8_layer_names
+
+    pattern = p.family.fp8_linears
+    if pattern is None:
+        raise ConversionError(f"{p.source}: no FP8 rule for the {p.family.name} family ({p.class_name}); "
+                              "quantize it after loading: sf.quantize(model, 'fp8', include=REGEX)")
+    graphdef, state = abstract_split(p.family, p.config)
+    return fp8_layer_names(nnx.merge(graphdef, state), pattern)
+
+
+def _quantized_parts(parts: Iterator[dict[str, np.ndarray]], layers: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Each part with the chosen layers' kernels as FP8 weights and scales (``Fp8Linear``'s)."""
+    from streamflow_jax.quantization import quantize_kernel
+
+    kernels = {f"{name}.kernel": name for name in layers}
+    for arrays in parts:
+        out = {}
+        for key, a in arrays.items():
+            if key in kernels:
+                out[f"{kernels[key]}.weight"], out[f"{kernels[key]}.weight_scale"] = quantize_kernel(a)
+            else:
+                out[key] = a
+        yield out
+
+
+def _write_plan(p: ConversionPlan, out: Path, cast, source: str | None, progress: bool,
+                quantize: str | None = None) -> None:
+    """Converts and writes a planned model part by part (never all of it in memory); with
+    ``quantize="fp8"`` its chosen linears as ``sf.quantize`` makes them (loaded quantized)."""
     out.mkdir(parents=True, exist_ok=True)
+    layers = _fp8_layers_of(p) if quantize else []
     groups = part_names(list(p.targets), lambda n: p.nbytes(n, cast))
-    dtype = _write_parts(out, (dict(p.read(g, cast)) for g in groups), progress, len(p.targets),
-                         f"converting {Path(p.source).name or p.source}")
-    _write_config(out, p.class_name, p.config, dtype, source)
+    parts = (dict(p.read(g, cast)) for g in groups)
+    dtype = _write_parts(out, _quantized_parts(parts, layers) if layers else parts, progress,
+                         len(p.targets) + len(layers), f"converting {Path(p.source).name or p.source}")
+    _write_config(out, p.class_name, p.config, dtype, source, {"mode": quantize, "layers": layers} if layers else None)
 
 
 def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
@@ -153,7 +185,8 @@ def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
 
 
 def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None = None, variant: str | None = None,
-            delta=None, delta_variant: str | None = None, loras=None, allow_nonfinite: bool = False) -> Path:
+            delta=None, delta_variant: str | None = None, loras=None, allow_nonfinite: bool = False,
+            quantize: str | None = None) -> Path:
     """Converts a diffusers model or pipeline directory (or a single file) into a streamflow-jax directory.
 
     Args:
@@ -180,6 +213,10 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             no component's weight is an error).
         allow_nonfinite: convert weights with NaN or inf values (by default an error naming
             the tensor: such a model samples NaN).
+        quantize: ``"fp8"``: write the velocity model (a pipeline's transformer or unet) as
+            ``sf.quantize(model, "fp8")`` makes it, e4m3 weights with scales, part by part (LoRAs
+            and deltas merged first); ``load`` restores it quantized. Other components keep
+            ``dtype``.
 
     Returns:
         The output path.
@@ -189,12 +226,15 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     """
     src, dst = Path(src), Path(dst).absolute()
     cast = resolve_dtype(dtype)
+    if quantize is not None and quantize != "fp8":
+        raise ConversionError(f"unsupported quantization mode {quantize!r} (supported: fp8)")
     reading = dict(variant=variant, delta=delta, delta_variant=delta_variant)
     if src.is_file() and isinstance(config, str | Path) and (Path(config) / "model_index.json").is_file():
         if variant is not None:
             raise ConversionError(f"{src}: variant={variant!r} picks files in a directory; a single file is read as is")
         return _convert_single_file_pipeline(src, dst, Path(config), cast, progress, delta=delta,
-                                             delta_variant=delta_variant, loras=loras, allow_nonfinite=allow_nonfinite)
+                                             delta_variant=delta_variant, loras=loras, allow_nonfinite=allow_nonfinite,
+                                             quantize=quantize)
     if isinstance(config, str | Path):
         raise ConversionError(f"{config}: config is a dict of fields, or for a single-file pipeline checkpoint a "
                               "diffusers pipeline directory (model_index.json)")
@@ -205,8 +245,10 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         p.allow_nonfinite = allow_nonfinite
         if loras:
             p.deltas = merged_deltas(p.family, p.config, p.targets, loras, strict_other=True)
+        if quantize:
+            _fp8_layers_of(p)  # a family without a rule: refused before dst is touched
         with atomic_dir(dst) as tmp:
-            _write_plan(p, tmp, cast, str(src.absolute()), progress)
+            _write_plan(p, tmp, cast, str(src.absolute()), progress, quantize)
         return dst
     check_model_source(src)
     components = pipeline_components(src)
@@ -214,6 +256,9 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     if delta is not None and not velocity:
         raise ConversionError(f"{src}: a delta goes to a pipeline's velocity model (its unet), and this pipeline "
                               "has none")
+    if quantize and not velocity:
+        raise ConversionError(f"{src}: quantize={quantize!r} applies to a pipeline's velocity model (transformer or "
+                              "unet), and this pipeline has none")
     plans = {name: plan_source(src / name, variant=variant, delta=delta if name in velocity[:1] else None,
                                delta_variant=delta_variant)[0]
              for name, kind in components.items() if kind != "config-only" and not kind.startswith("skip:")}
@@ -230,8 +275,11 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             elif kind.startswith("skip:"):
                 record["skipped"][name] = kind.removeprefix("skip: ")
             else:
-                _write_plan(plans[name], tmp / name, cast, str((src / name).absolute()), progress)
+                _write_plan(plans[name], tmp / name, cast, str((src / name).absolute()), progress,
+                            quantize if name in velocity else None)
                 record["converted"][name] = kind
+                if quantize and name in velocity:
+                    record["quantized"] = {**record.get("quantized", {}), name: quantize}
         if not record["converted"]:
             raise ConversionError(f"{src}: no supported component ({record['skipped']})")
         for f in sorted(src.iterdir()):  # model_index.json and small side files; not root-level checkpoints
@@ -276,7 +324,7 @@ def _names_component(key: str, component: str, prefixes: dict[str, tuple[str, ..
 
 def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast, progress: bool, *,
                                   delta=None, delta_variant: str | None = None, loras=None,
-                                  allow_nonfinite: bool = False) -> Path:
+                                  allow_nonfinite: bool = False, quantize: str | None = None) -> Path:
     """A whole pipeline in one file (the LDM layout of SD 1.x/2.x, ``model.diffusion_model.*``,
     ``first_stage_model.*``, ``cond_stage_model.transformer.*`` or OpenCLIP's ``cond_stage_model.model.*``;
     SDXL's SGM layout with ``conditioner.embedders.N.*``; see ``models.sd_ldm``): each component's tensors are
@@ -300,8 +348,11 @@ def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast
     with atomic_dir(dst) as tmp:
         record = {"converted": {}, "copied": [], "skipped": {}}
         for name, p in plans.items():
-            _write_plan(p, tmp / name, cast, f"{src.absolute()} ({name})", progress)
+            q = quantize if p.family.kind == "velocity" else None
+            _write_plan(p, tmp / name, cast, f"{src.absolute()} ({name})", progress, q)
             record["converted"][name] = p.class_name
+            if q:
+                record["quantized"] = {**record.get("quantized", {}), name: q}
         for name, kind in pipeline_components(pipeline_dir).items():
             if name in plans:  # written from the single file (a configs-only directory lists it as config-only)
                 continue

@@ -46,6 +46,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from streamflow_jax import ops
@@ -122,10 +123,10 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
     if pattern is None:
         raise ValueError(f"no FP8 rule for the {family} family (its Family.fp8_linears is None); "
                          "choose the linears with include=REGEX")
-    chosen = re.compile(pattern)
     module = model.module
+    names = set(fp8_layer_names(module, pattern))
     targets = [(path, node) for path, node in nnx.iter_graph(module)
-               if isinstance(node, Linear) and path and chosen.search(".".join(map(str, path)))]
+               if isinstance(node, Linear) and ".".join(map(str, path)) in names]
     if not targets:
         raise ValueError(f"no linear layer of this {family} model matches {pattern!r} "
                          "(is it quantized already?)")
@@ -136,6 +137,20 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
         _replace(parent, path[-1], Fp8Linear.from_linear(linear))
     graphdef, state = nnx.split(module)
     return model._replace(graphdef=graphdef, state=state)
+
+
+def fp8_layer_names(module, pattern: str) -> list[str]:
+    """The dotted paths of ``module``'s linear layers that ``pattern`` picks (``quantize``'s rule)."""
+    chosen = re.compile(pattern)
+    return [".".join(map(str, path)) for path, node in nnx.iter_graph(module)
+            if isinstance(node, Linear) and path and chosen.search(".".join(map(str, path)))]
+
+
+def quantize_kernel(kernel) -> tuple[np.ndarray, np.ndarray]:
+    """A ``Linear`` kernel ``[in, out]`` as an ``Fp8Linear``'s ``(weight [out, in] e4m3, scale)``,
+    on the host (``convert(..., quantize="fp8")`` writes these, part by part)."""
+    weight, scale = _quantize_kernel(jnp.asarray(kernel))
+    return np.asarray(weight), np.asarray(scale)
 
 
 def quantized_layers(model: FlowModel) -> list[str]:
@@ -163,6 +178,14 @@ def quantized_structure(model: FlowModel, mode: str, layers: list[str]) -> FlowM
         return quantize(m, mode, include=pattern)
 
     return jax.eval_shape(build, model)
+
+
+def quantized(model: FlowModel, mode: str = "fp8") -> FlowModel:
+    """``model`` quantized, or as it is when it holds FP8 layers already (a checkpoint written
+    by ``convert(..., quantize="fp8")`` or ``sf.save``): what ``--quantize`` does."""
+    if mode not in MODES:
+        raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
+    return model if is_quantized(model) else quantize(model, mode)
 
 
 def parameter_bytes(model: FlowModel) -> int:

@@ -4,6 +4,8 @@ same starting latents; compared in float at the latent level and as uint8 images
 
 from __future__ import annotations
 
+import json
+
 import diffusers
 import numpy as np
 import pytest
@@ -146,6 +148,18 @@ def test_sd3_converted_pipeline_and_stream(tmp_path):
         alone = conv(PROMPTS[i], steps=[2, 3][i], guidance_scale=[4.0, 6.0][i], noise=noise[i : i + 1],
                      output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
+    # converted with --quantize fp8: the transformer alone is FP8, and the pipeline gives what the
+    # float pipeline with sf.quantize on its transformer gives
+    from streamflow_jax.quantization import is_quantized, quantize
+
+    assert cli(["convert", str(tmp_path / "pipe"), str(tmp_path / "conv-fp8"), "--quantize", "fp8", "-q"]) == 0
+    assert json.loads((tmp_path / "conv-fp8" / "conversion.json").read_text())["quantized"] == {"transformer": "fp8"}
+    fp8 = sf.Pipeline.from_diffusers(tmp_path / "conv-fp8", max_sequence_length=12)
+    assert is_quantized(fp8.model) and "quantization" not in (tmp_path / "conv-fp8" / "text_encoder_3" /
+                                                              "config.json").read_text()
+    conv.model = quantize(conv.model, "fp8")
+    np.testing.assert_array_equal(fp8(PROMPTS, steps=2, guidance_scale=4.0, noise=noise, output_type="latent"),
+                                  conv(PROMPTS, steps=2, guidance_scale=4.0, noise=noise, output_type="latent"))
     # a TAESD of another family (4-channel SD1.5 latents, for a 16-channel SD3): refused at load,
     # naming both, not by a convolution after sampling
     from conftest import TAESD

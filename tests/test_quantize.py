@@ -267,6 +267,32 @@ def test_save_and_load_a_quantized_model(tmp_path):
             sf.load(tmp_path / "q")
 
 
+def test_convert_straight_to_fp8(tmp_path, capsys):
+    """``convert --quantize fp8`` writes the model part by part as ``quantize`` makes it: loaded,
+    it is ``quantize(load(src, dtype))`` bit for bit, and ``--quantize`` on it again changes
+    nothing. A family without an FP8 rule is refused before anything is written."""
+    import diffusers
+    from conftest import VAES
+
+    from streamflow_jax.cli import main as cli
+    from streamflow_jax.quantization import quantized, quantized_layers
+
+    make_sd3(tmp_path / "src")
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "q"), "--quantize", "fp8", "--dtype", "bfloat16",
+                "-q"]) == 0
+    assert capsys.readouterr().out.strip().endswith("q (fp8)")
+    conv = sf.load(tmp_path / "q")
+    want = quantize(sf.load(tmp_path / "src", dtype="bfloat16"), "fp8")
+    assert quantized_layers(conv) == quantized_layers(want) and parameter_bytes(conv) == parameter_bytes(want)
+    x, t, cond = sd3_inputs(VARIANTS["sd3"], 2, 8, 8)
+    np.testing.assert_array_equal(np.asarray(conv.velocity(x, t, cond), np.float32),
+                                  np.asarray(want.velocity(x, t, cond), np.float32))
+    assert quantized(conv) is conv
+    diffusers.AutoencoderKL(**VAES["sd"]).save_pretrained(tmp_path / "vae")
+    assert cli(["convert", str(tmp_path / "vae"), str(tmp_path / "vae-q"), "--quantize", "fp8", "-q"]) == 1
+    assert "no FP8 rule for the vae family" in capsys.readouterr().err and not (tmp_path / "vae-q").exists()
+
+
 def test_loras_go_in_before_quantizing(tmp_path):
     """A LoRA merged into an FP8 model would land in the weights' scaled units (it used to,
     silently): refused, saying what to do; merged first, then quantized, the model is as far

@@ -118,7 +118,7 @@ def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, back
     if model is None or (Path(model) / "conditioning.safetensors").is_file():
         pipe = DigitsPipeline.load(model or DIGITS_DIR, dtype=dtype, mesh=mesh, strategy=strategy)
         if quantize:
-            from streamflow_jax.quantization import quantize as _quantize
+            from streamflow_jax.quantization import quantized as _quantize
 
             pipe.model = _quantize(pipe.model, quantize)
         for flag, value in (("taesd", taesd), ("prediction_type", prediction_type), ("windows", num_time_windows)):
@@ -135,7 +135,7 @@ def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, back
             kwargs[name] = value
     pipe = Pipeline.from_diffusers(model, mesh=mesh, strategy=strategy, **kwargs)
     if quantize:
-        from streamflow_jax.quantization import quantize as _quantize
+        from streamflow_jax.quantization import quantized as _quantize
 
         pipe.model = _quantize(pipe.model, quantize)
     stream = PromptStream(pipe, slots_per_stream=slots_per_stream, streams=streams, guidance=True, height=height,
