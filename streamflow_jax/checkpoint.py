@@ -89,12 +89,14 @@ def _release_memory() -> None:
 
 
 def _write_config(out: Path, class_name: str, config, dtype: str, source: str | None,
-                  quantization: dict | None = None) -> None:
+                  quantization: dict | None = None, adapter: dict | None = None) -> None:
     data = {"_class_name": class_name, **dataclasses.asdict(config)}
     data[META_KEY] = {"version": __version__, "converter_version": CONVERTER_VERSION, "dtype": dtype,
                       "source": source}
     if quantization:
         data[META_KEY]["quantization"] = quantization
+    if adapter:
+        data[META_KEY]["adapter"] = adapter
     (out / "config.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -169,7 +171,9 @@ def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
     """Writes ``model`` to a new directory ``dst`` atomically (partial dir + rename), in parts.
 
     A quantized model (``sf.quantize``) is written as it is, FP8 weights included, with its FP8
-    layers listed in ``config.json``; ``load`` restores it quantized.
+    layers listed in ``config.json``; ``load`` restores it quantized. A model's velocity adapter
+    (PeRFlow's: prediction type, windows, training schedule) is written there too, and ``load``
+    puts it back (``prediction_type`` / ``num_time_windows`` given to ``load`` override it).
     """
     from streamflow_jax.quantization import quantized_layers
 
@@ -179,8 +183,10 @@ def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
     with atomic_dir(dst) as tmp:
         groups = part_names(names, lambda n: flat[n].nbytes)
         dtype = _write_parts(tmp, ({n: np.asarray(flat[n]) for n in g} for g in groups), False, len(names), "saving")
+        adapter = model.adapter
         _write_config(tmp, model.class_name, model.config, dtype, source,
-                      {"mode": "fp8", "layers": layers} if layers else None)
+                      {"mode": "fp8", "layers": layers} if layers else None,
+                      {"class": type(adapter).__name__, **dataclasses.asdict(adapter)} if adapter is not None else None)
     return dst
 
 
@@ -491,6 +497,13 @@ def _with_adapter(model: FlowModel, path: Path, scheduler, prediction_type, num_
                 return model  # a base model's scheduler: no adapter unless asked (velocity() says how)
             scheduler = schedules.read_scheduler(path, prediction_type=prediction_type,
                                                  num_time_windows=num_time_windows)
+        elif (saved := _saved_adapter(path)) is not None:  # written by save()
+            changes = {k: v for k, v in (("prediction_type", prediction_type), ("num_windows", num_time_windows))
+                       if v is not None}
+            try:
+                return model.with_adapter(dataclasses.replace(saved, **changes))
+            except ValueError as e:
+                raise ConfigError(f"{path}: {e}") from None
         elif overrides:
             scheduler = schedules.parse_scheduler({"_class_name": "PeRFlowScheduler"}, prediction_type=prediction_type,
                                                   num_time_windows=num_time_windows, source=str(path))
@@ -500,6 +513,24 @@ def _with_adapter(model: FlowModel, path: Path, scheduler, prediction_type, num_
         raise ConfigError(f"{path}: {model.class_name} predicts noise, and the scheduler {scheduler.class_name} gives "
                           "no PeRFlow/InstaFlow prediction_type to make it a velocity field")
     return model.with_adapter(PeRFlowAdapter.from_scheduler(scheduler))
+
+
+def _saved_adapter(path: Path):
+    """The velocity adapter ``save`` wrote into ``path/config.json``, or None."""
+    from streamflow_jax.models.perflow import PeRFlowAdapter
+
+    cfg = path / "config.json"
+    raw = read_json(cfg) if cfg.is_file() else {}
+    saved = raw.get(META_KEY, {}).get("adapter") if isinstance(raw.get(META_KEY), dict) else None
+    if saved is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(PeRFlowAdapter)}
+    if not isinstance(saved, dict) or saved.get("class") != "PeRFlowAdapter" or not set(saved) - {"class"} <= fields:
+        raise ConfigError(f"{cfg}: {META_KEY}.adapter is not a PeRFlowAdapter record: {saved!r}")
+    try:
+        return PeRFlowAdapter(**{k: v for k, v in saved.items() if k != "class"})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cfg}: {META_KEY}.adapter: {e}") from None
 
 
 def read_model_config(path) -> tuple[object, object]:

@@ -123,3 +123,27 @@ def test_unet_without_adapter_is_not_a_velocity_field(tmp_path):
     x = np.zeros((1, 8, 8, 4), np.float32)
     with pytest.raises(ValueError, match="with_adapter"):
         model.velocity(x, np.ones(1, np.float32), {"encoder_hidden_states": np.zeros((1, 5, 768), np.float32)})
+
+
+def test_save_keeps_the_adapter(unet_dir, tmp_path):
+    """``sf.save`` of a PeRFlow UNet writes its adapter (prediction type, windows, training
+    schedule) and ``sf.load`` puts it back: the same velocity, no flags; flags given to ``load``
+    override the saved ones; a broken record is an error naming the file."""
+    import json
+
+    model = sf.load(unet_dir, prediction_type="ddim_eps", num_time_windows=2)
+    sf.save(model, tmp_path / "saved")
+    loaded = sf.load(tmp_path / "saved")
+    assert loaded.adapter == model.adapter == PeRFlowAdapter("ddim_eps", 2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([0.9, 0.3], np.float32)
+    cond = {"encoder_hidden_states": rng.standard_normal((2, 5, 768)).astype(np.float32)}
+    np.testing.assert_array_equal(np.asarray(loaded.velocity(x, t, cond)), np.asarray(model.velocity(x, t, cond)))
+    assert sf.load(tmp_path / "saved", prediction_type="diff_eps").adapter == PeRFlowAdapter("diff_eps", 2)
+    cfg = tmp_path / "saved" / "config.json"
+    raw = json.loads(cfg.read_text())
+    raw["streamflow_jax"]["adapter"]["prediction_type"] = "epsilon"
+    cfg.write_text(json.dumps(raw))
+    with pytest.raises(sf.ConfigError, match=r"config\.json: streamflow_jax\.adapter: unsupported: prediction_type"):
+        sf.load(tmp_path / "saved")
