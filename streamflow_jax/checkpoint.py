@@ -167,8 +167,9 @@ def _write_plan(p: ConversionPlan, out: Path, cast, source: str | None, progress
     _write_config(out, p.class_name, p.config, dtype, source, {"mode": quantize, "layers": layers} if layers else None)
 
 
-def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
-    """Writes ``model`` to a new directory ``dst`` atomically (partial dir + rename), in parts.
+def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = False) -> Path:
+    """Writes ``model`` to a new directory ``dst`` atomically (partial dir + rename), in parts
+    (``progress``: a bar over its tensors).
 
     A quantized model (``sf.quantize``) is written as it is, FP8 weights included, with its FP8
     layers listed in ``config.json``; ``load`` restores it quantized. A model's velocity adapter
@@ -182,7 +183,8 @@ def save(model: FlowModel, dst, *, source: str | None = None) -> Path:
     layers = quantized_layers(model)
     with atomic_dir(dst) as tmp:
         groups = part_names(names, lambda n: flat[n].nbytes)
-        dtype = _write_parts(tmp, ({n: np.asarray(flat[n]) for n in g} for g in groups), False, len(names), "saving")
+        dtype = _write_parts(tmp, ({n: np.asarray(flat[n]) for n in g} for g in groups), progress, len(names),
+                             f"saving {dst.name}")
         adapter = model.adapter
         _write_config(tmp, model.class_name, model.config, dtype, source,
                       {"mode": "fp8", "layers": layers} if layers else None,
