@@ -131,3 +131,16 @@ def random_flowmodel(class_name: str, config, dtype: str = "bfloat16", seed: int
             leaves.append(normal(key, i, shape, float(fan_in ** -0.5) if fan_in else 0.02, dtype))
     params = jax.tree_util.tree_unflatten(treedef, leaves)
     return FlowModel.from_params(family, config, params, class_name=class_name)
+
+
+def run_child(cmd: list[str], env: dict, timeout: float) -> dict:
+    """Runs a benchmark's ``--child`` process and returns the JSON of its ``RESULT `` line, or
+    ``{"error": ...}`` (its output's tail, or "timed out")."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}

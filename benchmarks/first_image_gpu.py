@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from common import emit, run_child  # noqa: E402
 
 RUNS = ("no_cache", "cache_cold", "cache_warm")
 
@@ -116,13 +115,7 @@ def main():
                 env["JAX_PLATFORMS"] = "cpu"
             cmd = [sys.executable, __file__, "--child", "--workloads", *args.workloads] + (["--smoke"] if args.smoke else [])
             t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                      timeout=max(30.0, args.budget_s - elapsed))
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                res = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
-            except subprocess.TimeoutExpired:
-                res = {"error": "timed out"}
+            res = run_child(cmd, env, max(30.0, args.budget_s - elapsed))
             results[name] = res
             runs.append({"run": name, "process_s": round(time.perf_counter() - t0, 1), **res})
             print(runs[-1], file=sys.stderr, flush=True)

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from common import emit, run_child  # noqa: E402
 
 # name -> (extra XLA_FLAGS, extra environment). In the order they run: likeliest wins first.
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
@@ -148,13 +147,7 @@ def main():
         if args.smoke:
             cmd.append("--smoke")
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                  timeout=max(30.0, args.budget_s - elapsed))
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            res = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
-        except subprocess.TimeoutExpired:
-            res = {"error": "timed out"}
+        res = run_child(cmd, env, max(30.0, args.budget_s - elapsed))
         wall = time.perf_counter() - t0
         longest = max(longest, wall)
         results[name] = res
