@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import json
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -185,11 +186,23 @@ def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = F
         groups = part_names(names, lambda n: flat[n].nbytes)
         dtype = _write_parts(tmp, ({n: np.asarray(flat[n]) for n in g} for g in groups), progress, len(names),
                              f"saving {dst.name}")
-        adapter = model.adapter
         _write_config(tmp, model.class_name, model.config, dtype, source,
-                      {"mode": "fp8", "layers": layers} if layers else None,
-                      {"class": type(adapter).__name__, **dataclasses.asdict(adapter)} if adapter is not None else None)
+                      {"mode": "fp8", "layers": layers} if layers else None, _adapter_record(model.adapter))
     return dst
+
+
+def _adapter_record(adapter) -> dict | None:
+    """What ``save`` writes of a velocity adapter: PeRFlow's fields (another adapter is the
+    caller's code: not written, with a warning)."""
+    from streamflow_jax.models.perflow import PeRFlowAdapter
+
+    if adapter is None:
+        return None
+    if not isinstance(adapter, PeRFlowAdapter):
+        warnings.warn(f"{type(adapter).__name__} is not saved (only PeRFlowAdapter is): attach it again after "
+                      "sf.load with model.with_adapter(...)", stacklevel=3)
+        return None
+    return {"class": "PeRFlowAdapter", **dataclasses.asdict(adapter)}
 
 
 def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None = None, variant: str | None = None,

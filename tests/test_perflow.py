@@ -141,6 +141,14 @@ def test_save_keeps_the_adapter(unet_dir, tmp_path):
     cond = {"encoder_hidden_states": rng.standard_normal((2, 5, 768)).astype(np.float32)}
     np.testing.assert_array_equal(np.asarray(loaded.velocity(x, t, cond)), np.asarray(model.velocity(x, t, cond)))
     assert sf.load(tmp_path / "saved", prediction_type="diff_eps").adapter == PeRFlowAdapter("diff_eps", 2)
+
+    class Custom:  # an adapter of the caller's own: not written, said
+        def velocity(self, module, x, t, cond):
+            return x
+
+    with pytest.warns(UserWarning, match="Custom is not saved"):
+        sf.save(model.with_adapter(Custom()), tmp_path / "custom")
+    assert sf.load(tmp_path / "custom").adapter is None
     cfg = tmp_path / "saved" / "config.json"
     raw = json.loads(cfg.read_text())
     raw["streamflow_jax"]["adapter"]["prediction_type"] = "epsilon"
