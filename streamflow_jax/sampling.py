@@ -211,7 +211,10 @@ def check_inputs(noise, grid, cond, guidance_scale=None, uncond=None):
         for name, arr in uncond.items():
             if jnp.shape(arr) != jnp.shape(cond[name]):
                 raise ValueError(f"uncond[{name!r}] has shape {jnp.shape(arr)}, cond has {jnp.shape(cond[name])}")
-        guidance_scale = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (b,))
+        scale = jnp.asarray(guidance_scale, jnp.float32)
+        if scale.ndim > 1 or scale.ndim == 1 and scale.shape[0] not in (1, b):
+            raise ValueError(f"guidance_scale has shape {scale.shape}; expected a scalar or one per element, [B={b}]")
+        guidance_scale = jnp.broadcast_to(scale, (b,))
     check_finite(noise=noise, grid=grid, cond=cond, guidance_scale=guidance_scale, uncond=uncond)
     return grid, guidance_scale
 

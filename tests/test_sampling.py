@@ -78,6 +78,12 @@ def test_bad_inputs_name_the_problem(model):
         sf.sample(model, x, grid, {**cond, "encoder_hidden_states": cond["encoder_hidden_states"][:1]})
     with pytest.raises(ValueError, match="needs uncond"):
         sf.sample(model, x, grid, cond, guidance_scale=3.0)
+    with pytest.raises(ValueError, match=r"guidance_scale has shape \(3,\); expected a scalar or one per element, "
+                                         r"\[B=2\]"):
+        sf.sample(model, x, grid, cond, guidance_scale=np.ones(3, np.float32), uncond=cond)
+    with pytest.raises(ValueError, match="cond lacks 'pooled_projections': SD3Transformer2DModel takes "
+                                         "'encoder_hidden_states', 'pooled_projections'"):
+        sf.sample(model, x, grid, {"encoder_hidden_states": cond["encoder_hidden_states"]})
     with pytest.raises(ValueError, match="unknown backend"):
         sf.sample(model, x, grid, cond, backend="cuda")
     with pytest.raises(ValueError, match="larger than the position table"):

@@ -166,6 +166,11 @@ def sample(
     cond = dict(cond)
     uncond = None if uncond is None else dict(uncond)
     grid, guidance_scale = sampling.check_inputs(noise, jnp.asarray(ts, jnp.float32), cond, guidance_scale, uncond)
+    if isinstance(model, FlowModel) and model.family.kind == "velocity":
+        missing = sorted(set(model.cond_shapes()) - set(cond))
+        if missing:
+            raise ValueError(f"cond lacks {', '.join(map(repr, missing))}: {model.class_name} takes "
+                             f"{', '.join(map(repr, model.cond_shapes()))}")
     if not entry.exported:
         if isinstance(model, Runner):
             raise ValueError(f"backend='xla' needs a FlowModel, got a {model.backend} runner")
