@@ -426,6 +426,21 @@ class DeviceBuffers:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_model_shapes(model: FlowModel, latent_shape: tuple[int, ...], cond_shapes: dict) -> None:
+    """Refuses an engine whose latent or conditioning shapes ``model`` cannot take, at
+    construction (they would fail inside the first tick's compiled step)."""
+    if len(latent_shape) != 3 or latent_shape[2] != model.latent_channels:
+        raise ValueError(f"latent_shape {latent_shape}: {model.class_name} takes (H, W, {model.latent_channels})")
+    model.latent_shape(latent_shape[0], latent_shape[1])  # raises on sides the model cannot take
+    text = cond_shapes.get("encoder_hidden_states")
+    want = model.cond_shapes(text[0] if text else None)
+    if set(cond_shapes) != set(want):
+        raise ValueError(f"cond_shapes names {sorted(cond_shapes)}; {model.class_name} takes {sorted(want)}")
+    for name, shape in cond_shapes.items():
+        if tuple(shape) != tuple(want[name]):
+            raise ValueError(f"cond_shapes[{name!r}] is {tuple(shape)}; {model.class_name} takes {tuple(want[name])}")
+
+
 class StreamEngine:
     """Continuous batching of sampling requests over a fixed set of slots.
 
@@ -471,6 +486,8 @@ class StreamEngine:
         self.model, self.backend, self.decoder, self.postprocess = model, backend, decoder, postprocess
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.cond_shapes = {k: tuple(int(d) for d in v) for k, v in cond_shapes.items()}
+        if isinstance(model, FlowModel) and model.family.kind == "velocity":
+            _check_model_shapes(model, self.latent_shape, self.cond_shapes)
         self.guided = bool(guidance)
         self.num_slots = slots_per_stream * streams
         admit = streams if admit_per_tick is None else int(admit_per_tick)

@@ -257,3 +257,18 @@ def test_guided_onnxruntime_engine_with_a_decoder_max_ticks_and_reject(model, tm
             engine.result(rejected)
     assert outs["xla"].shape == (3, 16, 16, 3)
     np.testing.assert_allclose(outs["onnxruntime"], outs["xla"], rtol=1e-4, atol=1e-4)
+
+
+def test_engine_shapes_the_model_cannot_take_are_refused_at_construction(model):
+    """A latent or conditioning shape the model cannot take fails when the engine is made,
+    naming it, not inside the first tick's compiled step (a JAX shape error there)."""
+    with pytest.raises(ValueError, match=r"latent_shape \(8, 8, 16\): SD3Transformer2DModel takes \(H, W, 4\)"):
+        StreamEngine(model, (8, 8, 16), SHAPES)
+    with pytest.raises(ValueError, match="latent height 9 is not a positive multiple of 2"):
+        StreamEngine(model, (9, 8, 4), SHAPES)
+    with pytest.raises(ValueError, match=r"cond_shapes names \['encoder_hidden_states'\]; SD3Transformer2DModel takes "
+                                         r"\['encoder_hidden_states', 'pooled_projections'\]"):
+        StreamEngine(model, (8, 8, 4), {"encoder_hidden_states": SHAPES["encoder_hidden_states"]})
+    with pytest.raises(ValueError, match=r"cond_shapes\['encoder_hidden_states'\] is \(7, 99\)"):
+        StreamEngine(model, (8, 8, 4), {**SHAPES, "encoder_hidden_states": (7, 99)})
+    StreamEngine(model, (8, 8, 4), {**SHAPES, "encoder_hidden_states": (11, CFG["joint_attention_dim"])})  # any length
