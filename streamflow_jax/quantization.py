@@ -34,7 +34,9 @@ Limits:
 - Activations are scaled per tensor, so an element's result depends (slightly) on what shares
   its batch (the stream engine's batches differ from ``sf.sample``'s); batch-independent
   results need per-row scales, which XLA's FP8 rewrite does not take.
-- LoRAs merge into ``kernel`` leaves, which quantized layers no longer have: apply them first.
+- LoRAs go in first: ``apply_loras`` refuses a quantized model (a delta merged into e4m3
+  weights would land in their scaled units); ``convert(..., loras=, quantize="fp8")`` merges
+  them before quantizing.
 - ``FlowModel.astype`` casts the other floating parameters and leaves the e4m3 weights FP8.
 - ``sf.save`` writes a quantized model (e4m3 weights, one byte each, and the list of FP8
   layers in ``config.json``); ``sf.load`` restores it quantized.
@@ -57,6 +59,7 @@ MODES = ("fp8",)
 TENSORRT_REFUSAL = ("FP8 models (quantize) do not build as TensorRT engines: their activations are quantized with "
                     "scales computed per call, and TensorRT's FP8 (Q/DQ) takes scales fixed at build time; run them "
                     "with backend xla (cuBLASLt FP8 GEMMs on Hopper and Ada) or onnxruntime")
+
 
 class Fp8Linear(nnx.Module):
     """``x @ (weight * weight_scale).T + bias`` with e4m3 weights, in ``x``'s dtype.
