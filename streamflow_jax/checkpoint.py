@@ -156,16 +156,16 @@ def _quantized_parts(parts: Iterator[dict[str, np.ndarray]], layers: list[str]) 
 
 
 def _write_plan(p: ConversionPlan, out: Path, cast, source: str | None, progress: bool,
-                quantize: str | None = None) -> None:
-    """Converts and writes a planned model part by part (never all of it in memory); with
-    ``quantize="fp8"`` its chosen linears as ``sf.quantize`` makes them (loaded quantized)."""
+                fp8_layers: list[str] = ()) -> None:
+    """Converts and writes a planned model part by part (never all of it in memory); the
+    ``fp8_layers`` (``_fp8_layers_of``) as ``sf.quantize`` makes them (loaded quantized)."""
     out.mkdir(parents=True, exist_ok=True)
-    layers = _fp8_layers_of(p) if quantize else []
+    layers = list(fp8_layers)
     groups = part_names(list(p.targets), lambda n: p.nbytes(n, cast))
     parts = (dict(p.read(g, cast)) for g in groups)
     dtype = _write_parts(out, _quantized_parts(parts, layers) if layers else parts, progress,
                          len(p.targets) + len(layers), f"converting {Path(p.source).name or p.source}")
-    _write_config(out, p.class_name, p.config, dtype, source, {"mode": quantize, "layers": layers} if layers else None)
+    _write_config(out, p.class_name, p.config, dtype, source, {"mode": "fp8", "layers": layers} if layers else None)
 
 
 def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = False) -> Path:
@@ -266,10 +266,9 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         p.allow_nonfinite = allow_nonfinite
         if loras:
             p.deltas = merged_deltas(p.family, p.config, p.targets, loras, strict_other=True)
-        if quantize:
-            _fp8_layers_of(p)  # a family without a rule: refused before dst is touched
+        layers = _fp8_layers_of(p) if quantize else ()  # a family without a rule: refused before dst
         with atomic_dir(dst) as tmp:
-            _write_plan(p, tmp, cast, str(src.absolute()), progress, quantize)
+            _write_plan(p, tmp, cast, str(src.absolute()), progress, layers)
         return dst
     check_model_source(src)
     components = pipeline_components(src)
@@ -287,8 +286,11 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         p.allow_nonfinite = allow_nonfinite
     if loras:
         _lora_into_components(plans, loras)
+    fp8 = {name: _fp8_layers_of(plans[name]) for name in velocity if quantize}
     with atomic_dir(dst) as tmp:
         record = {"converted": {}, "copied": [], "skipped": {}}
+        if fp8:
+            record["quantized"] = {name: quantize for name in fp8}
         for name, kind in components.items():
             if kind == "config-only":
                 shutil.copytree(src / name, tmp / name)
@@ -296,11 +298,8 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             elif kind.startswith("skip:"):
                 record["skipped"][name] = kind.removeprefix("skip: ")
             else:
-                _write_plan(plans[name], tmp / name, cast, str((src / name).absolute()), progress,
-                            quantize if name in velocity else None)
+                _write_plan(plans[name], tmp / name, cast, str((src / name).absolute()), progress, fp8.get(name, ()))
                 record["converted"][name] = kind
-                if quantize and name in velocity:
-                    record["quantized"] = {**record.get("quantized", {}), name: quantize}
         if not record["converted"]:
             raise ConversionError(f"{src}: no supported component ({record['skipped']})")
         for f in sorted(src.iterdir()):  # model_index.json and small side files; not root-level checkpoints
@@ -366,14 +365,14 @@ def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast
         p.allow_nonfinite = allow_nonfinite
     if loras:
         _lora_into_components(plans, loras)
+    fp8 = {name: _fp8_layers_of(p) for name, p in plans.items() if quantize and p.family.kind == "velocity"}
     with atomic_dir(dst) as tmp:
         record = {"converted": {}, "copied": [], "skipped": {}}
+        if fp8:
+            record["quantized"] = {name: quantize for name in fp8}
         for name, p in plans.items():
-            q = quantize if p.family.kind == "velocity" else None
-            _write_plan(p, tmp / name, cast, f"{src.absolute()} ({name})", progress, q)
+            _write_plan(p, tmp / name, cast, f"{src.absolute()} ({name})", progress, fp8.get(name, ()))
             record["converted"][name] = p.class_name
-            if q:
-                record["quantized"] = {**record.get("quantized", {}), name: q}
         for name, kind in pipeline_components(pipeline_dir).items():
             if name in plans:  # written from the single file (a configs-only directory lists it as config-only)
                 continue

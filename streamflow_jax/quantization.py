@@ -127,9 +127,7 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
         raise ValueError(f"no FP8 rule for the {family} family (its Family.fp8_linears is None); "
                          "choose the linears with include=REGEX")
     module = model.module
-    names = set(fp8_layer_names(module, pattern))
-    targets = [(path, node) for path, node in nnx.iter_graph(module)
-               if isinstance(node, Linear) and ".".join(map(str, path)) in names]
+    targets = _chosen_linears(module, pattern)
     if not targets:
         raise ValueError(f"no linear layer of this {family} model matches {pattern!r} "
                          "(is it quantized already?)")
@@ -142,11 +140,16 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
     return model._replace(graphdef=graphdef, state=state)
 
 
+def _chosen_linears(module, pattern: str) -> list[tuple[tuple, Linear]]:
+    """``(path, layer)`` of ``module``'s linear layers whose dotted path ``pattern`` matches."""
+    chosen = re.compile(pattern)
+    return [(path, node) for path, node in nnx.iter_graph(module)
+            if isinstance(node, Linear) and path and chosen.search(".".join(map(str, path)))]
+
+
 def fp8_layer_names(module, pattern: str) -> list[str]:
     """The dotted paths of ``module``'s linear layers that ``pattern`` picks (``quantize``'s rule)."""
-    chosen = re.compile(pattern)
-    return [".".join(map(str, path)) for path, node in nnx.iter_graph(module)
-            if isinstance(node, Linear) and path and chosen.search(".".join(map(str, path)))]
+    return [".".join(map(str, path)) for path, _ in _chosen_linears(module, pattern)]
 
 
 def quantize_kernel(kernel) -> tuple[np.ndarray, np.ndarray]:
