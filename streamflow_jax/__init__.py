@@ -10,6 +10,7 @@ The public API, re-exported explicitly (the table below)::
     pipe = sf.Pipeline.from_diffusers(path)   # the pipeline class from model_index.json
     styled = sf.apply_loras(model, ["lora.safetensors:0.8"])  # same structure: nothing recompiles
     fast = sf.quantize(model, "fp8")          # e4m3 linear weights with scales
+    fixed = sf.calibrate(fast, run)           # static activation scales, measured by run(model)
 
 Importing it changes no global state: the CLI, the server and the pipelines' loaders turn on
 JAX's persistent compilation cache (``sf.enable_compilation_cache()`` does it for your own code).
@@ -46,6 +47,7 @@ _EXPORTS = {
     "make_mesh": "streamflow_jax.sharding",
     "shard": "streamflow_jax.sharding",
     "quantize": "streamflow_jax.quantization",
+    "calibrate": "streamflow_jax.quantization",
 }
 _SUBMODULES = ("schedules",)
 
@@ -60,7 +62,7 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
     from streamflow_jax.lora import apply_loras
     from streamflow_jax.models import FlowModel
     from streamflow_jax.pipelines import Pipeline
-    from streamflow_jax.quantization import quantize
+    from streamflow_jax.quantization import calibrate, quantize
     from streamflow_jax.sampling import Guidance, euler_step, guided_velocity
     from streamflow_jax.sharding import make_mesh, shard
     from streamflow_jax.stream import StreamEngine

@@ -177,17 +177,22 @@ def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = F
     (PeRFlow's: prediction type, windows, training schedule) is written there too, and ``load``
     puts it back (``prediction_type`` / ``num_time_windows`` given to ``load`` override it).
     """
-    from streamflow_jax.quantization import quantized_layers
+    from streamflow_jax.quantization import activation_scales, quantized_layers
 
     dst = Path(dst).absolute()
     flat, _, names = flat_params(nnx.to_pure_dict(model.state))
     layers = quantized_layers(model)
+    quantization = None
+    if layers:
+        quantization = {"mode": "fp8", "layers": layers}
+        if activation_scales(model) == "static":
+            quantization["activation_scales"] = "static"
     with atomic_dir(dst) as tmp:
         groups = part_names(names, lambda n: flat[n].nbytes)
         dtype = _write_parts(tmp, ({n: np.asarray(flat[n]) for n in g} for g in groups), progress, len(names),
                              f"saving {dst.name}")
         _write_config(tmp, model.class_name, model.config, dtype, source,
-                      {"mode": "fp8", "layers": layers} if layers else None, _adapter_record(model.adapter))
+                      quantization, _adapter_record(model.adapter))
     return dst
 
 
@@ -207,7 +212,7 @@ def _adapter_record(adapter) -> dict | None:
 
 def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None = None, variant: str | None = None,
             delta=None, delta_variant: str | None = None, loras=None, allow_nonfinite: bool = False,
-            quantize: str | None = None) -> Path:
+            quantize: str | None = None, calibrate=None, calibration_steps: int | None = None) -> Path:
     """Converts a diffusers model or pipeline directory (or a single file) into a streamflow-jax directory.
 
     Args:
@@ -238,6 +243,10 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             ``sf.quantize(model, "fp8")`` makes it, e4m3 weights with scales, part by part (LoRAs
             and deltas merged first); ``load`` restores it quantized. Other components keep
             ``dtype``.
+        calibrate: with ``quantize="fp8"`` and a pipeline: prompts (a list of strings) the
+            converted pipeline generates, at ``calibration_steps`` (default: the pipeline's),
+            to measure static activation scales (``PromptPipeline.calibrate``); the velocity
+            model is written with them (TensorRT builds it). Nothing is written if it fails.
 
     Returns:
         The output path.
@@ -249,6 +258,17 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     cast = resolve_dtype(dtype)
     if quantize is not None and quantize != "fp8":
         raise ConversionError(f"unsupported quantization mode {quantize!r} (supported: fp8)")
+    if calibrate is not None:
+        prompts = _calibration_prompts(calibrate, quantize, src, config)
+        with atomic_dir(dst) as tmp:
+            staged = convert(src, tmp / "converted", dtype=dtype, progress=progress, config=config, variant=variant,
+                             delta=delta, delta_variant=delta_variant, loras=loras, allow_nonfinite=allow_nonfinite,
+                             quantize=quantize)
+            calibrate_converted(staged, prompts, steps=calibration_steps, progress=progress)
+            for item in staged.iterdir():
+                item.rename(tmp / item.name)
+            staged.rmdir()
+        return dst
     reading = dict(variant=variant, delta=delta, delta_variant=delta_variant)
     if src.is_file() and isinstance(config, str | Path) and (Path(config) / "model_index.json").is_file():
         if variant is not None:
@@ -340,6 +360,68 @@ def _lora_into_components(plans: dict[str, ConversionPlan], loras) -> None:
 
 def _names_component(key: str, component: str, prefixes: dict[str, tuple[str, ...]]) -> bool:
     return key.startswith(f"{component}.") or any(key.startswith(p) for p in prefixes.get(component, ()))
+
+
+def saved_activation_scales(path) -> str | None:
+    """How the FP8 model saved at ``path`` (a converted model, or a converted pipeline's velocity
+    component) scales its activations: ``"static"``, ``"dynamic"``, or None (not FP8, or not a
+    converted checkpoint). Reads ``config.json`` files only."""
+    path = Path(path)
+    configs = [path / "config.json", *sorted(path.glob("*/config.json"))] if path.is_dir() else []
+    for cfg in configs:
+        try:
+            meta = json.loads(cfg.read_text()).get(META_KEY)
+        except (OSError, ValueError, AttributeError):
+            continue
+        quantization = meta.get("quantization") if isinstance(meta, dict) else None
+        if isinstance(quantization, dict):
+            return "static" if quantization.get("activation_scales") == "static" else "dynamic"
+    return None
+
+
+def _calibration_prompts(calibrate, quantize, src: Path, config) -> list[str]:
+    """``convert``'s ``calibrate``, checked before anything is written."""
+    from streamflow_jax.pipelines.base import check_prompts
+
+    if quantize != "fp8":
+        raise ConversionError("calibrate measures FP8 activation scales: it needs quantize='fp8'")
+    pipeline = (src / "model_index.json").is_file() or (
+        src.is_file() and isinstance(config, str | Path) and (Path(config) / "model_index.json").is_file())
+    if not pipeline:
+        raise ConversionError(f"{src}: calibrate runs prompts through a pipeline (model_index.json), and this is a "
+                              "single model; quantize it and call sf.calibrate(model, run) with your own inputs")
+    try:
+        return check_prompts(calibrate)
+    except ValueError as e:
+        raise ConversionError(f"calibrate: {e}") from None
+
+
+def calibrate_converted(path, prompts, *, steps: int | None = None, progress: bool = False) -> str:
+    """Calibrates the FP8 velocity model of the converted pipeline at ``path`` in place
+    (``PromptPipeline.calibrate`` on ``prompts``) and records it in ``conversion.json``.
+    Returns the component's name."""
+    import os
+
+    from streamflow_jax.pipelines import Pipeline
+
+    path = Path(path)
+    record_path = path / "conversion.json"
+    record = json.loads(record_path.read_text())
+    names = list(record.get("quantized", {}))
+    if len(names) != 1:
+        raise ConversionError(f"{path}: calibration needs a pipeline whose velocity model is quantized (FP8)")
+    name = names[0]
+    pipe = Pipeline.from_diffusers(path)
+    pipe.calibrate(prompts, steps=steps, progress=progress)
+    meta = json.loads((path / name / "config.json").read_text()).get(META_KEY, {})
+    staged = save(pipe.model, path / f".{name}.calibrated", source=meta.get("source"))
+    old = path / f".{name}.uncalibrated"
+    os.rename(path / name, old)
+    os.rename(staged, path / name)
+    shutil.rmtree(old)
+    record["calibrated"] = {name: {"prompts": len(prompts), "steps": steps}}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return name
 
 
 def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast, progress: bool, *,
@@ -564,12 +646,13 @@ def _quantized_structure(cfg_path, class_name, model_config, fam, graphdef, abst
     the FP8 layers)."""
     from streamflow_jax.quantization import quantized_structure
 
-    mode, layers = (quantization.get(k) if isinstance(quantization, dict) else None for k in ("mode", "layers"))
+    mode, layers, scales = (quantization.get(k) if isinstance(quantization, dict) else None
+                            for k in ("mode", "layers", "activation_scales"))
     if not (isinstance(layers, list) and layers and all(isinstance(n, str) for n in layers)):
         raise ConversionError(f"{cfg_path}: {META_KEY}.quantization.layers must be a list of layer names")
     abstract = FlowModel(class_name, model_config, graphdef, abstract_state, family=fam)
     try:
-        abstract = quantized_structure(abstract, mode, layers)
+        abstract = quantized_structure(abstract, mode, layers, scales or "dynamic")
     except ValueError as e:
         raise ConversionError(f"{cfg_path}: {META_KEY}.quantization: {e}") from None
     return abstract.graphdef, abstract.state

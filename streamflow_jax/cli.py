@@ -29,10 +29,11 @@ DESCRIPTION = ("Rectified-flow image generators (SD3/SD3.5, Flux.1, PeRFlow/Inst
 def _cmd_convert(args) -> int:
     from streamflow_jax.checkpoint import convert
 
+    prompts = _calibration_file(args)
     out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet,
                   config=_config_overrides(args.config_from), variant=args.variant, delta=args.delta,
                   delta_variant=args.delta_variant, loras=args.lora, allow_nonfinite=args.allow_nonfinite,
-                  quantize=args.quantize)
+                  quantize=args.quantize, calibrate=prompts, calibration_steps=args.calibration_steps)
     print(f"converted {args.src} -> {out}" + (f" ({args.quantize})" if args.quantize and (out / "config.json").is_file()
                                                  else ""))
     record = out / "conversion.json"
@@ -40,12 +41,33 @@ def _cmd_convert(args) -> int:
         rec = json.loads(record.read_text())
         for name, cls in rec["converted"].items():
             q = rec.get("quantized", {}).get(name)
-            print(f"  converted {name} ({cls}{', ' + q if q else ''})")
+            c = rec.get("calibrated", {}).get(name)
+            c = f", static activation scales from {c['prompts']} prompt(s)" if c else ""
+            print(f"  converted {name} ({cls}{', ' + q if q else ''}{c})")
         for name in rec["copied"]:
             print(f"  copied    {name} (configuration only)")
         for name, why in rec["skipped"].items():
             print(f"  skipped   {name}: {why}")
     return 0
+
+
+def _calibration_file(args) -> list[str] | None:
+    """``--calibrate FILE``: its prompts, a line each (blank lines skipped), read before converting."""
+    if args.calibrate is None:
+        if args.calibration_steps is not None:
+            raise ValueError("--calibration-steps goes with --calibrate FILE")
+        return None
+    if args.quantize != "fp8":
+        raise ValueError("--calibrate measures FP8 activation scales: it needs --quantize fp8")
+    _positive(args, "calibration_steps")
+    path = Path(args.calibrate)
+    try:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--calibrate {path}: cannot read it ({e})") from None
+    if not prompts:
+        raise ValueError(f"--calibrate {path}: no prompt in it (one per line)")
+    return prompts
 
 
 def _config_overrides(path: str | None):
@@ -101,10 +123,15 @@ def _check_common(args) -> None:
 
 
 def _check_quantize_backend(args) -> None:
+    """``--quantize fp8 --backend tensorrt`` needs a checkpoint with calibrated FP8 scales
+    (``convert --quantize fp8 --calibrate``): refused before loading anything else."""
     if getattr(args, "quantize", None) and getattr(args, "backend", None) == "tensorrt":
+        from streamflow_jax.checkpoint import saved_activation_scales
         from streamflow_jax.quantization import TENSORRT_REFUSAL
 
-        raise ValueError(f"--quantize {args.quantize} --backend tensorrt: {TENSORRT_REFUSAL}")
+        model = getattr(args, "model", None)
+        if model is None or saved_activation_scales(model) != "static":
+            raise ValueError(f"--quantize {args.quantize} --backend tensorrt: {TENSORRT_REFUSAL}")
 
 
 def _check_out(path: str) -> Path:
@@ -292,14 +319,20 @@ def _cmd_export(args) -> int:
     if args.backend == "tensorrt":
         from streamflow_jax.backends.tensorrt import tensorrt_flavour
 
-        # fail before exporting when TensorRT is missing or the targets are wrong
+        # fail before exporting when TensorRT is missing or the targets are wrong (an FP8 graph's
+        # are checked again once exported: compute capability 8.9 and later)
         flavour = tensorrt_flavour(args.tensorrt)
-        targets = flavour.targets(args.compute_capability)
+        flavour.targets(args.compute_capability)
     path = Path(args.model)
     scale_hint, text_hint = pipeline_facts(path) if path.is_dir() else (None, None)
     model = _load_for_graph(args, path, progress=not args.quiet)
     if args.quantize:
         model = _quantize(model, args.quantize)
+    if args.backend == "tensorrt":
+        from streamflow_jax.quantization import TENSORRT_REFUSAL, activation_scales
+
+        if activation_scales(model) == "dynamic":  # a checkpoint converted with --quantize fp8 alone
+            raise ValueError(f"{path}: {TENSORRT_REFUSAL}")
     spec = export_spec(model, batch=args.batch, resolution=args.resolution,
                        latent_scale=args.latent_scale or (scale_hint if model.family.kind == "velocity" else None),
                        text_len=args.text_len or text_hint, dtype=args.dtype)
@@ -310,7 +343,8 @@ def _cmd_export(args) -> int:
         from streamflow_jax.backends.tensorrt import export_engine, local_gpu
 
         try:  # TensorRT-RTX needs no GPU to build; running is another matter, said below
-            entry = export_engine(exported, flavour=flavour, targets=targets, opt_level=args.opt_level)
+            entry = export_engine(exported, flavour=flavour, targets=args.compute_capability,
+                                  opt_level=args.opt_level)
         except Exception as e:
             raise ValueError(f"the ONNX export in {exported.path} is complete, but the TensorRT engine was not "
                              f"built: {e}") from None
@@ -457,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("fp8",), default=None,
                    help="write the velocity model (a pipeline's transformer or unet) with FP8 linear weights, as "
                         "sf.quantize makes them (about half the bytes of bf16 for SD3 and Flux); loaded quantized")
+    p.add_argument("--calibrate", default=None, metavar="PROMPTS",
+                   help="with --quantize fp8, for a pipeline: a text file of prompts (one per line) the converted "
+                        "pipeline generates to measure static activation scales (sf.calibrate; TensorRT builds "
+                        "such a model); use prompts like the ones it will serve")
+    p.add_argument("--calibration-steps", type=int, default=None, metavar="N",
+                   help="steps per calibration prompt (default: the pipeline's)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="convert weights holding NaN or inf (refused by default, naming the tensor)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -169,31 +169,73 @@ def exporting():
         _EXPORTING.reset(token)
 
 
-def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array) -> jax.Array:
-    """``x @ (weight * weight_scale).T`` with ``x`` quantized to e4m3 per tensor on the fly.
+def _fake_quantize(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x`` rounded to e4m3 with ``scale`` and back, in ``x``'s dtype."""
+    return quantize_fp8(x, scale).astype(x.dtype) * scale.astype(x.dtype)
+
+
+def _dequantize(q: jax.Array, scale: jax.Array, *, dtype) -> jax.Array:
+    return q.astype(dtype) * scale.astype(dtype)
+
+
+def _primitive(name: str, impl, abstract):
+    """A JAX primitive computed by ``impl`` (a jnp function), for export: jax2onnx writes it as
+    ONNX's QuantizeLinear / DequantizeLinear (``export.qdq``), where the jnp ops would be Casts."""
+    from jax.extend.core import Primitive
+    from jax.interpreters import mlir
+
+    p = Primitive(name)
+    p.def_impl(impl)
+    p.def_abstract_eval(abstract)
+    mlir.register_lowering(p, mlir.lower_fun(impl, multiple_results=False))
+    return p
+
+
+# ``x`` -> QuantizeLinear(x, scale, e4m3 zero) -> DequantizeLinear: a static FP8 activation
+FP8_QDQ = _primitive("streamflow_fp8_qdq", _fake_quantize,
+                     lambda x, scale: jax.core.ShapedArray(x.shape, x.dtype))
+# an e4m3 weight -> DequantizeLinear(weight, scale): the weight stays FP8 in the graph
+FP8_DEQUANTIZE = _primitive("streamflow_fp8_dequantize", _dequantize,
+                            lambda q, scale, *, dtype: jax.core.ShapedArray(q.shape, dtype))
+
+
+def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
+               x_scale: jax.Array | None = None) -> jax.Array:
+    """``x @ (weight * weight_scale).T`` with ``x`` quantized to e4m3 per tensor.
 
     Written as XLA's FP8 GEMM pattern (openxla RFC 22, ``GemmRewriter``): both operands are
     ``convert(f8) * broadcast(scalar scale)`` feeding one ``dot``, which XLA on Hopper and Ada
     rewrites into one cuBLASLt FP8 GEMM (``__cublas$lt$matmul$f8``) with the scales in its
-    alpha; elsewhere (CPU, older GPUs) the same HLO runs as a dequantized matmul. The weight
-    is ``[out, in]`` (K minor), the layout cuBLASLt's FP8 kernels take, so no transpose runs
-    per call.
+    alpha; elsewhere (CPU, older GPUs) the same HLO runs as a dequantized matmul with the same
+    numbers. The weight is ``[out, in]`` (K minor), the layout cuBLASLt's FP8 kernels take, so
+    no transpose runs per call.
+
+    Under ``exporting()``: the weight is written as DequantizeLinear of the e4m3 initializer,
+    a static ``x_scale`` as QuantizeLinear + DequantizeLinear (TensorRT's explicit FP8
+    quantization); a dynamic one as Casts (TensorRT refuses those).
 
     Args:
         x: ``[..., in]`` activations, any float dtype (the compute dtype).
         weight: ``[out, in]`` ``float8_e4m3fn``.
         weight_scale: float scalar.
+        x_scale: float scalar, the activation's static scale (calibrated: ``sf.calibrate``;
+            values beyond ``448 * x_scale`` saturate), or None: computed from this call's
+            ``x`` (its largest magnitude, over the whole batch).
 
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
-    # lax.reduce_max, not jnp.max: no emptiness check, which symbolic (exported) sizes cannot answer
-    x_scale = fp8_scale(jax.lax.reduce_max(jnp.abs(x), tuple(range(x.ndim))))
-    xq = quantize_fp8(x, x_scale)
-    dequant = lambda q, s: q.astype(x.dtype) * s.astype(x.dtype)  # noqa: E731
-    if _EXPORTING.get():
-        return jnp.matmul(dequant(xq, x_scale), dequant(weight, weight_scale).T)
-    return jax.lax.dot_general(dequant(xq, x_scale), dequant(weight, weight_scale),
+    exporting_ = _EXPORTING.get()
+    if x_scale is None:
+        # lax.reduce_max, not jnp.max: no emptiness check, which symbolic (exported) sizes cannot answer
+        x_scale = fp8_scale(jax.lax.reduce_max(jnp.abs(x), tuple(range(x.ndim))))
+        xd = _fake_quantize(x, x_scale)
+    else:
+        x_scale = jnp.asarray(x_scale, jnp.float32)
+        xd = FP8_QDQ.bind(x, x_scale) if exporting_ else _fake_quantize(x, x_scale)
+    if exporting_:
+        return jnp.matmul(xd, FP8_DEQUANTIZE.bind(weight, weight_scale, dtype=x.dtype).T)
+    return jax.lax.dot_general(xd, _dequantize(weight, weight_scale, dtype=x.dtype),
                                (((x.ndim - 1,), (1,)), ((), ())))
 
 

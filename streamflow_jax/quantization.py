@@ -31,9 +31,12 @@ Which linears, per family (its ``Family.fp8_linears``):
 
 Limits:
 
-- Activations are scaled per tensor, so an element's result depends (slightly) on what shares
-  its batch (the stream engine's batches differ from ``sf.sample``'s); batch-independent
-  results need per-row scales, which XLA's FP8 rewrite does not take.
+- Activations are scaled per tensor. By default ("dynamic") the scale comes from each call's
+  input, so an element's result depends (slightly) on what shares its batch (the stream
+  engine's batches differ from ``sf.sample``'s). ``calibrate`` measures the scales once
+  ("static": ``Fp8Linear.input_scale``): results become batch-independent, and the model
+  exports as ONNX QuantizeLinear / DequantizeLinear, which TensorRT builds (compute capability
+  8.9 and later); a dynamic model's export is refused by TensorRT (``TENSORRT_REFUSAL``).
 - LoRAs go in first: ``apply_loras`` refuses a quantized model (a delta merged into e4m3
   weights would land in their scaled units); ``convert(..., loras=, quantize="fp8")`` merges
   them before quantizing.
@@ -44,7 +47,11 @@ Limits:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
+import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +63,10 @@ from streamflow_jax.models.flow import FlowModel
 from streamflow_jax.models.layers import Linear
 
 MODES = ("fp8",)
-TENSORRT_REFUSAL = ("FP8 models (quantize) do not build as TensorRT engines: their activations are quantized with "
-                    "scales computed per call, and TensorRT's FP8 (Q/DQ) takes scales fixed at build time; run them "
-                    "with backend xla (cuBLASLt FP8 GEMMs on Hopper and Ada) or onnxruntime")
+TENSORRT_REFUSAL = ("FP8 models with dynamic activation scales do not build as TensorRT engines: their activations "
+                    "are quantized with scales computed per call, and TensorRT's FP8 (Q/DQ) takes scales fixed at "
+                    "build time; calibrate them first (sf.calibrate, or --calibrate PROMPTS), or run them with "
+                    "backend xla (cuBLASLt FP8 GEMMs on Hopper and Ada) or onnxruntime")
 
 
 class Fp8Linear(nnx.Module):
@@ -69,12 +77,19 @@ class Fp8Linear(nnx.Module):
             FP8 kernels take their second operand).
         weight_scale: float32 scalar, a power of two.
         bias: ``[out]`` in the original dtype, or None.
+        input_scale: float32 scalar, a power of two: the input's static scale (``calibrate``
+            sets it), or None: the scale is computed from each call's input.
+        calibration: static; while ``calibrate`` runs, ``(run id, layer name)``: each call
+            reports its input's largest magnitude to the host.
     """
 
-    def __init__(self, weight: jax.Array, weight_scale: jax.Array, bias: jax.Array | None):
+    def __init__(self, weight: jax.Array, weight_scale: jax.Array, bias: jax.Array | None,
+                 input_scale: jax.Array | None = None):
         self.weight = nnx.Param(weight)
         self.weight_scale = nnx.Param(weight_scale)
         self.bias = nnx.Param(bias) if bias is not None else None
+        self.input_scale = nnx.Param(input_scale) if input_scale is not None else None
+        self.calibration = None
 
     @classmethod
     def from_linear(cls, linear: Linear) -> Fp8Linear:
@@ -82,7 +97,11 @@ class Fp8Linear(nnx.Module):
         return cls(weight, scale, linear.bias[...] if linear.bias is not None else None)
 
     def __call__(self, x):  # [..., in] -> [..., out]
-        y = ops.fp8_matmul(x, self.weight[...], self.weight_scale[...])
+        if self.calibration is not None:
+            amax = jax.lax.reduce_max(jnp.abs(x).astype(jnp.float32), tuple(range(x.ndim)))
+            jax.debug.callback(functools.partial(_record, *self.calibration), amax)
+        scale = None if self.input_scale is None else self.input_scale[...]
+        y = ops.fp8_matmul(x, self.weight[...], self.weight_scale[...], scale)
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
@@ -169,9 +188,10 @@ def is_quantized(model: FlowModel) -> bool:
     return any(isinstance(node, Fp8Linear) for _, node in nnx.iter_graph(model.module))
 
 
-def quantized_structure(model: FlowModel, mode: str, layers: list[str]) -> FlowModel:
+def quantized_structure(model: FlowModel, mode: str, layers: list[str], activation_scales: str = "dynamic") -> FlowModel:
     """``model`` (abstract: ``jax.ShapeDtypeStruct`` leaves) with exactly ``layers`` made FP8,
-    abstract too: the structure a saved quantized model is restored into (``sf.load``)."""
+    abstract too: the structure a saved quantized model is restored into (``sf.load``);
+    ``activation_scales="static"``: with calibrated input scales (``calibrate``)."""
     if mode not in MODES:
         raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
     pattern = "^(?:" + "|".join(re.escape(name) for name in layers) + ")$"
@@ -181,8 +201,13 @@ def quantized_structure(model: FlowModel, mode: str, layers: list[str]) -> FlowM
         missing = sorted(set(layers) - linears)
         if missing:
             raise ValueError(f"no linear layer named {missing[0]!r} in this {m.family.name} model")
-        return quantize(m, mode, include=pattern)
+        q = quantize(m, mode, include=pattern)
+        if activation_scales == "static":
+            q = _with_layers(q, lambda name, layer: _rebuilt(layer, jnp.ones((), jnp.float32)))
+        return q
 
+    if activation_scales not in ("static", "dynamic"):
+        raise ValueError(f"activation_scales must be 'static' or 'dynamic', got {activation_scales!r}")
     return jax.eval_shape(build, model)
 
 
@@ -192,6 +217,111 @@ def quantized(model: FlowModel, mode: str = "fp8") -> FlowModel:
     if mode not in MODES:
         raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
     return model if is_quantized(model) else quantize(model, mode)
+
+
+def activation_scales(model: FlowModel) -> str | None:
+    """``"static"`` when every FP8 layer of ``model`` has a calibrated input scale
+    (``calibrate``), ``"dynamic"`` when none has, None for a model without FP8 layers."""
+    layers = _fp8_nodes(model.module)
+    if not layers:
+        return None
+    static = {layer.input_scale is not None for _, layer in layers}
+    if len(static) > 1:
+        raise ValueError("some FP8 layers have calibrated input scales and some do not; calibrate the model again")
+    return "static" if static.pop() else "dynamic"
+
+
+def _fp8_nodes(module) -> list[tuple[str, Fp8Linear]]:
+    return [(".".join(map(str, path)), node) for path, node in nnx.iter_graph(module) if isinstance(node, Fp8Linear)]
+
+
+def _with_layers(model: FlowModel, make: Callable[[str, Fp8Linear], Fp8Linear]) -> FlowModel:
+    """A copy of ``model`` whose each FP8 layer is ``make(name, layer)``."""
+    module = nnx.clone(model.module)
+    for path, layer in [(p, n) for p, n in nnx.iter_graph(module) if isinstance(n, Fp8Linear)]:
+        parent = module
+        for key in path[:-1]:
+            parent = parent[int(key)] if isinstance(parent, nnx.List) else getattr(parent, key)
+        _replace(parent, path[-1], make(".".join(map(str, path)), layer))
+    graphdef, state = nnx.split(module)
+    return model._replace(graphdef=graphdef, state=state)
+
+
+def _rebuilt(layer: Fp8Linear, input_scale) -> Fp8Linear:
+    return Fp8Linear(layer.weight[...], layer.weight_scale[...], None if layer.bias is None else layer.bias[...],
+                     input_scale)
+
+
+# calibration runs in progress: run id -> {layer name: largest input magnitude seen}
+_RUNS: dict[int, dict[str, float]] = {}
+_RUNS_LOCK = threading.Lock()
+_RUN_IDS = itertools.count()
+
+
+def _record(run: int, name: str, amax) -> None:
+    """Host side of a calibrating ``Fp8Linear`` (``jax.debug.callback``; any thread)."""
+    value = float(np.max(np.asarray(amax, np.float32)))
+    with _RUNS_LOCK:
+        seen = _RUNS.get(run)
+        if seen is not None:
+            seen[name] = max(value, seen.get(name, 0.0))
+
+
+def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom: float = 1.0) -> FlowModel:
+    """``model`` (quantized, ``quantize``) with static activation scales measured by ``run``.
+
+    ``run`` gets a copy of the model that reports, at every call of each FP8 layer, the largest
+    magnitude of that layer's input; it should call it (``sf.sample``, a pipeline, the stream
+    engine) on inputs like the ones the model will see: a few prompts, the step counts and
+    guidance used in practice, through backend ``xla``. Each layer's scale is then the power of
+    two that brings ``headroom`` times the largest magnitude seen into e4m3's ``(224, 448]``
+    (inputs beyond ``448 * scale`` saturate later).
+
+    Why: with static scales each element's result no longer depends on what shares its batch
+    (the stream engine's results equal ``sf.sample``'s), no pass over the input finds its
+    largest magnitude before each product, and the model exports to TensorRT (ONNX
+    QuantizeLinear / DequantizeLinear, TensorRT's explicit FP8 quantization).
+
+    Args:
+        model: a quantized ``FlowModel`` (dynamic or calibrated already: measured anew).
+        run: called once with the calibrating model; its return value is ignored.
+        headroom: a factor >= 1 on the measured magnitudes (1: the measured range fills e4m3,
+            up to a power of two).
+
+    Returns:
+        The model with each FP8 layer's ``input_scale`` set (it saves, loads and exports with
+        them).
+
+    Raises:
+        ValueError: ``model`` has no FP8 layer, ``headroom < 1``, or ``run`` did not call
+            some FP8 layer (through XLA; the layer is named).
+    """
+    if not is_quantized(model):
+        raise ValueError("calibrate takes a quantized model: sf.quantize(model, 'fp8') first")
+    if not headroom >= 1:
+        raise ValueError(f"headroom must be >= 1, got {headroom}")
+    run_id = next(_RUN_IDS)
+
+    def recording(name, layer):
+        out = _rebuilt(layer, None)  # measured as the dynamic model runs
+        out.calibration = (run_id, name)
+        return out
+
+    with _RUNS_LOCK:
+        _RUNS[run_id] = {}
+    try:
+        run(_with_layers(model, recording))
+        jax.effects_barrier()
+    finally:
+        with _RUNS_LOCK:
+            seen = _RUNS.pop(run_id)
+    names = [name for name, _ in _fp8_nodes(model.module)]
+    missing = [name for name in names if name not in seen]
+    if missing:
+        raise ValueError(f"calibration saw no call of {len(missing)} of the {len(names)} FP8 layers "
+                         f"({missing[0]!r} first): run must call the model it is given, through backend xla")
+    return _with_layers(model, lambda name, layer: _rebuilt(
+        layer, ops.fp8_scale(jnp.float32(seen[name] * headroom))))
 
 
 def parameter_bytes(model: FlowModel) -> int:

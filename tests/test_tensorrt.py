@@ -315,27 +315,47 @@ def test_rtx_targets_and_where_engines_run():
 
 
 def test_fp8_models_are_refused_with_the_reason(tmp_path, capsys):
-    """A quantized model's graph casts activations to FP8 with scales computed per call;
-    TensorRT takes FP8 tensors only from its Q/DQ layers with build-time scales (TensorRT-RTX's
-    own builder says "has datatype FP8 but is not produced by ... IQuantizeLayer"). Refused with
-    that reason: by the CLI before loading, by runner_for before exporting, by build_engine."""
+    """A quantized model's graph (dynamic activation scales) casts activations to FP8 with
+    scales computed per call; TensorRT takes FP8 tensors only from its Q/DQ layers with
+    build-time scales (TensorRT-RTX's own builder says "has datatype FP8 but is not produced by
+    ... IQuantizeLayer"). Refused with that reason and the way out (calibrate): by the CLI before
+    loading, by runner_for before exporting, by build_engine. (Calibrated models build:
+    test_calibrate.)"""
     from streamflow_jax.backends import runner_for
     from streamflow_jax.pipelines import DigitsPipeline
     from streamflow_jax.quantization import quantize
 
     digits = str(_digits_dir())
+    refusal = "FP8 models with dynamic activation scales do not build as TensorRT engines"
     for argv in (["export", digits, str(tmp_path / "a"), "--backend", "tensorrt", "--quantize", "fp8", "-q"],
                  ["generate", "--backend", "tensorrt", "--quantize", "fp8", "--out", str(tmp_path / "a.png")]):
         assert cli(argv) == 1
         err = capsys.readouterr().err
-        assert "--quantize fp8 --backend tensorrt: FP8 models (quantize) do not build as TensorRT engines" in err
+        assert f"--quantize fp8 --backend tensorrt: {refusal}" in err and "calibrate them first" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.png").exists()
     q = quantize(DigitsPipeline.load().model, "fp8")
     with pytest.raises(ValueError, match="scales computed per call, and TensorRT's FP8"):
         runner_for(q, "tensorrt", batch=1, height=8, width=8, cond={})
     assert cli(["export", digits, str(tmp_path / "q"), "--quantize", "fp8", "--latent-scale", "1", "-q"]) == 0
-    with pytest.raises(ValueError, match=r"q/model\.onnx: FP8 models \(quantize\) do not build"):
+    with pytest.raises(ValueError, match=r"q/model\.onnx: " + refusal):
         build_engine(load_export(tmp_path / "q"), flavour=RTX)
+
+
+def test_datacenter_targets_resolve_to_themselves(monkeypatch):
+    """Datacenter TensorRT builds for the GPU it runs on: its own compute capability, given
+    back (as ``export_engine`` and the runner pass resolved targets on), is accepted; another
+    is refused; an FP8 graph needs 8.9 or later. (The module is TensorRT-RTX's, standing in
+    only for its version string; the GPU is what JAX would report.)"""
+    fl = trt_backend.Flavour("tensorrt", tensorrt_flavour(RTX).trt)
+    monkeypatch.setattr(trt_backend, "local_gpu", lambda: GPU("NVIDIA H200", "9.0"))
+    assert fl.targets() == fl.targets(("9.0",)) == fl.targets(fl.targets(fp8=True), fp8=True) == ("9.0",)
+    with pytest.raises(ValueError, match="compute-capability targets are a TensorRT-RTX option"):
+        fl.targets("8.6")
+    monkeypatch.setattr(trt_backend, "local_gpu", lambda: GPU("NVIDIA A100-SXM4-80GB", "8.0"))
+    assert fl.targets() == ("8.0",)
+    with pytest.raises(ValueError, match=r"an FP8 graph runs on compute capability 8\.9 \(Ada\) or later only.*"
+                                         r"NVIDIA A100-SXM4-80GB is 8\.0"):
+        fl.targets(fp8=True)
 
 
 def test_runner_refuses_before_building_without_a_gpu(digits_cli_export, tmp_path):

@@ -92,9 +92,9 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
     if model.family.kind != "velocity":
         raise ValueError(f"backend {backend!r}: {model.class_name} is not a velocity model")
     if backend == "tensorrt":
-        from streamflow_jax.quantization import TENSORRT_REFUSAL, is_quantized
+        from streamflow_jax.quantization import TENSORRT_REFUSAL, activation_scales
 
-        if is_quantized(model):
+        if activation_scales(model) == "dynamic":
             raise ValueError(TENSORRT_REFUSAL)
     text = cond.get("encoder_hidden_states")
     text_len = None if text is None else int(text.shape[1])

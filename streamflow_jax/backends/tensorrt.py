@@ -107,6 +107,20 @@ def _cc_text(member: str) -> str:
     return f"{digits[:-1]}.{digits[-1]}"
 
 
+FP8_TARGETS = "an FP8 graph runs on compute capability 8.9 (Ada) or later only (Ampere's 8.0 and 8.6 have no FP8)"
+
+
+def _parse_cc(item) -> str | None:
+    """``"8.6"``, ``"86"``, ``"sm86"``, ``"sm_86"`` -> ``"8.6"``; None when it is none of those."""
+    digits = re.sub(r"^sm_?|\.", "", str(item).strip().lower())
+    return _cc_text("SM" + digits) if digits.isdigit() and len(digits) >= 2 else None
+
+
+def _fp8_capable(cc: str) -> bool:
+    major, _, minor = str(cc).partition(".")
+    return major.isdigit() and (minor or "0").isdigit() and (int(major), int(minor or 0)) >= (8, 9)
+
+
 class Flavour:
     """One TensorRT flavour: its module, and every difference between the two flavours.
 
@@ -129,37 +143,41 @@ class Flavour:
         """Every compute capability this TensorRT-RTX can target, as ``"8.6"``."""
         return tuple(_cc_text(m) for m in self.trt.ComputeCapability.__members__ if re.fullmatch(r"SM\d+", m))
 
-    def targets(self, requested=None) -> tuple[str, ...]:
+    def targets(self, requested=None, *, fp8: bool = False) -> tuple[str, ...]:
         """The compute capabilities an engine is built for.
 
         TensorRT-RTX: ``requested`` (``"8.6"``, ``"86"`` or ``"sm86"``; a list or a comma-separated
         string), by default every one it offers but Turing's 7.5: the documented default
         (Turing opt-in, as portable engines including it run slower elsewhere; and it builds
         float16 graphs only: no FP32 GEMM, no bfloat16). Datacenter TensorRT: the build GPU's.
+        ``fp8``: the graph has FP8 products (a calibrated ``sf.quantize`` model's), which only
+        compute capability 8.9 (Ada) and later run: the default keeps those, and an older
+        requested one is an error.
         """
+        items = [] if not requested else requested.split(",") if isinstance(requested, str) else list(requested)
+        parsed = [(item, _parse_cc(item)) for item in items]
         if not self.portable:
             gpu = local_gpu()
             if gpu is None:
                 raise TensorRTUnavailable(
                     "datacenter TensorRT builds an engine on the GPU it will run on, and JAX sees no NVIDIA GPU here "
                     f"(TensorRT-RTX builds without one: {FLAVOUR_ENV}=tensorrt_rtx)")
-            if requested:
+            if any(cc != gpu.compute_capability for _, cc in parsed):  # its own (resolved already) is fine
                 raise ValueError("compute-capability targets are a TensorRT-RTX option; datacenter TensorRT builds "
                                  f"for the GPU it runs on ({gpu.name}, {gpu.compute_capability})")
+            if fp8 and not _fp8_capable(gpu.compute_capability):
+                raise ValueError(f"{FP8_TARGETS}; {gpu.name} is {gpu.compute_capability}")
             return (gpu.compute_capability,)
         offered = self.rtx_targets()
-        if not requested:
-            return tuple(cc for cc in offered if cc != "7.5")
-        items = requested.split(",") if isinstance(requested, str) else list(requested)
-        out = []
-        for item in items:
-            digits = re.sub(r"^sm_?|\.", "", str(item).strip().lower())
-            cc = _cc_text("SM" + digits) if digits.isdigit() and len(digits) >= 2 else None
+        if not parsed:
+            return tuple(cc for cc in offered if cc != "7.5" and (not fp8 or _fp8_capable(cc)))
+        for item, cc in parsed:
             if cc not in offered:
                 raise ValueError(f"compute capability {item!r}: TensorRT-RTX {self.version} targets "
                                  f"{', '.join(offered)} (Hopper's 9.0, as on H100/H200, needs datacenter TensorRT)")
-            out.append(cc)
-        return tuple(dict.fromkeys(out))
+            if fp8 and not _fp8_capable(cc):
+                raise ValueError(f"compute capability {item!r}: {FP8_TARGETS}")
+        return tuple(dict.fromkeys(cc for _, cc in parsed))
 
     def create_network(self, builder):
         """A strongly typed network: TensorRT 10 and TensorRT-RTX take a flag, 11 always is."""
@@ -409,14 +427,31 @@ def _tensor_info(tensor) -> tuple[str, tuple[int, ...]]:
     return _DTYPES.get(tensor.dtype.name, tensor.dtype.name), tuple(tensor.shape)
 
 
-def _has_fp8_casts(onnx_path) -> bool:
-    """Whether the graph casts to float8 (a quantized model's export): TensorRT takes FP8
-    tensors only from its Q/DQ layers, with build-time scales."""
+def fp8_graph(onnx_path) -> str | None:
+    """How the graph at ``onnx_path`` quantizes to FP8: ``"static"`` (QuantizeLinear with a
+    constant scale: a calibrated model's export, which TensorRT builds), ``"dynamic"`` (Casts to
+    float8 with scales computed in the graph, which TensorRT refuses: it takes FP8 tensors only
+    from its Q/DQ layers, with build-time scales), or None (no FP8)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
-    return any(n.op_type == "Cast" and any(a.name == "to" and a.i in fp8 for a in n.attribute) for n in graph.node)
+    if any(n.op_type == "Cast" and any(a.name == "to" and a.i in fp8 for a in n.attribute) for n in graph.node):
+        return "dynamic"
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
+        return "static"
+    return None
+
+
+def _targets_for(exported: ExportedGraph, fl: Flavour, targets) -> tuple[str, ...]:
+    """``fl.targets(targets)`` for this graph (FP8 ones: compute capability 8.9 and later);
+    a dynamic FP8 graph is refused."""
+    kind = fp8_graph(exported.onnx_path)
+    if kind == "dynamic":
+        from streamflow_jax.quantization import TENSORRT_REFUSAL
+
+        raise ValueError(f"{exported.onnx_path}: {TENSORRT_REFUSAL}")
+    return fl.targets(targets, fp8=kind is not None)  # resolved targets resolve to themselves
 
 
 def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = None, targets=None,
@@ -439,11 +474,7 @@ def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = Non
     """
     fl = tensorrt_flavour(flavour)
     trt = fl.trt
-    targets = fl.targets(targets)
-    if _has_fp8_casts(exported.onnx_path):
-        from streamflow_jax.quantization import TENSORRT_REFUSAL
-
-        raise ValueError(f"{exported.onnx_path}: {TENSORRT_REFUSAL}")
+    targets = _targets_for(exported, fl, targets)
     logger = _process_logger(trt)
     with logger.capture() as log:
         builder = trt.Builder(logger)
@@ -493,7 +524,7 @@ def export_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = No
     time, the engine record and SHA-256, TensorRT's warnings). ``TensorRTRunner`` uses it when
     its record matches. Returns that entry."""
     fl = tensorrt_flavour(flavour)
-    targets = fl.targets(targets)
+    targets = _targets_for(exported, fl, targets)
     built = build_engine(exported, flavour=fl, targets=targets, opt_level=opt_level)
     engine_path = write_atomic(exported.path / ENGINE_NAME, built.plan)
     mode = exported.onnx_path.stat().st_mode & 0o777  # write_atomic's files are private; these are the export's
@@ -519,7 +550,7 @@ def engine_for(exported: ExportedGraph, *, flavour: str | Flavour | None = None,
         (plan, engine record, where it came from: a path).
     """
     fl = tensorrt_flavour(flavour)
-    targets = fl.targets(targets)
+    targets = _targets_for(exported, fl, targets)
     record = _record_for(exported, fl, targets, opt_level)
     beside = exported.meta.get("tensorrt") or {}
     engine_path = exported.path / ENGINE_NAME
@@ -600,7 +631,7 @@ class TensorRTRunner(Runner):
         trt = self.flavour.trt
         self.exported = exported if isinstance(exported, ExportedGraph) else load_export(exported)
         self.spec = self.exported.spec
-        targets = self.flavour.targets(targets)
+        targets = _targets_for(self.exported, self.flavour, targets)
         gpu = local_gpu()
         reason = self.flavour.cannot_run(targets, gpu)
         if reason:  # before building: the engine could not be used (`streamflow-jax export` builds it anyway)

@@ -66,6 +66,8 @@ def _import_onnx():
     try:
         import onnx
         from jax2onnx import to_onnx
+
+        from streamflow_jax.export import qdq  # noqa: F401  (registers the FP8 lowerings)
     except ImportError as e:
         raise ExportError(f"ONNX export needs the onnx extra: pip install 'streamflow-jax[onnx]' ({e})") from None
     return onnx, to_onnx

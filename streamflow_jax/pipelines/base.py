@@ -217,6 +217,34 @@ class PromptPipeline(Pipeline):
             raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {b} prompts")
         return cond, {**self.zeroed_if_empty(negative, self.encode(negative, text_len)), **sized}, guidance.scale
 
+    def calibrate(self, prompts, *, steps: int | None = None, guidance_scale=None, headroom: float = 1.0,
+                  progress: bool = True) -> PromptPipeline:
+        """Makes the velocity model FP8 with static activation scales (``sf.calibrate``),
+        measured while this pipeline generates ``prompts``, one at a time (latents only), at
+        ``steps`` and ``guidance_scale`` (defaults: the pipeline's). A float model is quantized
+        first (``sf.quantize``); a calibrated one is measured anew. Use the prompts, sizes and
+        step counts the model will serve: inputs beyond a layer's measured range saturate.
+
+        Returns:
+            ``self``, whose ``model`` is the calibrated one.
+        """
+        import copy
+
+        from tqdm.auto import tqdm
+
+        from streamflow_jax.quantization import calibrate, quantized
+
+        prompts = check_prompts(prompts)
+
+        def run(model):
+            pipe = copy.copy(self)
+            pipe.model = model
+            for prompt in tqdm(prompts, desc="calibrating FP8", unit="prompt", disable=not progress):
+                pipe(prompt, steps=steps, guidance_scale=guidance_scale, output_type="latent", progress=False)
+
+        self.model = calibrate(quantized(self.model), run, headroom=headroom)
+        return self
+
     def noise(self, n: int, shape: tuple[int, int, int], seed: int = 0, noise=None) -> jax.Array:
         """``[n, h, w, C]`` starting latents: ``sampling.seeded_noise(seed)`` or ``noise`` checked."""
         if noise is None:
