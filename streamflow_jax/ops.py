@@ -169,6 +169,11 @@ def exporting():
         _EXPORTING.reset(token)
 
 
+def is_exporting() -> bool:
+    """Whether functions are being traced for ONNX now (inside ``exporting()``)."""
+    return _EXPORTING.get()
+
+
 def _fake_quantize(x: jax.Array, scale: jax.Array) -> jax.Array:
     """``x`` rounded to e4m3 with ``scale`` and back, in ``x``'s dtype."""
     return quantize_fp8(x, scale).astype(x.dtype) * scale.astype(x.dtype)

@@ -98,6 +98,9 @@ class Fp8Linear(nnx.Module):
 
     def __call__(self, x):  # [..., in] -> [..., out]
         if self.calibration is not None:
+            if ops.is_exporting():
+                raise ValueError("calibration measures the model as XLA runs it: call it with backend xla "
+                                 "(not onnxruntime or tensorrt, which export it)")
             amax = jax.lax.reduce_max(jnp.abs(x).astype(jnp.float32), tuple(range(x.ndim)))
             jax.debug.callback(functools.partial(_record, *self.calibration), amax)
         scale = None if self.input_scale is None else self.input_scale[...]
@@ -112,11 +115,15 @@ def _quantize_kernel(kernel):  # [in, out] -> [out, in] e4m3, scalar float32 sca
     return ops.quantize_fp8(kernel.T, scale), scale
 
 
-def _replace(parent, key, new) -> None:
+def _set(module, path: tuple, new) -> None:
+    """Puts ``new`` at ``path`` (from ``nnx.iter_graph``) inside ``module``."""
+    parent = module
+    for key in path[:-1]:
+        parent = parent[int(key)] if isinstance(parent, nnx.List) else getattr(parent, key)
     if isinstance(parent, nnx.List):
-        parent[int(key)] = new
+        parent[int(path[-1])] = new
     else:
-        setattr(parent, key, new)
+        setattr(parent, path[-1], new)
 
 
 def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None) -> FlowModel:
@@ -151,10 +158,7 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
         raise ValueError(f"no linear layer of this {family} model matches {pattern!r} "
                          "(is it quantized already?)")
     for path, linear in targets:
-        parent = module
-        for key in path[:-1]:
-            parent = parent[int(key)] if isinstance(parent, nnx.List) else getattr(parent, key)
-        _replace(parent, path[-1], Fp8Linear.from_linear(linear))
+        _set(module, path, Fp8Linear.from_linear(linear))
     graphdef, state = nnx.split(module)
     return model._replace(graphdef=graphdef, state=state)
 
@@ -239,10 +243,7 @@ def _with_layers(model: FlowModel, make: Callable[[str, Fp8Linear], Fp8Linear]) 
     """A copy of ``model`` whose each FP8 layer is ``make(name, layer)``."""
     module = nnx.clone(model.module)
     for path, layer in [(p, n) for p, n in nnx.iter_graph(module) if isinstance(n, Fp8Linear)]:
-        parent = module
-        for key in path[:-1]:
-            parent = parent[int(key)] if isinstance(parent, nnx.List) else getattr(parent, key)
-        _replace(parent, path[-1], make(".".join(map(str, path)), layer))
+        _set(module, path, make(".".join(map(str, path)), layer))
     graphdef, state = nnx.split(module)
     return model._replace(graphdef=graphdef, state=state)
 

@@ -150,6 +150,8 @@ def test_save_load_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"calibration saw no call of 25 of the 25 FP8 layers "
                                          r"\('transformer_blocks.0.attn.add_k_proj' first\): run must call the model"):
         sf.calibrate(q, lambda m: q.velocity(x, t, cond))  # the model it was given, not this one
+    with pytest.raises(ValueError, match="calibration measures the model as XLA runs it: call it with backend xla"):
+        sf.calibrate(q, lambda m: sf.sample(m, x, sf.schedules.flow_match(2), cond, backend="onnxruntime"))
 
 
 def test_export_is_quantize_dequantize(tmp_path):
@@ -248,3 +250,24 @@ def test_convert_calibrated_pipeline_and_tensorrt_export(tmp_path, capsys):
                 "--tensorrt", "tensorrt_rtx", "-q"]) == 1
     assert "FP8 models with dynamic activation scales do not build" in capsys.readouterr().err
     assert not (tmp_path / "dyn-engine").exists()
+
+
+def test_static_product_keeps_the_fp8_gemm_pattern():
+    """With a static scale the product is still XLA's FP8 GEMM pattern (both dot operands
+    multiply(convert(f8e4m3fn), broadcast(scalar))), and no reduction finds the input's range."""
+    import jax
+    import jax.numpy as jnp
+
+    from streamflow_jax import ops
+
+    x = jax.ShapeDtypeStruct((4, 32, 64), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((48, 64), jnp.float8_e4m3fn)
+    s = jax.ShapeDtypeStruct((), jnp.float32)
+    static = jax.jit(ops.fp8_matmul).lower(x, w, s, s).as_text(dialect="hlo")
+    dynamic = jax.jit(ops.fp8_matmul).lower(x, w, s).as_text(dialect="hlo")
+    for hlo in (static, dynamic):
+        dot = next(line for line in hlo.splitlines() if " dot(" in line)
+        operands = re.search(r"dot\(([^)]*)\)", dot)[1].replace("%", "").split(", ")
+        defs = {m[1]: m[2] for m in re.finditer(r"%?([\w.\-]+) = \S+ (\w+)\(", hlo)}
+        assert [defs[o] for o in operands] == ["multiply", "multiply"]
+    assert " reduce(" in dynamic and " reduce(" not in static
