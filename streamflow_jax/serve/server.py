@@ -8,13 +8,16 @@ The first SIGTERM or SIGINT stops accepting connections, lets every request in f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
 import threading
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from streamflow_jax.serve.app import REPLICA_HEADER
 from streamflow_jax.serve.realtime import MAX_FRAME_BYTES
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -22,6 +25,30 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 def _say(text: str) -> None:
     print(text, flush=True)
+
+
+def json_400_protocol(base=AutoHTTPProtocol, headers: tuple[tuple[bytes, bytes], ...] = ()):
+    """``base`` (uvicorn's HTTP protocol) answering malformed HTTP framing (a non-numeric
+    Content-Length, a broken request line), which uvicorn's parser rejects before the app sees
+    a request, with the API's JSON error instead of uvicorn's plain text: every 4xx of the
+    server is ``{"error": {"message", "type", "param", "code"}}``. ``headers`` go on the answer
+    (the replica's). A uvicorn whose protocol has no ``send_400_response`` is left as it is."""
+    if not callable(getattr(base, "send_400_response", None)):
+        return base
+
+    class JSON400Protocol(base):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": {"message": f"malformed HTTP request: {msg}", "type": "invalid_request_error",
+                                         "param": None, "code": "malformed_http"}}).encode()
+            lines = [b"HTTP/1.1 400 Bad Request"]
+            lines += [name + b": " + value for name, value in (*self.server_state.default_headers, *headers)]
+            lines += [b"content-type: application/json", b"content-length: " + str(len(body)).encode(),
+                      b"connection: close"]
+            self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+            self.transport.close()
+
+    JSON400Protocol.__name__ = JSON400Protocol.__qualname__ = f"JSON400{base.__name__}"
+    return JSON400Protocol
 
 
 class DrainingServer(uvicorn.Server):
@@ -63,7 +90,8 @@ def serve(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = "model"
                             lifespan="on", timeout_graceful_shutdown=state.options.timeout + 5,
                             # twice the app's frame limit: a frame over it gets the app's JSON error
                             # and the stream goes on; only one over this closes the socket (1009)
-                            ws_max_size=2 * MAX_FRAME_BYTES)
+                            ws_max_size=2 * MAX_FRAME_BYTES,
+                            http=json_400_protocol(headers=((REPLICA_HEADER.encode(), state.options.replica.encode()),)))
     server = DrainingServer(config, on_drain=lambda: setattr(state, "draining", True))
 
     def announce():
