@@ -8,7 +8,10 @@ For each workload (random weights, bf16, built as ``profile_gpu.py`` builds them
   (cuBLAS/cuBLASLt calls and Triton/cuDNN GEMM fusions);
 - time both (same inputs, interleaved best-of);
 - the FP8 velocity's distance from bf16's (max |diff| / max |v| and RMS ratio), and the
-  parameter bytes of both.
+  parameter bytes of both;
+- for the ``--static`` workloads (Flux by default), FP8 with static activation scales as well
+  (``sf.calibrate`` on the same inputs: no pass over each input for its scale), timed in the
+  same interleaved loop (``fp8_static_*``).
 
 Workloads: ``flux`` (Flux.1-dev, batch 1, 1024^2), ``sd3`` (SD3-medium, batch 2, 1024^2),
 ``unet`` (the SD1.5 UNet velocity at batch 4, 512^2: where FP8 would have to win for the
@@ -63,12 +66,14 @@ def unet_setup(spec: dict, dtype: str):
     return unet, (x, t, cond)
 
 
-def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None) -> dict:
+def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static: bool) -> dict:
+    """bf16, FP8 with dynamic activation scales and (``static``) FP8 calibrated on ``inputs``
+    (``sf.calibrate``: static scales, no amax pass before each product)."""
     import jax
     import numpy as np
 
     from profile_gpu import velocity_call
-    from streamflow_jax.quantization import parameter_bytes, quantize
+    from streamflow_jax.quantization import calibrate, parameter_bytes, quantize
 
     t0 = time.perf_counter()
     q = quantize(model, "fp8")
@@ -76,8 +81,13 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None) -> dic
     quantize_s = time.perf_counter() - t0
     row = {"workload": name, "bf16_GB": round(parameter_bytes(model) / 1e9, 3),
            "fp8_GB": round(parameter_bytes(q) / 1e9, 3), "quantize_s": round(quantize_s, 2)}
+    models = {"bf16": model, "fp8": q}
+    if static:
+        t0 = time.perf_counter()
+        models["fp8_static"] = calibrate(q, lambda m: jax.block_until_ready(jax.jit(velocity_call)(m, *inputs)))
+        row["calibrate_s"] = round(time.perf_counter() - t0, 2)
     compiled = {}
-    for label, m in (("bf16", model), ("fp8", q)):
+    for label, m in models.items():
         t0 = time.perf_counter()
         compiled[label] = jax.jit(velocity_call).lower(m, *inputs).compile()
         row[f"{label}_compile_s"] = round(time.perf_counter() - t0, 2)
@@ -88,25 +98,38 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None) -> dic
             with gzip.open(hlo_out, "wt") as f:
                 f.write(text)
             row["fp8_hlo"] = str(hlo_out)
-    outs = {label: jax.block_until_ready(c(m, *inputs)) for (label, c), m in zip(compiled.items(), (model, q))}
-    best = {"bf16": float("inf"), "fp8": float("inf")}
-    for _ in range(repeats):  # interleaved, best of: both see the same machine
-        for label, m in (("bf16", model), ("fp8", q)):
+    outs = {label: jax.block_until_ready(compiled[label](m, *inputs)) for label, m in models.items()}
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(repeats):  # interleaved, best of: all see the same machine
+        for label, m in models.items():
             t0 = time.perf_counter()
             jax.block_until_ready(compiled[label](m, *inputs))
             best[label] = min(best[label], time.perf_counter() - t0)
-    ref, got = (np.asarray(outs[k], np.float32) for k in ("bf16", "fp8"))
-    row.update(bf16_ms=round(1e3 * best["bf16"], 3), fp8_ms=round(1e3 * best["fp8"], 3),
-               fp8_vs_bf16=round(best["fp8"] / best["bf16"], 3),
-               max_rel_diff=float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))),
-               rms_rel_diff=float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref**2))))
+    ref = np.asarray(outs["bf16"], np.float32)
+    row["bf16_ms"] = round(1e3 * best["bf16"], 3)
+    for label in models:
+        if label == "bf16":
+            continue
+        got = np.asarray(outs[label], np.float32)
+        row.update({f"{label}_ms": round(1e3 * best[label], 3),
+                    f"{label}_vs_bf16": round(best[label] / best["bf16"], 3),
+                    f"{label}_max_rel_diff": float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))),
+                    f"{label}_rms_rel_diff": float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref**2)))})
     return row
+
+
+# rough seconds a workload takes on the H200 (setup, 3-4 compiles, timing): one is started only
+# when it fits what is left of --budget-s, so that the JSON is written before the part's timeout
+COST_S = {"flux": 150, "sd3": 70, "unet": 50}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=["flux", "sd3", "unet"], choices=["flux", "sd3", "unet"])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--static", nargs="*", default=["flux"], choices=["flux", "sd3", "unet"],
+                   help="workloads also measured calibrated (static activation scales; default: flux)")
+    p.add_argument("--budget-s", type=float, default=260.0, help="start a workload only if it fits this budget")
     p.add_argument("--smoke", action="store_true", help="tiny configs, float32, on the CPU")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -122,15 +145,19 @@ def main():
     dtype = "float32" if args.smoke else "bfloat16"
     specs = configs(args.smoke)
     rows = []
+    start = time.perf_counter()
     for name in args.workloads:
         t0 = time.perf_counter()
+        if not args.smoke and t0 - start + COST_S[name] > args.budget_s:
+            rows.append({"workload": name, "skipped": f"over --budget-s {args.budget_s:.0f}"})
+            continue
         try:
             if name == "unet":
                 model, inputs = unet_setup(specs["stream"], dtype)
             else:
                 model, inputs = velocity_setup(name, specs[name], dtype)
             hlo_out = Path(args.out).parent / f"fp8_{name}_hlo.txt.gz" if args.out and name == "flux" else None
-            row = measure(name, model, inputs, args.repeats, hlo_out)
+            row = measure(name, model, inputs, args.repeats, hlo_out, name in args.static)
             del model, inputs
         except Exception as e:
             row = {"workload": name, "error": f"{type(e).__name__}: {e}"[:500]}
