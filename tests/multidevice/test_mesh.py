@@ -112,6 +112,22 @@ def test_quantized_model_saved_then_loaded_onto_a_mesh(models, tmp_path):
     want = q.velocity(x, t, cond)
     got = loaded.velocity(*shard_batch((x,), mesh), t, shard_batch(cond, mesh))
     assert _rel(got, want) <= 1e-5
+    # calibrated on the mesh: the scales one device measures (each layer reports its whole
+    # input's range), and a calibrated model saved and loaded onto the mesh gives its velocity
+    from flax import nnx
+
+    from streamflow_jax.quantization import Fp8Linear
+
+    def scales(m):
+        return {p: float(n.input_scale[...]) for p, n in nnx.iter_graph(m.module) if isinstance(n, Fp8Linear)}
+
+    one = sf.calibrate(q, lambda m: m.velocity(x, t, cond))
+    on_mesh = sf.calibrate(loaded, lambda m: m.velocity(*shard_batch((x,), mesh), t, shard_batch(cond, mesh)))
+    assert scales(on_mesh) == scales(one) and len(scales(one)) > 10
+    sf.save(one, tmp_path / "c")
+    loaded = sf.load(tmp_path / "c", mesh=mesh, strategy="tensor")
+    got = loaded.velocity(*shard_batch((x,), mesh), t, shard_batch(cond, mesh))
+    assert _rel(got, one.velocity(x, t, cond)) <= 1e-5
 
 
 def test_load_straight_onto_a_mesh(models, tmp_path):
