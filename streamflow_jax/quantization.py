@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -264,8 +265,9 @@ def _record(run: int, name: str, amax) -> None:
     value = float(np.max(np.asarray(amax, np.float32)))
     with _RUNS_LOCK:
         seen = _RUNS.get(run)
-        if seen is not None:
-            seen[name] = max(value, seen.get(name, 0.0))
+        if seen is not None:  # NaN kept: max() would drop it or not depending on the order
+            before = seen.get(name, 0.0)
+            seen[name] = math.nan if math.isnan(value) or math.isnan(before) else max(value, before)
 
 
 def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom: float = 1.0) -> FlowModel:
@@ -321,6 +323,10 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
     if missing:
         raise ValueError(f"calibration saw no call of {len(missing)} of the {len(names)} FP8 layers "
                          f"({missing[0]!r} first): run must call the model it is given, through backend xla")
+    bad = [name for name in names if not math.isfinite(seen[name])]
+    if bad:
+        raise ValueError(f"calibration saw non-finite inputs (NaN or inf) at {len(bad)} FP8 layer(s) ({bad[0]!r} "
+                         "first): the model diverged on the calibration inputs")
     return _with_layers(model, lambda name, layer: _rebuilt(
         layer, ops.fp8_scale(jnp.float32(seen[name] * headroom))))
 

@@ -150,6 +150,11 @@ def test_save_load_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"calibration saw no call of 25 of the 25 FP8 layers "
                                          r"\('transformer_blocks.0.attn.add_k_proj' first\): run must call the model"):
         sf.calibrate(q, lambda m: q.velocity(x, t, cond))  # the model it was given, not this one
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"calibration saw non-finite inputs \(NaN or inf\) at 18 FP8 layer\(s\) "
+                                         r"\('transformer_blocks.0.attn.to_add_out' first\): the model diverged"):
+        sf.calibrate(q, lambda m: [m.velocity(x, t, cond), m.velocity(bad, t, cond), m.velocity(x, t, cond)])
     with pytest.raises(ValueError, match="calibration measures the model as XLA runs it: call it with backend xla"):
         sf.calibrate(q, lambda m: sf.sample(m, x, sf.schedules.flow_match(2), cond, backend="onnxruntime"))
 
