@@ -92,3 +92,22 @@ def test_cache_ratios():
                "cache_cold": {"stream": {"first_s": 21.0}, "sd3": {"first_s": 17.0}},
                "cache_warm": {"stream": {"first_s": 5.0}, "sd3": {"error": "x"}}}
     assert cache_ratios(results, ["stream", "sd3"]) == {"stream": 0.25}
+
+
+def test_fp8_benchmark_runs_its_variants(tmp_path):
+    """fp8_gpu.py's plumbing, on tiny configs on this CPU (its ``--smoke``): bf16, dynamic and
+    calibrated FP8 each compile, run and are compared in one JSON row (the device run's
+    script must not be the first to run it). No speed is read from it."""
+    import json
+
+    out = tmp_path / "fp8.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_gpu.py"),
+                           "--smoke", "--workloads", "sd3", "--static", "sd3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert "error" not in row, row
+    for label in ("fp8", "fp8_static"):
+        assert row[f"{label}_ms"] > 0 and 0 < row[f"{label}_max_rel_diff"] < 0.3
+    assert row["fp8_GB"] < row["bf16_GB"] and row["calibrate_s"] > 0
