@@ -19,6 +19,9 @@ from starlette.responses import JSONResponse
 from streamflow_jax import schedules
 from streamflow_jax.sampling import check_seed
 
+# every answer (HTTP and WebSocket) names the replica that made it
+REPLICA_HEADER = "x-streamflow-replica"
+
 MAX_N = 10  # images per request (OpenAI's own limit for n)
 MAX_STEPS = 100  # steps per request, unless the server is started with another limit
 MAX_PROMPT_CHARS = 4000

@@ -33,14 +33,13 @@ from starlette.staticfiles import StaticFiles
 
 from streamflow_jax.errors import RequestError
 from streamflow_jax.serve import api
-from streamflow_jax.serve.api import APIError, EditFields, GenerationFields
+from streamflow_jax.serve.api import REPLICA_HEADER, APIError, EditFields, GenerationFields
 from streamflow_jax.serve.metrics import CONTENT_TYPE, Metrics
 from streamflow_jax.serve.models import Served, load_served
 from streamflow_jax.serve.worker import DeviceWorker, Job, QueueFull, request_error_message
 
 log = logging.getLogger("streamflow_jax.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-REPLICA_HEADER = "x-streamflow-replica"
 MAX_IMAGE_PIXELS = 4096 * 4096  # uploads and frames larger than this are refused before decoding
 
 

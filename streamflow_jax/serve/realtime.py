@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from streamflow_jax.errors import RequestError
 from streamflow_jax.serve import api
-from streamflow_jax.serve.api import APIError, StreamConfig
+from streamflow_jax.serve.api import REPLICA_HEADER, APIError, StreamConfig
 from streamflow_jax.serve.worker import Job, request_error_message
 
 FORMATS = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
@@ -186,7 +186,7 @@ class RealtimeSession:
 async def stream_endpoint(ws: WebSocket) -> None:
     state = ws.app.state.server
     # accepted before any refusal, so that the client reads why and which replica refused
-    await ws.accept(headers=[(b"x-streamflow-replica", state.options.replica.encode())])
+    await ws.accept(headers=[(REPLICA_HEADER.encode(), state.options.replica.encode())])
     if state.draining:
         await ws.close(code=1012, reason="this server is draining (shutting down); connect again, to another replica")
         return

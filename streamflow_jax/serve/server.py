@@ -17,7 +17,7 @@ import threading
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from streamflow_jax.serve.app import REPLICA_HEADER
+from streamflow_jax.serve.api import REPLICA_HEADER
 from streamflow_jax.serve.realtime import MAX_FRAME_BYTES
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
