@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -67,6 +68,31 @@ def test_attention_still_runs_with_the_switch(monkeypatch):
     assert ops.attention(q, q, q).shape == (1, 3, 2, 8)
 
 
+@pytest.mark.parametrize("setting", ["groups", "channels", "auto"])
+def test_group_norm_switch_matches_torch(monkeypatch, setting):
+    """Both ways of reducing GroupNorm's statistics give torch's GroupNorm (no affine), in
+    float32 and from bfloat16 input, on uneven sides and an offset mean."""
+    import numpy as np
+    import torch
+
+    monkeypatch.setenv(ops.GROUPNORM_ENV, setting)
+    x = np.random.default_rng(0).standard_normal((2, 5, 7, 64)).astype(np.float32) * 3 + 1.5
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xi = jnp.asarray(x, dtype)
+        got = np.asarray(jax.jit(lambda v: ops.group_norm(v, 32, 1e-5))(xi))
+        ref = torch.from_numpy(np.array(xi.astype(jnp.float32))).permute(0, 3, 1, 2)
+        want = torch.nn.functional.group_norm(ref, 32, eps=1e-5).permute(0, 2, 3, 1).numpy()
+        assert np.max(np.abs(got - want)) <= 1e-5
+
+
+def test_group_norm_switch_refuses_typos(monkeypatch):
+    monkeypatch.setenv(ops.GROUPNORM_ENV, "channel")
+    with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_GROUPNORM='channel': expected auto, groups or channels"):
+        ops.group_norm(jnp.ones((1, 2, 2, 4)), 2, 1e-5)
+    monkeypatch.delenv(ops.GROUPNORM_ENV)  # auto: what measured faster on the CPU; the GPU's default until measured
+    assert ops.group_norm_choice(platform="cpu") == "channels" and ops.group_norm_choice(platform="gpu") == "groups"
+
+
 def test_xla_knows_every_lever_flag():
     """An unknown flag in XLA_FLAGS aborts the process: every variant's flags parse here (GPU
     flags are fields of the same DebugOptions, so XLA:CPU parses them too)."""
@@ -76,7 +102,7 @@ def test_xla_knows_every_lever_flag():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
     assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
-    assert all(env_extra.keys() <= {ops.ATTENTION_ENV, TICK_ENV} for _, env_extra in VARIANTS.values())
+    assert all(env_extra.keys() <= {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, TICK_ENV} for _, env_extra in VARIANTS.values())
 
 
 def test_ratios():
