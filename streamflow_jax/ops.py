@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 
@@ -183,25 +184,34 @@ def _dequantize(q: jax.Array, scale: jax.Array, *, dtype) -> jax.Array:
     return q.astype(dtype) * scale.astype(dtype)
 
 
-def _primitive(name: str, impl, abstract):
-    """A JAX primitive computed by ``impl`` (a jnp function), for export: jax2onnx writes it as
-    ONNX's QuantizeLinear / DequantizeLinear (``export.qdq``), where the jnp ops would be Casts."""
+FP8_QDQ = "streamflow_fp8_qdq"  # x -> QuantizeLinear(x, scale, e4m3 zero) -> DequantizeLinear
+FP8_DEQUANTIZE = "streamflow_fp8_dequantize"  # an e4m3 weight -> DequantizeLinear(weight, scale)
+
+
+@functools.cache
+def fp8_primitives() -> dict:
+    """The JAX primitives ``fp8_matmul`` binds while exporting (name -> primitive): each computes
+    what its jnp ops would, and jax2onnx writes it as ONNX's QuantizeLinear / DequantizeLinear
+    (``export.qdq``) where the jnp ops would be Casts. Made on first use (an export), so that
+    importing this module touches no JAX extension API."""
     from jax.extend.core import Primitive
     from jax.interpreters import mlir
 
-    p = Primitive(name)
-    p.def_impl(impl)
-    p.def_abstract_eval(abstract)
-    mlir.register_lowering(p, mlir.lower_fun(impl, multiple_results=False))
-    return p
+    try:
+        from jax.core import ShapedArray
+    except ImportError:  # pragma: no cover  (a JAX that moved it)
+        from jax._src.core import ShapedArray
 
+    def make(name, impl, abstract):
+        p = Primitive(name)
+        p.def_impl(impl)
+        p.def_abstract_eval(abstract)
+        mlir.register_lowering(p, mlir.lower_fun(impl, multiple_results=False))
+        return p
 
-# ``x`` -> QuantizeLinear(x, scale, e4m3 zero) -> DequantizeLinear: a static FP8 activation
-FP8_QDQ = _primitive("streamflow_fp8_qdq", _fake_quantize,
-                     lambda x, scale: jax.core.ShapedArray(x.shape, x.dtype))
-# an e4m3 weight -> DequantizeLinear(weight, scale): the weight stays FP8 in the graph
-FP8_DEQUANTIZE = _primitive("streamflow_fp8_dequantize", _dequantize,
-                            lambda q, scale, *, dtype: jax.core.ShapedArray(q.shape, dtype))
+    return {FP8_QDQ: make(FP8_QDQ, _fake_quantize, lambda x, scale: ShapedArray(x.shape, x.dtype)),
+            FP8_DEQUANTIZE: make(FP8_DEQUANTIZE, _dequantize,
+                                 lambda q, scale, *, dtype: ShapedArray(q.shape, dtype))}
 
 
 def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
@@ -237,9 +247,9 @@ def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
         xd = _fake_quantize(x, x_scale)
     else:
         x_scale = jnp.asarray(x_scale, jnp.float32)
-        xd = FP8_QDQ.bind(x, x_scale) if exporting_ else _fake_quantize(x, x_scale)
+        xd = fp8_primitives()[FP8_QDQ].bind(x, x_scale) if exporting_ else _fake_quantize(x, x_scale)
     if exporting_:
-        return jnp.matmul(xd, FP8_DEQUANTIZE.bind(weight, weight_scale, dtype=x.dtype).T)
+        return jnp.matmul(xd, fp8_primitives()[FP8_DEQUANTIZE].bind(weight, weight_scale, dtype=x.dtype).T)
     return jax.lax.dot_general(xd, _dequantize(weight, weight_scale, dtype=x.dtype),
                                (((x.ndim - 1,), (1,)), ((), ())))
 

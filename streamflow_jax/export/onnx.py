@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -66,11 +67,20 @@ def _import_onnx():
     try:
         import onnx
         from jax2onnx import to_onnx
-
-        from streamflow_jax.export import qdq  # noqa: F401  (registers the FP8 lowerings)
     except ImportError as e:
         raise ExportError(f"ONNX export needs the onnx extra: pip install 'streamflow-jax[onnx]' ({e})") from None
     return onnx, to_onnx
+
+
+@functools.cache
+def _fp8_lowerings() -> str | None:
+    """Registers the FP8 primitives' jax2onnx lowerings (``export.qdq``, which reaches into
+    jax2onnx's plugin API); returns why they could not be, or None. Only FP8 models need them."""
+    try:
+        from streamflow_jax.export import qdq  # noqa: F401
+    except (ImportError, AttributeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _input_specs(spec: ExportSpec) -> list:
@@ -119,6 +129,10 @@ def linear_output_binding():
 def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
     """The ONNX ``ModelProto`` of ``model``'s ``spec.method`` (velocity or ``decode_latents``)."""
     _, to_onnx = _import_onnx()
+    from streamflow_jax.quantization import is_quantized
+
+    if is_quantized(model) and (why := _fp8_lowerings()) is not None:
+        raise ExportError(f"this jax2onnx cannot take the FP8 lowerings (export/qdq.py): {why}")
     module = model.astype(spec.dtype).module
     names = spec.cond_names
     if spec.method == "velocity":

@@ -45,7 +45,7 @@ def _bind(ctx, value: ir.Value, var, dtype: ir.DataType) -> None:
     ctx.bind_value_for_var(var, value)
 
 
-@register_primitive(jaxpr_primitive=FP8_QDQ.name, since="0.2", context="primitives.streamflow_jax",
+@register_primitive(jaxpr_primitive=FP8_QDQ, since="0.2", context="primitives.streamflow_jax",
                     component="fp8_qdq", testcases=[])
 class Fp8QDQPlugin(PrimitiveLeafPlugin):
     def lower(self, ctx, eqn) -> None:
@@ -67,7 +67,7 @@ def _zero(ctx) -> ir.Value:
     return zero
 
 
-@register_primitive(jaxpr_primitive=FP8_DEQUANTIZE.name, since="0.2", context="primitives.streamflow_jax",
+@register_primitive(jaxpr_primitive=FP8_DEQUANTIZE, since="0.2", context="primitives.streamflow_jax",
                     component="fp8_dequantize", testcases=[])
 class Fp8DequantizePlugin(PrimitiveLeafPlugin):
     def lower(self, ctx, eqn) -> None:
