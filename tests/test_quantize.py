@@ -367,8 +367,9 @@ def test_fp8_matmul_hlo_has_the_rewrite_pattern():
 
 def test_onnx_export_keeps_the_fp8_numerics(tmp_path):
     """Exported (``export --quantize fp8``), the graph rounds to e4m3 as XLA does: ONNX Runtime
-    gives the quantized model's velocity (measured 9e-7). The weights are stored in the export's
-    dtype (exact e4m3 values, no byte saving) and activations go through Cast to FLOAT8E4M3FN."""
+    gives the quantized model's velocity (measured 9e-7). The weights are FLOAT8E4M3FN
+    initializers behind DequantizeLinear, and (dynamic scales) activations go through Cast to
+    FLOAT8E4M3FN; a calibrated model's export is test_calibrate's."""
     ort = pytest.importorskip("onnxruntime")
     from streamflow_jax.export import export_onnx, velocity_spec
 
