@@ -155,6 +155,14 @@ def _quantized_parts(parts: Iterator[dict[str, np.ndarray]], layers: list[str]) 
         yield out
 
 
+def _quantization_record(layers: list[str], static: bool = False) -> dict | None:
+    """``config.json``'s record of a quantized model: its FP8 layers (and static activation
+    scales), which ``load`` restores it with; None for a float model."""
+    if not layers:
+        return None
+    return {"mode": "fp8", "layers": list(layers), **({"activation_scales": "static"} if static else {})}
+
+
 def _write_plan(p: ConversionPlan, out: Path, cast, source: str | None, progress: bool,
                 fp8_layers: list[str] = ()) -> None:
     """Converts and writes a planned model part by part (never all of it in memory); the
@@ -165,7 +173,7 @@ def _write_plan(p: ConversionPlan, out: Path, cast, source: str | None, progress
     parts = (dict(p.read(g, cast)) for g in groups)
     dtype = _write_parts(out, _quantized_parts(parts, layers) if layers else parts, progress,
                          len(p.targets) + len(layers), f"converting {Path(p.source).name or p.source}")
-    _write_config(out, p.class_name, p.config, dtype, source, {"mode": "fp8", "layers": layers} if layers else None)
+    _write_config(out, p.class_name, p.config, dtype, source, _quantization_record(layers))
 
 
 def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = False) -> Path:
@@ -182,11 +190,7 @@ def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = F
     dst = Path(dst).absolute()
     flat, _, names = flat_params(nnx.to_pure_dict(model.state))
     layers = quantized_layers(model)
-    quantization = None
-    if layers:
-        quantization = {"mode": "fp8", "layers": layers}
-        if activation_scales(model) == "static":
-            quantization["activation_scales"] = "static"
+    quantization = _quantization_record(layers, static=bool(layers) and activation_scales(model) == "static")
     with atomic_dir(dst) as tmp:
         groups = part_names(names, lambda n: flat[n].nbytes)
         dtype = _write_parts(tmp, ({n: np.asarray(flat[n]) for n in g} for g in groups), progress, len(names),
@@ -259,7 +263,7 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     if quantize is not None and quantize != "fp8":
         raise ConversionError(f"unsupported quantization mode {quantize!r} (supported: fp8)")
     if calibrate is not None:
-        prompts = _calibration_prompts(calibrate, quantize, src, config)
+        prompts = _calibration_prompts(calibrate, quantize, src, config, calibration_steps)
         with atomic_dir(dst) as tmp:
             staged = convert(src, tmp / "converted", dtype=dtype, progress=progress, config=config, variant=variant,
                              delta=delta, delta_variant=delta_variant, loras=loras, allow_nonfinite=allow_nonfinite,
@@ -379,8 +383,8 @@ def saved_activation_scales(path) -> str | None:
     return None
 
 
-def _calibration_prompts(calibrate, quantize, src: Path, config) -> list[str]:
-    """``convert``'s ``calibrate``, checked before anything is written."""
+def _calibration_prompts(calibrate, quantize, src: Path, config, steps) -> list[str]:
+    """``convert``'s ``calibrate`` (and ``calibration_steps``), checked before anything is written."""
     from streamflow_jax.pipelines.base import check_prompts
 
     if quantize != "fp8":
@@ -390,6 +394,11 @@ def _calibration_prompts(calibrate, quantize, src: Path, config) -> list[str]:
     if not pipeline:
         raise ConversionError(f"{src}: calibrate runs prompts through a pipeline (model_index.json), and this is a "
                               "single model; quantize it and call sf.calibrate(model, run) with your own inputs")
+    try:
+        if steps is not None:
+            schedules.check_steps(steps)
+    except ValueError as e:
+        raise ConversionError(f"calibration_steps: {e}") from None
     try:
         return check_prompts(calibrate)
     except ValueError as e:

@@ -66,8 +66,8 @@ from streamflow_jax.models.layers import Linear
 MODES = ("fp8",)
 TENSORRT_REFUSAL = ("FP8 models with dynamic activation scales do not build as TensorRT engines: their activations "
                     "are quantized with scales computed per call, and TensorRT's FP8 (Q/DQ) takes scales fixed at "
-                    "build time; calibrate them first (sf.calibrate, or --calibrate PROMPTS), or run them with "
-                    "backend xla (cuBLASLt FP8 GEMMs on Hopper and Ada) or onnxruntime")
+                    "build time; calibrate them first (sf.calibrate, or convert --quantize fp8 --calibrate PROMPTS), "
+                    "or run them with backend xla (cuBLASLt FP8 GEMMs on Hopper and Ada) or onnxruntime")
 
 
 class Fp8Linear(nnx.Module):
@@ -185,7 +185,7 @@ def quantize_kernel(kernel) -> tuple[np.ndarray, np.ndarray]:
 
 def quantized_layers(model: FlowModel) -> list[str]:
     """The dotted paths of ``model``'s FP8 layers (``transformer_blocks.0.attn.to_q``), in order."""
-    return [".".join(map(str, path)) for path, node in nnx.iter_graph(model.module) if isinstance(node, Fp8Linear)]
+    return [name for name, _ in _fp8_nodes(model.module)]
 
 
 def is_quantized(model: FlowModel) -> bool:
@@ -270,6 +270,13 @@ def _record(run: int, name: str, amax) -> None:
             seen[name] = math.nan if math.isnan(value) or math.isnan(before) else max(value, before)
 
 
+def check_headroom(headroom: float) -> float:
+    """``calibrate``'s ``headroom``, or a ValueError: a factor >= 1."""
+    if not headroom >= 1:
+        raise ValueError(f"headroom must be >= 1, got {headroom}")
+    return float(headroom)
+
+
 def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom: float = 1.0) -> FlowModel:
     """``model`` (quantized, ``quantize``) with static activation scales measured by ``run``.
 
@@ -301,8 +308,7 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
     """
     if not is_quantized(model):
         raise ValueError("calibrate takes a quantized model: sf.quantize(model, 'fp8') first")
-    if not headroom >= 1:
-        raise ValueError(f"headroom must be >= 1, got {headroom}")
+    check_headroom(headroom)
     run_id = next(_RUN_IDS)
 
     def recording(name, layer):
@@ -318,7 +324,7 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
     finally:
         with _RUNS_LOCK:
             seen = _RUNS.pop(run_id)
-    names = [name for name, _ in _fp8_nodes(model.module)]
+    names = quantized_layers(model)
     missing = [name for name in names if name not in seen]
     if missing:
         raise ValueError(f"calibration saw no call of {len(missing)} of the {len(names)} FP8 layers "

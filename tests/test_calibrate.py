@@ -230,7 +230,9 @@ def test_convert_calibrated_pipeline_and_tensorrt_export(tmp_path, capsys):
     for argv, message in (
             (["--calibrate", str(prompts)], "--calibrate measures FP8 activation scales: it needs --quantize fp8"),
             (["--quantize", "fp8", "--calibrate", str(tmp_path / "none.txt")], "none.txt: cannot read it"),
-            (["--quantize", "fp8", "--calibration-steps", "2"], "--calibration-steps goes with --calibrate FILE")):
+            (["--quantize", "fp8", "--calibration-steps", "2"], "--calibration-steps goes with --calibrate FILE"),
+            (["--quantize", "fp8", "--calibrate", str(prompts), "--calibration-steps", "0"],
+             "calibration_steps: steps must be in [1, 1000], got 0")):
         assert cli(["convert", str(tmp_path / "pipe"), str(tmp_path / "bad"), *argv, "-q"]) == 1
         assert message in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n \n")
@@ -242,6 +244,9 @@ def test_convert_calibrated_pipeline_and_tensorrt_export(tmp_path, capsys):
     assert "calibrate runs prompts through a pipeline (model_index.json), and this is a single model" in \
         capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="headroom must be >= 1, got 0"):  # before anything is quantized
+        loaded.calibrate(["a cube"], headroom=0)
+    assert activation_scales(loaded.model) == "static"
 
     pytest.importorskip("tensorrt_rtx")
     assert cli(["export", str(out), str(tmp_path / "engine"), "--backend", "tensorrt", "--tensorrt", "tensorrt_rtx",

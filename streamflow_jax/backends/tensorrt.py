@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -431,10 +432,17 @@ def fp8_graph(onnx_path) -> str | None:
     """How the graph at ``onnx_path`` quantizes to FP8: ``"static"`` (QuantizeLinear with a
     constant scale: a calibrated model's export, which TensorRT builds), ``"dynamic"`` (Casts to
     float8 with scales computed in the graph, which TensorRT refuses: it takes FP8 tensors only
-    from its Q/DQ layers, with build-time scales), or None (no FP8)."""
+    from its Q/DQ layers, with build-time scales), or None (no FP8). Read once per file version
+    (the runner, ``engine_for`` and ``build_engine`` each ask)."""
+    st = Path(onnx_path).stat()
+    return _fp8_graph(str(onnx_path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _fp8_graph(onnx_path: str, mtime_ns: int, size: int) -> str | None:
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = onnx.load(onnx_path, load_external_data=False).graph
     fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
     if any(n.op_type == "Cast" and any(a.name == "to" and a.i in fp8 for a in n.attribute) for n in graph.node):
         return "dynamic"

@@ -10,7 +10,7 @@ This is the graph TensorRT's explicit quantization takes: it fuses each Q/DQ pai
 MatMul into one FP8 GEMM, with the scales as build-time constants. ONNX's Q/DQ take their scale
 in the input's (or output's) float type; the scales are powers of two, so the cast is exact.
 
-Imported by ``export.onnx`` before tracing (registering them needs jax2onnx).
+Imported by ``export.onnx`` when an FP8 model exports (registering them needs jax2onnx).
 """
 
 from __future__ import annotations

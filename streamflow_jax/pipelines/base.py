@@ -232,9 +232,11 @@ class PromptPipeline(Pipeline):
 
         from tqdm.auto import tqdm
 
-        from streamflow_jax.quantization import calibrate, quantized
+        from streamflow_jax.quantization import calibrate, check_headroom, quantized
 
-        prompts = check_prompts(prompts)
+        prompts = check_prompts(prompts)  # bad arguments refused before quantizing
+        steps = None if steps is None else schedules.check_steps(steps)
+        check_headroom(headroom)
 
         def run(model):
             pipe = copy.copy(self)
