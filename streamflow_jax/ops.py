@@ -25,6 +25,26 @@ import numpy as np
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 ATTENTION_ENV = "STREAMFLOW_JAX_ATTENTION"
+_TARGET = contextvars.ContextVar("streamflow_jax_target_device", default=None)
+
+
+@contextlib.contextmanager
+def target_device(device):
+    """Within it, functions are traced for ``device`` instead of the default device: the
+    choices made at trace time for a platform (``attention_implementation``,
+    ``group_norm_choice``) follow it. For compiling ahead of time for a device this process
+    does not drive, such as a GPU of a ``jax.experimental.topologies`` description compiled on
+    a CPU machine (``benchmarks/hlo_gpu.py``)."""
+    token = _TARGET.set(device)
+    try:
+        yield device
+    finally:
+        _TARGET.reset(token)
+
+
+def _target():
+    """The device functions are traced for: ``target_device``'s, else the first device."""
+    return _TARGET.get() or jax.devices()[0]
 
 
 def cudnn_head_dim_limit(device) -> int:
@@ -60,7 +80,7 @@ def attention_choice(head_dim: int, setting: str | None = None) -> str:
 
 def attention_implementation(q: jax.Array, device=None) -> str:
     """Which ``jax.nn.dot_product_attention`` lowering serves ``q`` on ``device`` (default: the
-    first device).
+    ``target_device``, else the first device).
 
     cuDNN's fused attention is several times faster on NVIDIA GPUs but only takes half
     precision and head dims that are multiples of 8 up to its device's limit (SD1.5's head dim
@@ -69,7 +89,7 @@ def attention_implementation(q: jax.Array, device=None) -> str:
     ``attention_choice``): ``xla`` always takes XLA's lowering; ``cudnn`` asks cuDNN for any
     head dim on a GPU in half precision (what cuDNN refuses still falls back to XLA).
     """
-    device = device or jax.devices()[0]
+    device = device or _target()
     head_dim = q.shape[-1]
     choice = attention_choice(head_dim)
     if choice == "xla" or device.platform != "gpu" or q.dtype not in _CUDNN_DTYPES:
@@ -218,12 +238,19 @@ def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
                x_scale: jax.Array | None = None) -> jax.Array:
     """``x @ (weight * weight_scale).T`` with ``x`` quantized to e4m3 per tensor.
 
-    Written as XLA's FP8 GEMM pattern (openxla RFC 22, ``GemmRewriter``): both operands are
-    ``convert(f8) * broadcast(scalar scale)`` feeding one ``dot``, which XLA on Hopper and Ada
-    rewrites into one cuBLASLt FP8 GEMM (``__cublas$lt$matmul$f8``) with the scales in its
-    alpha; elsewhere (CPU, older GPUs) the same HLO runs as a dequantized matmul with the same
-    numbers. The weight is ``[out, in]`` (K minor), the layout cuBLASLt's FP8 kernels take, so
-    no transpose runs per call.
+    One ``dot`` of the two e4m3 operands (accumulating in float32; bfloat16 out for bfloat16
+    ``x``, float32 otherwise), then one multiply by ``x_scale * weight_scale``: the same numbers
+    as the dequantized product (both scales are powers of two, and e4m3 values are exact in
+    every wider float), in a form XLA keeps in FP8 on Hopper and Ada. Compiled for an H200
+    (``benchmarks/hlo_gpu.py``, XLA 0.10.2), the dot becomes one Triton GEMM fusion on e4m3
+    operands with the scale in its epilogue, or, with Triton GEMMs off, cuBLASLt's FP8 GEMM
+    (``__cublas$lt$matmul$f8``, the scale as its alpha); XLA's autotuner picks between them on
+    the device. Dequantized operands (``convert(f8) * scale`` into a bfloat16 ``dot``, the
+    GemmRewriter pattern of openxla RFC 22) reach cuBLASLt only with Triton GEMMs off: by
+    default XLA dequantized them in separate kernels, writing a bfloat16 copy of every weight
+    per call, before a bfloat16 GEMM. On CPUs and older GPUs the dot runs upcast, with the same
+    numbers. The weight is ``[out, in]`` (K minor), the layout FP8 GEMMs take, so no transpose
+    runs per call.
 
     Under ``exporting()``: the weight is written as DequantizeLinear of the e4m3 initializer,
     a static ``x_scale`` as QuantizeLinear + DequantizeLinear (TensorRT's explicit FP8
@@ -240,18 +267,20 @@ def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
-    exporting_ = _EXPORTING.get()
-    if x_scale is None:
+    static = x_scale is not None
+    if static:
+        x_scale = jnp.asarray(x_scale, jnp.float32)
+    else:
         # lax.reduce_max, not jnp.max: no emptiness check, which symbolic (exported) sizes cannot answer
         x_scale = fp8_scale(jax.lax.reduce_max(jnp.abs(x), tuple(range(x.ndim))))
-        xd = _fake_quantize(x, x_scale)
-    else:
-        x_scale = jnp.asarray(x_scale, jnp.float32)
-        xd = fp8_primitives()[FP8_QDQ].bind(x, x_scale) if exporting_ else _fake_quantize(x, x_scale)
-    if exporting_:
+    if _EXPORTING.get():
+        xd = fp8_primitives()[FP8_QDQ].bind(x, x_scale) if static else _fake_quantize(x, x_scale)
         return jnp.matmul(xd, fp8_primitives()[FP8_DEQUANTIZE].bind(weight, weight_scale, dtype=x.dtype).T)
-    return jax.lax.dot_general(xd, _dequantize(weight, weight_scale, dtype=x.dtype),
-                               (((x.ndim - 1,), (1,)), ((), ())))
+    # bfloat16 has float32's range; float16 would overflow on the unscaled sums (up to K * 448^2)
+    out = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32
+    y = jax.lax.dot_general(quantize_fp8(x, x_scale), weight, (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=out)
+    return (y * (x_scale * jnp.asarray(weight_scale, jnp.float32)).astype(out)).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -280,13 +309,16 @@ def group_norm_choice(setting: str | None = None, platform: str | None = None) -
     activations (``benchmarks/group_norm.py``) and 2-13% more images/s for the seed setting's
     reduced UNet end to end, and ``groups`` elsewhere until a GPU measures it
     (``benchmarks/levers_gpu.py``'s ``groupnorm_channels``); or either by name.
-    Read when a function is traced (``platform``: default ``jax.default_backend()``).
+    Read when a function is traced (``platform``: default the ``target_device``'s, else
+    ``jax.default_backend()``).
     """
     setting = (os.environ.get(GROUPNORM_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
     if setting not in ("auto", "groups", "channels"):
         raise ValueError(f"{GROUPNORM_ENV}={setting!r}: expected auto, groups or channels")
     if setting == "auto":
-        return "channels" if (platform or jax.default_backend()) == "cpu" else "groups"
+        target = _TARGET.get()
+        platform = platform or (target.platform if target is not None else jax.default_backend())
+        return "channels" if platform == "cpu" else "groups"
     return setting
 
 

@@ -3,14 +3,15 @@
 A quantized model is a ``FlowModel`` of the same family whose chosen ``Linear`` layers became
 ``Fp8Linear``: the weight is stored as ``float8_e4m3fn`` (``[out, in]``, one byte a parameter)
 with one float32 scale per tensor, and each product quantizes its input per tensor on the fly
-(``ops.fp8_matmul``). On Hopper (and Ada) XLA turns each such product into one cuBLASLt FP8
-GEMM; elsewhere it runs as a dequantized matmul with the same numbers. Everything else
+(``ops.fp8_matmul``): one dot of two e4m3 operands, scaled after. On Hopper (and Ada) XLA
+compiles each into one FP8 GEMM (a Triton GEMM fusion or cuBLASLt's, as its autotuner picks);
+elsewhere it runs upcast, with the same numbers. Everything else
 (attention, norms, convolutions, embedders, the final projection) keeps its dtype.
 
 Why per tensor, with power-of-two scales:
 
-- XLA's FP8 rewrite takes scalar scales only: a per-channel weight scale would leave the
-  product in bf16 (or need an extra pass over the output).
+- Scalar scales factor out of the dot, into one multiply of its output (an FP8 GEMM's alpha
+  or epilogue); a per-channel activation scale would not.
 - It is the common FP8 inference recipe (TransformerEngine's, torchao's default granularity).
 - A power of two divides and multiplies exactly, so the bf16 copy of a scale is the scale.
 
@@ -67,15 +68,15 @@ MODES = ("fp8",)
 TENSORRT_REFUSAL = ("FP8 models with dynamic activation scales do not build as TensorRT engines: their activations "
                     "are quantized with scales computed per call, and TensorRT's FP8 (Q/DQ) takes scales fixed at "
                     "build time; calibrate them first (sf.calibrate, or convert --quantize fp8 --calibrate PROMPTS), "
-                    "or run them with backend xla (cuBLASLt FP8 GEMMs on Hopper and Ada) or onnxruntime")
+                    "or run them with backend xla (FP8 GEMMs on Hopper and Ada) or onnxruntime")
 
 
 class Fp8Linear(nnx.Module):
     """``x @ (weight * weight_scale).T + bias`` with e4m3 weights, in ``x``'s dtype.
 
     Attributes:
-        weight: ``[out, in]`` ``float8_e4m3fn`` (PyTorch's orientation: K minor, as cuBLASLt's
-            FP8 kernels take their second operand).
+        weight: ``[out, in]`` ``float8_e4m3fn`` (PyTorch's orientation: K minor, as FP8 GEMMs
+            take their second operand).
         weight_scale: float32 scalar, a power of two.
         bias: ``[out]`` in the original dtype, or None.
         input_scale: float32 scalar, a power of two: the input's static scale (``calibrate``

@@ -93,6 +93,20 @@ def test_group_norm_switch_refuses_typos(monkeypatch):
     assert ops.group_norm_choice(platform="cpu") == "channels" and ops.group_norm_choice(platform="gpu") == "groups"
 
 
+def test_target_device_steers_the_trace_time_choices(monkeypatch):
+    """Compiling ahead of time for a GPU from a CPU process (``benchmarks/hlo_gpu.py``): inside
+    ``ops.target_device`` the platform choices are the target's, and they are restored after."""
+    monkeypatch.delenv(ops.ATTENTION_ENV, raising=False)
+    monkeypatch.delenv(ops.GROUPNORM_ENV, raising=False)
+    q = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
+    with ops.target_device(H100):
+        assert ops.attention_implementation(q) == "cudnn" and ops.group_norm_choice() == "groups"
+        with ops.target_device(A100):
+            assert ops.attention_implementation(jnp.zeros((1, 4, 2, 160), jnp.bfloat16)) == "xla"
+        assert ops.attention_implementation(jnp.zeros((1, 4, 2, 160), jnp.bfloat16)) == "cudnn"
+    assert ops.attention_implementation(q) == "xla" and ops.group_norm_choice() == "channels"  # this CPU
+
+
 def test_xla_knows_every_lever_flag():
     """An unknown flag in XLA_FLAGS aborts the process: every variant's flags parse here (GPU
     flags are fields of the same DebugOptions, so XLA:CPU parses them too)."""

@@ -318,7 +318,7 @@ def test_loras_go_in_before_quantizing(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# ops: the scale, the rounding, and the HLO pattern XLA's FP8 GEMM rewrite looks for
+# ops: the scale, the rounding, and the HLO form XLA compiles into FP8 GEMMs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -351,18 +351,44 @@ def test_fp8_matmul_against_numpy():
     assert _rel(got, x @ w) > 1e-3  # and it did quantize
 
 
-def test_fp8_matmul_hlo_has_the_rewrite_pattern():
-    """Each dot operand is multiply(convert(f8e4m3fn), broadcast(scalar)): the pattern XLA's
-    GemmRewriter turns into a cuBLASLt FP8 GEMM on Hopper (checked on the GPU by fp8_gpu.py)."""
+def fp8_dot_operand_types(hlo: str) -> tuple[list[str], str]:
+    """The element types of the first ``dot``'s operands and of its result, in HLO text."""
+    types = {m[1]: m[2] for m in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\w+)\[", hlo, re.M)}
+    dot = next(line for line in hlo.splitlines() if " dot(" in line)
+    operands = re.search(r"dot\(([^)]*)\)", dot)[1].replace("%", "").split(", ")
+    return [types[o] for o in operands], re.search(r"= (\w+)\[", dot)[1]
+
+
+def test_fp8_matmul_hlo_multiplies_e4m3_operands():
+    """The dot takes both operands in e4m3 (the activation converted, the weight as stored),
+    with the scales applied to its output: the form XLA compiles into an FP8 GEMM for Hopper,
+    whether Triton's or cuBLASLt's. Dequantized operands (``convert(f8) * scale`` into a bf16
+    dot) compiled for an H200 into dequantizing kernels and a bf16 GEMM under XLA's default
+    flags (``benchmarks/hlo_gpu.py``, deviceless on the CPU)."""
     x = jax.ShapeDtypeStruct((4, 32, 64), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((48, 64), jnp.float8_e4m3fn)
     s = jax.ShapeDtypeStruct((), jnp.float32)
     hlo = jax.jit(ops.fp8_matmul).lower(x, w, s).as_text(dialect="hlo")
+    operands, result = fp8_dot_operand_types(hlo)
+    assert operands == ["f8e4m3fn", "f8e4m3fn"] and result == "bf16"
     dot = next(line for line in hlo.splitlines() if " dot(" in line)
-    operands = re.search(r"dot\(([^)]*)\)", dot)[1].replace("%", "").split(", ")
-    defs = {m[1]: m[2] for m in re.finditer(r"%?([\w.\-]+) = \S+ (\w+)\(", hlo)}
-    assert [defs[o] for o in operands] == ["multiply", "multiply"]
-    assert hlo.count("f8e4m3fn") >= 2 and "lhs_contracting_dims={2}, rhs_contracting_dims={1}" in dot
+    assert "lhs_contracting_dims={2}, rhs_contracting_dims={1}" in dot  # the weight is not transposed
+    # float16 accumulates into float32 (the unscaled sums overflow float16), then casts back
+    hlo16 = jax.jit(ops.fp8_matmul).lower(jax.ShapeDtypeStruct((4, 32, 64), jnp.float16), w, s).as_text(dialect="hlo")
+    assert fp8_dot_operand_types(hlo16) == (["f8e4m3fn", "f8e4m3fn"], "f32")
+
+
+def test_fp8_matmul_float16_does_not_overflow():
+    """Unscaled e4m3 sums reach K * 448^2: float16 inputs still give finite, right results."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((8, 1024)) * 4).astype(np.float16).astype(np.float32)  # float16's values
+    w = rng.standard_normal((1024, 16)).astype(np.float32) + 2.0  # same-sign sums: large
+    scale = ops.fp8_scale(jnp.max(jnp.abs(w)))
+    wq = ops.quantize_fp8(jnp.asarray(w.T), scale)
+    got32 = ops.fp8_matmul(jnp.asarray(x), wq, scale)
+    got16 = ops.fp8_matmul(jnp.asarray(x, jnp.float16), wq, scale)
+    assert np.isfinite(np.asarray(got16, np.float32)).all()
+    assert _rel(got16, got32) < 1e-3  # float16's rounding of the output alone
 
 
 def test_onnx_export_keeps_the_fp8_numerics(tmp_path):
