@@ -1,0 +1,386 @@
+"""What XLA compiles for an H200, without one: issue 22's workloads compiled ahead of time for a
+GPU target on this CPU machine (deviceless), their optimized HLO summarized; JSON.
+
+Needs JAX's CUDA plugin and CUDA's libraries (``pip install "jax-cuda13-plugin[with-cuda]==$(jax
+version)"``, about 4 GB), not a GPU nor a driver; run with ``JAX_PLATFORMS=cpu`` and
+``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` (the plugin's version check asks a driver). The target is
+``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`` with the
+H200's published figures (compute capability 9.0, 132 SMs; ``--target-config FILE`` for
+another). Weights are abstract (``jax.ShapeDtypeStruct``): nothing is allocated, so Flux.1-dev
+compiles on a 24 GB machine. The platform choices made at trace time (cuDNN attention,
+GroupNorm's reduction) follow the target (``ops.target_device``).
+
+For each workload and variant, from the compiled program's text:
+
+- ``kernels``: kernel launches per call (fusions, custom calls and unfused ops of the entry
+  computation, into loops and command buffers), and their categories (``profile_summary.py``'s
+  rules: conv, GEMM, attention, norm, elementwise, copy, other);
+- ``gemms``: FP8 GEMMs (Triton GEMM fusions whose dot takes e4m3 operands, cuBLASLt FP8 calls)
+  against half-precision ones (Triton fusions, cuBLAS/cuBLASLt calls, cuDNN GEMM fusions);
+- ``attention``: cuDNN fused attention calls; ``convs``: cuDNN convolution calls;
+- ``command_buffers``: CUDA graphs formed at compile time;
+- ``compile_s``: this CPU's deviceless compile (no autotuning), not the device's.
+
+What it cannot say: times. Autotuning needs the device, so GEMMs keep XLA's default
+configurations, and where the autotuner would choose between a Triton fusion and cuBLAS the
+device may differ from this. The structure (what is fused, what stays FP8, what is cuDNN's) is
+XLA's own for the target.
+
+Workloads (``profile_gpu.py``'s configs): ``unet`` (SD1.5 UNet with the PeRFlow adapter,
+batch 4, 512^2: the seed setting's step), ``taesd`` (TAESD decode, batch 1, 512^2), ``sd3``
+(SD3-medium, batch 2, 1024^2), ``flux`` (Flux.1-dev, batch 1, 1024^2), ``fp8_forms`` (one
+4096x3072x3072 product written as ``ops.fp8_matmul`` writes it, and as dequantized operands
+into a bf16 dot: the form that compiled into dequantizing kernels and a bf16 GEMM).
+
+Variants: ``default`` (bf16), ``fp8`` / ``fp8_static`` (``sf.quantize``; static: calibrated
+scales), ``triton_gemm_off`` (XLA flag, per compile), ``groupnorm_channels`` and
+``attention_xla`` (environment switches, read at trace time). A variant that does not apply
+to a workload is skipped.
+
+    python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
+        [--out FILE] [--hlo-dir DIR]
+    python benchmarks/hlo_gpu.py --smoke   # tiny configs (still needs the CUDA plugin)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit, environment  # noqa: E402
+from profile_summary import hlo_op_categories  # noqa: E402
+
+# The H200 (SXM, 141 GB HBM3e) as XLA's GpuTargetConfig: its published figures; the cuDNN and
+# CUDA versions are those JAX's CUDA 13 wheels bring.
+H200 = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 150754820096
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 12 }
+runtime_version { major: 13 minor: 0 }
+device_description_str: "NVIDIA H200"
+"""
+
+VARIANTS = {  # name -> (environment, compiler options, model form)
+    "default": ({}, {}, "bf16"),
+    "fp8": ({}, {}, "fp8"),
+    "fp8_static": ({}, {}, "fp8_static"),
+    "triton_gemm_off": ({}, {"xla_gpu_enable_triton_gemm": False}, "bf16"),
+    "fp8_triton_gemm_off": ({}, {"xla_gpu_enable_triton_gemm": False}, "fp8"),
+    "groupnorm_channels": ({"STREAMFLOW_JAX_GROUPNORM": "channels"}, {}, "bf16"),
+    "attention_xla": ({"STREAMFLOW_JAX_ATTENTION": "xla"}, {}, "bf16"),
+}
+APPLIES = {  # which variants make a different program for which workload
+    "unet": ("default", "fp8", "groupnorm_channels", "attention_xla", "triton_gemm_off"),
+    "taesd": ("default", "groupnorm_channels"),
+    "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off"),
+    "flux": ("default", "fp8", "fp8_static"),
+    "fp8_forms": ("default", "triton_gemm_off"),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Reading a compiled GPU program
+# ---------------------------------------------------------------------------------------------
+
+_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INST = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(?[\w\[\]{},. :]*?\)?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+_CALLED = re.compile(r"(?:calls|to_apply|body|branch_computations)=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_KIND = re.compile(r'"kind":"([^"]+)"')
+# instructions that launch no kernel of their own
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+              "replica-id", "opt-barrier", "add-dependency", "domain"}
+_F8 = ("f8e4m3fn", "f8e5m2")
+
+
+def parse_hlo(text: str) -> tuple[str, dict[str, list[dict]]]:
+    """``(entry name, {computation: [instruction]})``; an instruction is a dict with ``name``,
+    ``type`` (its shape's text), ``op``, ``operands`` (names), ``called`` (computations),
+    ``target`` (custom-call target) and ``kind`` (a fusion's backend kind)."""
+    comps: dict[str, list[dict]] = {}
+    entry, current = "", None
+    for raw in text.splitlines():
+        if raw.startswith("}"):
+            current = None
+            continue
+        m = _COMP.match(raw)
+        if m and not raw.startswith(" "):
+            current = comps.setdefault(m[2], [])
+            entry = m[2] if m[1] else entry
+            continue
+        m = _INST.match(raw)
+        if m and current is not None:
+            rest = m[4]
+            args = rest.split(")", 1)[0]
+            current.append({
+                "name": m[1], "type": m[2], "op": m[3],
+                "operands": [a.strip().lstrip("%").split()[-1] for a in args.split(",") if a.strip()],
+                "called": [c.strip().lstrip("%") for g in _CALLED.findall(rest) for c in g.split(",")],
+                "target": (_TARGET.search(rest) or [None, None])[1],
+                "kind": (_KIND.search(rest) or [None, None])[1]})
+    return entry, comps
+
+
+def _contains(comps: dict, comp: str, pred, seen=()) -> bool:
+    for inst in comps.get(comp, []):
+        if pred(inst) or any(c not in seen and _contains(comps, c, pred, seen + (comp,)) for c in inst["called"]):
+            return True
+    return False
+
+
+def gemm_kind(inst: dict, comps: dict, types: dict[str, str]) -> str | None:
+    """``"fp8"``, ``"half"`` or None: whether a kernel is a GEMM, and of which operands."""
+    target = inst["target"] or ""
+    if inst["op"] == "custom-call" and "cublas" in target:
+        return "fp8" if "f8" in target else "half"
+    if inst["op"] == "fusion" and any(_contains(comps, c, lambda i: i["op"] in ("dot", "ragged-dot"))
+                                      for c in inst["called"]):
+        if inst["kind"] and re.search(r"triton|cudnn|gemm", inst["kind"]) or "gemm" in inst["name"]:
+            f8 = any(types.get(o, "").startswith(_F8) for o in inst["operands"])
+            return "fp8" if f8 else "half"
+    return None
+
+
+def summarize_hlo(text: str) -> dict:
+    """Kernel launches per call of a compiled GPU program, by category and by kind (see the
+    module's docstring). Loops are counted once per body (the workloads here have none)."""
+    entry, comps = parse_hlo(text)
+    _, categories = hlo_op_categories(text)
+    cats: Counter = Counter()
+    gemms: Counter = Counter()
+    counts = Counter()
+
+    def walk(comp: str, in_graph: bool):
+        types = {i["name"]: i["type"] for i in comps.get(comp, [])}
+        for inst in comps.get(comp, []):
+            op = inst["op"]
+            if op in _NO_KERNEL:
+                continue
+            if op in ("while", "conditional"):
+                counts["loops" if op == "while" else "conditionals"] += 1
+                for c in inst["called"]:
+                    walk(c, in_graph)
+                continue
+            if op == "call" or (op == "custom-call" and not inst["target"]):
+                graph = any(c.startswith("command_buffer") for c in inst["called"])
+                counts["command_buffers"] += graph
+                for c in inst["called"]:
+                    walk(c, in_graph or graph)
+                continue
+            if op in ("async-start", "async-update", "async-done", "copy-start", "copy-done"):
+                if op.endswith("start"):
+                    for c in inst["called"]:
+                        walk(c, in_graph)
+                continue
+            counts["kernels"] += 1
+            counts["kernels_in_graphs"] += in_graph
+            cats[categories.get(inst["name"], "other")] += 1
+            kind = gemm_kind(inst, comps, types)
+            if kind:
+                gemms[kind] += 1
+            target = inst["target"] or ""
+            if "fmha" in target or "fused_attention" in target.lower():
+                counts["cudnn_attention"] += 1
+            if target.startswith("__cudnn$conv"):
+                counts["cudnn_convs"] += 1
+            if inst["kind"] and "triton" in inst["kind"] and "gemm" not in inst["kind"]:
+                counts["triton_fusions"] += 1
+
+    walk(entry, False)
+    return {"kernels": counts["kernels"], "by_category": dict(sorted(cats.items())),
+            "gemms_fp8": gemms["fp8"], "gemms_half": gemms["half"],
+            "cudnn_attention": counts["cudnn_attention"], "cudnn_convs": counts["cudnn_convs"],
+            "command_buffers": counts["command_buffers"], "kernels_in_graphs": counts["kernels_in_graphs"],
+            "loops": counts["loops"], "custom_call_targets": dict(sorted(Counter(
+                i["target"] for insts in comps.values() for i in insts if i["target"]).items()))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads, abstract
+# ---------------------------------------------------------------------------------------------
+
+
+def abstract_model(class_name: str, config, form: str, sharding, adapter=None):
+    """A ``FlowModel`` with ``jax.ShapeDtypeStruct`` bf16 parameters placed by ``sharding``, as
+    it is (``bf16``) or quantized (``fp8``; ``fp8_static``: with calibrated input scales)."""
+    import jax
+    import jax.numpy as jnp
+
+    from streamflow_jax.models import FlowModel, abstract_split, family_of
+    from streamflow_jax.quantization import quantize, quantized_layers, quantized_structure
+
+    family = family_of(class_name)
+    graphdef, state = abstract_split(family, config)
+    state = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype),
+        state)
+    model = FlowModel(class_name, config, graphdef, state, adapter, family=family)
+    if form != "bf16":
+        q = jax.eval_shape(lambda m: quantize(m, "fp8"), model)
+        if form == "fp8_static":
+            q = quantized_structure(model, "fp8", quantized_layers(q), activation_scales="static")
+        model = q
+    model.state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                                         model.state)
+    return model
+
+
+def workload(name: str, spec: dict, form: str, sharding):
+    """``(function, abstract args)`` of one workload."""
+    import jax
+    import jax.numpy as jnp
+
+    from profile_gpu import SLOTS, WINDOWS
+
+    def arg(shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+    def velocity(graphdef, adapter):
+        from flax import nnx
+
+        from streamflow_jax.models import velocity_of
+        return lambda state, x, t, cond: velocity_of(nnx.merge(graphdef, state), adapter, x, t, cond)
+
+    if name == "fp8_forms":
+        from streamflow_jax import ops
+
+        def dequantized(x, w, xs, ws):  # convert(f8) * scale on both operands, into a bf16 dot
+            xd = ops.quantize_fp8(x, xs).astype(x.dtype) * xs.astype(x.dtype)
+            return jax.lax.dot_general(xd, w.astype(x.dtype) * ws.astype(x.dtype), (((1,), (1,)), ((), ())))
+
+        fn = ops.fp8_matmul if form == "bf16" else dequantized
+        return fn, (arg((4096, 3072), jnp.bfloat16), arg((3072, 3072), jnp.float8_e4m3fn), arg(()), arg(()))
+    if name == "unet":
+        from streamflow_jax.models.perflow import PeRFlowAdapter
+
+        m = abstract_model("UNet2DConditionModel", spec["unet"], form, sharding, PeRFlowAdapter("diff_eps", WINDOWS))
+        lat, (text_len, text_dim) = spec["latent"], spec["text"]
+        return velocity(m.graphdef, m.adapter), (m.state, arg((SLOTS, lat, lat, 4)), arg((SLOTS,)),
+                                                 {"encoder_hidden_states": arg((SLOTS, text_len, text_dim))})
+    if name == "taesd":
+        from flax import nnx
+
+        m = abstract_model("AutoencoderTiny", spec["taesd"], form, sharding)
+        lat = spec["latent"]
+        return (lambda state, z: nnx.merge(m.graphdef, state).decode_latents(z)), (m.state, arg((1, lat, lat, 4)))
+    class_name = "SD3Transformer2DModel" if name == "sd3" else "FluxTransformer2DModel"
+    m = abstract_model(class_name, spec["config"], form, sharding)
+    b, lat = spec["batch"], spec["latent"]
+    cond = {k: arg((b, *s), jnp.bfloat16) for k, s in m.cond_shapes(spec["text"]).items()}
+    if "guidance" in cond:
+        cond["guidance"] = arg((b,))
+    return velocity(m.graphdef, None), (m.state, arg((b, lat, lat, m.latent_channels), jnp.bfloat16), arg((b,)), cond)
+
+
+def compile_one(name: str, variant: str, spec: dict, device, sharding, hlo_dir: Path | None) -> list[dict]:
+    """Rows of one workload under one variant (``fp8_forms``: one row per form)."""
+    import jax
+
+    from streamflow_jax import ops
+
+    env, options, form = VARIANTS[variant]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        jax.clear_caches()  # the switches are read at trace time
+        rows = []
+        forms = ("bf16", "dequantized") if name == "fp8_forms" else (form,)
+        for f in forms:
+            fn, args = workload(name, spec, f, sharding)
+            t0 = time.perf_counter()
+            with ops.target_device(device):
+                lowered = jax.jit(fn).lower(*args)
+            lower_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            compiled = lowered.compile(compiler_options=options or None)
+            compile_s = time.perf_counter() - t0
+            text = compiled.as_text()
+            label = variant if name != "fp8_forms" else f"{variant}/{'fp8_matmul' if f == 'bf16' else 'dequantized'}"
+            if hlo_dir is not None:
+                hlo_dir.mkdir(parents=True, exist_ok=True)
+                with gzip.open(hlo_dir / f"{name}.{label.replace('/', '.')}.hlo.txt.gz", "wt") as out:
+                    out.write(text)
+            rows.append({"workload": name, "variant": label, "lower_s": round(lower_s, 2),
+                         "compile_s": round(compile_s, 2), **summarize_hlo(text)})
+        return rows
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", nargs="+", default=list(APPLIES), choices=list(APPLIES))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--target-config", default=None, help="a GpuTargetConfig text proto (default: the H200's)")
+    p.add_argument("--smoke", action="store_true", help="tiny configs")
+    p.add_argument("--hlo-dir", default=None, help="write each compiled program's text here, gzipped")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+    import jax
+    from jax.experimental import topologies
+
+    from profile_gpu import configs
+
+    target = Path(args.target_config).read_text() if args.target_config else H200
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=target, topology="1x1x1")
+    except Exception as e:  # noqa: BLE001 - the plugin's absence has several faces
+        sys.exit(f"hlo_gpu: cannot describe a CUDA target ({type(e).__name__}: {e}); this needs JAX's CUDA plugin: "
+                 f'pip install "jax-cuda13-plugin[with-cuda]=={jax.__version__}"')
+    mesh = topologies.make_mesh(topology, (1,), ("d",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    specs = configs(args.smoke)
+    rows = []
+    for name in args.workloads:
+        spec = specs["stream"] if name in ("unet", "taesd") else specs.get(name, {})
+        for variant in args.variants:
+            if variant not in APPLIES[name]:
+                continue
+            t0 = time.perf_counter()
+            try:
+                got = compile_one(name, variant, spec, topology.devices[0], sharding,
+                                  Path(args.hlo_dir) if args.hlo_dir else None)
+            except Exception as e:  # noqa: BLE001 - a variant that fails is reported, the rest run
+                got = [{"workload": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]}]
+            for row in got:
+                print(row, file=sys.stderr, flush=True)
+            rows += got
+            print(f"{name}/{variant}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    emit({"benchmark": "hlo_gpu", "target": topology.devices[0].device_kind, "smoke": args.smoke,
+          "env": environment(), "results": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""``benchmarks/hlo_gpu.py``: reading programs XLA compiled for an H200 on a CPU machine.
+
+The programs under ``tests/data/hlo_gpu/`` are XLA's own output (jaxlib 0.10.2 with
+jax-cuda13-plugin 0.10.2, deviceless, the script's H200 target), written by
+``python benchmarks/hlo_gpu.py --smoke --workloads fp8_forms sd3 --variants default fp8_static
+--hlo-dir DIR``: one 4096x3072x3072 product written as ``ops.fp8_matmul`` writes it and as
+dequantized operands, and the tiny SD3 config's velocity with static FP8 scales. The CUDA plugin
+itself (4 GB) is not installed for the suite.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+DATA = Path(__file__).parent / "data" / "hlo_gpu"
+sys.path.insert(0, str(BENCH))
+from hlo_gpu import summarize_hlo  # noqa: E402
+
+
+def _program(name: str) -> str:
+    with gzip.open(DATA / f"{name}.hlo.txt.gz", "rt") as f:
+        return f.read()
+
+
+def test_fp8_matmul_compiles_to_one_fp8_gemm():
+    """The library's form: the activation's quantization, then one Triton GEMM fusion on e4m3
+    operands with the scale in its epilogue (two kernels, no bf16 GEMM)."""
+    got = summarize_hlo(_program("fp8_forms.default.fp8_matmul"))
+    assert (got["gemms_fp8"], got["gemms_half"], got["kernels"]) == (1, 0, 2)
+    assert got["by_category"] == {"GEMM": 1, "elementwise": 1}
+
+
+def test_dequantized_operands_compile_to_a_bf16_gemm():
+    """The form the library wrote before (openxla's GemmRewriter pattern): under XLA's default
+    flags each operand is dequantized by a kernel of its own and the GEMM runs in bf16."""
+    got = summarize_hlo(_program("fp8_forms.default.dequantized"))
+    assert (got["gemms_fp8"], got["gemms_half"], got["kernels"]) == (0, 1, 3)
+
+
+def test_every_static_fp8_linear_is_an_fp8_gemm():
+    """Tiny SD3 with calibrated scales: one FP8 GEMM per quantized linear (counted on our
+    model, independently of XLA), cuDNN's fused attention for every block's attention."""
+    from hlo_gpu import abstract_model
+    from profile_gpu import configs
+
+    from streamflow_jax.quantization import quantized_layers
+
+    spec = configs(True)["sd3"]
+    layers = quantized_layers(abstract_model("SD3Transformer2DModel", spec["config"], "fp8_static", None))
+    got = summarize_hlo(_program("sd3.fp8_static"))
+    assert got["gemms_fp8"] == len(layers) == 25
+    assert got["cudnn_attention"] == spec["config"].num_layers == 2
+    assert got["kernels"] == sum(got["by_category"].values())
+
+
+def test_without_the_cuda_plugin_it_says_what_to_install():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(BENCH / "hlo_gpu.py"), "--smoke"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("JAX's CUDA plugin is installed here: the script ran")
+    assert "jax-cuda13-plugin" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
