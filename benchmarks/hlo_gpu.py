@@ -7,8 +7,10 @@ version)"``, about 4 GB), not a GPU nor a driver; run with ``JAX_PLATFORMS=cpu``
 ``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`` with the
 H200's published figures (compute capability 9.0, 132 SMs; ``--target-config FILE`` for
 another). Weights are abstract (``jax.ShapeDtypeStruct``): nothing is allocated, so Flux.1-dev
-compiles on a 24 GB machine. The platform choices made at trace time (cuDNN attention,
-GroupNorm's reduction) follow the target (``ops.target_device``).
+compiles on a 24 GB machine. The platform choices made at trace time follow the target: ours
+(cuDNN attention, GroupNorm's reduction: ``ops.target_device``) and JAX's own check of cuDNN
+attention's head dims, which asks the local GPU's compute capability (without one it would
+refuse SD1.5's head dim 160, which Hopper takes; ``target_capability`` answers for the target).
 
 For each workload and variant, from the compiled program's text:
 
@@ -45,6 +47,7 @@ to a workload is skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import os
 import re
@@ -297,6 +300,26 @@ def workload(name: str, spec: dict, form: str, sharding):
     return velocity(m.graphdef, None), (m.state, arg((b, lat, lat, m.latent_channels), jnp.bfloat16), arg((b,)), cond)
 
 
+@contextlib.contextmanager
+def target_capability(device):
+    """JAX's cuDNN attention checks answer with ``device``'s compute capability, not the local
+    GPU's (there is none). Patches two functions of ``jax._src.cudnn.fused_attention_stablehlo``
+    while tracing; where this JAX has neither, nothing is patched."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    have = tuple(int(v) for v in str(device.compute_capability).split("."))
+    patched = {"check_compute_capability": lambda c: have >= tuple(int(v) for v in c.split(".")),
+               "is_cuda_compute_capability_equal": lambda c: have == tuple(int(v) for v in c.split("."))}
+    saved = {name: getattr(fa, name) for name in patched if hasattr(fa, name)}
+    for name in saved:
+        setattr(fa, name, patched[name])
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(fa, name, fn)
+
+
 def compile_one(name: str, variant: str, spec: dict, device, sharding, hlo_dir: Path | None) -> list[dict]:
     """Rows of one workload under one variant (``fp8_forms``: one row per form)."""
     import jax
@@ -313,7 +336,7 @@ def compile_one(name: str, variant: str, spec: dict, device, sharding, hlo_dir: 
         for f in forms:
             fn, args = workload(name, spec, f, sharding)
             t0 = time.perf_counter()
-            with ops.target_device(device):
+            with ops.target_device(device), target_capability(device):
                 lowered = jax.jit(fn).lower(*args)
             lower_s = time.perf_counter() - t0
             t0 = time.perf_counter()

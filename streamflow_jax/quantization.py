@@ -98,14 +98,16 @@ class Fp8Linear(nnx.Module):
         weight, scale = _quantize_kernel(linear.kernel[...])
         return cls(weight, scale, linear.bias[...] if linear.bias is not None else None)
 
-    def __call__(self, x):  # [..., in] -> [..., out]
+    def __call__(self, x, input_scale=None):  # [..., in] -> [..., out]
+        """``input_scale``: a scale to use instead of this layer's static one (``layers.project``
+        passes one shared by layers of the same input)."""
         if self.calibration is not None:
             if ops.is_exporting():
                 raise ValueError("calibration measures the model as XLA runs it: call it with backend xla "
                                  "(not onnxruntime or tensorrt, which export it)")
             amax = jax.lax.reduce_max(jnp.abs(x).astype(jnp.float32), tuple(range(x.ndim)))
             jax.debug.callback(functools.partial(_record, *self.calibration), amax)
-        scale = None if self.input_scale is None else self.input_scale[...]
+        scale = input_scale if input_scale is not None else None if self.input_scale is None else self.input_scale[...]
         y = ops.fp8_matmul(x, self.weight[...], self.weight_scale[...], scale)
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 

@@ -76,6 +76,12 @@ def test_scales_and_velocity_against_diffusers(tmp_path):
     assert set(ours) == set(seen) == set(quantized_layers(c)) and len(ours) == 25
     assert ours == {name: _torch_scale(amax) for name, amax in seen.items()}
     assert len(set(ours.values())) > 1  # the layers' ranges differ: a scale each
+    # one input, one scale: queries, keys and values of the image tokens, and of the text
+    # tokens, measured the same range in diffusers too (what layers.project relies on)
+    triples = [[n.replace("q", kind) for kind in "qkv"] for n in ours if n.endswith(("to_q", "add_q_proj"))]
+    assert len(triples) == 4
+    for names in triples:
+        assert len({ours[n] for n in names}) == 1 and len({seen[n] for n in names}) == 1, names
 
     static_ref = make_sd3(tmp_path / "again", "sd3", seed=4)  # the same weights
     _hook_diffusers(static_ref, pattern, static=ours)

@@ -36,6 +36,26 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
+def project(x, *linears) -> list:
+    """``[linear(x) for linear in linears]``: several projections of one input (queries, keys
+    and values).
+
+    FP8 layers with static input scales (``quantization.calibrate``) quantize ``x`` once for all
+    of them, with the largest of their scales: calibrated on the same input, the scales are
+    equal, so the numbers are those of separate calls, and XLA sees one e4m3 operand, which it
+    quantizes once and merges the products of (one GEMM instead of three, as it does for bf16
+    and dynamic scales). Separate parameters would hide that the scales are equal. Not while
+    exporting: TensorRT takes Q/DQ scales as constants, not computed ones.
+    """
+    scales = [getattr(layer, "input_scale", None) for layer in linears]
+    if len(linears) < 2 or any(s is None for s in scales) or ops.is_exporting():
+        return [layer(x) for layer in linears]
+    shared = scales[0][...]
+    for s in scales[1:]:
+        shared = jnp.maximum(shared, s[...])
+    return [layer(x, input_scale=shared) for layer in linears]
+
+
 class Conv2d(nnx.Module):
     """2-D convolution, NHWC, kernel ``[kh, kw, in, out]``.
 
@@ -186,9 +206,11 @@ class Attention(nnx.Module):
         """``x`` ``[B, M, D]``, ``context`` ``[B, L, D']`` or None, ``rope`` ``(cos, sin)``
         ``[M', K/2]`` each -> ``[B, M, D]`` (joint: ``([B, M, D], [B, L, D] | None)``)."""
         kv = x if context is None or self.joint else context
-        q = self._heads(self.to_q(x), self.norm_q)
-        k = self._heads(self.to_k(kv), self.norm_k)
-        v = self._heads(self.to_v(kv), None)
+        if kv is x:
+            q, k, v = project(x, self.to_q, self.to_k, self.to_v)
+        else:
+            q, (k, v) = self.to_q(x), project(kv, self.to_k, self.to_v)
+        q, k, v = self._heads(q, self.norm_q), self._heads(k, self.norm_k), self._heads(v, None)
         if self.joint:
             # Text tokens first (diffusers' SD3 puts them last; attention does not care about
             # order, and Flux's position ids are text-first too), so that both splits below
@@ -196,9 +218,10 @@ class Attention(nnx.Module):
             # mis-sizes jnp.concatenate of a symbolic and a static axis: together they keep the
             # graph exportable with a symbolic image-token count.
             join = lambda c, i: jax.lax.concatenate([c, i], 1)  # noqa: E731
-            q = join(self._heads(self.add_q_proj(context), self.norm_added_q), q)
-            k = join(self._heads(self.add_k_proj(context), self.norm_added_k), k)
-            v = join(self._heads(self.add_v_proj(context), None), v)
+            cq, ck, cv = project(context, self.add_q_proj, self.add_k_proj, self.add_v_proj)
+            q = join(self._heads(cq, self.norm_added_q), q)
+            k = join(self._heads(ck, self.norm_added_k), k)
+            v = join(self._heads(cv, None), v)
         if rope is not None:
             q, k = ops.apply_rope(q, *rope), ops.apply_rope(k, *rope)
         out = ops.attention(q, k, v)  # [B, L+M, N, K]
