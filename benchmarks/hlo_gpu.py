@@ -20,7 +20,8 @@ For each workload and variant, from the compiled program's text:
 - ``gemms``: FP8 GEMMs (Triton GEMM fusions whose dot takes e4m3 operands, cuBLASLt FP8 calls)
   against half-precision ones (Triton fusions, cuBLAS/cuBLASLt calls, cuDNN GEMM fusions);
 - ``attention``: cuDNN fused attention calls; ``convs``: cuDNN convolution calls;
-- ``command_buffers``: CUDA graphs formed at compile time;
+- ``command_buffers``: CUDA graphs visible in the HLO (XLA 0.10 forms them afterwards, from
+  the sequence of thunks, so 0 here does not mean none);
 - ``compile_s``: this CPU's deviceless compile (no autotuning), not the device's.
 
 What it cannot say: times. Autotuning needs the device, so GEMMs keep XLA's default
