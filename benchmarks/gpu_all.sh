@@ -5,10 +5,10 @@
 #   profile  jax.profiler traces of a stream tick (seed setting), SD3-medium (batch 2) and Flux-dev
 #            (batch 1), summarized: top kernels by category, kernels per call, idle gaps, TFLOP/s;
 #            traces + compiled HLO under $OUT/profile_traces (profile_gpu.py, 240 s)
-#   fp8      quantize(model, "fp8") vs bf16: cuBLASLt FP8 GEMMs in the compiled HLO, ms per call,
+#   fp8      quantize(model, "fp8") vs bf16: FP8 GEMMs in the compiled HLO, ms per call,
 #            velocity distance, bytes; Flux-dev, SD3-medium, SD1.5 UNet (fp8_gpu.py, 270 s)
 #   levers   XLA flags / switch variants vs the default, one process each, stream images/s:
-#            command buffers, one program per tick, attention per head dim (levers_gpu.py group a,
+#            conv kernels OHWI, command buffers, one program per tick, attention per head dim (group a,
 #            280 s); levers-b: Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling search,
 #            autotune, graphs around loops (280 s); levers-sd3: group a on SD3-medium (280 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)

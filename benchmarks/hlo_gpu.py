@@ -20,6 +20,8 @@ For each workload and variant, from the compiled program's text:
 - ``gemms``: FP8 GEMMs (Triton GEMM fusions whose dot takes e4m3 operands, cuBLASLt FP8 calls)
   against half-precision ones (Triton fusions, cuBLAS/cuBLASLt calls, cuDNN GEMM fusions);
 - ``attention``: cuDNN fused attention calls; ``convs``: cuDNN convolution calls;
+- ``param_transposes``: kernels that only lay a parameter out again (a weight transposed at
+  every call);
 - ``command_buffers``: CUDA graphs visible in the HLO (XLA 0.10 forms them afterwards, from
   the sequence of thunks, so 0 here does not mean none);
 - ``compile_s``: this CPU's deviceless compile (no autotuning), not the device's.
@@ -36,9 +38,9 @@ batch 4, 512^2: the seed setting's step), ``taesd`` (TAESD decode, batch 1, 512^
 into a bf16 dot: the form that compiled into dequantizing kernels and a bf16 GEMM).
 
 Variants: ``default`` (bf16), ``fp8`` / ``fp8_static`` (``sf.quantize``; static: calibrated
-scales), ``triton_gemm_off`` (XLA flag, per compile), ``groupnorm_channels`` and
-``attention_xla`` (environment switches, read at trace time). A variant that does not apply
-to a workload is skipped.
+scales), ``triton_gemm_off`` (XLA flag, per compile), ``groupnorm_channels``, ``attention_xla``
+and ``conv_ohwi`` (environment switches; the last one's layout is applied to the model, as the
+stream engine applies it). A variant that does not apply to a workload is skipped.
 
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
         [--out FILE] [--hlo-dir DIR]
@@ -98,10 +100,11 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     "fp8_triton_gemm_off": ({}, {"xla_gpu_enable_triton_gemm": False}, "fp8"),
     "groupnorm_channels": ({"STREAMFLOW_JAX_GROUPNORM": "channels"}, {}, "bf16"),
     "attention_xla": ({"STREAMFLOW_JAX_ATTENTION": "xla"}, {}, "bf16"),
+    "conv_ohwi": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi"}, {}, "bf16"),
 }
 APPLIES = {  # which variants make a different program for which workload
-    "unet": ("default", "fp8", "groupnorm_channels", "attention_xla", "triton_gemm_off"),
-    "taesd": ("default", "groupnorm_channels"),
+    "unet": ("default", "fp8", "groupnorm_channels", "attention_xla", "triton_gemm_off", "conv_ohwi"),
+    "taesd": ("default", "groupnorm_channels", "conv_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off"),
     "flux": ("default", "fp8", "fp8_static"),
     "fp8_forms": ("default", "triton_gemm_off"),
@@ -181,6 +184,7 @@ def summarize_hlo(text: str) -> dict:
 
     def walk(comp: str, in_graph: bool):
         types = {i["name"]: i["type"] for i in comps.get(comp, [])}
+        params = {i["name"] for i in comps.get(comp, []) if i["op"] == "parameter"}
         for inst in comps.get(comp, []):
             op = inst["op"]
             if op in _NO_KERNEL:
@@ -203,6 +207,10 @@ def summarize_hlo(text: str) -> dict:
                 continue
             counts["kernels"] += 1
             counts["kernels_in_graphs"] += in_graph
+            if comp == entry and inst["operands"] and set(inst["operands"]) <= params and (
+                    op in ("copy", "transpose") or any(_contains(comps, c, lambda i: i["op"] == "transpose")
+                                                       for c in inst["called"])):
+                counts["param_transposes"] += 1
             cats[categories.get(inst["name"], "other")] += 1
             kind = gemm_kind(inst, comps, types)
             if kind:
@@ -219,6 +227,7 @@ def summarize_hlo(text: str) -> dict:
     return {"kernels": counts["kernels"], "by_category": dict(sorted(cats.items())),
             "gemms_fp8": gemms["fp8"], "gemms_half": gemms["half"],
             "cudnn_attention": counts["cudnn_attention"], "cudnn_convs": counts["cudnn_convs"],
+            "param_transposes": counts["param_transposes"],
             "command_buffers": counts["command_buffers"], "kernels_in_graphs": counts["kernels_in_graphs"],
             "loops": counts["loops"], "custom_call_targets": dict(sorted(Counter(
                 i["target"] for insts in comps.values() for i in insts if i["target"]).items()))}
@@ -231,9 +240,12 @@ def summarize_hlo(text: str) -> dict:
 
 def abstract_model(class_name: str, config, form: str, sharding, adapter=None):
     """A ``FlowModel`` with ``jax.ShapeDtypeStruct`` bf16 parameters placed by ``sharding``, as
-    it is (``bf16``) or quantized (``fp8``; ``fp8_static``: with calibrated input scales)."""
+    it is (``bf16``) or quantized (``fp8``; ``fp8_static``: with calibrated input scales), its
+    convolutions in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout."""
     import jax
     import jax.numpy as jnp
+
+    from streamflow_jax import ops
 
     from streamflow_jax.models import FlowModel, abstract_split, family_of
     from streamflow_jax.quantization import quantize, quantized_layers, quantized_structure
@@ -249,6 +261,8 @@ def abstract_model(class_name: str, config, form: str, sharding, adapter=None):
         if form == "fp8_static":
             q = quantized_structure(model, "fp8", quantized_layers(q), activation_scales="static")
         model = q
+    layout = ops.conv_layout_choice()
+    model = jax.eval_shape(lambda m: m.with_conv_layout(layout), model)
     model.state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                                          model.state)
     return model

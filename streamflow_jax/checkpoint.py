@@ -188,6 +188,7 @@ def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = F
     from streamflow_jax.quantization import activation_scales, quantized_layers
 
     dst = Path(dst).absolute()
+    model = model.with_conv_layout("HWIO")  # the layout checkpoints hold
     flat, _, names = flat_params(nnx.to_pure_dict(model.state))
     layers = quantized_layers(model)
     quantization = _quantization_record(layers, static=bool(layers) and activation_scales(model) == "static")

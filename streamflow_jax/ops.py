@@ -322,6 +322,25 @@ def group_norm_choice(setting: str | None = None, platform: str | None = None) -
     return setting
 
 
+CONV_LAYOUT_ENV = "STREAMFLOW_JAX_CONV_LAYOUT"
+
+
+def conv_layout_choice(setting: str | None = None) -> str:
+    """The convolution kernel layout the stream engine runs its models in: ``"HWIO"`` or
+    ``"OHWI"`` (``FlowModel.with_conv_layout``).
+
+    ``$STREAMFLOW_JAX_CONV_LAYOUT`` (or ``setting``): ``auto`` (unset) keeps ``hwio``, the
+    layout models are converted in, until a GPU measures ``ohwi`` (``benchmarks/levers_gpu.py``'s
+    ``conv_ohwi``): compiled for an H200, the seed setting's UNet transposes each of its 98
+    kernels at every call (1.2 GB written), and TAESD's decoder 35 (``benchmarks/hlo_gpu.py``);
+    or either by name. Read when an engine is made.
+    """
+    setting = (os.environ.get(CONV_LAYOUT_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
+    if setting not in ("auto", "hwio", "ohwi"):
+        raise ValueError(f"{CONV_LAYOUT_ENV}={setting!r}: expected auto, hwio or ohwi")
+    return "OHWI" if setting == "ohwi" else "HWIO"
+
+
 def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
     """GroupNorm statistics without affine parameters, in fp32 (two passes: the mean, then the
     mean squared deviation from it, as PyTorch's GroupNorm).

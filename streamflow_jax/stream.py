@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamflow_jax import sampling, schedules
+from streamflow_jax import ops, sampling, schedules
 from streamflow_jax.backends import check_backend, runner_for
 from streamflow_jax.errors import RequestError
 from streamflow_jax.models import FlowModel, decode_latents
@@ -503,8 +503,12 @@ class StreamEngine:
         self._in_flight: collections.deque[tuple[list[int], jax.Array]] = collections.deque()
         self.results: dict[int, Any] = {}
         self.ticks = 0
-        self._velocity_model = model
+        self._velocity_model, self._decoder = model, decoder
         self._compiled = not entry.exported
+        if self._compiled:  # the convolutions' kernel layout the compiled tick reads (a lever)
+            layout = ops.conv_layout_choice()
+            relaid = lambda m: m.with_conv_layout(layout) if isinstance(m, FlowModel) else m  # noqa: E731
+            self._velocity_model, self._decoder = relaid(model), relaid(decoder)
         if entry.exported:
             h, w, _ = self.latent_shape
             cond0 = {k: np.zeros((1, *s), np.float32) for k, s in self.cond_shapes.items()}
@@ -564,7 +568,7 @@ class StreamEngine:
         plan = self.scheduler.plan()
         if plan is None:
             return []
-        outputs = self.buffers.tick(self._velocity_model, self.decoder, plan, compiled=self._compiled,
+        outputs = self.buffers.tick(self._velocity_model, self._decoder, plan, compiled=self._compiled,
                                     flow_model=self.model if isinstance(self.model, FlowModel) else None,
                                     fused=self.tick_mode == "fused")
         self.ticks += 1
@@ -639,7 +643,7 @@ class StreamEngine:
                 for d in [None] + sorted({bucket(k, n) for k in range(1, b + 1)}):
                     for admit in admits:
                         done = None if d is None else np.zeros(d, np.int32)
-                        bufs.state, out = _tick_jit(self._velocity_model, self.decoder, flow_model, bufs.state,
+                        bufs.state, out = _tick_jit(self._velocity_model, self._decoder, flow_model, bufs.state,
                                                     admit, np.full(b, n, np.int32), pad, pad, done)
             jax.block_until_ready(bufs.state)
             return
@@ -650,7 +654,7 @@ class StreamEngine:
                 pad = np.full(b, PAD_TIME, np.float32)
                 bufs.state = _step_jit(self._velocity_model, bufs.state, np.full(b, n, np.int32), pad, pad)
         for d in sorted({bucket(k, n) for k in range(1, n + 1)}):
-            jax.block_until_ready(_outputs_jit(self.decoder, bufs.state["x"], np.zeros(d, np.int32)))
+            jax.block_until_ready(_outputs_jit(self._decoder, bufs.state["x"], np.zeros(d, np.int32)))
 
     def run(self, max_ticks: int | None = None) -> dict[int, Any]:
         """Ticks until every submitted request has a result (or ``max_ticks``); returns ``results``."""

@@ -4,7 +4,8 @@ The programs under ``tests/data/hlo_gpu/`` are XLA's own output (jaxlib 0.10.2 w
 jax-cuda13-plugin 0.10.2, deviceless, the script's H200 target), written by
 ``python benchmarks/hlo_gpu.py --smoke --workloads fp8_forms sd3 --variants default fp8_static
 --hlo-dir DIR``: one 4096x3072x3072 product written as ``ops.fp8_matmul`` writes it and as
-dequantized operands, and the tiny SD3 config's velocity with static FP8 scales. The CUDA plugin
+dequantized operands; the tiny SD3 config's velocity with static FP8 scales; the tiny TAESD
+decoder with HWIO and with OHWI kernels (``--workloads taesd --variants default conv_ohwi``). The CUDA plugin
 itself (4 GB) is not installed for the suite.
 """
 
@@ -64,6 +65,23 @@ def test_static_fp8_projections_of_one_input_are_one_gemm():
     assert got["gemms_fp8"] == len(quantized_layers(model)) - 2 * triples == 25 - 8
     assert got["cudnn_attention"] == spec["config"].num_layers == 2
     assert got["kernels"] == sum(got["by_category"].values())
+
+
+def test_ohwi_kernels_are_not_transposed_at_every_call():
+    """The tiny TAESD decoder (``profile_gpu.py``'s smoke config): with HWIO kernels each of its
+    convolutions is preceded, at every call, by a kernel that transposes its weight into cuDNN's
+    filter layout; stored OHWI ($STREAMFLOW_JAX_CONV_LAYOUT=ohwi) none is, and nothing else
+    changes."""
+    from hlo_gpu import abstract_model
+    from profile_gpu import configs
+
+    from streamflow_jax.models.layers import Conv2d
+
+    model = abstract_model("AutoencoderTiny", configs(True)["stream"]["taesd"], "bf16", None)
+    convs = sum(isinstance(node, Conv2d) for _, node in nnx.iter_graph(model.module.decoder))
+    hwio, ohwi = summarize_hlo(_program("taesd.default")), summarize_hlo(_program("taesd.conv_ohwi"))
+    assert hwio["cudnn_convs"] == ohwi["cudnn_convs"] == hwio["param_transposes"] == convs
+    assert ohwi["param_transposes"] == 0 and hwio["kernels"] - ohwi["kernels"] == convs
 
 
 def test_without_the_cuda_plugin_it_says_what_to_install():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from streamflow_jax import ops
@@ -107,6 +108,39 @@ def test_target_device_steers_the_trace_time_choices(monkeypatch):
     assert ops.attention_implementation(q) == "xla" and ops.group_norm_choice() == "channels"  # this CPU
 
 
+def test_conv_layout_switch_and_round_trip(tmp_path, monkeypatch):
+    """``FlowModel.with_conv_layout``: OHWI kernels are the HWIO ones transposed, decode the same
+    (float32, up to summation order), come back bit for bit, and ``sf.save`` writes HWIO."""
+    import diffusers
+    from conftest import VAES, randomize
+
+    import streamflow_jax as sf
+
+    monkeypatch.delenv(ops.CONV_LAYOUT_ENV, raising=False)
+    assert ops.conv_layout_choice() == "HWIO" and ops.conv_layout_choice("OHWI") == "OHWI"
+    monkeypatch.setenv(ops.CONV_LAYOUT_ENV, "nchw")
+    with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_CONV_LAYOUT='nchw': expected auto, hwio or ohwi"):
+        ops.conv_layout_choice()
+    randomize(diffusers.AutoencoderKL(**VAES["sd"]), 0, std=0.1).save_pretrained(tmp_path / "vae")
+    vae = sf.load(tmp_path / "vae")
+    assert vae.with_conv_layout("HWIO") is vae
+    ohwi = vae.with_conv_layout("OHWI")
+    hw, oh = vae.module.decoder.conv_in.kernel[...], ohwi.module.decoder.conv_in.kernel[...]
+    assert oh.shape == (hw.shape[3], *hw.shape[:3])
+    z = np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(ohwi.module.decode_latents(z)), np.asarray(vae.module.decode_latents(z)),
+                               rtol=1e-5, atol=1e-5)
+    back = ohwi.with_conv_layout("HWIO")
+    for a, b in zip(jax.tree_util.tree_leaves(back.state), jax.tree_util.tree_leaves(vae.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    sf.save(ohwi, tmp_path / "saved")
+    again = sf.load(tmp_path / "saved")
+    for a, b in zip(jax.tree_util.tree_leaves(again.state), jax.tree_util.tree_leaves(vae.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="unsupported conv kernel layout 'NCHW'"):
+        vae.with_conv_layout("NCHW")
+
+
 def test_xla_knows_every_lever_flag():
     """An unknown flag in XLA_FLAGS aborts the process: every variant's flags parse here (GPU
     flags are fields of the same DebugOptions, so XLA:CPU parses them too)."""
@@ -116,7 +150,8 @@ def test_xla_knows_every_lever_flag():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
     assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
-    assert all(env_extra.keys() <= {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, TICK_ENV} for _, env_extra in VARIANTS.values())
+    switches = {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, ops.CONV_LAYOUT_ENV, TICK_ENV}
+    assert all(env_extra.keys() <= switches for _, env_extra in VARIANTS.values())
 
 
 def test_ratios():

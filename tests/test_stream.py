@@ -146,6 +146,36 @@ def test_decoder_runs_inside_the_tick(model, tmp_path, admit, tick):
         np.testing.assert_allclose(engine.result(rid), want, rtol=1e-4, atol=1e-4)
 
 
+def test_engine_runs_convolutions_in_the_layout_switched_to(model, tmp_path, monkeypatch):
+    """$STREAMFLOW_JAX_CONV_LAYOUT=ohwi: the engine runs its own copies of the model and the
+    decoder with [out, kh, kw, in] kernels (the caller's models keep theirs), and the images
+    equal sequential sampling decoded by the model as converted."""
+    import diffusers
+    from conftest import VAES, randomize
+
+    from streamflow_jax.models.layers import Conv2d
+
+    def layouts(m):
+        from flax import nnx
+
+        return {node.layout for _, node in nnx.iter_graph(m.module) if isinstance(node, Conv2d)}
+
+    randomize(diffusers.AutoencoderKL(**VAES["sd"]), 0, std=0.1).save_pretrained(tmp_path / "vae")
+    vae = sf.load(tmp_path / "vae")
+    monkeypatch.setenv("STREAMFLOW_JAX_CONV_LAYOUT", "ohwi")
+    x, conds = _requests(3, seed=7)
+    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=3, decoder=vae, admit_per_tick=3)
+    assert layouts(engine._decoder) == layouts(engine._velocity_model) == {"OHWI"}  # SD3's patch embedding too
+    assert layouts(vae) == layouts(model) == {"HWIO"}
+    ids = [engine.submit(conds[i], steps=2, noise=x[i]) for i in range(3)]
+    engine.run()
+    for i, rid in enumerate(ids):
+        alone = sf.sample(model, x[i : i + 1], sf.schedules.flow_match(2, shift=1.0),
+                          {k: v[None] for k, v in conds[i].items()})
+        np.testing.assert_allclose(engine.result(rid), np.asarray(vae.module.decode_latents(alone))[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_fused_tick_warms_up_and_equals_the_split_tick(tiny_sd3, tmp_path, monkeypatch):
     """One program per tick ($STREAMFLOW_JAX_TICK=fused): warm_up compiles every variant a run
     meets (guided and plain requests, one and two finishing on a tick), and the results are the

@@ -217,6 +217,21 @@ class FlowModel:
         """The same weights with a velocity adapter (``models.perflow.PeRFlowAdapter``)."""
         return self._replace(adapter=adapter)
 
+    def with_conv_layout(self, layout: str) -> FlowModel:
+        """The same model with its convolution kernels stored as ``layout``: ``"HWIO"`` (as
+        converted and saved) or ``"OHWI"`` (``[out, kh, kw, in]``, the filter layout cuDNN
+        takes: compiled for an H200, every HWIO kernel is transposed again at every call,
+        ``benchmarks/hlo_gpu.py``). The numbers are the same. ``self`` when nothing changes;
+        ``sf.save`` writes HWIO whatever the model holds. The stream engine applies
+        ``$STREAMFLOW_JAX_CONV_LAYOUT`` (``ops.conv_layout_choice``) to its models."""
+        from streamflow_jax.models.layers import relayout_convs
+
+        module = self.module
+        if not relayout_convs(module, layout):
+            return self
+        graphdef, state = nnx.split(module)
+        return self._replace(graphdef=graphdef, state=state)
+
     def astype(self, dtype) -> FlowModel:
         """A copy with floating-point parameters cast to ``dtype`` (FP8 weights stay FP8)."""
         cast = lambda a: a.astype(dtype) if _compute_float(a.dtype) else a  # noqa: E731

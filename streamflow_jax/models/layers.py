@@ -56,23 +56,46 @@ def project(x, *linears) -> list:
     return [layer(x, input_scale=shared) for layer in linears]
 
 
+CONV_LAYOUTS = ("HWIO", "OHWI")
+
+
 class Conv2d(nnx.Module):
-    """2-D convolution, NHWC, kernel ``[kh, kw, in, out]``.
+    """2-D convolution, NHWC, kernel ``[kh, kw, in, out]`` (``layout="HWIO"``, as converted) or
+    ``[out, kh, kw, in]`` (``"OHWI"``: what cuDNN takes, see ``with_conv_layout``).
 
     Written on ``lax.conv_general_dilated`` rather than ``nnx.Conv``: jax2onnx 0.17's
     ``nnx.Conv`` converter emits a float32 kernel into half-precision graphs.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, padding: int = 0, bias: bool = True):
-        self.kernel = nnx.Param(jnp.zeros((kernel, kernel, cin, cout), jnp.float32))
+    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, padding: int = 0, bias: bool = True,
+                 layout: str = "HWIO"):
+        if layout not in CONV_LAYOUTS:
+            raise ValueError(f"unsupported conv kernel layout {layout!r} (supported: {', '.join(CONV_LAYOUTS)})")
+        shape = (kernel, kernel, cin, cout) if layout == "HWIO" else (cout, kernel, kernel, cin)
+        self.kernel = nnx.Param(jnp.zeros(shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32)) if bias else None
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding, self.layout = stride, padding, layout
 
     def __call__(self, x):  # [B, H, W, Cin] -> [B, H', W', Cout]
         p = self.padding
         y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), (self.stride, self.stride),
-                                         ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                         ((p, p), (p, p)), dimension_numbers=("NHWC", self.layout, "NHWC"))
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+_TO_LAYOUT = {("HWIO", "OHWI"): (3, 0, 1, 2), ("OHWI", "HWIO"): (1, 2, 3, 0)}
+
+
+def relayout_convs(module: nnx.Module, layout: str) -> int:
+    """Stores every ``Conv2d`` kernel of ``module`` (in place) as ``layout``; returns how many
+    changed."""
+    if layout not in CONV_LAYOUTS:
+        raise ValueError(f"unsupported conv kernel layout {layout!r} (supported: {', '.join(CONV_LAYOUTS)})")
+    convs = [node for _, node in nnx.iter_graph(module) if isinstance(node, Conv2d) and node.layout != layout]
+    for conv in convs:
+        conv.kernel = nnx.Param(jnp.transpose(conv.kernel[...], _TO_LAYOUT[conv.layout, layout]))
+        conv.layout = layout
+    return len(convs)
 
 
 class GroupNorm(nnx.Module):
