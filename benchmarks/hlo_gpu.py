@@ -45,6 +45,8 @@ stream engine applies it). A variant that does not apply to a workload is skippe
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
         [--out FILE] [--hlo-dir DIR]
     python benchmarks/hlo_gpu.py --smoke   # tiny configs (still needs the CUDA plugin)
+    python benchmarks/hlo_gpu.py --summarize DIR [--out FILE]   # programs written by --hlo-dir
+        # (or any compiled GPU HLO text, gzipped or not), read again: no plugin needed
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, environment  # noqa: E402
-from profile_summary import hlo_op_categories  # noqa: E402
+from profile_summary import hlo_op_categories, parse_hlo  # noqa: E402
 
 # The H200 (SXM, 141 GB HBM3e) as XLA's GpuTargetConfig: its published figures; the cuDNN and
 # CUDA versions are those JAX's CUDA 13 wheels bring.
@@ -114,43 +116,10 @@ APPLIES = {  # which variants make a different program for which workload
 # Reading a compiled GPU program
 # ---------------------------------------------------------------------------------------------
 
-_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INST = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(?[\w\[\]{},. :]*?\)?)\s+([a-z][a-z0-9\-]*)\((.*)$")
-_CALLED = re.compile(r"(?:calls|to_apply|body|branch_computations)=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
-_TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_KIND = re.compile(r'"kind":"([^"]+)"')
 # instructions that launch no kernel of their own
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
               "replica-id", "opt-barrier", "add-dependency", "domain"}
 _F8 = ("f8e4m3fn", "f8e5m2")
-
-
-def parse_hlo(text: str) -> tuple[str, dict[str, list[dict]]]:
-    """``(entry name, {computation: [instruction]})``; an instruction is a dict with ``name``,
-    ``type`` (its shape's text), ``op``, ``operands`` (names), ``called`` (computations),
-    ``target`` (custom-call target) and ``kind`` (a fusion's backend kind)."""
-    comps: dict[str, list[dict]] = {}
-    entry, current = "", None
-    for raw in text.splitlines():
-        if raw.startswith("}"):
-            current = None
-            continue
-        m = _COMP.match(raw)
-        if m and not raw.startswith(" "):
-            current = comps.setdefault(m[2], [])
-            entry = m[2] if m[1] else entry
-            continue
-        m = _INST.match(raw)
-        if m and current is not None:
-            rest = m[4]
-            args = rest.split(")", 1)[0]
-            current.append({
-                "name": m[1], "type": m[2], "op": m[3],
-                "operands": [a.strip().lstrip("%").split()[-1] for a in args.split(",") if a.strip()],
-                "called": [c.strip().lstrip("%") for g in _CALLED.findall(rest) for c in g.split(",")],
-                "target": (_TARGET.search(rest) or [None, None])[1],
-                "kind": (_KIND.search(rest) or [None, None])[1]})
-    return entry, comps
 
 
 def _contains(comps: dict, comp: str, pred, seen=()) -> bool:
@@ -176,7 +145,7 @@ def gemm_kind(inst: dict, comps: dict, types: dict[str, str]) -> str | None:
 def summarize_hlo(text: str) -> dict:
     """Kernel launches per call of a compiled GPU program, by category and by kind (see the
     module's docstring). Loops are counted once per body (the workloads here have none)."""
-    entry, comps = parse_hlo(text)
+    _, entry, comps = parse_hlo(text)
     _, categories = hlo_op_categories(text)
     cats: Counter = Counter()
     gemms: Counter = Counter()
@@ -382,7 +351,19 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny configs")
     p.add_argument("--hlo-dir", default=None, help="write each compiled program's text here, gzipped")
     p.add_argument("--out", default=None)
+    p.add_argument("--summarize", metavar="DIR", default=None,
+                   help="summarize the programs (*.hlo.txt[.gz]) in DIR instead of compiling")
     args = p.parse_args()
+    if args.summarize:
+        rows = []
+        for path in sorted(Path(args.summarize).glob("*.hlo.txt*")):
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt") as f:
+                rows.append({"program": path.name.split(".hlo.txt")[0], **summarize_hlo(f.read())})
+        if not rows:
+            sys.exit(f"hlo_gpu: no *.hlo.txt or *.hlo.txt.gz file in {args.summarize}")
+        emit({"benchmark": "hlo_gpu", "summarized": args.summarize, "results": rows}, args.out)
+        return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 

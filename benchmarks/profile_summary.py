@@ -181,12 +181,17 @@ def _classify(opcodes: set[str], targets: set[str]) -> str:
     return "elementwise"
 
 
-def hlo_op_categories(text: str) -> tuple[str, dict[str, str]]:
-    """``(module name, {op name: category})`` of one HLO module's text (op names are unique
-    within a module; a fusion is classified by the computations it calls, recursively)."""
+_KIND = re.compile(r'"kind":"([^"]+)"')
+
+
+def parse_hlo(text: str) -> tuple[str, str, dict[str, list[dict]]]:
+    """``(module name, entry computation, {computation: [instruction]})`` of one HLO module's
+    text. An instruction is a dict: ``name``, ``type`` (its shape's text), ``op``, ``operands``
+    (their names), ``called`` (computations it calls), ``target`` (a custom call's) and
+    ``kind`` (a fusion's backend kind, compiled GPU programs)."""
     module = re.match(r"\s*HloModule\s+([\w.\-]+)", text)
-    comps: dict[str, list[tuple[str, str, list[str], str | None]]] = {}
-    current = None
+    comps: dict[str, list[dict]] = {}
+    entry, current = "", None
     for raw in text.splitlines():
         if raw.startswith("}"):
             current = None
@@ -194,13 +199,27 @@ def hlo_op_categories(text: str) -> tuple[str, dict[str, str]]:
         m = _COMPUTATION.match(raw)
         if m and not raw.startswith(" "):
             current = comps.setdefault(m[1], [])
+            entry = m[1] if raw.startswith("ENTRY") else entry
             continue
         m = _INSTRUCTION.match(raw)
         if m and current is not None:
-            op = _OPCODE.search(" " + m[2])
-            calls = [c.strip().lstrip("%") for g in _CALLS.findall(m[2]) for c in g.split(",")]
-            target = _TARGET.search(m[2])
-            current.append((m[1], op[1] if op else "", calls, target[1] if target else None))
+            rest = " " + m[2]
+            op = _OPCODE.search(rest)
+            args = rest[op.end():].split(")", 1)[0] if op else ""
+            target, kind = _TARGET.search(rest), _KIND.search(rest)
+            current.append({
+                "name": m[1], "type": rest[:op.start()].strip() if op else "", "op": op[1] if op else "",
+                "operands": [a.strip().lstrip("%").split()[-1] for a in args.split(",") if a.strip()],
+                "called": [c.strip().lstrip("%") for g in _CALLS.findall(rest) for c in g.split(",")],
+                "target": target[1] if target else None, "kind": kind[1] if kind else None})
+    return (module[1] if module else ""), entry, comps
+
+
+def hlo_op_categories(text: str) -> tuple[str, dict[str, str]]:
+    """``(module name, {op name: category})`` of one HLO module's text (op names are unique
+    within a module; a fusion is classified by the computations it calls, recursively)."""
+    module, _, parsed = parse_hlo(text)
+    comps = {c: [(i["name"], i["op"], i["called"], i["target"]) for i in insts] for c, insts in parsed.items()}
 
     cache: dict[str, tuple[set, set]] = {}
 
@@ -232,7 +251,7 @@ def hlo_op_categories(text: str) -> tuple[str, dict[str, str]]:
                 ops |= o
                 targets |= t
             table[name] = _classify(ops, targets)
-    return (module[1] if module else ""), table
+    return module, table
 
 
 _NAME_RULES = [

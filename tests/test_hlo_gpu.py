@@ -91,3 +91,22 @@ def test_without_the_cuda_plugin_it_says_what_to_install():
     if proc.returncode == 0:
         pytest.skip("JAX's CUDA plugin is installed here: the script ran")
     assert "jax-cuda13-plugin" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_summarize_reads_programs_written_before(tmp_path):
+    """``--summarize DIR`` reads compiled programs again, without the CUDA plugin (a device
+    run's, or ``--hlo-dir``'s), one row per file; an empty directory is an error naming it."""
+    import json
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "hlo_gpu.py"), "--summarize", str(DATA), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["program"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {p.name.split(".hlo.txt")[0] for p in DATA.glob("*.hlo.txt.gz")}
+    assert rows["fp8_forms.default.fp8_matmul"] == {"program": "fp8_forms.default.fp8_matmul",
+                                                    **summarize_hlo(_program("fp8_forms.default.fp8_matmul"))}
+    proc = subprocess.run([sys.executable, str(BENCH / "hlo_gpu.py"), "--summarize", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no *.hlo.txt or *.hlo.txt.gz file in" in proc.stderr
+
