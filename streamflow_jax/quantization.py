@@ -107,8 +107,9 @@ class Fp8Linear(nnx.Module):
                                  "(not onnxruntime or tensorrt, which export it)")
             amax = jax.lax.reduce_max(jnp.abs(x).astype(jnp.float32), tuple(range(x.ndim)))
             jax.debug.callback(functools.partial(_record, *self.calibration), amax)
-        scale = input_scale if input_scale is not None else None if self.input_scale is None else self.input_scale[...]
-        y = ops.fp8_matmul(x, self.weight[...], self.weight_scale[...], scale)
+        if input_scale is None and self.input_scale is not None:
+            input_scale = self.input_scale[...]
+        y = ops.fp8_matmul(x, self.weight[...], self.weight_scale[...], input_scale)
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 

@@ -471,6 +471,10 @@ class StreamEngine:
             program per tick); default ``$STREAMFLOW_JAX_TICK``, else ``"split"``. A measurement
             switch of the XLA backend (``benchmarks/levers_gpu.py``): fused removes the host gaps
             between the three at the price of more compiled variants of the model.
+
+    With backend ``xla`` the engine runs its own copies of ``model`` and ``decoder`` with their
+    convolution kernels in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout (``ops.conv_layout_choice``;
+    HWIO, the models' own, unless set to ``ohwi``: another measurement switch).
     """
 
     def __init__(self, model, latent_shape: tuple[int, int, int], cond_shapes: dict[str, tuple[int, ...]], *,
