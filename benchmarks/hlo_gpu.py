@@ -38,7 +38,7 @@ batch 4, 512^2: the seed setting's step), ``taesd`` (TAESD decode, batch 1, 512^
 into a bf16 dot: the form that compiled into dequantizing kernels and a bf16 GEMM).
 
 Variants: ``default`` (bf16), ``fp8`` / ``fp8_static`` (``sf.quantize``; static: calibrated
-scales), ``triton_gemm_off`` (XLA flag, per compile), ``groupnorm_channels``, ``attention_xla``
+scales), ``triton_gemm_off`` (XLA flag, per compile), ``groupnorm_channels`` / ``_onepass``, ``attention_xla``
 and ``conv_ohwi`` (environment switches; the last one's layout is applied to the model, as the
 stream engine applies it). A variant that does not apply to a workload is skipped.
 
@@ -101,11 +101,13 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     "triton_gemm_off": ({}, {"xla_gpu_enable_triton_gemm": False}, "bf16"),
     "fp8_triton_gemm_off": ({}, {"xla_gpu_enable_triton_gemm": False}, "fp8"),
     "groupnorm_channels": ({"STREAMFLOW_JAX_GROUPNORM": "channels"}, {}, "bf16"),
+    "groupnorm_onepass": ({"STREAMFLOW_JAX_GROUPNORM": "onepass"}, {}, "bf16"),
     "attention_xla": ({"STREAMFLOW_JAX_ATTENTION": "xla"}, {}, "bf16"),
     "conv_ohwi": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi"}, {}, "bf16"),
 }
 APPLIES = {  # which variants make a different program for which workload
-    "unet": ("default", "fp8", "groupnorm_channels", "attention_xla", "triton_gemm_off", "conv_ohwi"),
+    "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
+             "conv_ohwi"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off"),
     "flux": ("default", "fp8", "fp8_static"),

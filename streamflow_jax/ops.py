@@ -301,20 +301,24 @@ GROUPNORM_ENV = "STREAMFLOW_JAX_GROUPNORM"
 def group_norm_choice(setting: str | None = None, platform: str | None = None) -> str:
     """How ``group_norm`` reduces: ``"groups"`` (over ``[B, H, W, G, C/G]``'s axes 1, 2 and 4)
     or ``"channels"`` (over ``H, W`` per channel: column reductions with the channels minor;
-    then over each group's channels on the small ``[B, C]``). The same numbers up to float32
-    summation order.
+    then over each group's channels on the small ``[B, C]``), both in two passes (the mean,
+    then the squared deviations), or ``"onepass"`` (both moments per channel in one pass over
+    ``x``, shifted by each channel's first value so that they do not cancel, then combined per
+    group: compiled for an H200, one reduction kernel per norm instead of two). The same
+    numbers up to float32 rounding.
 
     ``$STREAMFLOW_JAX_GROUPNORM`` (or ``setting``): ``auto`` (unset) takes ``channels`` on the
     CPU, where it measured 1.2-1.8x faster for GroupNorm + SiLU on SD1.5's and a VAE's
     activations (``benchmarks/group_norm.py``) and 2-13% more images/s for the seed setting's
     reduced UNet end to end, and ``groups`` elsewhere until a GPU measures it
-    (``benchmarks/levers_gpu.py``'s ``groupnorm_channels``); or either by name.
+    (``benchmarks/levers_gpu.py``'s ``groupnorm_channels``, ``groupnorm_onepass``); or one by
+    name.
     Read when a function is traced (``platform``: default the ``target_device``'s, else
     ``jax.default_backend()``).
     """
     setting = (os.environ.get(GROUPNORM_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    if setting not in ("auto", "groups", "channels"):
-        raise ValueError(f"{GROUPNORM_ENV}={setting!r}: expected auto, groups or channels")
+    if setting not in ("auto", "groups", "channels", "onepass"):
+        raise ValueError(f"{GROUPNORM_ENV}={setting!r}: expected auto, groups, channels or onepass")
     if setting == "auto":
         target = _TARGET.get()
         platform = platform or (target.platform if target is not None else jax.default_backend())
@@ -342,8 +346,8 @@ def conv_layout_choice(setting: str | None = None) -> str:
 
 
 def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
-    """GroupNorm statistics without affine parameters, in fp32 (two passes: the mean, then the
-    mean squared deviation from it, as PyTorch's GroupNorm).
+    """GroupNorm statistics without affine parameters, in fp32 (``group_norm_choice``: two
+    passes, the mean then the mean squared deviation from it, or one shifted pass).
 
     Args:
         x: ``[B, H, W, C]`` with ``C`` divisible by ``groups``.
@@ -353,7 +357,23 @@ def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
     """
     b, h, w, c = x.shape
     g = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
-    if group_norm_choice() == "channels":
+    choice = group_norm_choice()
+    if choice == "onepass":
+        # one pass over x for both moments, per channel, shifted by the channel's first value
+        # (so that the sum of squares does not cancel against a large mean); then the channels'
+        # moments are combined into their group's (Chan et al.'s parallel variance)
+        x32 = g.reshape(b, h, w, c)
+        d = x32 - x32[:, :1, :1, :]
+        n = h * w
+        s1, s2 = jnp.sum(d, axis=(1, 2)), jnp.sum(jnp.square(d), axis=(1, 2))  # [B, C]
+        mean_c = x32[:, 0, 0, :] + s1 / n
+        m2_c = jnp.maximum(s2 - jnp.square(s1) / n, 0.0)
+        mean_c, m2_c = mean_c.reshape(b, groups, c // groups), m2_c.reshape(b, groups, c // groups)
+        mean = jnp.mean(mean_c, axis=-1, keepdims=True)
+        var = (jnp.sum(m2_c, axis=-1, keepdims=True) + n * jnp.sum(jnp.square(mean_c - mean), axis=-1, keepdims=True)) / (
+            n * (c // groups))
+        mean, var = mean[:, None, None], var[:, None, None]  # [B, 1, 1, G, 1]
+    elif choice == "channels":
         # per channel over H, W (every channel has H*W elements: the mean of the channel means
         # is the group mean), then over the group's channels
         def group_mean(v):  # [B, H, W, G, C/G] -> [B, 1, 1, G, 1]

@@ -69,9 +69,9 @@ def test_attention_still_runs_with_the_switch(monkeypatch):
     assert ops.attention(q, q, q).shape == (1, 3, 2, 8)
 
 
-@pytest.mark.parametrize("setting", ["groups", "channels", "auto"])
+@pytest.mark.parametrize("setting", ["groups", "channels", "onepass", "auto"])
 def test_group_norm_switch_matches_torch(monkeypatch, setting):
-    """Both ways of reducing GroupNorm's statistics give torch's GroupNorm (no affine), in
+    """Every way of reducing GroupNorm's statistics gives torch's GroupNorm (no affine), in
     float32 and from bfloat16 input, on uneven sides and an offset mean."""
     import numpy as np
     import torch
@@ -86,9 +86,25 @@ def test_group_norm_switch_matches_torch(monkeypatch, setting):
         assert np.max(np.abs(got - want)) <= 1e-5
 
 
+@pytest.mark.parametrize("offset", [100.0, 1e4])
+def test_one_pass_group_norm_does_not_cancel(monkeypatch, offset):
+    """A mean far from zero (std 2): the one-pass moments are shifted, so their variance does
+    not cancel; as close to float64's GroupNorm as the two-pass ways (torch's CPU GroupNorm is
+    4e-3 off at offset 100, and wrong by thousands at 1e4)."""
+    x = (np.random.default_rng(0).standard_normal((2, 16, 16, 64)) * 2 + offset).astype(np.float32)
+    g = x.astype(np.float64).reshape(2, 16, 16, 32, 2)
+    mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+    want = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    errors = {}
+    for setting in ("groups", "channels", "onepass"):
+        monkeypatch.setenv(ops.GROUPNORM_ENV, setting)
+        errors[setting] = float(np.abs(np.asarray(jax.jit(lambda v: ops.group_norm(v, 32, 1e-5))(x)) - want).max())
+    assert errors["onepass"] <= max(errors["groups"], errors["channels"]) and errors["onepass"] < 2e-3 * offset / 1e4 + 1e-5
+
+
 def test_group_norm_switch_refuses_typos(monkeypatch):
     monkeypatch.setenv(ops.GROUPNORM_ENV, "channel")
-    with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_GROUPNORM='channel': expected auto, groups or channels"):
+    with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_GROUPNORM='channel': expected auto, groups, channels or onepass"):
         ops.group_norm(jnp.ones((1, 2, 2, 4)), 2, 1e-5)
     monkeypatch.delenv(ops.GROUPNORM_ENV)  # auto: what measured faster on the CPU; the GPU's default until measured
     assert ops.group_norm_choice(platform="cpu") == "channels" and ops.group_norm_choice(platform="gpu") == "groups"
