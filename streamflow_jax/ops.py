@@ -362,16 +362,14 @@ def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
         # one pass over x for both moments, per channel, shifted by the channel's first value
         # (so that the sum of squares does not cancel against a large mean); then the channels'
         # moments are combined into their group's (Chan et al.'s parallel variance)
+        # (means, not sums: no element count, which an export's symbolic sides do not give)
         x32 = g.reshape(b, h, w, c)
         d = x32 - x32[:, :1, :1, :]
-        n = h * w
-        s1, s2 = jnp.sum(d, axis=(1, 2)), jnp.sum(jnp.square(d), axis=(1, 2))  # [B, C]
-        mean_c = x32[:, 0, 0, :] + s1 / n
-        m2_c = jnp.maximum(s2 - jnp.square(s1) / n, 0.0)
-        mean_c, m2_c = mean_c.reshape(b, groups, c // groups), m2_c.reshape(b, groups, c // groups)
+        m1, m2 = jnp.mean(d, axis=(1, 2)), jnp.mean(jnp.square(d), axis=(1, 2))  # [B, C]
+        mean_c = (x32[:, 0, 0, :] + m1).reshape(b, groups, c // groups)
+        var_c = jnp.maximum(m2 - jnp.square(m1), 0.0).reshape(b, groups, c // groups)
         mean = jnp.mean(mean_c, axis=-1, keepdims=True)
-        var = (jnp.sum(m2_c, axis=-1, keepdims=True) + n * jnp.sum(jnp.square(mean_c - mean), axis=-1, keepdims=True)) / (
-            n * (c // groups))
+        var = jnp.mean(var_c + jnp.square(mean_c - mean), axis=-1, keepdims=True)
         mean, var = mean[:, None, None], var[:, None, None]  # [B, 1, 1, G, 1]
     elif choice == "channels":
         # per channel over H, W (every channel has H*W elements: the mean of the channel means
