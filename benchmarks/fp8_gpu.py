@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, environment, random_flowmodel  # noqa: E402
 from hlo_gpu import summarize_hlo  # noqa: E402
 
+
 def gemm_counts(hlo: str) -> dict:
     """FP8 and half-precision GEMMs and kernels per call of a compiled (GPU) HLO module."""
     summary = summarize_hlo(hlo)

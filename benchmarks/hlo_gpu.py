@@ -63,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, environment  # noqa: E402
-from profile_summary import hlo_op_categories, parse_hlo  # noqa: E402
+from profile_summary import op_categories, parse_hlo  # noqa: E402
 
 # The H200 (SXM, 141 GB HBM3e) as XLA's GpuTargetConfig: its published figures; the cuDNN and
 # CUDA versions are those JAX's CUDA 13 wheels bring.
@@ -148,7 +148,7 @@ def summarize_hlo(text: str) -> dict:
     """Kernel launches per call of a compiled GPU program, by category and by kind (see the
     module's docstring). Loops are counted once per body (the workloads here have none)."""
     _, entry, comps = parse_hlo(text)
-    _, categories = hlo_op_categories(text)
+    categories = op_categories(comps)
     cats: Counter = Counter()
     gemms: Counter = Counter()
     counts = Counter()
@@ -161,7 +161,7 @@ def summarize_hlo(text: str) -> dict:
             if op in _NO_KERNEL:
                 continue
             if op in ("while", "conditional"):
-                counts["loops" if op == "while" else "conditionals"] += 1
+                counts["loops"] += op == "while"
                 for c in inst["called"]:
                     walk(c, in_graph)
                 continue
@@ -191,8 +191,6 @@ def summarize_hlo(text: str) -> dict:
                 counts["cudnn_attention"] += 1
             if target.startswith("__cudnn$conv"):
                 counts["cudnn_convs"] += 1
-            if inst["kind"] and "triton" in inst["kind"] and "gemm" not in inst["kind"]:
-                counts["triton_fusions"] += 1
 
     walk(entry, False)
     return {"kernels": counts["kernels"], "by_category": dict(sorted(cats.items())),
@@ -217,7 +215,6 @@ def abstract_model(class_name: str, config, form: str, sharding, adapter=None):
     import jax.numpy as jnp
 
     from streamflow_jax import ops
-
     from streamflow_jax.models import FlowModel, abstract_split, family_of
     from streamflow_jax.quantization import quantize, quantized_layers, quantized_structure
 

@@ -219,6 +219,11 @@ def hlo_op_categories(text: str) -> tuple[str, dict[str, str]]:
     """``(module name, {op name: category})`` of one HLO module's text (op names are unique
     within a module; a fusion is classified by the computations it calls, recursively)."""
     module, _, parsed = parse_hlo(text)
+    return module, op_categories(parsed)
+
+
+def op_categories(parsed: dict[str, list[dict]]) -> dict[str, str]:
+    """``{op name: category}`` of a module's computations as ``parse_hlo`` returns them."""
     comps = {c: [(i["name"], i["op"], i["called"], i["target"]) for i in insts] for c, insts in parsed.items()}
 
     cache: dict[str, tuple[set, set]] = {}
@@ -251,7 +256,7 @@ def hlo_op_categories(text: str) -> tuple[str, dict[str, str]]:
                 ops |= o
                 targets |= t
             table[name] = _classify(ops, targets)
-    return module, table
+    return table
 
 
 _NAME_RULES = [
