@@ -154,8 +154,10 @@ def fp8_scale(amax: jax.Array) -> jax.Array:
     """
     amax = jnp.asarray(amax, jnp.float32)
     r = jnp.where(amax > 0, amax, FP8_MAX) / FP8_MAX
-    s = _exact_exp2(jnp.clip(jnp.ceil(jnp.log2(r)), -126, 126))
-    s = jnp.where(r <= s * 0.5, s * 0.5, s)  # log2 is approximate next to powers of two
+    # log(r) / log(2), not jnp.log2: since JAX 0.11 that is a primitive of its own, which jax2onnx
+    # (0.17) cannot export. Either is approximate next to powers of two: the next two lines mend it
+    s = _exact_exp2(jnp.clip(jnp.ceil(jnp.log(r) * (1 / math.log(2))), -126, 126))
+    s = jnp.where(r <= s * 0.5, s * 0.5, s)
     return jnp.where(r > s, s * 2, s)
 
 

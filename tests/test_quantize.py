@@ -329,6 +329,14 @@ def test_fp8_scale_and_rounding():
     assert np.all(np.log2(scales) == np.round(np.log2(scales)))  # powers of two
     ratio = amax[1:] / scales[1:]
     assert np.all((ratio > 224) & (ratio <= 448))
+    # at and next to every power of two the scale takes (where a float log2 is off by one):
+    # exactly the power of two that numpy's frexp gives
+    at = (448.0 * 2.0 ** np.arange(-120, 119)).astype(np.float32)
+    amax = np.concatenate([at, np.nextafter(at, np.float32(0)), np.nextafter(at, np.float32(np.inf))])
+    got = np.asarray(jax.jit(jax.vmap(ops.fp8_scale))(jnp.asarray(amax)))
+    mantissa, exponent = np.frexp(amax.astype(np.float64) / 448.0)  # r = m * 2**e, m in [0.5, 1)
+    want = np.ldexp(1.0, exponent - (mantissa == 0.5))  # the least power of two >= r
+    np.testing.assert_array_equal(got, want)
     x = np.array([-1000.0, -448.0, -0.3, 0.0, 1.7, 300.0, 460.0], np.float32)
     got = np.asarray(ops.quantize_fp8(jnp.asarray(x), jnp.float32(1.0)).astype(jnp.float32))
     want = np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)  # ml_dtypes rounds
