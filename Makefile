@@ -2,11 +2,13 @@
 #   make demo   runtime install (+ scikit-learn, for the digit accuracy), then `streamflow-jax generate`
 #   make serve  runtime + serve extra, then `streamflow-jax serve` (the digits model on http://127.0.0.1:8000)
 #   make test   runtime + test extra (CPU torch pinned, diffusers, transformers), then pytest
+#   make compat the GPU machine's versions on this CPU (Python 3.12, JAX 0.11.2): the suite, then the
+#               device script's preflight (SMOKE=1 benchmarks/gpu_all.sh). Not part of CI: ~4 GB
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench serve clean
+.PHONY: demo test bench serve compat clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,5 +56,22 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/sd3_cpu.py
 	$(BIN)/python benchmarks/backends.py
 
+# The device has Python 3.12 and JAX 0.11.2 (the code must run on 0.11 and 0.12): COMPAT_JAX=0.12.0.1
+# checks the next. PyPI's torch 2.13.0 for Python 3.12 is a CUDA build (~4 GB in the venv, downloaded:
+# the CPU build on this disk is for 3.11); it runs on the CPU. No Ray or TensorRT-RTX: those tests skip.
+COMPAT_PYTHON ?= python3.12
+COMPAT_JAX    ?= 0.11.2
+COMPAT        := .venv-compat
+$(COMPAT)/.jax-$(COMPAT_JAX): pyproject.toml
+	$(COMPAT_PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT)/bin/python -m pip install -q --no-compile torch==2.13.0
+	$(COMPAT)/bin/python -m pip install -q --no-compile "jax==$(COMPAT_JAX)" "jaxlib==$(COMPAT_JAX)" -e ".[test,onnx,serve]"
+	rm -f $(COMPAT)/.jax-* && touch $@
+
+compat: $(COMPAT)/.jax-$(COMPAT_JAX)
+	env -u PYTHONDONTWRITEBYTECODE $(COMPAT)/bin/python -m pytest -q -n auto --dist loadgroup -p no:cacheprovider
+	SMOKE=1 PATH="$(CURDIR)/$(COMPAT)/bin:$$PATH" bash benchmarks/gpu_all.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info digits.png
+	rm -rf $(VENV) $(COMPAT) build *.egg-info digits.png

@@ -47,6 +47,12 @@ def environment() -> dict:
     return env
 
 
+def child_env(runs: list[dict]) -> dict:
+    """The first child process's ``environment()`` (a parent that runs its variants in children
+    imports no JAX itself: it would hold the GPU), ``{"device": "?"}`` if none reported one."""
+    return next((r["env"] for r in runs if isinstance(r.get("env"), dict)), {"device": "?"})
+
+
 def emit(result: dict, out: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)

@@ -34,7 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, run_child  # noqa: E402
+from common import child_env, emit, environment, run_child  # noqa: E402
 
 RUNS = ("no_cache", "cache_cold", "cache_warm")
 
@@ -74,6 +74,7 @@ def child(workloads: list[str], smoke: bool) -> dict:
             out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
         jax.clear_caches()
     out["process_s"] = round(time.perf_counter() - t_start, 2)
+    out["env"] = environment()  # after the clock: torch's import is not part of a first image
     return out
 
 
@@ -126,7 +127,7 @@ def main():
                  (r[w]["error"] for w in args.workloads if isinstance(r.get(w), dict) and "error" in r[w]), "")}
             for r in runs]
     emit({"benchmark": "first_image_gpu", "model": "random weights" + (" (SMOKE: tiny, CPU)" if args.smoke else ""),
-          "workloads": args.workloads, "results": rows,
+          "env": child_env(runs), "workloads": args.workloads, "results": rows,
           "ratios": {f"cache_warm/no_cache first_s {w}": r for w, r in ratios(results, args.workloads).items()},
           "runs": runs}, args.out)
 

@@ -29,6 +29,10 @@
 # Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all twelve; e.g. `profile` in one
 # command, `fp8` in the next, `levers` in a third). Each part prints a summary table; JSON lands in $OUT (or
 # benchmarks/results/ when run by hand). Figures go to benchmarks/RESULTS.md.
+# Preflight without a GPU: `SMOKE=1 bash benchmarks/gpu_all.sh [PART ...]` runs every part on this CPU
+# with its tiny configs (--smoke, or the CPU preset), JSON in /tmp/gpu_all_smoke: the same commands and
+# imports as on the device, so a Python 3.12 venv with the device's JAX (0.11.2) checks the script before
+# device time is spent on it.
 # The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime; diffusers
 # (and importlib_metadata) travel as wheels in .whl/ (run(..., carry=[".whl"])):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -36,7 +40,13 @@
 #   (and, for the serve part, the server's stack: add starlette uvicorn websockets httpx python-multipart
 #   prometheus-client pydantic to that command)
 set -u
-out="${OUT:-benchmarks/results}"
+smoke="${SMOKE:-0}"
+if [ "$smoke" = 1 ]; then
+  out="${OUT:-/tmp/gpu_all_smoke}"
+  export JAX_PLATFORMS=cpu
+else
+  out="${OUT:-benchmarks/results}"
+fi
 mkdir -p "$out"
 # the library from the checkout, uninstalled (streamflow_jax/converters links to convert/)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -56,29 +66,33 @@ part() {  # name, seconds, json, command...
   python3 benchmarks/summarize.py "$out/$json"
 }
 
+# pick GPU_ARGS SMOKE_ARGS: the first on the device, the second under SMOKE=1 (word-split by the caller)
+pick() { if [ "$smoke" = 1 ]; then echo "$2"; else echo "$1"; fi; }
+S=$(pick "" --smoke)
+
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(profile fp8 levers stream sd3 flux components engine encode sdxl serve first)
 for p in "${parts[@]}"; do
   case "$p" in
-    profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py ;;
-    fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py ;;
-    levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 ;;
-    levers-b) part levers-b 280 levers_b_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group b --budget-s 260 ;;
-    levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --group a --budget-s 260 ;;
+    profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py $S ;;
+    fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py $S ;;
+    levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 $S ;;
+    levers-b) part levers-b 280 levers_b_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group b --budget-s 260 $S ;;
+    levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --group a --budget-s 260 $S ;;
     # torch.compile of the SD1.5 UNet + TAESD (~2 min) does not fit the seed part's budget: its
     # in-run references are diffusers eager, sequential and stream
-    stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset gpu --no-compile ;;
-    sd3) part sd3 170 sd3_gpu.json python3 benchmarks/sd3_gpu.py ;;
+    stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset $(pick gpu cpu) --no-compile ;;
+    sd3) part sd3 170 sd3_gpu.json python3 benchmarks/sd3_gpu.py $S ;;
     # flux: eager reference only (build + our compile ~2-3 min); flux-compiled adds torch.compile (~2 min more)
-    flux) part flux 200 flux_gpu.json python3 benchmarks/flux_gpu.py --no-compile ;;
-    flux-compiled) part flux-compiled 290 flux_gpu_compiled.json python3 benchmarks/flux_gpu.py ;;
-    components) part components 150 components_gpu.json python3 benchmarks/components.py --preset gpu ;;
-    engine) part engine 120 stream_engine_gpu.json python3 benchmarks/stream_engine.py ;;
-    encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae ;;
-    sdxl) part sdxl 290 sdxl_gpu.json python3 benchmarks/sdxl_gpu.py --budget-s 280 ;;
-    sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 ;;
-    serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py ;;
-    first) part first 230 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 220 ;;
+    flux) part flux 200 flux_gpu.json python3 benchmarks/flux_gpu.py --no-compile $S ;;
+    flux-compiled) part flux-compiled 290 flux_gpu_compiled.json python3 benchmarks/flux_gpu.py $S ;;
+    components) part components 150 components_gpu.json python3 benchmarks/components.py --preset $(pick gpu cpu) $(pick '' '--repeats 1') ;;
+    engine) part engine 120 stream_engine_gpu.json python3 benchmarks/stream_engine.py $(pick '' '--requests 32 --repeats 1') ;;
+    encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae $(pick '' '--size 64 --images 2 --repeats 1') ;;
+    sdxl) part sdxl 290 sdxl_gpu.json python3 benchmarks/sdxl_gpu.py --budget-s 280 $S ;;
+    sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 $S ;;
+    serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py $S ;;
+    first) part first 230 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 220 $S ;;
     *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
   esac
 done

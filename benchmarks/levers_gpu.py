@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, run_child  # noqa: E402
+from common import child_env, emit, environment, run_child  # noqa: E402
 
 # name -> (extra XLA_FLAGS, extra environment). In the order they run: likeliest wins first.
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
@@ -98,6 +98,7 @@ def child(workloads: list[str], smoke: bool, repeats: int) -> dict:
             out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
         out[name]["wall_s"] = round(time.perf_counter() - t0, 1)
         jax.clear_caches()
+    out["env"] = environment()
     return out
 
 
@@ -176,6 +177,7 @@ def main():
             (r[w]["error"] for w in args.workloads if isinstance(r.get(w), dict) and "error" in r[w]), "")
         rows.append(row)
     emit({"benchmark": "levers_gpu", "model": "random weights" + (" (SMOKE: tiny, CPU)" if args.smoke else ""),
+          "env": child_env(runs),
           "workloads": args.workloads, "results": rows,
           "ratios": {f"{v}/{w}": r for v, by in ratios(results, args.workloads).items() for w, r in by.items()},
           "runs": runs}, args.out)

@@ -226,3 +226,23 @@ def test_gpu_json_trace_without_module_names(tmp_path):
     assert s["categories"]["GEMM"]["kernels"] == 2 and s["categories"]["elementwise"]["kernels"] == 2
     assert (s["span_us"], s["busy_us"], s["idle_us"], s["gaps"]["count"]) == (38.0, 32.0, 6.0, 3)
     assert s["tflops_per_s"] == pytest.approx(2e9 * 2 / 38e6, abs=1e-3)
+
+
+def test_benchmark_summary_of_sections_and_of_rows(tmp_path):
+    """``summarize.py`` (what gpu_all.sh prints after each part): a table of ``results`` rows, or,
+    for a benchmark of named sections like serve_gpu's, every figure under them by its path."""
+    import json
+
+    from summarize import summarize as summarize_json
+
+    sections = {"benchmark": "serve_gpu", "env": {"device": "NVIDIA H200"}, "setting": {"image": [512, 512]},
+                "generations": {"images_per_s": 61.5, "latency_ms": {"p50": 210.0}}, "big": list(range(20))}
+    rows = {"benchmark": "sd3_gpu", "env": {"device": "cpu"}, "results": [{"batch": 1, "ours_ms": 3.25}],
+            "ratios": {"ours_vs_compiled_b1": 0.91}}
+    (tmp_path / "a.json").write_text(json.dumps(sections))
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    a, b = summarize_json(str(tmp_path / "a.json")).splitlines(), summarize_json(str(tmp_path / "b.json")).splitlines()
+    assert a == ["== serve_gpu:  on NVIDIA H200", "setting.image: [512, 512]", "generations.images_per_s: 61.5",
+                 "generations.latency_ms.p50: 210"]
+    assert b == ["== sd3_gpu:  on cpu", "batch | ours_ms", "1 | 3.25", "ours_vs_compiled_b1: 0.91"]
+    assert "no result" in summarize_json(str(tmp_path / "missing.json"))
