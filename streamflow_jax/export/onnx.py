@@ -126,6 +126,19 @@ def linear_output_binding():
         output_binding._value_is_graph_connected = original
 
 
+def _inline_jits(fn):
+    """``fn`` traced with its inner ``jit``s inlined (``jax.disable_jit`` only while it traces):
+    jnp functions such as ``cumsum`` and ``take_along_axis`` are jitted wrappers, which jax2onnx
+    0.17's ``jit`` lowering fails on under JAX 0.12 (it asks for ``jax._src.core.ClosedJaxpr``,
+    gone there). Inlined, the graph holds their primitives, which it lowers on every JAX."""
+    @functools.wraps(fn)
+    def inlined(*args):
+        with jax.disable_jit():
+            return fn(*args)
+
+    return inlined
+
+
 def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
     """The ONNX ``ModelProto`` of ``model``'s ``spec.method`` (velocity or ``decode_latents``)."""
     _, to_onnx = _import_onnx()
@@ -148,7 +161,7 @@ def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
     # onnx_ir warns once per untyped shape constant jax2onnx makes; harmless, and hundreds
     logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
     with linear_output_binding(), ops.exporting():
-        proto = to_onnx(graph, _input_specs(spec), model_name=f"{model.family.name}_{spec.method}",
+        proto = to_onnx(_inline_jits(graph), _input_specs(spec), model_name=f"{model.family.name}_{spec.method}",
                         opset=opset, input_names=spec.input_names, output_names=[t.name for t in spec.outputs])
     # jax2onnx 0.17 annotates some intermediate values with symbolic dims that conflate
     # distinct axes (the arange over H//P and W//P both get one name), which makes ONNX
