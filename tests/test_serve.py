@@ -236,6 +236,7 @@ def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(url, di
         assert set(err) == {"message", "type", "param", "code"} and err["message"], name
         assert r.headers[REPLICA] == replica, name
     assert metric(url, "streamflow_requests_total", endpoint="generations", outcome="bad_request") >= 30
+    assert metric(url, "streamflow_malformed_http_requests_total") >= 1  # the framing 400s, before any endpoint
     ok = httpx.post(url + "/v1/images/generations", json={"prompt": "5", "steps": 4}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
     assert "Traceback" not in digits_server.log and " 500" not in digits_server.log

@@ -86,6 +86,8 @@ class Metrics:
         self.requests = Counter("streamflow_requests", "requests by endpoint and outcome", ["endpoint", "outcome"],
                                 registry=r)
         self.images = Counter("streamflow_images", "images generated", registry=r)
+        self.malformed = Counter("streamflow_malformed_http_requests", "requests whose HTTP framing the server's "
+                                 "parser rejected (400 before any endpoint)", registry=r)
         self.latency = Histogram("streamflow_request_latency_seconds", "time from request to response (successes)",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.frames = Counter("streamflow_stream_frames", "realtime frames by outcome", ["outcome"], registry=r)

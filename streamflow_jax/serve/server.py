@@ -27,17 +27,20 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def json_400_protocol(base=AutoHTTPProtocol, headers: tuple[tuple[bytes, bytes], ...] = ()):
+def json_400_protocol(base=AutoHTTPProtocol, headers: tuple[tuple[bytes, bytes], ...] = (), on_400=None):
     """``base`` (uvicorn's HTTP protocol) answering malformed HTTP framing (a non-numeric
     Content-Length, a broken request line), which uvicorn's parser rejects before the app sees
     a request, with the API's JSON error instead of uvicorn's plain text: every 4xx of the
     server is ``{"error": {"message", "type", "param", "code"}}``. ``headers`` go on the answer
-    (the replica's). A uvicorn whose protocol has no ``send_400_response`` is left as it is."""
+    (the replica's); ``on_400()`` is called for each (the server's metrics count them). A
+    uvicorn whose protocol has no ``send_400_response`` is left as it is."""
     if not callable(getattr(base, "send_400_response", None)):
         return base
 
     class JSON400Protocol(base):
         def send_400_response(self, msg: str) -> None:
+            if on_400 is not None:
+                on_400()
             body = json.dumps({"error": {"message": f"malformed HTTP request: {msg}", "type": "invalid_request_error",
                                          "param": None, "code": "malformed_http"}}).encode()
             lines = [b"HTTP/1.1 400 Bad Request"]
@@ -91,7 +94,8 @@ def serve(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = "model"
                             # twice the app's frame limit: a frame over it gets the app's JSON error
                             # and the stream goes on; only one over this closes the socket (1009)
                             ws_max_size=2 * MAX_FRAME_BYTES,
-                            http=json_400_protocol(headers=((REPLICA_HEADER.encode(), state.options.replica.encode()),)))
+                            http=json_400_protocol(headers=((REPLICA_HEADER.encode(), state.options.replica.encode()),),
+                                                   on_400=state.metrics.malformed.inc))
     server = DrainingServer(config, on_drain=lambda: setattr(state, "draining", True))
 
     def announce():
