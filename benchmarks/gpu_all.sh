@@ -33,12 +33,9 @@
 # with its tiny configs (--smoke, or the CPU preset), JSON in /tmp/gpu_all_smoke: the same commands and
 # imports as on the device, so a Python 3.12 venv with the device's JAX (0.11.2) checks the script before
 # device time is spent on it.
-# The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime; diffusers
-# (and importlib_metadata) travel as wheels in .whl/ (run(..., carry=[".whl"])):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
-#   (and, for the serve part, the server's stack: add starlette uvicorn websockets httpx python-multipart
-#   prometheus-client pydantic to that command)
+# The machine has Python 3.12 with JAX (CUDA), torch, flax, onnx and onnxruntime; diffusers and
+# the server's stack travel as wheels in .whl/: `bash benchmarks/device_wheels.sh` here (9 MB),
+# then run(..., carry=[".whl"]).
 set -u
 smoke="${SMOKE:-0}"
 if [ "$smoke" = 1 ]; then
