@@ -8,10 +8,10 @@
 #   fp8      quantize(model, "fp8") vs bf16: FP8 GEMMs in the compiled HLO, ms per call,
 #            velocity distance, bytes; Flux-dev, SD3-medium, SD1.5 UNet (fp8_gpu.py, 270 s)
 #   levers   XLA flags / switch variants vs the default, one process each, stream images/s:
-#            conv kernels OHWI, one-pass GroupNorm, one program per tick, command buffers off,
-#            GroupNorm by channels (levers_gpu.py group a, 280 s); levers-b: XLA attention at head
-#            dim 40, Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling search, autotune, graphs
-#            around loops (280 s); levers-sd3: group a on SD3-medium (280 s)
+#            conv kernels OHWI, one-pass GroupNorm, one program per tick, those three together,
+#            command buffers off (levers_gpu.py group a, 280 s); levers-b: GroupNorm by channels,
+#            XLA attention at head dim 40, Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling
+#            search, autotune, graphs around loops (280 s); levers-sd3: group a on SD3-medium (280 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
 #   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
