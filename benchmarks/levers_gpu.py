@@ -69,8 +69,8 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 GROUPS = {
     "a": ("default", "conv_ohwi", "groupnorm_onepass", "tick_fused", "fewer_kernels", "cmdbuf_off",
           "default_again"),
-    "b": ("default", "groupnorm_channels", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion", "exhaustive_tiling",
-          "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
+    "b": ("default", "groupnorm_channels", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
+          "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
               "conv_ohwi", "default_again"),

@@ -130,7 +130,8 @@ def _inline_jits(fn):
     """``fn`` traced with its inner ``jit``s inlined (``jax.disable_jit`` only while it traces):
     jnp functions such as ``cumsum`` and ``take_along_axis`` are jitted wrappers, which jax2onnx
     0.17's ``jit`` lowering fails on under JAX 0.12 (it asks for ``jax._src.core.ClosedJaxpr``,
-    gone there). Inlined, the graph holds their primitives, which it lowers on every JAX."""
+    gone there). Inlined, the graph holds their primitives, which it lowers on every JAX. (Under
+    ``disable_jit`` a ``lax.scan`` or ``fori_loop`` would be unrolled: the exported graphs have none.)"""
     @functools.wraps(fn)
     def inlined(*args):
         with jax.disable_jit():
