@@ -115,7 +115,7 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static
 
 # rough seconds a workload takes on the H200 (setup, 3-4 compiles, timing): one is started only
 # when it fits what is left of --budget-s, so that the JSON is written before the part's timeout
-COST_S = {"flux": 150, "sd3": 70, "unet": 50}
+COST_S = {"flux": 300, "sd3": 70, "unet": 50}  # flux: over 270 s on 2026-11-30 (killed)
 
 
 def main():
@@ -155,7 +155,10 @@ def main():
             row = measure(name, model, inputs, args.repeats, hlo_out, name in args.static)
             del model, inputs
         except Exception as e:
-            row = {"workload": name, "error": f"{type(e).__name__}: {e}"[:500]}
+            import traceback
+
+            row = {"workload": name, "error": f"{type(e).__name__}: {e}"[:500],
+                   "traceback": traceback.format_exc()[-1500:]}
         row["part_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(row, file=sys.stderr, flush=True)

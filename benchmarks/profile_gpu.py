@@ -232,7 +232,7 @@ def main():
             cats = {c: v["share"] for c, v in s["categories"].items() if v["kernels"]}
             row.update(kernels_per_call=s["kernels_per_call"], device_ms_per_call=round(s["per_call_us"] / 1e3, 3),
                        busy_fraction=s["busy_fraction"], idle_ms_per_call=round(s["idle_us"] / calls / 1e3, 3),
-                       tflop_per_call=round(flops / 1e12, 4), tflops_per_s=s.get("tflops_per_s"),
+                       tflop_per_call=round(flops / 1e12, 4) if flops else None, tflops_per_s=s.get("tflops_per_s"),
                        tflops_per_s_busy=s.get("tflops_per_s_busy"), shares=cats)
             result["summaries"][name] = s
             if trace_root is not None:
@@ -246,7 +246,10 @@ def main():
                 else:
                     row["trace"] = f"not copied ({size:.1f} MB; {copied_mb:.1f} of {args.max_trace_mb} MB used)"
         except Exception as e:  # one workload's failure (memory, a compile error) keeps the others
-            row = {"workload": name, "error": f"{type(e).__name__}: {e}"[:500]}
+            import traceback
+
+            row = {"workload": name, "error": f"{type(e).__name__}: {e}"[:500],
+                   "traceback": traceback.format_exc()[-1500:]}
         row["part_s"] = round(time.perf_counter() - t0, 1)
         result["results"].append(row)
         print(row, file=sys.stderr, flush=True)
