@@ -72,6 +72,40 @@ def test_pipelined_ticks(model):
     assert sum(finished_per_tick) == 8
 
 
+def test_engines_pin_their_models_and_share_compiled_ticks(model, tiny_sd3):
+    """The compiled ticks take the model as ``Pinned`` leaves (no NNX flattening per call): it
+    gives the model back leaf for leaf, a second engine on an equal model (loaded again) shares
+    the structure key and compiles nothing new, and its results equal sf.sample's."""
+    import jax
+
+    from streamflow_jax.stream import Pinned
+
+    pinned = Pinned.of(model)
+    back = jax.tree_util.tree_leaves(pinned.model())
+    assert all(a is b for a, b in zip(back, jax.tree_util.tree_leaves(model)))
+    x, conds = _requests(2)
+
+    def run_engine(m):
+        engine = StreamEngine(m, (8, 8, 4), SHAPES, slots_per_stream=2)
+        ids = [engine.submit(c, steps=3, noise=x[i]) for i, c in enumerate(conds)]
+        engine.run()
+        return engine, [engine.result(rid) for rid in ids]
+
+    first, _ = run_engine(model)
+    seen = []
+    listener = lambda event, duration, **kw: seen.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        second, results = run_engine(sf.load(tiny_sd3[0]))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert second._pinned_velocity.key == first._pinned_velocity.key == pinned.key
+    assert "/jax/core/compile/backend_compile_duration" not in seen
+    for i, c in enumerate(conds):
+        alone = sf.sample(model, x[i : i + 1], sf.schedules.flow_match(3, shift=1.0), {k: v[None] for k, v in c.items()})
+        np.testing.assert_allclose(results[i], np.asarray(alone)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_fifty_mixed_requests_none_lost(model):
     x, conds = _requests(50, seed=3)
     rng = np.random.default_rng(0)
