@@ -53,12 +53,18 @@ def child_env(runs: list[dict]) -> dict:
     return next((r["env"] for r in runs if isinstance(r.get("env"), dict)), {"device": "?"})
 
 
-def emit(result: dict, out: str | None) -> None:
+def save(result: dict, out: str | None) -> str:
+    """Writes ``result`` to ``out`` (when given) and returns its JSON text; called after each
+    workload too, so that what finished survives a part's time limit."""
     text = json.dumps(result, indent=2)
-    print(text)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
+    return text
+
+
+def emit(result: dict, out: str | None) -> None:
+    print(save(result, out))
     sys.stdout.flush()
 
 

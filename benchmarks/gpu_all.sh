@@ -6,7 +6,8 @@
 #            (batch 1), summarized: top kernels by category, kernels per call, idle gaps, TFLOP/s;
 #            traces + compiled HLO under $OUT/profile_traces (profile_gpu.py, 240 s)
 #   fp8      quantize(model, "fp8") vs bf16: FP8 GEMMs in the compiled HLO, ms per call,
-#            velocity distance, bytes; Flux-dev, SD3-medium, SD1.5 UNet (fp8_gpu.py, 270 s)
+#            velocity distance, bytes; SD3-medium (static scales too), SD1.5 UNet (fp8_gpu.py, 270 s);
+#            fp8-flux: Flux-dev, dynamic and static scales (over 270 s on the H200: its own part, 340 s)
 #   levers   XLA flags / switch variants vs the default, one process each, stream images/s:
 #            conv kernels OHWI, one-pass GroupNorm, one program per tick, those three together,
 #            command buffers off (levers_gpu.py group a, 280 s); levers-b: GroupNorm by channels,
@@ -26,7 +27,7 @@
 #   serve    the seed setting behind `streamflow-jax serve`: images/s of 16 concurrent n=1 requests and
 #            realtime frames/s over WS /v1/stream (serve_gpu.py, 280 s; the server's stack travels as
 #            wheels too: starlette uvicorn websockets httpx python-multipart prometheus-client pydantic)
-# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all twelve; e.g. `profile` in one
+# Usage: bash benchmarks/gpu_all.sh [PART ...]   (default: all thirteen, profile and levers first; e.g. `profile` in one
 # command, `fp8` in the next, `levers` in a third). Each part prints a summary table; JSON lands in $OUT (or
 # benchmarks/results/ when run by hand). Figures go to benchmarks/RESULTS.md.
 # Preflight without a GPU: `SMOKE=1 bash benchmarks/gpu_all.sh [PART ...]` runs every part on this CPU
@@ -68,11 +69,12 @@ pick() { if [ "$smoke" = 1 ]; then echo "$2"; else echo "$1"; fi; }
 S=$(pick "" --smoke)
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(profile fp8 levers stream sd3 flux components engine encode sdxl serve first)
+[ ${#parts[@]} -eq 0 ] && parts=(profile levers fp8 fp8-flux stream sd3 flux components engine encode sdxl serve first)
 for p in "${parts[@]}"; do
   case "$p" in
     profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py $S ;;
-    fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py $S ;;
+    fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py --workloads sd3 unet --static sd3 $S ;;
+    fp8-flux) part fp8-flux 340 fp8_flux_gpu.json python3 benchmarks/fp8_gpu.py --workloads flux --static flux --budget-s 330 $S ;;
     levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 $S ;;
     levers-b) part levers-b 280 levers_b_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group b --budget-s 260 $S ;;
     levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --group a --budget-s 260 $S ;;
@@ -90,6 +92,6 @@ for p in "${parts[@]}"; do
     sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 $S ;;
     serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py $S ;;
     first) part first 230 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 220 $S ;;
-    *) echo "unknown part $p (profile fp8 levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
+    *) echo "unknown part $p (profile fp8 fp8-flux levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
   esac
 done

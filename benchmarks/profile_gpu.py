@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, environment, random_flowmodel, timed  # noqa: E402
+from common import emit, environment, random_flowmodel, save, timed  # noqa: E402
 
 MODULES = {"stream": r"^jit__(step|admit|outputs)\b", "sd3": r"^jit_velocity_call\b", "flux": r"^jit_velocity_call\b"}
 STEPS, WINDOWS, SLOTS = 4, 4, 4
@@ -253,9 +252,7 @@ def main():
         row["part_s"] = round(time.perf_counter() - t0, 1)
         result["results"].append(row)
         print(row, file=sys.stderr, flush=True)
-        if args.out:  # partial results survive a time limit
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        save(result, args.out)  # partial results survive a time limit
         jax.clear_caches()
         gc.collect()
     emit(result, args.out)
