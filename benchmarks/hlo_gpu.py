@@ -40,8 +40,9 @@ into a bf16 dot: the form that compiled into dequantizing kernels and a bf16 GEM
 Variants: ``default`` (bf16), ``fp8`` / ``fp8_static`` (``sf.quantize``; static: calibrated
 scales), ``triton_gemm_off`` (XLA flag, per compile), ``groupnorm_channels`` / ``_onepass``, ``attention_xla``
 and ``conv_ohwi`` (environment switches; its layout is applied to the model, as the
-stream engine applies it), ``ohwi_onepass`` (``conv_ohwi`` and ``groupnorm_onepass`` together). A variant that does not
-apply to a workload is skipped.
+stream engine applies it), ``ohwi_onepass`` (``conv_ohwi`` and ``groupnorm_onepass`` together),
+``conv1x1_dot`` (1x1 convolutions as GEMMs) and ``ohwi_onepass_dot`` (all three). A variant
+that does not apply to a workload is skipped.
 
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
         [--out FILE] [--hlo-dir DIR]
@@ -107,10 +108,14 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     "conv_ohwi": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi"}, {}, "bf16"),
     # the two that take kernels off the UNet step, together (levers_gpu.py's ``fewer_kernels``)
     "ohwi_onepass": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass"}, {}, "bf16"),
+    # 1x1 convolutions as GEMMs ($STREAMFLOW_JAX_CONV1X1=dot), alone and with the two above
+    "conv1x1_dot": ({"STREAMFLOW_JAX_CONV1X1": "dot"}, {}, "bf16"),
+    "ohwi_onepass_dot": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass",
+                          "STREAMFLOW_JAX_CONV1X1": "dot"}, {}, "bf16"),
 }
 APPLIES = {  # which variants make a different program for which workload
     "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
-             "conv_ohwi", "ohwi_onepass"),
+             "conv_ohwi", "ohwi_onepass", "conv1x1_dot", "ohwi_onepass_dot"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off"),
     "flux": ("default", "fp8", "fp8_static"),

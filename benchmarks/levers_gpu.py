@@ -49,9 +49,12 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "groupnorm_channels": ("", {"STREAMFLOW_JAX_GROUPNORM": "channels"}),
     # both moments in one (shifted) pass: one reduction kernel per norm instead of two (hlo_gpu.py)
     "groupnorm_onepass": ("", {"STREAMFLOW_JAX_GROUPNORM": "onepass"}),
-    # the three that cut kernels or gaps from the tick, together: do their wins add up?
+    # 1x1 convolutions (46 of the UNet's 98) as GEMMs: off cuDNN, so into the CUDA graphs (the
+    # profile shows every cuDNN convolution launched on its own between graphs), no transposes
+    "conv1x1_dot": ("", {"STREAMFLOW_JAX_CONV1X1": "dot"}),
+    # the four that cut kernels or gaps from the tick, together: do their wins add up?
     "fewer_kernels": ("", {"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass",
-                           "STREAMFLOW_JAX_TICK": "fused"}),
+                           "STREAMFLOW_JAX_CONV1X1": "dot", "STREAMFLOW_JAX_TICK": "fused"}),
     # GEMMs: cuBLAS everywhere (no Triton), cuBLASLt (bias/GELU epilogues), cuDNN GEMM fusions,
     # a wider Triton tiling search
     "triton_gemm_off": ("--xla_gpu_enable_triton_gemm=false", {}),
@@ -67,13 +70,12 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 # One device command fits about six variants (a process builds, compiles and times in ~40 s):
 # the variants come in groups, each measured against its own run of the default.
 GROUPS = {
-    "a": ("default", "conv_ohwi", "groupnorm_onepass", "tick_fused", "fewer_kernels", "cmdbuf_off",
-          "default_again"),
-    "b": ("default", "groupnorm_channels", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
+    "a": ("default", "fewer_kernels", "tick_fused", "conv1x1_dot", "conv_ohwi", "cmdbuf_off", "default_again"),
+    "b": ("default", "groupnorm_onepass", "groupnorm_channels", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
           "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
-              "conv_ohwi", "default_again"),
+              "conv_ohwi", "conv1x1_dot", "default_again"),
 }
 
 

@@ -347,6 +347,30 @@ def conv_layout_choice(setting: str | None = None) -> str:
     return "OHWI" if setting == "ohwi" else "HWIO"
 
 
+CONV1X1_ENV = "STREAMFLOW_JAX_CONV1X1"
+
+
+def conv1x1_choice(setting: str | None = None) -> str:
+    """How a 1x1 convolution of stride 1 without padding runs: ``"conv"`` (a convolution: on
+    a GPU a cuDNN call) or ``"dot"`` (the same product as a matrix product over the channels:
+    a GEMM). The same numbers up to float32 rounding.
+
+    SD1.5's UNet has 46 of its 98 convolutions 1x1 (the transformers' ``proj_in``/``proj_out``
+    and the resnets' shortcuts). Compiled for an H200, each cuDNN convolution is a call of its
+    own between CUDA graphs (the first H200 profile), and each HWIO kernel is transposed at
+    every call; as GEMMs they join the graphs and need no transpose (``benchmarks/hlo_gpu.py``'s
+    ``conv1x1_dot``).
+
+    ``$STREAMFLOW_JAX_CONV1X1`` (or ``setting``): ``auto`` (unset) keeps ``conv`` until a GPU
+    measures ``dot`` (``benchmarks/levers_gpu.py``'s ``conv1x1_dot``); or either by name.
+    Read when a function is traced.
+    """
+    setting = (os.environ.get(CONV1X1_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
+    if setting not in ("auto", "conv", "dot"):
+        raise ValueError(f"{CONV1X1_ENV}={setting!r}: expected auto, conv or dot")
+    return "conv" if setting == "auto" else setting
+
+
 def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
     """GroupNorm statistics without affine parameters, in fp32 (``group_norm_choice``: two
     passes, the mean then the mean squared deviation from it, or one shifted pass).

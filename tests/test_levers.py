@@ -161,6 +161,60 @@ def test_conv_layout_switch_and_round_trip(tmp_path, monkeypatch):
         vae.with_conv_layout("NCHW")
 
 
+def _count_convs(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
+
+
+@pytest.mark.parametrize("layout", ["HWIO", "OHWI"])
+def test_conv1x1_as_dot_matches_diffusers(tmp_path, monkeypatch, layout):
+    """$STREAMFLOW_JAX_CONV1X1=dot: SD1.5's 1x1 convolutions (the transformers' conv
+    ``proj_in``/``proj_out``, the resnets' shortcuts) run as matrix products, in either kernel
+    layout, and the UNet still gives diffusers' noise prediction; only the 3x3 ones stay
+    convolutions."""
+    import diffusers
+    import torch
+    from conftest import UNETS, randomize
+
+    import streamflow_jax as sf
+
+    ref = randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 0, std=0.1).eval()
+    ref.save_pretrained(tmp_path / "unet")
+    model = sf.load(tmp_path / "unet").with_conv_layout(layout)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 16, 4), dtype=np.float32)
+    t = np.array([999, 3], np.float32)
+    ehs = rng.standard_normal((2, 5, 768), dtype=np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ehs)).sample
+    want = want.permute(0, 2, 3, 1).numpy()
+    convs = {}
+    for setting in ("conv", "dot"):
+        monkeypatch.setenv(ops.CONV1X1_ENV, setting)
+        eps = lambda m, x, t, e: m.module(x, t, e)  # noqa: E731  (a new function: traced again)
+        convs[setting] = _count_convs(eps, model, x, t, ehs)
+        got = np.asarray(jax.jit(eps)(model, x, t, ehs))
+        assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), setting
+    # the transformers' proj_in/proj_out and the shortcuts: 19 of the tiny UNet's 47
+    one_by_one = sum(1 for _, n in nnx_convs(model) if n.kernel.shape[:2] == (1, 1) or n.kernel.shape[1:3] == (1, 1))
+    assert one_by_one > 0 and convs["conv"] - convs["dot"] == one_by_one
+
+
+def nnx_convs(model):
+    from flax import nnx
+
+    from streamflow_jax.models.layers import Conv2d
+
+    return [(p, n) for p, n in nnx.iter_graph(model.module) if isinstance(n, Conv2d)]
+
+
+def test_conv1x1_switch_refuses_typos(monkeypatch):
+    monkeypatch.delenv(ops.CONV1X1_ENV, raising=False)
+    assert ops.conv1x1_choice() == "conv" and ops.conv1x1_choice("DOT") == "dot"
+    monkeypatch.setenv(ops.CONV1X1_ENV, "gemm")
+    with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_CONV1X1='gemm': expected auto, conv or dot"):
+        ops.conv1x1_choice()
+
+
 def test_xla_knows_every_lever_flag():
     """An unknown flag in XLA_FLAGS aborts the process: every variant's flags parse here (GPU
     flags are fields of the same DebugOptions, so XLA:CPU parses them too)."""
@@ -170,7 +224,7 @@ def test_xla_knows_every_lever_flag():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
     assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
-    switches = {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, ops.CONV_LAYOUT_ENV, TICK_ENV}
+    switches = {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, ops.CONV_LAYOUT_ENV, ops.CONV1X1_ENV, TICK_ENV}
     assert all(env_extra.keys() <= switches for _, env_extra in VARIANTS.values())
 
 

@@ -77,9 +77,16 @@ class Conv2d(nnx.Module):
         self.stride, self.padding, self.layout = stride, padding, layout
 
     def __call__(self, x):  # [B, H, W, Cin] -> [B, H', W', Cout]
-        p = self.padding
-        y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), (self.stride, self.stride),
-                                         ((p, p), (p, p)), dimension_numbers=("NHWC", self.layout, "NHWC"))
+        p, kernel = self.padding, self.kernel[...].astype(x.dtype)
+        pointwise = kernel.shape[1:3] == (1, 1) if self.layout == "OHWI" else kernel.shape[:2] == (1, 1)
+        if pointwise and self.stride == 1 and p == 0 and ops.conv1x1_choice() == "dot":
+            # the same product over the channels as a GEMM (``ops.conv1x1_choice``); the kernel
+            # is a reshape of the stored one ([out, in] read transposed: XLA folds that into the GEMM)
+            w = kernel.reshape(kernel.shape[-2:]) if self.layout == "HWIO" else kernel.reshape(kernel.shape[0], -1).T
+            y = jnp.matmul(x, w)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((p, p), (p, p)),
+                                             dimension_numbers=("NHWC", self.layout, "NHWC"))
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
