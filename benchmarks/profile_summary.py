@@ -10,7 +10,10 @@ that reader is missing) and prints, for the kernels of one workload:
 - the device timeline: span (first kernel start to last kernel end), busy time (the union of
   the kernels' intervals) and idle time (the gaps between them: host and launch gaps), with
   ``busy + idle = span``;
-- the achieved TFLOP/s, given the FLOPs of one call (``xla_flops``: XLA's cost analysis).
+- the achieved TFLOP/s, given the FLOPs of one call (``xla_flops``: XLA's cost analysis);
+- the host's launches per call (runs of kernels of one HLO op: a CUDA graph is one launch),
+  how much of the idle time falls between launches rather than inside them, and the largest
+  gaps with the ops on either side (``launches``).
 
 What a trace holds (checked on JAX 0.10 CPU; the GPU layout is XLA's CUPTI tracer's):
 
@@ -319,6 +322,43 @@ def timeline(kernels: list[Kernel]) -> dict:
     return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "gaps": gaps}
 
 
+def launches(kernels: list[Kernel], calls: int) -> dict | None:
+    """The host's launches as the device timeline shows them, and where its idle time falls.
+
+    Consecutive kernels of one HLO op (of one module) are one launch: a CUDA graph
+    (``command_buffer_N``) launches many kernels at once, a cuDNN convolution or a fusion outside
+    any graph one or a few. Each gap between consecutive kernels is either inside a launch (the
+    device's own, between a graph's kernels) or between two launches (the host's launch latency,
+    or the host not having launched the next yet): host-bound work shows its idle time between
+    launches. None when the trace names no op.
+    """
+    if not any(k.op for k in kernels):
+        return None
+    ordered = sorted(kernels, key=lambda k: k.start_us)
+    runs, graph_runs, in_graphs, within, between = 1, 0, 0, 0.0, 0.0
+    largest: list[tuple[float, Kernel, Kernel]] = []
+    end = ordered[0].end_us
+    for prev, k in zip(ordered, ordered[1:]):
+        gap = max(0.0, k.start_us - end)
+        end = max(end, k.end_us)
+        if (k.module, k.op) != (prev.module, prev.op):
+            runs += 1
+            between += gap
+            largest.append((gap, prev, k))
+        else:
+            within += gap
+    for k_prev, k in zip([None] + ordered, ordered):
+        if k.op.startswith("command_buffer"):
+            in_graphs += 1
+            graph_runs += k_prev is None or (k_prev.module, k_prev.op) != (k.module, k.op)
+    largest.sort(key=lambda g: -g[0])
+    where = lambda k: f"{k.module}:{k.op}" if k.module else k.op  # noqa: E731
+    return {"per_call": round(runs / calls, 1), "graphs_per_call": round(graph_runs / calls, 1),
+            "kernels_in_graphs_per_call": round(in_graphs / calls, 1),
+            "idle_between_launches_us": round(between, 2), "idle_within_launches_us": round(within, 2),
+            "largest_gaps": [{"us": round(g, 2), "after": where(a), "before": where(b)} for g, a, b in largest[:5]]}
+
+
 def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo=(), modules: str | None = None,
               top: int = 15, source: str = "auto") -> dict:
     """The summary of the kernels in a trace (see the module doc).
@@ -373,6 +413,7 @@ def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo
         "busy_fraction": round(line["busy_us"] / line["span_us"], 4) if line["span_us"] else None,
         "gaps": {"count": len(gaps), "total_us": round(sum(gaps), 2), "largest_us": [round(g, 2) for g in gaps[:5]],
                  "over_10us": sum(g > 10 for g in gaps), "over_100us": sum(g > 100 for g in gaps)},
+        "launches": launches(kernels, calls) if kernels else None,
         "categories": cats, "top": ranked, "hlo_modules": sorted(tables),
     }
     if note:

@@ -17,6 +17,7 @@ from profile_summary import (  # noqa: E402
     CATEGORIES,
     Kernel,
     categorize,
+    launches,
     device_kernels,
     hlo_op_categories,
     summarize,
@@ -71,6 +72,10 @@ def test_cpu_trace(traced):
     assert abs(s["gaps"]["total_us"] - s["idle_us"]) < 0.05
     assert 0 < s["busy_us"] <= s["kernel_time_us"] + 0.05 and s["span_us"] <= wall_us
     assert s["per_call_us"] == pytest.approx(s["span_us"] / CALLS, abs=0.01)
+    # each XLA:CPU op is a launch of its own; the idle time is all between launches or inside them
+    got = s["launches"]
+    assert got["per_call"] == pytest.approx(s["kernels_per_call"], abs=0.5) and got["graphs_per_call"] == 0
+    assert got["idle_between_launches_us"] + got["idle_within_launches_us"] == pytest.approx(s["idle_us"], abs=0.05)
     # FLOPs from XLA's cost analysis: the matmul's 2MNK, the convolution's, and a few per element
     assert 2 * M * N * K + 2 * 9 * 8 * M * N <= flops <= 2 * M * N * K + 2 * 9 * 8 * M * N + 8 * 8 * M * N
     assert s["flops_per_call"] == flops
@@ -200,6 +205,27 @@ def test_gpu_planes():
     assert line["span_us"] == 71.0 and line["busy_us"] == 61.0 and line["gaps"] == [2.0, 8.0]
     assert categorize(Kernel("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "", "", "s", 0, 1), {}) == "GEMM"
     assert categorize(Kernel("input_reduce_fusion_3", "", "", "s", 0, 1), {}) == "norm"
+
+
+def test_launches_split_the_idle_time():
+    """Runs of kernels of one op are one launch (a CUDA graph's many kernels, a convolution's
+    one): the idle time splits into the gaps between launches (the host's) and inside them,
+    and the largest gaps name the ops on either side."""
+    def k(op, start, end, module="jit__step"):
+        return Kernel(f"kernel_of_{op}", op, module, "s", start, end - start)
+
+    kernels = [k("command_buffer_1", 0, 10), k("command_buffer_1", 11, 20),   # 1 us inside a graph
+               k("cudnn-conv-bias-activation.4", 50, 60),                      # 30 us before it
+               k("command_buffer_2", 62, 70), k("command_buffer_2", 70, 80),   # 2 us before, none inside
+               k("fusion.3", 200, 210, module="jit__outputs")]                 # 120 us before
+    got = launches(kernels, calls=2)
+    assert (got["per_call"], got["graphs_per_call"], got["kernels_in_graphs_per_call"]) == (2.0, 1.0, 2.0)
+    assert (got["idle_between_launches_us"], got["idle_within_launches_us"]) == (152.0, 1.0)
+    assert got["largest_gaps"][:2] == [
+        {"us": 120.0, "after": "jit__step:command_buffer_2", "before": "jit__outputs:fusion.3"},
+        {"us": 30.0, "after": "jit__step:command_buffer_1", "before": "jit__step:cudnn-conv-bias-activation.4"}]
+    assert timeline(kernels)["idle_us"] == 153.0
+    assert launches([Kernel("nvjet", "", "", "s", 0, 1)], calls=1) is None  # no op names: no launches
 
 
 def test_gpu_json_trace_without_module_names(tmp_path):
