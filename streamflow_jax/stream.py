@@ -341,6 +341,13 @@ def _admit(model, state, admit):
     return out
 
 
+def _noising_model(flow_model, admit):
+    """What an admission program takes for ``noise_to``: the model only when a row starts from
+    an image (image to image); text-to-image admissions take nothing, so that their calls do
+    not pass the model's leaves."""
+    return flow_model if admit is not None and "init" in admit else None
+
+
 def _step(model, state, active, t, t_next):
     """One step of the ``active`` slots (padding rows ``num_slots`` read zeros, write nothing)."""
     model = _unpin(model)
@@ -458,12 +465,13 @@ class DeviceBuffers:
         only): the three as one program."""
         if compiled and fused:
             admit = self.admission(plan.admissions) if plan.admissions else None
-            self.state, out = _tick_jit(model, decoder, flow_model, self.state, admit, plan.active, plan.t,
-                                        plan.t_next, plan.done_index)
+            self.state, out = _tick_jit(model, decoder, _noising_model(flow_model, admit), self.state, admit,
+                                        plan.active, plan.t, plan.t_next, plan.done_index)
             return out
         step = _step_jit if compiled else _step  # a runner (non-XLA backend) runs the step eagerly
         if plan.admissions:
-            self.state = _admit_jit(flow_model, self.state, self.admission(plan.admissions))
+            admit = self.admission(plan.admissions)
+            self.state = _admit_jit(_noising_model(flow_model, admit), self.state, admit)
         self.state = step(model, self.state, plan.active, plan.t, plan.t_next)
         if plan.done_index is None:
             return None
@@ -700,12 +708,13 @@ class StreamEngine:
                 for d in [None] + sorted({bucket(k, n) for k in range(1, b + 1)}):
                     for admit in admits:
                         done = None if d is None else np.zeros(d, np.int32)
-                        bufs.state, out = _tick_jit(velocity, decoder, flow_model, bufs.state,
+                        bufs.state, out = _tick_jit(velocity, decoder, _noising_model(flow_model, admit), bufs.state,
                                                     admit, np.full(b, n, np.int32), pad, pad, done)
             jax.block_until_ready(bufs.state)
             return
         for req in variants:  # slot index n: padding, dropped
-            bufs.state = _admit_jit(flow_model, bufs.state, bufs.admission([(n, req)]))
+            admit = bufs.admission([(n, req)])
+            bufs.state = _admit_jit(_noising_model(flow_model, admit), bufs.state, admit)
         if self._compiled:
             for b in sorted({bucket(k, n, sched.smallest, sched.multiple) for k in range(1, n + 1)}):
                 pad = np.full(b, PAD_TIME, np.float32)
