@@ -12,7 +12,10 @@ For each workload (random weights, bf16, built as ``profile_gpu.py`` builds them
   parameter bytes of both;
 - for the ``--static`` workloads (Flux by default), FP8 with static activation scales as well
   (``sf.calibrate`` on the same inputs: no pass over each input for its scale), timed in the
-  same interleaved loop (``fp8_static_*``).
+  same interleaved loop (``fp8_static_*``);
+- for the ``--attention`` workloads, that last model again with cuDNN's FP8 attention
+  (``$STREAMFLOW_JAX_ATTENTION=fp8``: e4m3 operands, per-tensor scales of each call;
+  ``fp8_static_attention_*``), its FP8 attentions counted in the HLO.
 
 Workloads: ``flux`` (Flux.1-dev, batch 1, 1024^2), ``sd3`` (SD3-medium, batch 2, 1024^2),
 ``unet`` (the SD1.5 UNet velocity at batch 4, 512^2: where FP8 would have to win for the
@@ -20,13 +23,15 @@ seed's setting). Target (issue 22): Flux-dev FP8 <= 0.6x torch.compile bf16 (134
 H200, 2026-11-28), i.e. <= 80 ms. The FP8 Flux program's HLO is written gzipped beside
 ``--out`` for a look offline.
 
-    python benchmarks/fp8_gpu.py [--workloads flux sd3 unet] [--repeats 10] [--out FILE]
+    python benchmarks/fp8_gpu.py [--workloads flux sd3 unet] [--static flux] [--attention]
+        [--repeats 10] [--out FILE]
     python benchmarks/fp8_gpu.py --smoke   # tiny configs on this CPU (no GPU GEMMs: counts are 0)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import os
 import sys
@@ -39,9 +44,37 @@ from hlo_gpu import summarize_hlo  # noqa: E402
 
 
 def gemm_counts(hlo: str) -> dict:
-    """FP8 and half-precision GEMMs and kernels per call of a compiled (GPU) HLO module."""
+    """FP8 and half-precision GEMMs, cuDNN attentions (all, and FP8 ones) and kernels per call
+    of a compiled (GPU) HLO module."""
     summary = summarize_hlo(hlo)
-    return {"fp8_gemms": summary["gemms_fp8"], "half_gemms": summary["gemms_half"], "kernels": summary["kernels"]}
+    return {"fp8_gemms": summary["gemms_fp8"], "half_gemms": summary["gemms_half"],
+            "cudnn_attention": summary["cudnn_attention"], "fp8_attention": summary["cudnn_attention_fp8"],
+            "kernels": summary["kernels"]}
+
+
+@contextlib.contextmanager
+def fp8_attention(on: bool):
+    """Traces inside with ``$STREAMFLOW_JAX_ATTENTION=fp8`` (cuDNN's FP8 attention): the setting
+    is read at trace time, and the models' programs are cached by structure, so the caches are
+    cleared on the way in and out."""
+    import jax
+
+    from streamflow_jax import ops
+
+    if not on:
+        yield
+        return
+    saved = os.environ.get(ops.ATTENTION_ENV)
+    os.environ[ops.ATTENTION_ENV] = "fp8"
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ops.ATTENTION_ENV, None)
+        else:
+            os.environ[ops.ATTENTION_ENV] = saved
+        jax.clear_caches()
 
 
 def unet_setup(spec: dict, dtype: str):
@@ -61,9 +94,12 @@ def unet_setup(spec: dict, dtype: str):
     return unet, (x, t, cond)
 
 
-def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static: bool) -> dict:
+def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static: bool,
+            attention: bool = False) -> dict:
     """bf16, FP8 with dynamic activation scales and (``static``) FP8 calibrated on ``inputs``
-    (``sf.calibrate``: static scales, no amax pass before each product)."""
+    (``sf.calibrate``: static scales, no amax pass before each product); ``attention``: the
+    last of those again with cuDNN's FP8 attention as well (``fp8_static_attention`` or
+    ``fp8_attention``)."""
     import jax
     import numpy as np
 
@@ -81,10 +117,14 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static
         t0 = time.perf_counter()
         models["fp8_static"] = calibrate(q, lambda m: jax.block_until_ready(jax.jit(velocity_call)(m, *inputs)))
         row["calibrate_s"] = round(time.perf_counter() - t0, 2)
+    if attention:
+        last = list(models)[-1]
+        models[f"{last}_attention"] = models[last]
     compiled = {}
     for label, m in models.items():
         t0 = time.perf_counter()
-        compiled[label] = jax.jit(velocity_call).lower(m, *inputs).compile()
+        with fp8_attention(label.endswith("_attention")):
+            compiled[label] = jax.jit(velocity_call).lower(m, *inputs).compile()
         row[f"{label}_compile_s"] = round(time.perf_counter() - t0, 2)
         text = compiled[label].as_text()
         row.update({f"{label}_{k}": v for k, v in gemm_counts(text).items()})
@@ -115,7 +155,10 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static
 
 # rough seconds a workload takes on the H200 (setup, 3-4 compiles, timing): one is started only
 # when it fits what is left of --budget-s, so that the JSON is written before the part's timeout
-COST_S = {"flux": 300, "sd3": 150, "unet": 100}  # H200, 2026-11-30: flux over 270 s, sd3 144 s, unet over 86 s
+# H200, 2026-11-30: flux over 270 s, sd3 144 s, unet over 86 s; FP8 attention adds a compile and
+# its timing (estimates: sd3 +30 s, flux +50 s)
+COST_S = {"flux": 300, "sd3": 150, "unet": 100}
+ATTENTION_COST_S = {"flux": 50, "sd3": 30, "unet": 20}
 
 
 def main():
@@ -124,6 +167,8 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--static", nargs="*", default=["flux"], choices=["flux", "sd3", "unet"],
                    help="workloads also measured calibrated (static activation scales; default: flux)")
+    p.add_argument("--attention", nargs="*", default=[], choices=["flux", "sd3", "unet"],
+                   help="workloads also measured with cuDNN's FP8 attention on top ($STREAMFLOW_JAX_ATTENTION=fp8)")
     p.add_argument("--budget-s", type=float, default=260.0, help="start a workload only if it fits this budget")
     p.add_argument("--smoke", action="store_true", help="tiny configs, float32, on the CPU")
     p.add_argument("--out", default=None)
@@ -146,7 +191,8 @@ def main():
     start = time.perf_counter()
     for name in args.workloads:
         t0 = time.perf_counter()
-        if not args.smoke and t0 - start + COST_S[name] > args.budget_s:
+        cost = COST_S[name] + (ATTENTION_COST_S[name] if name in args.attention else 0)
+        if not args.smoke and t0 - start + cost > args.budget_s:
             rows.append({"workload": name, "skipped": f"over --budget-s {args.budget_s:.0f}"})
             continue
         try:
@@ -155,7 +201,7 @@ def main():
             else:
                 model, inputs = velocity_setup(name, specs[name], dtype)
             hlo_out = Path(args.out).parent / f"fp8_{name}_hlo.txt.gz" if args.out and name == "flux" else None
-            row = measure(name, model, inputs, args.repeats, hlo_out, name in args.static)
+            row = measure(name, model, inputs, args.repeats, hlo_out, name in args.static, name in args.attention)
             del model, inputs
         except Exception as e:
             import traceback

@@ -6,8 +6,9 @@
 #            (batch 1), summarized: top kernels by category, kernels per call, idle gaps, TFLOP/s;
 #            traces + compiled HLO under $OUT/profile_traces (profile_gpu.py, 240 s)
 #   fp8      quantize(model, "fp8") vs bf16: FP8 GEMMs in the compiled HLO, ms per call,
-#            velocity distance, bytes; SD3-medium (static scales too), SD1.5 UNet (fp8_gpu.py, 270 s);
-#            fp8-flux: Flux-dev, dynamic and static scales (over 270 s on the H200: its own part, 340 s)
+#            velocity distance, bytes; SD3-medium (static scales too, then with cuDNN's FP8 attention),
+#            SD1.5 UNet if time is left (fp8_gpu.py, 270 s); fp8-flux: Flux-dev, dynamic and static
+#            scales, then FP8 attention (over 270 s on the H200: its own part, 400 s)
 #   levers   XLA flags / switch variants vs the default, one process each, stream images/s:
 #            OHWI conv kernels + one-pass GroupNorm + 1x1 convs as GEMMs + one program per tick
 #            together, then the tick, the 1x1 convs, OHWI alone, command buffers off (levers_gpu.py
@@ -73,8 +74,8 @@ parts=("$@")
 for p in "${parts[@]}"; do
   case "$p" in
     profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py $S ;;
-    fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py --workloads sd3 unet --static sd3 $S ;;
-    fp8-flux) part fp8-flux 340 fp8_flux_gpu.json python3 benchmarks/fp8_gpu.py --workloads flux --static flux --budget-s 330 $S ;;
+    fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py --workloads sd3 unet --static sd3 --attention sd3 $S ;;
+    fp8-flux) part fp8-flux 400 fp8_flux_gpu.json python3 benchmarks/fp8_gpu.py --workloads flux --static flux --attention flux --budget-s 390 $S ;;
     levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 $S ;;
     levers-b) part levers-b 280 levers_b_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group b --budget-s 260 $S ;;
     levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --group a --budget-s 260 $S ;;

@@ -41,8 +41,9 @@ Variants: ``default`` (bf16), ``fp8`` / ``fp8_static`` (``sf.quantize``; static:
 scales), ``triton_gemm_off`` (XLA flag, per compile), ``groupnorm_channels`` / ``_onepass``, ``attention_xla``
 and ``conv_ohwi`` (environment switches; its layout is applied to the model, as the
 stream engine applies it), ``ohwi_onepass`` (``conv_ohwi`` and ``groupnorm_onepass`` together),
-``conv1x1_dot`` (1x1 convolutions as GEMMs) and ``ohwi_onepass_dot`` (all three). A variant
-that does not apply to a workload is skipped.
+``conv1x1_dot`` (1x1 convolutions as GEMMs) and ``ohwi_onepass_dot`` (all three),
+``attention_fp8`` (cuDNN's FP8 attention) and ``fp8_static_attention_fp8`` (with static FP8
+linears). A variant that does not apply to a workload is skipped.
 
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
         [--out FILE] [--hlo-dir DIR]
@@ -108,6 +109,9 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     "conv_ohwi": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi"}, {}, "bf16"),
     # the two that take kernels off the UNet step, together (levers_gpu.py's ``fewer_kernels``)
     "ohwi_onepass": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass"}, {}, "bf16"),
+    # cuDNN's FP8 attention ($STREAMFLOW_JAX_ATTENTION=fp8), alone and with static FP8 linears
+    "attention_fp8": ({"STREAMFLOW_JAX_ATTENTION": "fp8"}, {}, "bf16"),
+    "fp8_static_attention_fp8": ({"STREAMFLOW_JAX_ATTENTION": "fp8"}, {}, "fp8_static"),
     # 1x1 convolutions as GEMMs ($STREAMFLOW_JAX_CONV1X1=dot), alone and with the two above
     "conv1x1_dot": ({"STREAMFLOW_JAX_CONV1X1": "dot"}, {}, "bf16"),
     "ohwi_onepass_dot": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass",
@@ -117,8 +121,9 @@ APPLIES = {  # which variants make a different program for which workload
     "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
              "conv_ohwi", "ohwi_onepass", "conv1x1_dot", "ohwi_onepass_dot"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi"),
-    "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off"),
-    "flux": ("default", "fp8", "fp8_static"),
+    "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
+            "attention_fp8", "fp8_static_attention_fp8"),
+    "flux": ("default", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8"),
     "fp8_forms": ("default", "triton_gemm_off"),
 }
 
@@ -197,13 +202,15 @@ def summarize_hlo(text: str) -> dict:
             target = inst["target"] or ""
             if "fmha" in target or "fused_attention" in target.lower():
                 counts["cudnn_attention"] += 1
+                counts["cudnn_attention_fp8"] += target.endswith("F8")
             if target.startswith("__cudnn$conv"):
                 counts["cudnn_convs"] += 1
 
     walk(entry, False)
     return {"kernels": counts["kernels"], "by_category": dict(sorted(cats.items())),
             "gemms_fp8": gemms["fp8"], "gemms_half": gemms["half"],
-            "cudnn_attention": counts["cudnn_attention"], "cudnn_convs": counts["cudnn_convs"],
+            "cudnn_attention": counts["cudnn_attention"], "cudnn_attention_fp8": counts["cudnn_attention_fp8"],
+            "cudnn_convs": counts["cudnn_convs"],
             "param_transposes": counts["param_transposes"],
             "command_buffers": counts["command_buffers"], "kernels_in_graphs": counts["kernels_in_graphs"],
             "loops": counts["loops"], "custom_call_targets": dict(sorted(Counter(

@@ -56,42 +56,62 @@ def cudnn_head_dim_limit(device) -> int:
 
 def attention_choice(head_dim: int, setting: str | None = None) -> str:
     """What ``$STREAMFLOW_JAX_ATTENTION`` (or ``setting``) asks for at ``head_dim``: ``"auto"``,
-    ``"cudnn"`` or ``"xla"``.
+    ``"cudnn"``, ``"xla"`` or ``"fp8"``.
 
     The setting is ``auto`` (unset: the rule in ``attention_implementation``), ``cudnn``, ``xla``,
-    or a per-head-dim list such as ``40=xla,80=cudnn`` (head dims not named stay ``auto``). It
-    is a measurement switch (``benchmarks/levers_gpu.py``), read when a function is traced: a
-    program already compiled keeps the choice it was traced with.
+    ``fp8`` (``fp8_attention``), or a per-head-dim list such as ``40=xla,80=cudnn`` (head dims
+    not named stay ``auto``). It is a measurement switch (``benchmarks/levers_gpu.py``,
+    ``fp8_gpu.py``), read when a function is traced: a program already compiled keeps the
+    choice it was traced with.
     """
     setting = (os.environ.get(ATTENTION_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    choices = ("auto", "cudnn", "xla")
+    choices = ("auto", "cudnn", "xla", "fp8")
     if "=" not in setting:
         if setting not in choices:
-            raise ValueError(f"{ATTENTION_ENV}={setting!r}: expected auto, cudnn, xla or HEAD_DIM=IMPL,...")
+            raise ValueError(f"{ATTENTION_ENV}={setting!r}: expected auto, cudnn, xla, fp8 or HEAD_DIM=IMPL,...")
         return setting
     for item in setting.split(","):
         dim, _, impl = item.partition("=")
         if not dim.strip().isdigit() or impl.strip() not in choices:
-            raise ValueError(f"{ATTENTION_ENV}={setting!r}: {item!r} is not HEAD_DIM=auto|cudnn|xla")
+            raise ValueError(f"{ATTENTION_ENV}={setting!r}: {item!r} is not HEAD_DIM=auto|cudnn|xla|fp8")
         if int(dim) == head_dim:
             return impl.strip()
     return "auto"
 
 
-def attention_implementation(q: jax.Array, device=None) -> str:
-    """Which ``jax.nn.dot_product_attention`` lowering serves ``q`` on ``device`` (default: the
-    ``target_device``, else the first device).
+def fp8_attention_fits(head_dim: int, device) -> bool:
+    """Whether cuDNN's FP8 fused attention (inference) serves ``head_dim`` on ``device``: FP8
+    tensor cores (compute capability 8.9 on: Ada, Hopper) and a head dim that is a multiple of
+    16 up to 256 (SD3's 64, Flux's 128, SD1.5's 80 and 160; not SD1.5's 40)."""
+    cc = tuple(int(v) for v in (str(getattr(device, "compute_capability", "") or "0").split(".") + ["0"])[:2])
+    return device.platform == "gpu" and cc >= (8, 9) and head_dim % 16 == 0 and head_dim <= 256
+
+
+def attention_implementation(q: jax.Array, device=None, *, fp8: bool = True) -> str:
+    """Which lowering serves ``q`` on ``device`` (default: the ``target_device``, else the first
+    device): ``"cudnn"`` or ``"xla"`` (``jax.nn.dot_product_attention``'s), or, asked for with
+    ``fp8``, ``"cudnn_fp8"`` / ``"xla_fp8"`` (``fp8_attention``).
 
     cuDNN's fused attention is several times faster on NVIDIA GPUs but only takes half
     precision and head dims that are multiples of 8 up to its device's limit (SD1.5's head dim
     160 fits an H100, not an A100), so everything else (fp32 parity runs, CPU, odd head sizes)
     takes the XLA lowering. ``$STREAMFLOW_JAX_ATTENTION`` overrides the rule per head dim (see
     ``attention_choice``): ``xla`` always takes XLA's lowering; ``cudnn`` asks cuDNN for any
-    head dim on a GPU in half precision (what cuDNN refuses still falls back to XLA).
+    head dim on a GPU in half precision (what cuDNN refuses still falls back to XLA); ``fp8``
+    takes cuDNN's FP8 attention where it serves (``fp8_attention_fits``, half precision), the
+    same quantization written in XLA ops on a CPU (numerics, not speed), and the rule above
+    elsewhere. ``fp8=False``: the caller cannot take FP8 (a bias, a causal mask: text
+    encoders; an ONNX export).
     """
     device = device or _target()
     head_dim = q.shape[-1]
     choice = attention_choice(head_dim)
+    if choice == "fp8":
+        if fp8 and device.platform == "cpu":
+            return "xla_fp8"
+        if fp8 and q.dtype in _CUDNN_DTYPES and fp8_attention_fits(head_dim, device):
+            return "cudnn_fp8"
+        choice = "auto"
     if choice == "xla" or device.platform != "gpu" or q.dtype not in _CUDNN_DTYPES:
         return "xla"
     if choice == "cudnn" or (head_dim % 8 == 0 and head_dim <= cudnn_head_dim_limit(device)):
@@ -117,7 +137,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         ``[B, L, N, K]``, softmax(scale * q k^T + bias) v per head.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if attention_implementation(q) == "cudnn":
+    implementation = attention_implementation(q, fp8=bias is None and not causal and not is_exporting())
+    if implementation.endswith("fp8"):
+        return fp8_attention(q, k, v, scale=scale, cudnn=implementation == "cudnn_fp8")
+    if implementation == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
                                                 scale=scale, is_causal=causal, implementation="cudnn")
@@ -142,6 +165,49 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+
+
+def _fp8_attention_operands(q, k, v):
+    """Each of q, k, v in e4m3 with its per-tensor scale (``fp8_scale`` of its amax, this call's)."""
+    out = []
+    for a in (q, k, v):
+        s = fp8_scale(jnp.max(jnp.abs(a)))
+        out.append(((a.astype(jnp.float32) / s).astype(FP8), s))
+    return out
+
+
+def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cudnn: bool = True) -> jax.Array:
+    """Attention with its two products in FP8 (e4m3), as cuDNN's FP8 flash attention runs it
+    on Hopper: ``q``, ``k``, ``v`` each quantized with a per-tensor scale (this call's amax),
+    the logits and the softmax in float32, the probabilities quantized with scale 448 (they are
+    at most 1), the output quantized with ``v``'s scale (it is a convex combination of ``v``'s
+    rows) and returned in ``q``'s dtype.
+
+    ``cudnn``: cuDNN's kernel (``jax._src.cudnn``'s FP8 ``dot_product_attention``, JAX's own
+    FP8 attention, not exported under ``jax.nn``); else the same steps in XLA ops (a CPU's
+    check of the numerics: slow, and not the kernel). Non-causal, no bias.
+
+    Args:
+        q: ``[B, L, N, K]`` queries; ``k``, ``v``: ``[B, L', N, K]``.
+        scale: multiplies ``q k^T``.
+    """
+    (q8, sq), (k8, sk), (v8, sv) = _fp8_attention_operands(q, k, v)
+    if cudnn:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+        one = jnp.ones((1, 1, 1, 1), jnp.float32)
+        params = dict.fromkeys(cudnn_attention.fp8_params_keys, one)
+        params.update(descale_q=sq * one, descale_k=sk * one, descale_v=sv * one, descale_s=one / FP8_MAX,
+                      scale_s=one * FP8_MAX, scale_o=one / sv)
+        out, _, _ = cudnn_attention.dot_product_attention(q8, k8, v8, fp8_params=params, scale=scale, use_fp8=True,
+                                                          qkv_layout="BTNH")
+        return (out.astype(jnp.float32) * sv).astype(q.dtype)
+    qh, kh, vh = (a.astype(jnp.float32).transpose(0, 2, 1, 3) for a in (q8, k8, v8))  # [B, N, L, K]
+    logits = jnp.matmul(qh, kh.transpose(0, 1, 3, 2)) * (sq * sk * scale)
+    probs = (jax.nn.softmax(logits, axis=-1) * FP8_MAX).astype(FP8).astype(jnp.float32)
+    out = jnp.matmul(probs, vh) * (sv / FP8_MAX)
+    out = (out / sv).astype(FP8).astype(jnp.float32) * sv
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def fp8_scale(amax: jax.Array) -> jax.Array:

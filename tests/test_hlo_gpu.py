@@ -5,7 +5,8 @@ jax-cuda13-plugin 0.10.2, deviceless, the script's H200 target), written by
 ``python benchmarks/hlo_gpu.py --smoke --workloads fp8_forms sd3 --variants default fp8_static
 --hlo-dir DIR``: one 4096x3072x3072 product written as ``ops.fp8_matmul`` writes it and as
 dequantized operands; the tiny SD3 config's velocity with static FP8 scales; the tiny TAESD
-decoder with HWIO and with OHWI kernels (``--workloads taesd --variants default conv_ohwi``). The CUDA plugin
+decoder with HWIO and with OHWI kernels (``--workloads taesd --variants default conv_ohwi``); the
+tiny SD3 with cuDNN's FP8 attention (``--workloads sd3 --variants attention_fp8``). The CUDA plugin
 itself (4 GB) is not installed for the suite.
 """
 
@@ -65,6 +66,19 @@ def test_static_fp8_projections_of_one_input_are_one_gemm():
     assert got["gemms_fp8"] == len(quantized_layers(model)) - 2 * triples == 25 - 8
     assert got["cudnn_attention"] == spec["config"].num_layers == 2
     assert got["kernels"] == sum(got["by_category"].values())
+
+
+def test_fp8_attention_compiles_to_cudnn_fp8_attention():
+    """$STREAMFLOW_JAX_ATTENTION=fp8 on the tiny SD3 (head dim 64): every attention is cuDNN's
+    FP8 flash attention (``__cudnn$fmhaSoftmaxF8``, e4m3 operands), none is left in bf16, and
+    the linears stay bf16 GEMMs."""
+    from profile_gpu import configs
+
+    got = summarize_hlo(_program("sd3.attention_fp8"))
+    assert got["cudnn_attention"] == got["cudnn_attention_fp8"] == configs(True)["sd3"]["config"].num_layers == 2
+    assert got["custom_call_targets"].get("__cudnn$fmhaSoftmax", 0) == 0
+    assert got["gemms_fp8"] == 0 and got["gemms_half"] > 0
+    assert "f8e4m3fn[2," in _program("sd3.attention_fp8")  # the operands: [B, L, N, K] in e4m3
 
 
 def test_ohwi_kernels_are_not_transposed_at_every_call():
