@@ -138,8 +138,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     implementation = attention_implementation(q, fp8=bias is None and not causal and not is_exporting())
-    if implementation.endswith("fp8"):
-        return fp8_attention(q, k, v, scale=scale, cudnn=implementation == "cudnn_fp8")
+    if implementation == "xla_fp8":
+        return fp8_attention(q, k, v, scale=scale, cudnn=False)
+    if implementation == "cudnn_fp8":
+        try:
+            return fp8_attention(q, k, v, scale=scale)
+        except (NotImplementedError, ValueError):  # cuDNN (or this JAX) refused it at trace time
+            implementation = attention_implementation(q, fp8=False)
     if implementation == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
