@@ -233,6 +233,8 @@ def main():
                        busy_fraction=s["busy_fraction"], idle_ms_per_call=round(s["idle_us"] / calls / 1e3, 3),
                        tflop_per_call=round(flops / 1e12, 4) if flops else None, tflops_per_s=s.get("tflops_per_s"),
                        tflops_per_s_busy=s.get("tflops_per_s_busy"), shares=cats)
+            if s.get("host"):
+                row["dispatch_ms_per_call"] = round(sum(s["host"]["dispatch_us_per_call"].values()) / 1e3, 3)
             if s.get("launches"):
                 row.update(launches_per_call=s["launches"]["per_call"], graphs_per_call=s["launches"]["graphs_per_call"],
                            idle_between_launches_ms_per_call=round(

@@ -13,7 +13,9 @@ that reader is missing) and prints, for the kernels of one workload:
 - the achieved TFLOP/s, given the FLOPs of one call (``xla_flops``: XLA's cost analysis);
 - the host's launches per call (runs of kernels of one HLO op: a CUDA graph is one launch),
   how much of the idle time falls between launches rather than inside them, and the largest
-  gaps with the ops on either side (``launches``).
+  gaps with the ops on either side (``launches``);
+- where the host's time goes: its named spans per call, and each jitted function's dispatch
+  (``host``).
 
 What a trace holds (checked on JAX 0.10 CPU; the GPU layout is XLA's CUPTI tracer's):
 
@@ -359,6 +361,39 @@ def launches(kernels: list[Kernel], calls: int) -> dict | None:
             "largest_gaps": [{"us": round(g, 2), "after": where(a), "before": where(b)} for g, a, b in largest[:5]]}
 
 
+def _thread_kind(line: str) -> str:
+    """A host line's name without its thread id (``tf_XLAEigen/-1306...`` -> ``tf_XLAEigen``)."""
+    return re.sub(r"/-?\d+$", "", line) or line
+
+
+def host_time(events: list[tuple], calls: int, top: int = 15) -> dict | None:
+    """Where the host's time goes in the trace: its named spans (Python functions when the
+    Python tracer is on, ``PjitFunction(f)`` dispatches, XLA's and the runtime's own, CUDA
+    driver calls where CUPTI records them) grouped by thread kind and name, inclusive times per
+    call, longest first; and the dispatch of each jitted function (``PjitFunction(...)``, the
+    call on the Python thread: on a GPU it includes launching the program's thunks). Spans of
+    XLA:CPU's HLO ops (the CPU's kernels) are left out. None when the trace has no host span."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    outer_end: dict[tuple[str, str], float] = {}  # a span inside one of its own name (the Python
+    # tracer's PjitFunction(f) around the runtime's own) counts once, as the outer one
+    for plane, line, name, start, dur, stats in sorted(events, key=lambda e: (e[3], -e[4])):
+        if not plane.startswith("/host") or "hlo_op" in stats:
+            continue
+        if start < outer_end.get((line, name), float("-inf")):
+            continue
+        outer_end[(line, name)] = start + dur
+        groups.setdefault((_thread_kind(line), name), []).append(dur)
+    if not groups:
+        return None
+    ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
+    dispatch = {name[len("PjitFunction("):-1]: durs for (_, name), durs in groups.items()
+                if name.startswith("PjitFunction(") and name.endswith(")")}
+    return {"top": [{"thread": thread, "name": name, "us_per_call": round(sum(d) / calls, 2),
+                     "count_per_call": round(len(d) / calls, 2)} for (thread, name), d in ranked],
+            "dispatch_us_per_call": {f: round(sum(d) / calls, 2) for f, d in sorted(dispatch.items())},
+            "dispatch_mean_us": {f: round(sum(d) / len(d), 2) for f, d in sorted(dispatch.items())}}
+
+
 def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo=(), modules: str | None = None,
               top: int = 15, source: str = "auto") -> dict:
     """The summary of the kernels in a trace (see the module doc).
@@ -414,6 +449,7 @@ def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo
         "gaps": {"count": len(gaps), "total_us": round(sum(gaps), 2), "largest_us": [round(g, 2) for g in gaps[:5]],
                  "over_10us": sum(g > 10 for g in gaps), "over_100us": sum(g > 100 for g in gaps)},
         "launches": launches(kernels, calls) if kernels else None,
+        "host": host_time(events, calls),
         "categories": cats, "top": ranked, "hlo_modules": sorted(tables),
     }
     if note:

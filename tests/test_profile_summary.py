@@ -17,9 +17,11 @@ from profile_summary import (  # noqa: E402
     CATEGORIES,
     Kernel,
     categorize,
-    launches,
     device_kernels,
     hlo_op_categories,
+    host_time,
+    launches,
+    read_events,
     summarize,
     timeline,
     xla_flops,
@@ -226,6 +228,31 @@ def test_launches_split_the_idle_time():
         {"us": 30.0, "after": "jit__step:command_buffer_1", "before": "jit__step:cudnn-conv-bias-activation.4"}]
     assert timeline(kernels)["idle_us"] == 153.0
     assert launches([Kernel("nvjet", "", "", "s", 0, 1)], calls=1) is None  # no op names: no launches
+
+
+def test_host_time_and_dispatch(tmp_path):
+    """The host's side of a trace: each jitted function's dispatch (``PjitFunction(f)`` on the
+    calling thread) per call, and the named host spans by thread kind; the CPU's kernels (HLO
+    op spans) are not host time."""
+    def scaled_sum(x, w):
+        return jnp.sum(jnp.tanh(x @ w))
+
+    f = jax.jit(scaled_sum)
+    args = (jnp.ones((128, 128)), jnp.full((128, 128), 0.01))
+    jax.block_until_ready(f(*args))
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(CALLS):
+            jax.block_until_ready(f(*args))
+    s = summarize(tmp_path, calls=CALLS)
+    host = s["host"]
+    assert list(host["dispatch_us_per_call"]) == ["scaled_sum"]
+    assert 0 < host["dispatch_mean_us"]["scaled_sum"] == pytest.approx(host["dispatch_us_per_call"]["scaled_sum"])
+    names = {(t["thread"], t["name"]) for t in host["top"]}
+    assert any(name == "PjitFunction(scaled_sum)" for _, name in names)
+    assert not any("/" in thread and thread.rsplit("/", 1)[1].lstrip("-").isdigit() for thread, _ in names)
+    ops = {k.op for k in device_kernels(read_events(tmp_path)[1])[1]}
+    assert ops and not any(name in ops for _, name in names)
+    assert host_time([("/device:GPU:0", "Stream #1", "k", 0.0, 1.0, {})], calls=1) is None
 
 
 def test_gpu_json_trace_without_module_names(tmp_path):
