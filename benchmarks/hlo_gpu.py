@@ -43,7 +43,8 @@ and ``conv_ohwi`` (environment switches; its layout is applied to the model, as 
 stream engine applies it), ``ohwi_onepass`` (``conv_ohwi`` and ``groupnorm_onepass`` together),
 ``conv1x1_dot`` (1x1 convolutions as GEMMs) and ``ohwi_onepass_dot`` (all three),
 ``attention_fp8`` (cuDNN's FP8 attention) and ``fp8_static_attention_fp8`` (with static FP8
-linears). A variant that does not apply to a workload is skipped.
+linears), ``dot_merger_off`` (XLA does not merge the products of one input). A variant that
+does not apply to a workload is skipped.
 
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
         [--out FILE] [--hlo-dir DIR]
@@ -112,6 +113,9 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     # cuDNN's FP8 attention ($STREAMFLOW_JAX_ATTENTION=fp8), alone and with static FP8 linears
     "attention_fp8": ({"STREAMFLOW_JAX_ATTENTION": "fp8"}, {}, "bf16"),
     "fp8_static_attention_fp8": ({"STREAMFLOW_JAX_ATTENTION": "fp8"}, {}, "fp8_static"),
+    # no merging of the products of one input (XLA's DotMerger: q/k/v in one GEMM whose output
+    # is sliced apart again, a copy kernel each, for cuDNN's attention; weights concatenated per call)
+    "dot_merger_off": ({}, {"xla_gpu_dot_merger_threshold_mb": 0}, "bf16"),
     # 1x1 convolutions as GEMMs ($STREAMFLOW_JAX_CONV1X1=dot), alone and with the two above
     "conv1x1_dot": ({"STREAMFLOW_JAX_CONV1X1": "dot"}, {}, "bf16"),
     "ohwi_onepass_dot": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass",
@@ -119,10 +123,10 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
 }
 APPLIES = {  # which variants make a different program for which workload
     "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
-             "conv_ohwi", "ohwi_onepass", "conv1x1_dot", "ohwi_onepass_dot"),
+             "conv_ohwi", "ohwi_onepass", "conv1x1_dot", "ohwi_onepass_dot", "dot_merger_off"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
-            "attention_fp8", "fp8_static_attention_fp8"),
+            "attention_fp8", "fp8_static_attention_fp8", "dot_merger_off"),
     "flux": ("default", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8"),
     "fp8_forms": ("default", "triton_gemm_off"),
 }
