@@ -328,18 +328,20 @@ def test_cache_ratios():
 
 def test_fp8_benchmark_runs_its_variants(tmp_path):
     """fp8_gpu.py's plumbing, on tiny configs on this CPU (its ``--smoke``): bf16, dynamic and
-    calibrated FP8 each compile, run and are compared in one JSON row (the device run's
-    script must not be the first to run it). No speed is read from it."""
+    calibrated FP8, and calibrated FP8 with FP8 attention (here its CPU emulation), each
+    compile, run and are compared in one JSON row (the device run's script must not be the
+    first to run it). No speed is read from it."""
     import json
 
     out = tmp_path / "fp8.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_gpu.py"),
-                           "--smoke", "--workloads", "sd3", "--static", "sd3", "--out", str(out)],
+                           "--smoke", "--workloads", "sd3", "--static", "sd3", "--attention", "sd3", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["results"]
     assert "error" not in row, row
-    for label in ("fp8", "fp8_static"):
+    for label in ("fp8", "fp8_static", "fp8_static_attention"):
         assert row[f"{label}_ms"] > 0 and 0 < row[f"{label}_max_rel_diff"] < 0.3
+    assert row["fp8_static_attention_max_rel_diff"] != row["fp8_static_max_rel_diff"]  # the switch took
     assert row["fp8_GB"] < row["bf16_GB"] and row["calibrate_s"] > 0
