@@ -63,6 +63,9 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "exhaustive_tiling": ("--xla_gpu_exhaustive_tiling_search=true", {}),
     # what autotuning buys (its compile time against its run time)
     "autotune_0": ("--xla_gpu_autotune_level=0", {}),
+    # JAX's default allocation (one pool of 75% of the GPU at start; gpu_all.sh turns it off so
+    # that torch can share the GPU in the comparisons): does growing on demand cost anything?
+    "prealloc": ("", {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}),
     # graphs around loops and conditionals too
     "cmdbuf_all": ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE", {}),
     "default_again": ("", {}),
@@ -71,7 +74,7 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 # the variants come in groups, each measured against its own run of the default.
 GROUPS = {
     "a": ("default", "fewer_kernels", "tick_fused", "conv1x1_dot", "conv_ohwi", "cmdbuf_off", "default_again"),
-    "b": ("default", "groupnorm_onepass", "groupnorm_channels", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
+    "b": ("default", "groupnorm_onepass", "prealloc", "groupnorm_channels", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
           "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
