@@ -116,6 +116,12 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     # no merging of the products of one input (XLA's DotMerger: q/k/v in one GEMM whose output
     # is sliced apart again, a copy kernel each, for cuDNN's attention; weights concatenated per call)
     "dot_merger_off": ({}, {"xla_gpu_dot_merger_threshold_mb": 0}, "bf16"),
+    # convolutions as cuDNN fusions (graph API: epilogues fused, capturable in CUDA graphs)
+    "conv_fusion": ({}, {"xla_gpu_experimental_enable_conv_fusion": True}, "bf16"),
+    "conv_fusion_ohwi": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi"}, {"xla_gpu_experimental_enable_conv_fusion": True},
+                         "bf16"),
+    # LayerNorm as cuDNN's kernel
+    "cudnn_layer_norm": ({}, {"xla_gpu_enable_cudnn_layer_norm": True}, "bf16"),
     # 1x1 convolutions as GEMMs ($STREAMFLOW_JAX_CONV1X1=dot), alone and with the two above
     "conv1x1_dot": ({"STREAMFLOW_JAX_CONV1X1": "dot"}, {}, "bf16"),
     "ohwi_onepass_dot": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass",
@@ -123,8 +129,9 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
 }
 APPLIES = {  # which variants make a different program for which workload
     "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
-             "conv_ohwi", "ohwi_onepass", "conv1x1_dot", "ohwi_onepass_dot", "dot_merger_off"),
-    "taesd": ("default", "groupnorm_channels", "conv_ohwi"),
+             "conv_ohwi", "ohwi_onepass", "conv1x1_dot", "ohwi_onepass_dot", "dot_merger_off", "conv_fusion",
+             "conv_fusion_ohwi", "cudnn_layer_norm"),
+    "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
             "attention_fp8", "fp8_static_attention_fp8", "dot_merger_off"),
     "flux": ("default", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8"),

@@ -52,6 +52,11 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # 1x1 convolutions (46 of the UNet's 98) as GEMMs: off cuDNN, so into the CUDA graphs (the
     # profile shows every cuDNN convolution launched on its own between graphs), no transposes
     "conv1x1_dot": ("", {"STREAMFLOW_JAX_CONV1X1": "dot"}),
+    # convolutions as cuDNN fusions (XLA's experimental conv fusion; kernels stored OHWI, else
+    # each is transposed at every call): bias and residual adds in the fusion, and, unlike
+    # cuDNN convolution calls, capturable in CUDA graphs; the biases are broadcast to full
+    # tensors first (hlo_gpu.py: 892 kernels, as the default, 98 of them those broadcasts)
+    "conv_fusion_ohwi": ("--xla_gpu_experimental_enable_conv_fusion=true", {"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi"}),
     # the four that cut kernels or gaps from the tick, together: do their wins add up?
     "fewer_kernels": ("", {"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass",
                            "STREAMFLOW_JAX_CONV1X1": "dot", "STREAMFLOW_JAX_TICK": "fused"}),
@@ -73,8 +78,8 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 # One device command fits about six variants (a process builds, compiles and times in ~40 s):
 # the variants come in groups, each measured against its own run of the default.
 GROUPS = {
-    "a": ("default", "fewer_kernels", "tick_fused", "conv1x1_dot", "conv_ohwi", "cmdbuf_off", "default_again"),
-    "b": ("default", "groupnorm_onepass", "prealloc", "groupnorm_channels", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
+    "a": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
+    "b": ("default", "cmdbuf_off", "groupnorm_onepass", "prealloc", "groupnorm_channels", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
           "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
