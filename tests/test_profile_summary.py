@@ -299,3 +299,24 @@ def test_benchmark_summary_of_sections_and_of_rows(tmp_path):
                  "generations.latency_ms.p50: 210"]
     assert b == ["== sd3_gpu:  on cpu", "batch | ours_ms", "1 | 3.25", "ours_vs_compiled_b1: 0.91"]
     assert "no result" in summarize_json(str(tmp_path / "missing.json"))
+
+
+def test_profile_benchmark_runs_on_the_cpu(tmp_path):
+    """profile_gpu.py's plumbing on a tiny SD3 on this CPU (its ``--smoke``): both traces (the
+    default and the lean one without the Python tracer) are summarized into the row, the host's
+    launches and dispatch included (the device run's script must not be the first to run it)."""
+    import json
+    import subprocess
+
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "profile_gpu.py"),
+                           "--smoke", "--workloads", "sd3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (row,) = result["results"]
+    assert "error" not in row, row
+    assert set(result["summaries"]) == {"sd3", "sd3_lean"}
+    assert row["kernels_per_call"] > 0 and row["launches_per_call"] > 0 and row["dispatch_ms_per_call"] > 0
+    assert row["lean_device_ms_per_call"] > 0 and row["lean_dispatch_ms_per_call"] > 0
+    assert (tmp_path / "profile_traces" / "sd3_lean").is_dir()
