@@ -14,7 +14,8 @@ For each workload (random weights, bf16, built as ``profile_gpu.py`` builds them
   (``sf.calibrate`` on the same inputs: no pass over each input for its scale), timed in the
   same interleaved loop (``fp8_static_*``);
 - for the ``--attention`` workloads, that last model again with cuDNN's FP8 attention
-  (``$STREAMFLOW_JAX_ATTENTION=fp8``: e4m3 operands, per-tensor scales of each call;
+  (``$STREAMFLOW_JAX_ATTENTION=fp8``: e4m3 operands with per-tensor scales, calibrated with
+  the linears' where ``--static`` (``sf.calibrate(..., attention=True)``), else each call's;
   ``fp8_static_attention_*``), its FP8 attentions counted in the HLO.
 
 Workloads: ``flux`` (Flux.1-dev, batch 1, 1024^2), ``sd3`` (SD3-medium, batch 2, 1024^2),
@@ -98,8 +99,8 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static
             attention: bool = False) -> dict:
     """bf16, FP8 with dynamic activation scales and (``static``) FP8 calibrated on ``inputs``
     (``sf.calibrate``: static scales, no amax pass before each product); ``attention``: the
-    last of those again with cuDNN's FP8 attention as well (``fp8_static_attention`` or
-    ``fp8_attention``)."""
+    last of those again with cuDNN's FP8 attention as well (``fp8_static_attention``: its q/k/v
+    scales calibrated with the linears', or ``fp8_attention``: each call's)."""
     import jax
     import numpy as np
 
@@ -115,7 +116,9 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static
     models = {"bf16": model, "fp8": q}
     if static:
         t0 = time.perf_counter()
-        models["fp8_static"] = calibrate(q, lambda m: jax.block_until_ready(jax.jit(velocity_call)(m, *inputs)))
+        # with attention: its q/k/v scales calibrated too (FP8 attention only reads them)
+        models["fp8_static"] = calibrate(q, lambda m: jax.block_until_ready(jax.jit(velocity_call)(m, *inputs)),
+                                         attention=attention)
         row["calibrate_s"] = round(time.perf_counter() - t0, 2)
     if attention:
         last = list(models)[-1]

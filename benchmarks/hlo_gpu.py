@@ -113,6 +113,8 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     # cuDNN's FP8 attention ($STREAMFLOW_JAX_ATTENTION=fp8), alone and with static FP8 linears
     "attention_fp8": ({"STREAMFLOW_JAX_ATTENTION": "fp8"}, {}, "bf16"),
     "fp8_static_attention_fp8": ({"STREAMFLOW_JAX_ATTENTION": "fp8"}, {}, "fp8_static"),
+    # ... with static (calibrated) q/k/v scales: no reduction before each attention
+    "fp8_static_attention_fp8_static": ({"STREAMFLOW_JAX_ATTENTION": "fp8"}, {}, "fp8_static_attention"),
     # no merging of the products of one input (XLA's DotMerger: q/k/v in one GEMM whose output
     # is sliced apart again, a copy kernel each, for cuDNN's attention; weights concatenated per call)
     "dot_merger_off": ({}, {"xla_gpu_dot_merger_threshold_mb": 0}, "bf16"),
@@ -133,8 +135,9 @@ APPLIES = {  # which variants make a different program for which workload
              "conv_fusion_ohwi", "cudnn_layer_norm"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
-            "attention_fp8", "fp8_static_attention_fp8", "dot_merger_off"),
-    "flux": ("default", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8"),
+            "attention_fp8", "fp8_static_attention_fp8", "fp8_static_attention_fp8_static", "dot_merger_off"),
+    "flux": ("default", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8",
+             "fp8_static_attention_fp8_static"),
     "fp8_forms": ("default", "triton_gemm_off"),
 }
 
@@ -235,7 +238,8 @@ def summarize_hlo(text: str) -> dict:
 
 def abstract_model(class_name: str, config, form: str, sharding, adapter=None):
     """A ``FlowModel`` with ``jax.ShapeDtypeStruct`` bf16 parameters placed by ``sharding``, as
-    it is (``bf16``) or quantized (``fp8``; ``fp8_static``: with calibrated input scales), its
+    it is (``bf16``) or quantized (``fp8``; ``fp8_static``: with calibrated input scales;
+    ``fp8_static_attention``: and calibrated q/k/v scales for FP8 attention), its
     convolutions in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout."""
     import jax
     import jax.numpy as jnp
@@ -252,8 +256,9 @@ def abstract_model(class_name: str, config, form: str, sharding, adapter=None):
     model = FlowModel(class_name, config, graphdef, state, adapter, family=family)
     if form != "bf16":
         q = jax.eval_shape(lambda m: quantize(m, "fp8"), model)
-        if form == "fp8_static":
-            q = quantized_structure(model, "fp8", quantized_layers(q), activation_scales="static")
+        if form in ("fp8_static", "fp8_static_attention"):
+            q = quantized_structure(model, "fp8", quantized_layers(q), activation_scales="static",
+                                    attention_scales="static" if form == "fp8_static_attention" else None)
         model = q
     layout = ops.conv_layout_choice()
     model = jax.eval_shape(lambda m: m.with_conv_layout(layout), model)

@@ -155,12 +155,14 @@ def _quantized_parts(parts: Iterator[dict[str, np.ndarray]], layers: list[str]) 
         yield out
 
 
-def _quantization_record(layers: list[str], static: bool = False) -> dict | None:
+def _quantization_record(layers: list[str], static: bool = False, attention: bool = False) -> dict | None:
     """``config.json``'s record of a quantized model: its FP8 layers (and static activation
-    scales), which ``load`` restores it with; None for a float model."""
+    scales, and static FP8 attention scales), which ``load`` restores it with; None for a
+    float model."""
     if not layers:
         return None
-    return {"mode": "fp8", "layers": list(layers), **({"activation_scales": "static"} if static else {})}
+    return {"mode": "fp8", "layers": list(layers), **({"activation_scales": "static"} if static else {}),
+            **({"attention_scales": "static"} if attention else {})}
 
 
 def _write_plan(p: ConversionPlan, out: Path, cast, source: str | None, progress: bool,
@@ -185,13 +187,14 @@ def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = F
     (PeRFlow's: prediction type, windows, training schedule) is written there too, and ``load``
     puts it back (``prediction_type`` / ``num_time_windows`` given to ``load`` override it).
     """
-    from streamflow_jax.quantization import activation_scales, quantized_layers
+    from streamflow_jax.quantization import activation_scales, attention_scales, quantized_layers
 
     dst = Path(dst).absolute()
     model = model.with_conv_layout("HWIO")  # the layout checkpoints hold
     flat, _, names = flat_params(nnx.to_pure_dict(model.state))
     layers = quantized_layers(model)
-    quantization = _quantization_record(layers, static=bool(layers) and activation_scales(model) == "static")
+    quantization = _quantization_record(layers, static=bool(layers) and activation_scales(model) == "static",
+                                        attention=bool(layers) and attention_scales(model) == "static")
     with atomic_dir(dst) as tmp:
         groups = part_names(names, lambda n: flat[n].nbytes)
         dtype = _write_parts(tmp, ({n: np.asarray(flat[n]) for n in g} for g in groups), progress, len(names),
@@ -656,13 +659,13 @@ def _quantized_structure(cfg_path, class_name, model_config, fam, graphdef, abst
     the FP8 layers)."""
     from streamflow_jax.quantization import quantized_structure
 
-    mode, layers, scales = (quantization.get(k) if isinstance(quantization, dict) else None
-                            for k in ("mode", "layers", "activation_scales"))
+    mode, layers, scales, attention = (quantization.get(k) if isinstance(quantization, dict) else None
+                                       for k in ("mode", "layers", "activation_scales", "attention_scales"))
     if not (isinstance(layers, list) and layers and all(isinstance(n, str) for n in layers)):
         raise ConversionError(f"{cfg_path}: {META_KEY}.quantization.layers must be a list of layer names")
     abstract = FlowModel(class_name, model_config, graphdef, abstract_state, family=fam)
     try:
-        abstract = quantized_structure(abstract, mode, layers, scales or "dynamic")
+        abstract = quantized_structure(abstract, mode, layers, scales or "dynamic", attention)
     except ValueError as e:
         raise ConversionError(f"{cfg_path}: {META_KEY}.quantization: {e}") from None
     return abstract.graphdef, abstract.state

@@ -120,7 +120,7 @@ def attention_implementation(q: jax.Array, device=None, *, fp8: bool = True) -> 
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, bias: jax.Array | None = None,
-              scale: float | None = None) -> jax.Array:
+              scale: float | None = None, fp8_scales: jax.Array | None = None) -> jax.Array:
     """Multi-head attention, full or causal, with an optional additive bias.
 
     Sequence lengths are written ``L`` (queries) and ``L'`` (keys) here: any token sequence.
@@ -132,6 +132,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         causal: query i attends to keys 0..i only (text encoders).
         bias: added to the logits, broadcastable to ``[B, N, L, L']`` (T5's position bias).
         scale: multiplies ``q k^T`` (default ``1/sqrt(K)``; T5 uses 1).
+        fp8_scales: ``[3]`` static per-tensor scales of q, k, v (``quantization.calibrate(...,
+            attention=True)``), used where FP8 attention runs; None: each call's own.
 
     Returns:
         ``[B, L, N, K]``, softmax(scale * q k^T + bias) v per head.
@@ -139,10 +141,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     implementation = attention_implementation(q, fp8=bias is None and not causal and not is_exporting())
     if implementation == "xla_fp8":
-        return fp8_attention(q, k, v, scale=scale, cudnn=False)
+        return fp8_attention(q, k, v, scale=scale, cudnn=False, scales=fp8_scales)
     if implementation == "cudnn_fp8":
         try:
-            return fp8_attention(q, k, v, scale=scale)
+            return fp8_attention(q, k, v, scale=scale, scales=fp8_scales)
         except (NotImplementedError, ValueError):  # cuDNN (or this JAX) refused it at trace time
             implementation = attention_implementation(q, fp8=False)
     if implementation == "cudnn":
@@ -172,16 +174,22 @@ FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 
 
-def _fp8_attention_operands(q, k, v):
-    """Each of q, k, v in e4m3 with its per-tensor scale (``fp8_scale`` of its amax, this call's)."""
+def _fp8_attention_operands(q, k, v, scales=None):
+    """Each of q, k, v in e4m3 with its per-tensor scale: ``scales[i]`` (static: saturating
+    beyond 448 of it), else ``fp8_scale`` of its amax (this call's)."""
     out = []
-    for a in (q, k, v):
-        s = fp8_scale(jnp.max(jnp.abs(a)))
-        out.append(((a.astype(jnp.float32) / s).astype(FP8), s))
+    for i, a in enumerate((q, k, v)):
+        if scales is None:
+            s = fp8_scale(jnp.max(jnp.abs(a)))
+            out.append(((a.astype(jnp.float32) / s).astype(FP8), s))
+        else:
+            s = scales[i].astype(jnp.float32)
+            out.append((quantize_fp8(a.astype(jnp.float32), s), s))
     return out
 
 
-def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cudnn: bool = True) -> jax.Array:
+def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cudnn: bool = True,
+                  scales: jax.Array | None = None) -> jax.Array:
     """Attention with its two products in FP8 (e4m3), as cuDNN's FP8 flash attention runs it
     on Hopper: ``q``, ``k``, ``v`` each quantized with a per-tensor scale (this call's amax),
     the logits and the softmax in float32, the probabilities quantized with scale 448 (they are
@@ -195,8 +203,10 @@ def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cud
     Args:
         q: ``[B, L, N, K]`` queries; ``k``, ``v``: ``[B, L', N, K]``.
         scale: multiplies ``q k^T``.
+        scales: ``[3]`` static scales of q, k, v (calibrated); None: this call's amaxes (a
+            reduction over each before the kernel, and a result that depends on the batch).
     """
-    (q8, sq), (k8, sk), (v8, sv) = _fp8_attention_operands(q, k, v)
+    (q8, sq), (k8, sk), (v8, sv) = _fp8_attention_operands(q, k, v, scales)
     if cudnn:
         from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 

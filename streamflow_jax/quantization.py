@@ -62,7 +62,7 @@ from flax import nnx
 
 from streamflow_jax import ops
 from streamflow_jax.models.flow import FlowModel
-from streamflow_jax.models.layers import Linear
+from streamflow_jax.models.layers import Attention, Linear
 
 MODES = ("fp8",)
 TENSORRT_REFUSAL = ("FP8 models with dynamic activation scales do not build as TensorRT engines: their activations "
@@ -197,10 +197,12 @@ def is_quantized(model: FlowModel) -> bool:
     return any(isinstance(node, Fp8Linear) for _, node in nnx.iter_graph(model.module))
 
 
-def quantized_structure(model: FlowModel, mode: str, layers: list[str], activation_scales: str = "dynamic") -> FlowModel:
+def quantized_structure(model: FlowModel, mode: str, layers: list[str], activation_scales: str = "dynamic",
+                        attention_scales: str | None = None) -> FlowModel:
     """``model`` (abstract: ``jax.ShapeDtypeStruct`` leaves) with exactly ``layers`` made FP8,
     abstract too: the structure a saved quantized model is restored into (``sf.load``);
-    ``activation_scales="static"``: with calibrated input scales (``calibrate``)."""
+    ``activation_scales="static"``: with calibrated input scales (``calibrate``);
+    ``attention_scales="static"``: every attention with its q/k/v scales too."""
     if mode not in MODES:
         raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
     pattern = "^(?:" + "|".join(re.escape(name) for name in layers) + ")$"
@@ -213,10 +215,14 @@ def quantized_structure(model: FlowModel, mode: str, layers: list[str], activati
         q = quantize(m, mode, include=pattern)
         if activation_scales == "static":
             q = _with_layers(q, lambda name, layer: _rebuilt(layer, jnp.ones((), jnp.float32)))
+        if attention_scales == "static":
+            q = _with_attentions(q, lambda name, node: setattr(node, "qkv_scale", nnx.Param(jnp.ones(3, jnp.float32))))
         return q
 
     if activation_scales not in ("static", "dynamic"):
         raise ValueError(f"activation_scales must be 'static' or 'dynamic', got {activation_scales!r}")
+    if attention_scales not in (None, "static"):
+        raise ValueError(f"attention_scales must be 'static' or absent, got {attention_scales!r}")
     return jax.eval_shape(build, model)
 
 
@@ -274,6 +280,36 @@ def _record(run: int, name: str, amax) -> None:
             seen[name] = math.nan if math.isnan(value) or math.isnan(before) else max(value, before)
 
 
+def record_attention(calibration: tuple[int, str], q, k, v) -> None:
+    """A calibrating ``Attention``'s report of its queries', keys' and values' largest
+    magnitudes (traced; the host records them under ``name.q``, ``name.k``, ``name.v``)."""
+    run, name = calibration
+    for part, a in zip("qkv", (q, k, v)):
+        amax = jax.lax.reduce_max(jnp.abs(a).astype(jnp.float32), tuple(range(a.ndim)))
+        jax.debug.callback(functools.partial(_record, run, f"{name}.{part}"), amax)
+
+
+def _attention_nodes(module) -> list[tuple[tuple, Attention]]:
+    return [(path, node) for path, node in nnx.iter_graph(module) if isinstance(node, Attention)]
+
+
+def attention_scales(model: FlowModel) -> str | None:
+    """``"static"`` when every attention of ``model`` has calibrated FP8 scales for its queries,
+    keys and values (``calibrate(..., attention=True)``), else None (FP8 attention, where it
+    runs, scales each call's own)."""
+    nodes = _attention_nodes(model.module)
+    return "static" if nodes and all(node.qkv_scale is not None for _, node in nodes) else None
+
+
+def _with_attentions(model: FlowModel, set_node: Callable[[str, Attention], None]) -> FlowModel:
+    """A copy of ``model`` with ``set_node(name, attention)`` applied to each attention."""
+    module = nnx.clone(model.module)
+    for path, node in _attention_nodes(module):
+        set_node(".".join(map(str, path)), node)
+    graphdef, state = nnx.split(module)
+    return model._replace(graphdef=graphdef, state=state)
+
+
 def check_headroom(headroom: float) -> float:
     """``calibrate``'s ``headroom``, or a ValueError: a factor >= 1."""
     if not headroom >= 1:
@@ -281,7 +317,8 @@ def check_headroom(headroom: float) -> float:
     return float(headroom)
 
 
-def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom: float = 1.0) -> FlowModel:
+def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom: float = 1.0,
+              attention: bool = False) -> FlowModel:
     """``model`` (quantized, ``quantize``) with static activation scales measured by ``run``.
 
     ``run`` gets a copy of the model that reports, at every call of each FP8 layer, the largest
@@ -301,6 +338,10 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
         run: called once with the calibrating model; its return value is ignored.
         headroom: a factor >= 1 on the measured magnitudes (1: the measured range fills e4m3,
             up to a power of two).
+        attention: also measure each attention's queries, keys and values (after their norms
+            and rotary embedding), and keep their static scales for FP8 attention
+            (``$STREAMFLOW_JAX_ATTENTION=fp8``): no reduction over each before the kernel, and
+            a result that no longer depends on the batch. Other attention runs ignore them.
 
     Returns:
         The model with each FP8 layer's ``input_scale`` set (it saves, loads and exports with
@@ -320,25 +361,41 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
         out.calibration = (run_id, name)
         return out
 
+    def recording_attention(name, node):
+        node.qkv_scale, node.calibration = None, (run_id, name)
+
+    calibrating = _with_layers(model, recording)
+    if attention:
+        calibrating = _with_attentions(calibrating, recording_attention)
     with _RUNS_LOCK:
         _RUNS[run_id] = {}
     try:
-        run(_with_layers(model, recording))
+        run(calibrating)
         jax.effects_barrier()
     finally:
         with _RUNS_LOCK:
             seen = _RUNS.pop(run_id)
     names = quantized_layers(model)
+    if attention:
+        attentions = [".".join(map(str, path)) for path, _ in _attention_nodes(model.module)]
+        names = names + [f"{name}.{part}" for name in attentions for part in "qkv"]
     missing = [name for name in names if name not in seen]
     if missing:
-        raise ValueError(f"calibration saw no call of {len(missing)} of the {len(names)} FP8 layers "
+        raise ValueError(f"calibration saw no call of {len(missing)} of the {len(names)} FP8 layers"
+                         f"{' and attention inputs' if attention else ''} "
                          f"({missing[0]!r} first): run must call the model it is given, through backend xla")
     bad = [name for name in names if not math.isfinite(seen[name])]
     if bad:
         raise ValueError(f"calibration saw non-finite inputs (NaN or inf) at {len(bad)} FP8 layer(s) ({bad[0]!r} "
                          "first): the model diverged on the calibration inputs")
-    return _with_layers(model, lambda name, layer: _rebuilt(
+    calibrated = _with_layers(model, lambda name, layer: _rebuilt(
         layer, ops.fp8_scale(jnp.float32(seen[name] * headroom))))
+    if attention:
+        def set_scales(name, node):
+            node.qkv_scale = nnx.Param(jnp.stack([ops.fp8_scale(jnp.float32(seen[f"{name}.{part}"] * headroom))
+                                                  for part in "qkv"]))
+        calibrated = _with_attentions(calibrated, set_scales)
+    return calibrated
 
 
 def parameter_bytes(model: FlowModel) -> int:

@@ -94,6 +94,68 @@ def test_scales_and_velocity_against_diffusers(tmp_path):
     assert wide == {name: 2 * s for name, s in ours.items()}
 
 
+def _qkv_scales(model) -> dict[str, list[float]]:
+    from flax import nnx
+
+    from streamflow_jax.models.layers import Attention
+
+    return {".".join(map(str, p)): [float(v) for v in np.asarray(n.qkv_scale[...])]
+            for p, n in nnx.iter_graph(model.module) if isinstance(n, Attention) and n.qkv_scale is not None}
+
+
+def test_static_fp8_attention_scales(tmp_path, monkeypatch):
+    """``calibrate(..., attention=True)``: each attention's q/k/v scales are the powers of two of
+    the largest magnitudes that forward hooks on diffusers' projections (the FP8 emulation
+    running) record (SD3's joint attention: image and text tokens together); with FP8
+    attention (here the CPU's emulation) the static scales give the per-call ones' numbers on
+    the calibration input, and an element's velocity no longer depends on its batch; save and
+    load keep them."""
+    import jax
+
+    from streamflow_jax import ops
+    from streamflow_jax.quantization import attention_scales
+
+    ref = make_sd3(tmp_path / "src", "sd3", seed=4)
+    model = sf.load(tmp_path / "src")
+    x, t, cond = sd3_inputs(VARIANTS["sd3"], 2, 8, 8, seed=4)
+    q = quantize(model, "fp8")
+    c = sf.calibrate(q, lambda m: m.velocity(x, t, cond), attention=True)
+    assert activation_scales(c) == "static" and attention_scales(c) == "static" and attention_scales(q) is None
+    _hook_diffusers(ref, FAMILIES["SD3Transformer2DModel"].fp8_linears)  # the FP8 linears, emulated
+    seen: dict[str, float] = {}
+    for name, mod in ref.named_modules():
+        if re.search(r"\.attn\.(to_[qkv]|add_[qkv]_proj)$", name):
+            mod.register_forward_hook(lambda m, i, out, name=name: seen.__setitem__(name, float(out.abs().max())))
+    torch_velocity(ref, x, t, cond)
+    ours = _qkv_scales(c)
+    assert len(ours) == VARIANTS["sd3"]["num_layers"] == 2
+    for name, scales in ours.items():
+        want = [_torch_scale(max(seen[f"{name}.to_{p}"], seen[f"{name}.add_{p}_proj"])) for p in "qkv"]
+        assert scales == want, name
+
+    jax.clear_caches()
+    monkeypatch.setenv(ops.ATTENTION_ENV, "fp8")
+    try:
+        static = np.asarray(jax.jit(lambda m, x, t, c: m.module.velocity(x, t, c))(c, x, t, cond))
+        per_call = np.asarray(jax.jit(lambda m, x, t, c: m.module.velocity(x, t, c))(
+            sf.calibrate(q, lambda m: m.velocity(x, t, cond)), x, t, cond))
+        np.testing.assert_array_equal(static, per_call)  # the same scales on this input
+        alone = np.asarray(jax.jit(lambda m, x, t, c: m.module.velocity(x, t, c))(
+            c, x[:1], t[:1], {k: v[:1] for k, v in cond.items()}))
+        np.testing.assert_allclose(alone[0], static[0], rtol=1e-5, atol=1e-5)
+    finally:
+        monkeypatch.delenv(ops.ATTENTION_ENV)
+        jax.clear_caches()
+
+    sf.save(c, tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["streamflow_jax"]["quantization"][
+        "attention_scales"] == "static"
+    again = sf.load(tmp_path / "saved")
+    assert attention_scales(again) == "static" and _qkv_scales(again) == ours
+    with pytest.raises(ValueError, match="attention inputs"):
+        sf.calibrate(q, lambda m: None, attention=True)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return DigitsPipeline.load(DIGITS_DIR)

@@ -216,6 +216,9 @@ class Attention(nnx.Module):
         head_dim = dim // heads
         kv_dim = dim if joint or context_dim is None else context_dim
         self.heads, self.joint, self.pre_only = heads, joint, pre_only
+        # static FP8 attention scales of q, k, v ([3] float32; quantization.calibrate with
+        # attention=True), and, while it runs, ``(run id, name)``: each call reports the amaxes
+        self.qkv_scale, self.calibration = nnx.data(None), None
         self.to_q = Linear(dim, dim, bias=qkv_bias)
         self.to_k = Linear(kv_dim, dim, bias=qkv_bias)
         self.to_v = Linear(kv_dim, dim, bias=qkv_bias)
@@ -254,7 +257,11 @@ class Attention(nnx.Module):
             v = join(self._heads(cv, None), v)
         if rope is not None:
             q, k = ops.apply_rope(q, *rope), ops.apply_rope(k, *rope)
-        out = ops.attention(q, k, v)  # [B, L+M, N, K]
+        if self.calibration is not None:
+            from streamflow_jax.quantization import record_attention
+
+            record_attention(self.calibration, q, k, v)
+        out = ops.attention(q, k, v, fp8_scales=None if self.qkv_scale is None else self.qkv_scale[...])
         out = out.reshape(out.shape[0], out.shape[1], -1)
         if not self.joint:
             return self._out(out)
