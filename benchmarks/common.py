@@ -19,6 +19,20 @@ def set_cpu_threads(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}".strip()
 
 
+def cpu_switch_args(doc: str):
+    """The arguments of a CPU benchmark of a switch (``group_norm.py``, ``conv1x1.py``):
+    ``--repeats``, ``--threads`` (given to XLA:CPU here, before jax is imported) and ``--out``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    set_cpu_threads(args.threads)
+    return args
+
+
 def timed(fn, *, warmup: int = 1, repeats: int = 3, sync=lambda out: out) -> dict:
     """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` times; seconds per call."""
     for _ in range(warmup):

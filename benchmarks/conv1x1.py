@@ -13,13 +13,12 @@ Each setting is traced in its own ``jax.jit`` (the switch is read when tracing);
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, environment, random_flowmodel, set_cpu_threads  # noqa: E402
+from common import cpu_switch_args, emit, environment, random_flowmodel  # noqa: E402
 
 # (label, NHWC input, output channels): SD1.5 at 64x64 latents, batch 4
 SHAPES = [("proj 64^2 x 320", (4, 64, 64, 320), 320), ("proj 32^2 x 640", (4, 32, 32, 640), 640),
@@ -49,12 +48,7 @@ def traced(setting: str, make):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    set_cpu_threads(args.threads)
+    args = cpu_switch_args(__doc__)
     import dataclasses
 
     import jax

@@ -10,13 +10,12 @@ Each setting is traced in its own ``jax.jit`` (the switch is read when tracing).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, environment, set_cpu_threads  # noqa: E402
+from common import cpu_switch_args, emit, environment  # noqa: E402
 
 # (label, NHWC shape, groups)
 SHAPES = [("unet 64^2 x 320", (4, 64, 64, 320), 32), ("unet 32^2 x 640", (4, 32, 32, 640), 32),
@@ -35,12 +34,7 @@ def best_of(fn, repeats: int) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    set_cpu_threads(args.threads)
+    args = cpu_switch_args(__doc__)
     import jax
     import numpy as np
     import torch
