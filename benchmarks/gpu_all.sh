@@ -12,8 +12,8 @@
 #   levers   XLA flags / switch variants vs the default, one process each, stream images/s:
 #            OHWI conv kernels + one-pass GroupNorm + 1x1 convs as GEMMs + one program per tick
 #            together, convs as cuDNN fusions (OHWI), then the tick, the 1x1 convs, OHWI alone
-#            (levers_gpu.py group a, 280 s); levers-b: command buffers off, one-pass GroupNorm alone, FP8 attention,
-#            JAX's preallocation, GroupNorm by channels, XLA attention at head dim 40, Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling
+#            (levers_gpu.py group a, 280 s); levers-b: command buffers off, one-pass GroupNorm alone,
+#            JAX's preallocation, FP8 attention, GroupNorm by channels, XLA attention at head dim 40, Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling
 #            search, autotune, graphs around loops (280 s); levers-sd3: group a on SD3-medium (280 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
