@@ -14,7 +14,8 @@
 #            together, convs as cuDNN fusions (OHWI), then the tick, the 1x1 convs, OHWI alone
 #            (levers_gpu.py group a, 280 s); levers-b: command buffers off, one-pass GroupNorm alone,
 #            JAX's preallocation, FP8 attention, GroupNorm by channels, XLA attention at head dim 40, Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling
-#            search, autotune, graphs around loops (280 s); levers-sd3: group a on SD3-medium (280 s)
+#            search, autotune, graphs around loops (280 s); levers-sd3: the transformer group on
+#            SD3-medium: graphs off, FP8 attention, GEMM backends, preallocation, autotune (280 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
 #   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
@@ -79,7 +80,7 @@ for p in "${parts[@]}"; do
     fp8-flux) part fp8-flux 400 fp8_flux_gpu.json python3 benchmarks/fp8_gpu.py --workloads flux --static flux --attention flux --budget-s 390 $S ;;
     levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 $S ;;
     levers-b) part levers-b 280 levers_b_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group b --budget-s 260 $S ;;
-    levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --group a --budget-s 260 $S ;;
+    levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --group transformer --budget-s 260 $S ;;
     # torch.compile of the SD1.5 UNet + TAESD (~2 min) does not fit the seed part's budget: its
     # in-run references are diffusers eager, sequential and stream
     stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset $(pick gpu cpu) --no-compile ;;

@@ -85,6 +85,10 @@ GROUPS = {
     "a": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
     "b": ("default", "cmdbuf_off", "groupnorm_onepass", "prealloc", "groupnorm_channels", "attention_fp8", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
           "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
+    # the transformers' call (SD3-medium, Flux-dev): the UNet's switches (convolutions, GroupNorm,
+    # the tick) change nothing there; graphs, GEMM backends, attention do
+    "transformer": ("default", "cmdbuf_off", "attention_fp8", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
+                    "prealloc", "autotune_0", "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
               "conv_ohwi", "conv1x1_dot", "default_again"),
