@@ -52,8 +52,12 @@ mkdir -p "$out"
 # the library from the checkout, uninstalled (streamflow_jax/converters links to convert/)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  if python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  else  # device_wheels.sh fetches them for the device's Python
+    echo "gpu_all: .whl/ holds wheels for Python 3.12; not installed for $(python3 -V 2>&1)"
+  fi
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
