@@ -102,11 +102,7 @@ class Fp8Linear(nnx.Module):
         """``input_scale``: a scale to use instead of this layer's static one (``layers.project``
         passes one shared by layers of the same input)."""
         if self.calibration is not None:
-            if ops.is_exporting():
-                raise ValueError("calibration measures the model as XLA runs it: call it with backend xla "
-                                 "(not onnxruntime or tensorrt, which export it)")
-            amax = jax.lax.reduce_max(jnp.abs(x).astype(jnp.float32), tuple(range(x.ndim)))
-            jax.debug.callback(functools.partial(_record, *self.calibration), amax)
+            report_amax(*self.calibration, x)
         if input_scale is None and self.input_scale is not None:
             input_scale = self.input_scale[...]
         y = ops.fp8_matmul(x, self.weight[...], self.weight_scale[...], input_scale)
@@ -250,13 +246,27 @@ def _fp8_nodes(module) -> list[tuple[str, Fp8Linear]]:
     return [(".".join(map(str, path)), node) for path, node in nnx.iter_graph(module) if isinstance(node, Fp8Linear)]
 
 
-def _with_layers(model: FlowModel, make: Callable[[str, Fp8Linear], Fp8Linear]) -> FlowModel:
-    """A copy of ``model`` whose each FP8 layer is ``make(name, layer)``."""
+def _edited(model: FlowModel, kind: type, edit: Callable[[nnx.Module, tuple, nnx.Module], None]) -> FlowModel:
+    """A copy of ``model`` with ``edit(module, path, node)`` applied to each node of ``kind``."""
     module = nnx.clone(model.module)
-    for path, layer in [(p, n) for p, n in nnx.iter_graph(module) if isinstance(n, Fp8Linear)]:
-        _set(module, path, make(".".join(map(str, path)), layer))
+    for path, node in [(p, n) for p, n in nnx.iter_graph(module) if isinstance(n, kind)]:
+        edit(module, path, node)
     graphdef, state = nnx.split(module)
     return model._replace(graphdef=graphdef, state=state)
+
+
+def _with_layers(model: FlowModel, make: Callable[[str, Fp8Linear], Fp8Linear]) -> FlowModel:
+    """A copy of ``model`` whose each FP8 layer is ``make(name, layer)``."""
+    return _edited(model, Fp8Linear, lambda module, path, layer: _set(module, path, make(_name(path), layer)))
+
+
+def _with_attentions(model: FlowModel, set_node: Callable[[str, Attention], None]) -> FlowModel:
+    """A copy of ``model`` with ``set_node(name, attention)`` applied to each attention."""
+    return _edited(model, Attention, lambda module, path, node: set_node(_name(path), node))
+
+
+def _name(path: tuple) -> str:
+    return ".".join(map(str, path))
 
 
 def _rebuilt(layer: Fp8Linear, input_scale) -> Fp8Linear:
@@ -280,13 +290,22 @@ def _record(run: int, name: str, amax) -> None:
             seen[name] = math.nan if math.isnan(value) or math.isnan(before) else max(value, before)
 
 
+def report_amax(run: int, name: str, x) -> None:
+    """A calibrating layer's report of ``x``'s largest magnitude (traced; recorded on the host
+    under ``name`` for calibration run ``run``)."""
+    if ops.is_exporting():
+        raise ValueError("calibration measures the model as XLA runs it: call it with backend xla "
+                         "(not onnxruntime or tensorrt, which export it)")
+    amax = jax.lax.reduce_max(jnp.abs(x).astype(jnp.float32), tuple(range(x.ndim)))
+    jax.debug.callback(functools.partial(_record, run, name), amax)
+
+
 def record_attention(calibration: tuple[int, str], q, k, v) -> None:
     """A calibrating ``Attention``'s report of its queries', keys' and values' largest
-    magnitudes (traced; the host records them under ``name.q``, ``name.k``, ``name.v``)."""
+    magnitudes (under ``name.q``, ``name.k``, ``name.v``)."""
     run, name = calibration
     for part, a in zip("qkv", (q, k, v)):
-        amax = jax.lax.reduce_max(jnp.abs(a).astype(jnp.float32), tuple(range(a.ndim)))
-        jax.debug.callback(functools.partial(_record, run, f"{name}.{part}"), amax)
+        report_amax(run, f"{name}.{part}", a)
 
 
 def _attention_nodes(module) -> list[tuple[tuple, Attention]]:
@@ -299,15 +318,6 @@ def attention_scales(model: FlowModel) -> str | None:
     runs, scales each call's own)."""
     nodes = _attention_nodes(model.module)
     return "static" if nodes and all(node.qkv_scale is not None for _, node in nodes) else None
-
-
-def _with_attentions(model: FlowModel, set_node: Callable[[str, Attention], None]) -> FlowModel:
-    """A copy of ``model`` with ``set_node(name, attention)`` applied to each attention."""
-    module = nnx.clone(model.module)
-    for path, node in _attention_nodes(module):
-        set_node(".".join(map(str, path)), node)
-    graphdef, state = nnx.split(module)
-    return model._replace(graphdef=graphdef, state=state)
 
 
 def check_headroom(headroom: float) -> float:
@@ -377,7 +387,7 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
             seen = _RUNS.pop(run_id)
     names = quantized_layers(model)
     if attention:
-        attentions = [".".join(map(str, path)) for path, _ in _attention_nodes(model.module)]
+        attentions = [_name(path) for path, _ in _attention_nodes(model.module)]
         names = names + [f"{name}.{part}" for name in attentions for part in "qkv"]
     missing = [name for name in names if name not in seen]
     if missing:
