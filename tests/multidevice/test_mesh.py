@@ -30,6 +30,18 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def _fp8_equal(got, want, flips: int = 2):
+    """An FP8 model's output on a mesh against one device's, batch element by element: equal
+    to float32 rounding, except for at most ``flips`` elements, which may differ by e4m3
+    rounding flips (each within 5%). A mesh sums in another order: an fp32 difference of 1e-7
+    can move a value across an e4m3 rounding boundary (on one device, the input scaled by
+    1 + 1e-6 moves 2 of these 8 elements by up to 1e-2). A scale taken per shard instead of
+    over the whole tensor would move every element."""
+    rows = [_rel(g, w) for g, w in zip(np.asarray(got), np.asarray(want), strict=True)]
+    assert max(rows) <= 5e-2, rows
+    assert sum(r > 1e-5 for r in rows) <= flips, rows
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -111,7 +123,7 @@ def test_quantized_model_saved_then_loaded_onto_a_mesh(models, tmp_path):
     x, t, cond = sd3_inputs(SD3_WIDE, 8, 8, 8, seed=4)
     want = q.velocity(x, t, cond)
     got = loaded.velocity(*shard_batch((x,), mesh), t, shard_batch(cond, mesh))
-    assert _rel(got, want) <= 1e-5
+    _fp8_equal(got, want)  # measured: 7 elements to 2e-7, one flipped (1.8e-2)
     # calibrated on the mesh: the scales one device measures (each layer reports its whole
     # input's range), and a calibrated model saved and loaded onto the mesh gives its velocity
     from flax import nnx
@@ -127,7 +139,7 @@ def test_quantized_model_saved_then_loaded_onto_a_mesh(models, tmp_path):
     sf.save(one, tmp_path / "c")
     loaded = sf.load(tmp_path / "c", mesh=mesh, strategy="tensor")
     got = loaded.velocity(*shard_batch((x,), mesh), t, shard_batch(cond, mesh))
-    assert _rel(got, one.velocity(x, t, cond)) <= 1e-5
+    _fp8_equal(got, one.velocity(x, t, cond))
 
 
 def test_load_straight_onto_a_mesh(models, tmp_path):
