@@ -38,7 +38,7 @@ from streamflow_jax.converters import (
     plan_source,
     resolve_dtype,
 )
-from streamflow_jax import schedules
+from streamflow_jax import ops, schedules
 from streamflow_jax.converters import parse_config
 from streamflow_jax.converters.common import check_model_source, read_json, weights_file
 from streamflow_jax.converters.lora import component_prefixes, lora_deltas, read_lora_file
@@ -190,7 +190,7 @@ def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = F
     from streamflow_jax.quantization import activation_scales, attention_scales, quantized_layers
 
     dst = Path(dst).absolute()
-    model = model.with_conv_layout("HWIO")  # the layout checkpoints hold
+    model = model.with_scanned_blocks(False).with_conv_layout("HWIO")  # as checkpoints hold them
     flat, _, names = flat_params(nnx.to_pure_dict(model.state))
     layers = quantized_layers(model)
     quantization = _quantization_record(layers, static=bool(layers) and activation_scales(model) == "static",
@@ -579,13 +579,18 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
             for a UNet directory without a pipeline, say what it predicts.
         scheduler: the scheduler record to take the adapter from, instead of reading it.
         allow_nonfinite: convert weights with NaN or inf values (an error otherwise).
+
+    With ``$STREAMFLOW_JAX_SCAN_BLOCKS=on`` the model comes back with its repeated blocks
+    scanned (``FlowModel.with_scanned_blocks``; a measurement switch, ``ops.scan_blocks_choice``).
     """
+    scan = ops.scan_blocks_choice()  # a bad value is refused before anything is read
     model = _load(path, dtype, component=component, progress=progress, config=config, sharding=sharding,
                   variant=variant, delta=delta, delta_variant=delta_variant, mesh=mesh, strategy=strategy,
                   allow_nonfinite=allow_nonfinite)
     if loras:
         model = apply_loras(model, loras, component=component)
-    return _with_adapter(model, Path(path), scheduler, prediction_type, num_time_windows)
+    model = _with_adapter(model, Path(path), scheduler, prediction_type, num_time_windows)
+    return model.with_scanned_blocks() if scan else model
 
 
 def _with_adapter(model: FlowModel, path: Path, scheduler, prediction_type, num_time_windows) -> FlowModel:

@@ -90,6 +90,8 @@ def apply_loras(model: FlowModel, loras: Sequence[LoraSpec], *, component: str |
     """
     from streamflow_jax.quantization import is_quantized
 
+    if model.scanned:  # the files name the blocks one by one
+        return model.unrolled_edit(lambda m: apply_loras(m, loras, component=component))
     if is_quantized(model):
         raise ValueError("this model's linears are FP8 (sf.quantize): LoRAs merge into float weights; apply them "
                          "first (sf.load(..., loras=...) or sf.apply_loras on the float model), then quantize")

@@ -452,6 +452,32 @@ def conv1x1_choice(setting: str | None = None) -> str:
     return "conv" if setting == "auto" else setting
 
 
+SCAN_BLOCKS_ENV = "STREAMFLOW_JAX_SCAN_BLOCKS"
+
+
+def scan_blocks_choice(setting: str | None = None) -> bool | None:
+    """Whether models run their repeated blocks as one ``lax.scan`` (``FlowModel.with_scanned_blocks``:
+    the blocks' weights stacked once, one compiled block body) rather than unrolled.
+
+    Scanned, XLA compiles one block body per run instead of every block: on this CPU Flux.1-dev
+    compiles in 0.28x the time, SD3-medium 0.51x, SDXL's UNet 0.53x (``benchmarks/compile_cpu.py``);
+    compiled for an H200 without one, 0.21x and 0.29x (``benchmarks/hlo_gpu.py``). The price is
+    per call: each iteration first copies its block's slice of the stacked weights (XLA 0.10's
+    GPU program: 2270 kernels for Flux.1-dev instead of 1070, 1068 for SD3-medium instead of
+    585; every weight byte read and written once more per call), and products of one input
+    across blocks no longer merge. So it serves a first image (a one-shot ``generate``), not
+    throughput; ``benchmarks/levers_gpu.py``'s ``scan_blocks`` measures both on a device.
+
+    ``$STREAMFLOW_JAX_SCAN_BLOCKS`` (or ``setting``): ``on`` (True), ``off`` (False), or
+    ``auto`` (unset; None): models as given, and loaded unrolled, until a GPU measures the scan.
+    Read by ``sf.load`` and the stream engine when they make a model, not per call.
+    """
+    setting = (os.environ.get(SCAN_BLOCKS_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"{SCAN_BLOCKS_ENV}={setting!r}: expected auto, on or off")
+    return None if setting == "auto" else setting == "on"
+
+
 def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
     """GroupNorm statistics without affine parameters, in fp32 (``group_norm_choice``: two
     passes, the mean then the mean squared deviation from it, or one shifted pass).

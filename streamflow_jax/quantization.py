@@ -62,7 +62,7 @@ from flax import nnx
 
 from streamflow_jax import ops
 from streamflow_jax.models.flow import FlowModel
-from streamflow_jax.models.layers import Attention, Linear
+from streamflow_jax.models.layers import Attention, Linear, set_at
 
 MODES = ("fp8",)
 TENSORRT_REFUSAL = ("FP8 models with dynamic activation scales do not build as TensorRT engines: their activations "
@@ -116,17 +116,6 @@ def _quantize_kernel(kernel):  # [in, out] -> [out, in] e4m3, scalar float32 sca
     return ops.quantize_fp8(kernel.T, scale), scale
 
 
-def _set(module, path: tuple, new) -> None:
-    """Puts ``new`` at ``path`` (from ``nnx.iter_graph``) inside ``module``."""
-    parent = module
-    for key in path[:-1]:
-        parent = parent[int(key)] if isinstance(parent, nnx.List) else getattr(parent, key)
-    if isinstance(parent, nnx.List):
-        parent[int(path[-1])] = new
-    else:
-        setattr(parent, path[-1], new)
-
-
 def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None) -> FlowModel:
     """The same model with its chosen linear layers' weights in FP8.
 
@@ -148,6 +137,8 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
     """
     if mode not in MODES:
         raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
+    if model.scanned:  # per-block scales, layers chosen by their checkpoint names
+        return model.unrolled_edit(lambda m: quantize(m, mode, include=include))
     family = model.family.name
     pattern = include if include is not None else model.family.fp8_linears
     if pattern is None:
@@ -159,7 +150,7 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
         raise ValueError(f"no linear layer of this {family} model matches {pattern!r} "
                          "(is it quantized already?)")
     for path, linear in targets:
-        _set(module, path, Fp8Linear.from_linear(linear))
+        set_at(module, path, Fp8Linear.from_linear(linear))
     graphdef, state = nnx.split(module)
     return model._replace(graphdef=graphdef, state=state)
 
@@ -257,7 +248,7 @@ def _edited(model: FlowModel, kind: type, edit: Callable[[nnx.Module, tuple, nnx
 
 def _with_layers(model: FlowModel, make: Callable[[str, Fp8Linear], Fp8Linear]) -> FlowModel:
     """A copy of ``model`` whose each FP8 layer is ``make(name, layer)``."""
-    return _edited(model, Fp8Linear, lambda module, path, layer: _set(module, path, make(_name(path), layer)))
+    return _edited(model, Fp8Linear, lambda module, path, layer: set_at(module, path, make(_name(path), layer)))
 
 
 def _with_attentions(model: FlowModel, set_node: Callable[[str, Attention], None]) -> FlowModel:
@@ -363,6 +354,8 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
     """
     if not is_quantized(model):
         raise ValueError("calibrate takes a quantized model: sf.quantize(model, 'fp8') first")
+    if model.scanned:  # each layer reports under its own name: ``run`` gets the blocks unrolled
+        return model.unrolled_edit(lambda m: calibrate(m, run, headroom=headroom, attention=attention))
     check_headroom(headroom)
     run_id = next(_RUN_IDS)
 

@@ -100,6 +100,8 @@ def shard(model: FlowModel, mesh: Mesh, strategy: str = "fsdp") -> FlowModel:
     The result is a ``FlowModel`` like any other: ``velocity``, ``sf.sample``, the pipelines and
     the stream engine run it as one SPMD program over the mesh.
     """
+    if model.scanned:  # the strategies place the blocks' weights by their names and shapes
+        return model.unrolled_edit(lambda m: shard(m, mesh, strategy))
     flat, treedef, names = flat_params(nnx.to_pure_dict(model.state))
     shardings = weight_shardings(model, mesh, strategy)
     leaves = [jax.device_put(flat[n], shardings[n]) for n in names]

@@ -531,7 +531,9 @@ class StreamEngine:
 
     With backend ``xla`` the engine runs its own copies of ``model`` and ``decoder`` with their
     convolution kernels in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout (``ops.conv_layout_choice``;
-    HWIO, the models' own, unless set to ``ohwi``: another measurement switch).
+    HWIO, the models' own, unless set to ``ohwi``: another measurement switch) and their
+    repeated blocks scanned or not as ``$STREAMFLOW_JAX_SCAN_BLOCKS`` says (``ops.scan_blocks_choice``:
+    as given unless set; a third).
     """
 
     def __init__(self, model, latent_shape: tuple[int, int, int], cond_shapes: dict[str, tuple[int, ...]], *,
@@ -566,9 +568,15 @@ class StreamEngine:
         self.ticks = 0
         self._velocity_model, self._decoder = model, decoder
         self._compiled = not entry.exported
-        if self._compiled:  # the convolutions' kernel layout the compiled tick reads (a lever)
-            layout = ops.conv_layout_choice()
-            relaid = lambda m: m.with_conv_layout(layout) if isinstance(m, FlowModel) else m  # noqa: E731
+        if self._compiled:  # the convolutions' kernel layout and block scanning the compiled tick reads (levers)
+            layout, scan = ops.conv_layout_choice(), ops.scan_blocks_choice()
+
+            def relaid(m):
+                if not isinstance(m, FlowModel):
+                    return m
+                m = m.with_conv_layout(layout)
+                return m if scan is None else m.with_scanned_blocks(scan)
+
             self._velocity_model, self._decoder = relaid(model), relaid(decoder)
         # what the compiled programs take (Pinned: no per-call flattening of the models' state)
         self._pinned_decoder = Pinned.of(self._decoder)

@@ -274,6 +274,10 @@ def test_sd3_transformer_lora(tmp_path):
     x, t, cond = sd3_inputs(VARIANTS["sd35_medium"], 2, 8, 8)
     got = sf.load(tmp_path / "sd3", loras=[(lora, SCALE)]).velocity(x, t, cond)
     assert _rel(got, torch_velocity(fused, x, t, cond)) <= 1e-4
+    # a model with its blocks scanned (with_scanned_blocks) takes the LoRA by the blocks' own names
+    scanned = apply_loras(sf.load(tmp_path / "sd3").with_scanned_blocks(), [(lora, SCALE)])
+    assert scanned.scanned
+    assert _rel(scanned.velocity(x, t, cond), torch_velocity(fused, x, t, cond)) <= 1e-4
 
 
 def test_t5_lora(tmp_path):

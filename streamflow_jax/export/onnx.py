@@ -147,7 +147,9 @@ def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
 
     if is_quantized(model) and (why := _fp8_lowerings()) is not None:
         raise ExportError(f"this jax2onnx cannot take the FP8 lowerings (export/qdq.py): {why}")
-    module = model.astype(spec.dtype).module
+    # unrolled: the graph holds each block's weights as an initializer of its own (named as the
+    # checkpoint names them), not a loop over stacked ones
+    module = model.with_scanned_blocks(False).astype(spec.dtype).module
     names = spec.cond_names
     if spec.method == "velocity":
         def graph(x, t, *cond):

@@ -232,6 +232,47 @@ class FlowModel:
         graphdef, state = nnx.split(module)
         return self._replace(graphdef=graphdef, state=state)
 
+    @property
+    def scanned(self) -> bool:
+        """Whether runs of its repeated blocks are scanned (``with_scanned_blocks``)."""
+        from streamflow_jax.models.layers import ScannedBlocks
+
+        if self.family.scan_blocks is None:
+            return False
+        return any(isinstance(node, ScannedBlocks) for _, node in nnx.iter_graph(self.module))
+
+    def with_scanned_blocks(self, scan: bool = True) -> FlowModel:
+        """The same model with each run of identical repeated blocks (the lists its family's
+        ``scan_blocks`` names: SD3's and Flux's transformer blocks, SDXL's depth-10
+        transformers) run as one ``lax.scan`` over their weights stacked on a leading axis
+        (``scan=False``: unrolled again, each block its own weights). The numbers are the same;
+        XLA compiles one block body per run instead of every block (Flux.1-dev: 57 blocks as
+        2 bodies, SD3-medium: 24 as 1 plus the last). ``self`` when nothing changes.
+
+        Stacking copies the blocks' weights once (for a moment both copies are held). Saving,
+        exporting, quantizing, calibrating, LoRAs and sharding see the blocks unrolled, as
+        checkpoints name them; ``sf.load`` and the stream engine apply ``$STREAMFLOW_JAX_SCAN_BLOCKS``
+        (``ops.scan_blocks_choice``).
+        """
+        from streamflow_jax.models.layers import scan_block_lists, unscan_block_lists
+
+        pattern = self.family.scan_blocks
+        if pattern is None or scan == self.scanned:
+            return self
+        module = self.module
+        if not (scan_block_lists(module, pattern) if scan else unscan_block_lists(module)):
+            return self
+        graphdef, state = nnx.split(module)
+        return self._replace(graphdef=graphdef, state=state)
+
+    def unrolled_edit(self, edit) -> FlowModel:
+        """``edit(model)`` (a ``FlowModel`` to a ``FlowModel``) applied to this model with its
+        blocks unrolled (checkpoint names, per-block weights), its result scanned again when
+        this model was: for the transforms that walk layers by name (quantizing, LoRAs...)."""
+        if not self.scanned:
+            return edit(self)
+        return edit(self.with_scanned_blocks(False)).with_scanned_blocks(True)
+
     def astype(self, dtype) -> FlowModel:
         """A copy with floating-point parameters cast to ``dtype`` (FP8 weights stay FP8)."""
         cast = lambda a: a.astype(dtype) if _compute_float(a.dtype) else a  # noqa: E731

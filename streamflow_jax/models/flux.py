@@ -188,12 +188,10 @@ class FluxTransformer2DModel(nnx.Module):
         temb = self.time_text_embed(native(timestep), pooled_projections.astype(dtype),
                                     None if guidance is None else native(guidance))
         context = self.context_embedder(encoder_hidden_states.astype(dtype))
-        for block in self.transformer_blocks:
-            x, context = block(x, context, temb, rope)
+        x, context = layers.run_blocks(self.transformer_blocks, (x, context), temb, rope)
         n = context.shape[1]
         h = jax.lax.concatenate([context, x], 1)  # text first
-        for block in self.single_transformer_blocks:
-            h = block(h, temb, rope)
+        h = layers.run_blocks(self.single_transformer_blocks, h, temb, rope)
         return self.proj_out(self.norm_out(h[:, n:], temb))
 
     def velocity(self, x: jax.Array, t: jax.Array, cond: dict[str, Any]) -> jax.Array:
@@ -255,4 +253,5 @@ FAMILY = Family(
     conditioning=_conditioning,
     text_len=lambda c: 512,  # FluxPipeline's max_sequence_length (dev; BFL runs schnell at 256)
     fp8_linears=r"^(single_)?transformer_blocks\.",  # every linear of both kinds of block
+    scan_blocks=r"^(single_)?transformer_blocks$",
 )

@@ -100,7 +100,10 @@ def relayout_convs(module: nnx.Module, layout: str) -> int:
         raise ValueError(f"unsupported conv kernel layout {layout!r} (supported: {', '.join(CONV_LAYOUTS)})")
     convs = [node for _, node in nnx.iter_graph(module) if isinstance(node, Conv2d) and node.layout != layout]
     for conv in convs:
-        conv.kernel = nnx.Param(jnp.transpose(conv.kernel[...], _TO_LAYOUT[conv.layout, layout]))
+        kernel = conv.kernel[...]
+        lead = kernel.ndim - 4  # a scanned block's kernels are stacked on leading axes
+        perm = tuple(range(lead)) + tuple(lead + i for i in _TO_LAYOUT[conv.layout, layout])
+        conv.kernel = nnx.Param(jnp.transpose(kernel, perm))
         conv.layout = layout
     return len(convs)
 
@@ -404,6 +407,112 @@ class JointTransformerBlock(nnx.Module):
         h = modulate(ops.layer_norm(context), c_shift_mlp, c_scale_mlp)
         context = context + c_gate_mlp[:, None] * self.ff_context(h)
         return x, clip_f16(context) if self.clip_context_f16 else context
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeated blocks: unrolled, or scanned (``FlowModel.with_scanned_blocks``)
+# ---------------------------------------------------------------------------------------------
+
+
+def _call_block(block, carry, args):
+    return block(*carry, *args) if isinstance(carry, tuple) else block(carry, *args)
+
+
+def run_blocks(blocks, carry, *args):
+    """Runs a list of blocks in order, each ``carry = block(*carry, *args)`` (or ``block(carry,
+    *args)`` for a single array), whether the list holds the blocks themselves or, scanned,
+    ``ScannedBlocks`` standing for runs of them. Every block list a family names in its
+    ``scan_blocks`` pattern must be run through this."""
+    for block in blocks:
+        carry = block(carry, *args) if isinstance(block, ScannedBlocks) else _call_block(block, carry, args)
+    return carry
+
+
+class ScannedBlocks(nnx.Module):
+    """Consecutive blocks of one structure run as one ``lax.scan``: their parameters stacked on
+    a new leading axis (``stack`` is the first block holding every block's parameters), so that
+    XLA compiles the block once. ``blocks()`` gives them back one by one."""
+
+    def __init__(self, blocks):
+        blocks = list(blocks)
+        if len(blocks) < 2:
+            raise ValueError(f"ScannedBlocks needs two or more blocks, got {len(blocks)}")
+        graphdef, first = nnx.split(blocks[0])
+        rest = [nnx.split(b)[1] for b in blocks[1:]]
+        self.stack = nnx.merge(graphdef, jax.tree_util.tree_map(lambda *a: jnp.stack(a), first, *rest))
+        self.length = len(blocks)
+
+    def blocks(self) -> list:
+        graphdef, state = nnx.split(self.stack)
+        return [nnx.merge(graphdef, jax.tree_util.tree_map(lambda a, i=i: a[i], state)) for i in range(self.length)]
+
+    def __call__(self, carry, *args):
+        graphdef, state = nnx.split(self.stack)
+
+        def body(carry, block_state):
+            return _call_block(nnx.merge(graphdef, block_state), carry, args), None
+
+        return jax.lax.scan(body, carry, state)[0]
+
+
+def _structure(block):
+    """What must be equal for two blocks to share a scan: graph and parameter shapes/dtypes."""
+    graphdef, state = nnx.split(block)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    return graphdef, treedef, tuple((tuple(a.shape), str(a.dtype)) for a in leaves)
+
+
+def set_at(module: nnx.Module, path: tuple, new) -> None:
+    """Puts ``new`` at ``path`` (from ``nnx.iter_graph``) inside ``module``."""
+    parent = module
+    for key in path[:-1]:
+        parent = parent[int(key)] if isinstance(parent, nnx.List) else getattr(parent, key)
+    if isinstance(parent, nnx.List):
+        parent[int(path[-1])] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def _block_lists(module, pattern: str) -> list[tuple[tuple, nnx.List]]:
+    import re
+
+    rule = re.compile(pattern)
+    return [(path, node) for path, node in nnx.iter_graph(module)
+            if isinstance(node, nnx.List) and rule.search(".".join(map(str, path)))]
+
+
+def scan_block_lists(module: nnx.Module, pattern: str) -> int:
+    """Replaces (in place) each run of two or more consecutive blocks of one structure, in the
+    block lists whose dotted paths match ``pattern``, by a ``ScannedBlocks``; returns how many
+    runs it made."""
+    made = 0
+    for path, blocks in _block_lists(module, pattern):
+        if any(isinstance(b, ScannedBlocks) for b in blocks):
+            continue
+        runs: list[list] = []
+        for block in blocks:
+            if runs and _structure(runs[-1][0]) == _structure(block):
+                runs[-1].append(block)
+            else:
+                runs.append([block])
+        if all(len(r) == 1 for r in runs):
+            continue
+        made += sum(len(r) > 1 for r in runs)
+        set_at(module, path, nnx.List([ScannedBlocks(r) if len(r) > 1 else r[0] for r in runs]))
+    return made
+
+
+def unscan_block_lists(module: nnx.Module) -> int:
+    """The inverse of ``scan_block_lists`` (in place): every ``ScannedBlocks`` back as its blocks;
+    returns how many it undid."""
+    undone = 0
+    for path, blocks in [(p, n) for p, n in nnx.iter_graph(module) if isinstance(n, nnx.List)]:
+        if not any(isinstance(b, ScannedBlocks) for b in blocks):
+            continue
+        undone += sum(isinstance(b, ScannedBlocks) for b in blocks)
+        flat = [x for b in blocks for x in (b.blocks() if isinstance(b, ScannedBlocks) else [b])]
+        set_at(module, path, nnx.List(flat))
+    return undone
 
 
 # ---------------------------------------------------------------------------------------------

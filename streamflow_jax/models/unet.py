@@ -248,8 +248,7 @@ class Transformer2DModel(nnx.Module):
         y = y.reshape(b, h * w, c)
         if self.linear_proj:
             y = self.proj_in(y)
-        for block in self.transformer_blocks:
-            y = block(y, context)
+        y = layers.run_blocks(self.transformer_blocks, y, context)
         if self.linear_proj:
             y = self.proj_out(y)
         y = y.reshape(b, h, w, c)
@@ -468,4 +467,5 @@ FAMILY = Family(
     # exported UNet graphs take one latent size each
     dynamic_spatial=False,
     fp8_linears=r"\.transformer_blocks\.",  # the transformer blocks' linears (attention, GEGLU), not the convolutions
+    scan_blocks=r"\.transformer_blocks$",  # SDXL's depth-10 transformers (SD1.5's have one block)
 )
