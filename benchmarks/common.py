@@ -125,7 +125,8 @@ def random_flowmodel(class_name: str, config, dtype: str = "bfloat16", seed: int
     no files): kernels N(0, 1/fan_in) so that activations stay of order one through deep
     stacks, 1-D ``weight`` (norm scales) ones, biases zeros, other tables N(0, 0.02). One small
     program per distinct shape (not one per leaf, nor one for the whole tree: XLA takes minutes
-    to compile a thousand random generators at once)."""
+    to compile a thousand random generators at once). As ``sf.load``, the model comes back
+    with its repeated blocks scanned under ``$STREAMFLOW_JAX_SCAN_BLOCKS=on`` (a lever)."""
     import jax
     import jax.numpy as jnp
     import ml_dtypes
@@ -156,7 +157,10 @@ def random_flowmodel(class_name: str, config, dtype: str = "bfloat16", seed: int
                 if name.endswith(".kernel") else 0
             leaves.append(normal(key, i, shape, float(fan_in ** -0.5) if fan_in else 0.02, dtype))
     params = jax.tree_util.tree_unflatten(treedef, leaves)
-    return FlowModel.from_params(family, config, params, class_name=class_name)
+    model = FlowModel.from_params(family, config, params, class_name=class_name)
+    from streamflow_jax import ops
+
+    return model.with_scanned_blocks() if ops.scan_blocks_choice() else model
 
 
 def run_child(cmd: list[str], env: dict, timeout: float) -> dict:

@@ -1,9 +1,11 @@
 """Compile times on this CPU, and what the persistent compilation cache saves; one run, JSON.
 
 1. ``compile_only``: the velocity call of full-size SD1.5 UNet (with the PeRFlow adapter),
-   SD3-medium and Flux.1-dev configs, lowered and compiled by XLA:CPU on abstract bf16 weights
-   (``jax.ShapeDtypeStruct``: nothing allocated, so the 12B Flux compiles on a 24 GB machine),
-   batch 2, 1024^2 images (512^2 for SD1.5). Lowering and compiling are timed apart.
+   SD3-medium, SDXL's UNet and Flux.1-dev configs, lowered and compiled by XLA:CPU on abstract
+   bf16 weights (``jax.ShapeDtypeStruct``: nothing allocated, so the 12B Flux compiles on a
+   24 GB machine), batch 2, 1024^2 images (512^2 for SD1.5). Lowering and compiling are timed
+   apart. SD3, SDXL and Flux again with their repeated blocks scanned
+   (``FlowModel.with_scanned_blocks``: one compiled body per run of identical blocks).
 2. ``generate_cache``: ``streamflow-jax generate`` (the embedded digits model) run three times in
    fresh processes against one empty ``$STREAMFLOW_JAX_CACHE``: with the XLA cache off, then
    twice with it on (the first fills it). Each prints ``first call (compile + run): X s``.
@@ -26,18 +28,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, environment  # noqa: E402
 
 
-def compile_only(name: str, class_name: str, config, latent: tuple[int, int, int], adapter=None) -> dict:
+def compile_only(name: str, class_name: str, config, latent: tuple[int, int, int], adapter=None,
+                 scanned: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from streamflow_jax.models import abstract_module, family_of, velocity_of
+    from streamflow_jax.models import FlowModel, abstract_module, family_of, velocity_of
 
     family = family_of(class_name)
     graphdef, state = nnx.split(abstract_module(family, config))
     state = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype),
         state)
+    if scanned:  # the stacking traced on the abstract weights: still nothing allocated
+        model = jax.eval_shape(lambda m: m.with_scanned_blocks(),
+                               FlowModel(class_name, config, graphdef, state, family=family))
+        graphdef, state = model.graphdef, model.state
     b = 2
     x = jax.ShapeDtypeStruct((b, *latent), jnp.float32)
     t = jax.ShapeDtypeStruct((b,), jnp.float32)
@@ -55,8 +62,8 @@ def compile_only(name: str, class_name: str, config, latent: tuple[int, int, int
     lowered.compile()
     compile_s = time.perf_counter() - t0
     params = sum(int(jnp.prod(jnp.array(a.shape))) for a in jax.tree_util.tree_leaves(state))
-    return {"model": name, "params_M": round(params / 1e6, 1), "batch": b, "latent": list(latent),
-            "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2)}
+    return {"model": name, "blocks": "scanned" if scanned else "unrolled", "params_M": round(params / 1e6, 1),
+            "batch": b, "latent": list(latent), "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2)}
 
 
 FIRST_CALL = re.compile(r"first call \(compile \+ run\): ([0-9.]+) s")
@@ -92,10 +99,15 @@ def main():
     from streamflow_jax.models.unet import UNetConfig
 
     results = [compile_only("SD1.5 UNet + PeRFlow adapter, 512^2", "UNet2DConditionModel", UNetConfig.sd15(),
-                            (64, 64, 4), PeRFlowAdapter("diff_eps")),
-               compile_only("SD3-medium, 1024^2", "SD3Transformer2DModel", SD3Config.sd3_medium(), (128, 128, 16))]
-    if not args.skip_flux:
-        results.append(compile_only("Flux.1-dev, 1024^2", "FluxTransformer2DModel", FluxConfig.dev(), (128, 128, 16)))
+                            (64, 64, 4), PeRFlowAdapter("diff_eps"))]
+    for scanned in (False, True):
+        results.append(compile_only("SD3-medium, 1024^2", "SD3Transformer2DModel", SD3Config.sd3_medium(),
+                                    (128, 128, 16), scanned=scanned))
+        results.append(compile_only("SDXL UNet + PeRFlow adapter, 1024^2", "UNet2DConditionModel", UNetConfig.sdxl(),
+                                    (128, 128, 4), PeRFlowAdapter("diff_eps"), scanned=scanned))
+        if not args.skip_flux:
+            results.append(compile_only("Flux.1-dev, 1024^2", "FluxTransformer2DModel", FluxConfig.dev(),
+                                        (128, 128, 16), scanned=scanned))
     emit({"benchmark": "compile_cpu", "env": environment(), "compile_only": results,
           "generate_cache": generate_cache()}, args.out)
 

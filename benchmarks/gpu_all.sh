@@ -15,7 +15,9 @@
 #            (levers_gpu.py group a, 280 s); levers-b: command buffers off, one-pass GroupNorm alone,
 #            JAX's preallocation, FP8 attention, GroupNorm by channels, XLA attention at head dim 40, Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling
 #            search, autotune, graphs around loops (280 s); levers-sd3: the transformer group on
-#            SD3-medium: graphs off, FP8 attention, GEMM backends, preallocation, autotune (280 s)
+#            SD3-medium: scanned blocks, graphs off, FP8 attention, scanned blocks with dynamic-slice
+#            fusion, GEMM backends, preallocation, autotune (280 s); levers-flux: Flux-dev's 57 blocks
+#            scanned, with and without dynamic-slice fusion: compile and call time (400 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
 #   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
@@ -85,6 +87,7 @@ for p in "${parts[@]}"; do
     levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 $S ;;
     levers-b) part levers-b 280 levers_b_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group b --budget-s 260 $S ;;
     levers-sd3) part levers-sd3 280 levers_sd3_gpu.json python3 benchmarks/levers_gpu.py --workloads sd3 --group transformer --budget-s 260 $S ;;
+    levers-flux) part levers-flux 400 levers_flux_gpu.json python3 benchmarks/levers_gpu.py --workloads flux --group scan --budget-s 380 $S ;;
     # torch.compile of the SD1.5 UNet + TAESD (~2 min) does not fit the seed part's budget: its
     # in-run references are diffusers eager, sequential and stream
     stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset $(pick gpu cpu) --no-compile ;;
@@ -99,6 +102,6 @@ for p in "${parts[@]}"; do
     sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 $S ;;
     serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py $S ;;
     first) part first 230 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 220 $S ;;
-    *) echo "unknown part $p (profile fp8 fp8-flux levers levers-b levers-sd3 stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
+    *) echo "unknown part $p (profile fp8 fp8-flux levers levers-b levers-sd3 levers-flux stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
   esac
 done

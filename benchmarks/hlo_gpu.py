@@ -128,6 +128,17 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     "conv1x1_dot": ({"STREAMFLOW_JAX_CONV1X1": "dot"}, {}, "bf16"),
     "ohwi_onepass_dot": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass",
                           "STREAMFLOW_JAX_CONV1X1": "dot"}, {}, "bf16"),
+    # repeated blocks as one lax.scan ($STREAMFLOW_JAX_SCAN_BLOCKS=on): kernels per block body,
+    # and whether the body copies its slice of the stacked weights; then with XLA's
+    # dynamic-slice fusion (a GEMM reads its slice in place)
+    "scan_blocks": ({"STREAMFLOW_JAX_SCAN_BLOCKS": "on"}, {}, "bf16"),
+    "scan_blocks_dsf": ({"STREAMFLOW_JAX_SCAN_BLOCKS": "on"}, {"xla_gpu_enable_dynamic_slice_fusion": True}, "bf16"),
+    # ... with cuBLAS GEMMs (dynamic-slice fusion applies to library calls, not Triton fusions)
+    "scan_blocks_dsf_cublas": ({"STREAMFLOW_JAX_SCAN_BLOCKS": "on"}, {"xla_gpu_enable_dynamic_slice_fusion": True,
+                                                                     "xla_gpu_enable_triton_gemm": False}, "bf16"),
+    # ... unrolled again by XLA after its HLO passes (the slices become static)
+    "scan_blocks_unrolled": ({"STREAMFLOW_JAX_SCAN_BLOCKS": "on"},
+                             {"xla_gpu_enable_while_loop_unrolling": "WHILE_LOOP_UNROLLING_FULL_UNROLL"}, "bf16"),
 }
 APPLIES = {  # which variants make a different program for which workload
     "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
@@ -135,9 +146,11 @@ APPLIES = {  # which variants make a different program for which workload
              "conv_fusion_ohwi", "cudnn_layer_norm", "attention_fp8"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
-            "attention_fp8", "fp8_static_attention_fp8", "fp8_static_attention_fp8_static", "dot_merger_off"),
+            "attention_fp8", "fp8_static_attention_fp8", "fp8_static_attention_fp8_static", "dot_merger_off",
+            "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas", "scan_blocks_unrolled"),
     "flux": ("default", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8",
-             "fp8_static_attention_fp8_static"),
+             "fp8_static_attention_fp8_static", "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas",
+             "scan_blocks_unrolled"),
     "fp8_forms": ("default", "triton_gemm_off"),
 }
 
@@ -173,14 +186,15 @@ def gemm_kind(inst: dict, comps: dict, types: dict[str, str]) -> str | None:
 
 def summarize_hlo(text: str) -> dict:
     """Kernel launches per call of a compiled GPU program, by category and by kind (see the
-    module's docstring). Loops are counted once per body (the workloads here have none)."""
+    module's docstring). A loop's body counts once per iteration where XLA knows the trip count
+    (scanned blocks), else once; ``loop_kernels`` counts the bodies' kernels once each."""
     _, entry, comps = parse_hlo(text)
     categories = op_categories(comps)
     cats: Counter = Counter()
     gemms: Counter = Counter()
     counts = Counter()
 
-    def walk(comp: str, in_graph: bool):
+    def walk(comp: str, in_graph: bool, times: int = 1, in_loop: bool = False):
         types = {i["name"]: i["type"] for i in comps.get(comp, [])}
         params = {i["name"] for i in comps.get(comp, []) if i["op"] == "parameter"}
         for inst in comps.get(comp, []):
@@ -189,36 +203,39 @@ def summarize_hlo(text: str) -> dict:
                 continue
             if op in ("while", "conditional"):
                 counts["loops"] += op == "while"
+                n = (inst["trip"] or 1) if op == "while" else 1
                 for c in inst["called"]:
-                    walk(c, in_graph)
+                    walk(c, in_graph, times * n, in_loop or op == "while")
                 continue
             if op == "call" or (op == "custom-call" and not inst["target"]):
                 graph = any(c.startswith("command_buffer") for c in inst["called"])
                 counts["command_buffers"] += graph
                 for c in inst["called"]:
-                    walk(c, in_graph or graph)
+                    walk(c, in_graph or graph, times, in_loop)
                 continue
             if op in ("async-start", "async-update", "async-done", "copy-start", "copy-done"):
                 if op.endswith("start"):
                     for c in inst["called"]:
-                        walk(c, in_graph)
+                        walk(c, in_graph, times, in_loop)
                 continue
-            counts["kernels"] += 1
-            counts["kernels_in_graphs"] += in_graph
+            counts["kernels"] += times
+            counts["loop_kernels"] += in_loop
+            counts["loop_copies"] += in_loop and categories.get(inst["name"]) == "copy"
+            counts["kernels_in_graphs"] += in_graph * times
             if comp == entry and inst["operands"] and set(inst["operands"]) <= params and (
                     op in ("copy", "transpose") or any(_contains(comps, c, lambda i: i["op"] == "transpose")
                                                        for c in inst["called"])):
                 counts["param_transposes"] += 1
-            cats[categories.get(inst["name"], "other")] += 1
+            cats[categories.get(inst["name"], "other")] += times
             kind = gemm_kind(inst, comps, types)
             if kind:
-                gemms[kind] += 1
+                gemms[kind] += times
             target = inst["target"] or ""
             if "fmha" in target or "fused_attention" in target.lower():
-                counts["cudnn_attention"] += 1
-                counts["cudnn_attention_fp8"] += target.endswith("F8")
+                counts["cudnn_attention"] += times
+                counts["cudnn_attention_fp8"] += times * target.endswith("F8")
             if target.startswith("__cudnn$conv"):
-                counts["cudnn_convs"] += 1
+                counts["cudnn_convs"] += times
 
     walk(entry, False)
     return {"kernels": counts["kernels"], "by_category": dict(sorted(cats.items())),
@@ -227,7 +244,8 @@ def summarize_hlo(text: str) -> dict:
             "cudnn_convs": counts["cudnn_convs"],
             "param_transposes": counts["param_transposes"],
             "command_buffers": counts["command_buffers"], "kernels_in_graphs": counts["kernels_in_graphs"],
-            "loops": counts["loops"], "custom_call_targets": dict(sorted(Counter(
+            "loops": counts["loops"], "loop_kernels": counts["loop_kernels"], "loop_copies": counts["loop_copies"],
+            "custom_call_targets": dict(sorted(Counter(
                 i["target"] for insts in comps.values() for i in insts if i["target"]).items()))}
 
 
@@ -240,7 +258,8 @@ def abstract_model(class_name: str, config, form: str, sharding, adapter=None):
     """A ``FlowModel`` with ``jax.ShapeDtypeStruct`` bf16 parameters placed by ``sharding``, as
     it is (``bf16``) or quantized (``fp8``; ``fp8_static``: with calibrated input scales;
     ``fp8_static_attention``: and calibrated q/k/v scales for FP8 attention), its
-    convolutions in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout."""
+    convolutions in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout, its repeated blocks scanned under
+    ``$STREAMFLOW_JAX_SCAN_BLOCKS=on``."""
     import jax
     import jax.numpy as jnp
 
@@ -260,8 +279,8 @@ def abstract_model(class_name: str, config, form: str, sharding, adapter=None):
             q = quantized_structure(model, "fp8", quantized_layers(q), activation_scales="static",
                                     attention_scales="static" if form == "fp8_static_attention" else None)
         model = q
-    layout = ops.conv_layout_choice()
-    model = jax.eval_shape(lambda m: m.with_conv_layout(layout), model)
+    layout, scan = ops.conv_layout_choice(), ops.scan_blocks_choice()
+    model = jax.eval_shape(lambda m: m.with_conv_layout(layout).with_scanned_blocks(bool(scan)), model)
     model.state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                                          model.state)
     return model

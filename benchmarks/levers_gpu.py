@@ -41,6 +41,13 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # attention per head dim: SD1.5's levels have head dims 40, 80, 160; SD3/Flux 64/128
     "attention_xla": ("", {"STREAMFLOW_JAX_ATTENTION": "xla"}),
     "attention_40_xla": ("", {"STREAMFLOW_JAX_ATTENTION": "40=xla"}),
+    # repeated blocks as one lax.scan over stacked weights (FlowModel.with_scanned_blocks): one
+    # compiled block body (first_call_s: XLA:CPU compiles Flux-dev in about a third of the
+    # time, compile_cpu.py); per call, a loop whose body slices its block's weights; and with
+    # XLA's dynamic-slice fusion, which lets a GEMM read its slice of the stacked weights in
+    # place instead of copying it first (the transformer workloads; SD1.5 has no run to scan)
+    "scan_blocks": ("", {"STREAMFLOW_JAX_SCAN_BLOCKS": "on"}),
+    "scan_blocks_dsf": ("--xla_gpu_enable_dynamic_slice_fusion=true", {"STREAMFLOW_JAX_SCAN_BLOCKS": "on"}),
     # cuDNN's FP8 attention where it serves (SD1.5's head dims 80 and 160; SD3's 64), per-call
     # scales, the linears left in bf16 (fp8_gpu.py measures it with FP8 linears); compiled for
     # an H200 the UNet step takes 1122 kernels instead of 892 (hlo_gpu.py): a likely loss there
@@ -87,11 +94,13 @@ GROUPS = {
           "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
     # the transformers' call (SD3-medium, Flux-dev): the UNet's switches (convolutions, GroupNorm,
     # the tick) change nothing there; graphs, GEMM backends, attention do
-    "transformer": ("default", "cmdbuf_off", "attention_fp8", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
-                    "prealloc", "autotune_0", "default_again"),
+    "transformer": ("default", "scan_blocks", "cmdbuf_off", "attention_fp8", "scan_blocks_dsf", "triton_gemm_off",
+                    "cublaslt", "cudnn_gemm_fusion", "prealloc", "autotune_0", "default_again"),
+    # Flux-dev (levers-flux): the scan, where it compiles the most blocks (57)
+    "scan": ("default", "scan_blocks", "scan_blocks_dsf", "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
-              "conv_ohwi", "conv1x1_dot", "default_again"),
+              "conv_ohwi", "conv1x1_dot", "scan_blocks", "default_again"),
 }
 
 

@@ -60,7 +60,7 @@ def configs(smoke: bool) -> dict:
                        latent=16, text=(8, 32)),
         "sd3": dict(config=SD3Config(num_layers=2, num_attention_heads=2, caption_projection_dim=128,
                                      pos_embed_max_size=16), batch=2, latent=16, text=8),
-        "flux": dict(config=FluxConfig(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+        "flux": dict(config=FluxConfig(num_layers=2, num_single_layers=2, num_attention_heads=2, attention_head_dim=16,
                                        axes_dims_rope=(4, 6, 6), joint_attention_dim=32, pooled_projection_dim=32,
                                        guidance_embeds=True), batch=1, latent=16, text=8),
     }

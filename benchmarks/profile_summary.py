@@ -158,8 +158,9 @@ def device_kernels(events: list[tuple]) -> tuple[str, list[Kernel]]:
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+# one name, or a braced list of them (``condition=%a, body=%b``: two attributes, not a list)
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|called_computations)="
-                    r"\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
+                    r"(\{[^}]*\}|%?[\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _MOVES = {"parameter", "constant", "copy", "copy-start", "copy-done", "transpose", "bitcast", "reshape",
           "broadcast", "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "pad", "gather",
@@ -187,13 +188,15 @@ def _classify(opcodes: set[str], targets: set[str]) -> str:
 
 
 _KIND = re.compile(r'"kind":"([^"]+)"')
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 def parse_hlo(text: str) -> tuple[str, str, dict[str, list[dict]]]:
     """``(module name, entry computation, {computation: [instruction]})`` of one HLO module's
     text. An instruction is a dict: ``name``, ``type`` (its shape's text), ``op``, ``operands``
     (their names), ``called`` (computations it calls), ``target`` (a custom call's) and
-    ``kind`` (a fusion's backend kind, compiled GPU programs)."""
+    ``kind`` (a fusion's backend kind, compiled GPU programs), ``trip`` (a while loop's known
+    trip count, or None)."""
     module = re.match(r"\s*HloModule\s+([\w.\-]+)", text)
     comps: dict[str, list[dict]] = {}
     entry, current = "", None
@@ -211,12 +214,14 @@ def parse_hlo(text: str) -> tuple[str, str, dict[str, list[dict]]]:
             rest = " " + m[2]
             op = _OPCODE.search(rest)
             args = rest[op.end():].split(")", 1)[0] if op else ""
-            target, kind = _TARGET.search(rest), _KIND.search(rest)
+            target, kind, trip = _TARGET.search(rest), _KIND.search(rest), _TRIP.search(rest)
             current.append({
                 "name": m[1], "type": rest[:op.start()].strip() if op else "", "op": op[1] if op else "",
                 "operands": [a.strip().lstrip("%").split()[-1] for a in args.split(",") if a.strip()],
-                "called": [c.strip().lstrip("%") for g in _CALLS.findall(rest) for c in g.split(",")],
-                "target": target[1] if target else None, "kind": kind[1] if kind else None})
+                "called": [c.strip().lstrip("%") for g in _CALLS.findall(rest) for c in g.strip("{}").split(",")
+                           if c.strip()],
+                "target": target[1] if target else None, "kind": kind[1] if kind else None,
+                "trip": int(trip[1]) if trip else None})
     return (module[1] if module else ""), entry, comps
 
 

@@ -6,8 +6,9 @@ jax-cuda13-plugin 0.10.2, deviceless, the script's H200 target), written by
 --hlo-dir DIR``: one 4096x3072x3072 product written as ``ops.fp8_matmul`` writes it and as
 dequantized operands; the tiny SD3 config's velocity with static FP8 scales; the tiny TAESD
 decoder with HWIO and with OHWI kernels (``--workloads taesd --variants default conv_ohwi``); the
-tiny SD3 with cuDNN's FP8 attention (``--workloads sd3 --variants attention_fp8``). The CUDA plugin
-itself (4 GB) is not installed for the suite.
+tiny SD3 with cuDNN's FP8 attention (``--workloads sd3 --variants attention_fp8``); the tiny Flux
+(2 double and 2 single blocks) unrolled and with its blocks scanned (``--workloads flux --variants
+default scan_blocks``). The CUDA plugin itself (4 GB) is not installed for the suite.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def test_fp8_attention_compiles_to_cudnn_fp8_attention():
     assert got["custom_call_targets"].get("__cudnn$fmhaSoftmax", 0) == 0
     assert got["gemms_fp8"] == 0 and got["gemms_half"] > 0
     assert "f8e4m3fn[2," in _program("sd3.attention_fp8")  # the operands: [B, L, N, K] in e4m3
+
+
+def test_scanned_blocks_count_per_iteration_and_copy_their_weights():
+    """$STREAMFLOW_JAX_SCAN_BLOCKS=on, the tiny Flux: two loops (double and single blocks), each
+    body counted once per iteration (XLA's known trip count), so that the call holds the same
+    GEMMs and attentions as the unrolled program; and each iteration first copies its block's
+    slice of the stacked weights (dynamic-slice fusions: the scan's price per call)."""
+    unrolled, scanned = summarize_hlo(_program("flux.default")), summarize_hlo(_program("flux.scan_blocks"))
+    assert unrolled["loops"] == 0 and scanned["loops"] == 2
+    assert scanned["cudnn_attention"] == unrolled["cudnn_attention"] == 4  # 2 double + 2 single blocks
+    assert scanned["gemms_half"] == unrolled["gemms_half"] > 0
+    assert scanned["loop_copies"] >= 20 and scanned["kernels"] > unrolled["kernels"]
 
 
 def test_ohwi_kernels_are_not_transposed_at_every_call():
