@@ -74,6 +74,7 @@ def test_sd35_scanned_matches_diffusers_and_saves_unrolled(tmp_path, monkeypatch
     assert not again.scanned
     _leaves_equal(again, plain)
     _leaves_equal(model.with_scanned_blocks(False), plain)
+    assert model.fingerprint() == plain.fingerprint()  # the export caches' key: the same graph
 
 
 def test_flux_scanned_matches_diffusers(tmp_path):

@@ -289,13 +289,15 @@ class FlowModel:
     def fingerprint(self) -> str:
         """SHA-256 of the class, config, adapter and every parameter (name, dtype, shape, bytes).
 
-        Keys caches of exported graphs and engines; computed once per model object.
+        Keys caches of exported graphs and engines; computed once per model object. A model with
+        its blocks scanned has its unrolled form's (it exports the same graph).
         """
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.sha256(self.class_name.encode())
             h.update(json.dumps(self.config_dict(), sort_keys=True).encode())
             h.update(repr(self.adapter).encode())
-            leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self.state))[0]
+            state = self.with_scanned_blocks(False).state
+            leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
             for path, leaf in leaves:
                 a = np.asarray(leaf)
                 h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())

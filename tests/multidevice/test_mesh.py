@@ -142,7 +142,15 @@ def test_quantized_model_saved_then_loaded_onto_a_mesh(models, tmp_path):
     _fp8_equal(got, one.velocity(x, t, cond))
 
 
-def test_load_straight_onto_a_mesh(models, tmp_path):
+def _largest_device_bytes(model) -> int:
+    on_device = {}
+    for leaf in jax.tree_util.tree_leaves(model.state):
+        for s in leaf.addressable_shards:
+            on_device[s.device] = on_device.get(s.device, 0) + s.data.nbytes
+    return max(on_device.values())
+
+
+def test_load_straight_onto_a_mesh(models, tmp_path, monkeypatch):
     sf.convert(models["flux"], tmp_path / "flux", progress=False)
     mesh = sf.make_mesh(data=2, model=4)
     model = sf.load(tmp_path / "flux", mesh=mesh, strategy="tensor")
@@ -155,7 +163,17 @@ def test_load_straight_onto_a_mesh(models, tmp_path):
     cond = {"encoder_hidden_states": np.random.default_rng(0).standard_normal((4, 5, 32)).astype(np.float32),
             "pooled_projections": np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32),
             "guidance": cond["guidance"]}
-    assert _rel(model.velocity(x, t, cond), sf.load(models["flux"]).velocity(x, t, cond)) <= 1e-5
+    want = sf.load(models["flux"]).velocity(x, t, cond)
+    assert _rel(model.velocity(x, t, cond), want) <= 1e-5
+    # with the blocks scanned (loaded onto the mesh, then stacked): the stacked weights keep
+    # their blocks' placement, each device holds what it held, the velocity is the same
+    monkeypatch.setenv("STREAMFLOW_JAX_SCAN_BLOCKS", "on")
+    scanned = sf.load(tmp_path / "flux", mesh=mesh, strategy="tensor")
+    assert scanned.scanned
+    stacked = scanned.state["transformer_blocks"][0]["stack"]["attn"]["to_q"]["kernel"][...]
+    assert stacked.shape == (2, 64, 64) and stacked.addressable_shards[0].data.shape == (2, 64, 16)
+    assert _largest_device_bytes(scanned) == _largest_device_bytes(model)
+    assert _rel(scanned.velocity(x, t, cond), want) <= 1e-5
 
 
 def test_stream_engine_over_a_mesh_equals_one_device(models):
