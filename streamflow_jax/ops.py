@@ -452,6 +452,16 @@ def conv1x1_choice(setting: str | None = None) -> str:
     return "conv" if setting == "auto" else setting
 
 
+def trace_switches() -> tuple[str, ...]:
+    """The environment switches read while a model's function is traced
+    (``$STREAMFLOW_JAX_ATTENTION``, ``$STREAMFLOW_JAX_GROUPNORM``, ``$STREAMFLOW_JAX_CONV1X1``), as
+    they are set now. Part of a model's pytree structure (``FlowModel``, the stream engine's
+    pinned models) and of its velocity's static arguments, so that a jitted function taking a
+    model traces again when one of them changes within a process, instead of running the
+    program traced under the old setting."""
+    return tuple(os.environ.get(name, "") for name in (ATTENTION_ENV, GROUPNORM_ENV, CONV1X1_ENV))
+
+
 SCAN_BLOCKS_ENV = "STREAMFLOW_JAX_SCAN_BLOCKS"
 
 

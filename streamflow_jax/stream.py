@@ -309,11 +309,11 @@ class Pinned:
         return jax.tree_util.tree_unflatten(_STRUCTURES[self.key], self.leaves)
 
     def tree_flatten(self):
-        return (self.leaves,), self.key
+        return (self.leaves,), (self.key, ops.trace_switches())  # switches: as FlowModel's
 
     @classmethod
-    def tree_unflatten(cls, key, children):
-        return cls(key, children[0])
+    def tree_unflatten(cls, aux, children):
+        return cls(aux[0], children[0])
 
 
 def _unpin(model):

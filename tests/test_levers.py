@@ -346,3 +346,35 @@ def test_fp8_benchmark_runs_its_variants(tmp_path):
         assert row[f"{label}_ms"] > 0 and 0 < row[f"{label}_max_rel_diff"] < 0.3
     assert row["fp8_static_attention_max_rel_diff"] != row["fp8_static_max_rel_diff"]  # the switch took
     assert row["fp8_GB"] < row["bf16_GB"] and row["calibrate_s"] > 0
+
+
+def test_switches_read_while_tracing_retrace_when_changed(tmp_path, monkeypatch):
+    """A trace-time switch changed within a process takes effect at the next call: the model's
+    pytree structure (and its velocity's static arguments) carry the switches as they are set
+    (``ops.trace_switches``), so jitted functions taking the model trace again, and going back
+    finds the first program."""
+    from conftest import VARIANTS, make_sd3, sd3_inputs
+
+    import streamflow_jax as sf
+    from streamflow_jax.models.flow import _velocity
+
+    make_sd3(tmp_path / "sd3", "sd3", seed=7)
+    model = sf.load(tmp_path / "sd3")
+    x, t, cond = sd3_inputs(VARIANTS["sd3"], 2, 8, 8)
+    seen = []
+
+    @jax.jit
+    def call(m, x):
+        seen.append(os.environ.get(ops.ATTENTION_ENV))
+        return m.velocity(x, t, cond)
+
+    outs = []
+    for setting in ("auto", "xla", "auto"):
+        monkeypatch.setenv(ops.ATTENTION_ENV, setting)
+        outs.append(np.asarray(call(model, x)))
+    assert seen == ["auto", "xla"]  # traced once per setting
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    before = _velocity._cache_size()
+    monkeypatch.setenv(ops.ATTENTION_ENV, "40=xla")
+    model.velocity(x, t, cond)
+    assert _velocity._cache_size() == before + 1  # the velocity's own program too

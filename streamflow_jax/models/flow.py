@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from streamflow_jax import sampling
+from streamflow_jax import ops, sampling
 
 
 def _compute_float(dtype) -> bool:
@@ -107,8 +107,9 @@ def velocity_of(module, adapter, x, t, cond):
     return module.velocity(x, t, cond)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _velocity(graphdef, adapter, state, x, t, cond):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _velocity(graphdef, adapter, switches, state, x, t, cond):
+    del switches  # a cache key (ops.trace_switches): read again while tracing
     return velocity_of(nnx.merge(graphdef, state), adapter, x, t, cond)
 
 
@@ -203,7 +204,7 @@ class FlowModel:
         ``[B, ...]`` arrays. Returns ``[B, H, W, C]`` in ``x``'s dtype. Jitted; usable under jit."""
         x = jnp.asarray(x)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-        return _velocity(self.graphdef, self.adapter, self.state, x, t, dict(cond))
+        return _velocity(self.graphdef, self.adapter, ops.trace_switches(), self.state, x, t, dict(cond))
 
     def noise_to(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
         """``x0`` (``[B, H, W, C]`` latents) noised to time ``t`` (``[B]``) with ``noise``, as
@@ -306,11 +307,14 @@ class FlowModel:
         return self._fingerprint
 
     def tree_flatten(self):
-        return (self.state,), (self.class_name, self.config, self.graphdef, self.adapter, self.family)
+        # the trace-time switches are part of the structure: a jitted function taking the model
+        # traces again when one changes (ops.trace_switches)
+        return (self.state,), (self.class_name, self.config, self.graphdef, self.adapter, self.family,
+                               ops.trace_switches())
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        class_name, config, graphdef, adapter, family = aux
+        class_name, config, graphdef, adapter, family, _ = aux
         return cls(class_name, config, graphdef, children[0], adapter, family=family)
 
     def __repr__(self):
