@@ -43,8 +43,10 @@ and ``conv_ohwi`` (environment switches; its layout is applied to the model, as 
 stream engine applies it), ``ohwi_onepass`` (``conv_ohwi`` and ``groupnorm_onepass`` together),
 ``conv1x1_dot`` (1x1 convolutions as GEMMs) and ``ohwi_onepass_dot`` (all three),
 ``attention_fp8`` (cuDNN's FP8 attention) and ``fp8_static_attention_fp8`` (with static FP8
-linears), ``dot_merger_off`` (XLA does not merge the products of one input). A variant that
-does not apply to a workload is skipped.
+linears), ``dot_merger_off`` (XLA does not merge the products of one input), ``scan_blocks``
+(repeated blocks as one ``lax.scan``) alone, with XLA's dynamic-slice fusion (``_dsf``), with it
+and cuBLAS GEMMs (``_dsf_cublas``), and without DotMerger too (``_dsf_cublas_nomerge``), and
+unrolled again by XLA (``_unrolled``). A variant that does not apply to a workload is skipped.
 
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
         [--out FILE] [--hlo-dir DIR]
@@ -136,6 +138,10 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     # ... with cuBLAS GEMMs (dynamic-slice fusion applies to library calls, not Triton fusions)
     "scan_blocks_dsf_cublas": ({"STREAMFLOW_JAX_SCAN_BLOCKS": "on"}, {"xla_gpu_enable_dynamic_slice_fusion": True,
                                                                      "xla_gpu_enable_triton_gemm": False}, "bf16"),
+    # ... and no merged products (DotMerger concatenates the sliced q/k/v weights: copies)
+    "scan_blocks_dsf_cublas_nomerge": ({"STREAMFLOW_JAX_SCAN_BLOCKS": "on"},
+                                       {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False,
+                                        "xla_gpu_dot_merger_threshold_mb": 0}, "bf16"),
     # ... unrolled again by XLA after its HLO passes (the slices become static)
     "scan_blocks_unrolled": ({"STREAMFLOW_JAX_SCAN_BLOCKS": "on"},
                              {"xla_gpu_enable_while_loop_unrolling": "WHILE_LOOP_UNROLLING_FULL_UNROLL"}, "bf16"),
@@ -147,10 +153,11 @@ APPLIES = {  # which variants make a different program for which workload
     "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
             "attention_fp8", "fp8_static_attention_fp8", "fp8_static_attention_fp8_static", "dot_merger_off",
-            "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas", "scan_blocks_unrolled"),
+            "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas", "scan_blocks_dsf_cublas_nomerge",
+            "scan_blocks_unrolled"),
     "flux": ("default", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8",
              "fp8_static_attention_fp8_static", "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas",
-             "scan_blocks_unrolled"),
+             "scan_blocks_dsf_cublas_nomerge", "scan_blocks_unrolled"),
     "fp8_forms": ("default", "triton_gemm_off"),
 }
 
