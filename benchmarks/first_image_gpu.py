@@ -5,7 +5,10 @@ first result, compilation included:
 
 1. ``no_cache``: ``$STREAMFLOW_JAX_XLA_CACHE=0`` (every program compiled);
 2. ``cache_cold``: the cache on, in an empty directory (compiles, and writes the cache);
-3. ``cache_warm``: the cache on, in that same directory (what a restarted server sees).
+3. ``cache_warm``: the cache on, in that same directory (what a restarted server sees);
+4. ``no_cache_scanned``: as ``no_cache``, with ``$STREAMFLOW_JAX_SCAN_BLOCKS=on`` (repeated blocks
+   compiled once per run of them; SD3's first call, the stream's UNet has none), if the budget
+   allows.
 
 Workloads, as ``profile_gpu.py`` builds them:
 
@@ -18,7 +21,8 @@ Workloads, as ``profile_gpu.py`` builds them:
 Reported per process: the seconds to build the weights (``build_s``; their small random
 programs are cached too), to the first image / first call (``first_s``; SD3 also its
 ``ms_per_call`` after it), and the process's wall time; and the ratios ``cache_warm / no_cache`` of
-``first_s`` (target of the CPU measurement in ``compile_cpu.py``: <= 0.5).
+``first_s`` (target of the CPU measurement in ``compile_cpu.py``: <= 0.5) and ``no_cache_scanned /
+no_cache``.
 
     python benchmarks/first_image_gpu.py [--workloads stream sd3] [--budget-s 220] [--out FILE]
     python benchmarks/first_image_gpu.py --smoke   # tiny configs on this CPU
@@ -36,7 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from common import child_env, emit, environment, run_child  # noqa: E402
 
-RUNS = ("no_cache", "cache_cold", "cache_warm")
+RUNS = ("no_cache", "cache_cold", "cache_warm", "no_cache_scanned")
 
 
 def child(workloads: list[str], smoke: bool) -> dict:
@@ -78,12 +82,12 @@ def child(workloads: list[str], smoke: bool) -> dict:
     return out
 
 
-def ratios(results: dict[str, dict], workloads: list[str]) -> dict[str, float]:
-    """``{workload: cache_warm first_s / no_cache first_s}`` (below 1: the cache saves)."""
+def ratios(results: dict[str, dict], workloads: list[str], run: str = "cache_warm") -> dict[str, float]:
+    """``{workload: <run> first_s / no_cache first_s}`` (below 1: the cache, or the scan, saves)."""
     out = {}
     for w in workloads:
         a = results.get("no_cache", {}).get(w, {}).get("first_s")
-        b = results.get("cache_warm", {}).get(w, {}).get("first_s")
+        b = results.get(run, {}).get(w, {}).get("first_s")
         if a and b:
             out[w] = round(b / a, 3)
     return out
@@ -111,7 +115,9 @@ def main():
             if elapsed + longest * 1.1 > args.budget_s:
                 runs.append({"run": name, "skipped": f"budget: {elapsed:.0f} s used, a run takes ~{longest:.0f} s"})
                 continue
-            env = {**os.environ, "STREAMFLOW_JAX_XLA_CACHE": "0" if name == "no_cache" else cache_dir}
+            env = {**os.environ, "STREAMFLOW_JAX_XLA_CACHE": cache_dir if name.startswith("cache") else "0"}
+            if name == "no_cache_scanned":
+                env["STREAMFLOW_JAX_SCAN_BLOCKS"] = "on"
             if args.smoke:
                 env["JAX_PLATFORMS"] = "cpu"
             cmd = [sys.executable, __file__, "--child", "--workloads", *args.workloads] + (["--smoke"] if args.smoke else [])
@@ -128,7 +134,8 @@ def main():
             for r in runs]
     emit({"benchmark": "first_image_gpu", "model": "random weights" + (" (SMOKE: tiny, CPU)" if args.smoke else ""),
           "env": child_env(runs), "workloads": args.workloads, "results": rows,
-          "ratios": {f"cache_warm/no_cache first_s {w}": r for w, r in ratios(results, args.workloads).items()},
+          "ratios": {f"{run}/no_cache first_s {w}": r for run in ("cache_warm", "no_cache_scanned")
+                     for w, r in ratios(results, args.workloads, run).items()},
           "runs": runs}, args.out)
 
 

@@ -28,7 +28,8 @@
 #            stream engine vs diffusers eager sequential/stream (sdxl_gpu.py; torch.compile only if the
 #            budget allows, 290 s); sdxl-compiled: the SDXL UNet at batch 4, 2, 1 vs torch.compile (450 s)
 #   first    time to first image (seed setting) and first SD3-medium call in fresh processes: no cache,
-#            cache cold, cache warm (what the persistent compilation cache saves; first_image_gpu.py, 220 s)
+#            cache cold, cache warm (what the persistent compilation cache saves), then no cache with the
+#            blocks scanned (first_image_gpu.py, 300 s)
 #   serve    the seed setting behind `streamflow-jax serve`: images/s of 16 concurrent n=1 requests and
 #            realtime frames/s over WS /v1/stream (serve_gpu.py, 280 s; the server's stack travels as
 #            wheels too: starlette uvicorn websockets httpx python-multipart prometheus-client pydantic)
@@ -101,7 +102,7 @@ for p in "${parts[@]}"; do
     sdxl) part sdxl 290 sdxl_gpu.json python3 benchmarks/sdxl_gpu.py --budget-s 280 $S ;;
     sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 $S ;;
     serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py $S ;;
-    first) part first 230 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 220 $S ;;
+    first) part first 300 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 290 $S ;;
     *) echo "unknown part $p (profile fp8 fp8-flux levers levers-b levers-sd3 levers-flux stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
   esac
 done
