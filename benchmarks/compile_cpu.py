@@ -4,8 +4,9 @@
    SD3-medium, SDXL's UNet and Flux.1-dev configs, lowered and compiled by XLA:CPU on abstract
    bf16 weights (``jax.ShapeDtypeStruct``: nothing allocated, so the 12B Flux compiles on a
    24 GB machine), batch 2, 1024^2 images (512^2 for SD1.5). Lowering and compiling are timed
-   apart. SD3, SDXL and Flux again with their repeated blocks scanned
-   (``FlowModel.with_scanned_blocks``: one compiled body per run of identical blocks).
+   apart. SD3, SDXL, Flux and T5-XXL's encoder (SD3's and Flux's text encoder, 256 tokens) again
+   with their repeated blocks scanned (``FlowModel.with_scanned_blocks``: one compiled body per
+   run of identical blocks).
 2. ``generate_cache``: ``streamflow-jax generate`` (the embedded digits model) run three times in
    fresh processes against one empty ``$STREAMFLOW_JAX_CACHE``: with the XLA cache off, then
    twice with it on (the first fills it). Each prints ``first call (compile + run): X s``.
@@ -46,17 +47,24 @@ def compile_only(name: str, class_name: str, config, latent: tuple[int, int, int
                                FlowModel(class_name, config, graphdef, state, family=family))
         graphdef, state = model.graphdef, model.state
     b = 2
-    x = jax.ShapeDtypeStruct((b, *latent), jnp.float32)
-    t = jax.ShapeDtypeStruct((b,), jnp.float32)
-    shapes = family.conditioning(config, family.text_len(config))
-    cond = {k: jax.ShapeDtypeStruct((b, *s), jnp.float32) for k, s in shapes.items()}
+    if family.kind == "text_encoder":  # ``latent`` is the token count: ``[b, L]`` ids in
+        args = (jax.ShapeDtypeStruct((b, latent[0]), jnp.int32),)
 
-    @jax.jit
-    def call(state, x, t, cond):
-        return velocity_of(nnx.merge(graphdef, state), adapter, x, t, cond)
+        @jax.jit
+        def call(state, ids):
+            return nnx.merge(graphdef, state)(ids)["last_hidden_state"]
+    else:
+        x = jax.ShapeDtypeStruct((b, *latent), jnp.float32)
+        t = jax.ShapeDtypeStruct((b,), jnp.float32)
+        shapes = family.conditioning(config, family.text_len(config))
+        args = (x, t, {k: jax.ShapeDtypeStruct((b, *s), jnp.float32) for k, s in shapes.items()})
+
+        @jax.jit
+        def call(state, x, t, cond):
+            return velocity_of(nnx.merge(graphdef, state), adapter, x, t, cond)
 
     t0 = time.perf_counter()
-    lowered = call.lower(state, x, t, cond)
+    lowered = call.lower(state, *args)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     lowered.compile()
@@ -96,7 +104,11 @@ def main():
     from streamflow_jax.models.flux import FluxConfig
     from streamflow_jax.models.mmdit import SD3Config
     from streamflow_jax.models.perflow import PeRFlowAdapter
+    from streamflow_jax.models.t5 import T5Config
     from streamflow_jax.models.unet import UNetConfig
+
+    # google/t5-v1_1-xxl, as SD3's and Flux's text_encoder_3 / text_encoder_2
+    T5_XXL = T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)  # noqa: N806
 
     results = [compile_only("SD1.5 UNet + PeRFlow adapter, 512^2", "UNet2DConditionModel", UNetConfig.sd15(),
                             (64, 64, 4), PeRFlowAdapter("diff_eps"))]
@@ -108,6 +120,7 @@ def main():
         if not args.skip_flux:
             results.append(compile_only("Flux.1-dev, 1024^2", "FluxTransformer2DModel", FluxConfig.dev(),
                                         (128, 128, 16), scanned=scanned))
+        results.append(compile_only("T5-XXL encoder, 256 tokens", "T5EncoderModel", T5_XXL, (256,), scanned=scanned))
     emit({"benchmark": "compile_cpu", "env": environment(), "compile_only": results,
           "generate_cache": generate_cache()}, args.out)
 

@@ -114,6 +114,18 @@ def test_sdxl_unet_scanned_matches_diffusers(tmp_path):
     assert _rel(sdxl_eps(model, x, t, ehs, text_embeds, time_ids), want) <= 1e-5
 
 
+def test_t5_scanned_matches_transformers(tmp_path):
+    """T5's encoder (SD3's and Flux's text encoder, 24 blocks in T5-XXL): the blocks after the
+    first (which holds the relative-position table) scanned."""
+    from test_t5 import T5_A, encode, make_t5, padded_ids, reference
+
+    ref = make_t5(tmp_path / "t5", dict(T5_A, num_layers=4))
+    model = sf.load(tmp_path / "t5").with_scanned_blocks()
+    assert _runs(model.module.encoder.block) == [1, 3]
+    ids = padded_ids(24)
+    assert _rel(encode(model, ids), reference(ref, ids).last_hidden_state) <= 1e-5
+
+
 def test_transforms_see_the_blocks_unrolled(tmp_path):
     """Quantizing, calibrating and sharding a scanned model equal doing it unrolled then
     scanning; the ONNX export of a scanned model is the unrolled model's graph."""

@@ -245,7 +245,7 @@ class FlowModel:
     def with_scanned_blocks(self, scan: bool = True) -> FlowModel:
         """The same model with each run of identical repeated blocks (the lists its family's
         ``scan_blocks`` names: SD3's and Flux's transformer blocks, SDXL's depth-10
-        transformers) run as one ``lax.scan`` over their weights stacked on a leading axis
+        transformers, T5's encoder blocks) run as one ``lax.scan`` over their weights stacked on a leading axis
         (``scan=False``: unrolled again, each block its own weights). The numbers are the same;
         XLA compiles one block body per run instead of every block (Flux.1-dev: 57 blocks as
         2 bodies, SD3-medium: 24 as 1 plus the last). ``self`` when nothing changes.

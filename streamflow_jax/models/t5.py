@@ -39,7 +39,7 @@ from flax import nnx
 
 from streamflow_jax import ops
 from streamflow_jax.models.family import GENERIC_TRANSFORMERS_FIELDS, TRANSFORMERS_WEIGHTS, Family, KeyMap
-from streamflow_jax.models.layers import Embedding, Linear, RMSNorm
+from streamflow_jax.models.layers import Embedding, Linear, RMSNorm, run_blocks
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -264,8 +264,7 @@ class T5EncoderModel(nnx.Module):
         blocks = self.encoder.block
         # computed once, from block 0's table, and shared by every block (as T5 does)
         position_bias = blocks[0].layer[0].SelfAttention.compute_bias(ids.shape[1])  # [1, N, L, L]
-        for block in blocks:
-            x = block(x, position_bias, dtype)
+        x = run_blocks(blocks, x, position_bias, dtype)  # blocks 1.. can be scanned (block 0 holds the table)
         return {"last_hidden_state": self.encoder.final_layer_norm(x).astype(dtype)}
 
 
@@ -313,4 +312,5 @@ FAMILY = Family(
     # relative positions set no hard limit; 512 is T5's pretraining length and FluxPipeline's
     # (dev) max_sequence_length (SD3 and schnell use 256)
     text_len=lambda c: 512,
+    scan_blocks=r"^encoder\.block$",  # T5-XXL (SD3, Flux): 23 of its 24 blocks as one run
 )
