@@ -1,5 +1,6 @@
 """Repeated blocks as one ``lax.scan`` (``FlowModel.with_scanned_blocks``, ``$STREAMFLOW_JAX_SCAN_BLOCKS``):
-SD3.5, Flux and an SDXL UNet against diffusers with their blocks scanned; what stays unrolled;
+SD3.5, Flux and an SDXL UNet against diffusers and T5's encoder against transformers with their
+blocks scanned; what stays unrolled;
 saving, quantizing, sharding and exporting see the checkpoint's blocks; the stream engine."""
 
 from __future__ import annotations
@@ -8,12 +9,13 @@ import diffusers
 import jax
 import numpy as np
 import pytest
-import torch
 from conftest import SDXL_UNETS, VARIANTS, make_sd3, randomize, sd3_inputs, sdxl_added_inputs, torch_velocity
+from flax import nnx
 
 import streamflow_jax as sf
 from streamflow_jax import ops
 from streamflow_jax.models.layers import ScannedBlocks
+from streamflow_jax.models.unet import Transformer2DModel
 
 
 def _rel(a, b):
@@ -99,10 +101,6 @@ def test_sdxl_unet_scanned_matches_diffusers(tmp_path):
     ref = randomize(diffusers.UNet2DConditionModel(**SDXL_UNETS["sdxl"]), 4, std=0.1).eval()
     ref.save_pretrained(tmp_path / "src")
     model = sf.load(tmp_path / "src").with_scanned_blocks()
-    from flax import nnx
-
-    from streamflow_jax.models.unet import Transformer2DModel
-
     runs = [_runs(n.transformer_blocks) for _, n in nnx.iter_graph(model.module) if isinstance(n, Transformer2DModel)]
     assert runs and all(r == [2] for r in runs)  # every transformer of the tiny SDXL has depth 2
     rng = np.random.default_rng(2)
