@@ -42,10 +42,12 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "attention_xla": ("", {"STREAMFLOW_JAX_ATTENTION": "xla"}),
     "attention_40_xla": ("", {"STREAMFLOW_JAX_ATTENTION": "40=xla"}),
     # repeated blocks as one lax.scan over stacked weights (FlowModel.with_scanned_blocks): one
-    # compiled block body (first_call_s: XLA:CPU compiles Flux-dev in about a third of the
-    # time, compile_cpu.py); per call, a loop whose body slices its block's weights; and with
-    # XLA's dynamic-slice fusion, which lets a GEMM read its slice of the stacked weights in
-    # place instead of copying it first (the transformer workloads; SD1.5 has no run to scan)
+    # compiled block body (first_call_s: XLA:CPU compiles Flux-dev in 0.27x the time,
+    # compile_cpu.py); per call, a loop whose body first copies its block's slice of the
+    # weights (compiled for an H200 here: 2270 kernels instead of 1070, hlo_gpu.py); and with
+    # XLA's dynamic-slice fusion, meant to let a library GEMM read its slice in place (it did
+    # not for the deviceless jaxlib 0.10.2; the device's XLA may differ). The transformer
+    # workloads only: SD1.5 has no run of blocks to scan
     "scan_blocks": ("", {"STREAMFLOW_JAX_SCAN_BLOCKS": "on"}),
     "scan_blocks_dsf": ("--xla_gpu_enable_dynamic_slice_fusion=true", {"STREAMFLOW_JAX_SCAN_BLOCKS": "on"}),
     # cuDNN's FP8 attention where it serves (SD1.5's head dims 80 and 160; SD3's 64), per-call
