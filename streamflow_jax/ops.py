@@ -471,8 +471,8 @@ def scan_blocks_choice(setting: str | None = None) -> bool | None:
 
     Scanned, XLA compiles one block body per run instead of every block: on this CPU Flux.1-dev
     compiles in 0.27-0.28x the time, SD3-medium 0.43-0.51x, SDXL's UNet 0.53x (two runs of
-    ``benchmarks/compile_cpu.py``);
-    compiled for an H200 without one, 0.21x and 0.29x (``benchmarks/hlo_gpu.py``). The price is
+    ``benchmarks/compile_cpu.py``); compiled for an H200 without one, 0.21x and 0.29x
+    (``benchmarks/hlo_gpu.py``). The price is
     per call: each iteration first copies its block's slice of the stacked weights (XLA 0.10's
     GPU program: 2270 kernels for Flux.1-dev instead of 1070, 1068 for SD3-medium instead of
     585; every weight byte read and written once more per call), and products of one input

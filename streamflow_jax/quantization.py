@@ -233,14 +233,19 @@ def activation_scales(model: FlowModel) -> str | None:
     return "static" if static.pop() else "dynamic"
 
 
+def _nodes(module, kind: type) -> list[tuple[tuple, nnx.Module]]:
+    """``(path, node)`` of ``module``'s nodes of ``kind``, listed before any is edited."""
+    return [(path, node) for path, node in nnx.iter_graph(module) if isinstance(node, kind)]
+
+
 def _fp8_nodes(module) -> list[tuple[str, Fp8Linear]]:
-    return [(".".join(map(str, path)), node) for path, node in nnx.iter_graph(module) if isinstance(node, Fp8Linear)]
+    return [(_name(path), node) for path, node in _nodes(module, Fp8Linear)]
 
 
 def _edited(model: FlowModel, kind: type, edit: Callable[[nnx.Module, tuple, nnx.Module], None]) -> FlowModel:
     """A copy of ``model`` with ``edit(module, path, node)`` applied to each node of ``kind``."""
     module = nnx.clone(model.module)
-    for path, node in [(p, n) for p, n in nnx.iter_graph(module) if isinstance(n, kind)]:
+    for path, node in _nodes(module, kind):
         edit(module, path, node)
     graphdef, state = nnx.split(module)
     return model._replace(graphdef=graphdef, state=state)
@@ -299,15 +304,11 @@ def record_attention(calibration: tuple[int, str], q, k, v) -> None:
         report_amax(run, f"{name}.{part}", a)
 
 
-def _attention_nodes(module) -> list[tuple[tuple, Attention]]:
-    return [(path, node) for path, node in nnx.iter_graph(module) if isinstance(node, Attention)]
-
-
 def attention_scales(model: FlowModel) -> str | None:
     """``"static"`` when every attention of ``model`` has calibrated FP8 scales for its queries,
     keys and values (``calibrate(..., attention=True)``), else None (FP8 attention, where it
     runs, scales each call's own)."""
-    nodes = _attention_nodes(model.module)
+    nodes = _nodes(model.module, Attention)
     return "static" if nodes and all(node.qkv_scale is not None for _, node in nodes) else None
 
 
@@ -380,7 +381,7 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
             seen = _RUNS.pop(run_id)
     names = quantized_layers(model)
     if attention:
-        attentions = [_name(path) for path, _ in _attention_nodes(model.module)]
+        attentions = [_name(path) for path, _ in _nodes(model.module, Attention)]
         names = names + [f"{name}.{part}" for name in attentions for part in "qkv"]
     missing = [name for name in names if name not in seen]
     if missing:

@@ -236,11 +236,9 @@ class FlowModel:
     @property
     def scanned(self) -> bool:
         """Whether runs of its repeated blocks are scanned (``with_scanned_blocks``)."""
-        from streamflow_jax.models.layers import ScannedBlocks
+        from streamflow_jax.models.layers import has_scanned_blocks
 
-        if self.family.scan_blocks is None:
-            return False
-        return any(isinstance(node, ScannedBlocks) for _, node in nnx.iter_graph(self.module))
+        return self.family.scan_blocks is not None and has_scanned_blocks(self.module)
 
     def with_scanned_blocks(self, scan: bool = True) -> FlowModel:
         """The same model with each run of identical repeated blocks (the lists its family's
@@ -255,12 +253,14 @@ class FlowModel:
         checkpoints name them; ``sf.load`` and the stream engine apply ``$STREAMFLOW_JAX_SCAN_BLOCKS``
         (``ops.scan_blocks_choice``).
         """
-        from streamflow_jax.models.layers import scan_block_lists, unscan_block_lists
+        from streamflow_jax.models.layers import has_scanned_blocks, scan_block_lists, unscan_block_lists
 
         pattern = self.family.scan_blocks
-        if pattern is None or scan == self.scanned:
+        if pattern is None:
             return self
         module = self.module
+        if scan == has_scanned_blocks(module):
+            return self
         if not (scan_block_lists(module, pattern) if scan else unscan_block_lists(module)):
             return self
         graphdef, state = nnx.split(module)

@@ -455,6 +455,10 @@ class ScannedBlocks(nnx.Module):
         return jax.lax.scan(body, carry, state)[0]
 
 
+def has_scanned_blocks(module: nnx.Module) -> bool:
+    return any(isinstance(node, ScannedBlocks) for _, node in nnx.iter_graph(module))
+
+
 def _structure(block):
     """What must be equal for two blocks to share a scan: graph and parameter shapes/dtypes."""
     graphdef, state = nnx.split(block)
@@ -490,11 +494,14 @@ def scan_block_lists(module: nnx.Module, pattern: str) -> int:
         if any(isinstance(b, ScannedBlocks) for b in blocks):
             continue
         runs: list[list] = []
+        last = None
         for block in blocks:
-            if runs and _structure(runs[-1][0]) == _structure(block):
+            key = _structure(block)
+            if runs and key == last:
                 runs[-1].append(block)
             else:
                 runs.append([block])
+            last = key
         if all(len(r) == 1 for r in runs):
             continue
         made += sum(len(r) > 1 for r in runs)
