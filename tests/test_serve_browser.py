@@ -69,6 +69,7 @@ def test_realtime_tab_with_the_fake_camera(browser, digits_server):
     browser.find_element(By.ID, "tab-realtime").click()
     browser.find_element(By.ID, "rt-prompt").send_keys("3")
     browser.find_element(By.ID, "rt-start").click()
+    # the page counts a frame when it has decoded it, so with 5 counted the picture is a frame
     WebDriverWait(browser, 60).until(
         lambda d: int(d.find_element(By.ID, "rt-output").get_attribute("data-frames") or 0) >= 5)
     size = browser.execute_script("const i = document.getElementById('rt-output'); return [i.naturalWidth, "

@@ -54,7 +54,9 @@ $("generate-form").addEventListener("submit", async (event) => {
 });
 
 // ---- realtime ---------------------------------------------------------------------------------
-let socket = null, stream = null, timer = null, sent = 0, shown = 0, dropped = 0, lastUrl = null;
+let socket = null, stream = null, timer = null, sent = 0, shown = 0, dropped = 0;
+// the frame on screen and the newest frame still decoding (a newer frame replaces one not yet shown)
+let shownUrl = null, loadingUrl = null, latency = null;
 const canvas = document.createElement("canvas");
 
 function configure() {
@@ -97,15 +99,11 @@ $("rt-start").addEventListener("click", async () => {
       pending = msg;
       return;
     }
-    if (lastUrl) URL.revokeObjectURL(lastUrl);
-    lastUrl = URL.createObjectURL(event.data);
-    $("rt-output").src = lastUrl;
-    shown++;
+    if (loadingUrl) URL.revokeObjectURL(loadingUrl);
+    loadingUrl = URL.createObjectURL(event.data);
     dropped = pending ? pending.dropped : dropped;
-    $("rt-status").className = "muted";
-    $("rt-status").textContent = `frames ${shown} · dropped ${dropped} · sent ${sent}` +
-      (pending ? ` · latency ${pending.latency_ms} ms` : "");
-    $("rt-output").dataset.frames = String(shown);
+    latency = pending ? pending.latency_ms : latency;
+    $("rt-output").src = loadingUrl;
   };
   socket.onclose = () => stop();
   $("rt-start").disabled = true;
@@ -123,4 +121,18 @@ function stop() {
   $("rt-stop").disabled = true;
 }
 $("rt-stop").addEventListener("click", stop);
+
+// a frame counts as shown once decoded: the counter never runs ahead of the picture
+$("rt-output").addEventListener("load", () => {
+  const img = $("rt-output");
+  if (img.src !== loadingUrl) return;
+  if (shownUrl) URL.revokeObjectURL(shownUrl);
+  shownUrl = loadingUrl;
+  loadingUrl = null;
+  shown++;
+  $("rt-status").className = "muted";
+  $("rt-status").textContent = `frames ${shown} · dropped ${dropped} · sent ${sent}` +
+    (latency !== null ? ` · latency ${latency} ms` : "");
+  img.dataset.frames = String(shown);
+});
 for (const id of ["rt-prompt", "rt-strength", "rt-steps"]) $(id).addEventListener("change", configure);
