@@ -5,9 +5,11 @@ that a live process is writing; after a success only the destination remains."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import orbax.checkpoint as ocp
@@ -145,17 +147,31 @@ def test_ctrl_c_during_convert_at_any_moment(tmp_path, delay):
 
 def test_ctrl_c_stops_a_long_compiled_run(tmp_path):
     """``generate --steps 1000``: compiled sampling runs in segments, so Ctrl-C stops it within a
-    segment (about half a second), with one line and no output file."""
+    segment (about half a second), with one line and no output file. The signal goes once the
+    progress bar shows steps done (loaded and compiled, sampling), not after a fixed delay: on a
+    fast machine a fixed delay found the run finished."""
     out = tmp_path / "d.png"
     proc = subprocess.Popen([sys.executable, "-m", "streamflow_jax.cli", "generate", "--steps", "1000",
                              "--per-digit", "1", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+
+    def read():
+        while char := proc.stderr.read(1):
+            seen.append(char)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        time.sleep(8.0)  # loaded and compiled; sampling its 1000 steps
-        assert proc.poll() is None
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not re.search(r"\| *[1-9]\d*/1000", "".join(seen)):
+            time.sleep(0.05)
+        assert proc.poll() is None, "".join(seen)
         sent = time.time()
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         waited = time.time() - sent
+        reader.join(timeout=10)
+        err = "".join(seen)
     finally:
         if proc.poll() is None:
             proc.kill()
