@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -61,10 +64,74 @@ def config_from_dict(cls, raw: Mapping, *, source: Path, ignorable: Mapping | No
                 raise ConversionError(f"{source}: unsupported: {key}={value!r} (only {ignorable[key]!r} is implemented)")
         else:
             raise ConversionError(f"{source}: unknown config field {key!r}={value!r} for {raw.get('_class_name', cls.__name__)}")
+    check_config_types(cls, kwargs, source)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{source}: {e}") from None
+
+
+# integer fields that may be 0 (every other integer is a count or a size: at least 1)
+_INT_ZERO_OK = frozenset({"freq_shift", "downsample_padding", "eos_token_id", "dual_attention_layers"})
+
+
+def _fits(value, kind, zero_ok: bool) -> bool:
+    """Whether a config.json value (lists already tuples) is of the annotated ``kind``."""
+    if kind is typing.Any:
+        return True
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, k, zero_ok) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if zero_ok else 1)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is tuple or origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        args = typing.get_args(kind)
+        if not args:  # a bare tuple: nested per-block lists (SDXL's layers per block), checked by the model
+            return True
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0], zero_ok) for v in value)
+        return len(args) == len(value) and all(_fits(v, k, zero_ok) for v, k in zip(value, args))
+    return True  # a kind this check does not know: left to the config class
+
+
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "booleans"), type(None): ("null", "nulls")}
+
+
+def _describe(kind, plural: bool = False) -> str:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(k, plural) for k in typing.get_args(kind))
+    if kind is tuple or origin is tuple:
+        args = typing.get_args(kind)
+        inner = f" of {_describe(args[0], True)}" if len(args) == 2 and args[1] is Ellipsis else ""
+        return f"lists{inner}" if plural else f"a list{inner}"
+    return _NAMES.get(kind, (str(kind), str(kind)))[plural]
+
+
+def check_config_types(cls, values: Mapping, source) -> None:
+    """Refuses a config value that is not of its field's annotated type, naming the file and the
+    key: a float where a count belongs (``num_layers: 4.5``), a string, a boolean taken for a
+    number, a count below 1 (a size or a count of 0 or less; a few fields may be 0). Without it
+    such values fail deep inside the model's construction, with a message about shapes."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        kind = hints.get(key)
+        if kind is not None and not _fits(value, kind, key in _INT_ZERO_OK):
+            want = _describe(kind)
+            if "integer" in want:
+                want += " (at least 0)" if key in _INT_ZERO_OK else " (a count or a size: at least 1)"
+            raise ConversionError(f"{source}: {key} must be {want}, got {json.dumps(value)}")
 
 
 def variant_names(names: tuple[str, str], variant: str | None) -> tuple[str, str]:
@@ -142,8 +209,11 @@ class TensorSource:
             raise ConversionError(f"{model_dir}: no {names[0]} or {names[1]}"
                                   + (f" (found {', '.join(found)})" if found else ""))
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
+        if weight_map is None:
             raise ConversionError(f"{index}: missing 'weight_map'")
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard file names, got "
+                                  f"{json.dumps(weight_map)[:80]}")
         where: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
             path = model_dir / shard

@@ -40,7 +40,7 @@ from streamflow_jax.converters import (
 )
 from streamflow_jax import ops, schedules
 from streamflow_jax.converters import parse_config
-from streamflow_jax.converters.common import check_model_source, read_json, weights_file
+from streamflow_jax.converters.common import check_config_types, check_model_source, read_json, weights_file
 from streamflow_jax.converters.lora import component_prefixes, lora_deltas, read_lora_file
 from streamflow_jax.errors import ConfigError, ConversionError
 from streamflow_jax.fsutil import atomic_dir, interrupts_held
@@ -654,8 +654,9 @@ def read_model_config(path) -> tuple[object, object]:
     if META_KEY in raw:
         family = family_of(raw.get("_class_name"))
         fields = {f.name for f in dataclasses.fields(family.config_cls)}
-        return family, family.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
-                                             if k in fields})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
+        check_config_types(family.config_cls, values, path / "config.json")
+        return family, family.config_cls(**values)
     return parse_config(raw, source=str(path))
 
 

@@ -108,7 +108,7 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
     """
     dst = Path(dst).absolute()
     free_path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(dst)
     remove_stale_partials(dst, shared=shared)
     tmp = Path(tempfile.mkdtemp(prefix=_partial_name(dst), dir=dst.parent))
     try:
@@ -122,7 +122,24 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)  # a concurrent writer made the same entry first
     except BaseException:  # KeyboardInterrupt too: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in made:  # the directories made for it, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
+
+
+def _make_parents(dst: Path) -> list[Path]:
+    """Makes ``dst``'s missing parent directories; returns them, innermost first. A parent that
+    is a file is a ConversionError naming it (not mkdir's "File exists")."""
+    missing = [p for p in dst.parents if not p.exists()]
+    blocking = next((p for p in dst.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConversionError(f"{dst}: cannot be created: {blocking} is a file, not a directory")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"{dst}: cannot create its directory ({e.strerror or e})") from None
+    return missing
 
 
 def write_atomic(path, data: bytes) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +82,52 @@ def test_non_finite_weights_are_refused_unless_allowed(tiny_sd3, tmp_path, capsy
     assert sf.load(src, allow_nonfinite=True) is not None
 
 
+def test_destination_under_a_file_or_in_new_directories(tiny_sd3, tmp_path, capsys):
+    """A destination whose parent is a file is named as such (mkdir said "File exists"); the
+    directories a failed conversion made for its destination go with it."""
+    src, _ = tiny_sd3
+    (tmp_path / "afile").write_text("x")
+    assert cli(["convert", str(src), str(tmp_path / "afile" / "out"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'afile'} is a file, not a directory" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["afile", src.name])
+    _edit_weights(src, lambda t: t["proj_out.bias"].__setitem__(0, float("nan")))
+    assert cli(["convert", str(src), str(tmp_path / "new" / "deeper" / "out"), "-q"]) == 1
+    assert "non-finite" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["afile", src.name])
+
+
 def test_unknown_config_field(tiny_sd3, tmp_path, capsys):
     src, _ = tiny_sd3
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "use_magic": True}))
     _convert_fails(capsys, src, tmp_path / "out", "config.json", "unknown config field 'use_magic'")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("num_layers", 4.5, "num_layers must be an integer (a count or a size: at least 1), got 4.5"),
+    ("num_layers", "4", 'num_layers must be an integer (a count or a size: at least 1), got "4"'),
+    ("num_layers", True, "num_layers must be an integer (a count or a size: at least 1), got true"),
+    ("num_layers", None, "num_layers must be an integer (a count or a size: at least 1), got null"),
+    ("attention_head_dim", 32.0, "attention_head_dim must be an integer (a count or a size: at least 1), got 32.0"),
+    ("joint_attention_dim", -5, "joint_attention_dim must be an integer (a count or a size: at least 1), got -5"),
+    ("pos_embed_max_size", 8.5, "pos_embed_max_size must be an integer or null (a count or a size: at least 1)"),
+    ("dual_attention_layers", "x", "dual_attention_layers must be a list of integers (at least 0), got \"x\""),
+    ("qk_norm", 3, "qk_norm must be a string or null, got 3"),
+])
+def test_config_value_of_the_wrong_type(tiny_sd3, tmp_path, capsys, key, value, message):
+    """A config value of the wrong type is refused naming the file and the key (it used to fail
+    inside the model's construction with a traceback about shapes), by convert and by load;
+    a converted checkpoint's config.json edited the same way is refused by load too."""
+    src, _ = tiny_sd3
+    assert cli(["convert", str(src), str(tmp_path / "good"), "-q"]) == 0
+    for directory in (src, tmp_path / "good"):
+        cfg = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**cfg, key: value}))
+    _convert_fails(capsys, src, tmp_path / "out", "config.json", message)
+    for directory in (src, tmp_path / "good"):
+        with pytest.raises(sf.ConversionError, match=re.escape(message)):
+            sf.load(directory)
 
 
 def test_unsupported_config_value(tiny_sd3, tmp_path, capsys):
@@ -210,6 +252,8 @@ def test_shard_index_without_weight_map(tiny_sd3, tmp_path, capsys):
     index = sharded / f"{WEIGHTS}.index.json"
     (index).write_text(json.dumps({"metadata": {"total_size": 1}}))
     _convert_fails(capsys, sharded, tmp_path / "out", index.name, "missing 'weight_map'")
+    index.write_text(json.dumps({"weight_map": 5}))
+    _convert_fails(capsys, sharded, tmp_path / "out", index.name, "'weight_map' must map tensor names to shard")
 
 
 def test_shard_index_disagrees_with_shards(tiny_sd3, tmp_path, capsys):
