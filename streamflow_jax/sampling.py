@@ -83,6 +83,9 @@ class Guidance:
         return self.scale if self.kind == "cfg" else None
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _finite_scale(scale):
     if isinstance(scale, bool | str | bytes):
         raise ValueError(f"guidance_scale must be a number, got {scale!r}")
@@ -94,6 +97,8 @@ def _finite_scale(scale):
         raise ValueError(f"guidance_scale must be a number or [B] numbers, got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError(f"guidance_scale {scale!r} is not finite")
+    if np.any(np.abs(arr) > F32_MAX):  # sampled in float32, where it would be inf
+        raise ValueError(f"guidance_scale {scale!r} is beyond float32's range (|scale| <= {F32_MAX:.3g})")
     return float(arr) if arr.ndim == 0 else arr.astype(np.float32)
 
 

@@ -157,6 +157,8 @@ def _bad_requests():
         "Infinity": (raw('{"prompt": "3", "guidance_scale": Infinity}'), 400),
         "-Infinity": (raw('{"prompt": "3", "seed": -Infinity}'), 400),
         "1e400 (inf)": (raw('{"prompt": "3", "guidance_scale": 1e400}'), 400),
+        "guidance 1e308 (inf in float32)": (j({"prompt": "3", "guidance_scale": 1e308}), 400),
+        "guidance -1e39": (j({"prompt": "3", "guidance_scale": -1e39}), 400),
         "invalid utf-8": (raw(b'{"prompt": "\xff"}'), 400), "deep nesting": (raw("[" * 100000 + "]" * 100000), 400),
         "unknown field": (j({"prompt": "3", "temperature": 1}), 400), "missing prompt": (j({"n": 1}), 400),
         "prompt not a string": (j({"prompt": 3}), 400), "prompt not a digit": (j({"prompt": "cat"}), 400),
@@ -179,6 +181,7 @@ def _bad_requests():
         "other model": (j({"prompt": "3", "model": "gpt-image-1"}), 404),
         "body over 1 MiB": (j({"prompt": "3", "user": "x" * (1 << 20)}), 413),
         "GET generations": (("GET", gen, {}), 405), "unknown route": (("POST", "/v1/images/variations", {}), 404),
+        "the stream over plain HTTP": (("GET", "/v1/stream", {}), 426),
         "edits as json": (("POST", "/v1/images/edits", {"json": {"prompt": "3"}}), 400),
         "edits without image": (edit({"other": good_png}, {"prompt": "3"}), 400),
         "edits image as text": (("POST", "/v1/images/edits", {"files": {"x": ("", b"", "text/plain")},
@@ -192,6 +195,7 @@ def _bad_requests():
         "edits strength 2": (edit({"image": good_png}, {"prompt": "3", "strength": "2"}), 400),
         "edits strength nan": (edit({"image": good_png}, {"prompt": "3", "strength": "nan"}), 400),
         "edits strength inf": (edit({"image": good_png}, {"prompt": "3", "strength": "inf"}), 400),
+        "edits guidance 1e308": (edit({"image": good_png}, {"prompt": "3", "guidance_scale": "1e308"}), 400),
         "edits n abc": (edit({"image": good_png}, {"prompt": "3", "n": "abc"}), 400),
         "edits unknown field": (edit({"image": good_png}, {"prompt": "3", "color": "red"}), 400),
         "edits broken multipart": (("POST", "/v1/images/edits", {
@@ -269,6 +273,22 @@ def test_queue_full_is_429_with_retry_after(url, client):
     assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
     assert second.json()["error"]["type"] == "rate_limit_error"
     assert metric(url, "streamflow_requests_total", endpoint="generations", outcome="rejected") >= 2
+
+
+def test_n_beyond_slots_and_queue_is_400_not_429():
+    """A request's images queue all or none: with 1 slot and a queue of 2, n=4 could never be
+    taken, so it is a 400 naming n (a 429 would have it retry forever); n=3 fits."""
+    from starlette.testclient import TestClient
+
+    from streamflow_jax.serve import create_app
+
+    app = create_app(slots_per_stream=1, streams=1, max_queue=2, max_steps=4)
+    with TestClient(app) as tc:
+        r = tc.post("/v1/images/generations", json={"prompt": "3", "n": 4, "steps": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        assert "[1, 3]" in r.json()["error"]["message"]
+        r = tc.post("/v1/images/generations", json={"prompt": "3", "n": 3, "steps": 2})
+        assert r.status_code == 200 and len(r.json()["data"]) == 3, r.text
 
 
 def test_a_client_that_disconnects_frees_its_slots(url):

@@ -104,6 +104,9 @@ class ServerState:
         self.metrics.ready.set_function(lambda: float(self.ready))
         self.draining = False
         self.streams_open = 0  # realtime streams (WebSockets) being served
+        # a request's images are queued all or none: more than the slots and the queue hold
+        # could never be taken (a 429 to retry forever), so n is bounded by them too
+        self.max_n = min(options.max_n, options.max_queue + self.worker.num_slots)
         self.metrics.realtime_streams.set_function(lambda: self.streams_open)
 
     @property
@@ -111,7 +114,7 @@ class ServerState:
         return self.worker.ready.is_set() and self.worker.failed is None and not self.draining
 
     def _warm_up(self, stream) -> None:
-        warm_up(self.served, self.options.max_n)
+        warm_up(self.served, self.max_n)
 
     # -- images in and out ---------------------------------------------------------------------
 
@@ -254,7 +257,7 @@ async def generations(request: Request):
         t0 = time.perf_counter()
         body = await _read_body(request, api.MAX_JSON_BYTES)
         fields = api.validate(GenerationFields, api.parse_json(body), strict=True)
-        kwargs = api.check_common(fields, served=state.served, max_n=state.options.max_n,
+        kwargs = api.check_common(fields, served=state.served, max_n=state.max_n,
                                   max_steps=state.options.max_steps)
         images = await state.run(request, state.jobs(kwargs, fields.n or 1, fields.seed), "generations")
         return await asyncio.to_thread(_respond, state, images, fields.output_format or "png", "generations", t0)
@@ -291,7 +294,7 @@ async def edits(request: Request):
             if key in fields:
                 raise APIError(400, f"{key} must be a file part", param=key)
         parsed = api.validate(EditFields, fields, strict=False)
-        kwargs = api.check_common(parsed, served=state.served, max_n=state.options.max_n,
+        kwargs = api.check_common(parsed, served=state.served, max_n=state.max_n,
                                   max_steps=state.options.max_steps)
         api.check_strength(parsed.strength)
         upload = next(iter(files.values()))
@@ -324,6 +327,12 @@ async def models(request: Request):
     name = _state(request).served.name
     return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
                                                      "owned_by": "streamflow-jax"}]})
+
+
+async def stream_over_http(request: Request):
+    """``/v1/stream`` is a WebSocket: a plain HTTP request there is told so (426), not 404."""
+    return api.error_response(426, "/v1/stream is a WebSocket endpoint: connect with a WebSocket client "
+                                   "(ws://HOST:PORT/v1/stream)", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
 
 
 async def index(request: Request):
@@ -409,6 +418,7 @@ def create_app(model=None, *, served: Served | None = None, slots_per_stream: in
         Route("/v1/images/generations", generations, methods=["POST"]),
         Route("/v1/images/edits", edits, methods=["POST"]),
         WebSocketRoute("/v1/stream", stream_endpoint),
+        Route("/v1/stream", stream_over_http, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -84,10 +85,31 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for the server to listen on, or a ValueError naming the
+    address (a port in use, a host that does not resolve or is not this machine's), said before
+    any model is loaded; uvicorn would log it and exit with its own status instead."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
+
+
 def serve(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = "model", log_level: str = "warning",
-          access_log: bool = False) -> int:
+          access_log: bool = False, sock: socket.socket | None = None) -> int:
     """Runs ``app`` (from ``create_app``) until a signal; prints ``serving NAME on http://HOST:PORT``
-    once it listens and has compiled. Returns the exit status."""
+    once it listens and has compiled. Returns the exit status. ``sock``: already bound (``bind``);
+    else ``host:port`` is bound here."""
+    sock = bind(host, port) if sock is None else sock
     state = app.state.server
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             lifespan="on", timeout_graceful_shutdown=state.options.timeout + 5,
@@ -107,10 +129,13 @@ def serve(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = "model"
             server.should_exit = True
             return
         if server.started:
-            bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+            bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else sock.getsockname()[1]
             _say(f"serving {name} on http://{host}:{bound}")
 
     threading.Thread(target=announce, daemon=True, name="announce").start()
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     sys.stdout.flush()
     return 0 if state.worker.failed is None else 1
