@@ -29,6 +29,8 @@ DESCRIPTION = ("Rectified-flow image generators (SD3/SD3.5, Flux.1, PeRFlow/Inst
 def _cmd_convert(args) -> int:
     from streamflow_jax.checkpoint import convert
 
+    if args.delta_variant is not None and args.delta is None:
+        raise ValueError("--delta-variant goes with --delta DIR")
     prompts = _calibration_file(args)
     out = convert(args.src, args.dst, dtype=args.dtype, progress=not args.quiet,
                   config=_config_overrides(args.config_from), variant=args.variant, delta=args.delta,
@@ -93,6 +95,24 @@ def _mesh(args):
     return make_mesh(n, data=1, model=n) if args.strategy == "tensor" else make_mesh(n, data=n, model=1)
 
 
+def _check_mesh_flags(args) -> None:
+    """``--strategy`` says how ``--devices`` split the model: refused without them (it would
+    silently do nothing); then its default, fsdp."""
+    if args.strategy is not None and not args.devices:
+        raise ValueError(f"--strategy {args.strategy} goes with --devices N (without it the model runs on one device)")
+    args.strategy = args.strategy or "fsdp"
+
+
+def _defaults_for(args, given_with: str, **defaults) -> None:
+    """Flags that only apply with another (``--slots`` with ``--stream``): refused when given
+    without it, else set to their defaults."""
+    for name, default in defaults.items():
+        if getattr(args, name) is not None and not getattr(args, given_with.removeprefix("--").replace("-", "_")):
+            raise ValueError(f"--{name.replace('_', '-')} goes with {given_with}")
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def _positive(args, *names: str) -> None:
     """Each flag (by dest name) given must be an integer >= 1; named as the user typed it."""
     for name in names:
@@ -104,6 +124,7 @@ def _positive(args, *names: str) -> None:
 def _check_common(args) -> None:
     """The flags every sampling command shares, checked before anything is loaded."""
     _positive(args, "devices")
+    _check_mesh_flags(args)
     _check_quantize_backend(args)
     if getattr(args, "steps", None) is not None:
         try:
@@ -116,6 +137,8 @@ def _check_common(args) -> None:
     for flag, value in (("--guidance", getattr(args, "guidance", None)), ("--strength", getattr(args, "strength", None))):
         if value is not None and not np.isfinite(value):
             raise ValueError(f"{flag} must be a finite number, got {value}")
+        if value is not None and abs(value) > float(np.finfo(np.float32).max):  # it runs in float32, where it is inf
+            raise ValueError(f"{flag} {value:g} is beyond float32's range (3.4e38)")
     strength = getattr(args, "strength", None)
     if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], got {strength}")
@@ -146,6 +169,40 @@ def _check_out(path: str) -> Path:
     return out
 
 
+def _check_model_dir(path: str | None) -> None:
+    """``generate --model``: an existing directory, a digits model or a pipeline (a converted
+    single model, such as a transformer alone, cannot make images)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"--model {path}: no such file or directory")
+    if not p.is_dir():
+        raise ValueError(f"--model {path}: not a directory (give a digits or prompt pipeline directory)")
+    if not ((p / "conditioning.safetensors").is_file() or (p / "model_index.json").is_file()):
+        single = (p / "config.json").is_file()
+        raise ValueError(f"--model {path}: " + ("a single model, not a pipeline (no model_index.json): generate needs "
+                                                "the whole pipeline directory; bench times a single model"
+                                                if single else "neither a pipeline (no model_index.json) nor a digits "
+                                                "model (no conditioning.safetensors)"))
+
+
+def _read_image(path: str) -> Image.Image:
+    """``--image``: read and decoded now, before any model is loaded; errors name the flag."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise ValueError(f"--image {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--image {path}: a directory, not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"--image {path}: too large to decode ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"--image {path}: cannot read it as an image ({e})") from None
+
+
 def _is_digits_model(path: str | None) -> bool:
     return path is None or (Path(path) / "conditioning.safetensors").is_file()
 
@@ -153,9 +210,14 @@ def _is_digits_model(path: str | None) -> bool:
 def _cmd_generate(args) -> int:
     _check_common(args)
     _positive(args, "slots", "streams", "per_digit")
+    _defaults_for(args, "--stream", slots=16, streams=1)
     _check_out(args.out)
+    if args.image is not None and not args.image.strip():
+        raise ValueError("--image: an empty path (give an image file, or leave --image out)")
     if args.strength is not None and not args.image:
         raise ValueError("--strength is for image-to-image: give --image too")
+    _check_model_dir(args.model)
+    args.image = _read_image(args.image) if args.image else None
     if _is_digits_model(args.model):
         return _generate_digits(args)
     return _generate_prompts(args)
@@ -179,11 +241,10 @@ def _generate_digits(args) -> int:
     print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), loaded in {time.perf_counter() - t0:.2f} s")
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
     image = None
-    if args.image:  # one input digit, redrawn as every class
+    if args.image is not None:  # one input digit, redrawn as every class
         if args.stream:
             raise ValueError("--image with --stream: the digits demo's stream runs text-to-image only")
-        with Image.open(args.image) as im:
-            image = np.asarray(im.convert("L").resize((16, 16), Image.Resampling.BILINEAR), np.float32)[None] / 255
+        image = np.asarray(args.image.convert("L").resize((16, 16), Image.Resampling.BILINEAR), np.float32)[None] / 255
     if args.stream:
         run = lambda seed: pipe.stream(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
                                        slots_per_stream=args.slots, streams=args.streams, backend=args.backend)
@@ -237,11 +298,7 @@ def _generate_prompts(args) -> int:
         pipe.model = _quantize(pipe.model, args.quantize)
     guidance = pipe.resolve_guidance(args.guidance)  # refuses NaN/inf before any work
     t0 = time.perf_counter()
-    image = None
-    if args.image:
-        with Image.open(args.image) as im:
-            image = im.convert("RGB")
-            image.load()
+    image = args.image.convert("RGB") if args.image is not None else None
     if args.stream:
         images = _stream_prompts(pipe, args, image)
     else:
@@ -313,8 +370,26 @@ def _load_for_graph(args, path: Path, **kwargs):
 def _cmd_export(args) -> int:
     from streamflow_jax.export import export_onnx, export_spec
 
-    _positive(args, "latent_scale", "text_len", "opt_level")
+    from streamflow_jax.export.onnx import DEFAULT_OPSET
+    from streamflow_jax.export.spec import Range
+
+    _positive(args, "latent_scale", "text_len")
     _check_quantize_backend(args)
+    for flag, value in (("--batch", args.batch), ("--resolution", args.resolution)):
+        if value is not None:  # checked again against the model once loaded; the form now
+            try:
+                Range.parse(value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {e}") from None
+    if args.opset < DEFAULT_OPSET:
+        raise ValueError(f"--opset {args.opset}: the export needs opset {DEFAULT_OPSET} or later")
+    for flag, value in (("--tensorrt", args.tensorrt), ("--compute-capability", args.compute_capability),
+                        ("--opt-level", args.opt_level)):
+        if value is not None and args.backend != "tensorrt":
+            raise ValueError(f"{flag} goes with --backend tensorrt")
+    args.opt_level = 3 if args.opt_level is None else args.opt_level
+    if not 0 <= args.opt_level <= 5:
+        raise ValueError(f"--opt-level must be in [0, 5] (TensorRT's builder optimization levels), got {args.opt_level}")
     if args.backend == "tensorrt":
         from streamflow_jax.backends.tensorrt import tensorrt_flavour
 
@@ -403,7 +478,10 @@ def _cmd_bench(args) -> int:
 def _cmd_serve(args) -> int:
     """``serve [MODEL]``: the OpenAI-style images API, the realtime stream and the page (streamflow_jax.serve)."""
     _positive(args, "devices", "slots", "streams", "max_n", "max_steps", "replicas", "frames_in_flight", "max_streams")
+    _check_mesh_flags(args)
     _check_quantize_backend(args)
+    if args.max_steps > MAX_STEPS:
+        raise ValueError(f"--max-steps must be in [1, {MAX_STEPS}], got {args.max_steps}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not (np.isfinite(args.timeout) and args.timeout > 0):
@@ -434,18 +512,23 @@ def _cmd_serve(args) -> int:
         return serve_ray({**load, "devices": args.devices}, options, replicas=args.replicas, host=args.host,
                          port=args.port, name=name)
     from streamflow_jax.serve.app import create_app
-    from streamflow_jax.serve.server import serve
+    from streamflow_jax.serve.server import bind, serve
 
-    app = create_app(mesh=_mesh(args), **load, **options)
+    sock = bind(args.host, args.port)  # a port in use is said now, not after loading and compiling
+    try:
+        app = create_app(mesh=_mesh(args), **load, **options)
+    except BaseException:
+        sock.close()
+        raise
     return serve(app, host=args.host, port=args.port, name=name, log_level=args.log_level,
-                 access_log=args.access_log)
+                 access_log=args.access_log, sock=sock)
 
 
 def _mesh_flags(p) -> None:
     p.add_argument("--devices", type=int, default=None, help="run on this many devices (a mesh; see --strategy)")
-    p.add_argument("--strategy", choices=("fsdp", "tensor", "replicate"), default="fsdp",
-                   help="with --devices: how weights are split (fsdp and replicate split batches over the devices, "
-                        "tensor splits heads and hidden units)")
+    p.add_argument("--strategy", choices=("fsdp", "tensor", "replicate"), default=None,
+                   help="with --devices: how weights are split (default fsdp; fsdp and replicate split batches over "
+                        "the devices, tensor splits heads and hidden units)")
 
 
 def _adapter_flags(p) -> None:
@@ -531,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
     p.add_argument("--stream", action="store_true",
                    help="one request per image through the stream engine instead of one batch")
-    p.add_argument("--slots", type=int, default=16, help="with --stream: slots per stream (default 16)")
-    p.add_argument("--streams", type=int, default=1, help="with --stream: streams sharing each call (default 1)")
+    p.add_argument("--slots", type=int, default=None, help="with --stream: slots per stream (default 16)")
+    p.add_argument("--streams", type=int, default=None, help="with --stream: streams sharing each call (default 1)")
     p.add_argument("--out", default="digits.png", help="output image, checked before generating (default digits.png)")
     _mesh_flags(p)
     p.set_defaults(func=_cmd_generate)
@@ -554,8 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype inside the graph (inputs/outputs stay float32; default: the model's)")
     _adapter_flags(p)
     _quantize_flag(p)
-    p.add_argument("--opset", type=int, default=23)
-    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23, the least the export takes)")
+    p.add_argument("--opt-level", type=int, default=None,
+                   help="with --backend tensorrt: the builder's optimization level, 0-5 (default 3)")
     p.add_argument("--tensorrt", choices=("tensorrt", "tensorrt_rtx"), default=None,
                    help="with --backend tensorrt: the TensorRT flavour (default: $STREAMFLOW_JAX_TENSORRT, else "
                         "tensorrt when installed, else tensorrt_rtx, which builds without a GPU)")
@@ -592,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="images that may wait for a slot; beyond, 429 with Retry-After (default 64)")
     p.add_argument("--timeout", type=float, default=120.0,
-                   help="a request's deadline in seconds, queue included; then 503 and its slots are freed")
+                   help="a request's deadline in seconds, queue included; then 503 and its slots are freed "
+                        "(default 120)")
     p.add_argument("--max-n", type=int, default=10, help="images per request, n (default 10)")
     p.add_argument("--max-steps", type=int, default=100, help="steps per request (default 100)")
     p.add_argument("--frames-in-flight", type=int, default=4,
@@ -608,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     _mesh_flags(p)
     p.add_argument("--replicas", type=int, default=None,
                    help="run N replicas as a Ray Serve deployment (local Ray unless RAY_ADDRESS names a cluster)")
-    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
+                   help="the server's log level (default warning)")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     p.set_defaults(func=_cmd_serve)
     return parser
@@ -630,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
             print("streamflow-jax: interrupted", file=sys.stderr)
             return 130
         raise
+    except MemoryError as e:  # numpy's allocation failures (XLA's are RuntimeErrors, below)
+        if args is None:
+            raise
+        print(f"streamflow-jax {args.command}: error: out of memory ({e or 'an allocation failed'})", file=sys.stderr)
+        return 1
     except (ConversionError, ValueError, OSError, RuntimeError, OverflowError) as e:
         if args is None:
             raise

@@ -118,6 +118,48 @@ def test_decoder_export_refuses_a_contradicting_latent_scale(tmp_path, capsys, s
 # ---------------------------------------------------------------------------------------------
 
 
+def test_generate_says_what_its_model_and_image_are_not(tiny_sd3, tmp_path, capsys, monkeypatch):
+    """``--model`` naming one model (not a pipeline) and an image too large to decode: one line
+    each, before loading (a DecompressionBombError traceback before)."""
+    from PIL import Image
+
+    src, _ = tiny_sd3
+    assert cli(["generate", "--model", str(src), "--prompt", "a cat"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a single model, not a pipeline (no model_index.json)" in err, err
+    Image.new("L", (16, 16)).save(tmp_path / "digit.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels: more than twice that is a bomb
+    assert cli(["generate", "--image", str(tmp_path / "digit.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--image {tmp_path / 'digit.png'}: too large to decode" in err, err
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert cli(["generate", "--image", str(tmp_path / "notes.txt")]) == 1
+    assert "cannot read it as an image" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
+    """A port in use: one line naming host and port, exit 1, before the model is loaded (uvicorn
+    logged it after compiling and exited 3)."""
+    import socket
+
+    pytest.importorskip("uvicorn")
+    from streamflow_jax.serve import app
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before binding the port")
+
+    monkeypatch.setattr(app, "load_served", no_loading)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli(["serve", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--host 127.0.0.1 --port {port}: cannot listen there" in err, err
+    assert cli(["serve", "--host", "no-such-host.invalid"]) == 1
+    assert "--host no-such-host.invalid: cannot resolve it" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--guidance", "nan"], "--guidance must be a finite number, got nan"),
     (["generate", "--guidance", "inf"], "--guidance must be a finite number, got inf"),
@@ -145,6 +187,28 @@ def test_decoder_export_refuses_a_contradicting_latent_scale(tmp_path, capsys, s
     (["serve", "--replicas", "0"], "--replicas must be >= 1, got 0"),
     (["serve", "--max-streams", "0"], "--max-streams must be >= 1, got 0"),
     (["serve", "/no/such/dir"], "/no/such/dir: not a directory"),
+    # flags that do not apply are refused, not ignored; values checked before any work
+    (["generate", "--guidance", "1e39"], "--guidance 1e+39 is beyond float32's range"),
+    (["generate", "--strategy", "tensor"], "--strategy tensor goes with --devices N"),
+    (["bench", "--strategy", "replicate"], "--strategy replicate goes with --devices N"),
+    (["serve", "--strategy", "tensor"], "--strategy tensor goes with --devices N"),
+    (["generate", "--slots", "4"], "--slots goes with --stream"),
+    (["generate", "--streams", "2"], "--streams goes with --stream"),
+    (["generate", "--image", ""], "--image: an empty path"),
+    (["generate", "--image", "/no/such/digit.png"], "--image /no/such/digit.png: no such file"),
+    (["generate", "--image", "/"], "--image /: a directory, not an image file"),
+    (["generate", "--model", "/no/such/dir"], "--model /no/such/dir: no such file or directory"),
+    (["generate", "--model", "/etc/hostname"], "--model /etc/hostname: not a directory"),
+    (["generate", "--model", "/"], "neither a pipeline (no model_index.json) nor a digits model"),
+    (["serve", "--max-steps", "5000"], "--max-steps must be in [1, 1000], got 5000"),
+    (["convert", "src", "dst", "--delta-variant", "fp16"], "--delta-variant goes with --delta DIR"),
+    (["export", "m", "o", "--compute-capability", "8.6"], "--compute-capability goes with --backend tensorrt"),
+    (["export", "m", "o", "--opt-level", "2"], "--opt-level goes with --backend tensorrt"),
+    (["export", "m", "o", "--tensorrt", "tensorrt_rtx"], "--tensorrt goes with --backend tensorrt"),
+    (["export", "m", "o", "--backend", "tensorrt", "--opt-level", "9"], "--opt-level must be in [0, 5]"),
+    (["export", "m", "o", "--batch", "0:1:8"], "--batch 0:1:8: need 1 <= min <= opt <= max"),
+    (["export", "m", "o", "--resolution", "big"], "--resolution big: expected min:opt:max integers"),
+    (["export", "m", "o", "--opset", "17"], "--opset 17: the export needs opset 23 or later"),
 ])
 def test_bad_flags_get_one_line_before_any_work(argv, message, capsys, monkeypatch):
     from streamflow_jax import checkpoint
