@@ -327,6 +327,16 @@ class ConversionPlan:
         return FlowModel.from_params(self.family, self.config, params, class_name=self.class_name)
 
 
+def _defaulted(family, config, raw_config: dict) -> str:
+    """The config fields the source's config did not set (their defaults were used, as diffusers
+    does), for a message about tensors that do not fit: often the reason."""
+    absent = [f.name for f in dataclasses.fields(family.config_cls) if f.name not in raw_config]
+    if not absent:
+        return ""
+    shown = ", ".join(f"{name}={getattr(config, name)!r}" for name in absent[:4])
+    return f" (the config does not set {shown}{' ...' if len(absent) > 4 else ''}: defaults were used)"
+
+
 def plan(raw_config: dict, tensors, *, source: str = "<tensors>", config_source: str | None = None
          ) -> ConversionPlan:
     """Matches every source tensor to one parameter and checks every shape, reading only headers.
@@ -352,9 +362,11 @@ def plan(raw_config: dict, tensors, *, source: str = "<tensors>", config_source:
             origin[target] = key
     missing = sorted(set(targets) - set(origin))
     if unexpected:
-        raise ConversionError(f"{source}: unexpected tensor(s) {_few(unexpected)} for {class_name}")
+        raise ConversionError(f"{source}: unexpected tensor(s) {_few(unexpected)} for {class_name}"
+                              + _defaulted(family, config, raw_config))
     if missing:
-        raise ConversionError(f"{source}: missing tensor(s) {_few(missing)} for {class_name}")
+        raise ConversionError(f"{source}: missing tensor(s) {_few(missing)} for {class_name}"
+                              + _defaulted(family, config, raw_config))
     for name, key in origin.items():
         got = mapped_shape(tensors.shape(key), name.rpartition(".")[2])
         if got != tuple(targets[name].shape):

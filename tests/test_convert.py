@@ -130,6 +130,17 @@ def test_config_value_of_the_wrong_type(tiny_sd3, tmp_path, capsys, key, value, 
             sf.load(directory)
 
 
+def test_tensors_that_do_not_fit_name_the_config_fields_left_to_defaults(tiny_sd3, tmp_path, capsys):
+    """A config.json without num_layers takes diffusers' default (as diffusers does); the tensors
+    then do not fit, and the message says which fields were defaulted, the likely reason."""
+    src, _ = tiny_sd3
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["num_layers"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    _convert_fails(capsys, src, tmp_path / "out", "missing tensor(s)",
+                   "(the config does not set num_layers=18: defaults were used)")
+
+
 def test_unsupported_config_value(tiny_sd3, tmp_path, capsys):
     src, _ = tiny_sd3
     cfg = json.loads((src / "config.json").read_text())
