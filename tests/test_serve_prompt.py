@@ -30,7 +30,7 @@ def perflow(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(perflow):
-    server = ServerProcess([str(perflow), "--slots", "2", "--streams", "1", "--max-steps", "8", "--max-streams", "2"])
+    server = ServerProcess([str(perflow), "--slots", "2", "--streams", "1", "--max-steps", "100", "--max-streams", "2"])
     yield server
     server.stop()
 
@@ -64,8 +64,8 @@ def test_prompt_pipeline_served_equals_the_pipeline(server, perflow):
     assert edited.shape == (16, 16, 3) and np.abs(edited - got).max() > 2
     with pytest.raises(openai.BadRequestError, match="size 512x512 cannot be made here"):
         client.images.generate(prompt=PROMPT, size="512x512")
-    with pytest.raises(openai.BadRequestError, match=r"steps must be in \[1, 8\]"):
-        client.images.generate(prompt=PROMPT, extra_body={"steps": 9})
+    with pytest.raises(openai.BadRequestError, match=r"steps must be in \[1, 100\]"):
+        client.images.generate(prompt=PROMPT, extra_body={"steps": 101})
 
 
 def test_realtime_prompt_switch_compiles_nothing(server):
@@ -122,9 +122,11 @@ def test_second_signal_exits_at_once(server):
     while requests are still running exits at once, with status 128 + SIGINT."""
     from test_serve import metric
 
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # 30 images x 8 steps on 2 slots: seconds
+    # 30 images x 100 steps on 2 slots: many seconds (at 8 steps the first request could finish
+    # between the two signals on a fast machine, and answer 200)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
         work = [pool.submit(httpx.post, server.url + "/v1/images/generations", timeout=120,
-                            json={"prompt": PROMPT, "n": 10, "steps": 8}) for _ in range(3)]
+                            json={"prompt": PROMPT, "n": 10, "steps": 100}) for _ in range(3)]
         # all three admitted (a request still on its way when the first SIGINT lands gets a 503 answer)
         deadline = time.time() + 60
         while metric(server.url, "streamflow_requests_in_progress", endpoint="generations") < 3:
