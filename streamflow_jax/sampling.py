@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamflow_jax.schedules import SEED_LIMIT
+from streamflow_jax.schedules import MAX_STEPS, SEED_LIMIT
 
 GUIDANCE_MODES = ("cfg", "embedded", "none")  # what a model or pipeline does with a guidance scale
 
@@ -200,11 +200,18 @@ def check_inputs(noise, grid, cond, guidance_scale=None, uncond=None):
     """
     if noise.ndim != 4:
         raise ValueError(f"noise must be NHWC [B, H, W, C], got shape {noise.shape}")
+    if not jnp.issubdtype(noise.dtype, jnp.floating):  # the integration dtype: ints would round every step
+        raise ValueError(f"noise must be a real floating-point array (its dtype is the integration dtype), "
+                         f"got {noise.dtype}")
+    if 0 in noise.shape:
+        raise ValueError(f"noise has shape {noise.shape}: every axis needs at least one element")
     b = noise.shape[0]
     if grid.ndim == 1:
         grid = jnp.broadcast_to(grid[:, None], (grid.shape[0], b))
     if grid.ndim != 2 or grid.shape[1] != b or grid.shape[0] < 2:
         raise ValueError(f"time grid must be [S+1] or [S+1, B={b}] with S >= 1, got shape {grid.shape}")
+    if grid.shape[0] - 1 > MAX_STEPS:
+        raise ValueError(f"time grid has {grid.shape[0] - 1} steps; at most {MAX_STEPS} (schedules.MAX_STEPS)")
     for name, arr in cond.items():
         if jnp.shape(arr)[:1] != (b,):
             raise ValueError(f"cond[{name!r}] has shape {jnp.shape(arr)}; expected a leading batch axis of {b}")
@@ -216,12 +223,29 @@ def check_inputs(noise, grid, cond, guidance_scale=None, uncond=None):
         for name, arr in uncond.items():
             if jnp.shape(arr) != jnp.shape(cond[name]):
                 raise ValueError(f"uncond[{name!r}] has shape {jnp.shape(arr)}, cond has {jnp.shape(cond[name])}")
+        if isinstance(guidance_scale, str | bytes | bool):
+            raise ValueError(f"guidance_scale must be a number or [B] numbers, got {guidance_scale!r}")
+        if not is_traced(guidance_scale) and np.any(np.abs(np.asarray(guidance_scale, np.float64)) > F32_MAX):
+            raise ValueError(f"guidance_scale is beyond float32's range (|scale| <= {F32_MAX:.3g})")
         scale = jnp.asarray(guidance_scale, jnp.float32)
         if scale.ndim > 1 or scale.ndim == 1 and scale.shape[0] not in (1, b):
             raise ValueError(f"guidance_scale has shape {scale.shape}; expected a scalar or one per element, [B={b}]")
         guidance_scale = jnp.broadcast_to(scale, (b,))
     check_finite(noise=noise, grid=grid, cond=cond, guidance_scale=guidance_scale, uncond=uncond)
+    check_grid_values(grid)
     return grid, guidance_scale
+
+
+def check_grid_values(grid) -> None:
+    """A concrete ``[S+1, B]`` grid runs down from at most 1 to at least 0 (equal neighbours
+    allowed: ``schedules.stack``'s zero-length padding steps); under a trace, not looked at."""
+    if is_traced(grid):
+        return
+    ok = (grid.min() >= 0) & (grid.max() <= 1) & jnp.all(jnp.diff(grid, axis=0) <= 0)
+    if is_traced(ok):
+        return
+    if not bool(ok):
+        raise ValueError("time grid must run down from at most 1 to at least 0 (t = 1 is noise, 0 data)")
 
 
 def scan(model: VelocityModel, noise, grid, cond, guidance_scale=None, uncond=None):

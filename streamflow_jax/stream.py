@@ -145,10 +145,14 @@ class RequestValidator:
         if grid is None:
             if steps is None:
                 raise RequestError(f"request {rid}: give steps or grid")
-            grid = schedules.flow_match(int(steps), shift=shift)
+            grid = schedules.flow_match(schedules.check_steps(steps), shift=shift)
+        elif steps is not None:
+            raise RequestError(f"request {rid}: give steps or grid, not both")
         grid = self._finite(rid, "grid", np.asarray(grid, np.float32))
         if grid.ndim != 1 or grid.shape[0] < 2:
             raise RequestError(f"request {rid}: grid must be [S+1] with S >= 1, got shape {grid.shape}")
+        if grid.shape[0] - 1 > schedules.MAX_STEPS:
+            raise RequestError(f"request {rid}: grid has {grid.shape[0] - 1} steps; at most {schedules.MAX_STEPS}")
         if grid.min() < 0 or grid.max() > 1 or np.any(np.diff(grid) > 0):
             raise RequestError(f"request {rid}: grid must run down from at most 1 to at least 0")
         return grid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,9 +83,34 @@ def test_bad_inputs_name_the_problem(model):
     with pytest.raises(ValueError, match=r"guidance_scale has shape \(3,\); expected a scalar or one per element, "
                                          r"\[B=2\]"):
         sf.sample(model, x, grid, cond, guidance_scale=np.ones(3, np.float32), uncond=cond)
-    with pytest.raises(ValueError, match="cond lacks 'pooled_projections': SD3Transformer2DModel takes "
-                                         "'encoder_hidden_states', 'pooled_projections'"):
+    with pytest.raises(ValueError, match=re.escape("cond lacks 'pooled_projections' (SD3Transformer2DModel takes "
+                                                   "'encoder_hidden_states', 'pooled_projections')")):
         sf.sample(model, x, grid, {"encoder_hidden_states": cond["encoder_hidden_states"]})
+    # found by a user's pass: each of these ran (a wrong answer) or failed inside JAX
+    pooled = cond["pooled_projections"]
+    bad = {
+        "noise must be a real floating-point array": lambda: sf.sample(model, x.astype(np.int32), grid, cond),
+        "noise has 2 channels": lambda: sf.sample(model, x[..., :2], grid, cond),
+        "every axis needs at least one element": lambda: sf.sample(
+            model, x[:0], grid, {k: v[:0] for k, v in cond.items()}),
+        "cond['pooled_projections'] has shape (2, 5); SD3Transformer2DModel takes (2, ": lambda: sf.sample(
+            model, x, grid, {**cond, "pooled_projections": pooled[:, :5]}),
+        "cond['encoder_hidden_states'] has shape": lambda: sf.sample(
+            model, x, grid, {**cond, "encoder_hidden_states": cond["encoder_hidden_states"][:, 0]}),
+        "cond has 'bogus', not an input of this model": lambda: sf.sample(model, x, grid, {**cond, "bogus": np.zeros((2, 3))}),
+        "time grid has 1001 steps; at most 1000": lambda: sf.sample(model, x, np.linspace(1, 0, 1002), cond),
+        "time grid must run down from at most 1 to at least 0": lambda: sf.sample(model, x, grid[::-1], cond),
+        "must run down": lambda: sf.sample(model, x, np.array([5.0, 2.0, -3.0], np.float32), cond),
+        "t has shape (3,); expected one time per element, [B=2]": lambda: model.velocity(
+            x, np.ones(3, np.float32), cond),
+        "x0 has shape": lambda: model.noise_to(x, x[:, :4], np.ones(2, np.float32)),
+        "guidance_scale must be a number": lambda: sf.sample(model, x, grid, cond, guidance_scale="3", uncond=cond),
+        "guidance_scale is beyond float32's range": lambda: sf.sample(
+            model, x, grid, cond, guidance_scale=1e40, uncond=cond),
+    }
+    for message, call in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
     with pytest.raises(ValueError, match="unknown backend"):
         sf.sample(model, x, grid, cond, backend="cuda")
     with pytest.raises(ValueError, match="larger than the position table"):

@@ -130,16 +130,24 @@ def test_invalid_requests_fail_alone(model):
     cfg_on_plain = engine.submit(conds[2], steps=2, seed=5, guidance_scale=2.0, uncond=conds[0])
     bad_seed = engine.submit(conds[2], steps=2, seed=-1)
     nan_scale = engine.submit(conds[2], steps=2, seed=7, guidance_scale=float("nan"))
+    float_steps = engine.submit(conds[2], steps=2.7, seed=9)  # int() made these 2, 3 and 1 steps
+    str_steps = engine.submit(conds[2], steps="3", seed=9)
+    bool_steps = engine.submit(conds[2], steps=True, seed=9)
+    long_grid = engine.submit(conds[2], grid=np.linspace(1, 0, 1002), seed=9)
+    both = engine.submit(conds[2], steps=3, grid=np.linspace(1, 0, 3), seed=9)
     good.append(engine.submit(conds[2], steps=1, seed=6))
     good.append(engine.submit(conds[2], steps=1, seed=8, guidance_scale=1.0))  # <= 1: no guidance, the one rule
     results = engine.run()
-    assert len(results) == 11
+    assert len(results) == 16
     for rid in good:
         assert engine.result(rid).shape == (8, 8, 4)
     for rid, msg in [(bad_size, r"latent shape \(6, 8, 4\)"), (bad_cond, r"cond\['encoder_hidden_states'\] has shape \(9, 12\)"),
                      (missing, "cond keys"), (no_steps, "give steps or grid"),
                      (cfg_on_plain, "asks for classifier-free guidance, and this engine runs without it"),
-                     (bad_seed, r"seed -1 outside \[0, 2\*\*32\)"), (nan_scale, "guidance_scale nan is not finite")]:
+                     (bad_seed, r"seed -1 outside \[0, 2\*\*32\)"), (nan_scale, "guidance_scale nan is not finite"),
+                     (float_steps, "steps must be an integer, got 2.7"), (str_steps, "steps must be an integer, got '3'"),
+                     (bool_steps, "steps must be an integer, got True"), (long_grid, "grid has 1001 steps; at most 1000"),
+                     (both, "give steps or grid, not both")]:
         with pytest.raises(RequestError, match=msg):
             engine.result(rid)
 

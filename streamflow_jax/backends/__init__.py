@@ -167,10 +167,7 @@ def sample(
     uncond = None if uncond is None else dict(uncond)
     grid, guidance_scale = sampling.check_inputs(noise, jnp.asarray(ts, jnp.float32), cond, guidance_scale, uncond)
     if isinstance(model, FlowModel) and model.family.kind == "velocity":
-        missing = sorted(set(model.cond_shapes()) - set(cond))
-        if missing:
-            raise ValueError(f"cond lacks {', '.join(map(repr, missing))}: {model.class_name} takes "
-                             f"{', '.join(map(repr, model.cond_shapes()))}")
+        model.check_call(noise, grid[0], cond, x_name="noise")  # before an export or a trace
     if not entry.exported:
         if isinstance(model, Runner):
             raise ValueError(f"backend='xla' needs a FlowModel, got a {model.backend} runner")

@@ -203,13 +203,45 @@ class FlowModel:
         """RF velocity. ``x``: ``[B, H, W, C]``; ``t``: ``[B]`` sigma in [0, 1]; ``cond``: dict of
         ``[B, ...]`` arrays. Returns ``[B, H, W, C]`` in ``x``'s dtype. Jitted; usable under jit."""
         x = jnp.asarray(x)
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        t = jnp.asarray(t, jnp.float32)
+        self.check_call(x, t, cond)
+        t = jnp.broadcast_to(t, (x.shape[0],))
         return _velocity(self.graphdef, self.adapter, ops.trace_switches(), self.state, x, t, dict(cond))
+
+    def check_call(self, x, t, cond, x_name: str = "x") -> None:
+        """The shapes of a velocity call (static: checked while tracing too), each named with
+        what this model takes, before they fail inside its layers with a message about them."""
+        if x.ndim != 4:
+            raise ValueError(f"{x_name} must be NHWC [B, H, W, C], got shape {x.shape}")
+        b, c = x.shape[0], self.latent_channels
+        if c is not None and x.shape[3] != c:
+            raise ValueError(f"{x_name} has {x.shape[3]} channels (shape {x.shape}); {self.class_name} takes {c}")
+        if t.shape not in ((), (b,)):
+            raise ValueError(f"t has shape {t.shape}; expected one time per element, [B={b}] (or a scalar)")
+        if not isinstance(cond, dict):
+            raise ValueError(f"cond must be a dict of [B, ...] arrays, got {type(cond).__name__}")
+        text = cond.get("encoder_hidden_states")
+        want = self.cond_shapes(jnp.shape(text)[1] if text is not None and jnp.ndim(text) >= 2 else None)
+        missing, extra = sorted(set(want) - set(cond)), sorted(set(cond) - set(want))
+        if missing or extra:
+            what = "; ".join(([f"cond lacks {', '.join(map(repr, missing))}"] if missing else [])
+                             + ([f"cond has {', '.join(map(repr, extra))}, not an input of this model"] if extra
+                                else []))
+            raise ValueError(f"{what} ({self.class_name} takes {', '.join(map(repr, sorted(want)))})")
+        for name, shape in want.items():
+            got = tuple(jnp.shape(cond[name]))
+            if got != (b, *shape):
+                raise ValueError(f"cond[{name!r}] has shape {got}; {self.class_name} takes {(b, *shape)} here "
+                                 "(the batch, then per element)")
 
     def noise_to(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
         """``x0`` (``[B, H, W, C]`` latents) noised to time ``t`` (``[B]``) with ``noise``, as
         this model's forward process defines it: the rectified flow's ``(1 - t) x0 + t noise``,
         or the adapter's (PeRFlow: the training diffusion's marginal)."""
+        if jnp.shape(x0) != jnp.shape(noise):
+            raise ValueError(f"x0 has shape {jnp.shape(x0)} and noise {jnp.shape(noise)}: they must be equal")
+        if jnp.shape(t) not in ((), jnp.shape(x0)[:1]):
+            raise ValueError(f"t has shape {jnp.shape(t)}; expected one time per element, [B={jnp.shape(x0)[0]}]")
         if self.adapter is not None and hasattr(self.adapter, "noise_to"):
             return self.adapter.noise_to(x0, noise, t)
         return sampling.noise_to(x0, noise, t)
