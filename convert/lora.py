@@ -176,6 +176,8 @@ def lora_deltas(family, config, targets: dict, tensors: dict[str, np.ndarray], m
     """
     if not math.isfinite(scale):
         raise ConversionError(f"{source}: LoRA scale {scale} is not finite")
+    if abs(scale) > float(np.finfo(np.float32).max):  # the deltas are float32: inf
+        raise ConversionError(f"{source}: LoRA scale {scale:g} is beyond float32's range")
     modules, others = lora_modules(tensors, metadata, component)
     by_underscore = {}  # kohya names: the module path with _ for .
     for name in targets:

@@ -584,6 +584,10 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
     scanned (``FlowModel.with_scanned_blocks``; a measurement switch, ``ops.scan_blocks_choice``).
     """
     scan = ops.scan_blocks_choice()  # a bad value is refused before anything is read
+    if component is not None and not loras and not (Path(path) / "model_index.json").is_file():
+        raise ConversionError(f"{path}: not a pipeline directory (no model_index.json), so component={component!r} "
+                              "names nothing (with loras=, it names the LoRA files' component); load the model "
+                              "directory itself")
     model = _load(path, dtype, component=component, progress=progress, config=config, sharding=sharding,
                   variant=variant, delta=delta, delta_variant=delta_variant, mesh=mesh, strategy=strategy,
                   allow_nonfinite=allow_nonfinite)

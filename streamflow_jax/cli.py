@@ -369,7 +369,6 @@ def _load_for_graph(args, path: Path, **kwargs):
 
 def _cmd_export(args) -> int:
     from streamflow_jax.export import export_onnx, export_spec
-
     from streamflow_jax.export.onnx import DEFAULT_OPSET
     from streamflow_jax.export.spec import Range
 

@@ -102,7 +102,11 @@ def apply_loras(model: FlowModel, loras: Sequence[LoraSpec], *, component: str |
         w = flat[name]
         if name in deltas:
             host = np.asarray(w)
-            merged = (host.astype(np.float32) + deltas[name]).astype(host.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # said below, naming the weight
+                merged = (host.astype(np.float32) + deltas[name]).astype(host.dtype)
+            if np.isfinite(host).all() and not np.isfinite(merged.astype(np.float32)).all():
+                raise ValueError(f"merging the LoRAs into {name!r} makes non-finite weights (inf or NaN in "
+                                 f"{host.dtype}): a scale too large? The model is unchanged")
             w = jax.device_put(merged, w.sharding) if isinstance(w, jax.Array) else jnp.asarray(merged)
         leaves.append(w)
     state = jax.tree_util.tree_map(lambda x: x, model.state)  # a new state object, same structure

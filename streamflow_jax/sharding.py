@@ -44,11 +44,20 @@ def make_mesh(devices: Sequence | int | None = None, *, data: int | None = None,
     """
     if devices is None:
         devices = jax.devices()
-    elif isinstance(devices, int):
+    elif isinstance(devices, int | np.integer) and not isinstance(devices, bool):
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}")
         if devices > jax.device_count():
             raise ValueError(f"{devices} devices asked for, {jax.device_count()} present")
         devices = jax.devices()[:devices]
+    elif not isinstance(devices, Sequence | np.ndarray) or isinstance(devices, str):
+        raise ValueError(f"devices must be a count or a sequence of devices, got {devices!r}")
     n = len(devices)
+    if n == 0:
+        raise ValueError("devices is empty")
+    for name, size in (("data", data), ("model", model)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
     if data is None and model is None:
         data, model = n, 1
     elif data is None:
@@ -56,7 +65,7 @@ def make_mesh(devices: Sequence | int | None = None, *, data: int | None = None,
     elif model is None:
         model = n // data
     if data * model != n:
-        raise ValueError(f"mesh {data} x {model} does not cover {n} devices")
+        raise ValueError(f"a mesh of data={data} x model={model} devices does not fit the {n} devices given")
     return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
 
 

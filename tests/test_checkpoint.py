@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import diffusers
@@ -197,3 +198,28 @@ def test_pipeline_without_a_supported_component(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no supported component" in err and "only .bin (pickle) weights" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # nothing left behind
+
+
+def test_bad_arguments_around_a_model_name_themselves(converted):
+    """Found by a user's pass: ``component=`` on a model directory (not a pipeline) returned the
+    model whatever it named; ``make_mesh`` made empty meshes or divided by zero; an export spec
+    took any dtype, a negative text length or a latent scale of 0 and failed after tracing."""
+    from streamflow_jax.export import velocity_spec
+
+    with pytest.raises(sf.ConversionError, match="not a pipeline directory .* component='vae' names nothing"):
+        sf.load(converted, component="vae")
+    for kwargs, message in [({"devices": 0}, "devices must be >= 1, got 0"),
+                            ({"devices": -1}, "devices must be >= 1, got -1"),
+                            ({"devices": 1.0}, "devices must be a count or a sequence of devices"),
+                            ({"devices": 1, "data": 0}, "data must be an integer >= 1, got 0"),
+                            ({"devices": 1, "model": 0}, "model must be an integer >= 1, got 0"),
+                            ({"devices": 1, "data": 2}, "a mesh of data=2 x model=0 devices does not fit the 1")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            sf.make_mesh(**kwargs)
+    model = sf.load(converted)
+    for kwargs, message in [({"dtype": "float7"}, "export dtype 'float7': choose from float32, float16, bfloat16"),
+                            ({"dtype": "int32"}, "export dtype 'int32'"),
+                            ({"text_len": -3}, "text_len must be an integer >= 1, got -3"),
+                            ({"resolution": 16, "latent_scale": 0}, "latent_scale must be an integer >= 1, got 0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            velocity_spec(model, **kwargs)

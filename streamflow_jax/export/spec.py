@@ -82,6 +82,9 @@ def dim_value(dim: int | str, bound: dict[str, int]) -> int:
     return (int(factor) if factor else 1) * bound[name]
 
 
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")  # compute dtypes a graph carries inside
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportSpec:
     """An exported graph's interface: ``velocity(x, t, **cond) -> v``, ``decode_latents(latents) -> images``
@@ -104,6 +107,10 @@ class ExportSpec:
     dtype: str = "float32"
     multiple: dict[str, int] = dataclasses.field(default_factory=dict)
     method: str = "velocity"  # the module method exported: "velocity", "decode_latents" or "encode"
+
+    def __post_init__(self):
+        if self.dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export dtype {self.dtype!r}: choose from {', '.join(EXPORT_DTYPES)}")
 
     @property
     def input_names(self) -> list[str]:
@@ -246,12 +253,20 @@ def _side(model, resolution, latent, scale: int) -> Range:
     return Range.parse(latent if latent is not None else model.family.default_latent(model.config))
 
 
+def _counts(**values) -> None:
+    """Each given value is an integer >= 1, or a ValueError naming it."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def export_spec(model, *, batch=None, resolution=None, latent=None, latent_scale: int | None = None,
                 text_len: int | None = None, dtype: str | None = None) -> ExportSpec:
     """The export spec of a model's graph, by its family's kind: a velocity field's ``velocity``,
     an autoencoder's ``decode_latents``, a text encoder's ``encode`` (arguments as theirs; the
     ones a kind does not take must be left out)."""
     kind = model.family.kind
+    _counts(latent_scale=latent_scale, text_len=text_len)
     if kind == "autoencoder":
         if latent_scale is not None and latent_scale != model.scale_factor:
             raise ValueError(f"latent scale {latent_scale} (--latent-scale): this {model.class_name} turns each latent "
@@ -279,6 +294,7 @@ def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_
     """
     if model.family.kind != "velocity":
         raise ValueError(f"{model.class_name} is not a velocity model (export_spec picks its graph)")
+    _counts(latent_scale=latent_scale, text_len=text_len)
     scale = model.family.latent_scale if latent_scale is None else latent_scale
     side = _side(model, resolution, latent, scale)
     return build_velocity_spec(model, batch=Range.parse(batch), height=side, width=side, text_len=text_len,
