@@ -157,7 +157,10 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
 
 def _chosen_linears(module, pattern: str) -> list[tuple[tuple, Linear]]:
     """``(path, layer)`` of ``module``'s linear layers whose dotted path ``pattern`` matches."""
-    chosen = re.compile(pattern)
+    try:
+        chosen = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"include={pattern!r} is not a regular expression ({e})") from None
     return [(path, node) for path, node in nnx.iter_graph(module)
             if isinstance(node, Linear) and path and chosen.search(".".join(map(str, path)))]
 

@@ -77,6 +77,9 @@ def flow_match(num_steps: int = 28, shift: float = 3.0, *, mu: float | None = No
         ``[S+1]`` float32 sigmas, from 1.0 down to a final 0.
     """
     num_steps = check_steps(num_steps)
+    if isinstance(shift, bool) or not isinstance(shift, int | float | np.integer | np.floating) \
+            or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift must be a positive number, got {shift!r}")
     n = NUM_TRAIN_TIMESTEPS
     train = np.linspace(1, n, n, dtype=np.float32)[::-1] / n
     if mu is None:
@@ -126,6 +129,8 @@ def stack(grids: Sequence[np.ndarray]) -> np.ndarray:
     that leave the sample unchanged.
     """
     grids = [np.asarray(g, np.float32) for g in grids]
+    if not grids:
+        raise ValueError("stack needs at least one grid")
     for i, g in enumerate(grids):
         if g.ndim != 1 or g.shape[0] < 2:
             raise ValueError(f"grid {i} must be 1-D with at least 2 times, got shape {g.shape}")

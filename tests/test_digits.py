@@ -145,6 +145,9 @@ def test_generate_cli_stream(tmp_path, capsys, monkeypatch):
                                             slots_per_stream=2, streams=1)
     with Image.open(out) as img:
         np.testing.assert_array_equal(np.asarray(img), np.asarray(image_grid(want, rows=10)))
+    for rows in (0, 3, 2.0):  # divided by zero, dropped an image, a float
+        with pytest.raises(ValueError, match=f"rows={rows!r}: 10 images must fill"):
+            image_grid(want, rows=rows)
 
 
 def test_generate_cli_bad_input(tmp_path, capsys):

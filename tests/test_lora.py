@@ -257,6 +257,8 @@ def test_bad_loras(unet, tmp_path, capsys):
         sf.load(path, loras=[(good, float("nan"))])
     # a scale beyond float32, and a finite one whose merge overflows the weights' dtype (float16
     # here): refused naming the file or the weight, where a warning and inf weights went through
+    with pytest.raises(sf.ConversionError, match="exists, but its scale 'abc' is not a number"):
+        sf.load(path, loras=[f"{good}:abc"])
     with pytest.raises(sf.ConversionError, match="LoRA scale 1e[+]40 is beyond float32's range"):
         sf.load(path, loras=[(good, 1e40)])
     with pytest.raises(ValueError, match="merging the LoRAs into .* makes non-finite weights"):

@@ -249,6 +249,8 @@ def test_errors_and_include(digits):
     q = quantize(digits.model, "fp8")
     with pytest.raises(ValueError, match="is it quantized already"):
         quantize(q, "fp8")
+    with pytest.raises(ValueError, match=r"include='\(\[' is not a regular expression"):
+        quantize(digits.model, "fp8", include="([")
     only = quantize(digits.model, "fp8", include=r"^proj_out$")
     assert [type(only.module.proj_out).__name__, len(_fp8_layers(only))] == ["Fp8Linear", 1]
     family = family_of("AutoencoderTiny")

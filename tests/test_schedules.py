@@ -62,6 +62,16 @@ def test_stack_pads_with_zero_length_steps():
     np.testing.assert_array_equal(grid[:, 1], b)
 
 
+@pytest.mark.parametrize("bad", [0.0, -1, float("nan"), "3", True, None])
+def test_bad_shifts_and_an_empty_stack(bad):
+    """A shift of 0 made a NaN grid, a negative one a grid running the wrong way, a string a
+    ufunc error; ``stack([])`` failed in ``max``."""
+    with pytest.raises(ValueError, match=r"shift must be a positive number, got"):
+        sf.schedules.flow_match(4, shift=bad)
+    with pytest.raises(ValueError, match="stack needs at least one grid"):
+        sf.schedules.stack([])
+
+
 @pytest.mark.parametrize("bad", [0, -3, 1001, 2.5, True, "4"])
 def test_bad_step_counts(bad):
     for grid in (sf.schedules.flow_match, sf.schedules.flux, sf.schedules.perflow):

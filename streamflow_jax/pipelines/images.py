@@ -53,6 +53,8 @@ def to_uint8(images) -> np.ndarray:
 def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2) -> Image.Image:
     """``[rows*cols, h, w]`` images in [0, 1] -> one PIL image, tiles upscaled nearest-neighbour."""
     n, h, w = images.shape
+    if isinstance(rows, bool) or not isinstance(rows, int | np.integer) or rows < 1 or n % rows:
+        raise ValueError(f"rows={rows!r}: {n} images must fill a positive number of equal rows")
     cols = n // rows
     tile_w, tile_h = w * scale, h * scale
     canvas = Image.new("L", (cols * (tile_w + gap) + gap, rows * (tile_h + gap) + gap), color=40)
