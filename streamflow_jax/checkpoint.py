@@ -189,6 +189,8 @@ def save(model: FlowModel, dst, *, source: str | None = None, progress: bool = F
     """
     from streamflow_jax.quantization import activation_scales, attention_scales, quantized_layers
 
+    if not isinstance(model, FlowModel):
+        raise ValueError(f"save takes a FlowModel (sf.load(...)), got {type(model).__name__}")
     dst = Path(dst).absolute()
     model = model.with_scanned_blocks(False).with_conv_layout("HWIO")  # as checkpoints hold them
     flat, _, names = flat_params(nnx.to_pure_dict(model.state))

@@ -137,6 +137,8 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
     """
     if mode not in MODES:
         raise ValueError(f"unsupported quantization mode {mode!r} (supported: {', '.join(MODES)})")
+    if not isinstance(model, FlowModel):
+        raise ValueError(f"quantize takes a FlowModel (sf.load(...)), got {type(model).__name__}")
     if model.scanned:  # per-block scales, layers chosen by their checkpoint names
         return model.unrolled_edit(lambda m: quantize(m, mode, include=include))
     family = model.family.name

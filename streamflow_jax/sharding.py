@@ -109,6 +109,10 @@ def shard(model: FlowModel, mesh: Mesh, strategy: str = "fsdp") -> FlowModel:
     The result is a ``FlowModel`` like any other: ``velocity``, ``sf.sample``, the pipelines and
     the stream engine run it as one SPMD program over the mesh.
     """
+    if not isinstance(model, FlowModel):
+        raise ValueError(f"shard takes a FlowModel (sf.load(...)), got {type(model).__name__}")
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (sf.make_mesh(...)), got {type(mesh).__name__}")
     if model.scanned:  # the strategies place the blocks' weights by their names and shapes
         return model.unrolled_edit(lambda m: shard(m, mesh, strategy))
     flat, treedef, names = flat_params(nnx.to_pure_dict(model.state))

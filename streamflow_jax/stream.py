@@ -487,6 +487,14 @@ class DeviceBuffers:
 # ---------------------------------------------------------------------------------------------
 
 
+def _shape(name: str, shape) -> tuple[int, ...]:
+    """A shape given to the engine: a sequence of integers >= 1 (``16.5`` is not truncated)."""
+    if not isinstance(shape, tuple | list) or not all(
+            isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(f"{name} must be a tuple of integers >= 1, got {shape!r}")
+    return tuple(int(d) for d in shape)
+
+
 def _check_model_shapes(model: FlowModel, latent_shape: tuple[int, ...], cond_shapes: dict) -> None:
     """Refuses an engine whose latent or conditioning shapes ``model`` cannot take, at
     construction (they would fail inside the first tick's compiled step)."""
@@ -550,9 +558,16 @@ class StreamEngine:
         for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not hasattr(model, "velocity"):
+            raise ValueError(f"model must be a velocity model (sf.load(...)) or a runner, got {type(model).__name__}")
+        for name, value in (("admit_per_tick", admit_per_tick), ("min_batch", min_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.backend, self.decoder, self.postprocess = model, backend, decoder, postprocess
-        self.latent_shape = tuple(int(d) for d in latent_shape)
-        self.cond_shapes = {k: tuple(int(d) for d in v) for k, v in cond_shapes.items()}
+        self.latent_shape = _shape("latent_shape", latent_shape)
+        if not isinstance(cond_shapes, dict):
+            raise ValueError(f"cond_shapes must be a dict of per-request shapes, got {type(cond_shapes).__name__}")
+        self.cond_shapes = {k: _shape(f"cond_shapes[{k!r}]", v) for k, v in cond_shapes.items()}
         if isinstance(model, FlowModel) and model.family.kind == "velocity":
             _check_model_shapes(model, self.latent_shape, self.cond_shapes)
         self.guided = bool(guidance)
@@ -560,6 +575,8 @@ class StreamEngine:
         admit = streams if admit_per_tick is None else int(admit_per_tick)
         if not 1 <= admit <= self.num_slots:
             raise ValueError(f"admit_per_tick must be in [1, {self.num_slots}], got {admit}")
+        if min_batch is not None and min_batch > self.num_slots:
+            raise ValueError(f"min_batch must be in [1, {self.num_slots}] (the slots), got {min_batch}")
         self.validate = RequestValidator(self.latent_shape, self.cond_shapes, self.guided)
         data = mesh.shape["data"] if mesh is not None else 1
         if self.num_slots % data:

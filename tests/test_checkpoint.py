@@ -223,3 +223,17 @@ def test_bad_arguments_around_a_model_name_themselves(converted):
                             ({"resolution": 16, "latent_scale": 0}, "latent_scale must be an integer >= 1, got 0")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             velocity_spec(model, **kwargs)
+
+
+def test_none_for_a_model_or_a_mesh_is_named(converted, tmp_path):
+    """``sf.save``, ``sf.quantize``, ``sf.shard`` given None raised AttributeError from inside."""
+    model = sf.load(converted)
+    with pytest.raises(ValueError, match="save takes a FlowModel .*got NoneType"):
+        sf.save(None, tmp_path / "x")
+    with pytest.raises(ValueError, match="quantize takes a FlowModel .*got NoneType"):
+        sf.quantize(None)
+    with pytest.raises(ValueError, match="shard takes a FlowModel .*got NoneType"):
+        sf.shard(None, sf.make_mesh(1))
+    with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh .*got NoneType"):
+        sf.shard(model, None)
+    assert not (tmp_path / "x").exists()

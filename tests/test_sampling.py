@@ -104,6 +104,7 @@ def test_bad_inputs_name_the_problem(model):
         "t has shape (3,); expected one time per element, [B=2]": lambda: model.velocity(
             x, np.ones(3, np.float32), cond),
         "x0 has shape": lambda: model.noise_to(x, x[:, :4], np.ones(2, np.float32)),
+        "cond must be a dict of [B, ...] arrays, got NoneType": lambda: sf.sample(model, x, grid, None),
         "guidance_scale must be a number": lambda: sf.sample(model, x, grid, cond, guidance_scale="3", uncond=cond),
         "guidance_scale is beyond float32's range": lambda: sf.sample(
             model, x, grid, cond, guidance_scale=1e40, uncond=cond),

@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,9 @@ def sample(
     """
     entry = check_backend(backend)
     noise = jnp.asarray(noise)
+    for name, value in (("cond", cond), ("uncond", uncond)):
+        if not (isinstance(value, Mapping) or value is None and name == "uncond"):
+            raise ValueError(f"{name} must be a dict of [B, ...] arrays, got {type(value).__name__}")
     cond = dict(cond)
     uncond = None if uncond is None else dict(uncond)
     grid, guidance_scale = sampling.check_inputs(noise, jnp.asarray(ts, jnp.float32), cond, guidance_scale, uncond)
