@@ -103,16 +103,6 @@ def _check_mesh_flags(args) -> None:
     args.strategy = args.strategy or "fsdp"
 
 
-def _defaults_for(args, given_with: str, **defaults) -> None:
-    """Flags that only apply with another (``--slots`` with ``--stream``): refused when given
-    without it, else set to their defaults."""
-    for name, default in defaults.items():
-        if getattr(args, name) is not None and not getattr(args, given_with.removeprefix("--").replace("-", "_")):
-            raise ValueError(f"--{name.replace('_', '-')} goes with {given_with}")
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-
-
 def _positive(args, *names: str) -> None:
     """Each flag (by dest name) given must be an integer >= 1; named as the user typed it."""
     for name in names:
@@ -187,22 +177,6 @@ def _check_model_dir(path: str | None) -> None:
                                                 "model (no conditioning.safetensors)"))
 
 
-def _read_image(path: str) -> Image.Image:
-    """``--image``: read and decoded now, before any model is loaded; errors name the flag."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise ValueError(f"--image {path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"--image {path}: a directory, not an image file") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"--image {path}: too large to decode ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"--image {path}: cannot read it as an image ({e})") from None
-
-
 def _is_digits_model(path: str | None) -> bool:
     return path is None or (Path(path) / "conditioning.safetensors").is_file()
 
@@ -210,14 +184,22 @@ def _is_digits_model(path: str | None) -> bool:
 def _cmd_generate(args) -> int:
     _check_common(args)
     _positive(args, "slots", "streams", "per_digit")
-    _defaults_for(args, "--stream", slots=16, streams=1)
+    for name, default in (("slots", 16), ("streams", 1)):  # --stream's; refused without it, not ignored
+        if getattr(args, name) is not None and not args.stream:
+            raise ValueError(f"--{name} goes with --stream")
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     _check_out(args.out)
     if args.image is not None and not args.image.strip():
         raise ValueError("--image: an empty path (give an image file, or leave --image out)")
     if args.strength is not None and not args.image:
         raise ValueError("--strength is for image-to-image: give --image too")
     _check_model_dir(args.model)
-    args.image = _read_image(args.image) if args.image else None
+    if args.image:  # read now, before any model is loaded
+        from streamflow_jax.pipelines.images import read_image
+
+        args.image = read_image(args.image, f"--image {args.image}")
+    else:
+        args.image = None
     if _is_digits_model(args.model):
         return _generate_digits(args)
     return _generate_prompts(args)

@@ -24,3 +24,13 @@ class ExportError(ValueError):
 
 class ShapeError(ValueError):
     """Inputs that do not fit an exported graph's spec; names the input, the axis and the range."""
+
+
+def check_count(name: str, value, least: int = 1) -> int:
+    """``value`` as an int if it is an integer (not a bool, not a float) >= ``least``, else a
+    ValueError naming ``name``: the one rule for counts and sizes given to the library."""
+    import numpy as np  # here: this module is imported by everything, numpy only when used
+
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)

@@ -107,7 +107,7 @@ def apply_loras(model: FlowModel, loras: Sequence[LoraSpec], *, component: str |
             host = np.asarray(w)
             with np.errstate(over="ignore", invalid="ignore"):  # said below, naming the weight
                 merged = (host.astype(np.float32) + deltas[name]).astype(host.dtype)
-            if np.isfinite(host).all() and not np.isfinite(merged.astype(np.float32)).all():
+            if not np.isfinite(merged.astype(np.float32)).all() and np.isfinite(host).all():  # host: rare path
                 raise ValueError(f"merging the LoRAs into {name!r} makes non-finite weights (inf or NaN in "
                                  f"{host.dtype}): a scale too large? The model is unchanged")
             w = jax.device_put(merged, w.sharding) if isinstance(w, jax.Array) else jnp.asarray(merged)

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from streamflow_jax.errors import check_count
 from streamflow_jax.models import FlowModel, flat_params
 from streamflow_jax.models.family import standard_logical_axes
 
@@ -45,8 +46,7 @@ def make_mesh(devices: Sequence | int | None = None, *, data: int | None = None,
     if devices is None:
         devices = jax.devices()
     elif isinstance(devices, int | np.integer) and not isinstance(devices, bool):
-        if devices < 1:
-            raise ValueError(f"devices must be >= 1, got {devices}")
+        devices = check_count("devices", devices)
         if devices > jax.device_count():
             raise ValueError(f"{devices} devices asked for, {jax.device_count()} present")
         devices = jax.devices()[:devices]
@@ -56,8 +56,8 @@ def make_mesh(devices: Sequence | int | None = None, *, data: int | None = None,
     if n == 0:
         raise ValueError("devices is empty")
     for name, size in (("data", data), ("model", model)):
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+        if size is not None:
+            check_count(name, size)
     if data is None and model is None:
         data, model = n, 1
     elif data is None:

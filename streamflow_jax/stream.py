@@ -48,7 +48,7 @@ import numpy as np
 
 from streamflow_jax import ops, sampling, schedules
 from streamflow_jax.backends import check_backend, runner_for
-from streamflow_jax.errors import RequestError
+from streamflow_jax.errors import RequestError, check_count
 from streamflow_jax.models import FlowModel, decode_latents
 from streamflow_jax.sampling import Guidance, check_seed
 from streamflow_jax.sharding import shard_batch
@@ -489,10 +489,9 @@ class DeviceBuffers:
 
 def _shape(name: str, shape) -> tuple[int, ...]:
     """A shape given to the engine: a sequence of integers >= 1 (``16.5`` is not truncated)."""
-    if not isinstance(shape, tuple | list) or not all(
-            isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 1 for d in shape):
+    if not isinstance(shape, tuple | list):
         raise ValueError(f"{name} must be a tuple of integers >= 1, got {shape!r}")
-    return tuple(int(d) for d in shape)
+    return tuple(check_count(f"{name}[{i}]", d) for i, d in enumerate(shape))
 
 
 def _check_model_shapes(model: FlowModel, latent_shape: tuple[int, ...], cond_shapes: dict) -> None:
@@ -556,13 +555,12 @@ class StreamEngine:
         entry = check_backend(backend)
         self.tick_mode = tick_mode(tick)
         for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, value)
         if not hasattr(model, "velocity"):
             raise ValueError(f"model must be a velocity model (sf.load(...)) or a runner, got {type(model).__name__}")
         for name, value in (("admit_per_tick", admit_per_tick), ("min_batch", min_batch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value is not None:
+                check_count(name, value)
         self.model, self.backend, self.decoder, self.postprocess = model, backend, decoder, postprocess
         self.latent_shape = _shape("latent_shape", latent_shape)
         if not isinstance(cond_shapes, dict):

@@ -208,8 +208,8 @@ def test_bad_arguments_around_a_model_name_themselves(converted):
 
     with pytest.raises(sf.ConversionError, match="not a pipeline directory .* component='vae' names nothing"):
         sf.load(converted, component="vae")
-    for kwargs, message in [({"devices": 0}, "devices must be >= 1, got 0"),
-                            ({"devices": -1}, "devices must be >= 1, got -1"),
+    for kwargs, message in [({"devices": 0}, "devices must be an integer >= 1, got 0"),
+                            ({"devices": -1}, "devices must be an integer >= 1, got -1"),
                             ({"devices": 1.0}, "devices must be a count or a sequence of devices"),
                             ({"devices": 1, "data": 0}, "data must be an integer >= 1, got 0"),
                             ({"devices": 1, "model": 0}, "model must be an integer >= 1, got 0"),

@@ -134,7 +134,7 @@ def test_generate_says_what_its_model_and_image_are_not(tiny_sd3, tmp_path, caps
     assert err.count("\n") == 1 and f"--image {tmp_path / 'digit.png'}: too large to decode" in err, err
     (tmp_path / "notes.txt").write_text("not an image")
     assert cli(["generate", "--image", str(tmp_path / "notes.txt")]) == 1
-    assert "cannot read it as an image" in capsys.readouterr().err
+    assert "not an image Pillow can read" in capsys.readouterr().err
 
 
 def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):

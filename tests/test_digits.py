@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,8 +146,10 @@ def test_generate_cli_stream(tmp_path, capsys, monkeypatch):
                                             slots_per_stream=2, streams=1)
     with Image.open(out) as img:
         np.testing.assert_array_equal(np.asarray(img), np.asarray(image_grid(want, rows=10)))
-    for rows in (0, 3, 2.0):  # divided by zero, dropped an image, a float
-        with pytest.raises(ValueError, match=f"rows={rows!r}: 10 images must fill"):
+    for rows, message in ((0, "rows must be an integer >= 1, got 0"),  # divided by zero
+                          (3, "rows=3: 10 images do not fill equal rows"),  # dropped an image
+                          (2.0, "rows must be an integer >= 1, got 2.0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             image_grid(want, rows=rows)
 
 

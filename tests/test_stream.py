@@ -346,7 +346,7 @@ def test_engine_shapes_the_model_cannot_take_are_refused_at_construction(model):
     StreamEngine(model, (8, 8, 4), {**SHAPES, "encoder_hidden_states": (11, CFG["joint_attention_dim"])})  # any length
     # truncated, clamped or taken for a model before (a user's pass found each)
     for args, kwargs, message in [
-        ((model, (8.5, 8, 4), SHAPES), {}, "latent_shape must be a tuple of integers >= 1, got (8.5, 8, 4)"),
+        ((model, (8.5, 8, 4), SHAPES), {}, "latent_shape[0] must be an integer >= 1, got 8.5"),
         ((model, (8, 8, 4), {**SHAPES, "pooled_projections": 32}), {}, "cond_shapes['pooled_projections'] must be"),
         ((model, (8, 8, 4), None), {}, "cond_shapes must be a dict"),
         ((None, (8, 8, 4), SHAPES), {}, "model must be a velocity model"),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from streamflow_jax.errors import ShapeError
+from streamflow_jax.errors import ShapeError, check_count
 from streamflow_jax.models.flow import pixels_to_latent
 
 # ---------------------------------------------------------------------------------------------
@@ -253,20 +253,12 @@ def _side(model, resolution, latent, scale: int) -> Range:
     return Range.parse(latent if latent is not None else model.family.default_latent(model.config))
 
 
-def _counts(**values) -> None:
-    """Each given value is an integer >= 1, or a ValueError naming it."""
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def export_spec(model, *, batch=None, resolution=None, latent=None, latent_scale: int | None = None,
                 text_len: int | None = None, dtype: str | None = None) -> ExportSpec:
     """The export spec of a model's graph, by its family's kind: a velocity field's ``velocity``,
     an autoencoder's ``decode_latents``, a text encoder's ``encode`` (arguments as theirs; the
     ones a kind does not take must be left out)."""
     kind = model.family.kind
-    _counts(latent_scale=latent_scale, text_len=text_len)
     if kind == "autoencoder":
         if latent_scale is not None and latent_scale != model.scale_factor:
             raise ValueError(f"latent scale {latent_scale} (--latent-scale): this {model.class_name} turns each latent "
@@ -294,7 +286,9 @@ def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_
     """
     if model.family.kind != "velocity":
         raise ValueError(f"{model.class_name} is not a velocity model (export_spec picks its graph)")
-    _counts(latent_scale=latent_scale, text_len=text_len)
+    for name, value in (("latent_scale", latent_scale), ("text_len", text_len)):
+        if value is not None:
+            check_count(name, value)
     scale = model.family.latent_scale if latent_scale is None else latent_scale
     side = _side(model, resolution, latent, scale)
     return build_velocity_spec(model, batch=Range.parse(batch), height=side, width=side, text_len=text_len,

@@ -6,13 +6,14 @@ NHWC throughout.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from streamflow_jax.checkpoint import load
-from streamflow_jax.errors import ConfigError, ConversionError
+from streamflow_jax.errors import ConfigError, ConversionError, check_count
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -50,11 +51,35 @@ def to_uint8(images) -> np.ndarray:
     return (to_float_images(images) * 255).round().astype(np.uint8)
 
 
+def read_image(source: bytes | str | Path, what: str, max_pixels: int | None = None) -> Image.Image:
+    """An image decoded from a file or from bytes (any format Pillow reads), or a ValueError
+    naming ``what``: missing, a directory, not an image, larger than ``max_pixels`` (checked
+    from the header, before decoding), or a decompression bomb by Pillow's own limit. The CLI's
+    ``--image`` and the server's uploads and frames both read images through it."""
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what}: a directory, not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{what}: too large to decode ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{what}: not an image Pillow can read ({e})") from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ValueError(f"{what}: {image.width}x{image.height} is larger than {max_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{what}: not an image Pillow can read ({e})") from None
+    return image
+
+
 def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2) -> Image.Image:
     """``[rows*cols, h, w]`` images in [0, 1] -> one PIL image, tiles upscaled nearest-neighbour."""
     n, h, w = images.shape
-    if isinstance(rows, bool) or not isinstance(rows, int | np.integer) or rows < 1 or n % rows:
-        raise ValueError(f"rows={rows!r}: {n} images must fill a positive number of equal rows")
+    if n % check_count("rows", rows):
+        raise ValueError(f"rows={rows!r}: {n} images do not fill equal rows")
     cols = n // rows
     tile_w, tile_h = w * scale, h * scale
     canvas = Image.new("L", (cols * (tile_w + gap) + gap, rows * (tile_h + gap) + gap), color=40)

@@ -32,6 +32,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from streamflow_jax.errors import RequestError
+from streamflow_jax.pipelines.images import read_image
 from streamflow_jax.serve import api
 from streamflow_jax.serve.api import REPLICA_HEADER, APIError, EditFields, GenerationFields
 from streamflow_jax.serve.metrics import CONTENT_TYPE, Metrics
@@ -215,16 +216,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def open_image(data: bytes, what: str) -> Image.Image:
     """Decodes an uploaded image (any format Pillow reads), refusing what is too large to decode."""
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise APIError(400, f"{what}: {image.width}x{image.height} is larger than {MAX_IMAGE_PIXELS} pixels",
-                           param=what)
-        image.load()
-        return image
-    except APIError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise APIError(400, f"{what}: not an image Pillow can read ({e})", param=what) from None
+        return read_image(data, what, MAX_IMAGE_PIXELS)
+    except ValueError as e:
+        raise APIError(400, str(e), param=what) from None
 
 
 def _state(request) -> ServerState:
