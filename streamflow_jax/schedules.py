@@ -178,6 +178,22 @@ def alphas_cumprod(beta_start: float = BETA_START, beta_end: float = BETA_END,
     return np.cumprod(1.0 - betas).astype(np.float32)
 
 
+def strength_values(strength, n: int) -> list[float]:
+    """``n`` image-to-image strengths as Python floats, from one number or ``n`` numbers, each
+    in (0, 1]; a ValueError names what is wrong (a string or a bool, the wrong count, a value
+    outside the range)."""
+    arr = np.asarray(strength)
+    if arr.dtype.kind not in "fiu":  # bools and strings too
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    if arr.ndim > 1 or arr.ndim == 1 and arr.shape[0] != n:
+        raise ValueError(f"strength has shape {arr.shape}; expected one number or one per image ({n})")
+    values = [float(s) for s in np.broadcast_to(arr.astype(np.float64), (n,))]
+    for s in values:
+        if not 0 < s <= 1:  # NaN fails too
+            raise ValueError(f"strength must be in (0, 1], got {s}")
+    return values
+
+
 def truncate(grid, strength: float) -> np.ndarray:
     """The tail of a grid an image-to-image run samples: diffusers' img2img rule (SD3, Flux):
     of ``S`` steps, the last ``int(min(S * strength, S))`` or so, exactly
@@ -191,9 +207,9 @@ def truncate(grid, strength: float) -> np.ndarray:
             values keep a few last steps (the image barely changes).
     """
     grid = np.asarray(grid, np.float32)
-    strength = float(strength)
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if np.ndim(strength):
+        raise ValueError(f"strength must be one number in (0, 1] here, got shape {np.shape(strength)}")
+    strength = strength_values(strength, 1)[0]
     steps = grid.shape[0] - 1
     start = int(max(steps - min(steps * strength, steps), 0))
     if start >= steps:

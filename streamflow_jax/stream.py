@@ -99,7 +99,7 @@ class RequestValidator:
         try:
             req = self._validate(rid, cond, steps, grid, shift, seed, noise, guidance_scale, uncond)
             if init is not None:
-                init = self._finite(rid, "init", np.asarray(init, np.float32))
+                init = self._finite(rid, "init", init)
                 if init.shape != self.latent_shape:
                     raise RequestError(f"request {rid}: init latent shape {init.shape}, the engine runs "
                                        f"{self.latent_shape}")
@@ -118,7 +118,7 @@ class RequestValidator:
         if (noise is None) == (seed is None):
             raise RequestError(f"request {rid}: give exactly one of seed or noise")
         if noise is not None:
-            noise = self._finite(rid, "noise", np.asarray(noise, np.float32))
+            noise = self._finite(rid, "noise", noise)
             if noise.shape != self.latent_shape:
                 raise RequestError(f"request {rid}: latent shape {noise.shape}, the engine runs {self.latent_shape}")
         else:
@@ -148,7 +148,7 @@ class RequestValidator:
             grid = schedules.flow_match(schedules.check_steps(steps), shift=shift)
         elif steps is not None:
             raise RequestError(f"request {rid}: give steps or grid, not both")
-        grid = self._finite(rid, "grid", np.asarray(grid, np.float32))
+        grid = self._finite(rid, "grid", grid)
         if grid.ndim != 1 or grid.shape[0] < 2:
             raise RequestError(f"request {rid}: grid must be [S+1] with S >= 1, got shape {grid.shape}")
         if grid.shape[0] - 1 > schedules.MAX_STEPS:
@@ -163,14 +163,20 @@ class RequestValidator:
             raise RequestError(f"request {rid}: {what} keys {got}, the engine takes {sorted(self.cond_shapes)}")
         out = {}
         for k, shape in self.cond_shapes.items():
-            a = np.asarray(cond[k], np.float32)
+            a = self._finite(rid, f"{what}[{k!r}]", cond[k])
             if a.shape != shape:
                 raise RequestError(f"request {rid}: {what}[{k!r}] has shape {a.shape}, expected {shape}")
-            out[k] = self._finite(rid, f"{what}[{k!r}]", a)
+            out[k] = a
         return out
 
     @staticmethod
-    def _finite(rid, what, a: np.ndarray) -> np.ndarray:
+    def _finite(rid, what, value) -> np.ndarray:
+        """``value`` as float32, refused unless it is real numbers (complex would lose its
+        imaginary part, bools and strings mean nothing here), all finite."""
+        a = np.asarray(value)
+        if a.dtype.kind not in "fiu":
+            raise RequestError(f"request {rid}: {what} must be real numbers, got an array of {a.dtype}")
+        a = a.astype(np.float32)
         if not np.isfinite(a).all():
             raise RequestError(f"request {rid}: {what} has non-finite values (NaN or inf)")
         return a
@@ -563,8 +569,12 @@ class StreamEngine:
                 check_count(name, value)
         self.model, self.backend, self.decoder, self.postprocess = model, backend, decoder, postprocess
         self.latent_shape = _shape("latent_shape", latent_shape)
-        if not isinstance(cond_shapes, dict):
-            raise ValueError(f"cond_shapes must be a dict of per-request shapes, got {type(cond_shapes).__name__}")
+        if not isinstance(cond_shapes, dict) or not all(isinstance(k, str) for k in cond_shapes):
+            raise ValueError(f"cond_shapes must be a dict of per-request shapes by input name, got {cond_shapes!r:.200}")
+        if decoder is not None and not (isinstance(decoder, FlowModel) and hasattr(decoder.module, "decode_latents")):
+            raise ValueError(f"decoder must be a VAE or TAESD model (sf.load(...)), got {type(decoder).__name__}")
+        if postprocess is not None and not callable(postprocess):
+            raise ValueError(f"postprocess must be callable, got {type(postprocess).__name__}")
         self.cond_shapes = {k: _shape(f"cond_shapes[{k!r}]", v) for k, v in cond_shapes.items()}
         if isinstance(model, FlowModel) and model.family.kind == "velocity":
             _check_model_shapes(model, self.latent_shape, self.cond_shapes)

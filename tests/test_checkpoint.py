@@ -208,6 +208,10 @@ def test_bad_arguments_around_a_model_name_themselves(converted):
 
     with pytest.raises(sf.ConversionError, match="not a pipeline directory .* component='vae' names nothing"):
         sf.load(converted, component="vae")
+    with pytest.raises(ValueError, match=re.escape("unknown strategy 'fdsp' (choose from replicate, fsdp, tensor)")):
+        sf.load(converted, strategy="fdsp")  # ignored without a mesh, and a restore failure with one
+    with pytest.raises(ValueError, match="unknown strategy 'bogus'"):
+        sf.load(converted, mesh=sf.make_mesh(1), strategy="bogus")
     for kwargs, message in [({"devices": 0}, "devices must be an integer >= 1, got 0"),
                             ({"devices": -1}, "devices must be an integer >= 1, got -1"),
                             ({"devices": 1.0}, "devices must be a count or a sequence of devices"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import diffusers
@@ -236,3 +237,18 @@ def test_digits_redrawn_as_other_classes(tmp_path):
                 "--out", str(tmp_path / "grid.png")]) == 0
     with pytest.raises(ValueError, match="image has shape"):
         pipe(labels, image=np.zeros((3, 16, 16)), strength=0.5)
+    # a path is read as the image (it failed in NumPy), and a list of paths as a batch
+    path = tmp_path / "three.png"
+    with Image.open(path) as img:
+        want = pipe(labels[:2], image=np.asarray(img), strength=0.6, seed=0)
+    np.testing.assert_array_equal(pipe(labels[:2], image=str(path), strength=0.6, seed=0), want)
+    np.testing.assert_array_equal(pipe(labels[:2], image=[path, path], strength=0.6, seed=0), want)
+    for image, strength, message in [
+            ([Image.new("L", (16, 16)), Image.new("L", (16, 8))], 0.6, "the images have different sizes (16x8, 16x16)"),
+            ([Image.new("L", (16, 16)), np.zeros((16, 16))], 0.6, "a list must hold only PIL images or paths"),
+            (tmp_path / "nothing.png", 0.6, "nothing.png': no such file"),
+            (np.array(["a"]), 0.6, "image: expected numbers"),
+            (three, [0.5, 0.6, 0.7], "strength has shape (3,); expected one number or one per image (40)"),
+            (three, "0.6", "strength must be a number in (0, 1], got '0.6'")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pipe(labels, image=image, strength=strength)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -51,6 +53,24 @@ def test_truncate_computes_in_python_floats_as_diffusers():
         start = int(max(steps - min(steps * strength, steps), 0))  # diffusers' get_timesteps
         np.testing.assert_array_equal(sf.schedules.truncate(grid, strength), grid[start:])
     assert sf.schedules.truncate(sf.schedules.flow_match(5), 0.6).shape == (4,)
+
+
+def test_strengths_are_numbers_one_or_one_per_image():
+    """``strength="0.5"`` and ``True`` were taken as numbers, and a per-image list of the wrong
+    length failed in NumPy's broadcasting."""
+    assert sf.schedules.strength_values(0.5, 3) == [0.5, 0.5, 0.5]
+    assert sf.schedules.strength_values([0.5, 1], 2) == [0.5, 1.0]
+    for bad, message in [("0.5", "strength must be a number in (0, 1], got '0.5'"),
+                         (True, "strength must be a number in (0, 1], got True"),
+                         (None, "strength must be a number in (0, 1], got None"),
+                         ([0.5, 0.6, 0.7], "strength has shape (3,); expected one number or one per image (2)"),
+                         ([[0.5, 0.6]], "strength has shape (1, 2)"),
+                         (float("nan"), "strength must be in (0, 1], got nan"),
+                         ([0.5, 0.0], "strength must be in (0, 1], got 0.0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            sf.schedules.strength_values(bad, 2)
+    with pytest.raises(ValueError, match=re.escape("strength must be one number in (0, 1] here, got shape (1,)")):
+        sf.schedules.truncate(sf.schedules.flow_match(4), [0.5])
 
 
 def test_stack_pads_with_zero_length_steps():

@@ -135,10 +135,15 @@ def test_invalid_requests_fail_alone(model):
     bool_steps = engine.submit(conds[2], steps=True, seed=9)
     long_grid = engine.submit(conds[2], grid=np.linspace(1, 0, 1002), seed=9)
     both = engine.submit(conds[2], steps=3, grid=np.linspace(1, 0, 3), seed=9)
+    complex_noise = engine.submit(conds[2], steps=2, noise=np.ones((8, 8, 4)) + 1j)  # lost its imaginary part
+    bool_cond = engine.submit({**conds[2], "pooled_projections": np.ones(SHAPES["pooled_projections"], bool)},
+                              steps=2, seed=9)
+    str_strength = engine.submit(conds[2], steps=4, seed=9, init=np.zeros((8, 8, 4)), strength="0.5")  # taken
+    many_strengths = engine.submit(conds[2], steps=4, seed=9, init=np.zeros((8, 8, 4)), strength=[0.5, 0.6])
     good.append(engine.submit(conds[2], steps=1, seed=6))
     good.append(engine.submit(conds[2], steps=1, seed=8, guidance_scale=1.0))  # <= 1: no guidance, the one rule
     results = engine.run()
-    assert len(results) == 16
+    assert len(results) == 20
     for rid in good:
         assert engine.result(rid).shape == (8, 8, 4)
     for rid, msg in [(bad_size, r"latent shape \(6, 8, 4\)"), (bad_cond, r"cond\['encoder_hidden_states'\] has shape \(9, 12\)"),
@@ -147,7 +152,11 @@ def test_invalid_requests_fail_alone(model):
                      (bad_seed, r"seed -1 outside \[0, 2\*\*32\)"), (nan_scale, "guidance_scale nan is not finite"),
                      (float_steps, "steps must be an integer, got 2.7"), (str_steps, "steps must be an integer, got '3'"),
                      (bool_steps, "steps must be an integer, got True"), (long_grid, "grid has 1001 steps; at most 1000"),
-                     (both, "give steps or grid, not both")]:
+                     (both, "give steps or grid, not both"),
+                     (complex_noise, "noise must be real numbers, got an array of complex128"),
+                     (bool_cond, r"cond\['pooled_projections'\] must be real numbers, got an array of bool"),
+                     (str_strength, r"strength must be a number in \(0, 1\], got '0.5'"),
+                     (many_strengths, r"strength must be one number in \(0, 1\] here, got shape \(2,\)")]:
         with pytest.raises(RequestError, match=msg):
             engine.result(rid)
 
@@ -353,6 +362,10 @@ def test_engine_shapes_the_model_cannot_take_are_refused_at_construction(model):
         ((model, (8, 8, 4), SHAPES), {"admit_per_tick": 1.5}, "admit_per_tick must be an integer >= 1, got 1.5"),
         ((model, (8, 8, 4), SHAPES), {"min_batch": -5}, "min_batch must be an integer >= 1, got -5"),
         ((model, (8, 8, 4), SHAPES), {"min_batch": 100}, "min_batch must be in [1, 4] (the slots), got 100"),
+        ((model, (8, 8, 4), {0: (3,)}), {}, "cond_shapes must be a dict of per-request shapes by input name"),
+        ((model, (8, 8, 4), SHAPES), {"decoder": model}, "decoder must be a VAE or TAESD model"),
+        ((model, (8, 8, 4), SHAPES), {"decoder": "vae"}, "decoder must be a VAE or TAESD model (sf.load(...)), got str"),
+        ((model, (8, 8, 4), SHAPES), {"postprocess": 3}, "postprocess must be callable, got int"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             StreamEngine(*args, **kwargs)

@@ -82,8 +82,7 @@ def img2img_start(model, x0, noise, grid, strength):
     5 steps at strength 0.6 would keep 4 steps, not 3)."""
     b = x0.shape[0]
     given = schedules.DEFAULT_STRENGTH if strength is None else strength
-    strengths = [float(s) for s in np.broadcast_to(np.asarray(given, np.float64), (b,))]
-    grids = schedules.stack([schedules.truncate(grid, s) for s in strengths])  # [S'+1, B]
+    grids = schedules.stack([schedules.truncate(grid, s) for s in schedules.strength_values(given, b)])  # [S'+1, B]
     return model.noise_to(jnp.asarray(x0), jnp.asarray(noise), grids[0]), grids
 
 

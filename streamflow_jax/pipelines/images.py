@@ -93,13 +93,25 @@ def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2) -> I
 
 def images_to_array(image, channels: int | None = 3) -> np.ndarray:
     """PIL image(s) or an array ``[B, H, W, C]`` / ``[H, W, C]`` (floats in [0, 1], or uint8)
-    -> float32 ``[B, H, W, C]`` in [0, 1]."""
-    if isinstance(image, Image.Image):
+    -> float32 ``[B, H, W, C]`` in [0, 1]. A path (or a list of them) is read as an image file."""
+    if isinstance(image, str | Path | Image.Image):
         image = [image]
-    if isinstance(image, (list, tuple)) and image and isinstance(image[0], Image.Image):
+    if isinstance(image, list | tuple) and image and any(isinstance(im, str | Path | Image.Image) for im in image):
+        if not all(isinstance(im, str | Path | Image.Image) for im in image):
+            raise ValueError("image: a list must hold only PIL images or paths, or be one array")
         mode = "L" if channels == 1 else "RGB"
+        image = [read_image(im, f"image {str(im)!r}") if isinstance(im, str | Path) else im for im in image]
+        sizes = sorted({im.size for im in image})
+        if len(sizes) > 1:
+            raise ValueError(f"image: the images have different sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}); "
+                             "give images of one size")
         image = np.stack([np.asarray(im.convert(mode)) for im in image])
-    arr = np.asarray(image)
+    try:
+        arr = np.asarray(image)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"image: not an array of one shape ({e})") from None
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"image: expected numbers (floats in [0, 1] or uint8), got an array of {arr.dtype}")
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / 255
     arr = arr.astype(np.float32)
