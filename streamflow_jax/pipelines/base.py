@@ -300,7 +300,7 @@ class PromptPipeline(Pipeline):
             height, width: image size in pixels (default: the given noise's, else the model's).
             max_sequence_length: T5 tokens (Flux, SD3; default: the pipeline's); longer
                 prompts are truncated with a warning.
-            image, strength: image-to-image: start from these images (PIL or ``[B, H, W, 3]``
+            image, strength: image-to-image: start from these images (PIL, paths or ``[B, H, W, 3]``
                 in [0, 1]; one for all prompts or one each), encoded and noised to where
                 ``strength`` (in (0, 1], default 0.6; a scalar or one per prompt) cuts the
                 grid, as diffusers' img2img pipelines do. The size comes from the image.

@@ -93,7 +93,7 @@ class DigitsPipeline(Pipeline):
                 scalar <= 1: no guidance (the one rule, ``sampling.Guidance.resolve``).
             seed: PRNG seed of the starting noise, in [0, 2**32).
             image, strength: image-to-image: redraw these 16x16 grey images (``[B, 16, 16]`` or
-                one for all, in [0, 1], or PIL) as the labels' digits, ``strength`` in (0, 1]
+                one for all, in [0, 1], or PIL images or paths) as the labels' digits, ``strength`` in (0, 1]
                 (default 0.6) of the way from the image to noise.
             backend: a backend name (``backends.BACKENDS``).
             progress: a progress bar over the steps of runs longer than 2 s.
