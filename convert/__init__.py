@@ -47,14 +47,21 @@ __all__ = ["CONVERTER_VERSION", "ConversionError", "ConversionPlan", "class_name
 
 
 def resolve_dtype(dtype):
-    """``None`` (keep the checkpoint's), a name from ``DTYPES``, or a numpy/jax dtype."""
+    """``None`` (keep the checkpoint's), a name from ``DTYPES``, or one of those as a numpy/jax
+    dtype; anything else (int8, float64, FP8: ``sf.quantize`` makes FP8 models) is refused."""
     if dtype is None:
         return None
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConversionError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
         return np.dtype(DTYPES[dtype])
-    return np.dtype(dtype)
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved not in {np.dtype(d) for d in DTYPES.values()}:
+        raise ConversionError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return resolved
 
 
 def class_name_of(raw: dict) -> str | None:
@@ -279,7 +286,8 @@ class ConversionPlan:
 
     def read(self, names: list[str], cast=None) -> Iterator[tuple[str, np.ndarray]]:
         """Yields ``(parameter name, array)`` for ``names``, in the module's layout, cast to
-        ``cast`` where floating point (``None`` keeps each tensor's dtype: bf16 stays bf16).
+        ``cast`` where floating point (``None`` keeps each tensor's dtype: bf16 stays bf16;
+        float64 becomes float32, what JAX computes in).
         A parameter that several keys fill (a tied embedding saved twice) is read from each,
         and the copies must be equal. A floating-point tensor with NaN or inf values (after
         any delta or LoRA) is an error naming it, unless ``allow_nonfinite``."""
@@ -297,18 +305,35 @@ class ConversionPlan:
                                           "but differ")
                 if key in extra:  # the copies are only checked; the primary key is the one yielded
                     continue
-            if name in self.deltas:  # added in float32, back to the tensor's dtype
-                array = (array.astype(np.float32) + self.deltas[name]).astype(array.dtype)
             floating = jax.numpy.issubdtype(array.dtype, jax.numpy.floating)
-            if floating and not self.allow_nonfinite:
-                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-                if bad:
-                    raise ConversionError(f"{self.source}: tensor {key!r} has {bad} non-finite value(s) (NaN or inf); "
-                                          "a model with them samples NaN. To convert it anyway: allow_nonfinite=True "
-                                          "(streamflow-jax convert --allow-nonfinite)")
-            if cast is not None and floating:
-                array = array.astype(cast)
+            if not floating and jax.numpy.issubdtype(self.targets[name].dtype, jax.numpy.floating):
+                raise ConversionError(f"{self.source}: tensor {key!r} is {array.dtype}; {name} is a floating-point "
+                                      "weight")
+            check = floating and not self.allow_nonfinite
+            if check:
+                self._check_finite(key, array)
+            if name in self.deltas:  # added in float32, back to the tensor's dtype
+                with np.errstate(over="ignore", invalid="ignore"):
+                    array = (array.astype(np.float32) + self.deltas[name]).astype(array.dtype)
+                if check:
+                    self._check_finite(key, array, " once the LoRA/delta weights are added",
+                                       "lower the LoRA's scale, or check the delta/LoRA file")
+            to = cast if cast is not None or array.dtype != np.float64 else np.float32  # JAX computes in <= 32 bits
+            if to is not None and floating:
+                narrower = jax.numpy.finfo(to).max < jax.numpy.finfo(array.dtype).max
+                with np.errstate(over="ignore"):
+                    array = array.astype(to)
+                if check and narrower:
+                    self._check_finite(key, array, f" once cast to {np.dtype(to).name} (past its range)",
+                                       "convert to bfloat16 or float32 instead")
             yield name, array
+
+    def _check_finite(self, key: str, array: np.ndarray, when: str = "",
+                      fix: str = "to convert it anyway: allow_nonfinite=True (streamflow-jax convert --allow-nonfinite)"):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ConversionError(f"{self.source}: tensor {key!r} has {bad} non-finite value(s) (NaN or inf){when}; "
+                                  f"a model with them samples NaN. {fix[0].upper()}{fix[1:]}")
 
     def nbytes(self, name: str, cast=None) -> int:
         t = self.targets[name]

@@ -86,17 +86,37 @@ def read_lora_file(path) -> tuple[dict[str, np.ndarray], dict]:
         raise ConversionError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def _peft_scales(metadata: dict, component: str):
+def _peft_scales(metadata: dict, component: str, source: str):
     """``module -> scale`` from diffusers' ``lora_adapter_metadata`` (None: no metadata)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{source}: its lora_adapter_metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ConversionError(f"{source}: its lora_adapter_metadata must be a JSON object, got {type(meta).__name__}")
     pick = lambda k, default=None: meta.get(f"{component}.{k}", meta.get(k, default))  # noqa: E731
     if pick("use_dora"):
-        raise ConversionError("DoRA LoRAs (use_dora) are not supported")
-    r, alpha = pick("r"), pick("lora_alpha")
-    ranks, alphas = pick("rank_pattern", {}) or {}, pick("alpha_pattern", {}) or {}
+        raise ConversionError(f"{source}: DoRA LoRAs (use_dora) are not supported")
+
+    def number(key, value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value) or value <= 0 and key != "lora_alpha"):
+            raise ConversionError(f"{source}: lora_adapter_metadata's {key} must be a "
+                                  f"{'finite number' if key == 'lora_alpha' else 'positive number'}, got {value!r}")
+        return value
+
+    def pattern(key):
+        value = pick(key, {}) or {}
+        if not isinstance(value, dict):
+            raise ConversionError(f"{source}: lora_adapter_metadata's {key} must be an object (module -> value), "
+                                  f"got {type(value).__name__}")
+        return {k: number(f"{key}[{k!r}]".replace("alpha_pattern", "lora_alpha"), v) for k, v in value.items()}
+
+    r, alpha = number("r", pick("r")), number("lora_alpha", pick("lora_alpha"))
+    ranks, alphas = pattern("rank_pattern"), pattern("alpha_pattern")
     rs = bool(pick("use_rslora"))
 
     def scale(module: str) -> float:
@@ -109,17 +129,22 @@ def _peft_scales(metadata: dict, component: str):
     return scale
 
 
-def lora_modules(tensors: dict[str, np.ndarray], metadata: dict, component: str) -> tuple[list[LoraModule], list[str]]:
+def lora_modules(tensors: dict[str, np.ndarray], metadata: dict, component: str,
+                 source: str = "LoRA file") -> tuple[list[LoraModule], list[str]]:
     """The file's updates for ``component`` (``"unet"``, ``"transformer"``, ``"text_encoder"``...)
     and the keys that belong to other components."""
     prefixes = component_prefixes()
     kohya_prefixes = prefixes.get(component, ())
     peft_prefix = f"{component}."
-    scales = _peft_scales(metadata, component)
-    parts: dict[str, dict[str, str]] = {}
-    others, stray = [], []
-    for key in tensors:
+    scales = _peft_scales(metadata, component, source)
+    parts: dict[tuple[str, str, str], dict[str, str]] = {}
+    adapters: set[str | None] = set()
+    others, stray, alphas = [], [], []
+    for key, value in tensors.items():
+        if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+            raise ConversionError(f"{source}: LoRA tensor {key!r} is {value.dtype}; LoRA weights are floating point")
         if key.endswith(".alpha"):
+            alphas.append(key)
             continue
         m = _KOHYA.match(key)
         if m:
@@ -138,24 +163,49 @@ def lora_modules(tensors: dict[str, np.ndarray], metadata: dict, component: str)
             elif "." in module and module.split(".", 1)[0] in prefixes:
                 others.append(key)
                 continue
+            adapters.add(m.group("adapter"))
             parts.setdefault(("peft", module, module), {})["lora_down" if m.group("part") == "A" else "lora_up"] = key
             continue
         stray.append(key)
     if stray:
-        raise ConversionError(f"LoRA keys in no known format: {_few(stray)}")
+        raise ConversionError(f"{source}: LoRA keys in no known format: {_few(stray)}")
+    if len(adapters) > 1:  # one module's halves would be paired across adapters, or one dropped
+        names = sorted(str(a) if a is not None else "(unnamed)" for a in adapters)
+        raise ConversionError(f"{source}: holds several PEFT adapters ({', '.join(names)}); save one adapter per file")
+    kohya_modules = {file_module for fmt, _, file_module in parts if fmt == "kohya"}
+    orphans = [k for k in alphas if k[: -len(".alpha")] not in kohya_modules and k.startswith(kohya_prefixes)]
+    if orphans:
+        raise ConversionError(f"{source}: LoRA alpha key(s) with no lora_down/lora_up beside them: {_few(orphans)}")
     modules = []
     for (fmt, name, file_module), pair in parts.items():
         if set(pair) != {"lora_down", "lora_up"}:
-            raise ConversionError(f"LoRA {file_module}: has {sorted(pair)} but not both halves")
+            raise ConversionError(f"{source}: LoRA {file_module}: has {sorted(pair)} but not both halves")
         down, up = tensors[pair["lora_down"]], tensors[pair["lora_up"]]
+        if down.ndim < 2 or up.ndim < 2 or up.ndim != down.ndim or any(n != 1 for n in up.shape[2:]):
+            raise ConversionError(f"{source}: LoRA {file_module}: down {tuple(down.shape)} and up {tuple(up.shape)} "
+                                  "are not [r, in(, kh, kw)] and [out, r(, 1, 1)]")
         r = down.shape[0]
+        if r == 0 or up.shape[1] != r:
+            raise ConversionError(f"{source}: LoRA {file_module}: down {tuple(down.shape)} and up {tuple(up.shape)} "
+                                  f"{'have rank 0' if r == 0 else 'ranks differ'}")
         if fmt == "kohya":
             alpha_key = f"{file_module}.alpha"
-            scale = float(np.asarray(tensors[alpha_key])) / r if alpha_key in tensors else 1.0
+            scale = _alpha(tensors[alpha_key], alpha_key, source) / r if alpha_key in tensors else 1.0
         else:
             scale = scales(name) if scales is not None else 1.0
+        if not math.isfinite(scale):
+            raise ConversionError(f"{source}: LoRA {file_module}: its scale (alpha / rank) {scale} is not finite")
         modules.append(LoraModule(name, down, up, scale, (pair["lora_down"], pair["lora_up"])))
     return modules, others
+
+
+def _alpha(value: np.ndarray, key: str, source: str) -> float:
+    if value.size != 1:
+        raise ConversionError(f"{source}: LoRA {key!r} has shape {tuple(value.shape)}; an alpha is one number")
+    alpha = float(np.asarray(value, np.float64).reshape(()))
+    if not math.isfinite(alpha):
+        raise ConversionError(f"{source}: LoRA {key!r} is {alpha}, not a finite number")
+    return alpha
 
 
 def lora_deltas(family, config, targets: dict, tensors: dict[str, np.ndarray], metadata: dict, component: str, *,
@@ -178,21 +228,30 @@ def lora_deltas(family, config, targets: dict, tensors: dict[str, np.ndarray], m
         raise ConversionError(f"{source}: LoRA scale {scale} is not finite")
     if abs(scale) > float(np.finfo(np.float32).max):  # the deltas are float32: inf
         raise ConversionError(f"{source}: LoRA scale {scale:g} is beyond float32's range")
-    modules, others = lora_modules(tensors, metadata, component)
+    modules, others = lora_modules(tensors, metadata, component, source)
     by_underscore = {}  # kohya names: the module path with _ for .
     for name in targets:
         base = name.rpartition(".")[0]
         by_underscore.setdefault(base.replace(".", "_"), base)
     aliases = _aliases(family, config)
     deltas: dict[str, np.ndarray] = {}
+    placed_by: dict[str, LoraModule] = {}
     unmatched = []
     for mod in modules:
         placed = _place(mod, family, config, targets, by_underscore, aliases)
         if placed is None:
             unmatched.extend(mod.keys)
             continue
-        d_full = mod.delta()
+        with np.errstate(over="ignore", invalid="ignore"):
+            d_full = mod.delta()
+        if not np.isfinite(d_full).all():
+            raise ConversionError(f"{source}: LoRA {mod.keys[0]!r} and {mod.keys[1]!r} give non-finite values "
+                                  f"(NaN or inf in the file, or past float32 at scale {mod.scale:g})")
         for target, rows in placed:
+            if target in placed_by and rows is None:
+                raise ConversionError(f"{source}: {placed_by[target].keys[0]!r} and {mod.keys[0]!r} both update "
+                                      f"{target} (one module written twice, e.g. in two formats)")
+            placed_by[target] = mod
             d = d_full if rows is None else d_full[rows]
             d = map_tensor(f"{mod.name} (LoRA)", d, tuple(targets[target].shape), target.rpartition(".")[2]) * scale
             deltas[target] = deltas.get(target, 0) + d

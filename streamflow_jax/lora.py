@@ -26,11 +26,20 @@ LoraSpec = str | Path | tuple[str | Path, float]
 
 
 def parse_loras(loras: Sequence[LoraSpec] | None) -> list[tuple[Path, float]]:
-    """``[file, (file, scale), "file:scale", ...]`` -> ``[(Path, scale)]``."""
+    """``[file, (file, scale), "file:scale", ...]`` -> ``[(Path, scale)]``; one file (a string or
+    a path) alone stands for a list of one."""
+    if isinstance(loras, str | Path):
+        loras = [loras]
     out = []
     for item in loras or ():
-        if isinstance(item, tuple):
+        if isinstance(item, tuple | list) and not isinstance(item, str):
+            if len(item) != 2 or not isinstance(item[0], str | Path):
+                raise ConversionError(f"LoRA {item!r}: a pair is (file, scale)")
             path, scale = item
+            if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
+                raise ConversionError(f"LoRA {item!r}: its scale {scale!r} is not a number")
+        elif not isinstance(item, str | Path):
+            raise ConversionError(f"LoRA {item!r}: give a file, (file, scale) or 'file:scale'")
         else:
             text = str(item)
             path, sep, scale = text.rpartition(":")
@@ -82,7 +91,7 @@ def apply_loras(model: FlowModel, loras: Sequence[LoraSpec], *, component: str |
 
     Args:
         model: the base model.
-        loras: files, ``(file, scale)`` pairs or ``"file:scale"`` strings, summed.
+        loras: files, ``(file, scale)`` pairs or ``"file:scale"`` strings, summed (or one file).
         component: which of a file's components to take (default: the model's: ``unet``,
             ``transformer``, ``text_encoder``; e.g. ``"text_encoder_2"`` for SD3's CLIP-G).
 

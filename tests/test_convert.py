@@ -82,6 +82,34 @@ def test_non_finite_weights_are_refused_unless_allowed(tiny_sd3, tmp_path, capsy
     assert sf.load(src, allow_nonfinite=True) is not None
 
 
+def test_weights_that_overflow_the_cast_or_are_not_floats(tiny_sd3, tmp_path, capsys):
+    """Found by a user's pass: a weight past float16's range became inf in a float16 conversion
+    (the check ran before the cast) and the model sampled NaN; integer and bool weights were
+    kept as they were; a numpy dtype such as int8 was written as the checkpoint's dtype and the
+    result could not be loaded."""
+    src, _ = tiny_sd3
+    _edit_weights(src, lambda t: t.__setitem__("proj_out.weight", t["proj_out.weight"] * 1e9))
+    assert cli(["convert", str(src), str(tmp_path / "out"), "-q", "--dtype", "float16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists(), err
+    for needle in ("'proj_out.weight'", "once cast to float16", "Convert to bfloat16 or float32 instead"):
+        assert needle in err, err
+    assert sf.load(src, dtype="bfloat16") is not None  # bfloat16 holds it
+    for dtype in (np.int8, np.float64, jnp.float8_e4m3fn, "int8", 3):
+        with pytest.raises(sf.ConversionError, match="unsupported dtype"):
+            sf.convert(src, tmp_path / "out", dtype=dtype)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="astype: .* is not a dtype models compute in"):
+        sf.load(src).astype(np.int8)
+    assert sf.load(src, dtype=jnp.bfloat16).dtype == jnp.bfloat16  # a numpy spelling of a supported one
+    _edit_weights(src, lambda t: t.__setitem__("proj_out.bias", t["proj_out.bias"].to(torch.int32)))
+    _convert_fails(capsys, src, tmp_path / "out", "'proj_out.bias' is int32", "floating-point weight")
+    _edit_weights(src, lambda t: t.update({k: v.double() for k, v in t.items()}))
+    out = sf.convert(src, tmp_path / "f64")  # float64 is written as float32, what JAX computes in
+    assert json.loads((out / "config.json").read_text())["streamflow_jax"]["dtype"] == "float32"
+    assert sf.load(out).dtype == jnp.float32
+
+
 def test_destination_under_a_file_or_in_new_directories(tiny_sd3, tmp_path, capsys):
     """A destination whose parent is a file is named as such (mkdir said "File exists"); the
     directories a failed conversion made for its destination go with it."""

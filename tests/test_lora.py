@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import diffusers
 import jax
@@ -263,7 +264,71 @@ def test_bad_loras(unet, tmp_path, capsys):
         sf.load(path, loras=[(good, 1e40)])
     with pytest.raises(ValueError, match="merging the LoRAs into .* makes non-finite weights"):
         sf.apply_loras(sf.load(path, dtype="float16"), [(good, 1e7)])
-    assert not (tmp_path / "o1").exists()
+    # the same overflow at conversion: the finiteness check ran before the cast, so the
+    # converted float16 model held inf weights and sampled NaN
+    with pytest.raises(sf.ConversionError, match=r"non-finite value\(s\) .* once cast to float16 .*bfloat16 or float32"):
+        sf.convert(path, tmp_path / "o2", dtype="float16", loras=[(good, 1e7)])
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # one file alone is a list of one (its characters were taken for files); pairs are checked
+    assert sf.apply_loras(sf.load(path), str(good)) is not None
+    for loras, message in [([(good, "abc")], "its scale 'abc' is not a number"), ([(good, None)], "its scale None"),
+                           ([(good, 1, 2)], "a pair is (file, scale)"), ([3], "give a file, (file, scale)")]:
+        with pytest.raises(sf.ConversionError, match=re.escape(message)):
+            sf.load(path, loras=loras)
+
+
+def test_malformed_lora_files_are_named(unet, tmp_path):
+    """Found by a user's pass: each raised a raw TypeError, ZeroDivisionError, IndexError or
+    AttributeError from inside, or was merged wrongly (one of two adapters silently dropped)."""
+    ref, path = unet
+    good = make_peft_lora(ref, ["to_q"], tmp_path / "good.safetensors", "unet")
+    with safe_open(good, "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    a_key = next(k for k in sd if k.endswith("lora_A.weight"))
+    b_key = a_key.replace("lora_A", "lora_B")
+    kohya = to_kohya(good, tmp_path / "kohya.safetensors")
+    with safe_open(kohya, "pt") as f:
+        kd = {k: f.get_tensor(k) for k in f.keys()}
+    alpha = next(k for k in kd if k.endswith(".alpha"))
+    down = alpha.replace(".alpha", ".lora_down.weight")
+    up = alpha.replace(".alpha", ".lora_up.weight")
+
+    def meta_with(field, value):
+        fields = {**json.loads(meta["lora_adapter_metadata"]), f"unet.{field}": value}
+        return {**meta, "lora_adapter_metadata": json.dumps(fields)}
+
+    two = {k.replace(".weight", ".a.weight"): v for k, v in sd.items()}
+    two.update({k.replace(".weight", ".b.weight"): v for k, v in sd.items()})
+    cases = [
+        (two, meta, "holds several PEFT adapters (a, b); save one adapter per file"),
+        (dict(kd, **{alpha: torch.tensor([8.0, 8.0])}), None, f"{alpha!r} has shape (2,); an alpha is one number"),
+        (dict(kd, **{alpha: torch.tensor(float("nan"))}), None, f"{alpha!r} is nan, not a finite number"),
+        (dict(kd, **{down: torch.zeros(0, kd[down].shape[1]), up: torch.zeros(kd[up].shape[0], 0)}), None,
+         "have rank 0"),
+        (dict(kd, **{alpha.replace("to_q", "to_nothing"): torch.tensor(8.0)}), None,
+         "alpha key(s) with no lora_down/lora_up beside them"),
+        (dict(sd, **{a_key: torch.zeros(4)}), meta, "are not [r, in(, kh, kw)] and [out, r(, 1, 1)]"),
+        (dict(sd, **{b_key: torch.zeros(sd[b_key].shape[0], 4, 3, 3)}), meta, "are not [r, in(, kh, kw)]"),
+        (dict(sd, **{a_key: sd[a_key].to(torch.int32)}), meta, f"LoRA tensor {a_key!r} is int32"),
+        (dict(sd, **{a_key: sd[a_key] * float("nan")}), meta, "give non-finite values"),
+        (sd, {"lora_adapter_metadata": "[1, 2]"}, "lora_adapter_metadata must be a JSON object, got list"),
+        (sd, {"lora_adapter_metadata": "{bad"}, "its lora_adapter_metadata is not JSON"),
+        (sd, meta_with("r", 0), "lora_adapter_metadata's r must be a positive number, got 0"),
+        (sd, meta_with("r", "4"), "lora_adapter_metadata's r must be a positive number, got '4'"),
+        (sd, meta_with("rank_pattern", [1]), "rank_pattern must be an object"),
+    ]
+    for i, (tensors, metadata, message) in enumerate(cases):
+        file = tmp_path / f"bad{i}.safetensors"
+        save_file({k: v.clone().contiguous() for k, v in tensors.items()}, file, metadata=metadata)
+        with pytest.raises(sf.ConversionError, match=re.escape(message)) as caught:
+            sf.load(path, loras=[file])
+        assert str(file) in str(caught.value)
+    # one module in two formats in one file: both applied, summed (twice the update)
+    both = dict(sd, **{k: v for k, v in kd.items()})
+    save_file({k: v.clone().contiguous() for k, v in both.items()}, tmp_path / "both.safetensors", metadata=meta)
+    with pytest.raises(sf.ConversionError, match=r"both update .* \(one module written twice"):
+        sf.load(path, loras=[tmp_path / "both.safetensors"])
 
 
 def test_sd3_transformer_lora(tmp_path):

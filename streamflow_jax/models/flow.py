@@ -308,6 +308,12 @@ class FlowModel:
 
     def astype(self, dtype) -> FlowModel:
         """A copy with floating-point parameters cast to ``dtype`` (FP8 weights stay FP8)."""
+        try:
+            ok = _compute_float(jnp.dtype(dtype)) and jnp.dtype(dtype).itemsize <= 4
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"astype: {dtype!r} is not a dtype models compute in (float32, bfloat16, float16)")
         cast = lambda a: a.astype(dtype) if _compute_float(a.dtype) else a  # noqa: E731
         return self._replace(state=jax.tree_util.tree_map(cast, self.state))
 
