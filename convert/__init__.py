@@ -65,11 +65,14 @@ def resolve_dtype(dtype):
 
 
 def class_name_of(raw: dict) -> str | None:
-    """diffusers writes ``_class_name``; transformers writes ``architectures``."""
+    """diffusers writes ``_class_name``; transformers writes ``architectures``. A name that is
+    not a string comes back as its repr, which no family has (the caller says so)."""
     if raw.get("_class_name"):
-        return raw["_class_name"]
-    arch = raw.get("architectures")
-    return arch[0] if isinstance(arch, list) and arch else None
+        name = raw["_class_name"]
+    else:
+        arch = raw.get("architectures")
+        name = arch[0] if isinstance(arch, list) and arch else None
+    return name if name is None or isinstance(name, str) else repr(name)
 
 
 def _family(raw: dict, source: str):

@@ -266,6 +266,7 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     """
     src, dst = Path(src), Path(dst).absolute()
     cast = resolve_dtype(dtype)
+    _check_delta_variant(delta, delta_variant)
     if quantize is not None and quantize != "fp8":
         raise ConversionError(f"unsupported quantization mode {quantize!r} (supported: fp8)")
     if calibrate is not None:
@@ -301,6 +302,9 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             _write_plan(p, tmp, cast, str(src.absolute()), progress, layers)
         return dst
     check_model_source(src)
+    if config is not None:
+        raise ConversionError(f"{src}: config= overrides one model's fields; this is a pipeline: convert its "
+                              "component directory with config=, or edit that component's config.json")
     components = pipeline_components(src)
     velocity = [n for n, kind in components.items() if kind in FAMILIES and FAMILIES[kind].kind == "velocity"]
     if delta is not None and not velocity:
@@ -685,8 +689,14 @@ def _quantized_structure(cfg_path, class_name, model_config, fam, graphdef, abst
     return abstract.graphdef, abstract.state
 
 
+def _check_delta_variant(delta, delta_variant) -> None:
+    if delta_variant is not None and delta is None:
+        raise ConversionError(f"delta_variant={delta_variant!r} picks a file of delta=, and no delta is given")
+
+
 def _load(path, dtype, *, component, progress, config, sharding, variant, delta, delta_variant, mesh,
           strategy, allow_nonfinite) -> FlowModel:
+    _check_delta_variant(delta, delta_variant)
     path = _component_dir(Path(path), component)
     cfg_path = path / "config.json"
     raw = None
@@ -700,8 +710,11 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
         p.allow_nonfinite = allow_nonfinite
         model = p.model(resolve_dtype(dtype), progress)
         return shard(model, mesh, strategy) if mesh is not None else model
-    if variant is not None or delta is not None:
-        raise ConversionError(f"{path}: already converted; variant and delta apply to diffusers directories")
+    if variant is not None or delta is not None or config is not None:
+        raise ConversionError(f"{path}: already converted; variant, delta and config apply to diffusers directories")
+    if not isinstance(raw[META_KEY], dict):
+        raise ConversionError(f"{cfg_path}: {META_KEY} must be an object (what convert wrote), got "
+                              f"{json.dumps(raw[META_KEY])[:100]}")
 
     class_name = raw.get("_class_name")
     try:

@@ -351,7 +351,8 @@ def _load_for_graph(args, path: Path, **kwargs):
 
 def _cmd_export(args) -> int:
     from streamflow_jax.export import export_onnx, export_spec
-    from streamflow_jax.export.onnx import DEFAULT_OPSET
+    from streamflow_jax.errors import ExportError
+    from streamflow_jax.export.onnx import check_opset
     from streamflow_jax.export.spec import Range
 
     _positive(args, "latent_scale", "text_len")
@@ -362,8 +363,10 @@ def _cmd_export(args) -> int:
                 Range.parse(value)
             except ValueError as e:
                 raise ValueError(f"{flag} {value}: {e}") from None
-    if args.opset < DEFAULT_OPSET:
-        raise ValueError(f"--opset {args.opset}: the export needs opset {DEFAULT_OPSET} or later")
+    try:
+        check_opset(args.opset)
+    except ExportError as e:
+        raise ValueError(f"--{e}") from None
     for flag, value in (("--tensorrt", args.tensorrt), ("--compute-capability", args.compute_capability),
                         ("--opt-level", args.opt_level)):
         if value is not None and args.backend != "tensorrt":
@@ -390,7 +393,8 @@ def _cmd_export(args) -> int:
             raise ValueError(f"{path}: {TENSORRT_REFUSAL}")
     spec = export_spec(model, batch=args.batch, resolution=args.resolution,
                        latent_scale=args.latent_scale or (scale_hint if model.family.kind == "velocity" else None),
-                       text_len=args.text_len or text_hint, dtype=args.dtype)
+                       text_len=args.text_len or (text_hint if model.family.kind == "velocity" else None),
+                       dtype=args.dtype)
     exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet)
     dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
     print(f"exported {model.class_name} {spec.method} -> {exported.onnx_path} ({dims}, {spec.dtype}, opset {args.opset})")

@@ -141,13 +141,19 @@ def quantize(model: FlowModel, mode: str = "fp8", *, include: str | None = None)
         raise ValueError(f"quantize takes a FlowModel (sf.load(...)), got {type(model).__name__}")
     if model.scanned:  # per-block scales, layers chosen by their checkpoint names
         return model.unrolled_edit(lambda m: quantize(m, mode, include=include))
+    if include is not None and not isinstance(include, str):
+        raise ValueError(f"include must be a regular expression (a string), got {include!r}")
     family = model.family.name
     pattern = include if include is not None else model.family.fp8_linears
     if pattern is None:
         raise ValueError(f"no FP8 rule for the {family} family (its Family.fp8_linears is None); "
-                         "choose the linears with include=REGEX")
+                         "choose the linears in Python: sf.quantize(model, 'fp8', include=REGEX)")
     module = model.module
     targets = _chosen_linears(module, pattern)
+    kept = [".".join(map(str, path)) for path, _ in targets if ".".join(map(str, path)) in model.family.float_linears]
+    if kept:
+        raise ValueError(f"include={pattern!r} picks {', '.join(kept)}, which stays in the compute dtype "
+                         f"({model.class_name} reads its dtype from it); narrow the expression")
     if not targets:
         raise ValueError(f"no linear layer of this {family} model matches {pattern!r} "
                          "(is it quantized already?)")

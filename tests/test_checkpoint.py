@@ -135,11 +135,24 @@ def test_load_refuses_an_unknown_class(converted, tmp_path):
     (conv / "config.json").write_text(json.dumps({**raw, "_class_name": "UNet3DConditionModel"}))
     with pytest.raises(sf.ConversionError, match="UNet3DConditionModel"):
         sf.load(conv)
+    # found by a user's pass: a list raised "unhashable type", a string for our record "no attribute get"
+    (conv / "config.json").write_text(json.dumps({**raw, "_class_name": ["SD3Transformer2DModel"]}))
+    with pytest.raises(sf.ConversionError, match=r"unsupported model class \['SD3Transformer2DModel'\]"):
+        sf.load(conv)
+    for record in ("x", None, [1]):
+        (conv / "config.json").write_text(json.dumps({**raw, "streamflow_jax": record}))
+        with pytest.raises(sf.ConversionError, match="streamflow_jax must be an object"):
+            sf.load(conv)
 
 
-def test_load_refuses_variant_or_delta_on_a_converted_dir(converted):
+def test_load_refuses_variant_or_delta_on_a_converted_dir(converted, tmp_path):
     with pytest.raises(sf.ConversionError, match="already converted"):
         sf.load(converted, variant="fp16")
+    with pytest.raises(sf.ConversionError, match="already converted; variant, delta and config apply"):
+        sf.load(converted, config={"num_layers": 5})  # was ignored
+    with pytest.raises(sf.ConversionError, match="delta_variant='x' picks a file of delta=, and no delta is given"):
+        sf.convert(tmp_path / "nowhere", tmp_path / "out", delta_variant="x")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------

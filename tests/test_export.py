@@ -4,6 +4,7 @@ the graph TensorRT would parse, engine-cache keys, and bad input."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -169,6 +170,19 @@ def test_spec_ranges_and_profile(tiny_sd3):
         Range.parse("8:4:2")
     with pytest.raises(ValueError, match="min:opt:max"):
         Range.parse("a:b")
+    # found by a user's pass: batch 0 or "" took the default, True became 1:1:1; arguments the
+    # graph has no input for were ignored; a spec of another configuration failed inside JAX
+    for batch in (0, "", True, 2.5):
+        with pytest.raises(ValueError, match="expected an integer or min:opt:max|need 1 <= min"):
+            export_spec(model, batch=batch)
+    make_sd3(tiny_sd3[0].parent / "wider", joint_attention_dim=16)
+    other = sf.load(tiny_sd3[0].parent / "wider")  # same class, another text width
+    with pytest.raises(ExportError, match=r"the spec does not fit this SD3Transformer2DModel .*encoder_hidden_states"):
+        export_onnx(other, spec, tiny_sd3[0].parent / "never", progress=False)
+    for opset in (22, 1000, "23", 23.5, True):
+        with pytest.raises(ExportError, match="the export takes an integer from 23"):
+            export_onnx(model, spec, tiny_sd3[0].parent / "never", opset=opset, progress=False)
+    assert not (tiny_sd3[0].parent / "never").exists()
 
 
 def test_engine_cache_keys_and_stale_entries(exported, tmp_path):
@@ -361,6 +375,11 @@ def test_text_encoder_export(tmp_path, family):
         ref.save_pretrained(tmp_path / "src")
         ids, length = np.array([[527] + list(range(5, 80)) + [528]] * 2), 77
     model = sf.load(tmp_path / "src")
+    for kwargs, message in [({"text_len": 0}, "text_len must be an integer >= 1, got 0"),  # was 77
+                            ({"text_len": 2.5}, "text_len must be an integer >= 1, got 2.5"),  # was 2
+                            ({"resolution": 64}, "resolution: not an input of a text_encoder's graph")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            export_spec(model, **kwargs)
     graph = export_onnx(model, export_spec(model, batch="1:2:4", text_len=length), tmp_path / "onnx",
                         progress=False)
     assert graph.spec.inputs[0].dtype == "int32" and tensorrt_problems(onnx.load(graph.onnx_path)) == []

@@ -9,6 +9,7 @@ import json
 import diffusers
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 from conftest import CLIP, TAESD, UNETS, VAES, randomize, write_tiny_clip_vocab
@@ -109,6 +110,10 @@ def test_bad_component_fails_the_whole_pipeline(tmp_path, capsys):
     assert cli(["convert", str(tmp_path / "pipe"), str(tmp_path / "out"), "-q"]) == 1
     err = capsys.readouterr().err
     assert "missing tensor" in err and "final_layer_norm.weight" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    # config= names one model's fields: on a pipeline it was ignored
+    with pytest.raises(sf.ConversionError, match="config= overrides one model's fields; this is a pipeline"):
+        sf.convert(tmp_path / "pipe", tmp_path / "out", config={"num_layers": 7})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 

@@ -251,8 +251,16 @@ def test_errors_and_include(digits):
         quantize(q, "fp8")
     with pytest.raises(ValueError, match=r"include='\(\[' is not a regular expression"):
         quantize(digits.model, "fp8", include="([")
-    only = quantize(digits.model, "fp8", include=r"^proj_out$")
-    assert [type(only.module.proj_out).__name__, len(_fp8_layers(only))] == ["Fp8Linear", 1]
+    only = quantize(digits.model, "fp8", include=r"^transformer_blocks\.0\.attn\.to_q$")
+    assert [type(only.module.transformer_blocks[0].attn.to_q).__name__, len(_fp8_layers(only))] == ["Fp8Linear", 1]
+    # proj_out gives SD3's compute dtype: quantized, the model failed when run (AttributeError)
+    for include in (r"^proj_out$", "", ".*"):
+        with pytest.raises(ValueError, match=f"include={re.escape(repr(include))} picks proj_out, which stays in"):
+            quantize(digits.model, "fp8", include=include)
+    with pytest.raises(ValueError, match="include must be a regular expression .*got 3"):
+        quantize(digits.model, "fp8", include=3)
+    noise, cond = digits.noise(2, 0), {k: v[:2] for k, v in digits.conditioning.items()}
+    assert np.isfinite(np.asarray(sf.sample(only, noise, sf.schedules.flow_match(2), cond))).all()
     family = family_of("AutoencoderTiny")
     config = family.config_cls()
     graphdef, state = nnx.split(abstract_module(family, config))

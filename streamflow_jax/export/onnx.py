@@ -185,6 +185,31 @@ def save_onnx(proto, out: Path) -> list[str]:
     return [ONNX_NAME]
 
 
+def check_opset(opset) -> int:
+    """An opset the export writes: an integer from ``DEFAULT_OPSET`` (what the graph needs) to
+    the newest the installed ``onnx`` knows (a later one writes a graph nothing loads)."""
+    onnx, _ = _import_onnx()
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int | np.integer) or not DEFAULT_OPSET <= opset <= newest:
+        raise ExportError(f"opset {opset!r}: the export takes an integer from {DEFAULT_OPSET} (what its graph needs) "
+                          f"to {newest} (the newest this onnx {onnx.__version__} knows)")
+    return int(opset)
+
+
+def _check_spec_fits(model, spec: ExportSpec) -> None:
+    """A spec made for another configuration of the same class is refused before tracing (its
+    shapes fail inside the model's layers with a message about them otherwise)."""
+    inputs = [jax.ShapeDtypeStruct(spec.shape_at(t, "opt"), np.dtype(t.dtype)) for t in spec.inputs]
+    try:
+        if spec.method == "velocity":
+            model.check_call(inputs[0], inputs[1], dict(zip(spec.cond_names, inputs[2:])))
+        elif spec.method == "decode_latents" and inputs[0].shape[-1] != model.latent_channels:
+            raise ValueError(f"its latents have {inputs[0].shape[-1]} channels; the model takes {model.latent_channels}")
+    except ValueError as e:
+        raise ExportError(f"the spec does not fit this {model.class_name} (made for another configuration?): {e}") \
+            from None
+
+
 def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET, progress: bool = True,
                 shared: bool = False) -> ExportedGraph:
     """Exports ``model``'s ``spec.method`` (velocity, or a decoder's ``decode_latents``) to ``out_dir``.
@@ -193,13 +218,13 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
         model: a ``FlowModel`` (cast to ``spec.dtype`` for the export).
         spec: from ``export.export_spec``.
         out_dir: a new directory (must not exist); written atomically.
-        opset: ONNX opset (>= 23).
+        opset: ONNX opset (``check_opset``: from 23 to the newest the installed onnx knows).
         shared: ``out_dir`` is a cache entry that concurrent processes may also be making.
     """
-    if opset < 23:
-        raise ExportError(f"opset {opset} < 23 is not supported")
+    check_opset(opset)
     if spec.class_name != model.class_name:
         raise ExportError(f"spec is for {spec.class_name}, model is {model.class_name}")
+    _check_spec_fits(model, spec)
     out_dir = Path(out_dir).absolute()
     with tqdm(total=4, desc="export", unit="stage", disable=not progress) as stages, \
             atomic_dir(out_dir, shared=shared) as tmp:

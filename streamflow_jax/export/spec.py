@@ -41,6 +41,8 @@ class Range:
         """``"1:4:8"`` (min:opt:max), ``"1:8"`` (opt = max) or ``"4"`` (fixed)."""
         if isinstance(text, Range):
             return text
+        if isinstance(text, bool) or not isinstance(text, int | str) or text == "":
+            raise ValueError(f"expected an integer or min:opt:max integers, got {text!r}")
         if isinstance(text, int):
             return cls(text, text, text)
         try:
@@ -259,15 +261,25 @@ def export_spec(model, *, batch=None, resolution=None, latent=None, latent_scale
     an autoencoder's ``decode_latents``, a text encoder's ``encode`` (arguments as theirs; the
     ones a kind does not take must be left out)."""
     kind = model.family.kind
+    given = {"resolution": resolution, "latent": latent, "latent_scale": latent_scale, "text_len": text_len}
+    takes = {"autoencoder": ("resolution", "latent", "latent_scale"), "text_encoder": ("text_len",)}.get(kind, given)
+    unused = [name for name, value in given.items() if value is not None and name not in takes]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not an input of a {kind}'s graph ({model.class_name}); leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out")
+    batch = _DEFAULT_BATCH[kind] if batch is None else batch
     if kind == "autoencoder":
         if latent_scale is not None and latent_scale != model.scale_factor:
             raise ValueError(f"latent scale {latent_scale} (--latent-scale): this {model.class_name} turns each latent "
                              f"pixel into {model.scale_factor} x {model.scale_factor} pixels; leave it out")
-        return autoencoder_spec(model, batch=batch or "1:1:4", resolution=resolution, latent=latent, dtype=dtype)
+        return autoencoder_spec(model, batch=batch, resolution=resolution, latent=latent, dtype=dtype)
     if kind == "text_encoder":
-        return text_encoder_spec(model, batch=batch or "1:1:4", text_len=text_len, dtype=dtype)
-    return velocity_spec(model, batch=batch or "1:1:8", resolution=resolution, latent=latent, latent_scale=latent_scale,
+        return text_encoder_spec(model, batch=batch, text_len=text_len, dtype=dtype)
+    return velocity_spec(model, batch=batch, resolution=resolution, latent=latent, latent_scale=latent_scale,
                          text_len=text_len, dtype=dtype)
+
+
+_DEFAULT_BATCH = {"autoencoder": "1:1:4", "text_encoder": "1:1:4", "velocity": "1:1:8"}
 
 
 def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_scale: int | None = None,
@@ -320,7 +332,7 @@ def text_encoder_spec(model, *, batch="1:1:4", text_len: int | None = None, dtyp
     state ``[B, L, D]`` out (float32); ``L`` fixed (default: the family's text length)."""
     import jax
 
-    length = int(text_len or model.text_len)
+    length = model.text_len if text_len is None else check_count("text_len", text_len)
     out = jax.eval_shape(lambda m, ids: m.module(ids)["last_hidden_state"], model,
                          jax.ShapeDtypeStruct((1, length), np.int32))
     return ExportSpec(

@@ -37,7 +37,7 @@ def family_of(class_name: str | None) -> Family:
     """The family that converts and runs ``class_name`` (a diffusers/transformers class)."""
     try:
         return FAMILIES[class_name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a name that is not a string (a list in a config)
         raise ValueError(
             f"unsupported model class {class_name!r} (supported: {', '.join(sorted(FAMILIES))})"
         ) from None

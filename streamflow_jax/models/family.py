@@ -184,6 +184,8 @@ class Family:
             sharding (``heads``, ``mlp``, ``out``, ``embed``, ``vocab``, or None).
         fp8_linears: a regular expression over module paths choosing the linear layers
             ``quantize(model, "fp8")`` stores in FP8 (None: no rule; ``include=`` chooses).
+        float_linears: the module paths of linear layers ``quantize`` must leave as they are,
+            whatever ``include=`` says: the module reads its compute dtype from their kernels.
         scan_blocks: a regular expression over the dotted paths of the block lists (``nnx.List``)
             that the module runs through ``layers.run_blocks``, so that
             ``FlowModel.with_scanned_blocks`` may scan their runs of identical blocks (None: none).
@@ -213,6 +215,7 @@ class Family:
     image_channels: Callable[[Any], int | None] = _none
     logical_axes: Callable[[str, tuple[int, ...]], tuple[str | None, ...]] = standard_logical_axes
     fp8_linears: str | None = None
+    float_linears: tuple[str, ...] = ()
     scan_blocks: str | None = None
 
     def __post_init__(self):

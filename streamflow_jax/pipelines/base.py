@@ -49,7 +49,7 @@ def pipeline_class(path) -> type:
         name = json.loads(index.read_text()).get("_class_name")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ConfigError(f"{index}: not a valid JSON object ({e})") from None
-    if name not in PIPELINES:
+    if not isinstance(name, str) or name not in PIPELINES:
         raise ConfigError(f"{index}: unsupported pipeline class {name!r} (supported: {', '.join(sorted(PIPELINES))})")
     return PIPELINES[name]
 
