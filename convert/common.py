@@ -219,7 +219,12 @@ class TensorSource:
             path = model_dir / shard
             if not path.is_file():
                 raise ConversionError(f"{index}: shard {shard!r} does not exist")
-            where.update(cls._headers(path))
+            for key, info in cls._headers(path).items():
+                if key in where:  # the index names one shard; two holding it is a broken checkpoint
+                    raise ConversionError(f"{index}: tensor {key!r} is in both {where[key].path.name} and {shard}")
+                if weight_map.get(key, shard) != shard:
+                    raise ConversionError(f"{index}: weight_map puts {key!r} in {weight_map[key]}, and it is in {shard}")
+                where[key] = info
         if set(weight_map) != set(where):
             diff = sorted(set(weight_map) ^ set(where))
             raise ConversionError(f"{index}: weight_map disagrees with the shards' contents on {diff[:5]}")

@@ -409,6 +409,14 @@ def _calibration_prompts(calibrate, quantize, src: Path, config, steps) -> list[
             schedules.check_steps(steps)
     except ValueError as e:
         raise ConversionError(f"calibration_steps: {e}") from None
+    from streamflow_jax.pipelines.base import pipeline_class
+
+    pipeline_dir = src if src.is_dir() else Path(config)
+    try:  # what loading the converted pipeline to calibrate it reads: refused now, not after converting
+        pipeline_class(pipeline_dir)
+        schedules.read_scheduler(pipeline_dir)
+    except ConfigError as e:
+        raise ConversionError(f"calibrate runs the converted pipeline, and it would not load: {e}") from None
     try:
         return check_prompts(calibrate)
     except ValueError as e:

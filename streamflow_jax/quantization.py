@@ -324,10 +324,16 @@ def attention_scales(model: FlowModel) -> str | None:
 
 
 def check_headroom(headroom: float) -> float:
-    """``calibrate``'s ``headroom``, or a ValueError: a factor >= 1."""
-    if not headroom >= 1:
-        raise ValueError(f"headroom must be >= 1, got {headroom}")
+    """``calibrate``'s ``headroom``, or a ValueError: a number from 1 to ``MAX_HEADROOM`` (past
+    that the measured magnitudes land in e4m3's lowest binades, or underflow: a model that
+    runs and is far off, with nothing said)."""
+    if isinstance(headroom, bool) or not isinstance(headroom, int | float | np.integer | np.floating) \
+            or not 1 <= headroom <= MAX_HEADROOM:
+        raise ValueError(f"headroom must be a number from 1 to {MAX_HEADROOM}, got {headroom!r}")
     return float(headroom)
+
+
+MAX_HEADROOM = 256
 
 
 def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom: float = 1.0,
@@ -349,8 +355,8 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
     Args:
         model: a quantized ``FlowModel`` (dynamic or calibrated already: measured anew).
         run: called once with the calibrating model; its return value is ignored.
-        headroom: a factor >= 1 on the measured magnitudes (1: the measured range fills e4m3,
-            up to a power of two).
+        headroom: a factor from 1 to ``MAX_HEADROOM`` (256) on the measured magnitudes (1: the
+            measured range fills e4m3, up to a power of two).
         attention: also measure each attention's queries, keys and values (after their norms
             and rotary embedding), and keep their static scales for FP8 attention
             (``$STREAMFLOW_JAX_ATTENTION=fp8``): no reduction over each before the kernel, and
@@ -366,6 +372,8 @@ def calibrate(model: FlowModel, run: Callable[[FlowModel], object], *, headroom:
     """
     if not is_quantized(model):
         raise ValueError("calibrate takes a quantized model: sf.quantize(model, 'fp8') first")
+    if not callable(run):
+        raise ValueError(f"run must be a function that calls the model it is given, got {type(run).__name__}")
     if model.scanned:  # each layer reports under its own name: ``run`` gets the blocks unrolled
         return model.unrolled_edit(lambda m: calibrate(m, run, headroom=headroom, attention=attention))
     check_headroom(headroom)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -206,8 +207,12 @@ def test_save_load_and_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"calibrate takes a quantized model: sf.quantize\(model, 'fp8'\) first"):
         sf.calibrate(sf.load(tmp_path / "src"), lambda m: None)
-    with pytest.raises(ValueError, match="headroom must be >= 1, got 0.5"):
-        sf.calibrate(q, lambda m: None, headroom=0.5)
+    # headroom 0.5 clipped the range; inf or 1e30 gave a model 108% off (found by a user's pass)
+    for headroom in (0.5, float("inf"), 1e30, "2", True):
+        with pytest.raises(ValueError, match=re.escape(f"headroom must be a number from 1 to 256, got {headroom!r}")):
+            sf.calibrate(q, lambda m: None, headroom=headroom)
+    with pytest.raises(ValueError, match="run must be a function that calls the model it is given, got NoneType"):
+        sf.calibrate(q, None)
     with pytest.raises(ValueError, match=r"calibration saw no call of 25 of the 25 FP8 layers "
                                          r"\('transformer_blocks.0.attn.add_k_proj' first\): run must call the model"):
         sf.calibrate(q, lambda m: q.velocity(x, t, cond))  # the model it was given, not this one
@@ -304,8 +309,17 @@ def test_convert_calibrated_pipeline_and_tensorrt_export(tmp_path, capsys):
                 "--calibrate", str(prompts), "-q"]) == 1
     assert "calibrate runs prompts through a pipeline (model_index.json), and this is a single model" in \
         capsys.readouterr().err
+    # a pipeline that would not load to be calibrated: said before converting, naming the source
+    # (it failed after the whole conversion, naming a temporary directory)
+    shutil.copytree(tmp_path / "pipe", tmp_path / "base")
+    sched = tmp_path / "base" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "_class_name": "EulerDiscreteScheduler"}))
+    assert cli(["convert", str(tmp_path / "base"), str(tmp_path / "bad"), "--quantize", "fp8",
+                "--calibrate", str(prompts), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "calibrate runs the converted pipeline, and it would not load" in err and str(sched) in err, err
     assert not (tmp_path / "bad").exists()
-    with pytest.raises(ValueError, match="headroom must be >= 1, got 0"):  # before anything is quantized
+    with pytest.raises(ValueError, match="headroom must be a number from 1 to 256, got 0"):  # before quantizing
         loaded.calibrate(["a cube"], headroom=0)
     assert activation_scales(loaded.model) == "static"
 

@@ -236,6 +236,15 @@ def test_bad_shard_index(tiny_sd3, tmp_path, capsys):
     index = sharded / f"{WEIGHTS}.index.json"
     data = json.loads(index.read_text())
     first = sorted(set(data["weight_map"].values()))[0]
+    # found by a user's pass: a tensor in two shards took the last one's value, whatever the index said
+    shards = sorted(set(data["weight_map"].values()))
+    key = next(k for k, v in data["weight_map"].items() if v == shards[0])
+    second = load_file(sharded / shards[1])
+    save_file({**second, key: load_file(sharded / shards[0])[key] + 1}, sharded / shards[1])
+    _convert_fails(capsys, sharded, tmp_path / "out", f"tensor {key!r} is in both {shards[0]} and {shards[1]}")
+    save_file(second, sharded / shards[1])
+    index.write_text(json.dumps({**data, "weight_map": {**data["weight_map"], key: shards[1]}}))
+    _convert_fails(capsys, sharded, tmp_path / "out", f"weight_map puts {key!r} in {shards[1]}, and it is in {shards[0]}")
     (sharded / first).unlink()
     _convert_fails(capsys, sharded, tmp_path / "out", first, "does not exist")
 

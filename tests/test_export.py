@@ -146,6 +146,13 @@ def test_corrupt_or_missing_export_files(exported, tmp_path):
     (copy / "model.onnx").write_bytes(data[:-10] + b"0123456789")
     with pytest.raises(ExportError, match="corrupt or stale"):
         load_export(copy)
+    meta = json.loads((copy / "export.json").read_text())
+    for edit in ({"sha256": None}, {"spec": {**meta["spec"], "dims": {"B": [4, 2, 1]}}}, {"files": 3}):
+        broken = {k: v for k, v in {**meta, **edit}.items() if v is not None}
+        (copy / "export.json").write_text(json.dumps(broken))
+        with pytest.raises(ExportError, match=r"export.json: unreadable export metadata \(.*\); export again"):
+            load_export(copy)  # KeyError 'sha256' and a bare ValueError before
+    (copy / "export.json").write_text(json.dumps(meta))
     (copy / "model.onnx").unlink()
     with pytest.raises(ExportError, match="missing"):
         load_export(copy)

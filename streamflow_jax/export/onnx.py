@@ -275,14 +275,16 @@ def load_export(path) -> ExportedGraph:
         meta = json.loads(meta_path.read_text())
         spec = ExportSpec.from_json(meta["spec"])
         files = [path / f for f in meta["files"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ExportError(f"{meta_path}: unreadable export metadata ({e})") from None
+        recorded = meta["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"no {e} in it" if isinstance(e, KeyError) else str(e)
+        raise ExportError(f"{meta_path}: unreadable export metadata ({what}); export again") from None
     if meta.get("format") != FORMAT_VERSION:
         raise ExportError(f"{meta_path}: export format {meta.get('format')} is not {FORMAT_VERSION}; export again")
     for f in files:
         if not f.is_file():
             raise ExportError(f"{f}: missing; export again")
-    if file_sha256(files) != meta["sha256"]:
+    if file_sha256(files) != recorded:
         raise ExportError(f"{path / ONNX_NAME}: content does not match {META_NAME} (corrupt or stale); export again")
     return ExportedGraph(path, spec, meta)
 
