@@ -67,9 +67,7 @@ class LoraModule:
         """``scale * B @ A`` in float32, in PyTorch's layout ``[out, in(, kh, kw)]``."""
         down = self.down.astype(np.float32)
         up = self.up.astype(np.float32)
-        r = down.shape[0]
-        if up.shape[1] != r:
-            raise ConversionError(f"LoRA {self.name}: up {up.shape} and down {down.shape} ranks differ")
+        r = down.shape[0]  # the halves' shapes are checked where the file is read (lora_modules)
         d = up.reshape(up.shape[0], r) @ down.reshape(r, -1)
         return (self.scale * d).reshape((up.shape[0], *down.shape[1:]))
 
@@ -101,22 +99,22 @@ def _peft_scales(metadata: dict, component: str, source: str):
     if pick("use_dora"):
         raise ConversionError(f"{source}: DoRA LoRAs (use_dora) are not supported")
 
-    def number(key, value):
+    def number(key, value, positive: bool):  # ranks are positive; an alpha may be any finite number
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or not math.isfinite(value) or value <= 0 and key != "lora_alpha"):
+                                  or not math.isfinite(value) or positive and value <= 0):
             raise ConversionError(f"{source}: lora_adapter_metadata's {key} must be a "
-                                  f"{'finite number' if key == 'lora_alpha' else 'positive number'}, got {value!r}")
+                                  f"{'positive' if positive else 'finite'} number, got {value!r}")
         return value
 
-    def pattern(key):
+    def pattern(key, positive: bool):
         value = pick(key, {}) or {}
         if not isinstance(value, dict):
             raise ConversionError(f"{source}: lora_adapter_metadata's {key} must be an object (module -> value), "
                                   f"got {type(value).__name__}")
-        return {k: number(f"{key}[{k!r}]".replace("alpha_pattern", "lora_alpha"), v) for k, v in value.items()}
+        return {k: number(f"{key}[{k!r}]", v, positive) for k, v in value.items()}
 
-    r, alpha = number("r", pick("r")), number("lora_alpha", pick("lora_alpha"))
-    ranks, alphas = pattern("rank_pattern"), pattern("alpha_pattern")
+    r, alpha = number("r", pick("r"), True), number("lora_alpha", pick("lora_alpha"), False)
+    ranks, alphas = pattern("rank_pattern", True), pattern("alpha_pattern", False)
     rs = bool(pick("use_rslora"))
 
     def scale(module: str) -> float:
