@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +47,31 @@ def check_steps(num_steps) -> int:
     return int(num_steps)
 
 
+def _number(name: str, value, positive: bool = False) -> float:
+    """A finite real number (positive where ``positive``), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+            or not math.isfinite(value) or positive and value <= 0:
+        raise ValueError(f"{name} must be a {'positive' if positive else 'finite'} number, got {value!r}")
+    return float(value)
+
+
+def _time_shift_kind(kind) -> str:
+    if kind not in TIME_SHIFTS:
+        raise ValueError(f"time_shift must be one of {', '.join(TIME_SHIFTS)}, got {kind!r}")
+    return kind
+
+
+def _checked_grid(sigmas: np.ndarray, what: str) -> np.ndarray:
+    """``[S+1]`` float32 sigmas ending in 0, refused unless they run down from at most 1 to 0
+    (a shift or ``mu`` far outside what schedulers use makes NaN, inf or a grid past [0, 1])."""
+    grid = np.append(np.asarray(sigmas, np.float32), np.float32(0.0))
+    if not (np.isfinite(grid).all() and grid.max() <= 1 and grid.min() >= 0 and np.all(np.diff(grid) <= 0)
+            and grid[0] > 0):
+        raise ValueError(f"{what} gives no grid from 1 down to 0 (it makes {grid[:4].tolist()}...); use values "
+                         "schedulers use")
+    return grid
+
+
 def _shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
     """SD3's static time shift, ``shift*s / (1 + (shift-1)*s)``."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -53,8 +79,13 @@ def _shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
 
 def _time_shift(sigmas: np.ndarray, mu: float, kind: str = "exponential") -> np.ndarray:
     """The resolution-dependent shift: ``e^mu / (e^mu + (1/s - 1))`` (``"linear"``: ``mu`` for ``e^mu``)."""
-    m = math.exp(mu) if kind == "exponential" else mu
-    return m / (m + (1 / sigmas - 1))
+    mu = _number("mu", mu)
+    try:
+        m = math.exp(mu) if _time_shift_kind(kind) == "exponential" else mu
+    except OverflowError:
+        raise ValueError(f"mu={mu:g}: e^mu overflows; use values schedulers use") from None
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return m / (m + (1 / sigmas - 1))
 
 
 def flow_match(num_steps: int = 28, shift: float = 3.0, *, mu: float | None = None,
@@ -77,9 +108,7 @@ def flow_match(num_steps: int = 28, shift: float = 3.0, *, mu: float | None = No
         ``[S+1]`` float32 sigmas, from 1.0 down to a final 0.
     """
     num_steps = check_steps(num_steps)
-    if isinstance(shift, bool) or not isinstance(shift, int | float | np.integer | np.floating) \
-            or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    shift = _number("shift", shift, positive=True)
     n = NUM_TRAIN_TIMESTEPS
     train = np.linspace(1, n, n, dtype=np.float32)[::-1] / n
     if mu is None:
@@ -87,12 +116,17 @@ def flow_match(num_steps: int = 28, shift: float = 3.0, *, mu: float | None = No
     sigma_max, sigma_min = float(train[0]), float(train[-1])
     sigmas = np.linspace(sigma_max * n, sigma_min * n, num_steps) / n
     sigmas = _shift(sigmas, shift) if mu is None else _time_shift(sigmas, mu, time_shift)
-    return np.append(sigmas.astype(np.float32), np.float32(0.0))
+    return _checked_grid(sigmas, f"mu={mu!r} ({time_shift})" if mu is not None else f"shift={shift:g}")
 
 
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """Flux's resolution-dependent shift ``mu``, linear in the image token count."""
+    for name, value in (("image_seq_len", image_seq_len), ("base_seq_len", base_seq_len),
+                        ("max_seq_len", max_seq_len), ("base_shift", base_shift), ("max_shift", max_shift)):
+        _number(name, value)
+    if max_seq_len == base_seq_len:
+        raise ValueError(f"max_seq_len and base_seq_len are both {max_seq_len}: mu's line needs two points")
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
@@ -116,10 +150,9 @@ def flux(num_steps: int = 28, image_seq_len: int = 4096, *, shift: float | None 
     num_steps = check_steps(num_steps)
     sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
     if shift is not None:
-        sigmas = _shift(sigmas, shift)
-    else:
-        sigmas = _time_shift(sigmas, flux_mu(image_seq_len, **mu_kwargs), time_shift)
-    return np.append(np.asarray(sigmas, np.float32), np.float32(0.0))
+        return _checked_grid(_shift(sigmas, _number("shift", shift, positive=True)), f"shift={shift:g}")
+    mu = flux_mu(image_seq_len, **mu_kwargs)
+    return _checked_grid(_time_shift(sigmas, mu, time_shift), f"image_seq_len={image_seq_len!r} (mu={mu:g})")
 
 
 def stack(grids: Sequence[np.ndarray]) -> np.ndarray:
@@ -134,14 +167,17 @@ def stack(grids: Sequence[np.ndarray]) -> np.ndarray:
     for i, g in enumerate(grids):
         if g.ndim != 1 or g.shape[0] < 2:
             raise ValueError(f"grid {i} must be 1-D with at least 2 times, got shape {g.shape}")
+        if not (np.isfinite(g).all() and np.all(np.diff(g) <= 0)):
+            raise ValueError(f"grid {i} must be finite times running down, got {g.tolist()[:6]}")
     length = max(g.shape[0] for g in grids)
     return np.stack([np.pad(g, (0, length - g.shape[0]), mode="edge") for g in grids], axis=1)
 
 
 def perflow_windows(num_windows: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """PeRFlow's K equal time windows: ``(starts, ends)``, from t=1 down to t=0."""
-    if num_windows < 1:
-        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+    if isinstance(num_windows, bool) or not isinstance(num_windows, int | np.integer) \
+            or not 1 <= num_windows <= MAX_STEPS:
+        raise ValueError(f"num_windows must be an integer in [1, {MAX_STEPS}], got {num_windows!r}")
     edges = np.linspace(1.0, 0.0, num_windows + 1)
     return edges[:-1].astype(np.float32), edges[1:].astype(np.float32)
 
@@ -156,8 +192,8 @@ def perflow(num_steps: int = 4, num_windows: int = 4) -> np.ndarray:
         ``[S+1]`` float32 times from 1 to 0.
     """
     num_steps = check_steps(num_steps)
-    steps = max(num_steps, num_windows)
     starts, ends = perflow_windows(num_windows)
+    steps = max(num_steps, num_windows)
     per_window = [steps // num_windows + (1 if k < steps % num_windows else 0) for k in range(num_windows)]
     times = [np.linspace(s, e, n, endpoint=False) for s, e, n in zip(starts.astype(np.float64),
                                                                       ends.astype(np.float64), per_window)]
@@ -207,6 +243,8 @@ def truncate(grid, strength: float) -> np.ndarray:
             values keep a few last steps (the image barely changes).
     """
     grid = np.asarray(grid, np.float32)
+    if grid.ndim != 1 or grid.shape[0] < 2 or not np.all(np.diff(grid) <= 0):
+        raise ValueError(f"truncate takes one [S+1] grid running down, got shape {grid.shape}")
     if np.ndim(strength):
         raise ValueError(f"strength must be one number in (0, 1] here, got shape {np.shape(strength)}")
     strength = strength_values(strength, 1)[0]
@@ -292,7 +330,11 @@ class Scheduler:
                     max_seq_len=self.max_image_seq_len, base_shift=self.base_shift, max_shift=self.max_shift)
 
     def perflow_grid(self, steps: int) -> np.ndarray:
-        """PeRFlow's grid over this scheduler's windows."""
+        """PeRFlow's grid over this scheduler's windows; fewer steps than windows are raised
+        to one per window (``perflow``), with a ``UserWarning``."""
+        if isinstance(steps, int | np.integer) and not isinstance(steps, bool) and 1 <= steps < self.num_time_windows:
+            warnings.warn(f"steps={steps} is below the {self.num_time_windows} PeRFlow time windows: running "
+                          f"{self.num_time_windows} steps (one per window)", stacklevel=2)
         return perflow(steps, self.num_time_windows)
 
 

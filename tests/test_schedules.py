@@ -92,6 +92,29 @@ def test_bad_shifts_and_an_empty_stack(bad):
         sf.schedules.stack([])
 
 
+def test_shifts_and_windows_outside_what_schedulers_use_are_named():
+    """Found by a user's pass: NaN, inf or out-of-range grids came back, or raw Python errors
+    (OverflowError, ZeroDivisionError, UFuncTypeError); an unknown time_shift was taken for linear."""
+    S = sf.schedules
+    for call, message in [
+            (lambda: S.flux(4, shift=0), "shift must be a positive number, got 0"),
+            (lambda: S.flux(4, shift="2"), "shift must be a positive number, got '2'"),
+            (lambda: S.flow_match(4, mu=float("nan")), "mu must be a finite number, got nan"),
+            (lambda: S.flow_match(4, mu=1000), "mu=1000: e^mu overflows"),
+            (lambda: S.flow_match(4, mu=-1000), "mu=-1000 (exponential) gives no grid from 1 down to 0"),
+            (lambda: S.flow_match(4, mu=1.0, time_shift="cubic"), "time_shift must be one of exponential, linear"),
+            (lambda: S.flow_match(4, mu=-1, time_shift="linear"), "mu=-1 (linear) gives no grid from 1 down to 0"),
+            (lambda: S.flux(4, -10**6), "image_seq_len=-1000000"),
+            (lambda: S.flux(4, base_seq_len=256, max_seq_len=256), "mu's line needs two points"),
+            (lambda: S.perflow(4, 4.0), "num_windows must be an integer in [1, 1000], got 4.0"),
+            (lambda: S.perflow(4, 2000), "num_windows must be an integer in [1, 1000], got 2000"),
+            (lambda: S.truncate(np.linspace(0, 1, 5), 0.5), "truncate takes one [S+1] grid running down"),
+            (lambda: S.stack([np.array([1, np.nan, 0])]), "grid 0 must be finite times running down")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    assert S.flow_match(4, mu=1.0, time_shift="linear")[0] == 1  # what schedulers use still works
+
+
 @pytest.mark.parametrize("bad", [0, -3, 1001, 2.5, True, "4"])
 def test_bad_step_counts(bad):
     for grid in (sf.schedules.flow_match, sf.schedules.flux, sf.schedules.perflow):
