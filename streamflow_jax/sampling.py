@@ -52,8 +52,10 @@ class Guidance:
 
         Returns:
             ``"none"`` when the mode takes no scale, when no scale is given and there is no
-            default, or for classifier-free guidance at a scalar scale <= 1 (as diffusers: CFG
-            only above 1, where it changes the result); else the scale with its kind.
+            default, or for classifier-free guidance at scales <= 1 (as diffusers: CFG only
+            above 1, where it changes the result; one per element: every one of them); else
+            the scale with its kind. Per element, a scale <= 1 among larger ones means the same
+            (the pipelines run that element's conditional velocity: ``PromptPipeline.conditioning``).
 
         Raises:
             ValueError: a scale that is not a finite number (NaN, inf, a string), or an
@@ -62,14 +64,12 @@ class Guidance:
         if mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance mode {mode!r} not in {GUIDANCE_MODES}")
         scale = default if scale is None else scale
-        if mode == "none":
-            return cls()
         if scale is None:
             if mode == "embedded":
                 raise ValueError("this model takes the guidance scale as an input: give guidance_scale")
             return cls()
-        scale = _finite_scale(scale)
-        if mode == "cfg" and np.ndim(scale) == 0 and scale <= 1:
+        scale = _finite_scale(scale)  # checked where it is ignored too (mode "none"): NaN is no scale
+        if mode == "none" or mode == "cfg" and np.all(np.asarray(scale) <= 1):
             return cls()
         return cls(mode, scale)
 
@@ -81,6 +81,17 @@ class Guidance:
     def cfg_scale(self):
         """The scale of classifier-free guidance (None without it): ``sample``'s ``guidance_scale``."""
         return self.scale if self.kind == "cfg" else None
+
+
+def per_element_rule(cond: dict, uncond: dict, scale):
+    """``(uncond, scale)`` for ``sample`` with the scalar rule applied per element: where one
+    element's classifier-free guidance scale is <= 1 it runs no guidance, its conditional
+    velocity exactly (its ``uncond`` rows are its ``cond`` rows, at scale 1: ``v_u = v_c``), as
+    that scale alone would (``Guidance.resolve``); a scalar scale passes unchanged."""
+    if not np.ndim(scale) or not np.any(off := np.asarray(scale) <= 1):
+        return uncond, scale
+    rows = {k: jnp.where(off.reshape(-1, *[1] * (jnp.ndim(v) - 1)), cond[k], v) for k, v in uncond.items()}
+    return rows, np.where(off, np.float32(1), scale).astype(np.float32)
 
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -236,7 +247,9 @@ def check_inputs(noise, grid, cond, guidance_scale=None, uncond=None):
 
 def check_grid_values(grid) -> None:
     """A concrete ``[S+1, B]`` grid runs down from at most 1 to at least 0 (equal neighbours
-    allowed: ``schedules.stack``'s zero-length padding steps); under a trace, not looked at."""
+    allowed: ``schedules.stack``'s zero-length padding steps), and moves every element (a
+    column that stays at one time is noise returned as it came, often a grid given as
+    ``[B, S+1]``); under a trace, not looked at."""
     if is_traced(grid):
         return
     ok = (grid.min() >= 0) & (grid.max() <= 1) & jnp.all(jnp.diff(grid, axis=0) <= 0)
@@ -244,6 +257,10 @@ def check_grid_values(grid) -> None:
         return
     if not bool(ok):
         raise ValueError("time grid must run down from at most 1 to at least 0 (t = 1 is noise, 0 data)")
+    still = np.flatnonzero(np.asarray(grid[0] == grid[-1]))
+    if still.size:  # sampled, it would come back as the noise itself
+        raise ValueError(f"time grid moves no time for element {int(still[0])} (it stays at "
+                         f"t={float(grid[0, still[0]]):g}); a grid is [S+1, B], times down the first axis")
 
 
 def scan(model: VelocityModel, noise, grid, cond, guidance_scale=None, uncond=None):

@@ -689,9 +689,19 @@ class StreamEngine:
             self._in_flight.popleft()
             host = np.asarray(outputs)
             for k, rid in enumerate(ids):
-                self.results[rid] = self.postprocess(host[k]) if self.postprocess is not None else host[k]
+                self.results[rid] = self._postprocessed(rid, host[k])
             if until is not None and until in ids:
                 return
+
+    def _postprocessed(self, rid: int, output: np.ndarray):
+        """``postprocess(output)``, or the request's ``RequestError`` when it raises: one
+        request's failure is its own, and the others finishing in the same tick get theirs."""
+        if self.postprocess is None:
+            return output
+        try:
+            return self.postprocess(output)
+        except Exception as e:  # noqa: BLE001 (any error of the caller's function)
+            return RequestError(f"request {rid}: postprocess failed ({type(e).__name__}: {e})")
 
     def pop_results(self, wait: bool = False) -> dict[int, Any]:
         """Hands over every result that is ready (outputs and ``RequestError``s, by id) and

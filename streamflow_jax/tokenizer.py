@@ -29,6 +29,14 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def _prompt_list(prompts) -> list[str]:
+    """One prompt or a sequence of them, as a list of strings, or a ValueError."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, list | tuple) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    return prompts
+
+
 class CLIPTokenizer:
     """Prompts -> ``[B, max_length]`` int32 token ids, truncated and padded as SD pipelines do.
 
@@ -65,10 +73,14 @@ class CLIPTokenizer:
         return cls(build_clip_bpe(vocab, merges, pad_token=pad), pad_token=pad, max_length=max_length)
 
     def __call__(self, prompts: str | list[str]) -> np.ndarray:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts")
-        return np.array([e.ids for e in self._tok.encode_batch(prompts)], np.int32)
+        """Token ids of each prompt, ``[B, max_length]`` int32; a longer prompt is truncated,
+        with a ``UserWarning``, as diffusers does."""
+        encodings = self._tok.encode_batch(_prompt_list(prompts))
+        cut = [i for i, e in enumerate(encodings) if e.overflowing]
+        if cut:
+            warnings.warn(f"prompt(s) {cut} longer than CLIP's limit of {self.max_length} tokens were truncated "
+                          f"to {self.max_length} (as diffusers does)", stacklevel=2)
+        return np.array([e.ids for e in encodings], np.int32)
 
     def tokens(self, prompt: str) -> list[str]:
         """The token strings of one prompt (for inspection)."""
@@ -187,10 +199,7 @@ class T5Tokenizer:
         A prompt longer than ``max_length`` tokens is truncated, keeping its final ``</s>``, as
         diffusers does, with a ``UserWarning`` naming the limit.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts")
-        encodings = self._tok.encode_batch(prompts)
+        encodings = self._tok.encode_batch(_prompt_list(prompts))
         cut = [i for i, e in enumerate(encodings) if e.overflowing]
         if cut:
             warnings.warn(f"prompt(s) {cut} longer than the T5 limit of {self.max_length} tokens were truncated "

@@ -97,6 +97,22 @@ def test_stream_engine_same_images(ours):
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=2e-5)
 
 
+def test_per_label_guidance_follows_the_scalar_rule():
+    """A scale <= 1 among per-label scales means no guidance for that label, as the same scale
+    alone does (it ran v_u + g (v_c - v_u): the unconditional image at 0); one scale per label."""
+    pipe = DigitsPipeline.load()
+    labels = np.array([3, 7])
+    run = lambda g: pipe(labels, steps=4, guidance_scale=g, seed=0, progress=False)  # noqa: E731
+    alone_off, alone_on = run(0.0), run(3.0)
+    assert np.abs(alone_off - alone_on).max() > 0.05  # guidance matters here
+    mixed = run([0.0, 3.0])
+    np.testing.assert_allclose(mixed[0], alone_off[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], alone_on[1], atol=1e-5)
+    np.testing.assert_array_equal(run([0.0, 0.5]), alone_off)
+    with pytest.raises(ValueError, match="1 guidance scales for 2 labels"):
+        run([2.0])
+
+
 def test_numpy_upscale_equals_training_upscale():
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (5, 8, 8)).astype(np.float32))
     ref = F.interpolate(x[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0].numpy()

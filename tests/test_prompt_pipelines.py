@@ -5,6 +5,7 @@ same starting latents; compared in float at the latent level and as uint8 images
 from __future__ import annotations
 
 import json
+import re
 
 import diffusers
 import numpy as np
@@ -170,6 +171,68 @@ def test_sd3_converted_pipeline_and_stream(tmp_path):
         sf.Pipeline.from_diffusers(tmp_path / "conv", taesd=tmp_path / "taesd")
 
 
+def test_bad_input_to_pipelines_and_streams(tmp_path):
+    """Found by a user's pass over the pipelines: requests lost without a result, scales taken
+    that were ignored or wrong, per-prompt scales <= 1 running the unconditional image, raw
+    JAX/tokenizer messages, errors naming the engine's request id instead of the caller's."""
+    from streamflow_jax.errors import RequestError
+    from streamflow_jax.pipelines import PromptStream
+
+    (tmp_path / "sd3").mkdir()
+    make_sd3_pipeline(tmp_path / "sd3")
+    sd3 = sf.Pipeline.from_diffusers(tmp_path / "sd3" / "pipe", max_sequence_length=12)
+    noise = np.random.default_rng(1).standard_normal((2, 8, 8, 16)).astype(np.float32)
+    run = lambda g, **kw: sd3(PROMPTS, steps=2, guidance_scale=g, noise=noise, output_type="latent", **kw)  # noqa: E731
+    # per prompt, a scale <= 1 means no guidance, as it does alone (it ran v_u, the unconditional image)
+    mixed = run([0.0, 4.0])
+    unguided = run(0.0)
+    assert _rel(run([0.0, 0.0]), run(4.0)) > 1e-2  # guidance matters here
+    np.testing.assert_allclose(mixed[0], unguided[0], rtol=1e-5, atol=1e-5)  # batch 4 against 2: not bit-equal
+    np.testing.assert_allclose(mixed[1], run(4.0)[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(run([1.0, 0.5]), unguided)  # every scale <= 1: the same call
+    for kwargs, message in [
+            ({"guidance_scale": [2.0, 5.0, 3.0]}, "3 guidance scales for 2 prompts"),
+            ({"negative_prompt": 5}, "negative_prompt must be a string or a list of strings"),
+            ({"noise": noise + 1j}, "noise must be real floating-point numbers, got complex"),
+            ({"backend": ["xla"]}, "unknown backend ['xla']"),
+            ({"max_sequence_length": 100000}, "max_sequence_length must be an integer from 1 to 512")]:
+        args = {"steps": 2, "noise": noise, "output_type": "latent", **kwargs}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            sd3(PROMPTS, **args)
+    for length in (-5, 12.7, "12", 513):  # at load: -5 failed at the first call, 12.7 became 12
+        with pytest.raises(ValueError, match="max_sequence_length must be an integer from 1 to 512"):
+            sf.Pipeline.from_diffusers(tmp_path / "sd3" / "pipe", max_sequence_length=length)
+    with pytest.raises(ValueError, match="from_diffusers takes a directory path, got NoneType"):
+        sf.Pipeline.from_diffusers(None)
+    with pytest.warns(UserWarning, match="longer than CLIP's limit of 77 tokens were truncated"):
+        sd3(["cat " * 100], steps=1, output_type="latent", guidance_scale=1.0)
+
+    # PromptStream: guided by default where the pipeline's default scale asks (SD3's 7.0: its
+    # default request failed); errors carry the caller's ids; an encoder failure of any kind is
+    # the request's own (it escaped run() and lost the request)
+    stream = PromptStream(sd3, slots_per_stream=2, output_type="latent")
+    assert stream.guided
+    ok = stream.submit(PROMPTS[0], steps=2, noise=noise[0])
+    stream.submit(None)
+    bad = stream.submit(PROMPTS[1], steps=2, noise=np.zeros((4, 4, 16), np.float32))
+    original = sd3.encode
+
+    def encode(prompts, text_len=None):
+        if "boom" in prompts:
+            raise RuntimeError("the device fell over")
+        return original(prompts, text_len)
+
+    sd3.encode = encode
+    boom = stream.submit("boom", steps=2, noise=noise[1])
+    results = stream.run()
+    np.testing.assert_allclose(results[ok], sd3(PROMPTS[0], steps=2, noise=noise[:1], output_type="latent")[0],
+                               rtol=1e-4, atol=1e-5)
+    assert str(results[1]) == "request 1: prompt must be a string, got NoneType"
+    assert str(results[bad]).startswith(f"request {bad}: latent shape (4, 4, 16)")
+    assert isinstance(results[boom], RequestError) and "RuntimeError: the device fell over" in str(results[boom])
+    assert stream.pending == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Flux
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +263,14 @@ def test_flux_pipeline_matches_diffusers(tmp_path, guidance):
     assert _rel(swapped, want) > 100 * 2e-4  # measured 0.18
     if guidance:  # the guidance input matters too
         assert _rel(flux_reference(ref, PROMPTS, noise, 3, 5.0, 10, "latent"), want) > 100 * 2e-4
+    # scales checked where the model ignores them too (schnell took NaN and strings), and one per
+    # prompt or one for all (dev: a raw broadcasting error, and [2.0] taken for every prompt)
+    for scale, message in [(float("nan"), "guidance_scale nan is not finite"),
+                           ("abc", "guidance_scale must be a number, got 'abc'")] + \
+            ([([2.0, 5.0, 3.0], "3 guidance scales for 2 prompts"), ([2.0], "1 guidance scales for 2 prompts")]
+             if guidance else []):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pipe(PROMPTS, steps=3, guidance_scale=scale, noise=noise, output_type="latent")
     images = pipe(PROMPTS, steps=3, guidance_scale=3.5, noise=noise, output_type="np")
     want_img = flux_reference(ref, PROMPTS, noise, 3, 3.5, 10, "np")
     assert np.abs(images - want_img).max() <= 2e-5  # measured 1.5e-6
@@ -246,8 +317,10 @@ def test_flux_prompt_stream_takes_guidance_as_input(tmp_path):
     default = pipe(PROMPTS[1], steps=2, guidance_scale=2.0, noise=noise[1:], output_type="latent")
     assert np.abs(alone[0] - default[0]).max() > 1e-4  # the length matters
     np.testing.assert_allclose(short.run()[rid], alone[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="max_sequence_length must be an integer >= 1, got 0"):
-        PromptStream(pipe, max_sequence_length=0)
+    for length in (0, 513, 100000, 12.7, "12"):  # 100000 ran out of memory in the encoder
+        with pytest.raises(ValueError, match=re.escape(f"max_sequence_length must be an integer from 1 to 512, "
+                                                       f"got {length!r}")):
+            PromptStream(pipe, max_sequence_length=length)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -65,8 +65,9 @@ def test_sample_inside_caller_jit(model):
 
 def test_zero_length_steps_are_identity(model):
     x, _, cond = sd3_inputs(CFG, batch=1, height=8, width=8)
-    out = sf.sample(model, x, np.array([0.5, 0.5, 0.5], np.float32), cond)
-    np.testing.assert_array_equal(np.asarray(out), x)
+    out = sf.sample(model, x, np.array([1.0, 0.5, 0.5, 0.5], np.float32), cond)  # stack's padding
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(sf.sample(model, x, np.array([1.0, 0.5]), cond)))
+    # a grid that never moves at all is refused (test_bad_inputs_name_the_problem): it is a mistake
 
 
 def test_bad_inputs_name_the_problem(model):
@@ -108,6 +109,19 @@ def test_bad_inputs_name_the_problem(model):
         "guidance_scale must be a number": lambda: sf.sample(model, x, grid, cond, guidance_scale="3", uncond=cond),
         "guidance_scale 1e+40 is beyond float32's range": lambda: sf.sample(
             model, x, grid, cond, guidance_scale=1e40, uncond=cond),
+        # a second pass: these returned the noise unchanged, or raised from inside
+        "time grid moves no time for element 0 (it stays at t=0.5)": lambda: sf.sample(
+            model, x, np.array([0.5, 0.5], np.float32), cond),
+        "time grid moves no time for element 0 (it stays at t=1)": lambda: sf.sample(  # [B, S+1] for [S+1, B]
+            model, x, np.array([[1.0, 0.0], [1.0, 0.0]], np.float32), cond),
+        "model must be a velocity model (sf.load(...)) or a runner, got NoneType": lambda: sf.sample(
+            None, x, grid, cond),
+        "model must be a velocity model (sf.load(...)) or a runner, got str": lambda: sf.sample(
+            "converted/sd3", x, grid, cond),
+        "ts: grids of different lengths; pad them into one [S+1, B] grid with schedules.stack": lambda: sf.sample(
+            model, x, [sf.schedules.flow_match(2), sf.schedules.flow_match(3)], cond),
+        "ts must be times (real numbers), got None": lambda: sf.sample(model, x, None, cond),
+        "ts must be times (real numbers)": lambda: sf.sample(model, x, grid + 0j, cond),
     }
     for message, call in bad.items():
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -118,6 +118,31 @@ def test_fifty_mixed_requests_none_lost(model):
     assert engine.pending == 0
 
 
+def test_a_failing_postprocess_fails_its_request_alone(model):
+    """A postprocess that raises on one output: that request's result is the error, the others
+    finishing in the same tick get theirs (they were dropped and their ids never answered)."""
+    x, conds = _requests(4, seed=2)
+    calls = []
+
+    def postprocess(out):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return out * 2
+
+    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=4, admit_per_tick=4, postprocess=postprocess)
+    ids = [engine.submit(conds[i], steps=2, noise=x[i]) for i in range(4)]
+    results = engine.run()
+    assert sorted(results) == ids and engine.pending == 0
+    failed = [rid for rid in ids if isinstance(results[rid], RequestError)]
+    assert len(failed) == 1 and str(results[failed[0]]) == f"request {failed[0]}: postprocess failed (RuntimeError: boom)"
+    for i, rid in enumerate(ids):
+        if rid not in failed:
+            want = sf.sample(model, x[i : i + 1], sf.schedules.flow_match(2, shift=1.0),
+                             {k: v[None] for k, v in conds[i].items()})[0]
+            np.testing.assert_allclose(results[rid], 2 * np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
 def test_invalid_requests_fail_alone(model):
     x, conds = _requests(3, seed=4)
     engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=2)

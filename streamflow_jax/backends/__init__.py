@@ -51,7 +51,7 @@ def clear_runners() -> None:
 
 def check_backend(backend: str) -> Backend:
     """The registry entry of ``backend``, or a ValueError listing the choices."""
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     return BACKENDS[backend]
 
@@ -141,7 +141,8 @@ def sample(
 
     Args:
         model: anything with ``velocity(x, t, cond)``; usually ``sf.load(...)``.
-        noise: ``[B, H, W, C]`` starting latents (their dtype is the integration dtype).
+        noise: ``[B, H, W, C]`` starting latents (their dtype is the integration dtype with
+            ``xla``; the exported backends integrate in float32 and return this dtype).
         ts: ``[S+1]`` (one grid for all) or ``[S+1, B]`` (one column per element; pad shorter
             schedules with ``schedules.stack``).
         cond: dict of ``[B, ...]`` conditioning arrays, named as in diffusers.
@@ -163,13 +164,16 @@ def sample(
     backends return the same result within the tolerance of the exported graph's precision.
     """
     entry = check_backend(backend)
+    if not hasattr(model, "velocity"):
+        raise ValueError(f"model must be a velocity model (sf.load(...)) or a runner, got {type(model).__name__}")
     noise = jnp.asarray(noise)
+    ts = _grid_array(ts)
     for name, value in (("cond", cond), ("uncond", uncond)):
         if not (isinstance(value, Mapping) or value is None and name == "uncond"):
             raise ValueError(f"{name} must be a dict of [B, ...] arrays, got {type(value).__name__}")
     cond = dict(cond)
     uncond = None if uncond is None else dict(uncond)
-    grid, guidance_scale = sampling.check_inputs(noise, jnp.asarray(ts, jnp.float32), cond, guidance_scale, uncond)
+    grid, guidance_scale = sampling.check_inputs(noise, ts, cond, guidance_scale, uncond)
     if isinstance(model, FlowModel) and model.family.kind == "velocity":
         model.check_call(noise, grid[0], cond, x_name="noise")  # before an export or a trace
     if not entry.exported:
@@ -179,6 +183,7 @@ def sample(
             return sampling.scan(model, noise, grid, cond, guidance_scale, uncond)
         return _segments(model, noise, grid, cond, guidance_scale, uncond, progress)
     b, h, w, _ = noise.shape
+    dtype = noise.dtype  # what the result comes back as
     runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w, cond=cond)
     if not runner.on_device:
         # a runner computing on the host (ONNX Runtime on CPU): the loop in numpy, so each step
@@ -190,7 +195,21 @@ def sample(
     x = noise
     for i in tqdm(range(grid.shape[0] - 1), disable=not progress, delay=2, unit="step", leave=False):
         x = sampling.step(runner, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
-    return jnp.asarray(x)
+    return jnp.asarray(x, dtype)
+
+
+def _grid_array(ts) -> jax.Array:
+    """``sample``'s ``ts`` as float32, or a ValueError naming it (not numbers, not one shape)."""
+    if sampling.is_traced(ts):
+        return jnp.asarray(ts, jnp.float32)
+    try:
+        arr = np.asarray(ts)
+    except ValueError:  # grids of different lengths
+        raise ValueError("ts: grids of different lengths; pad them into one [S+1, B] grid with "
+                         "schedules.stack") from None
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"ts must be times (real numbers), got {ts!r:.80}")
+    return jnp.asarray(arr, jnp.float32)
 
 
 def pad_grid(grid: jax.Array, least: int = 8) -> jax.Array:

@@ -23,7 +23,7 @@ from streamflow_jax.backends.cache import enable_compilation_cache
 from streamflow_jax.errors import ConfigError
 from streamflow_jax.models import decode_latents, encode_latents, pixels_to_latent
 from streamflow_jax.pipelines.images import check_output_type, images_to_array, to_float_images, to_uint8
-from streamflow_jax.sampling import Guidance, check_seed, seeded_noise
+from streamflow_jax.sampling import Guidance, check_seed, per_element_rule, seeded_noise
 from streamflow_jax.sharding import shard_batch
 
 PIPELINES: dict[str, type] = {}  # model_index.json _class_name -> pipeline class
@@ -66,6 +66,8 @@ class Pipeline:
         Keyword arguments (``taesd``, ``dtype``, ...) go to the class's ``load``. Turns on the
         persistent compilation cache (``backends.cache.enable_compilation_cache``).
         """
+        if not isinstance(path, str | Path):
+            raise ValueError(f"from_diffusers takes a directory path, got {type(path).__name__}")
         enable_compilation_cache()
         return (pipeline_class(path) if cls is Pipeline else cls).load(Path(path), **kwargs)
 
@@ -84,6 +86,20 @@ def img2img_start(model, x0, noise, grid, strength):
     given = schedules.DEFAULT_STRENGTH if strength is None else strength
     grids = schedules.stack([schedules.truncate(grid, s) for s in schedules.strength_values(given, b)])  # [S'+1, B]
     return model.noise_to(jnp.asarray(x0), jnp.asarray(noise), grids[0]), grids
+
+
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens: diffusers' SD3 and Flux pipelines refuse more
+
+
+def check_text_len(text_len) -> int | None:
+    """A ``max_sequence_length`` (None: the pipeline's), or a ValueError: an integer from 1 to
+    ``MAX_SEQUENCE_LENGTH``, as diffusers' SD3 and Flux pipelines take."""
+    if text_len is None:
+        return None
+    if isinstance(text_len, bool) or not isinstance(text_len, int | np.integer) \
+            or not 1 <= text_len <= MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"max_sequence_length must be an integer from 1 to {MAX_SEQUENCE_LENGTH}, got {text_len!r}")
+    return int(text_len)
 
 
 def check_prompts(prompts) -> list[str]:
@@ -170,10 +186,8 @@ class PromptPipeline(Pipeline):
     def model_text_len(self, text_len: int | None = None) -> int:
         """The conditioning's text length for a main-encoder length ``text_len`` (default: the
         pipeline's), after the family's fixed prefix (SD3's 77 CLIP tokens)."""
-        if text_len is not None and (isinstance(text_len, bool) or not isinstance(text_len, int | np.integer)
-                                     or text_len < 1):
-            raise ValueError(f"max_sequence_length must be an integer >= 1, got {text_len!r}")
-        return self.model.family.text_prefix + (self.text_len if text_len is None else int(text_len))
+        text_len = check_text_len(text_len)
+        return self.model.family.text_prefix + (self.text_len if text_len is None else text_len)
 
     def cond_shapes(self, text_len: int | None = None) -> dict[str, tuple[int, ...]]:
         """Per-request conditioning shapes (the stream engine's ``cond_shapes``)."""
@@ -204,17 +218,22 @@ class PromptPipeline(Pipeline):
         b = len(prompts)
         sized = {k: jnp.broadcast_to(jnp.asarray(v), (b, *np.shape(v)))
                  for k, v in self.image_conditioning(latent_shape).items()}
+        if np.ndim(guidance.scale) and np.shape(guidance.scale) != (b,):
+            raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {b} prompts")
+        try:
+            negative = [negative_prompt] * b if isinstance(negative_prompt, str) else check_prompts(negative_prompt)
+        except ValueError:
+            raise ValueError(f"negative_prompt must be a string or a list of strings (one per prompt), got "
+                             f"{negative_prompt!r:.100}") from None
+        if len(negative) != b:
+            raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
         cond = {**self.encode(prompts, text_len), **sized}
         if guidance.kind == "embedded":
             return {**cond, "guidance": jnp.broadcast_to(jnp.asarray(guidance.scale, jnp.float32), (b,))}, None, None
         if not guidance.cfg:
             return cond, None, None
-        negative = [negative_prompt] * b if isinstance(negative_prompt, str) else check_prompts(negative_prompt)
-        if len(negative) != b:
-            raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
-        if np.ndim(guidance.scale) and np.shape(guidance.scale) != (b,):
-            raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {b} prompts")
-        return cond, {**self.zeroed_if_empty(negative, self.encode(negative, text_len)), **sized}, guidance.scale
+        uncond = {**self.zeroed_if_empty(negative, self.encode(negative, text_len)), **sized}
+        return cond, *per_element_rule(cond, uncond, guidance.scale)
 
     def calibrate(self, prompts, *, steps: int | None = None, guidance_scale=None, headroom: float = 1.0,
                   progress: bool = True) -> PromptPipeline:
@@ -252,6 +271,9 @@ class PromptPipeline(Pipeline):
             return seeded_noise(seed, (n, *shape))
         if tuple(np.shape(noise)) != (n, *shape):
             raise ValueError(f"noise has shape {np.shape(noise)}, expected {(n, *shape)}")
+        dtype = noise.dtype if hasattr(noise, "dtype") else np.asarray(noise).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):  # as sf.sample: complex lost its imaginary part
+            raise ValueError(f"noise must be real floating-point numbers, got {dtype}")
         return jnp.asarray(noise, jnp.float32)
 
     def encode_image(self, image, batch: int) -> jax.Array:

@@ -19,7 +19,7 @@ from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConversionError
 from streamflow_jax.pipelines.base import Pipeline, img2img_start, register
 from streamflow_jax.pipelines.images import images_to_array
-from streamflow_jax.sampling import Guidance, check_seed, seeded_noise
+from streamflow_jax.sampling import Guidance, check_seed, per_element_rule, seeded_noise
 from streamflow_jax.sharding import shard_batch
 from streamflow_jax.stream import StreamEngine
 
@@ -109,16 +109,20 @@ class DigitsPipeline(Pipeline):
         if image is not None:
             arr = images_to_array(image, 1)
             if arr.shape[1:] != self.latent_shape or arr.shape[0] not in (1, len(labels)):
-                raise ValueError(f"image has shape {arr.shape}; the model takes [1 or {len(labels)}, 16, 16] grey")
+                raise ValueError(f"image has shape {arr.shape[:-1]} (grey, one channel); the model takes "
+                                 f"[1 or {len(labels)}, 16, 16] grey images")
             x0 = np.broadcast_to(arr * 2 - 1, (len(labels), *self.latent_shape))  # pixel space: [-1, 1]
             noise, grid = img2img_start(self.model, x0, noise, grid, strength)
         elif strength is not None:
             raise ValueError("strength is for image-to-image: give image too")
-        uncond = self.cond(np.full(len(labels), NULL_CLASS)) if guidance.cfg else None
-        cond = self.cond(labels)
+        if np.shape(guidance.scale) not in ((), (len(labels),)):
+            raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {len(labels)} labels")
+        cond, uncond, scale = self.cond(labels), None, guidance.cfg_scale
+        if guidance.cfg:
+            uncond, scale = per_element_rule(cond, self.cond(np.full(len(labels), NULL_CLASS)), scale)
         if self.mesh is not None:
             noise, cond, uncond = shard_batch((noise, cond, uncond), self.mesh)
-        x = backends.sample(self.model, noise, grid, cond, guidance_scale=guidance.cfg_scale, uncond=uncond,
+        x = backends.sample(self.model, noise, grid, cond, guidance_scale=scale, uncond=uncond,
                             backend=backend, progress=progress)
         return to_images(x)
 

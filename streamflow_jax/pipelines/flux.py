@@ -16,7 +16,7 @@ import numpy as np
 
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
-from streamflow_jax.pipelines.base import PromptPipeline, register
+from streamflow_jax.pipelines.base import PromptPipeline, check_text_len, register
 from streamflow_jax.pipelines.images import load_autoencoder
 from streamflow_jax.pipelines.text import T5Tokenizers, clip_pooled, t5_last_hidden_state
 from streamflow_jax.tokenizer import CLIPTokenizer
@@ -47,7 +47,7 @@ class FluxPipeline(PromptPipeline):
         # dev: 28 steps, guidance 3.5, 512 T5 tokens; schnell (no guidance embedding): 4 steps, 256
         self.default_steps = 28 if dev else 4
         self.default_guidance = 3.5 if dev else None
-        self.text_len = int(max_sequence_length or (model.family.text_len(model.config) if dev else 256))
+        self.text_len = check_text_len(max_sequence_length) or (model.family.text_len(model.config) if dev else 256)
 
     @classmethod
     def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int | None = None, mesh=None,

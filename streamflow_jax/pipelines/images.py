@@ -112,6 +112,8 @@ def images_to_array(image, channels: int | None = 3) -> np.ndarray:
         raise ValueError(f"image: not an array of one shape ({e})") from None
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"image: expected numbers (floats in [0, 1] or uint8), got an array of {arr.dtype}")
+    if 0 in arr.shape:
+        raise ValueError(f"image has shape {arr.shape}: an empty image")
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / 255
     arr = arr.astype(np.float32)

@@ -17,7 +17,7 @@ import numpy as np
 
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
-from streamflow_jax.pipelines.base import PromptPipeline, register
+from streamflow_jax.pipelines.base import PromptPipeline, check_text_len, register
 from streamflow_jax.pipelines.images import load_autoencoder
 from streamflow_jax.pipelines.text import T5Tokenizers, clip_penultimate_and_projection, t5_last_hidden_state
 from streamflow_jax.tokenizer import CLIPTokenizer
@@ -45,7 +45,7 @@ class SD3Pipeline(PromptPipeline):
         self.model, self.clip_l, self.clip_g, self.t5, self.decoder = model, clip_l, clip_g, t5, decoder
         self.scheduler = scheduler
         default = model.family.text_len(model.config) - model.family.text_prefix
-        self.text_len = int(max_sequence_length or default)
+        self.text_len = check_text_len(max_sequence_length) or default
 
     @classmethod
     def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int | None = None, mesh=None,

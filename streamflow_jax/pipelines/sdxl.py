@@ -34,9 +34,10 @@ def _pair(value, name: str) -> tuple[int, int] | None:
     if value is None:
         return None
     pair = tuple(value) if isinstance(value, list | tuple) else None
+    least = 0 if name == "crops_coords_top_left" else 1  # sizes are positive, a crop's corner may be 0
     if pair is None or len(pair) != 2 or not all(isinstance(v, int | np.integer) and not isinstance(v, bool)
-                                                 for v in pair):
-        raise ValueError(f"{name} must be a pair of integers (height, width) / (top, left), got {value!r}")
+                                                 and v >= least for v in pair):
+        raise ValueError(f"{name} must be a pair of integers >= {least} (height, width) / (top, left), got {value!r}")
     return int(pair[0]), int(pair[1])
 
 

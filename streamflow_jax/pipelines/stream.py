@@ -91,7 +91,8 @@ class PromptStream:
         guidance: give every slot an unconditional branch, so that requests may ask for
             classifier-free guidance (each with its own scale; a request without CFG then runs
             its conditional velocity exactly). A model with embedded guidance (Flux-dev) takes
-            each request's scale as an input instead, whatever this says.
+            each request's scale as an input instead, whatever this says. Default: as the
+            pipeline's default scale asks (SD3's 7.0 does; PeRFlow, Flux and SDXL have none).
         height, width: image size in pixels (default: the model's).
         output_type: ``"pil"``, ``"np"`` or ``"latent"``, as the pipeline's.
         max_sequence_length: T5 tokens for every request (Flux, SD3; default: the pipeline's).
@@ -99,7 +100,7 @@ class PromptStream:
         admit_per_tick, min_batch: the engine's (default: one request per stream per tick).
     """
 
-    def __init__(self, pipe: PromptPipeline, *, slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
+    def __init__(self, pipe: PromptPipeline, *, slots_per_stream: int = 4, streams: int = 1, guidance: bool | None = None,
                  height: int | None = None, width: int | None = None, backend: str = "xla",
                  output_type: str = "pil", max_sequence_length: int | None = None,
                  cache_size: int = DEFAULT_CACHE_SIZE, admit_per_tick: int | None = None,
@@ -110,6 +111,8 @@ class PromptStream:
         # conditioning of the stream's image size rather than the text (SDXL's time ids), both branches
         sized = getattr(pipe, "image_conditioning", lambda shape: {})(self.latent_shape)
         self._sized = {k: np.asarray(v) for k, v in sized.items()}
+        if guidance is None:  # as the pipeline's default scale asks (SD3: 7.0, CFG; the others: none)
+            guidance = pipe.resolve_guidance(None).cfg
         self.guided = bool(guidance) and pipe.guidance_mode == "cfg"
         self.cache = EmbeddingCache(cache_size)
         post = {"pil": to_uint8, "np": to_float_images, "latent": None}[output_type]
@@ -140,16 +143,16 @@ class PromptStream:
         try:
             for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
                 if not isinstance(text, str):
-                    raise RequestError(f"{what} must be a string, got {type(text).__name__}")
+                    raise ValueError(f"{what} must be a string, got {type(text).__name__}")
             steps = schedules.check_steps(self.pipe.default_steps if steps is None else steps)
             if noise is None:
                 seed = check_seed(seed)
             guidance = self.pipe.resolve_guidance(guidance_scale)
-            if guidance.cfg and not self.guided:
-                raise RequestError(f"guidance_scale {guidance.scale} asks for classifier-free guidance, and this "
-                                   "stream runs without it (PromptStream(..., guidance=True))")
             if np.ndim(guidance.scale):
-                raise RequestError("a request takes one guidance scale, not one per element")
+                raise ValueError("a request takes one guidance scale, not one per element")
+            if guidance.cfg and not self.guided:
+                raise ValueError(f"guidance_scale {guidance.scale} asks for classifier-free guidance, and this "
+                                 "stream runs without it (PromptStream(..., guidance=True))")
             grid = self.pipe.schedule(steps, self.latent_shape)
         except (ValueError, TypeError) as e:
             self._results[rid] = e if isinstance(e, RequestError) else RequestError(f"request {rid}: {e}")
@@ -197,6 +200,8 @@ class PromptStream:
         out, self._results = self._results, {}
         for erid, r in self.engine.pop_results(wait=wait).items():
             rid = self._engine_ids.pop(erid)
+            if isinstance(r, RequestError) and str(r).startswith(f"request {erid}:"):  # the id the caller holds
+                r = RequestError(f"request {rid}:" + str(r)[len(f"request {erid}:"):])
             out[rid] = r if isinstance(r, Exception) or self.output_type != "pil" else _to_pil(r)
         return out
 
@@ -230,7 +235,7 @@ class PromptStream:
                 if bad is not None:
                     raise RequestError(f"request {w.id}: {failed[bad]}")
                 self._submit(w)
-            except (ValueError, TypeError) as e:
+            except Exception as e:  # noqa: BLE001 (one request's failure, whatever it is, is its own)
                 self._results[w.id] = e if isinstance(e, RequestError) else RequestError(f"request {w.id}: {e}")
 
     def _encode(self, texts: list[str]) -> dict[str, str]:
@@ -244,15 +249,15 @@ class PromptStream:
         try:
             self._store(texts, self.pipe.encode(padded, self.text_len))
             return {}
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 (said per request, below; the stream goes on)
             if len(texts) == 1:
-                return {texts[0]: str(e)}
+                return {texts[0]: f"encoding the prompt failed ({type(e).__name__}: {e})"}
         failed = {}
         for t in texts:
             try:
                 self._store([t], self.pipe.encode([t], self.text_len))
-            except (ValueError, TypeError) as e:
-                failed[t] = str(e)
+            except Exception as e:  # noqa: BLE001
+                failed[t] = f"encoding the prompt failed ({type(e).__name__}: {e})"
         return failed
 
     def _store(self, texts: list[str], cond: dict) -> None:
