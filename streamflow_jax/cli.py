@@ -22,7 +22,7 @@ from streamflow_jax._version import __version__
 from streamflow_jax.errors import ConversionError
 from streamflow_jax.schedules import MAX_STEPS, PREDICTIONS, SEED_LIMIT, check_steps
 
-DESCRIPTION = ("Rectified-flow image generators (SD3/SD3.5, Flux.1, PeRFlow/InstaFlow SD1.5) converted from "
+DESCRIPTION = ("Rectified-flow image generators (SD3/SD3.5, Flux.1, PeRFlow/InstaFlow SD1.5 and SDXL) converted from "
                "diffusers checkpoints and compiled with JAX/XLA.")
 
 
@@ -224,12 +224,11 @@ def _generate_digits(args) -> int:
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
     image = None
     if args.image is not None:  # one input digit, redrawn as every class
-        if args.stream:
-            raise ValueError("--image with --stream: the digits demo's stream runs text-to-image only")
         image = np.asarray(args.image.convert("L").resize((16, 16), Image.Resampling.BILINEAR), np.float32)[None] / 255
     if args.stream:
         run = lambda seed: pipe.stream(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
-                                       slots_per_stream=args.slots, streams=args.streams, backend=args.backend)
+                                       slots_per_stream=args.slots, streams=args.streams, backend=args.backend,
+                                       image=image, strength=args.strength)
     else:
         run = lambda seed: pipe(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
                                 backend=args.backend, image=image, strength=args.strength)
@@ -540,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a diffusers model or pipeline directory")
     p.add_argument("src", help="diffusers model directory (config.json + safetensors), pipeline directory, or a "
-                               "single safetensors file in a published layout (Black Forest Labs' Flux, SD 1.x LDM)")
+                               "single safetensors file in a published layout (Black Forest Labs' Flux; SD 1.x/2.x "
+                               "in the LDM layout, SDXL in the SGM layout, with --config-from)")
     p.add_argument("dst", help="output directory (must not exist; written atomically)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast floating-point parameters (default: keep the checkpoint's dtype)")
@@ -553,8 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge a LoRA (diffusers/PEFT or kohya safetensors; repeat for several, summed)")
     p.add_argument("--config-from", default=None, metavar="PATH",
                    help="config fields overriding the source's: a model directory (its config.json) or a JSON file "
-                        "(a single file in a published layout cannot say everything); for a single-file SD 1.x "
-                        "checkpoint (LDM layout), the diffusers pipeline directory whose configs and tokenizer to use")
+                        "(a single file in a published layout cannot say everything); for a single-file SD 1.x/2.x "
+                        "or SDXL checkpoint, the diffusers pipeline directory whose configs and tokenizers to use")
     p.add_argument("--quantize", choices=("fp8",), default=None,
                    help="write the velocity model (a pipeline's transformer or unet) with FP8 linear weights, as "
                         "sf.quantize makes them (about half the bytes of bf16 for SD3 and Flux); loaded quantized")
@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(--model DIR --prompt ...)")
     p.add_argument("--model", default=None,
                    help="a prompt pipeline directory (diffusers or converted: Flux, SD3/SD3.5, PeRFlow/InstaFlow "
-                        "SD1.5), or a digits pipeline directory (default: the embedded one)")
+                        "SD1.5, PeRFlow-SDXL), or a digits pipeline directory (default: the embedded one)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several); needs --model")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)
@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-to-image: start from this image (digits: one digit, redrawn as every class)")
     p.add_argument("--strength", type=float, default=None,
                    help="with --image: how far towards noise the image goes, in (0, 1] (default 0.6)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast the models' parameters (default: as stored)")
     _quantize_flag(p)
     p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
     p.add_argument("--stream", action="store_true",
@@ -629,20 +630,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --backend tensorrt: the TensorRT flavour (default: $STREAMFLOW_JAX_TENSORRT, else "
                         "tensorrt when installed, else tensorrt_rtx, which builds without a GPU)")
     p.add_argument("--compute-capability", default=None, metavar="CC[,CC...]",
-                   help="with --tensorrt tensorrt_rtx: GPU compute capabilities the engine runs on, e.g. 8.6,12.0 "
+                   help="with --backend tensorrt (TensorRT-RTX): GPU compute capabilities the engine runs on, e.g. 8.6,12.0 "
                         "(default: all TensorRT-RTX offers but Turing's 7.5, which takes float16 graphs only)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="time sampling of a model on random inputs with one backend, print JSON")
     p.add_argument("model", nargs="?", default=None,
-                   help="model or pipeline directory (default: the embedded digits model)")
+                   help="a velocity model (transformer or UNet) or pipeline directory (default: the embedded digits model)")
     p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=16, help=f"Euler steps, at most {MAX_STEPS}")
+    p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
+    p.add_argument("--steps", type=int, default=16, help=f"Euler steps, at most {MAX_STEPS} (default 16)")
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's sample size)")
-    p.add_argument("--text-len", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--text-len", type=int, default=None, help="text tokens of the random conditioning (default per family)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one; their mean is reported (default 3)")
     _adapter_flags(p)
     _quantize_flag(p)
     _mesh_flags(p)
@@ -651,8 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model: OpenAI-style images API, realtime image-to-image over a "
                                      "WebSocket, a web page; continuous batching on the stream engine")
     p.add_argument("model", nargs="?", default=None,
-                   help="a prompt pipeline directory (diffusers or converted: PeRFlow/InstaFlow SD1.5, SD3/SD3.5, "
-                        "Flux) or a digits directory (default: the embedded digits model)")
+                   help="a prompt pipeline directory (diffusers or converted: PeRFlow/InstaFlow SD1.5 and SDXL, "
+                        "SD3/SD3.5, Flux) or a digits directory (default: the embedded digits model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--slots", type=int, default=4, help="engine slots per stream (default 4)")
@@ -672,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT of every image (default: the model's)")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast the models' parameters (default: as stored)")
     _quantize_flag(p)
     p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
     _mesh_flags(p)

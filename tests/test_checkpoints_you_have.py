@@ -237,6 +237,13 @@ def test_digits_redrawn_as_other_classes(tmp_path):
                 "--out", str(tmp_path / "grid.png")]) == 0
     with pytest.raises(ValueError, match="image has shape"):
         pipe(labels, image=np.zeros((3, 16, 16)), strength=0.5)
+    # through the stream engine: the same images, each request noised on the device (the CLI's
+    # --stream --image was refused)
+    batch = pipe(labels[:8], image=three, strength=[0.6, 0.3] * 4, seed=0)
+    np.testing.assert_allclose(pipe.stream(labels[:8], image=three, strength=[0.6, 0.3] * 4, seed=0), batch,
+                               atol=1e-5)
+    assert cli(["generate", "--image", str(tmp_path / "three.png"), "--stream", "--per-digit", "1",
+                "--out", str(tmp_path / "stream.png")]) == 0
     # a path is read as the image (it failed in NumPy), and a list of paths as a batch
     path = tmp_path / "three.png"
     with Image.open(path) as img:

@@ -106,15 +106,9 @@ class DigitsPipeline(Pipeline):
         guidance = self.resolve_guidance(guidance_scale)
         noise = self.noise(len(labels), seed)
         grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
-        if image is not None:
-            arr = images_to_array(image, 1)
-            if arr.shape[1:] != self.latent_shape or arr.shape[0] not in (1, len(labels)):
-                raise ValueError(f"image has shape {arr.shape[:-1]} (grey, one channel); the model takes "
-                                 f"[1 or {len(labels)}, 16, 16] grey images")
-            x0 = np.broadcast_to(arr * 2 - 1, (len(labels), *self.latent_shape))  # pixel space: [-1, 1]
+        x0, _ = self._image_start(image, strength, len(labels))
+        if x0 is not None:
             noise, grid = img2img_start(self.model, x0, noise, grid, strength)
-        elif strength is not None:
-            raise ValueError("strength is for image-to-image: give image too")
         if np.shape(guidance.scale) not in ((), (len(labels),)):
             raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {len(labels)} labels")
         cond, uncond, scale = self.cond(labels), None, guidance.cfg_scale
@@ -130,14 +124,31 @@ class DigitsPipeline(Pipeline):
     def latent_shape(self) -> tuple[int, int, int]:
         return self.model.latent_shape()
 
+    def _image_start(self, image, strength, n: int):
+        """Image-to-image: ``([n, 16, 16, 1]`` images in [-1, 1] (pixel space), n strengths), or
+        ``(None, None)`` without an image."""
+        if image is None:
+            if strength is not None:
+                raise ValueError("strength is for image-to-image: give image too")
+            return None, None
+        arr = images_to_array(image, 1)
+        if arr.shape[1:] != self.latent_shape or arr.shape[0] not in (1, n):
+            raise ValueError(f"image has shape {arr.shape[:-1]} (grey, one channel); the model takes "
+                             f"[1 or {n}, 16, 16] grey images")
+        given = schedules.DEFAULT_STRENGTH if strength is None else strength
+        return np.broadcast_to(arr * 2 - 1, (n, *self.latent_shape)), schedules.strength_values(given, n)
+
     def noise(self, n: int, seed: int) -> jax.Array:
         """The ``[n, 16, 16, 1]`` starting noise that ``__call__`` uses for ``seed``."""
         return seeded_noise(seed, (n, *self.latent_shape))
 
     def stream(self, labels, *, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
-               slots_per_stream: int = 4, streams: int = 1, backend: str = "xla") -> np.ndarray:
-        """The same images as ``__call__``, made by a ``StreamEngine`` (one request per label)."""
+               slots_per_stream: int = 4, streams: int = 1, backend: str = "xla", image=None,
+               strength=None) -> np.ndarray:
+        """The same images as ``__call__``, made by a ``StreamEngine`` (one request per label;
+        ``image`` and ``strength`` as ``__call__``'s: each request noised on the device)."""
         labels = _check_labels(labels)
+        init, strengths = self._image_start(image, strength, len(labels))
         guidance = self.resolve_guidance(guidance_scale)
         if np.ndim(guidance.scale):
             raise ValueError("the stream takes one guidance scale for all labels")
@@ -150,7 +161,8 @@ class DigitsPipeline(Pipeline):
         table = {k: np.asarray(v) for k, v in self.conditioning.items()}
         null = {k: v[NULL_CLASS] for k, v in table.items()}
         extra = {"guidance_scale": guidance.scale, "uncond": null} if guidance.cfg else {}
-        ids = [engine.submit({k: v[label] for k, v in table.items()}, grid=grid, noise=noise[i], **extra)
+        ids = [engine.submit({k: v[label] for k, v in table.items()}, grid=grid, noise=noise[i], **extra,
+                             **({} if init is None else {"init": init[i], "strength": strengths[i]}))
                for i, label in enumerate(labels)]
         engine.run()
         return np.stack([engine.result(i) for i in ids])
