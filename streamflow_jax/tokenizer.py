@@ -37,6 +37,17 @@ def _prompt_list(prompts) -> list[str]:
     return prompts
 
 
+def _token_ids(tokenizer, prompts, limit: str, max_length: int) -> np.ndarray:
+    """``[B, max_length]`` int32 ids of the prompts, from a tokenizer that truncates and pads;
+    a ``UserWarning`` names the prompts that were cut, as diffusers warns."""
+    encodings = tokenizer.encode_batch(_prompt_list(prompts))
+    cut = [i for i, e in enumerate(encodings) if e.overflowing]
+    if cut:
+        warnings.warn(f"prompt(s) {cut} longer than {limit} were truncated to {max_length} (as diffusers does)",
+                      stacklevel=3)
+    return np.array([e.ids for e in encodings], np.int32)
+
+
 class CLIPTokenizer:
     """Prompts -> ``[B, max_length]`` int32 token ids, truncated and padded as SD pipelines do.
 
@@ -75,12 +86,7 @@ class CLIPTokenizer:
     def __call__(self, prompts: str | list[str]) -> np.ndarray:
         """Token ids of each prompt, ``[B, max_length]`` int32; a longer prompt is truncated,
         with a ``UserWarning``, as diffusers does."""
-        encodings = self._tok.encode_batch(_prompt_list(prompts))
-        cut = [i for i, e in enumerate(encodings) if e.overflowing]
-        if cut:
-            warnings.warn(f"prompt(s) {cut} longer than CLIP's limit of {self.max_length} tokens were truncated "
-                          f"to {self.max_length} (as diffusers does)", stacklevel=2)
-        return np.array([e.ids for e in encodings], np.int32)
+        return _token_ids(self._tok, prompts, f"CLIP's limit of {self.max_length} tokens", self.max_length)
 
     def tokens(self, prompt: str) -> list[str]:
         """The token strings of one prompt (for inspection)."""
@@ -199,12 +205,7 @@ class T5Tokenizer:
         A prompt longer than ``max_length`` tokens is truncated, keeping its final ``</s>``, as
         diffusers does, with a ``UserWarning`` naming the limit.
         """
-        encodings = self._tok.encode_batch(_prompt_list(prompts))
-        cut = [i for i, e in enumerate(encodings) if e.overflowing]
-        if cut:
-            warnings.warn(f"prompt(s) {cut} longer than the T5 limit of {self.max_length} tokens were truncated "
-                          f"to {self.max_length} (as diffusers does)", stacklevel=2)
-        return np.array([e.ids for e in encodings], np.int32)
+        return _token_ids(self._tok, prompts, f"the T5 limit of {self.max_length} tokens", self.max_length)
 
     def tokens(self, prompt: str) -> list[str]:
         """The token strings of one prompt, padding included (for inspection)."""
