@@ -46,7 +46,7 @@ from streamflow_jax.errors import ConfigError, ConversionError
 from streamflow_jax.fsutil import atomic_dir, interrupts_held
 from streamflow_jax.lora import apply_loras, merged_deltas, parse_loras
 from streamflow_jax.models import FAMILIES, VELOCITY_COMPONENTS, FlowModel, abstract_split, family_of, flat_params
-from streamflow_jax.sharding import STRATEGIES, placement, shard
+from streamflow_jax.sharding import STRATEGIES, check_mesh, placement, shard
 
 PARAMS_DIR = "params"
 PARTS_INDEX = "parts.json"
@@ -600,6 +600,8 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
     scan = ops.scan_blocks_choice()  # a bad value is refused before anything is read
     if strategy not in STRATEGIES:  # also without a mesh: a misspelt strategy is not silently unused
         raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if mesh is not None:
+        check_mesh(mesh)
     if component is not None and not loras and not (Path(path) / "model_index.json").is_file():
         raise ConversionError(f"{path}: not a pipeline directory (no model_index.json), so component={component!r} "
                               "names nothing (with loras=, it names the LoRA files' component); load the model "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,9 @@ def _check_mesh_flags(args) -> None:
     silently do nothing); then its default, fsdp."""
     if args.strategy is not None and not args.devices:
         raise ValueError(f"--strategy {args.strategy} goes with --devices N (without it the model runs on one device)")
+    if (args.devices or 1) > 1 and getattr(args, "backend", "xla") != "xla":
+        raise ValueError(f"--devices {args.devices} runs the model over a mesh with XLA; --backend {args.backend} runs "
+                         "an exported graph on one device")
     args.strategy = args.strategy or "fsdp"
 
 
@@ -370,6 +374,8 @@ def _cmd_export(args) -> int:
                         ("--opt-level", args.opt_level)):
         if value is not None and args.backend != "tensorrt":
             raise ValueError(f"{flag} goes with --backend tensorrt")
+    if args.compute_capability is not None and not args.compute_capability.strip():
+        raise ValueError("--compute-capability is empty: give CC[,CC...], e.g. 8.6,12.0, or leave it out")
     args.opt_level = 3 if args.opt_level is None else args.opt_level
     if not 0 <= args.opt_level <= 5:
         raise ValueError(f"--opt-level must be in [0, 5] (TensorRT's builder optimization levels), got {args.opt_level}")
@@ -394,6 +400,13 @@ def _cmd_export(args) -> int:
                        latent_scale=args.latent_scale or (scale_hint if model.family.kind == "velocity" else None),
                        text_len=args.text_len or (text_hint if model.family.kind == "velocity" else None),
                        dtype=args.dtype)
+    if args.backend == "tensorrt":  # what the flags and the model say already, before exporting
+        from streamflow_jax.quantization import is_quantized
+
+        targets = flavour.targets(args.compute_capability, fp8=is_quantized(model))
+        if "7.5" in targets and spec.dtype != "float16":
+            raise ValueError(f"--compute-capability 7.5 (Turing) builds float16 graphs only, and this one computes in "
+                             f"{spec.dtype}: add --dtype float16, or leave 7.5 out")
     exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet)
     dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
     print(f"exported {model.class_name} {spec.method} -> {exported.onnx_path} ({dims}, {spec.dtype}, opset {args.opset})")
@@ -403,9 +416,11 @@ def _cmd_export(args) -> int:
         try:  # TensorRT-RTX needs no GPU to build; running is another matter, said below
             entry = export_engine(exported, flavour=flavour, targets=args.compute_capability,
                                   opt_level=args.opt_level)
-        except Exception as e:
-            raise ValueError(f"the ONNX export in {exported.path} is complete, but the TensorRT engine was not "
-                             f"built: {e}") from None
+        except BaseException as e:  # the command's output is the export and its engine: all or nothing
+            shutil.rmtree(exported.path, ignore_errors=True)
+            if not isinstance(e, Exception):
+                raise  # Ctrl-C
+            raise ValueError(f"the TensorRT engine was not built, so {exported.path} is not written: {e}") from None
         print(f"{entry['flavour']} {entry['version']} engine -> {exported.path / entry['engine']} "
               f"({entry['engine_bytes'] / 2**20:.1f} MiB, compute capability {', '.join(entry['targets'])}, "
               f"built in {entry['build_seconds']:.1f} s)")

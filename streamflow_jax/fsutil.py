@@ -28,15 +28,17 @@ PARTIAL = ".partial-"
 def interrupts_held() -> Iterator[None]:
     """Ctrl-C (SIGINT) inside the block is held until the block ends, then raised as
     ``KeyboardInterrupt``: for writes that run on background threads (orbax's), which must finish
-    before their directory can be removed. Only the main thread receives signals; elsewhere
-    the block runs as is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    before their directory can be removed, and for native code that swallows exceptions raised
+    in its Python callbacks (TensorRT's builder). The block gets the list of signals received
+    so far (empty: none), which such a callback may poll to stop early. Only the main thread
+    receives signals; elsewhere the block runs as is."""
     pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
-        yield
+        yield pending
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
     if pending:
@@ -120,11 +122,13 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
             if not (shared and dst.is_dir()):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # a concurrent writer made the same entry first
-    except BaseException:  # KeyboardInterrupt too: nothing half-written stays
+    except BaseException as e:  # KeyboardInterrupt too: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in made:  # the directories made for it, innermost first, if still empty
             with contextlib.suppress(OSError):
                 parent.rmdir()
+        if isinstance(e, OSError) and not e.filename:  # "[Errno 28] No space left on device": where?
+            raise ConversionError(f"{dst}: could not be written ({e.strerror or e}); nothing was left") from None
         raise
 
 

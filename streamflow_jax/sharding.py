@@ -48,22 +48,31 @@ def make_mesh(devices: Sequence | int | None = None, *, data: int | None = None,
     elif isinstance(devices, int | np.integer) and not isinstance(devices, bool):
         devices = check_count("devices", devices)
         if devices > jax.device_count():
-            raise ValueError(f"{devices} devices asked for, {jax.device_count()} present")
+            hint = (" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts makes N "
+                    "host devices)" if jax.default_backend() == "cpu" else "")
+            raise ValueError(f"{devices} devices asked for, {jax.device_count()} present{hint}")
         devices = jax.devices()[:devices]
     elif not isinstance(devices, Sequence | np.ndarray) or isinstance(devices, str):
         raise ValueError(f"devices must be a count or a sequence of devices, got {devices!r}")
+    devices = list(np.asarray(devices, dtype=object).ravel())  # a [data, model] array of them too
     n = len(devices)
     if n == 0:
         raise ValueError("devices is empty")
+    if not all(isinstance(d, jax.Device) for d in devices):
+        bad = next(d for d in devices if not isinstance(d, jax.Device))
+        raise ValueError(f"devices must be jax devices (jax.devices()) or a count, got {bad!r} among them")
+    if len(set(devices)) != n:
+        raise ValueError("devices lists a device more than once")
     for name, size in (("data", data), ("model", model)):
         if size is not None:
             check_count(name, size)
     if data is None and model is None:
         data, model = n, 1
-    elif data is None:
-        data = n // model
-    elif model is None:
-        model = n // data
+    elif data is None or model is None:
+        given, size = ("model", model) if data is None else ("data", data)
+        if n % size:
+            raise ValueError(f"{given}={size} does not divide the {n} devices given")
+        data, model = (n // model, model) if data is None else (data, n // data)
     if data * model != n:
         raise ValueError(f"a mesh of data={data} x model={model} devices does not fit the {n} devices given")
     return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
@@ -103,6 +112,17 @@ def weight_shardings(model, mesh: Mesh, strategy: str) -> dict[str, NamedShardin
             for name, a in flat.items()}
 
 
+def check_mesh(mesh) -> Mesh:
+    """A mesh the strategies place weights on: a ``jax.sharding.Mesh`` with the axes
+    ``("data", "model")`` (``make_mesh``'s), or a ValueError."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (sf.make_mesh(...)), got {type(mesh).__name__}")
+    if tuple(mesh.axis_names) != MESH_AXES:
+        raise ValueError(f"mesh has axes {tuple(mesh.axis_names)}; the strategies place weights on {MESH_AXES} "
+                         "(sf.make_mesh(devices, data=..., model=...))")
+    return mesh
+
+
 def shard(model: FlowModel, mesh: Mesh, strategy: str = "fsdp") -> FlowModel:
     """The same model with its weights placed on ``mesh`` by ``strategy`` (see the module doc).
 
@@ -111,8 +131,7 @@ def shard(model: FlowModel, mesh: Mesh, strategy: str = "fsdp") -> FlowModel:
     """
     if not isinstance(model, FlowModel):
         raise ValueError(f"shard takes a FlowModel (sf.load(...)), got {type(model).__name__}")
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh (sf.make_mesh(...)), got {type(mesh).__name__}")
+    check_mesh(mesh)
     if model.scanned:  # the strategies place the blocks' weights by their names and shapes
         return model.unrolled_edit(lambda m: shard(m, mesh, strategy))
     flat, treedef, names = flat_params(nnx.to_pure_dict(model.state))

@@ -51,7 +51,7 @@ from streamflow_jax.backends import check_backend, runner_for
 from streamflow_jax.errors import RequestError, check_count
 from streamflow_jax.models import FlowModel, decode_latents
 from streamflow_jax.sampling import Guidance, check_seed
-from streamflow_jax.sharding import shard_batch
+from streamflow_jax.sharding import check_mesh, shard_batch
 
 __all__ = ["DeviceBuffers", "Request", "RequestError", "RequestValidator", "SlotScheduler", "StreamEngine"]
 
@@ -586,7 +586,7 @@ class StreamEngine:
         if min_batch is not None and min_batch > self.num_slots:
             raise ValueError(f"min_batch must be in [1, {self.num_slots}] (the slots), got {min_batch}")
         self.validate = RequestValidator(self.latent_shape, self.cond_shapes, self.guided)
-        data = mesh.shape["data"] if mesh is not None else 1
+        data = check_mesh(mesh).shape["data"] if mesh is not None else 1
         if self.num_slots % data:
             raise ValueError(f"{self.num_slots} slots do not split over the mesh's {data} data devices")
         self.scheduler = SlotScheduler(self.num_slots, admit, min_batch, multiple=data)

@@ -230,7 +230,10 @@ def test_bad_arguments_around_a_model_name_themselves(converted):
                             ({"devices": 1.0}, "devices must be a count or a sequence of devices"),
                             ({"devices": 1, "data": 0}, "data must be an integer >= 1, got 0"),
                             ({"devices": 1, "model": 0}, "model must be an integer >= 1, got 0"),
-                            ({"devices": 1, "data": 2}, "a mesh of data=2 x model=0 devices does not fit the 1")]:
+                            ({"devices": 1, "data": 2}, "data=2 does not divide the 1 devices given"),
+                            ({"devices": [jax.devices()[0]] * 2}, "devices lists a device more than once"),
+                            ({"devices": [0, 1]}, "devices must be jax devices (jax.devices()) or a count, got 0"),
+                            ({"devices": 1, "data": 1, "model": 2}, "a mesh of data=1 x model=2 devices does not fit")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             sf.make_mesh(**kwargs)
     model = sf.load(converted)

@@ -210,6 +210,7 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
     (["export", "m", "o", "--resolution", "big"], "--resolution big: expected min:opt:max integers"),
     (["export", "m", "o", "--opset", "17"], "--opset 17: the export takes an integer from 23 (what its graph needs)"),
     (["export", "m", "o", "--opset", "1000"], "--opset 1000: the export takes an integer from 23"),  # wrote a graph
+    (["bench", "--devices", "2", "--backend", "onnxruntime"], "--devices 2 runs the model over a mesh with XLA"),
 ])
 def test_bad_flags_get_one_line_before_any_work(argv, message, capsys, monkeypatch):
     from streamflow_jax import checkpoint
@@ -280,20 +281,30 @@ def test_export_and_bench_of_a_perflow_pipeline_and_a_converted_pipeline(tmp_pat
     assert "apply to UNets" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting,where", [("0", None), ("off", None), ("on", "root"), ("DIR", "dir")])
+@pytest.mark.parametrize("setting,where", [("0", None), ("off", None), ("none", None), ("on", "root"), ("DIR", "dir"),
+                                           ("FILE", "file"), ("~", "home")])
 def test_xla_cache_setting(tmp_path, setting, where):
-    """$STREAMFLOW_JAX_XLA_CACHE: 0/off turns the persistent cache off, on keeps it under
-    $STREAMFLOW_JAX_CACHE/xla, a path moves it there."""
+    """$STREAMFLOW_JAX_XLA_CACHE: 0/off/none turns the persistent cache off, on keeps it under
+    $STREAMFLOW_JAX_CACHE/xla, a path moves it there; a path that cannot hold it is one warning
+    naming it, and the cache stays off (JAX warned once per program, naming no variable);
+    $STREAMFLOW_JAX_CACHE expands ~ (it made a directory named "~")."""
     import subprocess
     import sys
 
-    setting = str(tmp_path / "elsewhere") if setting == "DIR" else setting
-    env = {**__import__("os").environ, "STREAMFLOW_JAX_CACHE": str(tmp_path / "root"), "STREAMFLOW_JAX_XLA_CACHE": setting}
+    (tmp_path / "afile").write_text("x")
+    root = "~/cache-root" if where == "home" else str(tmp_path / "root")
+    setting = {"DIR": str(tmp_path / "elsewhere"), "FILE": str(tmp_path / "afile"), "~": ""}.get(setting, setting)
+    env = {**__import__("os").environ, "STREAMFLOW_JAX_CACHE": root, "STREAMFLOW_JAX_XLA_CACHE": setting,
+           "HOME": str(tmp_path / "home")}
     done = subprocess.run([sys.executable, "-c", "import streamflow_jax as sf; print(sf.enable_compilation_cache())"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    want = {None: "None", "root": str(tmp_path / "root" / "xla"), "dir": str(tmp_path / "elsewhere")}[where]
+    want = {None: "None", "root": str(tmp_path / "root" / "xla"), "dir": str(tmp_path / "elsewhere"),
+            "file": "None", "home": str(tmp_path / "home" / "cache-root" / "xla")}[where]
     assert done.stdout.strip() == want
+    if where == "file":
+        assert "the compilation cache stays off" in done.stderr and "afile: a file, not a directory" in done.stderr
+        assert str(tmp_path / "afile") in done.stderr and "STREAMFLOW_JAX_XLA_CACHE" in done.stderr
 
 
 def test_public_names_survive_importing_every_submodule():

@@ -17,6 +17,7 @@ import pytest
 
 import streamflow_jax as sf
 from streamflow_jax.cli import main as cli
+from streamflow_jax.pipelines import DIGITS_DIR
 
 
 def _dead_pid() -> int:
@@ -179,3 +180,29 @@ def test_ctrl_c_stops_a_long_compiled_run(tmp_path):
     assert err.strip().splitlines()[-1] == "streamflow-jax generate: interrupted"
     assert waited < 5, waited
     assert not out.exists()
+
+
+def test_ctrl_c_during_a_tensorrt_build(tmp_path):
+    """``export --backend tensorrt``: Ctrl-C during the engine build stops it (TensorRT swallowed
+    the KeyboardInterrupt raised in its logger callback, built the engine and exited 0), exit
+    status 130, and the output directory goes with it (the export alone is not the command's
+    result). The signal goes once the ONNX export is reported, when the build begins."""
+    pytest.importorskip("tensorrt_rtx")
+    pytest.importorskip("jax2onnx")
+    out = tmp_path / "trt"
+    env = {**os.environ, "STREAMFLOW_JAX_TENSORRT": "tensorrt_rtx"}
+    proc = subprocess.Popen([sys.executable, "-m", "streamflow_jax.cli", "export", str(DIGITS_DIR),
+                             str(out), "--backend", "tensorrt", "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # "exported ... -> .../model.onnx": the build starts now
+        assert line.startswith("exported "), line + proc.stderr.read()
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "streamflow-jax export: interrupted", err
+    assert not out.exists() and not any(tmp_path.iterdir())

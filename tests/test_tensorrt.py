@@ -258,6 +258,29 @@ def test_export_cli_tensorrt_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "compute capability '9.0'" in err and "needs datacenter TensorRT" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "a").exists()  # refused before exporting
+    # what the flags and the model say is refused before exporting too (the export was written,
+    # the build failed in TensorRT's words, and the directory stayed behind without an engine)
+    for flags, message in [(["--compute-capability", "7.5"], "--compute-capability 7.5 (Turing) builds float16 "
+                                                               "graphs only, and this one computes in float32"),
+                           (["--compute-capability", ""], "--compute-capability is empty")]:
+        assert cli(["export", digits, str(tmp_path / "a"), "--backend", "tensorrt", "--tensorrt", RTX, *flags,
+                    "-q"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "a").exists()
+
+
+def test_sample_refuses_tensorrt_before_exporting_without_a_gpu(tmp_path, monkeypatch):
+    """``sf.sample(..., backend="tensorrt")`` said an engine cannot run here only after exporting
+    the model into the cache (seconds, and an entry left for nothing)."""
+    if local_gpu() is not None:
+        pytest.skip("a GPU is visible to JAX")
+    monkeypatch.setenv("STREAMFLOW_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("STREAMFLOW_JAX_TENSORRT", RTX)
+    pipe = sf.pipelines.DigitsPipeline.load()
+    with pytest.raises(TensorRTUnavailable, match="tensorrt_rtx engine cannot run here: JAX sees no NVIDIA GPU"):
+        pipe([1, 2], steps=2, backend="tensorrt")
+    assert not (tmp_path / "exports").exists()
 
 
 def test_engine_for_uses_the_exported_engine_then_the_cache(digits_cli_export, tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from streamflow_jax import sampling
 from streamflow_jax.backends.base import Backend, Runner
 from streamflow_jax.backends.cache import cache_root, enable_compilation_cache
-from streamflow_jax.errors import ExportError
+from streamflow_jax.errors import ConversionError, ExportError
 from streamflow_jax.export.onnx import export_onnx, load_export
 from streamflow_jax.export.spec import Range, build_velocity_spec, latent_range
 from streamflow_jax.models import FlowModel
@@ -97,6 +97,12 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
 
         if activation_scales(model) == "dynamic":
             raise ValueError(TENSORRT_REFUSAL)
+        from streamflow_jax.backends.tensorrt import TensorRTUnavailable, local_gpu, tensorrt_flavour
+
+        flavour = tensorrt_flavour(None)  # an engine that cannot run here is refused before exporting
+        reason = flavour.cannot_run(flavour.targets(None, fp8=activation_scales(model) is not None), local_gpu())
+        if reason:
+            raise TensorRTUnavailable(f"a {flavour.name} engine cannot run here: {reason}")
     text = cond.get("encoder_hidden_states")
     text_len = None if text is None else int(text.shape[1])
     model.latent_shape(height, width)  # raises on sizes the model cannot take
@@ -121,7 +127,12 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
             shutil.rmtree(path, ignore_errors=True)  # stale or corrupt: rebuilt, never used
             exported = None
     if exported is None:
-        exported = export_onnx(model, spec, path, progress=False, shared=True)
+        try:
+            exported = export_onnx(model, spec, path, progress=False, shared=True)
+        except ConversionError:
+            if not path.is_dir():
+                raise
+            exported = load_export(path)  # another process finished this entry meanwhile
     runner = runner_class(backend)(exported, cache_dir=root)
     _RUNNERS[key] = runner
     return runner

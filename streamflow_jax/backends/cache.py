@@ -9,20 +9,36 @@ library does not.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
 
 CACHE_ENV = "STREAMFLOW_JAX_CACHE"
-XLA_CACHE_ENV = "STREAMFLOW_JAX_XLA_CACHE"  # "0" turns the persistent compilation cache off; a path moves it
-_OFF = ("0", "false", "off", "no")
+XLA_CACHE_ENV = "STREAMFLOW_JAX_XLA_CACHE"  # "0" (off, none...) turns the persistent compilation cache off; a path moves it
+_OFF = ("0", "false", "off", "no", "none", "disabled")
 _DEFAULT = ("", "1", "true", "on", "yes")
 
 
 def cache_root() -> Path:
-    """Where exports, engines and compiled programs are cached: ``$STREAMFLOW_JAX_CACHE``, else
-    ``~/.cache/streamflow-jax`` (read at each use, so the variable can be set at any time)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "streamflow-jax")
+    """Where exports, engines and compiled programs are cached: ``$STREAMFLOW_JAX_CACHE`` (``~``
+    expanded), else ``~/.cache/streamflow-jax`` (read at each use, so the variable can be set at
+    any time)."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    return Path(setting).expanduser() if setting else Path.home() / ".cache" / "streamflow-jax"
+
+
+def _usable_directory(path: Path) -> str | None:
+    """Why the compilation cache cannot live at ``path`` (made if missing), or None."""
+    if path.exists() and not path.is_dir():
+        return "a file, not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot be made ({e.strerror or e})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
 
 
 def enable_compilation_cache() -> Path | None:
@@ -44,6 +60,11 @@ def enable_compilation_cache() -> Path | None:
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
     path = cache_root() / "xla" if setting.lower() in _DEFAULT else Path(setting).expanduser()
+    why = _usable_directory(path)
+    if why is not None:  # JAX would warn once per program, naming neither variable; the cache stays off
+        warnings.warn(f"the compilation cache stays off: {path}: {why} (set ${XLA_CACHE_ENV} to a writable "
+                      f"directory, or to 0; or ${CACHE_ENV})", stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     # every program, not only those over 1 s: a pipeline compiles many sub-second ones
     # (scan, admission, decode), which together are most of a first call

@@ -55,7 +55,7 @@ from streamflow_jax.backends.base import Runner
 from streamflow_jax.backends.cache import cache_root
 from streamflow_jax.export.onnx import META_NAME, ExportedGraph, load_export
 from streamflow_jax.export.spec import dim_value
-from streamflow_jax.fsutil import write_atomic
+from streamflow_jax.fsutil import interrupts_held, write_atomic
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 FLAVOUR_ENV = "STREAMFLOW_JAX_TENSORRT"
@@ -237,11 +237,11 @@ def tensorrt_flavour(flavour: str | Flavour | None = None) -> Flavour:
     """
     if isinstance(flavour, Flavour):
         return flavour
-    chosen = flavour or os.environ.get(FLAVOUR_ENV) or None
-    if chosen is not None:
-        chosen = chosen.strip().lower().replace("-", "_")
-        if chosen not in FLAVOURS:
-            raise ValueError(f"unknown TensorRT flavour {chosen!r} (choose tensorrt or tensorrt_rtx)")
+    source = "flavour" if flavour else f"${FLAVOUR_ENV}"
+    chosen = (flavour or os.environ.get(FLAVOUR_ENV, "")).strip().lower().replace("-", "_") or None
+    if chosen is not None and chosen not in FLAVOURS:
+        raise ValueError(f"{source}: unknown TensorRT flavour {flavour or os.environ.get(FLAVOUR_ENV)!r} "
+                         "(choose tensorrt or tensorrt_rtx)")
     for name in [chosen] if chosen else FLAVOURS:
         try:
             module = importlib.import_module(name)
@@ -503,7 +503,13 @@ def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = Non
                              f"{exported.spec.profile()}")
         cache = fl.configure(config, targets, timing_cache)
         start = time.perf_counter()
-        plan = builder.build_serialized_network(network, config)
+        # Ctrl-C: TensorRT swallows a KeyboardInterrupt raised in its callbacks (the build went
+        # on, and the run ended "successfully"); the signal is held, a progress monitor cancels
+        # the build at its next step, and the interrupt is raised when the builder returns
+        with interrupts_held() as interrupted:
+            if hasattr(trt, "IProgressMonitor"):
+                config.progress_monitor = _cancelling_monitor(trt, interrupted)
+            plan = builder.build_serialized_network(network, config)
         seconds = time.perf_counter() - start
     if plan is None:
         raise ValueError(f"{exported.onnx_path}: {fl.name} failed to build an engine: "
@@ -517,6 +523,25 @@ def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = Non
         inputs=inputs, outputs=outputs,
         profile={name: tuple(tuple(d) for d in profile.get_shape(name)) for name in inputs},
         engine_io=_listed_io(log.layers, list(inputs) + list(outputs)), warnings=log.warnings)
+
+
+def _cancelling_monitor(trt, interrupted: list):
+    """A TensorRT progress monitor that stops the build once ``interrupted`` holds a signal."""
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return not interrupted  # False cancels the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return _Monitor()
 
 
 def _record_for(exported: ExportedGraph, fl: Flavour, targets, opt_level: int) -> dict:

@@ -155,7 +155,7 @@ class DigitsPipeline(Pipeline):
         shapes = {k: tuple(v.shape[1:]) for k, v in self.conditioning.items()}
         engine = StreamEngine(self.model, self.latent_shape, shapes, slots_per_stream=slots_per_stream,
                               streams=streams, guidance=guidance.cfg,
-                              postprocess=lambda x: to_images(x[None])[0], backend=backend)
+                              postprocess=lambda x: to_images(x[None])[0], backend=backend, mesh=self.mesh)
         noise = np.asarray(self.noise(len(labels), check_seed(seed)))
         grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
         table = {k: np.asarray(v) for k, v in self.conditioning.items()}

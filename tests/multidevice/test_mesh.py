@@ -217,3 +217,16 @@ def test_cli_devices_and_strategy(tmp_path, capsys):
     assert cli(["generate", "--devices", "8", "--strategy", "fsdp", "--per-digit", "1", "--steps", "4",
                 "--out", str(tmp_path / "d.png")]) == 0
     assert "digit accuracy" in capsys.readouterr().out
+
+
+def test_digits_stream_runs_its_engine_on_the_pipeline_mesh():
+    """``DigitsPipeline.stream`` (``generate --stream --devices N``) put its engine on one device
+    whatever the pipeline's mesh; on the mesh it gives the one-device images."""
+    from streamflow_jax.pipelines import DigitsPipeline
+
+    labels = np.arange(8)
+    want = DigitsPipeline.load().stream(labels, steps=4, slots_per_stream=4)
+    on_mesh = DigitsPipeline.load(mesh=sf.make_mesh(4, data=4, model=1))
+    assert _rel(on_mesh.stream(labels, steps=4, slots_per_stream=4), want) <= 1e-5
+    with pytest.raises(ValueError, match="6 slots do not split over the mesh's 4 data devices"):
+        on_mesh.stream(labels, steps=4, slots_per_stream=6)
