@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -365,6 +366,17 @@ def _defaulted(family, config, raw_config: dict) -> str:
     return f" (the config does not set {shown}{' ...' if len(absent) > 4 else ''}: defaults were used)"
 
 
+def _check_block_counts(family, config, keys, source: str, raw_config: dict) -> None:
+    """More blocks asked for than the file holds (``Family.blocks``), refused before the model
+    is built; a file in another layout (no key under the prefix) is left to the full check."""
+    for prefix, count in family.blocks(config).items():
+        pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+        found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+        if found and count > max(found) + 1:
+            raise ConversionError(f"{source}: the config asks for {count} blocks in {prefix}, and the file holds "
+                                  f"{max(found) + 1}" + _defaulted(family, config, raw_config))
+
+
 def plan(raw_config: dict, tensors, *, source: str = "<tensors>", config_source: str | None = None
          ) -> ConversionPlan:
     """Matches every source tensor to one parameter and checks every shape, reading only headers.
@@ -377,6 +389,7 @@ def plan(raw_config: dict, tensors, *, source: str = "<tensors>", config_source:
     class_name = class_name_of(raw_config)
     if not hasattr(tensors, "items"):
         tensors = DictSource(tensors)
+    _check_block_counts(family, config, tensors.keys(), source, raw_config)
     _, abstract_state = abstract_split(family, config)
     targets, treedef, _ = flat_params(nnx.to_pure_dict(abstract_state))
     origin, unexpected, copies = {}, [], {}

@@ -165,8 +165,12 @@ def test_tensors_that_do_not_fit_name_the_config_fields_left_to_defaults(tiny_sd
     cfg = json.loads((src / "config.json").read_text())
     del cfg["num_layers"]
     (src / "config.json").write_text(json.dumps(cfg))
-    _convert_fails(capsys, src, tmp_path / "out", "missing tensor(s)",
-                   "(the config does not set num_layers=18: defaults were used)")
+    _convert_fails(capsys, src, tmp_path / "out", "the config asks for 18 blocks in transformer_blocks, and the file "
+                   "holds 2", "(the config does not set num_layers=18: defaults were used)")
+    # a typo's count is refused before the model is built (100000 layers took minutes to build)
+    (src / "config.json").write_text(json.dumps({**cfg, "num_layers": 100000}))
+    _convert_fails(capsys, src, tmp_path / "out", "the config asks for 100000 blocks in transformer_blocks, and the "
+                   "file holds 2")
 
 
 def test_unsupported_config_value(tiny_sd3, tmp_path, capsys):

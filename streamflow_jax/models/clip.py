@@ -169,4 +169,5 @@ FAMILY = Family(
     keys=KeyMap(rename=_rename, any_value=ANY_VALUE, weights=TRANSFORMERS_WEIGHTS,
                 prepare_config=_prepare_config),
     text_len=lambda c: c.max_position_embeddings,
+    blocks=lambda c: {"text_model.encoder.layers": c.num_hidden_layers},
 )

@@ -186,6 +186,10 @@ class Family:
             ``quantize(model, "fp8")`` stores in FP8 (None: no rule; ``include=`` chooses).
         float_linears: the module paths of linear layers ``quantize`` must leave as they are,
             whatever ``include=`` says: the module reads its compute dtype from their kernels.
+        blocks: ``config -> {checkpoint key prefix: block count}`` of the numbered block lists
+            (``transformer_blocks`` -> ``num_layers``): a config asking for more blocks than the
+            file holds is refused before the model is built (a typo's 100000 layers took
+            minutes to build, then listed the missing tensors).
         scan_blocks: a regular expression over the dotted paths of the block lists (``nnx.List``)
             that the module runs through ``layers.run_blocks``, so that
             ``FlowModel.with_scanned_blocks`` may scan their runs of identical blocks (None: none).
@@ -216,6 +220,7 @@ class Family:
     logical_axes: Callable[[str, tuple[int, ...]], tuple[str | None, ...]] = standard_logical_axes
     fp8_linears: str | None = None
     float_linears: tuple[str, ...] = ()
+    blocks: Callable[[Any], Mapping[str, int]] = lambda config: {}
     scan_blocks: str | None = None
 
     def __post_init__(self):

@@ -254,5 +254,6 @@ FAMILY = Family(
     text_len=lambda c: 512,  # FluxPipeline's max_sequence_length (dev; BFL runs schnell at 256)
     fp8_linears=r"^(single_)?transformer_blocks\.",  # every linear of both kinds of block
     float_linears=("proj_out",),  # __call__ takes its compute dtype from proj_out's kernel
+    blocks=lambda c: {"transformer_blocks": c.num_layers, "single_transformer_blocks": c.num_single_layers},
     scan_blocks=r"^(single_)?transformer_blocks$",
 )

@@ -215,5 +215,6 @@ FAMILY = Family(
     text_prefix=CLIP_TOKENS,
     fp8_linears=r"^transformer_blocks\.",  # every linear of the blocks: nearly all FLOPs and bytes
     float_linears=("proj_out",),  # __call__ takes its compute dtype from proj_out's kernel
+    blocks=lambda c: {"transformer_blocks": c.num_layers},
     scan_blocks=r"^transformer_blocks$",  # all but the last (context_pre_only); SD3.5-medium: 13 dual + 10
 )

@@ -313,4 +313,5 @@ FAMILY = Family(
     # (dev) max_sequence_length (SD3 and schnell use 256)
     text_len=lambda c: 512,
     scan_blocks=r"^encoder\.block$",  # T5-XXL (SD3, Flux): 23 of its 24 blocks as one run
+    blocks=lambda c: {"encoder.block": c.num_layers},
 )
