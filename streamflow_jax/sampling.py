@@ -255,9 +255,10 @@ def check_grid_values(grid) -> None:
     ok = (grid.min() >= 0) & (grid.max() <= 1) & jnp.all(jnp.diff(grid, axis=0) <= 0)
     if is_traced(ok):
         return
-    if not bool(ok):
+    ok, still = jax.device_get((ok, grid[0] == grid[-1]))  # one transfer for both
+    if not ok:
         raise ValueError("time grid must run down from at most 1 to at least 0 (t = 1 is noise, 0 data)")
-    still = np.flatnonzero(np.asarray(grid[0] == grid[-1]))
+    still = np.flatnonzero(still)
     if still.size:  # sampled, it would come back as the noise itself
         raise ValueError(f"time grid moves no time for element {int(still[0])} (it stays at "
                          f"t={float(grid[0, still[0]]):g}); a grid is [S+1, B], times down the first axis")

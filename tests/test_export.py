@@ -179,6 +179,7 @@ def test_spec_ranges_and_profile(tiny_sd3):
         Range.parse("a:b")
     # found by a user's pass: batch 0 or "" took the default, True became 1:1:1; arguments the
     # graph has no input for were ignored; a spec of another configuration failed inside JAX
+    assert Range.parse(np.int64(4)) == Range(4, 4, 4)  # numpy integers stay accepted
     for batch in (0, "", True, 2.5):
         with pytest.raises(ValueError, match="expected an integer or min:opt:max|need 1 <= min"):
             export_spec(model, batch=batch)

@@ -41,10 +41,10 @@ class Range:
         """``"1:4:8"`` (min:opt:max), ``"1:8"`` (opt = max) or ``"4"`` (fixed)."""
         if isinstance(text, Range):
             return text
-        if isinstance(text, bool) or not isinstance(text, int | str) or text == "":
+        if isinstance(text, bool) or not isinstance(text, int | np.integer | str) or text == "":
             raise ValueError(f"expected an integer or min:opt:max integers, got {text!r}")
-        if isinstance(text, int):
-            return cls(text, text, text)
+        if isinstance(text, int | np.integer):
+            return cls(int(text), int(text), int(text))
         try:
             parts = [int(p) for p in str(text).split(":")]
         except ValueError:

@@ -106,11 +106,11 @@ class DigitsPipeline(Pipeline):
         guidance = self.resolve_guidance(guidance_scale)
         noise = self.noise(len(labels), seed)
         grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
-        x0, _ = self._image_start(image, strength, len(labels))
-        if x0 is not None:
-            noise, grid = img2img_start(self.model, x0, noise, grid, strength)
         if np.shape(guidance.scale) not in ((), (len(labels),)):
             raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {len(labels)} labels")
+        x0, strengths = self._image_start(image, strength, len(labels))
+        if x0 is not None:
+            noise, grid = img2img_start(self.model, x0, noise, grid, strengths)
         cond, uncond, scale = self.cond(labels), None, guidance.cfg_scale
         if guidance.cfg:
             uncond, scale = per_element_rule(cond, self.cond(np.full(len(labels), NULL_CLASS)), scale)
