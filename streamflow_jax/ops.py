@@ -381,6 +381,19 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 GROUPNORM_ENV = "STREAMFLOW_JAX_GROUPNORM"
 
 
+def _platform(platform: str | None = None) -> str:
+    """``platform``, else the ``target_device``'s, else ``jax.default_backend()``'s."""
+    if platform:
+        return platform
+    target = _TARGET.get()
+    return target.platform if target is not None else jax.default_backend()
+
+
+def _on_gpu(platform: str | None = None) -> bool:
+    """Whether the choices measured on a GPU apply: an NVIDIA GPU (JAX's ``gpu``/``cuda``)."""
+    return _platform(platform) in ("gpu", "cuda")
+
+
 def group_norm_choice(setting: str | None = None, platform: str | None = None) -> str:
     """How ``group_norm`` reduces: ``"groups"`` (over ``[B, H, W, G, C/G]``'s axes 1, 2 and 4)
     or ``"channels"`` (over ``H, W`` per channel: column reductions with the channels minor;
@@ -393,9 +406,9 @@ def group_norm_choice(setting: str | None = None, platform: str | None = None) -
     ``$STREAMFLOW_JAX_GROUPNORM`` (or ``setting``): ``auto`` (unset) takes ``channels`` on the
     CPU, where it measured 1.2-1.8x faster for GroupNorm + SiLU on SD1.5's and a VAE's
     activations (``benchmarks/group_norm.py``) and 2-13% more images/s for the seed setting's
-    reduced UNet end to end, and ``groups`` elsewhere until a GPU measures it
-    (``benchmarks/levers_gpu.py``'s ``groupnorm_channels``, ``groupnorm_onepass``); or one by
-    name.
+    reduced UNet end to end; ``onepass`` on a GPU, where it measured 1.046x the images/s of
+    ``groups`` in the seed setting on an H200 (``benchmarks/levers_gpu.py``'s
+    ``groupnorm_onepass``, 2026-11-30); ``groups`` elsewhere. Or one by name.
     Read when a function is traced (``platform``: default the ``target_device``'s, else
     ``jax.default_backend()``).
     """
@@ -403,35 +416,38 @@ def group_norm_choice(setting: str | None = None, platform: str | None = None) -
     if setting not in ("auto", "groups", "channels", "onepass"):
         raise ValueError(f"{GROUPNORM_ENV}={setting!r}: expected auto, groups, channels or onepass")
     if setting == "auto":
-        target = _TARGET.get()
-        platform = platform or (target.platform if target is not None else jax.default_backend())
-        return "channels" if platform == "cpu" else "groups"
+        platform = _platform(platform)
+        return "channels" if platform == "cpu" else "onepass" if _on_gpu(platform) else "groups"
     return setting
 
 
 CONV_LAYOUT_ENV = "STREAMFLOW_JAX_CONV_LAYOUT"
 
 
-def conv_layout_choice(setting: str | None = None) -> str:
+def conv_layout_choice(setting: str | None = None, platform: str | None = None) -> str:
     """The convolution kernel layout the stream engine runs its models in: ``"HWIO"`` or
     ``"OHWI"`` (``FlowModel.with_conv_layout``).
 
-    ``$STREAMFLOW_JAX_CONV_LAYOUT`` (or ``setting``): ``auto`` (unset) keeps ``hwio``, the
-    layout models are converted in, until a GPU measures ``ohwi`` (``benchmarks/levers_gpu.py``'s
-    ``conv_ohwi``): compiled for an H200, the seed setting's UNet transposes each of its 98
-    kernels at every call (1.2 GB written), and TAESD's decoder 35 (``benchmarks/hlo_gpu.py``);
-    or either by name. Read when an engine is made.
+    ``$STREAMFLOW_JAX_CONV_LAYOUT`` (or ``setting``): ``auto`` (unset) takes ``ohwi`` on a GPU,
+    where it measured 1.062x the images/s of ``hwio`` in the seed setting on an H200
+    (``benchmarks/levers_gpu.py``'s ``conv_ohwi``, 2026-11-30: compiled for an H200, the UNet
+    transposes each of its 98 HWIO kernels at every call, 1.2 GB written, and TAESD's decoder
+    35, ``benchmarks/hlo_gpu.py``), and keeps ``hwio``, the layout models are converted in,
+    elsewhere; or either by name. Read when an engine is made (``platform``: the engine's
+    devices', default as ``group_norm_choice``).
     """
     setting = (os.environ.get(CONV_LAYOUT_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
     if setting not in ("auto", "hwio", "ohwi"):
         raise ValueError(f"{CONV_LAYOUT_ENV}={setting!r}: expected auto, hwio or ohwi")
+    if setting == "auto":
+        return "OHWI" if _on_gpu(platform) else "HWIO"
     return "OHWI" if setting == "ohwi" else "HWIO"
 
 
 CONV1X1_ENV = "STREAMFLOW_JAX_CONV1X1"
 
 
-def conv1x1_choice(setting: str | None = None) -> str:
+def conv1x1_choice(setting: str | None = None, platform: str | None = None) -> str:
     """How a 1x1 convolution of stride 1 without padding runs: ``"conv"`` (a convolution: on
     a GPU a cuDNN call) or ``"dot"`` (the same product as a matrix product over the channels:
     a GEMM). The same numbers up to float32 rounding.
@@ -442,14 +458,18 @@ def conv1x1_choice(setting: str | None = None) -> str:
     every call; as GEMMs they join the graphs and need no transpose (``benchmarks/hlo_gpu.py``'s
     ``conv1x1_dot``).
 
-    ``$STREAMFLOW_JAX_CONV1X1`` (or ``setting``): ``auto`` (unset) keeps ``conv`` until a GPU
-    measures ``dot`` (``benchmarks/levers_gpu.py``'s ``conv1x1_dot``); or either by name.
-    Read when a function is traced.
+    ``$STREAMFLOW_JAX_CONV1X1`` (or ``setting``): ``auto`` (unset) takes ``dot`` on a GPU, where
+    it measured 1.031x the images/s of ``conv`` in the seed setting on an H200
+    (``benchmarks/levers_gpu.py``'s ``conv1x1_dot``, 2026-11-30), and keeps ``conv`` elsewhere
+    (on this project's CPU the whole UNet ran 0-6% slower as GEMMs, ``benchmarks/conv1x1.py``); or either
+    by name. Read when a function is traced (``platform``: as ``group_norm_choice``).
     """
     setting = (os.environ.get(CONV1X1_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
     if setting not in ("auto", "conv", "dot"):
         raise ValueError(f"{CONV1X1_ENV}={setting!r}: expected auto, conv or dot")
-    return "conv" if setting == "auto" else setting
+    if setting == "auto":
+        return "dot" if _on_gpu(platform) else "conv"
+    return setting
 
 
 def trace_switches() -> tuple[str, ...]:

@@ -547,8 +547,8 @@ class StreamEngine:
             between the three at the price of more compiled variants of the model.
 
     With backend ``xla`` the engine runs its own copies of ``model`` and ``decoder`` with their
-    convolution kernels in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout (``ops.conv_layout_choice``;
-    HWIO, the models' own, unless set to ``ohwi``: another measurement switch) and their
+    convolution kernels in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout (``ops.conv_layout_choice``:
+    OHWI on GPUs, where it measured faster, HWIO, the models' own, elsewhere) and their
     repeated blocks scanned or not as ``$STREAMFLOW_JAX_SCAN_BLOCKS`` says (``ops.scan_blocks_choice``:
     as given unless set; a third).
     """
@@ -598,7 +598,8 @@ class StreamEngine:
         self._velocity_model, self._decoder = model, decoder
         self._compiled = not entry.exported
         if self._compiled:  # the convolutions' kernel layout and block scanning the compiled tick reads (levers)
-            layout, scan = ops.conv_layout_choice(), ops.scan_blocks_choice()
+            platform = mesh.devices.flat[0].platform if mesh is not None else None
+            layout, scan = ops.conv_layout_choice(platform=platform), ops.scan_blocks_choice()
 
             def relaid(m):
                 if not isinstance(m, FlowModel):

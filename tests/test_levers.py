@@ -189,8 +189,9 @@ def test_group_norm_switch_refuses_typos(monkeypatch):
     monkeypatch.setenv(ops.GROUPNORM_ENV, "channel")
     with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_GROUPNORM='channel': expected auto, groups, channels or onepass"):
         ops.group_norm(jnp.ones((1, 2, 2, 4)), 2, 1e-5)
-    monkeypatch.delenv(ops.GROUPNORM_ENV)  # auto: what measured faster on the CPU; the GPU's default until measured
-    assert ops.group_norm_choice(platform="cpu") == "channels" and ops.group_norm_choice(platform="gpu") == "groups"
+    monkeypatch.delenv(ops.GROUPNORM_ENV)  # auto: what measured faster on the CPU, on an H200, and the rest's
+    assert ops.group_norm_choice(platform="cpu") == "channels" and ops.group_norm_choice(platform="gpu") == "onepass"
+    assert ops.group_norm_choice(platform="cuda") == "onepass" and ops.group_norm_choice(platform="tpu") == "groups"
 
 
 def test_target_device_steers_the_trace_time_choices(monkeypatch):
@@ -198,13 +199,17 @@ def test_target_device_steers_the_trace_time_choices(monkeypatch):
     ``ops.target_device`` the platform choices are the target's, and they are restored after."""
     monkeypatch.delenv(ops.ATTENTION_ENV, raising=False)
     monkeypatch.delenv(ops.GROUPNORM_ENV, raising=False)
+    monkeypatch.delenv(ops.CONV1X1_ENV, raising=False)
+    monkeypatch.delenv(ops.CONV_LAYOUT_ENV, raising=False)
     q = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
     with ops.target_device(H100):
-        assert ops.attention_implementation(q) == "cudnn" and ops.group_norm_choice() == "groups"
+        assert ops.attention_implementation(q) == "cudnn" and ops.group_norm_choice() == "onepass"
+        assert ops.conv1x1_choice() == "dot" and ops.conv_layout_choice() == "OHWI"
         with ops.target_device(A100):
             assert ops.attention_implementation(jnp.zeros((1, 4, 2, 160), jnp.bfloat16)) == "xla"
         assert ops.attention_implementation(jnp.zeros((1, 4, 2, 160), jnp.bfloat16)) == "cudnn"
     assert ops.attention_implementation(q) == "xla" and ops.group_norm_choice() == "channels"  # this CPU
+    assert ops.conv1x1_choice() == "conv" and ops.conv_layout_choice() == "HWIO"
 
 
 def test_conv_layout_switch_and_round_trip(tmp_path, monkeypatch):
@@ -216,7 +221,8 @@ def test_conv_layout_switch_and_round_trip(tmp_path, monkeypatch):
     import streamflow_jax as sf
 
     monkeypatch.delenv(ops.CONV_LAYOUT_ENV, raising=False)
-    assert ops.conv_layout_choice() == "HWIO" and ops.conv_layout_choice("OHWI") == "OHWI"
+    assert ops.conv_layout_choice() == "HWIO" and ops.conv_layout_choice("OHWI") == "OHWI"  # this CPU
+    assert ops.conv_layout_choice(platform="gpu") == "OHWI" and ops.conv_layout_choice("hwio", platform="gpu") == "HWIO"
     monkeypatch.setenv(ops.CONV_LAYOUT_ENV, "nchw")
     with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_CONV_LAYOUT='nchw': expected auto, hwio or ohwi"):
         ops.conv_layout_choice()
@@ -292,7 +298,8 @@ def nnx_convs(model):
 
 def test_conv1x1_switch_refuses_typos(monkeypatch):
     monkeypatch.delenv(ops.CONV1X1_ENV, raising=False)
-    assert ops.conv1x1_choice() == "conv" and ops.conv1x1_choice("DOT") == "dot"
+    assert ops.conv1x1_choice() == "conv" and ops.conv1x1_choice("DOT") == "dot"  # this CPU
+    assert ops.conv1x1_choice(platform="gpu") == "dot" and ops.conv1x1_choice("conv", platform="gpu") == "conv"
     monkeypatch.setenv(ops.CONV1X1_ENV, "gemm")
     with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_CONV1X1='gemm': expected auto, conv or dot"):
         ops.conv1x1_choice()
