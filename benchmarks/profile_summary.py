@@ -344,6 +344,7 @@ def launches(kernels: list[Kernel], calls: int) -> dict | None:
     ordered = sorted(kernels, key=lambda k: k.start_us)
     runs, graph_runs, in_graphs, within, between = 1, 0, 0, 0.0, 0.0
     largest: list[tuple[float, Kernel, Kernel]] = []
+    inside: list[tuple[float, Kernel, Kernel]] = []
     end = ordered[0].end_us
     for prev, k in zip(ordered, ordered[1:]):
         gap = max(0.0, k.start_us - end)
@@ -354,6 +355,7 @@ def launches(kernels: list[Kernel], calls: int) -> dict | None:
             largest.append((gap, prev, k))
         else:
             within += gap
+            inside.append((gap, prev, k))
     for k_prev, k in zip([None] + ordered, ordered):
         if k.op.startswith("command_buffer"):
             in_graphs += 1
@@ -363,7 +365,27 @@ def launches(kernels: list[Kernel], calls: int) -> dict | None:
     return {"per_call": round(runs / calls, 1), "graphs_per_call": round(graph_runs / calls, 1),
             "kernels_in_graphs_per_call": round(in_graphs / calls, 1),
             "idle_between_launches_us": round(between, 2), "idle_within_launches_us": round(within, 2),
-            "largest_gaps": [{"us": round(g, 2), "after": where(a), "before": where(b)} for g, a, b in largest[:5]]}
+            "largest_gaps": [{"us": round(g, 2), "after": where(a), "before": where(b)} for g, a, b in largest[:5]],
+            "gaps_within_launches": gap_histogram([g for g, _, _ in inside], calls),
+            "largest_gaps_within": [{"us": round(g, 2), "launch": where(a), "after": a.name[:80], "before": b.name[:80]}
+                                    for g, a, b in sorted(inside, key=lambda g: -g[0])[:5]]}
+
+
+GAP_BUCKETS_US = (2.0, 10.0, 50.0, 200.0)
+
+
+def gap_histogram(gaps: list[float], calls: int) -> dict:
+    """Gaps per call by size (``<2us``, ``2-10us``, ``10-50us``, ``50-200us``, ``>=200us``): the
+    count and the total idle time in each. Many small gaps inside a CUDA graph are the graph's
+    own per-kernel latency (or the tracer's); a few large ones are waits."""
+    edges = (0.0, *GAP_BUCKETS_US, float("inf"))
+    names = [f"<{GAP_BUCKETS_US[0]:g}us"] + [f"{a:g}-{b:g}us" for a, b in zip(GAP_BUCKETS_US, GAP_BUCKETS_US[1:])] \
+        + [f">={GAP_BUCKETS_US[-1]:g}us"]
+    out = {}
+    for name, lo, hi in zip(names, edges, edges[1:]):
+        sel = [g for g in gaps if lo <= g < hi]
+        out[name] = {"count_per_call": round(len(sel) / calls, 1), "us_per_call": round(sum(sel) / calls, 2)}
+    return out
 
 
 def _thread_kind(line: str) -> str:
@@ -466,6 +488,45 @@ def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo
     return out
 
 
+def jaxpr_flops(jaxpr) -> float:
+    """FLOPs of the matrix products and convolutions in a (closed) jaxpr, 2 per multiply-add:
+    what torch's ``FlopCounterMode`` counts (matmuls, convolutions, attention's two products),
+    by walking the program's equations instead of asking XLA. Loops count their body once per
+    trip where the trip count is static (``scan``), once where it is not (``while``); a
+    ``cond`` counts its costliest branch. Elementwise work is not counted."""
+    import math
+
+    from jax.extend import core as jcore
+
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, rc), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            k = math.prod(lhs[d] for d in lc)
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # the kernel: its input-feature and spatial dims
+            dn = eqn.params["dimension_numbers"]
+            spec = dn.rhs_spec  # (out, in, spatial...)
+            per_output = math.prod(rhs[d] for d in spec[1:])  # in/groups x kh x kw
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+        subs = [v for v in eqn.params.values() if isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr))]
+        subs += [b for v in eqn.params.values() if isinstance(v, (tuple, list))
+                 for b in v if isinstance(b, (jcore.Jaxpr, jcore.ClosedJaxpr))]
+        if name == "cond":
+            total += max((jaxpr_flops(b) for b in eqn.params["branches"]), default=0.0)
+        elif name == "scan":
+            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"])
+        elif name == "while":
+            total += jaxpr_flops(eqn.params["body_jaxpr"]) + jaxpr_flops(eqn.params["cond_jaxpr"])
+        else:
+            total += sum(jaxpr_flops(sub) for sub in subs)
+    return total
+
+
 def xla_flops(fn, *args, **kwargs) -> float | None:
     """FLOPs of one ``fn(*args, **kwargs)``, by XLA's cost analysis of the lowered program.
 
@@ -483,13 +544,19 @@ def xla_flops(fn, *args, **kwargs) -> float | None:
     os.environ[ATTENTION_ENV] = "xla"
     try:
         traced = jax.jit(fn).trace(*args, **kwargs)
-        cost = traced.lower().cost_analysis()
+        try:
+            cost = traced.lower().cost_analysis()
+        except Exception:  # noqa: BLE001  (a backend without it: the CPU lowering, then the jaxpr)
+            cost = None
         if not cost:
             # JAX 0.11 on CUDA has no cost analysis before compiling, and the compiled program's
             # counts cuBLAS GEMMs and cuDNN convolutions (custom calls) as nothing (2026-11-30,
             # H200: 2.95 TFLOP for an SD3-medium call): the same program lowered for the CPU
             # counts every dot and convolution
-            cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
+            try:
+                cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
+            except Exception:  # noqa: BLE001
+                cost = None
     finally:
         if saved is None:
             os.environ.pop(ATTENTION_ENV, None)
@@ -498,7 +565,11 @@ def xla_flops(fn, *args, **kwargs) -> float | None:
         jax.clear_caches()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
         cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    if cost and "flops" in cost:
+        return float(cost["flops"])
+    # JAX 0.11.2 on CUDA (the H200, 2026-11-30) answered neither way: count the program's
+    # products from its jaxpr (matmuls and convolutions, as torch's flop counter does)
+    return jaxpr_flops(traced.jaxpr) or None
 
 
 def main(argv=None):

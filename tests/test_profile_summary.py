@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -18,6 +19,7 @@ from profile_summary import (  # noqa: E402
     Kernel,
     categorize,
     device_kernels,
+    gap_histogram,
     hlo_op_categories,
     host_time,
     launches,
@@ -227,7 +229,19 @@ def test_launches_split_the_idle_time():
         {"us": 120.0, "after": "jit__step:command_buffer_2", "before": "jit__outputs:fusion.3"},
         {"us": 30.0, "after": "jit__step:command_buffer_1", "before": "jit__step:cudnn-conv-bias-activation.4"}]
     assert timeline(kernels)["idle_us"] == 153.0
+    # the gaps inside launches by size: the graph's 1 us and the second graph's 0 us, per call
+    hist = got["gaps_within_launches"]
+    assert hist["<2us"] == {"count_per_call": 1.0, "us_per_call": 0.5}
+    assert all(v == {"count_per_call": 0.0, "us_per_call": 0.0} for b, v in hist.items() if b != "<2us")
+    assert got["largest_gaps_within"][0] == {"us": 1.0, "launch": "jit__step:command_buffer_1",
+                                             "after": "kernel_of_command_buffer_1", "before": "kernel_of_command_buffer_1"}
     assert launches([Kernel("nvjet", "", "", "s", 0, 1)], calls=1) is None  # no op names: no launches
+
+
+def test_gap_histogram_buckets():
+    got = gap_histogram([0.5, 3.0, 9.9, 10.0, 60.0, 250.0, 1000.0], calls=1)
+    assert [v["count_per_call"] for v in got.values()] == [1.0, 2.0, 1.0, 1.0, 2.0]
+    assert list(got) == ["<2us", "2-10us", "10-50us", "50-200us", ">=200us"] and got[">=200us"]["us_per_call"] == 1250.0
 
 
 def test_host_time_and_dispatch(tmp_path):
@@ -319,4 +333,89 @@ def test_profile_benchmark_runs_on_the_cpu(tmp_path):
     assert set(result["summaries"]) == {"sd3", "sd3_lean"}
     assert row["kernels_per_call"] > 0 and row["launches_per_call"] > 0 and row["dispatch_ms_per_call"] > 0
     assert row["lean_device_ms_per_call"] > 0 and row["lean_dispatch_ms_per_call"] > 0
-    assert (tmp_path / "profile_traces" / "sd3_lean").is_dir()
+    assert row["queued_ms_per_call"] > 0 and row["tflop_per_call"] > 0
+    assert set(row["lean_gaps_within_ms"]) == {"<2us", "2-10us", "10-50us", "50-200us", ">=200us"}
+    import tarfile
+
+    with tarfile.open(tmp_path / "profile_traces" / "sd3.tar.gz") as tar:  # one file a workload: it comes back
+        names = tar.getnames()
+    assert any(n.startswith("hlo/") and "jit_velocity_call" in n for n in names)
+    assert any(n.startswith("sd3_lean/") and n.endswith(".xplane.pb") for n in names)
+    assert any(n.startswith("sd3/") and n.endswith(".xplane.pb") for n in names), names
+
+
+def test_pack_traces_keeps_what_fits(tmp_path):
+    """The per-workload archive: the HLO first, then the lean trace, then the full one, each only
+    while the archive stays under the limit; nothing when not even the HLO fits."""
+    import tarfile
+
+    from profile_gpu import pack_traces
+
+    rng = np.random.default_rng(0)
+    hlo = tmp_path / "m.after_optimizations.txt"
+    hlo.write_text("HloModule m\n" * 100)
+    full, lean = tmp_path / "t" / "full", tmp_path / "t" / "full_lean"
+    for d, n in ((full, 3 << 20), (lean, 1 << 20)):  # random bytes: gzip cannot shrink them
+        d.mkdir(parents=True)
+        (d / "host.xplane.pb").write_bytes(rng.bytes(n))
+    dest = tmp_path / "out" / "w.tar.gz"
+    assert pack_traces(dest, [full, lean], [hlo], max_mb=10)["holds"] == ["hlo", "full_lean", "full"]
+    packed = pack_traces(dest, [full, lean], [hlo], max_mb=2)
+    assert packed["holds"] == ["hlo", "full_lean"] and 0.9 < packed["mb"] <= 2
+    with tarfile.open(dest) as tar:
+        assert sorted(tar.getnames()) == ["full_lean", "full_lean/host.xplane.pb", f"hlo/{hlo.name}"]
+    assert pack_traces(dest, [full, lean], [hlo], max_mb=0.5)["holds"] == ["hlo"]
+    assert pack_traces(dest, [full, lean], [hlo], max_mb=1e-6) is None and not dest.exists()
+
+
+@pytest.mark.parametrize("kind", ["unet", "sd3"])
+def test_jaxpr_flops_match_torch_flop_counter(tmp_path, kind, monkeypatch):
+    """``jaxpr_flops`` (the device's fallback when XLA gives no cost analysis) counts what
+    torch's ``FlopCounterMode`` counts on the diffusers reference: the matmuls, convolutions and
+    attention products of one call, for a tiny SD1.5-like UNet (convolutions, cross-attention)
+    and a tiny SD3 transformer (joint attention, patch embedding)."""
+    import diffusers
+    import torch
+    from conftest import SD3_TINY, UNETS, randomize
+    from profile_summary import jaxpr_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import streamflow_jax as sf
+    from streamflow_jax import ops
+
+    monkeypatch.setenv(ATTENTION_ENV, "xla")  # attention as products (cuDNN's would be one custom call)
+    monkeypatch.setenv(ops.CONV1X1_ENV, "conv")
+    rng = np.random.default_rng(0)
+    if kind == "unet":
+        ref = randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 0, std=0.1).eval()
+        x = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
+        t = np.array([999.0, 3.0], np.float32)
+        ehs = rng.standard_normal((2, 5, 768), dtype=np.float32)
+        args = (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ehs))
+        ref.save_pretrained(tmp_path / "m")
+        model = sf.load(tmp_path / "m")
+        ours = jax.make_jaxpr(lambda m, x, t, e: m.module(x, t, e))(model, x.transpose(0, 2, 3, 1), t, ehs)
+    else:
+        ref = randomize(diffusers.SD3Transformer2DModel(**SD3_TINY), 0, std=0.1).eval()
+        x = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
+        t = np.array([0.9, 0.3], np.float32)
+        ehs = rng.standard_normal((2, 7, 12), dtype=np.float32)
+        pooled = rng.standard_normal((2, 10), dtype=np.float32)
+        args = (torch.from_numpy(x), torch.from_numpy(ehs), torch.from_numpy(pooled), torch.from_numpy(t * 1000))
+        ref.save_pretrained(tmp_path / "m")
+        model = sf.load(tmp_path / "m")
+        cond = {"encoder_hidden_states": ehs, "pooled_projections": pooled}
+        ours = jax.make_jaxpr(lambda m, x, t, c: m.velocity(x, t, c))(model, x.transpose(0, 2, 3, 1), t, cond)
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        # torch's own SDPA kernel on this CPU is not one the flop counter knows: the same
+        # attention written out, so that its two products count
+        w = torch.softmax((q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5), dim=-1)
+        return w @ v
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        ref(*args)
+    want = counter.get_total_flops()
+    got = jaxpr_flops(ours)
+    assert want > 0 and abs(got - want) <= 1e-3 * want, (got, want)
