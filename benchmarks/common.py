@@ -33,8 +33,11 @@ def cpu_switch_args(doc: str):
     return args
 
 
-def timed(fn, *, warmup: int = 1, repeats: int = 3, sync=lambda out: out) -> dict:
-    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` times; seconds per call."""
+def timed(fn, *, warmup: int = 1, repeats: int = 3, sync=lambda out: out, queued: bool = False) -> dict:
+    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` times; seconds per call, each call
+    from its dispatch to its synced result. ``queued``: then ``repeats`` calls dispatched back
+    to back with one sync after the last (``queued_s`` a call): the device's rate with each
+    call's dispatch hidden behind the one before, as in a sampler's loop of steps."""
     for _ in range(warmup):
         sync(fn())
     times = []
@@ -42,7 +45,66 @@ def timed(fn, *, warmup: int = 1, repeats: int = 3, sync=lambda out: out) -> dic
         t0 = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t0)
-    return {"mean_s": statistics.mean(times), "min_s": min(times), "repeats": repeats}
+    out = {"mean_s": statistics.mean(times), "min_s": min(times), "repeats": repeats}
+    if queued:
+        t0 = time.perf_counter()
+        last = None
+        for _ in range(repeats):
+            last = fn()
+        sync(last)
+        out["queued_s"] = (time.perf_counter() - t0) / repeats
+    return out
+
+
+def sampler_grid(steps: int):
+    """The shared ``[steps + 1]`` time grid of the sampler timings: 1 -> 0, evenly spaced."""
+    import numpy as np
+
+    return np.linspace(1.0, 0.0, steps + 1).astype(np.float32)
+
+
+def ours_sampler(model, x, cond, steps: int, *, warmup: int = 1, repeats: int = 3) -> tuple[dict, object]:
+    """Our sampler as a user runs it: ``sf.sample`` over ``steps`` Euler steps, jitted whole (one
+    ``lax.scan``, one dispatch), timed to its synced result; ms per step (the velocity calls and
+    their updates) and the compile, and the sampled latents."""
+    import jax
+
+    import streamflow_jax as sf
+
+    ts = sampler_grid(steps)
+    run = jax.jit(lambda m, x, c: sf.sample(m, x, ts, c))
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(run(model, x, cond))
+    first = time.perf_counter() - t0
+    t = timed(lambda: run(model, x, cond), warmup=warmup, repeats=repeats, sync=jax.block_until_ready)
+    return {"sampler_steps": steps, "ours_sampler_ms_per_step": 1e3 * t["mean_s"] / steps,
+            "ours_sampler_compile_s": first}, out
+
+
+def torch_sampler(velocity, x, steps: int, sync, *, warmup: int = 1, repeats: int = 3) -> tuple[float, object]:
+    """The same Euler loop around a torch velocity (``velocity(x, t)``, ``t`` a float in [0, 1]),
+    as diffusers' schedulers step it: one call a step, no sync inside; ms per step, and the
+    sampled latents."""
+    import torch
+
+    ts = [float(v) for v in sampler_grid(steps)]
+
+    def loop():
+        with torch.inference_mode():
+            h = x
+            for t, t_next in zip(ts, ts[1:]):
+                h = h + (t_next - t) * velocity(h, t)
+            return h
+
+    return 1e3 * timed(loop, warmup=warmup, repeats=repeats, sync=sync)["mean_s"] / steps, loop()
+
+
+def rel_diff(ours, ref) -> float:
+    """Largest difference over the reference's largest magnitude (float32 numpy arrays)."""
+    import numpy as np
+
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 def environment() -> dict:

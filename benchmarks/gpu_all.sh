@@ -19,7 +19,8 @@
 #            fusion, GEMM backends, preallocation, autotune (280 s); levers-flux: Flux-dev's 57 blocks
 #            scanned, with and without dynamic-slice fusion: compile and call time (400 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
-#   sd3      SD3-medium velocity call vs diffusers eager and torch.compile (sd3_gpu.py)
+#   sd3      SD3-medium velocity call vs diffusers eager and torch.compile, per call, queued, and in an
+#            8-step sampling loop (sd3_gpu.py)
 #   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
 #   components  UNet / VAE / TAESD per call (components.py)
 #   engine   the stream engine's own cost vs batched sf.sample, host time per tick (stream_engine.py)
@@ -92,7 +93,7 @@ for p in "${parts[@]}"; do
     # torch.compile of the SD1.5 UNet + TAESD (~2 min) does not fit the seed part's budget: its
     # in-run references are diffusers eager, sequential and stream
     stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset $(pick gpu cpu) --no-compile ;;
-    sd3) part sd3 170 sd3_gpu.json python3 benchmarks/sd3_gpu.py $S ;;
+    sd3) part sd3 200 sd3_gpu.json python3 benchmarks/sd3_gpu.py $S ;;
     # flux: eager reference only (build + our compile ~2-3 min); flux-compiled adds torch.compile (~2 min more)
     flux) part flux 200 flux_gpu.json python3 benchmarks/flux_gpu.py --no-compile $S ;;
     flux-compiled) part flux-compiled 290 flux_gpu_compiled.json python3 benchmarks/flux_gpu.py $S ;;

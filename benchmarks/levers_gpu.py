@@ -70,9 +70,14 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # cuDNN convolution calls, capturable in CUDA graphs; the biases are broadcast to full
     # tensors first (hlo_gpu.py: 892 kernels, as the default, 98 of them those broadcasts)
     "conv_fusion_ohwi": ("--xla_gpu_experimental_enable_conv_fusion=true", {"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi"}),
-    # the four that cut kernels or gaps from the tick, together: do their wins add up?
+    # the four that cut kernels or gaps from the tick, together: do their wins add up? (H200,
+    # 2026-11-30: 1.133x; OHWI, one-pass GroupNorm and 1x1 GEMMs are the GPU's defaults since)
     "fewer_kernels": ("", {"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi", "STREAMFLOW_JAX_GROUPNORM": "onepass",
                            "STREAMFLOW_JAX_CONV1X1": "dot", "STREAMFLOW_JAX_TICK": "fused"}),
+    # the defaults before that measurement (HWIO kernels, two-pass GroupNorm by groups, 1x1
+    # convolutions on cuDNN): does the win hold against today's defaults?
+    "more_kernels": ("", {"STREAMFLOW_JAX_CONV_LAYOUT": "hwio", "STREAMFLOW_JAX_GROUPNORM": "groups",
+                          "STREAMFLOW_JAX_CONV1X1": "conv"}),
     # GEMMs: cuBLAS everywhere (no Triton), cuBLASLt (bias/GELU epilogues), cuDNN GEMM fusions,
     # a wider Triton tiling search
     "triton_gemm_off": ("--xla_gpu_enable_triton_gemm=false", {}),
@@ -86,20 +91,33 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "prealloc": ("", {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}),
     # graphs around loops and conditionals too
     "cmdbuf_all": ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE", {}),
+    # XLA's DotMerger off: products of one input stay separate GEMMs. The H200 profile of
+    # Flux-dev (2026-11-30) shows what merging costs there: the merged products' weights are
+    # concatenated at every call (proj_mlp with to_v, 94 MB a single block; to_q with to_k),
+    # about 3.5 ms of copies a call; hlo_gpu item 10 counts more GEMMs and norms without it
+    "dot_merger_off": ("--xla_gpu_dot_merger_threshold_mb=0", {}),
     "default_again": ("", {}),
 }
 # One device command fits about six variants (a process builds, compiles and times in ~40 s):
 # the variants come in groups, each measured against its own run of the default.
 GROUPS = {
-    "a": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
-    "b": ("default", "cmdbuf_off", "groupnorm_onepass", "prealloc", "groupnorm_channels", "attention_fp8", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
+    # after the first run of group a (H200, 2026-11-30: the tick is host-bound, 78 CUDA graph
+    # updates and executions per tick take 5.5 ms of the host's 8.2 in the step program): graphs
+    # off, JAX's own preallocation (users' default; gpu_all.sh turns it off), the old defaults,
+    # then the convolutions as graph-capturable cuDNN fusions
+    "a": ("default", "cmdbuf_off", "prealloc", "more_kernels", "conv_fusion_ohwi", "cmdbuf_min1", "default_again"),
+    # the first run's group a (1.133, 0.94, 1.005, 1.031, 1.062 on the H200): kept to rerun
+    "a0": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
+    "b": ("default", "groupnorm_channels", "attention_fp8", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
           "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
     # the transformers' call (SD3-medium, Flux-dev): the UNet's switches (convolutions, GroupNorm,
     # the tick) change nothing there; graphs, GEMM backends, attention do
-    "transformer": ("default", "scan_blocks", "cmdbuf_off", "attention_fp8", "scan_blocks_dsf", "triton_gemm_off",
-                    "cublaslt", "cudnn_gemm_fusion", "prealloc", "autotune_0", "default_again"),
+    # (H200, 2026-11-30, SD3-medium: cmdbuf_off 0.983, attention_fp8 1.013, prealloc 1.009 of the
+    # default's speed: noise; those go last)
+    "transformer": ("default", "dot_merger_off", "scan_blocks", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion", "autotune_0",
+                    "scan_blocks_dsf", "cmdbuf_off", "attention_fp8", "prealloc", "default_again"),
     # Flux-dev (levers-flux): the scan, where it compiles the most blocks (57)
-    "scan": ("default", "scan_blocks", "scan_blocks_dsf", "default_again"),
+    "scan": ("default", "dot_merger_off", "scan_blocks", "scan_blocks_dsf", "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
               "conv_ohwi", "conv1x1_dot", "scan_blocks", "default_again"),

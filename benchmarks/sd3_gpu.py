@@ -18,7 +18,7 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch on the same GPU
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, environment, timed, torch_to_flowmodel  # noqa: E402
+from common import emit, environment, ours_sampler, rel_diff, timed, torch_sampler, torch_to_flowmodel  # noqa: E402
 
 
 def main():
@@ -29,6 +29,9 @@ def main():
     p.add_argument("--text-len", type=int, default=154)
     p.add_argument("--latent", type=int, default=128)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    p.add_argument("--sampler-steps", type=int, default=8,
+                   help="also time a sampling loop of this many Euler steps at the largest batch, ms per step: "
+                        "ours jitted whole (sf.sample), diffusers' a Python loop (0: skip)")
     p.add_argument("--smoke", action="store_true",
                    help="check the script on CPU: a 2-layer SD3, 16x16 latent, fp32, no torch.compile")
     p.add_argument("--out", default=None)
@@ -77,7 +80,7 @@ def main():
         ours_v = jax.block_until_ready(velocity(model, xj, tj, cj))
         ours_compile = time.perf_counter() - t0
         ours = timed(lambda: velocity(model, xj, tj, cj), warmup=args.warmup, repeats=args.repeats,
-                     sync=jax.block_until_ready)
+                     sync=jax.block_until_ready, queued=True)
 
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).to(device, tdtype)
         et = torch.from_numpy(ehs).to(device, tdtype)
@@ -89,10 +92,11 @@ def main():
                 return m(hidden_states=xt, encoder_hidden_states=et, pooled_projections=pt, timestep=tt).sample
 
         sync = (lambda out: torch.cuda.synchronize()) if device == "cuda" else (lambda out: None)  # noqa: E731
-        eager = timed(lambda: call(ref), warmup=args.warmup, repeats=args.repeats, sync=sync)
+        eager = timed(lambda: call(ref), warmup=args.warmup, repeats=args.repeats, sync=sync, queued=True)
         ref_v = call(ref).float().permute(0, 2, 3, 1).cpu().numpy()
         row = {"batch": b, "ours_ms": 1e3 * ours["mean_s"], "ours_compile_s": ours_compile,
                "diffusers_eager_ms": 1e3 * eager["mean_s"],
+               "ours_queued_ms": 1e3 * ours["queued_s"], "diffusers_eager_queued_ms": 1e3 * eager["queued_s"],
                "ours_vs_eager": ours["mean_s"] / eager["mean_s"],
                "max_rel_diff_vs_diffusers": float(np.max(np.abs(np.asarray(ours_v, np.float32) - ref_v))
                                                       / np.max(np.abs(ref_v)))}
@@ -102,9 +106,32 @@ def main():
             call(compiled)
             torch.cuda.synchronize()
             row["torch_compile_s"] = time.perf_counter() - t0
-            comp = timed(lambda: call(compiled), warmup=args.warmup, repeats=args.repeats, sync=sync)
+            comp = timed(lambda: call(compiled), warmup=args.warmup, repeats=args.repeats, sync=sync, queued=True)
             row["diffusers_compiled_ms"] = 1e3 * comp["mean_s"]
             row["ours_vs_compiled"] = ours["mean_s"] / comp["mean_s"]
+            # back to back, one sync (a sampler's steps): each side's dispatch hidden behind its last call
+            row["diffusers_compiled_queued_ms"] = 1e3 * comp["queued_s"]
+            row["ours_vs_compiled_queued"] = ours["queued_s"] / comp["queued_s"]
+        if args.sampler_steps and b == max(args.batches):
+            # what a user's sampling loop costs a step: our scan against diffusers' loop, each
+            # dispatching as it does (one program; a call a step without syncs)
+            timing, ours_x = ours_sampler(model, xj, cj, args.sampler_steps, repeats=3)
+            row.update(timing)
+            tb = torch.ones(b, device=device)
+
+            def v_of(m):
+                return lambda h, tv: m(hidden_states=h, encoder_hidden_states=et, pooled_projections=pt,
+                                       timestep=tb * (1000 * tv)).sample
+
+            row["diffusers_eager_sampler_ms_per_step"], ref_x = torch_sampler(v_of(ref), xt, args.sampler_steps, sync)
+            # the two loops sample the same latents (within the dtype's rounding over the steps)
+            row["sampler_max_rel_diff_vs_diffusers"] = rel_diff(ours_x, ref_x.float().permute(0, 2, 3, 1).cpu())
+            row["ours_vs_eager_sampler"] = row["ours_sampler_ms_per_step"] / row["diffusers_eager_sampler_ms_per_step"]
+            if "diffusers_compiled_ms" in row:
+                row["diffusers_compiled_sampler_ms_per_step"] = torch_sampler(v_of(compiled), xt, args.sampler_steps,
+                                                                              sync)[0]
+                row["ours_vs_compiled_sampler"] = (row["ours_sampler_ms_per_step"]
+                                                   / row["diffusers_compiled_sampler_ms_per_step"])
         results.append(row)
         print(row, file=sys.stderr, flush=True)
 
