@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -384,18 +385,58 @@ def _tick(model, decoder, flow_model, state, admit, active, t, t_next, done_inde
     return state, (None if done_index is None else _outputs(decoder, state["x"], done_index))
 
 
-# Module-level, so engines of the same shapes share compiled code; the slot buffers are donated.
-# Three programs by default, so that the one holding the model has one variant per active-batch
-# size only: admissions and outputs vary per tick and compile small programs of their own.
-_admit_jit = jax.jit(_admit, donate_argnums=(1,))
-_step_jit = jax.jit(_step, donate_argnums=(1,))
-_outputs_jit = jax.jit(_outputs)
-# One program per tick (a measurement lever, issue 22): no host gap between the three, at the
-# price of one model-holding variant per (admission kind, active batch, finishing batch).
-_tick_jit = jax.jit(_tick, donate_argnums=(3,))
+class Programs(NamedTuple):
+    """The jitted programs a compiled tick runs. Three by default, so that the one holding the
+    model has one variant per active-batch size only: admissions and outputs vary per tick and
+    compile small programs of their own; ``tick`` runs the three as one (``tick="fused"``, a
+    measurement lever of issue 22: no host gap between them, at the price of one model-holding
+    variant per admission kind, active batch and finishing batch). The slot buffers are donated."""
+
+    admit: Callable
+    step: Callable
+    outputs: Callable
+    tick: Callable
+
+
+NO_GRAPH_MIN_SIZE = 1 << 30  # commands in a row before XLA makes a CUDA graph of them: never
+
+
+@functools.cache
+def _programs(graphs: bool) -> Programs:
+    """Module-level (cached), so that engines of the same shapes share compiled code.
+    ``graphs=False``: compiled without XLA's CUDA graphs, for these programs alone (see
+    ``tick_graphs``): XLA forms a graph only from a run of at least
+    ``xla_gpu_graph_min_graph_size`` commands, and none is that long. (An empty
+    ``xla_gpu_enable_command_buffer``, as ``XLA_FLAGS`` takes it, is accepted as a compile
+    option too, but nothing on a CPU shows what XLA makes of it.)"""
+    options = None if graphs else {"xla_gpu_graph_min_graph_size": NO_GRAPH_MIN_SIZE}
+    return Programs(jax.jit(_admit, donate_argnums=(1,), compiler_options=options),
+                    jax.jit(_step, donate_argnums=(1,), compiler_options=options),
+                    jax.jit(_outputs, compiler_options=options),
+                    jax.jit(_tick, donate_argnums=(3,), compiler_options=options))
+
 
 TICK_ENV = "STREAMFLOW_JAX_TICK"
 TICK_MODES = ("split", "fused")
+TICK_GRAPHS_ENV = "STREAMFLOW_JAX_TICK_GRAPHS"
+
+
+def tick_graphs(setting: str | bool | None = None) -> bool:
+    """Whether the engine's compiled tick programs keep XLA's CUDA graphs (command buffers):
+    ``setting`` (a bool, or ``"on"``/``"off"``), else ``$STREAMFLOW_JAX_TICK_GRAPHS``
+    (``auto``, ``on``, ``off``), else ``auto``: on, XLA's default. The H200's profile of the
+    seed setting (2026-11-30) spends 3.4 ms of a 13 ms tick updating its 78 graphs, whose buffers
+    move between ticks; ``off`` compiles the tick's programs without graphs, the other programs
+    of the process keeping theirs. A measurement switch (``benchmarks/levers_gpu.py``'s
+    ``tick_graphs_off``, beside ``cmdbuf_off``, which turns them off for the whole process);
+    ``auto`` changes only on a measured win. Only GPUs have graphs: elsewhere it changes nothing."""
+    if isinstance(setting, bool):
+        return setting
+    src = "graphs=" if setting is not None else f"${TICK_GRAPHS_ENV}="
+    value = (os.environ.get(TICK_GRAPHS_ENV, "auto") if setting is None else str(setting)).strip().lower() or "auto"
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"{src}{value!r}: expected auto, on or off")
+    return value != "off"
 
 
 def tick_mode(setting: str | None = None) -> str:
@@ -469,23 +510,24 @@ class DeviceBuffers:
         return out
 
     def tick(self, model, decoder, plan: TickPlan, *, compiled: bool = True, flow_model=None,
-             fused: bool = False):
+             fused: bool = False, programs: Programs | None = None):
         """Admits, steps and gathers the outputs of one tick (device calls, no host wait);
         returns the finishing slots' outputs (a device array) or None. ``fused`` (compiled
-        only): the three as one program."""
+        only): the three as one program. ``programs``: default ``_programs(True)``."""
+        programs = programs or _programs(True)
         if compiled and fused:
             admit = self.admission(plan.admissions) if plan.admissions else None
-            self.state, out = _tick_jit(model, decoder, _noising_model(flow_model, admit), self.state, admit,
-                                        plan.active, plan.t, plan.t_next, plan.done_index)
+            self.state, out = programs.tick(model, decoder, _noising_model(flow_model, admit), self.state, admit,
+                                            plan.active, plan.t, plan.t_next, plan.done_index)
             return out
-        step = _step_jit if compiled else _step  # a runner (non-XLA backend) runs the step eagerly
+        step = programs.step if compiled else _step  # a runner (non-XLA backend) runs the step eagerly
         if plan.admissions:
             admit = self.admission(plan.admissions)
-            self.state = _admit_jit(_noising_model(flow_model, admit), self.state, admit)
+            self.state = programs.admit(_noising_model(flow_model, admit), self.state, admit)
         self.state = step(model, self.state, plan.active, plan.t, plan.t_next)
         if plan.done_index is None:
             return None
-        return _outputs_jit(decoder, self.state["x"], plan.done_index)
+        return programs.outputs(decoder, self.state["x"], plan.done_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +586,10 @@ class StreamEngine:
         tick: ``"split"`` (admission, step and outputs as three programs) or ``"fused"`` (one
             program per tick); default ``$STREAMFLOW_JAX_TICK``, else ``"split"``. A measurement
             switch of the XLA backend (``benchmarks/levers_gpu.py``): fused removes the host gaps
-            between the three at the price of more compiled variants of the model.
+            between the three at the price of more compiled variants of the model (1.005x on
+            an H200: within noise).
+        graphs: whether the tick's programs keep XLA's CUDA graphs (``tick_graphs``); default
+            ``$STREAMFLOW_JAX_TICK_GRAPHS``, else on. Another measurement switch.
 
     With backend ``xla`` the engine runs its own copies of ``model`` and ``decoder`` with their
     convolution kernels in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout (``ops.conv_layout_choice``:
@@ -557,9 +602,11 @@ class StreamEngine:
                  slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
                  decoder=None, postprocess: Callable | None = None, backend: str = "xla",
                  admit_per_tick: int | None = None, min_batch: int | None = None, mesh=None,
-                 tick: str | None = None):
+                 tick: str | None = None, graphs: bool | str | None = None):
         entry = check_backend(backend)
         self.tick_mode = tick_mode(tick)
+        self.tick_graphs = tick_graphs(graphs)
+        self._programs = _programs(self.tick_graphs)
         for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
             check_count(name, value)
         if not hasattr(model, "velocity"):
@@ -673,7 +720,7 @@ class StreamEngine:
             return []
         outputs = self.buffers.tick(self._pinned_velocity or self._velocity_model, self._pinned_decoder, plan,
                                     compiled=self._compiled, flow_model=self._pinned_flow,
-                                    fused=self.tick_mode == "fused")
+                                    fused=self.tick_mode == "fused", programs=self._programs)
         self.ticks += 1
         finished = [req.id for req in self.scheduler.advance(plan)]
         if finished:
@@ -741,7 +788,7 @@ class StreamEngine:
         (text to image, and image to image unless told not to), the step at each batch size, and
         the outputs (with their decode) for each number of slots finishing together. Each call
         writes nothing (its rows are padding); a server calls this before reporting ready."""
-        n, sched, bufs = self.num_slots, self.scheduler, self.buffers
+        n, sched, bufs, jits = self.num_slots, self.scheduler, self.buffers, self._programs
         flow_model, velocity, decoder = self._pinned_flow, self._pinned_velocity, self._pinned_decoder
         dummy = Request(-1, np.array([1.0, 0.0], np.float32), {k: np.zeros(s, np.float32) for k, s in
                                                                   self.cond_shapes.items()}, None, 1.0, 0, None)
@@ -756,19 +803,19 @@ class StreamEngine:
                 for d in [None] + sorted({bucket(k, n) for k in range(1, b + 1)}):
                     for admit in admits:
                         done = None if d is None else np.zeros(d, np.int32)
-                        bufs.state, out = _tick_jit(velocity, decoder, _noising_model(flow_model, admit), bufs.state,
+                        bufs.state, out = jits.tick(velocity, decoder, _noising_model(flow_model, admit), bufs.state,
                                                     admit, np.full(b, n, np.int32), pad, pad, done)
             jax.block_until_ready(bufs.state)
             return
         for req in variants:  # slot index n: padding, dropped
             admit = bufs.admission([(n, req)])
-            bufs.state = _admit_jit(_noising_model(flow_model, admit), bufs.state, admit)
+            bufs.state = jits.admit(_noising_model(flow_model, admit), bufs.state, admit)
         if self._compiled:
             for b in sorted({bucket(k, n, sched.smallest, sched.multiple) for k in range(1, n + 1)}):
                 pad = np.full(b, PAD_TIME, np.float32)
-                bufs.state = _step_jit(velocity, bufs.state, np.full(b, n, np.int32), pad, pad)
+                bufs.state = jits.step(velocity, bufs.state, np.full(b, n, np.int32), pad, pad)
         for d in sorted({bucket(k, n) for k in range(1, n + 1)}):
-            jax.block_until_ready(_outputs_jit(decoder, bufs.state["x"], np.zeros(d, np.int32)))
+            jax.block_until_ready(jits.outputs(decoder, bufs.state["x"], np.zeros(d, np.int32)))
 
     def run(self, max_ticks: int | None = None) -> dict[int, Any]:
         """Ticks until every submitted request has a result (or ``max_ticks``); returns ``results``."""

@@ -292,6 +292,44 @@ def test_fused_tick_warms_up_and_equals_the_split_tick(tiny_sd3, tmp_path, monke
     np.testing.assert_allclose(out["fused"], out["split"], rtol=1e-5, atol=1e-5)
 
 
+def test_tick_without_graphs_compiles_apart_and_equals_the_default(model, monkeypatch):
+    """$STREAMFLOW_JAX_TICK_GRAPHS=off (``graphs=``): the tick's programs are compiled with XLA's
+    CUDA graphs off for them alone (a compile option; only GPUs have graphs, so on this CPU the
+    numbers are the default's), warm_up covers them, and the switch is checked."""
+    import jax
+
+    from streamflow_jax import stream
+
+    x, conds = _requests(4, seed=3)
+    reqs = [dict(cond=conds[i], steps=2 + i % 2, noise=x[i]) for i in range(4)]
+    out = {}
+    for graphs in ("on", "off"):
+        monkeypatch.setenv(stream.TICK_GRAPHS_ENV, graphs.upper())
+        engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=2, min_batch=2)
+        assert engine.tick_graphs is (graphs == "on")
+        engine.warm_up(image_to_image=False)
+        compiled = []
+        jax.monitoring.register_event_duration_secs_listener(
+            listener := lambda event, duration, **kw: compiled.append(event) if event.endswith(
+                "backend_compile_duration") else None)
+        try:
+            ids = [engine.submit(**r) for r in reqs]
+            engine.run()
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert compiled == []
+        out[graphs] = np.stack([engine.result(i) for i in ids])
+    np.testing.assert_array_equal(out["off"], out["on"])
+    assert stream._programs(False) is not stream._programs(True)  # compiled apart, each shared
+    assert stream._programs(False) is stream._programs(False)
+    assert StreamEngine(model, (8, 8, 4), SHAPES, graphs=False).tick_graphs is False
+    monkeypatch.setenv(stream.TICK_GRAPHS_ENV, "sometimes")
+    with pytest.raises(ValueError, match=r"\$STREAMFLOW_JAX_TICK_GRAPHS='sometimes': expected auto, on or off"):
+        StreamEngine(model, (8, 8, 4), SHAPES)
+    with pytest.raises(ValueError, match=r"graphs='no': expected auto, on or off"):
+        StreamEngine(model, (8, 8, 4), SHAPES, graphs="no")
+
+
 def test_thousand_mixed_requests_bad_ones_fail_alone(model):
     """1,000 requests, about a third invalid in each way the issue names (non-finite guidance,
     conditioning or noise) and a few more: every request yields exactly one result or one
