@@ -35,6 +35,10 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # CUDA graphs: none at all, and graphs of any size (XLA's default skips graphs under 5 ops)
     "cmdbuf_off": ("--xla_gpu_enable_command_buffer=", {}),
     "cmdbuf_min1": ("--xla_gpu_graph_min_graph_size=1", {}),
+    # graphs off for the stream engine's tick programs alone (a compile option of theirs,
+    # $STREAMFLOW_JAX_TICK_GRAPHS=off): what the library itself can apply, where cmdbuf_off is
+    # the process's XLA_FLAGS; equal to cmdbuf_off if the option does what the flag does
+    "tick_graphs_off": ("", {"STREAMFLOW_JAX_TICK_GRAPHS": "off"}),
     # one program per stream tick instead of three (admission, step, outputs): no host gaps
     # between them (the stream workload only)
     "tick_fused": ("", {"STREAMFLOW_JAX_TICK": "fused"}),
@@ -103,9 +107,11 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 GROUPS = {
     # after the first run of group a (H200, 2026-11-30: the tick is host-bound, 78 CUDA graph
     # updates and executions per tick take 5.5 ms of the host's 8.2 in the step program): graphs
-    # off, JAX's own preallocation (users' default; gpu_all.sh turns it off), the old defaults,
+    # off (for the process, then for the tick's programs alone), JAX's own preallocation (users'
+    # default; gpu_all.sh turns it off), the old defaults,
     # then the convolutions as graph-capturable cuDNN fusions
-    "a": ("default", "cmdbuf_off", "prealloc", "more_kernels", "conv_fusion_ohwi", "cmdbuf_min1", "default_again"),
+    "a": ("default", "cmdbuf_off", "tick_graphs_off", "prealloc", "more_kernels", "conv_fusion_ohwi", "cmdbuf_min1",
+          "default_again"),
     # the first run's group a (1.133, 0.94, 1.005, 1.031, 1.062 on the H200): kept to rerun
     "a0": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
     "b": ("default", "groupnorm_channels", "attention_fp8", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
