@@ -21,7 +21,8 @@
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile, per call, queued, and in an
 #            8-step sampling loop (sd3_gpu.py)
-#   flux     Flux.1-dev velocity call vs diffusers eager and torch.compile (flux_gpu.py)
+#   flux     Flux.1-dev velocity call vs diffusers eager (flux_gpu.py); flux-compiled: and torch.compile,
+#            with a 4-step sampling loop on both sides
 #   components  UNet / VAE / TAESD per call (components.py)
 #   engine   the stream engine's own cost vs batched sf.sample, host time per tick (stream_engine.py)
 #   encode   image-to-image encoding per request vs batched per tick (img2img_encode.py)
@@ -95,8 +96,9 @@ for p in "${parts[@]}"; do
     stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset $(pick gpu cpu) --no-compile ;;
     sd3) part sd3 200 sd3_gpu.json python3 benchmarks/sd3_gpu.py $S ;;
     # flux: eager reference only (build + our compile ~2-3 min); flux-compiled adds torch.compile (~2 min more)
+    # and a 4-step sampling loop on both sides (our scan's compile, ~25 s)
     flux) part flux 200 flux_gpu.json python3 benchmarks/flux_gpu.py --no-compile $S ;;
-    flux-compiled) part flux-compiled 290 flux_gpu_compiled.json python3 benchmarks/flux_gpu.py $S ;;
+    flux-compiled) part flux-compiled 330 flux_gpu_compiled.json python3 benchmarks/flux_gpu.py --sampler-steps 4 $S ;;
     components) part components 150 components_gpu.json python3 benchmarks/components.py --preset $(pick gpu cpu) $(pick '' '--repeats 1') ;;
     engine) part engine 120 stream_engine_gpu.json python3 benchmarks/stream_engine.py $(pick '' '--requests 32 --repeats 1') ;;
     encode) part encode 90 img2img_encode_gpu.json python3 benchmarks/img2img_encode.py --vae $(pick '' '--size 64 --images 2 --repeats 1') ;;
