@@ -4,7 +4,8 @@
 # runs as many parts as its time allows, in this order:
 #   profile  jax.profiler traces of a stream tick (seed setting), SD3-medium (batch 2) and Flux-dev
 #            (batch 1), summarized: top kernels by category, kernels per call, idle gaps, TFLOP/s;
-#            traces + compiled HLO under $OUT/profile_traces (profile_gpu.py, 240 s)
+#            traces + compiled HLO under $OUT/profile_traces (profile_gpu.py, 240 s); profile-nographs:
+#            SD3-medium and the tick without CUDA graphs, so that each kernel names its op (150 s)
 #   fp8      quantize(model, "fp8") vs bf16: FP8 GEMMs in the compiled HLO, ms per call,
 #            velocity distance, bytes; SD3-medium (static scales too, then with cuDNN's FP8 attention),
 #            SD1.5 UNet if time is left (fp8_gpu.py, 270 s); fp8-flux: Flux-dev, dynamic and static
@@ -85,6 +86,11 @@ parts=("$@")
 for p in "${parts[@]}"; do
   case "$p" in
     profile) part profile 240 profile_gpu.json python3 benchmarks/profile_gpu.py $S ;;
+    # the same without CUDA graphs (SD3-medium, the seed tick): each kernel then names its own HLO
+    # op, so the summary's op_coverage says whether the trace misses kernels where it shows idle time
+    profile-nographs) XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" part profile-nographs 150 \
+        profile_nographs_gpu.json python3 benchmarks/profile_gpu.py --workloads sd3 stream \
+        --trace-dir "$out/profile_traces_nographs" $S ;;
     fp8) part fp8 270 fp8_gpu.json python3 benchmarks/fp8_gpu.py --workloads sd3 unet --static sd3 --attention sd3 $S ;;
     fp8-flux) part fp8-flux 400 fp8_flux_gpu.json python3 benchmarks/fp8_gpu.py --workloads flux --static flux --attention flux --budget-s 390 $S ;;
     levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 $S ;;
@@ -106,6 +112,6 @@ for p in "${parts[@]}"; do
     sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 $S ;;
     serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py $S ;;
     first) part first 300 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 290 $S ;;
-    *) echo "unknown part $p (profile fp8 fp8-flux levers levers-b levers-sd3 levers-flux stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
+    *) echo "unknown part $p (profile profile-nographs fp8 fp8-flux levers levers-b levers-sd3 levers-flux stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
   esac
 done

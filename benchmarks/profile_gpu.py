@@ -314,6 +314,9 @@ def main():
                 # the idle time inside launches by gap size (many small: the graphs' per-kernel latency)
                 row["lean_gaps_within_ms"] = {k: round(v["us_per_call"] / 1e3, 3)
                                               for k, v in lean["launches"]["gaps_within_launches"].items()}
+            cover = [c for c in lean.get("op_coverage", {}).values() if "missing" in c]
+            if cover:  # without CUDA graphs: ops of the program with no kernel in the trace
+                row["lean_ops_missing"] = sum(c["missing"] for c in cover)
             if lean.get("host"):
                 row["lean_dispatch_ms_per_call"] = round(sum(lean["host"]["dispatch_us_per_call"].values()) / 1e3, 3)
             if trace_root is not None:

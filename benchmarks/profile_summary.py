@@ -290,22 +290,61 @@ def categorize(kernel: Kernel, tables: dict[str, dict[str, str]]) -> str:
     return next((cat for cat, rx in _NAME_RULES if re.search(rx, name)), "other")
 
 
+def _hlo_texts(paths):
+    """The HLO texts among ``paths``: texts, files, or dump directories (their
+    ``*after_optimizations.txt``)."""
+    for p in paths:
+        if isinstance(p, str) and p.lstrip().startswith("HloModule"):
+            yield p
+        elif Path(p).is_dir():
+            yield from (f.read_text() for f in sorted(Path(p).glob("*after_optimizations.txt")))
+        else:
+            yield Path(p).read_text()
+
+
 def load_hlo_texts(paths) -> dict[str, dict[str, str]]:
     """``{module: {op: category}}`` from HLO texts, files, or dump directories (their
     ``*after_optimizations.txt``; a module compiled twice keeps its latest dump's ops and adds
     the others')."""
     tables: dict[str, dict[str, str]] = {}
-    for p in paths:
-        if isinstance(p, str) and p.lstrip().startswith("HloModule"):
-            texts = [p]
-        elif Path(p).is_dir():
-            texts = [f.read_text() for f in sorted(Path(p).glob("*after_optimizations.txt"))]
-        else:
-            texts = [Path(p).read_text()]
-        for text in texts:
-            module, table = hlo_op_categories(text)
-            tables[module] = {**tables.get(module, {}), **table}
+    for text in _hlo_texts(paths):
+        module, table = hlo_op_categories(text)
+        tables[module] = {**tables.get(module, {}), **table}
     return tables
+
+
+# entry instructions that launch nothing of their own (a loop's or call's body ops run under their own names)
+_NO_KERNEL_OPS = {"parameter", "bitcast", "get-tuple-element", "tuple", "constant", "after-all", "partition-id",
+                  "replica-id", "while", "conditional", "call", "opt-barrier", ""}
+
+
+def hlo_entry_ops(paths) -> dict[str, set[str]]:
+    """``{module: {op name}}``: the entry computation's instructions that launch work of their
+    own (fusions, library calls, unfused ops), from the same texts as ``load_hlo_texts``."""
+    out: dict[str, set[str]] = {}
+    for text in _hlo_texts(paths):
+        module, entry, comps = parse_hlo(text)
+        out.setdefault(module, set()).update(i["name"] for i in comps.get(entry, []) if i["op"] not in _NO_KERNEL_OPS)
+    return out
+
+
+def op_coverage(kernels: list[Kernel], entry_ops: dict[str, set[str]], top: int = 8) -> dict:
+    """Per module, how many of its entry ops the trace shows a kernel of, and some it never
+    shows: a check on the trace itself (a tracer that drops records shows idle time where
+    kernels ran). Not answerable inside CUDA graphs, whose kernels carry the graph's op name
+    (``command_buffer_N``): such modules say so."""
+    out = {}
+    for module, ops in sorted(entry_ops.items()):
+        seen = {k.op for k in kernels if k.module == module}
+        if not seen:
+            continue
+        if any(op.startswith("command_buffer") for op in seen):
+            out[module] = {"hlo_ops": len(ops), "note": "kernels inside CUDA graphs carry the graph's name"}
+            continue
+        missing = sorted(ops - seen)
+        out[module] = {"hlo_ops": len(ops), "seen": len(ops & seen), "missing": len(missing),
+                       "missing_examples": missing[:top]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +518,8 @@ def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo
         "host": host_time(events, calls),
         "categories": cats, "top": ranked, "hlo_modules": sorted(tables),
     }
+    if hlo:
+        out["op_coverage"] = op_coverage(kernels, hlo_entry_ops(hlo))
     if note:
         out["note"] = note
     if flops:

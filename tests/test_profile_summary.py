@@ -20,9 +20,11 @@ from profile_summary import (  # noqa: E402
     categorize,
     device_kernels,
     gap_histogram,
+    hlo_entry_ops,
     hlo_op_categories,
     host_time,
     launches,
+    op_coverage,
     read_events,
     summarize,
     timeline,
@@ -72,6 +74,9 @@ def test_cpu_trace(traced):
     assert all(t["per_call"] == 1 for t in s["top"])
     # the timeline: busy + idle = span, no negative gap, inside the measured wall time
     assert s["gaps"]["count"] >= CALLS - 1 and min(s["gaps"]["largest_us"]) >= 0
+    # every op of the program that launches work shows up in the trace (XLA:CPU's ops)
+    cover = s["op_coverage"]["jit_matmul_conv"]
+    assert cover["hlo_ops"] >= 2 and cover["seen"] >= 2, cover
     assert abs(s["busy_us"] + s["idle_us"] - s["span_us"]) < 0.05
     assert abs(s["gaps"]["total_us"] - s["idle_us"]) < 0.05
     assert 0 < s["busy_us"] <= s["kernel_time_us"] + 0.05 and s["span_us"] <= wall_us
@@ -211,6 +216,27 @@ def test_gpu_planes():
     assert categorize(Kernel("input_reduce_fusion_3", "", "", "s", 0, 1), {}) == "norm"
 
 
+def test_op_coverage_names_the_ops_a_trace_never_shows():
+    """The check on a trace: of the entry computation's ops that launch work (not parameters
+    or bitcasts), which ones have kernels in it; a module whose kernels run inside CUDA graphs
+    (named ``command_buffer_N``) cannot be checked and says so."""
+    ops = hlo_entry_ops([GPU_HLO])
+    assert ops == {"jit_velocity_call": {"input_reduce_fusion", "transpose_fusion", "cublas-lt-matmul.2",
+                                         "custom-call.7", "cudnn-conv.1", "gemm_fusion_dot.3", "loop_add_fusion"}}
+
+    def k(op, module="jit_velocity_call"):
+        return Kernel(f"kernel_of_{op}", op, module, "s", 0, 1)
+
+    seen = [k("cublas-lt-matmul.2"), k("cublas-lt-matmul.2"), k("custom-call.7"), k("loop_add_fusion"),
+            k("fusion.1", module="jit_other")]
+    assert op_coverage(seen, ops) == {"jit_velocity_call": {
+        "hlo_ops": 7, "seen": 3, "missing": 4,
+        "missing_examples": ["cudnn-conv.1", "gemm_fusion_dot.3", "input_reduce_fusion", "transpose_fusion"]}}
+    graphs = op_coverage([k("command_buffer_1"), k("cudnn-conv.1")], ops)["jit_velocity_call"]
+    assert graphs == {"hlo_ops": 7, "note": "kernels inside CUDA graphs carry the graph's name"}
+    assert op_coverage([k("x", module="jit_unknown")], ops) == {}
+
+
 def test_launches_split_the_idle_time():
     """Runs of kernels of one op are one launch (a CUDA graph's many kernels, a convolution's
     one): the idle time splits into the gaps between launches (the host's) and inside them,
@@ -334,6 +360,7 @@ def test_profile_benchmark_runs_on_the_cpu(tmp_path):
     assert row["kernels_per_call"] > 0 and row["launches_per_call"] > 0 and row["dispatch_ms_per_call"] > 0
     assert row["lean_device_ms_per_call"] > 0 and row["lean_dispatch_ms_per_call"] > 0
     assert row["queued_ms_per_call"] > 0 and row["tflop_per_call"] > 0
+    assert row["lean_ops_missing"] == 0  # XLA:CPU: every op of the program shows in the trace
     assert set(row["lean_gaps_within_ms"]) == {"<2us", "2-10us", "10-50us", "50-200us", ">=200us"}
     import tarfile
 
