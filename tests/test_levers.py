@@ -18,7 +18,7 @@ from streamflow_jax.stream import TICK_ENV, TICK_GRAPHS_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from first_image_gpu import ratios as cache_ratios  # noqa: E402
-from levers_gpu import VARIANTS, ratios  # noqa: E402
+from levers_gpu import NEWER_XLA, VARIANTS, ratios  # noqa: E402
 
 
 class FakeDevice:
@@ -308,7 +308,7 @@ def test_conv1x1_switch_refuses_typos(monkeypatch):
 def test_xla_knows_every_lever_flag():
     """An unknown flag in XLA_FLAGS aborts the process: every variant's flags parse here (GPU
     flags are fields of the same DebugOptions, so XLA:CPU parses them too)."""
-    flags = " ".join(f for f, _ in VARIANTS.values() if f)
+    flags = " ".join(f for name, (f, _) in VARIANTS.items() if f and name not in NEWER_XLA)
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(2).sum()))"],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -317,6 +317,7 @@ def test_xla_knows_every_lever_flag():
     switches = {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, ops.CONV_LAYOUT_ENV, ops.CONV1X1_ENV, ops.SCAN_BLOCKS_ENV, TICK_ENV,
                 TICK_GRAPHS_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE"}
     assert all(env_extra.keys() <= switches for _, env_extra in VARIANTS.values())
+    assert NEWER_XLA <= set(VARIANTS)  # the flags only a newer XLA parses: named, and checked there (JAX 0.12)
 
 
 def test_ratios():
