@@ -295,6 +295,10 @@ def test_perflow_unet_velocity_export_matches_xla(tmp_path, prediction):
     with pytest.raises(ValueError, match="axis 1 is 8, the graph takes 16"):
         runner.velocity(np.zeros((1, 8, 16, 4), np.float32), np.ones(1, np.float32),
                         {"encoder_hidden_states": np.zeros((1, 5, 768), np.float32)})
+    if prediction == "diff_eps":  # a model relaid OHWI (the stream engine's GPU layout) exports as HWIO
+        ohwi = OnnxRuntimeRunner(export_onnx(model.with_conv_layout("OHWI"), spec, tmp_path / "ohwi", progress=False))
+        got = ohwi.velocity(x[:3], t[:3], {k: v[:3] for k, v in cond.items()})
+        assert _rel(got, want[:3]) <= 1e-4
 
 
 def test_sdxl_unet_velocity_export_matches_xla_and_diffusers(tmp_path):

@@ -148,8 +148,9 @@ def trace_onnx(model, spec: ExportSpec, *, opset: int = DEFAULT_OPSET):
     if is_quantized(model) and (why := _fp8_lowerings()) is not None:
         raise ExportError(f"this jax2onnx cannot take the FP8 lowerings (export/qdq.py): {why}")
     # unrolled: the graph holds each block's weights as an initializer of its own (named as the
-    # checkpoint names them), not a loop over stacked ones
-    module = model.with_scanned_blocks(False).astype(spec.dtype).module
+    # checkpoint names them), not a loop over stacked ones; convolution kernels HWIO, the layout
+    # jax2onnx lowers (an OHWI model, ``with_conv_layout``, raised its NotImplementedError)
+    module = model.with_scanned_blocks(False).with_conv_layout("HWIO").astype(spec.dtype).module
     names = spec.cond_names
     if spec.method == "velocity":
         def graph(x, t, *cond):
