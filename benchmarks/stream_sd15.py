@@ -161,15 +161,26 @@ def main():
     decode_j = jax.jit(lambda m, z: m.module.decode(z))
     cond1 = {"encoder_hidden_states": jnp.asarray(emb)[None]}
 
-    def ours_sequential():
+    def ours_sequential(u=unet, dec=taesd):
         for i in range(n_img):
-            x = sf.sample(unet, noise[i : i + 1], grid, cond1)
-            jax.block_until_ready(decode_j(taesd, x))
+            x = sf.sample(u, noise[i : i + 1], grid, cond1)
+            jax.block_until_ready(decode_j(dec, x))
 
     ours_sequential()
     t0 = time.perf_counter()
     ours_sequential()
     record("ours_sequential", time.perf_counter() - t0, slots=1)
+    from streamflow_jax import ops
+
+    layout = ops.conv_layout_choice()
+    if layout != "HWIO":  # on GPUs: the layout the engine runs (OHWI) in the sequential loop too, the
+        # measurement for pipelines to take it (they keep the models' HWIO so far)
+        u2, d2 = unet.with_conv_layout(layout), taesd.with_conv_layout(layout)
+        ours_sequential(u2, d2)
+        t0 = time.perf_counter()
+        ours_sequential(u2, d2)
+        record(f"ours_sequential_{layout.lower()}", time.perf_counter() - t0, slots=1)
+        del u2, d2
 
     for streams in (1, 4):
         def ours_stream():
