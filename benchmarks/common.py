@@ -100,11 +100,15 @@ def torch_sampler(velocity, x, steps: int, sync, *, warmup: int = 1, repeats: in
 
 
 def rel_diff(ours, ref) -> float:
-    """Largest difference over the reference's largest magnitude (float32 numpy arrays)."""
+    """Largest difference over the reference's largest magnitude (float32 numpy arrays of one
+    shape: a layout mix-up, NHWC against NCHW, is an error, not a figure); 0 when both are zero."""
     import numpy as np
 
     ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+    if ours.shape != ref.shape:
+        raise ValueError(f"rel_diff: shapes differ, {ours.shape} against the reference's {ref.shape}")
+    scale, diff = float(np.max(np.abs(ref), initial=0.0)), float(np.max(np.abs(ours - ref), initial=0.0))
+    return diff / scale if scale else (0.0 if diff == 0 else float("inf"))
 
 
 def environment() -> dict:

@@ -10,7 +10,8 @@ Workloads (random weights made on the device, bf16, nothing from torch):
 - ``sd3``: SD3-medium velocity call, batch 2, 1024^2 (latent 128x128x16), 154 text tokens.
 - ``flux``: Flux.1-dev velocity call, batch 1, 1024^2, 512 text tokens, guidance 3.5.
 
-For each: FLOPs by XLA's cost analysis (attention counted through XLA's lowering), compile and
+For each: FLOPs by XLA's cost analysis (attention counted through XLA's lowering; where XLA
+gives none, the program's products counted from its jaxpr: ``flops_source``), compile and
 warm up, time ``--calls`` calls, then trace ``--calls`` calls dispatched back to back (one sync
 at the end), twice: with JAX's default profiler options (the Python tracer on: Python functions
 in the host timeline), and lean, without the Python tracer (``*_lean``: its timeline is the
@@ -100,18 +101,18 @@ def stream_setup(spec: dict, dtype: str, requests: int):
     return unet, taesd, engine
 
 
-def stream_flops(unet, taesd, spec: dict) -> float:
+def stream_flops(unet, taesd, spec: dict) -> tuple[float | None, str | None]:
     """One steady-state tick: the UNet at batch SLOTS and TAESD's decoder at batch 1."""
     import jax.numpy as jnp
 
-    from profile_summary import xla_flops
+    from profile_summary import program_flops
 
     lat, (text_len, text_dim) = spec["latent"], spec["text"]
     x = jnp.zeros((SLOTS, lat, lat, 4), jnp.float32)
     t = jnp.full((SLOTS,), 0.5, jnp.float32)
     cond = {"encoder_hidden_states": jnp.zeros((SLOTS, text_len, text_dim), jnp.float32)}
-    return xla_flops(lambda u, d, x, t, c, z: (u.velocity(x, t, c), d.module.decode_latents(z)),
-                     unet, taesd, x, t, cond, x[:1])
+    return program_flops(lambda u, d, x, t, c, z: (u.velocity(x, t, c), d.module.decode_latents(z)),
+                         unet, taesd, x, t, cond, x[:1])
 
 
 def run_stream(engine, ticks: int) -> dict:
@@ -200,10 +201,10 @@ def profile_velocity(name: str, spec: dict, dtype: str, calls: int, trace_dir: P
                      repeats: int) -> tuple[dict, float]:
     import jax
 
-    from profile_summary import xla_flops
+    from profile_summary import program_flops
 
     model, inputs = velocity_setup(name, spec, dtype)
-    flops = xla_flops(velocity_call, model, *inputs)
+    flops = program_flops(velocity_call, model, *inputs)
     row = {"workload": name, "batch": spec["batch"], **run_velocity(model, inputs, repeats)}
     call = velocity_jit()
     with jax.profiler.trace(str(trace_dir)):
@@ -224,7 +225,9 @@ def pack_traces(dest: Path, traces: list[Path], hlo: list[Path], max_mb: float) 
     import tarfile
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    parts = [("hlo", [(f, f"hlo/{f.name}") for f in hlo])] + [(t.name, [(t, t.name)]) for t in reversed(traces)]
+    traces = [t for t in traces if Path(t).exists()]  # a trace not written: the others still go
+    parts = [("hlo", [(f, f"hlo/{f.name}") for f in hlo if Path(f).exists()])]
+    parts += [(t.name, [(t, t.name)]) for t in reversed(traces)]
     fitted, written = None, None
     for n in range(1, len(parts) + 1):
         with tarfile.open(dest, "w:gz") as tar:
@@ -285,15 +288,16 @@ def main():
         hlo_before = set((work / "hlo").glob("*")) if (work / "hlo").exists() else set()
         try:
             if name == "stream":
-                row, flops = profile_stream(specs[name], dtype, calls, trace_dir)
+                row, (flops, flops_source) = profile_stream(specs[name], dtype, calls, trace_dir)
             else:
-                row, flops = profile_velocity(name, specs[name], dtype, calls, trace_dir, args.repeats)
+                row, (flops, flops_source) = profile_velocity(name, specs[name], dtype, calls, trace_dir, args.repeats)
             hlo = sorted(f for f in (work / "hlo").glob("*after_optimizations.txt") if f not in hlo_before)
             s = summarize(trace_dir, calls=calls, flops=flops, hlo=hlo, modules=MODULES[name])
             cats = {c: v["share"] for c, v in s["categories"].items() if v["kernels"]}
             row.update(kernels_per_call=s["kernels_per_call"], device_ms_per_call=round(s["per_call_us"] / 1e3, 3),
                        busy_fraction=s["busy_fraction"], idle_ms_per_call=round(s["idle_us"] / calls / 1e3, 3),
-                       tflop_per_call=round(flops / 1e12, 4) if flops else None, tflops_per_s=s.get("tflops_per_s"),
+                       tflop_per_call=round(flops / 1e12, 4) if flops else None, flops_source=flops_source,
+                       tflops_per_s=s.get("tflops_per_s"),
                        tflops_per_s_busy=s.get("tflops_per_s_busy"), shares=cats)
             if s.get("host"):
                 row["dispatch_ms_per_call"] = round(sum(s["host"]["dispatch_us_per_call"].values()) / 1e3, 3)

@@ -318,26 +318,30 @@ _NO_KERNEL_OPS = {"parameter", "bitcast", "get-tuple-element", "tuple", "constan
                   "replica-id", "while", "conditional", "call", "opt-barrier", ""}
 
 
-def hlo_entry_ops(paths) -> dict[str, set[str]]:
-    """``{module: {op name}}``: the entry computation's instructions that launch work of their
-    own (fusions, library calls, unfused ops), from the same texts as ``load_hlo_texts``."""
-    out: dict[str, set[str]] = {}
+def hlo_entry_ops(paths) -> dict[str, list[set[str]]]:
+    """``{module: [{op name}, ...]}``: the entry computation's instructions that launch work of
+    their own (fusions, library calls, unfused ops), one set per compiled program of that name
+    (a jitted function compiled for several shapes dumps one each), from the same texts as
+    ``load_hlo_texts``."""
+    out: dict[str, list[set[str]]] = {}
     for text in _hlo_texts(paths):
         module, entry, comps = parse_hlo(text)
-        out.setdefault(module, set()).update(i["name"] for i in comps.get(entry, []) if i["op"] not in _NO_KERNEL_OPS)
+        out.setdefault(module, []).append({i["name"] for i in comps.get(entry, []) if i["op"] not in _NO_KERNEL_OPS})
     return out
 
 
-def op_coverage(kernels: list[Kernel], entry_ops: dict[str, set[str]], top: int = 8) -> dict:
+def op_coverage(kernels: list[Kernel], entry_ops: dict[str, list[set[str]]], top: int = 8) -> dict:
     """Per module, how many of its entry ops the trace shows a kernel of, and some it never
     shows: a check on the trace itself (a tracer that drops records shows idle time where
-    kernels ran). Not answerable inside CUDA graphs, whose kernels carry the graph's op name
-    (``command_buffer_N``): such modules say so."""
+    kernels ran). Of a module's programs (one per compiled shape) the one the trace ran is
+    taken: the one sharing the most op names with its kernels. Not answerable inside CUDA
+    graphs, whose kernels carry the graph's op name (``command_buffer_N``): such modules say so."""
     out = {}
-    for module, ops in sorted(entry_ops.items()):
+    for module, variants in sorted(entry_ops.items()):
         seen = {k.op for k in kernels if k.module == module}
-        if not seen:
+        if not seen or not variants:
             continue
+        ops = max(variants, key=lambda v: (len(v & seen), -len(v)))
         if any(op.startswith("command_buffer") for op in seen):
             out[module] = {"hlo_ops": len(ops), "note": "kernels inside CUDA graphs carry the graph's name"}
             continue
@@ -534,7 +538,8 @@ def jaxpr_flops(jaxpr) -> float:
     what torch's ``FlopCounterMode`` counts (matmuls, convolutions, attention's two products),
     by walking the program's equations instead of asking XLA. Loops count their body once per
     trip where the trip count is static (``scan``), once where it is not (``while``); a
-    ``cond`` counts its costliest branch. Elementwise work is not counted."""
+    ``cond`` counts its costliest branch. Elementwise work is not counted, and every product of
+    the program is, used or not (no dead-code elimination: a forward pass has none)."""
     import math
 
     from jax.extend import core as jcore
@@ -549,11 +554,17 @@ def jaxpr_flops(jaxpr) -> float:
             k = math.prod(lhs[d] for d in lc)
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
         elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape  # the kernel: its input-feature and spatial dims
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
             dn = eqn.params["dimension_numbers"]
             spec = dn.rhs_spec  # (out, in, spatial...)
             per_output = math.prod(rhs[d] for d in spec[1:])  # in/groups x kh x kw
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+            if any(d > 1 for d in eqn.params.get("lhs_dilation") or ()):
+                # a transposed convolution: most of its output's window is the dilation's zeros;
+                # count each input element against the kernel, as torch counts conv_transpose
+                inputs = lhs[dn.lhs_spec[0]] * math.prod(lhs[d] for d in dn.lhs_spec[2:])
+                total += 2.0 * inputs * per_output * rhs[spec[0]]
+            else:
+                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
         subs = [v for v in eqn.params.values() if isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr))]
         subs += [b for v in eqn.params.values() if isinstance(v, (tuple, list))
                  for b in v if isinstance(b, (jcore.Jaxpr, jcore.ClosedJaxpr))]
@@ -569,7 +580,16 @@ def jaxpr_flops(jaxpr) -> float:
 
 
 def xla_flops(fn, *args, **kwargs) -> float | None:
-    """FLOPs of one ``fn(*args, **kwargs)``, by XLA's cost analysis of the lowered program.
+    """``program_flops(fn, *args, **kwargs)``'s count alone."""
+    return program_flops(fn, *args, **kwargs)[0]
+
+
+def program_flops(fn, *args, **kwargs) -> tuple[float | None, str | None]:
+    """FLOPs of one ``fn(*args, **kwargs)`` and where they come from: ``"xla"``, XLA's cost
+    analysis of the lowered program (elementwise work included), else ``"products"``, the
+    program's matrix products and convolutions counted from its jaxpr (``jaxpr_flops``: what
+    torch's flop counter counts), which JAX 0.11.2 on CUDA needed. The two differ by the
+    elementwise work (a few percent for these models): compare figures of one source.
 
     Attention is traced with XLA's lowering (``$STREAMFLOW_JAX_ATTENTION=xla``) so that its
     matmuls count: cuDNN's fused attention is a custom call that cost analysis counts as zero.
@@ -607,10 +627,11 @@ def xla_flops(fn, *args, **kwargs) -> float | None:
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
         cost = cost[0] if cost else None
     if cost and "flops" in cost:
-        return float(cost["flops"])
+        return float(cost["flops"]), "xla"
     # JAX 0.11.2 on CUDA (the H200, 2026-11-30) answered neither way: count the program's
     # products from its jaxpr (matmuls and convolutions, as torch's flop counter does)
-    return jaxpr_flops(traced.jaxpr) or None
+    products = jaxpr_flops(traced.jaxpr)
+    return (products, "products") if products else (None, None)
 
 
 def main(argv=None):

@@ -31,8 +31,10 @@ _TARGET = contextvars.ContextVar("streamflow_jax_target_device", default=None)
 @contextlib.contextmanager
 def target_device(device):
     """Within it, functions are traced for ``device`` instead of the default device: the
-    choices made at trace time for a platform (``attention_implementation``,
-    ``group_norm_choice``) follow it. For compiling ahead of time for a device this process
+    choices made for a platform (``attention_implementation``, ``group_norm_choice``,
+    ``conv1x1_choice``, ``conv_layout_choice``) follow it. A function traced under one target
+    keeps its choices where its trace is reused (they are read at trace time and not part of
+    its cache key unless set through their environment switches). For compiling ahead of time for a device this process
     does not drive, such as a GPU of a ``jax.experimental.topologies`` description compiled on
     a CPU machine (``benchmarks/hlo_gpu.py``)."""
     token = _TARGET.set(device)
@@ -382,15 +384,16 @@ GROUPNORM_ENV = "STREAMFLOW_JAX_GROUPNORM"
 
 
 def _platform(platform: str | None = None) -> str:
-    """``platform``, else the ``target_device``'s, else ``jax.default_backend()``'s."""
-    if platform:
-        return platform
-    target = _TARGET.get()
-    return target.platform if target is not None else jax.default_backend()
+    """``platform``, else the ``target_device``'s, else ``jax.default_backend()``'s; lower case."""
+    if not platform:
+        target = _TARGET.get()
+        platform = target.platform if target is not None else jax.default_backend()
+    return platform.lower()
 
 
 def _on_gpu(platform: str | None = None) -> bool:
-    """Whether the choices measured on a GPU apply: an NVIDIA GPU (JAX's ``gpu``/``cuda``)."""
+    """Whether the choices measured on a GPU apply: JAX's ``gpu``/``cuda`` platforms (measured
+    on an NVIDIA H200; ROCm devices also say ``gpu``, and get the same choices unmeasured)."""
     return _platform(platform) in ("gpu", "cuda")
 
 

@@ -430,12 +430,13 @@ def tick_graphs(setting: str | bool | None = None) -> bool:
     of the process keeping theirs. A measurement switch (``benchmarks/levers_gpu.py``'s
     ``tick_graphs_off``, beside ``cmdbuf_off``, which turns them off for the whole process);
     ``auto`` changes only on a measured win. Only GPUs have graphs: elsewhere it changes nothing."""
-    if isinstance(setting, bool):
-        return setting
-    src = "graphs=" if setting is not None else f"${TICK_GRAPHS_ENV}="
-    value = (os.environ.get(TICK_GRAPHS_ENV, "auto") if setting is None else str(setting)).strip().lower() or "auto"
+    if isinstance(setting, (bool, np.bool_)):
+        return bool(setting)
+    given = os.environ.get(TICK_GRAPHS_ENV, "auto") if setting is None else setting
+    value = given.strip().lower() or "auto" if isinstance(given, str) else None
     if value not in ("auto", "on", "off"):
-        raise ValueError(f"{src}{value!r}: expected auto, on or off")
+        src = "graphs=" if setting is not None else f"${TICK_GRAPHS_ENV}="
+        raise ValueError(f"{src}{given!r}: expected True, False, auto, on or off")
     return value != "off"
 
 

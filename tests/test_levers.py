@@ -192,6 +192,7 @@ def test_group_norm_switch_refuses_typos(monkeypatch):
     monkeypatch.delenv(ops.GROUPNORM_ENV)  # auto: what measured faster on the CPU, on an H200, and the rest's
     assert ops.group_norm_choice(platform="cpu") == "channels" and ops.group_norm_choice(platform="gpu") == "onepass"
     assert ops.group_norm_choice(platform="cuda") == "onepass" and ops.group_norm_choice(platform="tpu") == "groups"
+    assert ops.group_norm_choice(platform="GPU") == "onepass" and ops.conv1x1_choice(platform="Cuda") == "dot"
 
 
 def test_target_device_steers_the_trace_time_choices(monkeypatch):

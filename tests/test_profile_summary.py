@@ -221,8 +221,8 @@ def test_op_coverage_names_the_ops_a_trace_never_shows():
     or bitcasts), which ones have kernels in it; a module whose kernels run inside CUDA graphs
     (named ``command_buffer_N``) cannot be checked and says so."""
     ops = hlo_entry_ops([GPU_HLO])
-    assert ops == {"jit_velocity_call": {"input_reduce_fusion", "transpose_fusion", "cublas-lt-matmul.2",
-                                         "custom-call.7", "cudnn-conv.1", "gemm_fusion_dot.3", "loop_add_fusion"}}
+    assert ops == {"jit_velocity_call": [{"input_reduce_fusion", "transpose_fusion", "cublas-lt-matmul.2",
+                                          "custom-call.7", "cudnn-conv.1", "gemm_fusion_dot.3", "loop_add_fusion"}]}
 
     def k(op, module="jit_velocity_call"):
         return Kernel(f"kernel_of_{op}", op, module, "s", 0, 1)
@@ -235,6 +235,13 @@ def test_op_coverage_names_the_ops_a_trace_never_shows():
     graphs = op_coverage([k("command_buffer_1"), k("cudnn-conv.1")], ops)["jit_velocity_call"]
     assert graphs == {"hlo_ops": 7, "note": "kernels inside CUDA graphs carry the graph's name"}
     assert op_coverage([k("x", module="jit_unknown")], ops) == {}
+    # a module compiled for two shapes dumps two programs: the trace's is the one it ran
+    other = {"fusion.9", "custom-call.7", "loop_add_fusion"}
+    two = {"jit_velocity_call": [other, ops["jit_velocity_call"][0]]}
+    assert op_coverage(seen, two)["jit_velocity_call"]["missing"] == 4
+    ran_other = [k("fusion.9"), k("custom-call.7"), k("loop_add_fusion")]
+    assert op_coverage(ran_other, two)["jit_velocity_call"] == {"hlo_ops": 3, "seen": 3, "missing": 0,
+                                                                "missing_examples": []}
 
 
 def test_launches_split_the_idle_time():
@@ -359,7 +366,7 @@ def test_profile_benchmark_runs_on_the_cpu(tmp_path):
     assert set(result["summaries"]) == {"sd3", "sd3_lean"}
     assert row["kernels_per_call"] > 0 and row["launches_per_call"] > 0 and row["dispatch_ms_per_call"] > 0
     assert row["lean_device_ms_per_call"] > 0 and row["lean_dispatch_ms_per_call"] > 0
-    assert row["queued_ms_per_call"] > 0 and row["tflop_per_call"] > 0
+    assert row["queued_ms_per_call"] > 0 and row["tflop_per_call"] > 0 and row["flops_source"] == "xla"  # the CPU answers
     assert row["lean_ops_missing"] == 0  # XLA:CPU: every op of the program shows in the trace
     assert set(row["lean_gaps_within_ms"]) == {"<2us", "2-10us", "10-50us", "50-200us", ">=200us"}
     import tarfile
@@ -446,3 +453,23 @@ def test_jaxpr_flops_match_torch_flop_counter(tmp_path, kind, monkeypatch):
     want = counter.get_total_flops()
     got = jaxpr_flops(ours)
     assert want > 0 and abs(got - want) <= 1e-3 * want, (got, want)
+
+
+def test_jaxpr_flops_of_a_transposed_convolution_match_torch():
+    """A transposed convolution (``lhs_dilation``: most of each window is the dilation's zeros)
+    counts each input element against the kernel, as torch's flop counter counts
+    ``conv_transpose2d``; a plain convolution counts output x window."""
+    import torch
+    from profile_summary import jaxpr_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 12))
+    up = jax.make_jaxpr(lambda x, k: jax.lax.conv_transpose(x, k, (2, 2), "SAME",
+                                                            dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, k)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        torch.nn.functional.conv_transpose2d(torch.ones(2, 8, 16, 16), torch.ones(8, 12, 3, 3), stride=2)
+    assert jaxpr_flops(up) == counter.get_total_flops() == 2 * 2 * 16 * 16 * 8 * 9 * 12
+    plain = jax.make_jaxpr(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, k)
+    assert jaxpr_flops(plain) == 2 * 2 * 16 * 16 * 12 * (8 * 9)
