@@ -9,6 +9,7 @@ behind. Every flag is checked before any model is loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -242,7 +243,7 @@ def _generate_digits(args) -> int:
     t0 = time.perf_counter()
     images = run(args.seed)
     run_s = time.perf_counter() - t0
-    image_grid(images, rows=10).save(args.out)
+    _write_image(image_grid(images, rows=10), args.out)
     scale = "off" if not guidance.cfg else f"{guidance.scale:g}"
     print(f"first call (compile + run): {compile_s:.2f} s; then {len(labels)} images in {run_s:.3f} s "
           f"= {len(labels) / run_s:.1f} images/s ({steps} steps, guidance {scale}, backend {args.backend}"
@@ -292,7 +293,7 @@ def _generate_prompts(args) -> int:
                       max_sequence_length=args.max_sequence_length, image=image, strength=args.strength)
     elapsed = time.perf_counter() - t0
     row = Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
-    row.save(args.out)
+    _write_image(row, args.out)
     scale = guidance.kind if guidance.scale is None else f"{guidance.kind} {guidance.scale:g}"
     print(f"{len(images)} image(s) in {elapsed:.2f} s (first call includes compilation; guidance {scale}); "
           f"wrote {args.out}")
@@ -702,6 +703,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_image(image, out) -> None:
+    """Writes ``image`` to ``out`` whole or not at all: into a hidden sibling, renamed into place;
+    nothing if a Ctrl-C was recorded on the way (``fsutil.check_interrupted``)."""
+    import tempfile
+
+    from PIL import Image
+
+    from streamflow_jax import fsutil
+
+    fsutil.check_interrupted()
+    out = os.path.abspath(out)
+    fmt = Image.registered_extensions().get(os.path.splitext(out)[1].lower())
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    os.close(fd)
+    try:
+        image.save(tmp, format=fmt)
+        fsutil.check_interrupted()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private: as a plain open() would
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
     try:
@@ -709,7 +737,13 @@ def main(argv: list[str] | None = None) -> int:
         from streamflow_jax.backends.cache import enable_compilation_cache
 
         enable_compilation_cache()
-        return args.func(args)
+        from streamflow_jax import fsutil
+
+        with fsutil.interrupts_recorded():
+            code = args.func(args)
+            if fsutil.interrupted():  # a Ctrl-C that a callback swallowed: nothing was committed
+                raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:  # whatever was being written has been removed on the way out
         print(f"streamflow-jax{'' if args is None else ' ' + args.command}: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,49 @@ from pathlib import Path
 from streamflow_jax.errors import ConversionError
 
 PARTIAL = ".partial-"
+_INTERRUPTS: list[int] | None = None  # SIGINTs seen inside ``interrupts_recorded``; None outside it
+
+
+@contextlib.contextmanager
+def interrupts_recorded() -> Iterator[None]:
+    """Ctrl-C inside the block raises ``KeyboardInterrupt`` as Python's own handler does, and is
+    also recorded: an exception raised inside a callback that native code or the interpreter
+    runs (JAX's garbage-collection hook, seen with ``export`` and ``bench``) is dropped with an
+    "Exception ignored" message and the work goes on, so ``atomic_dir`` and ``check_interrupted``
+    ask the record before anything is committed. The CLI runs its commands inside it. Main
+    thread only; the previous handler comes back after, and outside the block nothing is
+    recorded (a caller of the library who catches a Ctrl-C and goes on is not interrupted
+    again)."""
+    global _INTERRUPTS
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _INTERRUPTS is not None:
+            _INTERRUPTS.append(signum)
+        raise KeyboardInterrupt
+
+    outer, _INTERRUPTS = _INTERRUPTS, []
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        _INTERRUPTS = outer
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C was recorded inside the current ``interrupts_recorded``, raised or not."""
+    return bool(_INTERRUPTS)
+
+
+def check_interrupted() -> None:
+    """Raises ``KeyboardInterrupt`` if a Ctrl-C was recorded inside the current
+    ``interrupts_recorded``: before an output is committed, in case the first one was dropped
+    on the way."""
+    if _INTERRUPTS:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -36,7 +79,12 @@ def interrupts_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield pending
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    def hold(signum, frame):
+        pending.append(signum)
+        if _INTERRUPTS is not None:
+            _INTERRUPTS.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
     try:
         yield pending
     finally:
@@ -115,6 +163,7 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_partial_name(dst), dir=dst.parent))
     try:
         yield tmp
+        check_interrupted()  # a Ctrl-C that native code swallowed on the way: commit nothing
         tmp.chmod(0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, dst)
