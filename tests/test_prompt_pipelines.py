@@ -426,6 +426,14 @@ def test_sd3_img2img_matches_diffusers(tmp_path):
         pipe(PROMPTS, image=np.zeros((2, 16, 16, 4), np.float32), steps=4)
     with pytest.raises(ValueError, match="image height 10 is not a multiple of 4"):
         pipe(PROMPTS, image=np.zeros((2, 10, 16, 3), np.float32), steps=4)
+    # height/width that are not the image's size are named first, even when the image is too large
+    # for the model (that error named neither the image nor the flags)
+    with pytest.raises(ValueError, match=r"height/width 16x16 differ from the image's size 400x300"):
+        pipe(PROMPTS, image=np.zeros((2, 400, 300, 3), np.float32), height=16, width=16, steps=4)
+    with pytest.raises(ValueError, match=r"height/width -x8 differ from the image's size 16x16"):
+        pipe(PROMPTS, image=images, width=8, steps=4)
+    assert pipe(PROMPTS, image=images, height=16, width=16, strength=0.6, steps=4, guidance_scale=5.0,
+                noise=noise, output_type="latent").shape == (2, 8, 8, 16)
 
 
 def test_img2img_through_the_stream_engine(tmp_path):

@@ -276,13 +276,19 @@ class PromptPipeline(Pipeline):
             raise ValueError(f"noise must be real floating-point numbers, got {dtype}")
         return jnp.asarray(noise, jnp.float32)
 
-    def encode_image(self, image, batch: int) -> jax.Array:
+    def encode_image(self, image, batch: int, height: int | None = None, width: int | None = None) -> jax.Array:
         """Images (PIL or ``[B, H, W, 3]`` in [0, 1]) -> ``[B, h, w, C]`` latents as the model sees
-        them (the autoencoder's encoder with its scale and shift); one image serves every prompt."""
+        them (the autoencoder's encoder with its scale and shift); one image serves every prompt.
+        ``height``/``width``, where given, must be the images' size (the size comes from them)."""
         arr = images_to_array(image, 3)
         if arr.shape[0] not in (1, batch):
             raise ValueError(f"{arr.shape[0]} images for {batch} prompts")
-        self.latent_shape(arr.shape[1], arr.shape[2])  # the size must suit the model
+        size = (arr.shape[1], arr.shape[2])
+        if (height is not None and height != size[0]) or (width is not None and width != size[1]):
+            asked = f"{height if height is not None else '-'}x{width if width is not None else '-'}"
+            raise ValueError(f"height/width {asked} differ from the image's size {size[0]}x{size[1]} "
+                             "(image-to-image takes its size from the image: resize it, or leave height/width out)")
+        self.latent_shape(*size)  # the size must suit the model
         if not hasattr(self.decoder.module, "encode_latents"):
             raise ValueError(f"{self.decoder.class_name} has no encoder for image-to-image")
         latents = encode_latents(self.decoder, jnp.asarray(arr) * 2 - 1)
@@ -339,10 +345,8 @@ class PromptPipeline(Pipeline):
         seed = check_seed(seed)
         x0 = None
         if image is not None:
-            x0 = self.encode_image(image, len(prompts))
+            x0 = self.encode_image(image, len(prompts), height, width)
             shape = tuple(x0.shape[1:])
-            if (height or width) and self.latent_shape(height, width) != shape:
-                raise ValueError(f"height/width {height}x{width} differ from the image's size")
         elif strength is not None:
             raise ValueError("strength is for image-to-image: give image too")
         elif noise is not None and height is None and width is None and np.ndim(noise) == 4:
