@@ -296,7 +296,9 @@ def test_xla_cache_setting(tmp_path, setting, where):
     setting = {"DIR": str(tmp_path / "elsewhere"), "FILE": str(tmp_path / "afile"), "~": ""}.get(setting, setting)
     env = {**__import__("os").environ, "STREAMFLOW_JAX_CACHE": root, "STREAMFLOW_JAX_XLA_CACHE": setting,
            "HOME": str(tmp_path / "home")}
-    done = subprocess.run([sys.executable, "-c", "import streamflow_jax as sf; print(sf.enable_compilation_cache())"],
+    # asked twice, as the CLI and a pipeline's loader both ask: one warning
+    done = subprocess.run([sys.executable, "-c", "import streamflow_jax as sf\nsf.enable_compilation_cache()\n"
+                           "print(sf.enable_compilation_cache())"],  # two lines: two places Python would warn from
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     want = {None: "None", "root": str(tmp_path / "root" / "xla"), "dir": str(tmp_path / "elsewhere"),
@@ -304,6 +306,7 @@ def test_xla_cache_setting(tmp_path, setting, where):
     assert done.stdout.strip() == want
     if where == "file":
         assert "the compilation cache stays off" in done.stderr and "afile: a file, not a directory" in done.stderr
+        assert done.stderr.count("the compilation cache stays off") == 1
         assert str(tmp_path / "afile") in done.stderr and "STREAMFLOW_JAX_XLA_CACHE" in done.stderr
 
 

@@ -41,6 +41,9 @@ def _usable_directory(path: Path) -> str | None:
     return None
 
 
+_WARNED: set[tuple[str, str]] = set()  # unusable cache directories already warned about
+
+
 def enable_compilation_cache() -> Path | None:
     """Turns on JAX's persistent compilation cache under ``cache_root()/xla``, so that a second
     process reuses the programs a first one compiled (all of them: the library sets
@@ -62,6 +65,9 @@ def enable_compilation_cache() -> Path | None:
     path = cache_root() / "xla" if setting.lower() in _DEFAULT else Path(setting).expanduser()
     why = _usable_directory(path)
     if why is not None:  # JAX would warn once per program, naming neither variable; the cache stays off
+        if (str(path), why) in _WARNED:  # once a process (the CLI and a pipeline's loader both ask)
+            return None
+        _WARNED.add((str(path), why))
         warnings.warn(f"the compilation cache stays off: {path}: {why} (set ${XLA_CACHE_ENV} to a writable "
                       f"directory, or to 0; or ${CACHE_ENV})", stacklevel=2)
         return None
