@@ -737,7 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         from streamflow_jax.backends.cache import enable_compilation_cache
 
         enable_compilation_cache()
-        from streamflow_jax import fsutil
+        from streamflow_jax import fsutil, ops
+
+        ops.check_switches()  # a typo in an environment switch, before anything is loaded
 
         with fsutil.interrupts_recorded():
             code = args.func(args)

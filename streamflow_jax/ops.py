@@ -512,6 +512,22 @@ def scan_blocks_choice(setting: str | None = None) -> bool | None:
     return None if setting == "auto" else setting == "on"
 
 
+def check_switches() -> None:
+    """Parses every environment switch the library reads (attention, GroupNorm, 1x1
+    convolutions, convolution layout, scanned blocks, and the stream engine's tick and graphs),
+    so that a typo is refused at once, naming the variable, rather than when a model is traced
+    or an engine made, or not at all where no model reads it. The CLI calls it before loading."""
+    attention_choice(0)
+    group_norm_choice(platform="cpu")
+    conv1x1_choice(platform="cpu")
+    conv_layout_choice(platform="cpu")
+    scan_blocks_choice()
+    from streamflow_jax.stream import tick_graphs, tick_mode
+
+    tick_mode()
+    tick_graphs()
+
+
 def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
     """GroupNorm statistics without affine parameters, in fp32 (``group_norm_choice``: two
     passes, the mean then the mean squared deviation from it, or one shifted pass).

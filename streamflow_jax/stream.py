@@ -435,8 +435,9 @@ def tick_graphs(setting: str | bool | None = None) -> bool:
     given = os.environ.get(TICK_GRAPHS_ENV, "auto") if setting is None else setting
     value = given.strip().lower() or "auto" if isinstance(given, str) else None
     if value not in ("auto", "on", "off"):
-        src = "graphs=" if setting is not None else f"${TICK_GRAPHS_ENV}="
-        raise ValueError(f"{src}{given!r}: expected True, False, auto, on or off")
+        if setting is None:
+            raise ValueError(f"${TICK_GRAPHS_ENV}={given!r}: expected auto, on or off")
+        raise ValueError(f"graphs={given!r}: expected True, False, 'auto', 'on' or 'off'")
     return value != "off"
 
 

@@ -357,3 +357,23 @@ def test_importing_the_library_changes_no_global_state(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "xla")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("STREAMFLOW_JAX_GROUPNORM", "bogus", "expected auto, groups, channels or onepass"),
+    ("STREAMFLOW_JAX_CONV1X1", "gemm", "expected auto, conv or dot"),
+    ("STREAMFLOW_JAX_CONV_LAYOUT", "nchw", "expected auto, hwio or ohwi"),
+    ("STREAMFLOW_JAX_ATTENTION", "flash", "expected auto, cudnn, xla, fp8"),
+    ("STREAMFLOW_JAX_SCAN_BLOCKS", "yes", "expected auto, on or off"),
+    ("STREAMFLOW_JAX_TICK", "threaded", "expected one of split, fused"),
+    ("STREAMFLOW_JAX_TICK_GRAPHS", "bogus", "expected auto, on or off"),
+])
+def test_environment_switch_typos_are_refused_before_loading(monkeypatch, capsys, tmp_path, name, value, message):
+    """Every environment switch is parsed as the CLI starts: a typo is one line naming the
+    variable, exit 1, nothing written; before, some were refused only once a model was traced
+    (after loading), and GroupNorm's and the 1x1 switch not at all with the digits model."""
+    monkeypatch.setenv(name, value)
+    assert cli(["generate", "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and message in err, err
+    assert not list(tmp_path.iterdir())
