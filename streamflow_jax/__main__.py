@@ -1,5 +1,3 @@
-import sys
+from streamflow_jax.cli import run
 
-from streamflow_jax.cli import main
-
-sys.exit(main())
+run()  # as the console script: after Ctrl-C the process ends without the interpreter's teardown
