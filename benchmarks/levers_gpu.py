@@ -44,6 +44,11 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # 0.12's XLA knows the flag, 0.10.2's does not (NEWER_XLA); on an XLA without it the
     # variant's process fails alone
     "cmdbuf_skip_temp": ("--xla_gpu_command_buffer_update_mode=SKIP_TEMP", {}),
+    # the device allocator: stream-ordered (cudaMallocAsync), where a program's temp buffer, freed
+    # in stream order, comes back at the same address at the next call (the tick's graphs then
+    # need no update for it); and the virtual-memory allocator (jaxlib 0.10.2 takes both names)
+    "allocator_cuda_async": ("", {"XLA_PYTHON_CLIENT_ALLOCATOR": "cuda_async"}),
+    "allocator_vmm": ("", {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}),
     # one program per stream tick instead of three (admission, step, outputs): no host gaps
     # between them (the stream workload only)
     "tick_fused": ("", {"STREAMFLOW_JAX_TICK": "fused"}),
@@ -117,8 +122,8 @@ GROUPS = {
     # off (for the process, then for the tick's programs alone), JAX's own preallocation (users'
     # default; gpu_all.sh turns it off), the old defaults,
     # then the convolutions as graph-capturable cuDNN fusions
-    "a": ("default", "cmdbuf_off", "tick_graphs_off", "cmdbuf_skip_temp", "prealloc", "more_kernels", "conv_fusion_ohwi",
-          "cmdbuf_min1", "default_again"),
+    "a": ("default", "cmdbuf_off", "tick_graphs_off", "prealloc", "allocator_cuda_async", "cmdbuf_skip_temp",
+          "allocator_vmm", "more_kernels", "conv_fusion_ohwi", "cmdbuf_min1", "default_again"),
     # the first run's group a (1.133, 0.94, 1.005, 1.031, 1.062 on the H200): kept to rerun
     "a0": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
     "b": ("default", "groupnorm_channels", "attention_fp8", "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
