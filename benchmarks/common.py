@@ -33,6 +33,19 @@ def cpu_switch_args(doc: str):
     return args
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse names the flag when it refuses)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def timed(fn, *, warmup: int = 1, repeats: int = 3, sync=lambda out: out, queued: bool = False) -> dict:
     """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` times; seconds per call, each call
     from its dispatch to its synced result. ``queued``: then ``repeats`` calls dispatched back

@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, environment  # noqa: E402
+from common import emit, environment, positive_int  # noqa: E402
 
 
 def engine_vs_batched(n: int, steps: int, slots: int, repeats: int) -> dict:
@@ -111,10 +111,10 @@ def host_per_tick(ticks_wanted: int, slots: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=320)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--slots", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--requests", type=positive_int, default=320)
+    p.add_argument("--steps", type=positive_int, default=8)
+    p.add_argument("--slots", type=positive_int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     emit({"benchmark": "stream_engine", "env": environment(),
