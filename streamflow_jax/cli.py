@@ -747,7 +747,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise KeyboardInterrupt
         return code
     except KeyboardInterrupt:  # whatever was being written has been removed on the way out
-        print(f"streamflow-jax{'' if args is None else ' ' + args.command}: interrupted", file=sys.stderr)
+        # on a terminal, over the line a progress bar may have left unfinished
+        start = "\r\x1b[K" if sys.stderr.isatty() else ""
+        print(f"{start}streamflow-jax{'' if args is None else ' ' + args.command}: interrupted", file=sys.stderr)
         return 130
     except ImportError as e:
         if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C while an extension module loaded
