@@ -448,7 +448,10 @@ def _cmd_bench(args) -> int:
         raise ValueError(f"{path}: bench samples a velocity model, got {model.class_name}")
     if args.quantize:
         model = _quantize(model, args.quantize)
-    shape = model.latent_shape(args.latent, args.latent)
+    try:
+        shape = model.latent_shape(args.latent, args.latent)
+    except ValueError as e:
+        raise ValueError(f"--latent {args.latent}: {e}") from None
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((args.batch, *shape), dtype=np.float32)
     cond = {k: rng.standard_normal((args.batch, *s), dtype=np.float32)

@@ -37,7 +37,7 @@ def test_bench_options_and_refusals(tmp_path, capsys):
     assert cli(["bench", str(tmp_path / "vae")]) == 1
     assert "bench samples a velocity model, got AutoencoderKL" in capsys.readouterr().err
     assert cli(["bench", str(tmp_path / "sd3"), "--latent", "7"]) == 1  # SD3 latents are even
-    assert "not a positive multiple of 2" in capsys.readouterr().err
+    assert "--latent 7: latent height 7 is not a positive multiple of 2" in capsys.readouterr().err
     assert cli(["bench", str(tmp_path / "nope")]) == 1
     assert "nope" in capsys.readouterr().err
 
