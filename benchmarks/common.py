@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -252,4 +253,13 @@ def run_child(cmd: list[str], env: dict, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": "timed out"}
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    return json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
+    if line:
+        return json.loads(line[7:])
+    out = proc.stderr or proc.stdout
+    # XLA aborts on a flag it does not know ("Unknown flag in XLA_FLAGS: ..."), or on one whose
+    # value it cannot parse ("Flag parsing failed", then a "usage:" line and every flag it knows)
+    unknown = re.search(r"Unknown flag in XLA_FLAGS: (.*)", out)
+    if unknown or "Flag parsing failed" in out:
+        usage = next((ln.removeprefix("usage:").strip() for ln in out.splitlines() if ln.startswith("usage:")), "")
+        return {"error": f"this XLA does not know a flag ({unknown[1].strip() if unknown else usage or 'XLA_FLAGS'})"}
+    return {"error": out[-600:]}

@@ -387,3 +387,13 @@ def test_switches_read_while_tracing_retrace_when_changed(tmp_path, monkeypatch)
     monkeypatch.setenv(ops.ATTENTION_ENV, "40=xla")
     model.velocity(x, t, cond)
     assert _velocity._cache_size() == before + 1  # the velocity's own program too
+
+
+def test_a_variant_whose_flag_xla_does_not_know_says_so():
+    """XLA aborts a process whose XLA_FLAGS it cannot parse, then prints every flag it knows:
+    the variant's error names the flag (NEWER_XLA's on an older device), not that list's tail."""
+    from common import run_child
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_gpu_no_such_flag=1", "JAX_PLATFORMS": "cpu"}
+    got = run_child([sys.executable, "-c", "import jax.numpy as jnp; print(jnp.ones(1))"], env, timeout=120)
+    assert got == {"error": "this XLA does not know a flag (--xla_gpu_no_such_flag=1)"}
