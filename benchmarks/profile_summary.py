@@ -10,7 +10,8 @@ that reader is missing) and prints, for the kernels of one workload:
 - the device timeline: span (first kernel start to last kernel end), busy time (the union of
   the kernels' intervals) and idle time (the gaps between them: host and launch gaps), with
   ``busy + idle = span``;
-- the achieved TFLOP/s, given the FLOPs of one call (``xla_flops``: XLA's cost analysis);
+- the achieved TFLOP/s, given the FLOPs of one call (``program_flops``: XLA's cost analysis, else
+  the program's products counted from its jaxpr);
 - the host's launches per call (runs of kernels of one HLO op: a CUDA graph is one launch),
   how much of the idle time falls between launches rather than inside them, and the largest
   gaps with the ops on either side (``launches``);
@@ -472,7 +473,7 @@ def summarize(path, *, calls: int | None = None, flops: float | None = None, hlo
         path: a ``jax.profiler.trace`` directory (its newest run) or a file in a run.
         calls: how many calls of the workload the trace holds (default: the distinct
             ``run_id`` s where the trace records them, else 1).
-        flops: FLOPs of one call (``xla_flops``), for the achieved TFLOP/s.
+        flops: FLOPs of one call (``program_flops``), for the achieved TFLOP/s.
         hlo: compiled HLO texts, files or XLA dump directories, for the categories.
         modules: keep only kernels of HLO modules matching this regular expression.
         top: how many kernels to list.
@@ -577,11 +578,6 @@ def jaxpr_flops(jaxpr) -> float:
         else:
             total += sum(jaxpr_flops(sub) for sub in subs)
     return total
-
-
-def xla_flops(fn, *args, **kwargs) -> float | None:
-    """``program_flops(fn, *args, **kwargs)``'s count alone."""
-    return program_flops(fn, *args, **kwargs)[0]
 
 
 def program_flops(fn, *args, **kwargs) -> tuple[float | None, str | None]:

@@ -9,7 +9,6 @@ behind. Every flag is checked before any model is loaded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -707,30 +706,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_image(image, out) -> None:
-    """Writes ``image`` to ``out`` whole or not at all: into a hidden sibling, renamed into place;
-    nothing if a Ctrl-C was recorded on the way (``fsutil.check_interrupted``)."""
-    import tempfile
+    """Writes ``image`` to ``out`` whole or not at all (``fsutil.write_atomic``), readable as a
+    plain ``open()`` would leave it; nothing if a Ctrl-C was recorded on the way."""
+    import io
 
     from PIL import Image
 
     from streamflow_jax import fsutil
 
     fsutil.check_interrupted()
-    out = os.path.abspath(out)
-    fmt = Image.registered_extensions().get(os.path.splitext(out)[1].lower())
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
-    os.close(fd)
-    try:
-        image.save(tmp, format=fmt)
-        fsutil.check_interrupted()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private: as a plain open() would
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    buf = io.BytesIO()
+    image.save(buf, format=Image.registered_extensions().get(os.path.splitext(out)[1].lower()))
+    umask = os.umask(0)
+    os.umask(umask)
+    fsutil.write_atomic(out, buf.getvalue(), mode=0o666 & ~umask)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,8 +195,10 @@ def _make_parents(dst: Path) -> list[Path]:
     return missing
 
 
-def write_atomic(path, data: bytes) -> Path:
-    """Writes ``data`` to ``path`` through a partial sibling and a rename (replacing ``path``)."""
+def write_atomic(path, data: bytes, *, mode: int | None = None) -> Path:
+    """Writes ``data`` to ``path`` through a partial sibling and a rename (replacing ``path``);
+    nothing when a Ctrl-C was recorded on the way (``check_interrupted``). The file is private
+    (``mkstemp``'s 0600) unless ``mode`` is given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path, shared=True)
@@ -204,6 +206,9 @@ def write_atomic(path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        check_interrupted()
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -406,9 +406,9 @@ def _programs(graphs: bool) -> Programs:
     """Module-level (cached), so that engines of the same shapes share compiled code.
     ``graphs=False``: compiled without XLA's CUDA graphs, for these programs alone (see
     ``tick_graphs``): XLA forms a graph only from a run of at least
-    ``xla_gpu_graph_min_graph_size`` commands, and none is that long. (An empty
-    ``xla_gpu_enable_command_buffer``, as ``XLA_FLAGS`` takes it, is accepted as a compile
-    option too, but nothing on a CPU shows what XLA makes of it.)"""
+    ``xla_gpu_graph_min_graph_size`` commands, and none is that long (an int option every XLA
+    parses; an empty ``xla_gpu_enable_command_buffer`` clears the list only in XLAs whose option
+    parser takes repeated fields)."""
     options = None if graphs else {"xla_gpu_graph_min_graph_size": NO_GRAPH_MIN_SIZE}
     return Programs(jax.jit(_admit, donate_argnums=(1,), compiler_options=options),
                     jax.jit(_step, donate_argnums=(1,), compiler_options=options),

@@ -25,10 +25,10 @@ from profile_summary import (  # noqa: E402
     host_time,
     launches,
     op_coverage,
+    program_flops,
     read_events,
     summarize,
     timeline,
-    xla_flops,
 )
 
 from streamflow_jax.ops import ATTENTION_ENV  # noqa: E402
@@ -61,7 +61,8 @@ def traced(tmp_path_factory):
 
 def test_cpu_trace(traced):
     path, compiled, args, wall_us = traced
-    flops = xla_flops(matmul_conv, *args)
+    flops, source = program_flops(matmul_conv, *args)
+    assert source == "xla"  # the CPU's cost analysis answers
     s = summarize(path, flops=flops, hlo=[compiled.as_text()])
     assert s["device"] == "cpu" and s["source"] == "xplane" and s["hlo_modules"] == ["jit_matmul_conv"]
     assert s["calls"] == CALLS  # from the trace's run ids
@@ -123,13 +124,13 @@ def test_while_body_counts_once(tmp_path):
     assert s["busy_us"] <= s["kernel_time_us"] + 0.05
 
 
-def test_xla_flops_counts_attention_and_restores_the_switch(monkeypatch):
+def test_program_flops_count_attention_and_restore_the_switch(monkeypatch):
     from streamflow_jax import ops
 
     monkeypatch.setenv(ATTENTION_ENV, "cudnn")
     b, n, h, k = 2, 100, 4, 16
     q = jnp.ones((b, n, h, k), jnp.float32)
-    flops = xla_flops(lambda q: ops.attention(q, q, q), q)
+    flops, _ = program_flops(lambda q: ops.attention(q, q, q), q)
     assert flops >= 2 * (2 * b * h * n * n * k)  # q k^T and p v
     assert os.environ[ATTENTION_ENV] == "cudnn"
 
