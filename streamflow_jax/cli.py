@@ -212,7 +212,8 @@ def _cmd_generate(args) -> int:
 def _generate_digits(args) -> int:
     from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline, image_grid
 
-    for flag, value in (("--prompt", args.prompt), ("--height", args.height), ("--width", args.width),
+    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                        ("--height", args.height), ("--width", args.width),
                         ("--taesd", args.taesd), ("--prediction-type", args.prediction_type),
                         ("--windows", args.windows), ("--max-sequence-length", args.max_sequence_length)):
         if value is not None and value != []:
@@ -282,13 +283,16 @@ def _generate_prompts(args) -> int:
     if args.quantize:
         pipe.model = _quantize(pipe.model, args.quantize)
     guidance = pipe.resolve_guidance(args.guidance)  # refuses NaN/inf before any work
+    negative = "" if args.negative_prompt is None else args.negative_prompt
+    if (why := pipe.negative_prompt_problem(negative, guidance)) is not None:
+        raise ValueError(f"--negative-prompt: {why}")
     t0 = time.perf_counter()
     image = args.image.convert("RGB") if args.image is not None else None
     if args.stream:
-        images = _stream_prompts(pipe, args, image)
+        images = _stream_prompts(pipe, args, image, negative)
     else:
         images = pipe(args.prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                      backend=args.backend, height=args.height, width=args.width,
+                      negative_prompt=negative, backend=args.backend, height=args.height, width=args.width,
                       max_sequence_length=args.max_sequence_length, image=image, strength=args.strength)
     elapsed = time.perf_counter() - t0
     row = Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
@@ -299,7 +303,7 @@ def _generate_prompts(args) -> int:
     return 0
 
 
-def _stream_prompts(pipe, args, image) -> list:
+def _stream_prompts(pipe, args, image, negative: str = "") -> list:
     """``generate --stream`` for a prompt pipeline: one request per prompt through ``PromptStream``,
     each starting from its row of the batch path's noise, so both paths give the same images."""
     from streamflow_jax.pipelines import PromptStream
@@ -310,7 +314,7 @@ def _stream_prompts(pipe, args, image) -> list:
                           max_sequence_length=args.max_sequence_length)
     noise = np.asarray(pipe.noise(len(args.prompt), stream.latent_shape, args.seed))
     ids = [stream.submit(prompt, steps=args.steps, noise=row, guidance_scale=args.guidance, image=image,
-                         strength=args.strength) for prompt, row in zip(args.prompt, noise)]
+                         strength=args.strength, negative_prompt=negative) for prompt, row in zip(args.prompt, noise)]
     results = stream.run()
     for i, prompt in zip(ids, args.prompt):
         if isinstance(results[i], Exception):
@@ -594,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt pipeline directory (diffusers or converted: Flux, SD3/SD3.5, PeRFlow/InstaFlow "
                         "SD1.5, PeRFlow-SDXL), or a digits pipeline directory (default: the embedded one)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several); needs --model")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="classifier-free guidance's unconditional prompt, for every --prompt (default: none, \"\"); "
+                        "refused where guidance is off (--guidance <= 1, PeRFlow's default) or is a model input "
+                        "(Flux-dev)")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)
     p.add_argument("--height", type=int, default=None, help="image height in pixels (prompt pipelines)")

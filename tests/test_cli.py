@@ -172,6 +172,7 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
     (["generate", "--height", "0"], "--height is for prompt pipelines"),
     (["generate", "--width=-16"], "--width is for prompt pipelines"),
     (["generate", "--prompt", "a cat"], "--prompt is for prompt pipelines"),
+    (["generate", "--negative-prompt", "3"], "--negative-prompt is for prompt pipelines"),
     (["generate", "--strength", "0.5"], "--strength is for image-to-image: give --image too"),
     (["generate", "--image", "x.png", "--strength", "1.5"], "--strength must be in (0, 1], got 1.5"),
     (["generate", "--out", "digits.txt"], "unknown image extension '.txt'"),
@@ -239,6 +240,12 @@ def test_prompt_pipeline_flag_messages(tmp_path, capsys):
     assert "image height must be positive, got 0" in capsys.readouterr().err
     assert cli(["generate", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o.png")]) == 1
     assert "no model_index.json" in capsys.readouterr().err
+    for guidance in ([], ["--guidance", "1"]):  # PeRFlow's default is no guidance: the negative prompt would go unread
+        assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--negative-prompt", "blurry", *guidance,
+                    "--out", str(tmp_path / "o.png")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--negative-prompt: negative prompt 'blurry' is ignored: classifier-free " \
+            "guidance is off" in err, err
     assert not (tmp_path / "o.png").exists()
 
 

@@ -271,6 +271,12 @@ def test_flux_pipeline_matches_diffusers(tmp_path, guidance):
              if guidance else []):
         with pytest.raises(ValueError, match=re.escape(message)):
             pipe(PROMPTS, steps=3, guidance_scale=scale, noise=noise, output_type="latent")
+    # no classifier-free guidance here: a negative prompt is said to be ignored (diffusers: silently)
+    why = "takes the guidance scale as an input" if guidance else "takes no guidance"
+    with pytest.warns(UserWarning, match=f"negative prompt 'blurry' is ignored: this model {why}"):
+        ignored = pipe(PROMPTS, steps=3, guidance_scale=3.5, noise=noise, output_type="latent",
+                       negative_prompt="blurry")
+    np.testing.assert_array_equal(ignored, ours)
     images = pipe(PROMPTS, steps=3, guidance_scale=3.5, noise=noise, output_type="np")
     want_img = flux_reference(ref, PROMPTS, noise, 3, 3.5, 10, "np")
     assert np.abs(images - want_img).max() <= 2e-5  # measured 1.5e-6
@@ -354,6 +360,11 @@ def test_served_equals_the_pipeline(tmp_path, family):
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))).astype(int)
         bad = client.post("/v1/images/generations", json={"prompt": PROMPTS[0], "steps": 9})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "steps"
+        # a negative prompt nothing would read is refused (Flux-dev: no CFG; SD3 at a scale <= 1)
+        unread = {"guidance_scale": 1.0} if family == "sd3" else {}
+        bad = client.post("/v1/images/generations", json={"prompt": PROMPTS[0], "negative_prompt": "a dog", **unread})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "negative_prompt", bad.text
+        assert "negative prompt 'a dog' is ignored" in bad.json()["error"]["message"]
     kw = dict(steps=3, seed=5, height=16, width=16, **extra)
     want = np.asarray(pipe([PROMPTS[0]], guidance_scale=4.0, **kw)[0]).astype(int)
     assert got.shape == want.shape == (16, 16, 3) and np.abs(got - want).max() <= 1 and want.std() > 5

@@ -325,12 +325,24 @@ def test_onnxruntime_backend_cli_taesd_and_size(perflow_dir, tmp_path):
 
 
 def test_generate_cli_prompt_stream(perflow_dir, tmp_path, monkeypatch):
-    """``generate --stream`` runs the stream engine and gives the batch path's images (same noise rows)."""
+    """``generate --stream`` runs the stream engine and gives the batch path's images (same noise
+    rows); ``--negative-prompt`` reaches both, as the Python API's ``negative_prompt``."""
     from streamflow_jax.stream import StreamEngine
 
     args = ["generate", "--model", str(perflow_dir), "--prompt", "a cat", "--prompt", "a dog", "--steps", "3",
-            "--guidance", "2.5"]
+            "--guidance", "2.5", "--negative-prompt", "blurry"]
+    negatives = []  # what reached the pipeline (the tiny VAE shows it in one grey level at most)
+    call, submit = PeRFlowPipeline.__call__, PromptStream.submit
+    monkeypatch.setattr(PeRFlowPipeline, "__call__",
+                        lambda self, *a, **k: negatives.append(k.get("negative_prompt")) or call(self, *a, **k))
     assert cli([*args, "--out", str(tmp_path / "b.png")]) == 0
+    assert negatives == ["blurry"]
+    pipe = sf.Pipeline.from_diffusers(perflow_dir)
+    want = np.concatenate([np.asarray(im) for im in pipe(["a cat", "a dog"], steps=3, guidance_scale=2.5, seed=0,
+                                                         negative_prompt="blurry")], axis=1).astype(int)
+    assert np.abs(np.asarray(Image.open(tmp_path / "b.png")).astype(int) - want).max() <= 1  # uint8 levels
+    monkeypatch.setattr(PromptStream, "submit",
+                        lambda self, *a, **k: negatives.append(k.get("negative_prompt")) or submit(self, *a, **k))
     runs = []
     original = StreamEngine.run
     monkeypatch.setattr(StreamEngine, "run", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
@@ -341,6 +353,7 @@ def test_generate_cli_prompt_stream(perflow_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(PeRFlowPipeline, "__call__", batch_path)
     assert cli([*args, "--stream", "--slots", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert runs, "the stream engine did not run"
+    assert negatives[-2:] == ["blurry", "blurry"]  # one request per prompt
     want, got = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in "bs")
     assert got.shape == want.shape and np.abs(got - want).max() <= 1  # uint8 levels
 
@@ -365,6 +378,17 @@ def test_pipeline_bad_input(perflow_dir, pipelines, tmp_path):
         pipe("a cat", steps=20000)
     with pytest.raises(ValueError, match="2 negative prompts for 1 prompts"):
         pipe("a cat", guidance_scale=2.0, negative_prompt=NEGATIVE)
+    # a negative prompt that guidance does not read (PeRFlow's default: none; a scale <= 1) is
+    # said to be ignored, and is: diffusers drops it silently
+    noise = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    plain = pipe("a cat", steps=1, noise=noise, output_type="latent")
+    for scale in (None, 1.0):
+        with pytest.warns(UserWarning, match=r"negative prompt 'blurry' is ignored: classifier-free guidance is "
+                                             r"off: it runs at guidance scales above 1 \(off by default for "
+                                             r"PeRFlowPipeline\)"):
+            ignored = pipe("a cat", steps=1, noise=noise, output_type="latent", negative_prompt="blurry",
+                           guidance_scale=scale)
+        np.testing.assert_array_equal(ignored, plain)
     with pytest.raises(ValueError, match="max_sequence_length does not apply"):
         pipe("a cat", max_sequence_length=64)
     with pytest.raises(ValueError, match="max_sequence_length does not apply"):

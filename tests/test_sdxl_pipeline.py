@@ -206,8 +206,10 @@ def test_prompt_stream_equals_reference(pipe, reference):
     reqs = [(PROMPTS[0], NEGATIVE[0], 4, 3.0), (PROMPTS[1], "", 6, 2.0), (PROMPTS[1], NEGATIVE[1], 5, None),
             (PROMPTS[0], "", 4, None), ("", "", 5, 2.5)]  # the last: "" encoded as the prompt, zeros as the negative
     stream = PromptStream(pipe, slots_per_stream=2, guidance=True, output_type="latent")
-    ids = [stream.submit(p, steps=s, noise=noise[i], guidance_scale=g, negative_prompt=n)
-           for i, (p, n, s, g) in enumerate(reqs)]
+    with pytest.warns(UserWarning, match="negative prompt .* is ignored: classifier-free guidance is off") as caught:
+        ids = [stream.submit(p, steps=s, noise=noise[i], guidance_scale=g, negative_prompt=n)
+               for i, (p, n, s, g) in enumerate(reqs)]
+    assert len(caught) == 1 and str(caught[0].message).startswith(f"request {ids[2]}: "), [str(w.message) for w in caught]
     results = stream.run()
     for i, (rid, (p, n, s, g)) in enumerate(zip(ids, reqs)):
         want = reference.latents([p], noise[i : i + 1], s, guidance=g, negative=[n] if n and g else None)[0]

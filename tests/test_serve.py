@@ -177,6 +177,7 @@ def _bad_requests():
         "response_format junk": (j({"prompt": "3", "response_format": "gif"}), 400),
         "output_format svg": (j({"prompt": "3", "output_format": "svg"}), 400),
         "negative prompt not a digit": (j({"prompt": "3", "negative_prompt": "blurry"}), 400),
+        "negative prompt without guidance": (j({"prompt": "3", "negative_prompt": "5", "guidance_scale": 1}), 400),
         "strength on generations": (j({"prompt": "3", "strength": 0.5}), 400),
         "other model": (j({"prompt": "3", "model": "gpt-image-1"}), 404),
         "body over 1 MiB": (j({"prompt": "3", "user": "x" * (1 << 20)}), 413),
@@ -343,6 +344,8 @@ def test_realtime_stream(url):
         assert "digit" in json.loads(ws.recv(30))["error"]
         ws.send(json.dumps({"prompt": "3", "strength": 0.6, "steps": 8, "seed": 1, "extra": 1}))
         assert "unknown field 'extra'" in json.loads(ws.recv(30))["error"]
+        ws.send(json.dumps({"prompt": "3", "negative_prompt": "5", "guidance_scale": 1.0}))
+        assert "negative prompt '5' is ignored: classifier-free guidance is off" in json.loads(ws.recv(30))["error"]
         ws.send(json.dumps({"prompt": "3", "strength": 0.6, "steps": 8, "seed": 1}))
         ws.send(_frame(100))
         head = json.loads(ws.recv(30))

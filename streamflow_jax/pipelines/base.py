@@ -10,6 +10,7 @@ image-to-image, sampling and decoding are here.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,28 @@ def check_prompts(prompts) -> list[str]:
     return prompts
 
 
+def negative_prompt_problem(negative_prompt, guidance: Guidance, *, mode: str = "cfg", default=None,
+                            name: str = "this pipeline") -> str | None:
+    """Why a negative prompt would be ignored, or None when it is read (or empty): only
+    classifier-free guidance reads one, and ``guidance`` (the resolved request) may have none;
+    ``mode`` and ``default`` (the pipeline's guidance mode and default scale) say why. diffusers
+    drops such a prompt without a word; the Python API warns, the CLI and the server refuse."""
+    given = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+    if guidance.cfg or not any(isinstance(t, str) and t for t in given):
+        return None
+    if mode == "embedded":
+        why = ("this model takes the guidance scale as an input (guidance-distilled, like Flux.1-dev) and runs no "
+               "unconditional branch")
+    elif mode == "none":
+        why = "this model takes no guidance (like Flux.1-schnell)"
+    else:
+        scale = "off by default" if default is None else f"{default:g} by default"
+        why = (f"classifier-free guidance is off: it runs at guidance scales above 1 ({scale} for {name}); "
+               "give a larger guidance scale to use a negative prompt")
+    shown = given[0] if len(set(given)) == 1 else given
+    return f"negative prompt {shown!r:.80} is ignored: {why}"
+
+
 class PromptPipeline(Pipeline):
     """Prompt -> image: encode the prompts, sample the velocity model, decode.
 
@@ -165,6 +188,12 @@ class PromptPipeline(Pipeline):
         """What a requested scale means for this pipeline (``sampling.Guidance.resolve``: None is the
         default; a scalar <= 1 turns classifier-free guidance off, as in diffusers)."""
         return Guidance.resolve(guidance_scale, mode=self.guidance_mode, default=self.default_guidance)
+
+    def negative_prompt_problem(self, negative_prompt, guidance: Guidance) -> str | None:
+        """Why ``negative_prompt`` would be ignored under ``guidance``, or None
+        (``pipelines.base.negative_prompt_problem``)."""
+        return negative_prompt_problem(negative_prompt, guidance, mode=self.guidance_mode,
+                                       default=self.default_guidance, name=type(self).__name__)
 
     @property
     def vae_scale(self) -> int:
@@ -227,6 +256,8 @@ class PromptPipeline(Pipeline):
                              f"{negative_prompt!r:.100}") from None
         if len(negative) != b:
             raise ValueError(f"{len(negative)} negative prompts for {b} prompts")
+        if (problem := self.negative_prompt_problem(negative_prompt, guidance)) is not None:
+            warnings.warn(problem, UserWarning, stacklevel=3)
         cond = {**self.encode(prompts, text_len), **sized}
         if guidance.kind == "embedded":
             return {**cond, "guidance": jnp.broadcast_to(jnp.asarray(guidance.scale, jnp.float32), (b,))}, None, None

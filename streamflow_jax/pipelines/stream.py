@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import warnings
 from typing import Any
 
 import numpy as np
@@ -150,6 +151,9 @@ class PromptStream:
             guidance = self.pipe.resolve_guidance(guidance_scale)
             if np.ndim(guidance.scale):
                 raise ValueError("a request takes one guidance scale, not one per element")
+            problem = getattr(self.pipe, "negative_prompt_problem", None)  # an adapter may have none
+            if problem is not None and (why := problem(negative_prompt, guidance)) is not None:
+                warnings.warn(f"request {rid}: {why}", UserWarning, stacklevel=2)
             if guidance.cfg and not self.guided:
                 raise ValueError(f"guidance_scale {guidance.scale} asks for classifier-free guidance, and this "
                                  "stream runs without it (PromptStream(..., guidance=True))")

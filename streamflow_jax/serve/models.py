@@ -17,7 +17,8 @@ import numpy as np
 
 from streamflow_jax.pipelines import DIGITS_DIR, NULL_CLASS, DigitsPipeline, Pipeline, PromptStream
 from streamflow_jax.pipelines.images import images_to_array
-from streamflow_jax.pipelines.digits import DEFAULT_STEPS
+from streamflow_jax.pipelines.base import negative_prompt_problem
+from streamflow_jax.pipelines.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))
 
@@ -48,6 +49,9 @@ class DigitsPrompts:
 
     def resolve_guidance(self, guidance_scale=None):
         return self.pipe.resolve_guidance(guidance_scale)
+
+    def negative_prompt_problem(self, negative_prompt, guidance) -> str | None:
+        return negative_prompt_problem(negative_prompt, guidance, default=DEFAULT_GUIDANCE, name="the digits model")
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         shape = self.pipe.latent_shape

@@ -74,9 +74,12 @@ def parse_config(state, text: str) -> dict:
             except ValueError as e:
                 raise APIError(400, str(e), param=what) from None
     try:
-        served.stream.pipe.resolve_guidance(fields.guidance_scale)
+        guidance = served.stream.pipe.resolve_guidance(fields.guidance_scale)
     except ValueError as e:
         raise APIError(400, str(e), param="guidance_scale") from None
+    if fields.negative_prompt and (why := served.stream.pipe.negative_prompt_problem(fields.negative_prompt,
+                                                                                  guidance)) is not None:
+        raise APIError(400, why, param="negative_prompt")
     kwargs = {"prompt": fields.prompt, "steps": fields.steps, "guidance_scale": fields.guidance_scale,
               "seed": seed, "strength": fields.strength}
     if fields.negative_prompt is not None:
