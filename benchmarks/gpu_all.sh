@@ -16,9 +16,11 @@
 #            (levers_gpu.py group a, 280 s); levers-b: command buffers off, one-pass GroupNorm alone,
 #            JAX's preallocation, FP8 attention, GroupNorm by channels, XLA attention at head dim 40, Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling
 #            search, autotune, graphs around loops (280 s); levers-sd3: the transformer group on
-#            SD3-medium: scanned blocks, graphs off, FP8 attention, scanned blocks with dynamic-slice
-#            fusion, GEMM backends, preallocation, autotune (280 s); levers-flux: Flux-dev's 57 blocks
-#            scanned, with and without dynamic-slice fusion: compile and call time (400 s)
+#            SD3-medium: cuBLAS GEMMs without DotMerger, DotMerger off, Triton GEMMs off, scanned
+#            blocks, graphs off, FP8 attention, scanned blocks with dynamic-slice fusion, GEMM
+#            backends, preallocation, autotune (280 s); levers-flux: Flux-dev with cuBLAS GEMMs
+#            without DotMerger, DotMerger off, its 57 blocks scanned, with and without
+#            dynamic-slice fusion: compile and call time (400 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile, per call, queued, and in an
 #            8-step sampling loop (sd3_gpu.py)

@@ -22,6 +22,10 @@ For each workload and variant, from the compiled program's text:
 - ``attention``: cuDNN fused attention calls; ``convs``: cuDNN convolution calls;
 - ``param_transposes``: kernels that only lay a parameter out again (a weight transposed at
   every call);
+- ``traffic_mb``: what each category's kernels read and write a call (operands whole, results
+  without a library call's workspace; a bound, as a fusion may read part of an operand), and
+  ``memory_bound_ms``: the copy, elementwise and norm kernels' traffic at the H200's 4.8 TB/s,
+  the least time they take (what removing a copy can save; GEMMs and attention are not in it);
 - ``command_buffers``: CUDA graphs visible in the HLO (XLA 0.10 forms them afterwards, from
   the sequence of thunks, so 0 here does not mean none);
 - ``compile_s``: this CPU's deviceless compile (no autotuning), not the device's.
@@ -100,6 +104,8 @@ runtime_version { major: 13 minor: 0 }
 device_description_str: "NVIDIA H200"
 """
 
+H200_BANDWIDTH = 4.8e12  # bytes/s, the target's memory_bandwidth above
+
 VARIANTS = {  # name -> (environment, compiler options, model form)
     "default": ({}, {}, "bf16"),
     "fp8": ({}, {}, "fp8"),
@@ -120,6 +126,11 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     # no merging of the products of one input (XLA's DotMerger: q/k/v in one GEMM whose output
     # is sliced apart again, a copy kernel each, for cuDNN's attention; weights concatenated per call)
     "dot_merger_off": ({}, {"xla_gpu_dot_merger_threshold_mb": 0}, "bf16"),
+    # cuBLAS(Lt) GEMMs, as the H200's autotuner picked for Flux's and SD3's products anyway (its
+    # profile: nvjet kernels), with their epilogues fused by XLA's GemmRewriter (bias, Flux's
+    # tanh GELU), and without DotMerger's concatenated weights too
+    "triton_gemm_off_nomerge": ({}, {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0},
+                                "bf16"),
     # convolutions as cuDNN fusions (graph API: epilogues fused, capturable in CUDA graphs)
     "conv_fusion": ({}, {"xla_gpu_experimental_enable_conv_fusion": True}, "bf16"),
     "conv_fusion_ohwi": ({"STREAMFLOW_JAX_CONV_LAYOUT": "ohwi"}, {"xla_gpu_experimental_enable_conv_fusion": True},
@@ -153,9 +164,10 @@ APPLIES = {  # which variants make a different program for which workload
     "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
             "attention_fp8", "fp8_static_attention_fp8", "fp8_static_attention_fp8_static", "dot_merger_off",
+            "triton_gemm_off_nomerge",
             "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas", "scan_blocks_dsf_cublas_nomerge",
             "scan_blocks_unrolled"),
-    "flux": ("default", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8",
+    "flux": ("default", "dot_merger_off", "triton_gemm_off", "triton_gemm_off_nomerge", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8",
              "fp8_static_attention_fp8_static", "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas",
              "scan_blocks_dsf_cublas_nomerge", "scan_blocks_unrolled"),
     "fp8_forms": ("default", "triton_gemm_off"),
@@ -191,6 +203,26 @@ def gemm_kind(inst: dict, comps: dict, types: dict[str, str]) -> str | None:
     return None
 
 
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
+          "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+
+
+def shape_bytes(type_text: str, first_only: bool = False) -> float:
+    """Bytes of an HLO shape's arrays (``bf16[4608,3072]{1,0}``, or a tuple of them);
+    ``first_only``: the first array of a tuple (a library call's result, without its workspace)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(type_text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += _BYTES.get(dtype, 0) * n
+        if first_only:
+            break
+    return total
+
+
 def summarize_hlo(text: str) -> dict:
     """Kernel launches per call of a compiled GPU program, by category and by kind (see the
     module's docstring). A loop's body counts once per iteration where XLA knows the trip count
@@ -198,6 +230,7 @@ def summarize_hlo(text: str) -> dict:
     _, entry, comps = parse_hlo(text)
     categories = op_categories(comps)
     cats: Counter = Counter()
+    traffic: Counter = Counter()  # bytes each category's kernels read and write, a call
     gemms: Counter = Counter()
     counts = Counter()
 
@@ -233,7 +266,12 @@ def summarize_hlo(text: str) -> dict:
                     op in ("copy", "transpose") or any(_contains(comps, c, lambda i: i["op"] == "transpose")
                                                        for c in inst["called"])):
                 counts["param_transposes"] += 1
-            cats[categories.get(inst["name"], "other")] += times
+            category = categories.get(inst["name"], "other")
+            cats[category] += times
+            # what the kernel reads (its operands, whole) and writes (a library call's result
+            # without its scratch workspace): a memory-bound kernel's time at full bandwidth
+            traffic[category] += times * (shape_bytes(inst["type"], first_only=op == "custom-call") + sum(
+                shape_bytes(types.get(o, "")) for o in inst["operands"]))
             kind = gemm_kind(inst, comps, types)
             if kind:
                 gemms[kind] += times
@@ -245,7 +283,10 @@ def summarize_hlo(text: str) -> dict:
                 counts["cudnn_convs"] += times
 
     walk(entry, False)
+    memory_bound = sum(traffic[c] for c in ("copy", "elementwise", "norm"))
     return {"kernels": counts["kernels"], "by_category": dict(sorted(cats.items())),
+            "traffic_mb": {c: round(b / 2**20, 1) for c, b in sorted(traffic.items())},
+            "memory_bound_ms": round(memory_bound / H200_BANDWIDTH * 1e3, 3),
             "gemms_fp8": gemms["fp8"], "gemms_half": gemms["half"],
             "cudnn_attention": counts["cudnn_attention"], "cudnn_attention_fp8": counts["cudnn_attention_fp8"],
             "cudnn_convs": counts["cudnn_convs"],

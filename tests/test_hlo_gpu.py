@@ -39,6 +39,13 @@ def test_fp8_matmul_compiles_to_one_fp8_gemm():
     got = summarize_hlo(_program("fp8_forms.default.fp8_matmul"))
     assert (got["gemms_fp8"], got["gemms_half"], got["kernels"]) == (1, 0, 2)
     assert got["by_category"] == {"GEMM": 1, "elementwise": 1}
+    # traffic from the shapes: the quantization reads x in bf16 (24 MiB) and writes it in e4m3
+    # (12 MiB, a few scalars beside); the GEMM reads both e4m3 operands (12 + 9 MiB) and writes
+    # bf16 (24 MiB)
+    mib = 2**20
+    assert got["traffic_mb"] == {"GEMM": round((4096 * 3072 + 3072 * 3072 + 2 * 4096 * 3072) / mib, 1),
+                                 "elementwise": round((2 * 4096 * 3072 + 4096 * 3072) / mib, 1)}
+    assert got["memory_bound_ms"] == pytest.approx(36 * mib / 4.8e12 * 1e3, abs=1e-3)
 
 
 def test_dequantized_operands_compile_to_a_bf16_gemm():
