@@ -159,7 +159,8 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
 }
 APPLIES = {  # which variants make a different program for which workload
     "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
-             "conv_ohwi", "ohwi_onepass", "conv1x1_dot", "ohwi_onepass_dot", "dot_merger_off", "conv_fusion",
+             "conv_ohwi", "ohwi_onepass", "conv1x1_dot", "ohwi_onepass_dot", "dot_merger_off",
+             "triton_gemm_off_nomerge", "conv_fusion",
              "conv_fusion_ohwi", "cudnn_layer_norm", "attention_fp8"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
     "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
