@@ -32,9 +32,10 @@ _TARGET = contextvars.ContextVar("streamflow_jax_target_device", default=None)
 def target_device(device):
     """Within it, functions are traced for ``device`` instead of the default device: the
     choices made for a platform (``attention_implementation``, ``group_norm_choice``,
-    ``conv1x1_choice``, ``conv_layout_choice``) follow it. A function traced under one target
-    keeps its choices where its trace is reused (they are read at trace time and not part of
-    its cache key unless set through their environment switches). For compiling ahead of time for a device this process
+    ``conv1x1_choice``, ``conv_layout_choice``) follow it. The target is part of the models'
+    trace key (``trace_switches``): a model's jitted function traced under a target traces
+    again outside it. A function of plain arrays keyed by nothing of the library's keeps the
+    choices of its first trace. For compiling ahead of time for a device this process
     does not drive, such as a GPU of a ``jax.experimental.topologies`` description compiled on
     a CPU machine (``benchmarks/hlo_gpu.py``)."""
     token = _TARGET.set(device)
@@ -476,13 +477,17 @@ def conv1x1_choice(setting: str | None = None, platform: str | None = None) -> s
 
 
 def trace_switches() -> tuple[str, ...]:
-    """The environment switches read while a model's function is traced
-    (``$STREAMFLOW_JAX_ATTENTION``, ``$STREAMFLOW_JAX_GROUPNORM``, ``$STREAMFLOW_JAX_CONV1X1``), as
-    they are set now. Part of a model's pytree structure (``FlowModel``, the stream engine's
+    """What a model's function reads while it is traced: the environment switches
+    (``$STREAMFLOW_JAX_ATTENTION``, ``$STREAMFLOW_JAX_GROUPNORM``, ``$STREAMFLOW_JAX_CONV1X1``) as
+    they are set now, and the ``target_device`` (its platform, kind and compute capability;
+    empty outside one). Part of a model's pytree structure (``FlowModel``, the stream engine's
     pinned models) and of its velocity's static arguments, so that a jitted function taking a
     model traces again when one of them changes within a process, instead of running the
-    program traced under the old setting."""
-    return tuple(os.environ.get(name, "") for name in (ATTENTION_ENV, GROUPNORM_ENV, CONV1X1_ENV))
+    program traced under the old setting (a trace made for a GPU target, reused on this CPU)."""
+    target = _TARGET.get()
+    where = "" if target is None else (f"{target.platform}:{getattr(target, 'device_kind', '')}:"
+                                       f"{getattr(target, 'compute_capability', '')}")
+    return (*(os.environ.get(name, "") for name in (ATTENTION_ENV, GROUPNORM_ENV, CONV1X1_ENV)), where)
 
 
 SCAN_BLOCKS_ENV = "STREAMFLOW_JAX_SCAN_BLOCKS"

@@ -213,6 +213,28 @@ def test_target_device_steers_the_trace_time_choices(monkeypatch):
     assert ops.conv1x1_choice() == "conv" and ops.conv_layout_choice() == "HWIO"
 
 
+def test_a_trace_for_a_gpu_target_is_not_reused_on_this_cpu(tmp_path, monkeypatch):
+    """A model's jitted function traced under ``target_device`` (the H100's one-pass GroupNorm)
+    traces again outside it (this CPU's GroupNorm by channels): the target is part of the
+    model's trace key. Before, the second lowering was the first's program, text for text."""
+    import diffusers
+    from conftest import VAES, randomize
+
+    import streamflow_jax as sf
+    from streamflow_jax.models import flow
+
+    monkeypatch.delenv(ops.GROUPNORM_ENV, raising=False)
+    randomize(diffusers.AutoencoderKL(**VAES["sd"]), 0, std=0.1).save_pretrained(tmp_path / "vae")
+    vae = sf.load(tmp_path / "vae")
+    z = jnp.zeros((1, 8, 8, 4))
+    with ops.target_device(H100):
+        gpu = flow.decode_latents.lower(vae, z).as_text()
+    cpu = flow.decode_latents.lower(vae, z).as_text()
+    jax.clear_caches()
+    fresh = flow.decode_latents.lower(vae, z).as_text()  # what this CPU traces with nothing cached
+    assert cpu == fresh and gpu != cpu
+
+
 def test_conv_layout_switch_and_round_trip(tmp_path, monkeypatch):
     """``FlowModel.with_conv_layout``: OHWI kernels are the HWIO ones transposed, decode as
     diffusers' VAE does (float32), come back bit for bit, and ``sf.save`` writes HWIO."""
