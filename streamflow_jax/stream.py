@@ -119,7 +119,7 @@ class RequestValidator:
         if (noise is None) == (seed is None):
             raise RequestError(f"request {rid}: give exactly one of seed or noise")
         if noise is not None:
-            noise = self._finite(rid, "noise", noise)
+            noise = self._finite(rid, "noise", noise, floating=True)
             if noise.shape != self.latent_shape:
                 raise RequestError(f"request {rid}: latent shape {noise.shape}, the engine runs {self.latent_shape}")
         else:
@@ -171,12 +171,16 @@ class RequestValidator:
         return out
 
     @staticmethod
-    def _finite(rid, what, value) -> np.ndarray:
+    def _finite(rid, what, value, floating: bool = False) -> np.ndarray:
         """``value`` as float32, refused unless it is real numbers (complex would lose its
-        imaginary part, bools and strings mean nothing here), all finite."""
+        imaginary part, bools and strings mean nothing here; ``floating``: integers neither,
+        as ``sf.sample`` refuses integer noise), all finite. bfloat16 and the other float
+        types of ml_dtypes (numpy's kind ``V``) are floats: a bf16 pipeline's conditioning."""
         a = np.asarray(value)
-        if a.dtype.kind not in "fiu":
-            raise RequestError(f"request {rid}: {what} must be real numbers, got an array of {a.dtype}")
+        real = jnp.issubdtype(a.dtype, jnp.floating) or (not floating and jnp.issubdtype(a.dtype, jnp.integer))
+        if not real:
+            kind = "real floating-point numbers" if floating else "real numbers"
+            raise RequestError(f"request {rid}: {what} must be {kind}, got an array of {a.dtype}")
         a = a.astype(np.float32)
         if not np.isfinite(a).all():
             raise RequestError(f"request {rid}: {what} has non-finite values (NaN or inf)")

@@ -149,6 +149,18 @@ def test_sd3_converted_pipeline_and_stream(tmp_path):
         alone = conv(PROMPTS[i], steps=[2, 3][i], guidance_scale=[4.0, 6.0][i], noise=noise[i : i + 1],
                      output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
+    # in bfloat16 too (its text embeddings are bf16 arrays, numpy kind 'V': every request was
+    # refused as "not real numbers", and a bf16 server answered every request 400)
+    bf16 = sf.Pipeline.from_diffusers(tmp_path / "conv", max_sequence_length=12, dtype="bfloat16")
+    stream = PromptStream(bf16, slots_per_stream=2, guidance=True, output_type="latent")
+    rid = stream.submit(PROMPTS[0], steps=2, noise=noise[0], guidance_scale=4.0)
+    got = stream.run()[rid]
+    assert not isinstance(got, Exception), got
+    alone = bf16(PROMPTS[0], steps=2, guidance_scale=4.0, noise=noise[:1], output_type="latent")[0]
+    assert _rel(got, alone) < 0.05, _rel(got, alone)  # bf16 rounding in another batch: measured 0.016
+    assert _rel(got, a[0]) < 0.05, _rel(got, a[0])  # and float32's latents: measured 0.018
+    bad = stream.submit(PROMPTS[0], steps=2, noise=noise[0].astype(np.int32), guidance_scale=4.0)
+    assert "noise must be real floating-point numbers, got an array of int32" in str(stream.run()[bad])
     # converted with --quantize fp8: the transformer alone is FP8, and the pipeline gives what the
     # float pipeline with sf.quantize on its transformer gives
     from streamflow_jax.quantization import is_quantized, quantize

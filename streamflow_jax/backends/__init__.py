@@ -218,7 +218,7 @@ def _grid_array(ts) -> jax.Array:
     except ValueError:  # grids of different lengths
         raise ValueError("ts: grids of different lengths; pad them into one [S+1, B] grid with "
                          "schedules.stack") from None
-    if arr.dtype.kind not in "fiu":
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):  # bf16 too
         raise ValueError(f"ts must be times (real numbers), got {ts!r:.80}")
     return jnp.asarray(arr, jnp.float32)
 
