@@ -197,7 +197,7 @@ def test_invalid_requests_fail_alone(model):
                      (float_steps, "steps must be an integer, got 2.7"), (str_steps, "steps must be an integer, got '3'"),
                      (bool_steps, "steps must be an integer, got True"), (long_grid, "grid has 1001 steps; at most 1000"),
                      (both, "give steps or grid, not both"),
-                     (complex_noise, "noise must be real numbers, got an array of complex128"),
+                     (complex_noise, "noise must be real floating-point numbers, got an array of complex128"),
                      (bool_cond, r"cond\['pooled_projections'\] must be real numbers, got an array of bool"),
                      (str_strength, r"strength must be a number in \(0, 1\], got '0.5'"),
                      (many_strengths, r"strength must be one number in \(0, 1\] here, got shape \(2,\)")]:
