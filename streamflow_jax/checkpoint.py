@@ -306,6 +306,9 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         raise ConversionError(f"{src}: config= overrides one model's fields; this is a pipeline: convert its "
                               "component directory with config=, or edit that component's config.json")
     components = pipeline_components(src)
+    missing = [kind.removeprefix("missing: ") for kind in components.values() if kind.startswith("missing: ")]
+    if missing:
+        raise ConversionError(f"{src}: " + "; ".join(missing))
     velocity = [n for n, kind in components.items() if kind in FAMILIES and FAMILIES[kind].kind == "velocity"]
     if delta is not None and not velocity:
         raise ConversionError(f"{src}: a delta goes to a pipeline's velocity model (its unet), and this pipeline "
@@ -464,6 +467,10 @@ def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast
     from streamflow_jax.converters.ldm import ldm_pipeline_sources  # read only for single files
 
     sources = ldm_pipeline_sources(src, pipeline_dir)  # {component: (raw config, source)}, all checked
+    missing = [kind.removeprefix("missing: ") for name, kind in pipeline_components(pipeline_dir).items()
+               if kind.startswith("missing: ") and name not in sources]
+    if missing:
+        raise ConversionError(f"{pipeline_dir}: " + "; ".join(missing))
     if delta is not None:
         if "unet" not in sources:
             raise ConversionError(f"{src}: a delta goes to the unet, and this file holds none")
@@ -495,9 +502,16 @@ def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast
     return dst
 
 
+# components a prompt pipeline runs on: named in model_index.json and absent, the download is
+# incomplete (diffusers' from_pretrained refuses it too); others (safety checker, feature
+# extractor, image encoder) are not used here and may be left out
+NEEDED_COMPONENTS = ("transformer", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
 def pipeline_components(src: Path) -> dict[str, str]:
     """Each component of a pipeline directory: its class (convertible), ``"config-only"``
-    (no weights: scheduler, tokenizer, feature extractor), or ``"skip: reason"``."""
+    (no weights: scheduler, tokenizer, feature extractor), ``"missing: reason"`` (one the
+    pipeline runs on, named in ``model_index.json`` and absent), or ``"skip: reason"``."""
     index = read_json(src / "model_index.json")
     out = {}
     # components are [library, class] pairs; other entries are pipeline settings
@@ -506,7 +520,12 @@ def pipeline_components(src: Path) -> dict[str, str]:
     for name in sorted(names):
         sub = src / name
         weights = sorted(p.name for p in sub.glob("*.safetensors")) if sub.is_dir() else []
-        if not sub.is_dir():
+        if not sub.is_dir() and index[name] == [None, None]:
+            out[name] = "skip: none in this pipeline ([null, null] in model_index.json)"
+        elif not sub.is_dir() and name.startswith(NEEDED_COMPONENTS):
+            out[name] = (f"missing: model_index.json names {name} ({index[name][1]}) and {sub} does not exist "
+                         "(an incomplete download? a pipeline without it lists it as [null, null])")
+        elif not sub.is_dir():
             out[name] = "skip: not present"
         elif not weights and not any(sub.glob("*.bin")):
             out[name] = "config-only"

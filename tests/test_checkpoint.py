@@ -207,10 +207,25 @@ def test_pipeline_conversion_records_each_odd_component(tmp_path, monkeypatch, c
 def test_pipeline_without_a_supported_component(tmp_path, capsys):
     src = odd_pipeline(tmp_path / "pipe")
     shutil.rmtree(src / "transformer")
+    index = json.loads((src / "model_index.json").read_text())
+    (src / "model_index.json").write_text(json.dumps({**index, "transformer": [None, None]}))
     assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 1
     err = capsys.readouterr().err
     assert "no supported component" in err and "only .bin (pickle) weights" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # nothing left behind
+
+
+def test_pipeline_missing_a_component_it_names(tmp_path, capsys):
+    """A component ``model_index.json`` names and the directory lacks (an incomplete download:
+    SD3 without ``text_encoder_3/`` sampled with zeros for T5) is refused, before anything is
+    written; one it does not use (a safety checker) may be absent."""
+    src = odd_pipeline(tmp_path / "pipe")
+    shutil.rmtree(src / "transformer")
+    assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"model_index.json names transformer (SD3Transformer2DModel) and {src / 'transformer'} does not exist " \
+           "(an incomplete download? a pipeline without it lists it as [null, null])" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
 def test_bad_arguments_around_a_model_name_themselves(converted):

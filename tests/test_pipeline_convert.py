@@ -63,7 +63,7 @@ def test_pipeline_converts_every_supported_component(tmp_path, capsys):
     for line in ("converted unet (UNet2DConditionModel)", "converted vae (AutoencoderKL)",
                  "converted text_encoder (CLIPTextModel)", "copied    scheduler", "copied    tokenizer",
                  "converted text_encoder_2 (T5EncoderModel)", "skipped   image_encoder: unsupported class BertModel",
-                 "skipped   safety_checker: not present"):
+                 "skipped   safety_checker: none in this pipeline ([null, null] in model_index.json)"):
         assert line in out, out
     assert "requires_safety_checker" not in out and "force_zeros_for_empty_prompt" not in out
     # every converted component computes what its diffusers/transformers original does

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import diffusers
 import numpy as np
@@ -194,6 +195,14 @@ def test_bad_input_to_pipelines_and_streams(tmp_path):
     make_sd3_pipeline(tmp_path / "sd3")
     sd3 = sf.Pipeline.from_diffusers(tmp_path / "sd3" / "pipe", max_sequence_length=12)
     noise = np.random.default_rng(1).standard_normal((2, 8, 8, 16)).astype(np.float32)
+    # a download without the T5 its model_index.json names sampled with zeros for T5's embeddings
+    shutil.copytree(tmp_path / "sd3" / "pipe", tmp_path / "no-t5")
+    shutil.rmtree(tmp_path / "no-t5" / "text_encoder_3")
+    with pytest.raises(sf.ConfigError, match=re.escape(f"names text_encoder_3 and {tmp_path / 'no-t5' / 'text_encoder_3'} "
+                                                       "does not exist (an incomplete download?")):
+        sf.Pipeline.from_diffusers(tmp_path / "no-t5")
+    assert cli(["convert", str(tmp_path / "no-t5"), str(tmp_path / "no-t5-conv"), "-q"]) == 1
+    assert not (tmp_path / "no-t5-conv").exists()
     run = lambda g, **kw: sd3(PROMPTS, steps=2, guidance_scale=g, noise=noise, output_type="latent", **kw)  # noqa: E731
     # per prompt, a scale <= 1 means no guidance, as it does alone (it ran v_u, the unconditional image)
     mixed = run([0.0, 4.0])
