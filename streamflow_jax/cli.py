@@ -9,6 +9,7 @@ behind. Every flag is checked before any model is loaded.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -163,6 +164,20 @@ def _check_out(path: str) -> Path:
     return out
 
 
+def _check_out_format(path: str, mode: str) -> None:
+    """``--out``'s format can hold a ``mode`` image (``L``: the digits, ``RGB``: prompt
+    pipelines): a 2x2 image of that mode written to memory. Pillow reads formats it cannot
+    write (.psd), has stubs for others (.h5) and writes some in one mode only (.xbm); each
+    failed after sampling."""
+    fmt = Image.registered_extensions()[Path(path).suffix.lower()]
+    try:
+        Image.new(mode, (2, 2)).save(io.BytesIO(), format=fmt)
+    except Exception as e:  # noqa: BLE001 - Pillow's KeyError, OSError, ValueError, NotImplementedError...
+        why = "Pillow cannot write it" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"--out {path}: cannot write {'grey' if mode == 'L' else 'RGB'} images as {fmt} ({why}); "
+                         "use .png, .jpg or .webp") from None
+
+
 def _check_model_dir(path: str | None) -> None:
     """``generate --model``: an existing directory, a digits model or a pipeline (a converted
     single model, such as a transformer alone, cannot make images)."""
@@ -204,7 +219,9 @@ def _cmd_generate(args) -> int:
         args.image = read_image(args.image, f"--image {args.image}")
     else:
         args.image = None
-    if _is_digits_model(args.model):
+    digits = _is_digits_model(args.model)
+    _check_out_format(args.out, "L" if digits else "RGB")
+    if digits:
         return _generate_digits(args)
     return _generate_prompts(args)
 

@@ -176,6 +176,9 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
     (["generate", "--strength", "0.5"], "--strength is for image-to-image: give --image too"),
     (["generate", "--image", "x.png", "--strength", "1.5"], "--strength must be in (0, 1], got 1.5"),
     (["generate", "--out", "digits.txt"], "unknown image extension '.txt'"),
+    # formats Pillow reads and cannot write: a traceback after sampling (KeyError: 'PSD')
+    (["generate", "--out", "x.psd"], "--out x.psd: cannot write grey images as PSD (Pillow cannot write it)"),
+    (["generate", "--out", "x.xbm"], "--out x.xbm: cannot write grey images as XBM (OSError: cannot write mode L"),
     (["generate", "--out", "/no/such/dir/d.png"], "directory /no/such/dir does not exist"),
     (["bench", "--batch", "0"], "--batch must be >= 1, got 0"),
     (["bench", "--repeats", "0"], "--repeats must be >= 1, got 0"),
