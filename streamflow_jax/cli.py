@@ -121,6 +121,12 @@ def _check_common(args) -> None:
     _positive(args, "devices")
     _check_mesh_flags(args)
     _check_quantize_backend(args)
+    if getattr(args, "backend", None) == "onnxruntime" and getattr(args, "dtype", None) == "bfloat16":
+        from streamflow_jax.backends.onnxruntime import default_providers
+
+        if "CUDAExecutionProvider" not in default_providers():
+            raise ValueError("--backend onnxruntime --dtype bfloat16: ONNX Runtime's CPU provider has no bfloat16 "
+                             "kernels (its Conv, for one); use --dtype float32 or float16, or --backend xla")
     if getattr(args, "steps", None) is not None:
         try:
             check_steps(args.steps)

@@ -92,3 +92,18 @@ def test_cache_dir_and_weights_outside_a_graph_over_the_protobuf_limit(models, t
     (path / "model.onnx.data").write_bytes(b"\0" * data)  # the data file is covered by the hashes
     with pytest.raises(sf.ExportError, match="corrupt or stale"):
         load_export(path)
+
+
+def test_bf16_model_refused_by_onnxruntime_on_the_cpu_before_exporting(models, isolated_cache):
+    """ONNX Runtime's CPU provider has no bfloat16 Conv: a bf16 model was exported (minutes for a
+    real one), then failed to load with ONNX Runtime's NOT_IMPLEMENTED. Refused first now."""
+    from streamflow_jax.backends.onnxruntime import default_providers
+
+    if "CUDAExecutionProvider" in default_providers():
+        pytest.skip("ONNX Runtime with CUDA here: its bf16 kernels decide")
+    a, _ = models
+    x, _, cond = sd3_inputs(CFG, 1, 8, 8, seed=3)
+    with pytest.raises(ValueError, match="this model's weights are bfloat16, and ONNX Runtime's CPU provider has no "
+                                         "bfloat16 kernels"):
+        sf.sample(a.astype("bfloat16"), x, sf.schedules.flow_match(2), cond, backend="onnxruntime")
+    assert not (isolated_cache / "exports").exists() or not any((isolated_cache / "exports").iterdir())

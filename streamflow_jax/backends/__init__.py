@@ -103,6 +103,13 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
         reason = flavour.cannot_run(flavour.targets(None, fp8=activation_scales(model) is not None), local_gpu())
         if reason:
             raise TensorRTUnavailable(f"a {flavour.name} engine cannot run here: {reason}")
+    if backend == "onnxruntime" and jnp.dtype(model.dtype) == jnp.bfloat16:
+        from streamflow_jax.backends.onnxruntime import default_providers
+
+        if "CUDAExecutionProvider" not in default_providers():  # refused before a useless export
+            raise ValueError("backend 'onnxruntime': this model's weights are bfloat16, and ONNX Runtime's CPU "
+                             "provider has no bfloat16 kernels (its Conv, for one): load it as float32 or float16 "
+                             "(dtype=, --dtype), or use backend 'xla' or 'tensorrt'")
     text = cond.get("encoder_hidden_states")
     text_len = None if text is None else int(text.shape[1])
     model.latent_shape(height, width)  # raises on sizes the model cannot take
