@@ -296,7 +296,8 @@ def _generate_prompts(args) -> int:
                          "directory): give --prompt TEXT")
     if args.per_digit != 8:
         raise ValueError("--per-digit is for the digits model; give one --prompt per image")
-    pipeline_class(args.model)  # a directory that is no pipeline fails here, before loading
+    cls = pipeline_class(args.model)  # a directory that is no pipeline fails here, before loading
+    _check_negative_prompt_early(cls, args)
     kwargs = {"dtype": args.dtype}
     for name, value in (("taesd", args.taesd), ("prediction_type", args.prediction_type),
                         ("num_time_windows", args.windows)):
@@ -324,6 +325,25 @@ def _generate_prompts(args) -> int:
     print(f"{len(images)} image(s) in {elapsed:.2f} s (first call includes compilation; guidance {scale}); "
           f"wrote {args.out}")
     return 0
+
+
+def _check_negative_prompt_early(cls, args) -> None:
+    """``--negative-prompt`` where nothing would read it, refused from the pipeline class and the
+    flags, before the (possibly tens of GB of) weights load; the loaded pipeline checks again
+    (``negative_prompt_problem``), exactly."""
+    from streamflow_jax.pipelines.base import negative_prompt_problem
+    from streamflow_jax.sampling import Guidance
+
+    if not args.negative_prompt:
+        return
+    if cls.cfg_mode == "none":  # Flux.1: dev's scale is the model's input, schnell takes none
+        why = (f"negative prompt {args.negative_prompt!r:.80} is ignored: Flux.1 runs no unconditional branch (dev "
+               "takes the guidance scale as a model input, schnell takes none)")
+    else:
+        guidance = Guidance.resolve(args.guidance, mode="cfg", default=cls.default_guidance)
+        why = negative_prompt_problem(args.negative_prompt, guidance, default=cls.default_guidance, name=cls.__name__)
+    if why is not None:
+        raise ValueError(f"--negative-prompt: {why}")
 
 
 def _stream_prompts(pipe, args, image, negative: str = "") -> list:

@@ -245,9 +245,15 @@ def test_prompt_pipeline_flag_messages(tmp_path, capsys):
     assert "image height must be positive, got 0" in capsys.readouterr().err
     assert cli(["generate", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o.png")]) == 1
     assert "no model_index.json" in capsys.readouterr().err
+    from streamflow_jax.pipelines import PeRFlowPipeline
+
     for guidance in ([], ["--guidance", "1"]):  # PeRFlow's default is no guidance: the negative prompt would go unread
-        assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--negative-prompt", "blurry", *guidance,
-                    "--out", str(tmp_path / "o.png")]) == 1
+        loads = []  # refused from the pipeline class and the flags, before any weight is read
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(PeRFlowPipeline, "load", classmethod(lambda *a, **k: loads.append(1)))
+            assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--negative-prompt", "blurry", *guidance,
+                        "--out", str(tmp_path / "o.png")]) == 1
+        assert not loads
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--negative-prompt: negative prompt 'blurry' is ignored: classifier-free " \
             "guidance is off" in err, err

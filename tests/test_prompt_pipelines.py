@@ -207,6 +207,15 @@ def test_bad_input_to_pipelines_and_streams(tmp_path):
     # per prompt, a scale <= 1 means no guidance, as it does alone (it ran v_u, the unconditional image)
     mixed = run([0.0, 4.0])
     unguided = run(0.0)
+    # a negative prompt per prompt, where that prompt's scale turns guidance off, is said to be unread
+    with pytest.warns(UserWarning, match=re.escape("the negative prompt(s) of prompt(s) [0] are ignored: their "
+                                                   "guidance scales are <= 1")):
+        np.testing.assert_array_equal(run([0.0, 4.0], negative_prompt=["x", ""]), mixed)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one negative prompt for all: read where guidance runs, no warning
+        run([0.0, 4.0], negative_prompt="x")
     assert _rel(run([0.0, 0.0]), run(4.0)) > 1e-2  # guidance matters here
     np.testing.assert_allclose(mixed[0], unguided[0], rtol=1e-5, atol=1e-5)  # batch 4 against 2: not bit-equal
     np.testing.assert_allclose(mixed[1], run(4.0)[1], rtol=1e-5, atol=1e-5)
@@ -318,6 +327,11 @@ def test_flux_generate_cli_and_long_prompt(tmp_path, capsys):
     pipe = sf.Pipeline.from_diffusers(tmp_path / "pipe")
     with pytest.raises(ValueError, match="image height 10 is not a multiple of 4"):
         pipe("a cat", height=10, width=16)
+    capsys.readouterr()
+    assert cli(["generate", "--model", str(tmp_path / "pipe"), "--prompt", "a cat", "--negative-prompt", "blurry",
+                "--out", str(tmp_path / "neg.png")]) == 1
+    assert "--negative-prompt: negative prompt 'blurry' is ignored: Flux.1 runs no unconditional branch" in \
+        capsys.readouterr().err
 
 
 def test_flux_prompt_stream_takes_guidance_as_input(tmp_path):

@@ -117,7 +117,14 @@ def negative_prompt_problem(negative_prompt, guidance: Guidance, *, mode: str = 
     ``mode`` and ``default`` (the pipeline's guidance mode and default scale) say why. diffusers
     drops such a prompt without a word; the Python API warns, the CLI and the server refuse."""
     given = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-    if guidance.cfg or not any(isinstance(t, str) and t for t in given):
+    if not any(isinstance(t, str) and t for t in given):
+        return None
+    if guidance.cfg and np.ndim(guidance.scale) and len(given) == np.size(guidance.scale) > 1:
+        # one scale and one negative prompt per prompt: those at <= 1 run no guidance
+        unread = [i for i, (t, g) in enumerate(zip(given, np.ravel(guidance.scale))) if t and g <= 1]
+        return None if not unread else (f"the negative prompt(s) of prompt(s) {unread} are ignored: their guidance "
+                                        "scales are <= 1, where classifier-free guidance is off")
+    if guidance.cfg:
         return None
     if mode == "embedded":
         why = ("this model takes the guidance scale as an input (guidance-distilled, like Flux.1-dev) and runs no "
