@@ -40,11 +40,15 @@ def _prompt_list(prompts) -> list[str]:
 def _token_ids(tokenizer, prompts, limit: str, max_length: int) -> np.ndarray:
     """``[B, max_length]`` int32 ids of the prompts, from a tokenizer that truncates and pads;
     a ``UserWarning`` names the prompts that were cut, as diffusers warns."""
-    encodings = tokenizer.encode_batch(_prompt_list(prompts))
-    cut = [i for i, e in enumerate(encodings) if e.overflowing]
+    prompts = _prompt_list(prompts)
+    encodings = tokenizer.encode_batch(prompts)
+    # named by their text: the batch may be a pipeline's own (negative prompts, a stream's tick)
+    cut = list(dict.fromkeys(p for p, e in zip(prompts, encodings) if e.overflowing))
     if cut:
-        warnings.warn(f"prompt(s) {cut} longer than {limit} were truncated to {max_length} (as diffusers does)",
-                      stacklevel=3)
+        shown = ", ".join(repr(p if len(p) <= 40 else p[:37] + "...") for p in cut[:3])
+        more = f" and {len(cut) - 3} more" if len(cut) > 3 else ""
+        warnings.warn(f"prompt(s) {shown}{more} longer than {limit} were truncated to {max_length} (as diffusers "
+                      "does)", stacklevel=3)
     return np.array([e.ids for e in encodings], np.int32)
 
 
