@@ -481,6 +481,7 @@ def _cmd_bench(args) -> int:
     _check_common(args)
     _positive(args, "batch", "repeats", "latent", "text_len")
     import jax
+    import jax.numpy as jnp
 
     from streamflow_jax import schedules
     from streamflow_jax.backends import sample
@@ -520,8 +521,18 @@ def _cmd_bench(args) -> int:
     print(json.dumps({"model": str(path), "backend": args.backend, "batch": args.batch, "latent": shape[0],
                       "steps": args.steps, "first_call_s": round(first, 4), "sample_s": round(mean, 4),
                       "images_per_s": round(args.batch / mean, 2), "device": str(jax.devices()[0]),
-                      "devices": args.devices or 1, "strategy": args.strategy, "quantize": args.quantize}))
+                      "devices": args.devices or 1, "strategy": args.strategy if args.devices else None,
+                      "quantize": _quantization_of(model), "dtype": str(jnp.dtype(model.dtype))}))
     return 0
+
+
+def _quantization_of(model) -> str | None:
+    """What ``bench`` reports of a model's FP8: ``fp8`` (dynamic activation scales) or
+    ``fp8-static`` (calibrated), whether ``--quantize`` or the checkpoint made it; None: not FP8."""
+    from streamflow_jax.quantization import activation_scales
+
+    scales = activation_scales(model)
+    return None if scales is None else ("fp8-static" if scales == "static" else "fp8")
 
 
 def _cmd_serve(args) -> int:

@@ -33,6 +33,13 @@ def test_bench_options_and_refusals(tmp_path, capsys):
                 "--text-len", "5"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert (rec["batch"], rec["latent"], rec["steps"]) == (1, 6, 1)
+    assert (rec["quantize"], rec["strategy"], rec["dtype"]) == (None, None, "float32")  # no mesh, no strategy
+    # an FP8 checkpoint is reported as FP8 without --quantize (it said null)
+    assert cli(["convert", str(tmp_path / "sd3"), str(tmp_path / "sd3-fp8"), "--quantize", "fp8", "-q"]) == 0
+    capsys.readouterr()
+    assert cli(["bench", str(tmp_path / "sd3-fp8"), "--batch", "1", "--steps", "1", "--repeats", "1", "--latent", "6",
+                "--text-len", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantize"] == "fp8"
     randomize(diffusers.AutoencoderKL(**VAES["sd"]), 0).save_pretrained(tmp_path / "vae")
     assert cli(["bench", str(tmp_path / "vae")]) == 1
     assert "bench samples a velocity model, got AutoencoderKL" in capsys.readouterr().err
