@@ -307,6 +307,12 @@ def _generate_prompts(args) -> int:
     if args.quantize:
         pipe.model = _quantize(pipe.model, args.quantize)
     guidance = pipe.resolve_guidance(args.guidance)  # refuses NaN/inf before any work
+    if (args.height is not None or args.width is not None) and args.image is None:  # said with the flag
+        try:
+            pipe.latent_shape(args.height, args.width)
+        except ValueError as e:
+            flag = "--width" if "width" in str(e) and "height" not in str(e) else "--height"
+            raise ValueError(f"{flag} {args.width if flag == '--width' else args.height}: {e}") from None
     negative = "" if args.negative_prompt is None else args.negative_prompt
     if (why := pipe.negative_prompt_problem(negative, guidance)) is not None:
         raise ValueError(f"--negative-prompt: {why}")

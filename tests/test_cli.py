@@ -249,7 +249,10 @@ def test_prompt_pipeline_flag_messages(tmp_path, capsys):
     assert "num_time_windows (--windows) must be an integer >= 1, got 0" in err and "scheduler_config" not in err
     assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--height", "0", "--out",
                 str(tmp_path / "o.png")]) == 1
-    assert "image height must be positive, got 0" in capsys.readouterr().err
+    assert "--height 0: image height must be positive, got 0" in capsys.readouterr().err
+    assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--width", "15", "--out",
+                str(tmp_path / "o.png")]) == 1
+    assert "--width 15: image width 15 is not a multiple of" in capsys.readouterr().err
     assert cli(["generate", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o.png")]) == 1
     assert "no model_index.json" in capsys.readouterr().err
     from streamflow_jax.pipelines import PeRFlowPipeline
