@@ -274,8 +274,23 @@ def check_model_source(src: Path) -> None:
         raise ConversionError(f"{src}: no such file or directory")
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory (expected a diffusers model or pipeline directory)")
+    if _converted_by_us(src):
+        raise ConversionError(f"{src}: already converted by streamflow-jax; sf.load, generate, bench, export and serve "
+                              "take it as it is (a dtype: sf.load(..., dtype=) or --dtype); convert the diffusers "
+                              "original to convert again")
     if not (src / CONFIG_NAME).is_file() and not (src / "model_index.json").is_file():
         raise ConversionError(f"{src}: no {CONFIG_NAME} or model_index.json (not a diffusers directory)")
+
+
+def _converted_by_us(src: Path) -> bool:
+    """A directory ``sf.convert`` wrote: a pipeline's ``conversion.json``, or a model whose
+    ``config.json`` carries this library's metadata (``checkpoint.META_KEY``)."""
+    if (src / "conversion.json").is_file():
+        return True
+    try:
+        return "streamflow_jax" in json.loads((src / CONFIG_NAME).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 _KERNEL_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}  # Linear [out, in] -> [in, out]; Conv [O, I, kh, kw] -> [kh, kw, I, O]

@@ -117,6 +117,19 @@ def test_bad_component_fails_the_whole_pipeline(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
+def test_converting_a_converted_directory_says_so(tmp_path, capsys):
+    """A converted pipeline or model given to convert again: 'no supported component' (listing
+    the pipeline's absent extras) or 'no diffusion_pytorch_model.safetensors' before."""
+    make_sd15_pipeline(tmp_path / "pipe")
+    assert cli(["convert", str(tmp_path / "pipe"), str(tmp_path / "conv"), "-q"]) == 0
+    for src in (tmp_path / "conv", tmp_path / "conv" / "unet"):
+        capsys.readouterr()
+        assert cli(["convert", str(src), str(tmp_path / "again"), "-q"]) == 1
+        err = capsys.readouterr().err
+        assert f"{src}: already converted by streamflow-jax; sf.load, generate, bench, export and serve take it" in err
+        assert not (tmp_path / "again").exists()
+
+
 def test_taesd_directory_converts(tmp_path):
     """A TAESD directory converts, and decodes and encodes as diffusers' AutoencoderTiny
     (measured rel. errors 2.0e-7, 2.6e-7)."""
