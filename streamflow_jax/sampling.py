@@ -217,10 +217,11 @@ def check_inputs(noise, grid, cond, guidance_scale=None, uncond=None):
     if 0 in noise.shape:
         raise ValueError(f"noise has shape {noise.shape}: every axis needs at least one element")
     b = noise.shape[0]
+    given = grid.shape  # the caller's, for the message (a 1-D grid is broadcast over the batch)
     if grid.ndim == 1:
         grid = jnp.broadcast_to(grid[:, None], (grid.shape[0], b))
     if grid.ndim != 2 or grid.shape[1] != b or grid.shape[0] < 2:
-        raise ValueError(f"time grid must be [S+1] or [S+1, B={b}] with S >= 1, got shape {grid.shape}")
+        raise ValueError(f"time grid must be [S+1] or [S+1, B={b}] with S >= 1, got shape {given}")
     if grid.shape[0] - 1 > MAX_STEPS:
         raise ValueError(f"time grid has {grid.shape[0] - 1} steps; at most {MAX_STEPS} (schedules.MAX_STEPS)")
     for name, arr in cond.items():

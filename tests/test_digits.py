@@ -111,6 +111,10 @@ def test_per_label_guidance_follows_the_scalar_rule():
     np.testing.assert_array_equal(run([0.0, 0.5]), alone_off)
     with pytest.raises(ValueError, match="1 guidance scales for 2 labels"):
         run([2.0])
+    for n, counts in ((1, "[1, 16, 16]"), (2, "[1 or 2, 16, 16]")):  # "[1 or 1, 16, 16]" for one label
+        with pytest.raises(ValueError, match=re.escape(f"image has shape (1, 8, 8) (grey, one channel); the model "
+                                                       f"takes {counts} grey images")):
+            pipe(labels[:n], steps=4, image=np.zeros((8, 8)), progress=False)
 
 
 def test_numpy_upscale_equals_training_upscale():

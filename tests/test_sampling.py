@@ -100,6 +100,9 @@ def test_bad_inputs_name_the_problem(model):
             model, x, grid, {**cond, "encoder_hidden_states": cond["encoder_hidden_states"][:, 0]}),
         "cond has 'bogus', not an input of this model": lambda: sf.sample(model, x, grid, {**cond, "bogus": np.zeros((2, 3))}),
         "time grid has 1001 steps; at most 1000": lambda: sf.sample(model, x, np.linspace(1, 0, 1002), cond),
+        # the caller's shape, not the grid broadcast over the batch ((1, 2) before)
+        "time grid must be [S+1] or [S+1, B=2] with S >= 1, got shape (1,)": lambda: sf.sample(
+            model, x, np.array([1.0]), cond),
         "time grid must run down from at most 1 to at least 0": lambda: sf.sample(model, x, grid[::-1], cond),
         "must run down": lambda: sf.sample(model, x, np.array([5.0, 2.0, -3.0], np.float32), cond),
         "t has shape (3,); expected one time per element, [B=2]": lambda: model.velocity(

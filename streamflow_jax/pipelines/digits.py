@@ -133,8 +133,9 @@ class DigitsPipeline(Pipeline):
             return None, None
         arr = images_to_array(image, 1)
         if arr.shape[1:] != self.latent_shape or arr.shape[0] not in (1, n):
-            raise ValueError(f"image has shape {arr.shape[:-1]} (grey, one channel); the model takes "
-                             f"[1 or {n}, 16, 16] grey images")
+            counts = "1" if n == 1 else f"1 or {n}"
+            raise ValueError(f"image has shape {arr.shape[:-1]} (grey, one channel); the model takes [{counts}, 16, 16] "
+                             "grey images (one for every label, or one each)")
         given = schedules.DEFAULT_STRENGTH if strength is None else strength
         return np.broadcast_to(arr * 2 - 1, (n, *self.latent_shape)), schedules.strength_values(given, n)
 
