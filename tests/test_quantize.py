@@ -155,6 +155,8 @@ def test_quantized_layers(tmp_path):
         assert getattr(mod, name).kernel[...].dtype == jnp.bfloat16
     assert mod.norm_out.linear.kernel[...].dtype == jnp.bfloat16
     assert q.dtype == jnp.bfloat16
+    fp8 = sum(layer.weight[...].size for layer in layers)  # the repr says how much is FP8 (it said bfloat16 only)
+    assert repr(q).endswith(f", bfloat16, {fp8 / 1e6:.1f}M of them FP8)") and "FP8" not in repr(model)
 
 
 # ---------------------------------------------------------------------------------------------

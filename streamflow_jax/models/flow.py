@@ -356,5 +356,8 @@ class FlowModel:
         return cls(class_name, config, graphdef, children[0], adapter, family=family)
 
     def __repr__(self):
-        n = sum(x.size for x in jax.tree_util.tree_leaves(self.state))
-        return f"FlowModel({self.class_name}, {n / 1e6:.1f}M params, {self.dtype})"
+        leaves = jax.tree_util.tree_leaves(self.state)
+        n = sum(x.size for x in leaves)
+        fp8 = sum(x.size for x in leaves if "float8" in str(x.dtype))  # quantize's FP8 weights
+        return (f"FlowModel({self.class_name}, {n / 1e6:.1f}M params, {self.dtype}"
+                + (f", {fp8 / 1e6:.1f}M of them FP8" if fp8 else "") + ")")
