@@ -77,6 +77,17 @@ def sampler_grid(steps: int):
     return np.linspace(1.0, 0.0, steps + 1).astype(np.float32)
 
 
+def library_jit(fn):
+    """``jax.jit(fn)`` compiled as the library compiles its own programs (``ops.compiler_options``:
+    a GPU's ``$STREAMFLOW_JAX_GEMM`` choice), so that a benchmark's jit around the library's calls
+    measures what its switches do."""
+    import jax
+
+    from streamflow_jax import ops
+
+    return jax.jit(fn, compiler_options=ops.compiler_options())
+
+
 def ours_sampler(model, x, cond, steps: int, *, warmup: int = 1, repeats: int = 3) -> tuple[dict, object]:
     """Our sampler as a user runs it: ``sf.sample`` over ``steps`` Euler steps, jitted whole (one
     ``lax.scan``, one dispatch), timed to its synced result; ms per step (the velocity calls and
@@ -86,7 +97,7 @@ def ours_sampler(model, x, cond, steps: int, *, warmup: int = 1, repeats: int = 
     import streamflow_jax as sf
 
     ts = sampler_grid(steps)
-    run = jax.jit(lambda m, x, c: sf.sample(m, x, ts, c))
+    run = library_jit(lambda m, x, c: sf.sample(m, x, ts, c))
     t0 = time.perf_counter()
     out = jax.block_until_ready(run(model, x, cond))
     first = time.perf_counter() - t0

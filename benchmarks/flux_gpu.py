@@ -20,7 +20,8 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch on the same GPU
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, environment, ours_sampler, rel_diff, timed, torch_sampler, torch_to_flowmodel  # noqa: E402
+from common import (emit, environment, library_jit, ours_sampler, rel_diff, timed, torch_sampler,  # noqa: E402
+                    torch_to_flowmodel)
 
 
 def main():
@@ -75,7 +76,7 @@ def main():
     pooled = rng.standard_normal((b, cfg["pooled_projection_dim"]), dtype=np.float32)
     t = np.array([0.7], np.float32)
     g = np.array([3.5], np.float32)
-    velocity = jax.jit(lambda m, x, t, c: m.velocity(x, t, c))
+    velocity = library_jit(lambda m, x, t, c: m.velocity(x, t, c))
     xj = jax.device_put(x.astype(jdtype))
     cj = {"encoder_hidden_states": jax.device_put(ehs.astype(jdtype)),
           "pooled_projections": jax.device_put(pooled.astype(jdtype)), "guidance": jax.device_put(g)}

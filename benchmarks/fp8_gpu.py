@@ -101,6 +101,7 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static
     import numpy as np
 
     from profile_gpu import velocity_call
+    from streamflow_jax import ops
     from streamflow_jax.quantization import calibrate, parameter_bytes, quantize
 
     t0 = time.perf_counter()
@@ -126,7 +127,7 @@ def measure(name: str, model, inputs, repeats: int, hlo_out: Path | None, static
         t0 = time.perf_counter()
         try:
             with fp8_attention(label.endswith("_attention")):
-                compiled[label] = jax.jit(velocity_call).lower(m, *inputs).compile()
+                compiled[label] = jax.jit(velocity_call).lower(m, *inputs).compile(ops.compiler_options())
         except Exception as e:  # cuDNN's FP8 attention may refuse at compile time: the rest stands
             if not label.endswith("_attention"):
                 raise

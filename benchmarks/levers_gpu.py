@@ -116,6 +116,10 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # here (hlo_gpu.py, 2026-12-01), the memory-bound kernels' traffic falls from 4.8 to 2.4 ms
     # a call at full bandwidth for SD3-medium, 9.5 to 7.6 ms for Flux-dev
     "triton_gemm_off_nomerge": ("--xla_gpu_enable_triton_gemm=false --xla_gpu_dot_merger_threshold_mb=0", {}),
+    # the same as the library's switch ($STREAMFLOW_JAX_GEMM=cublas, ops.gemm_choice): the two
+    # options on the library's programs only (sampling, velocity, the tick; the benchmarks'
+    # jits take them through common.library_jit). If it wins, it becomes auto's choice on GPUs
+    "gemm_cublas": ("", {"STREAMFLOW_JAX_GEMM": "cublas"}),
     "default_again": ("", {}),
 }
 # flags that the XLA of this project's CPU tests (jaxlib 0.10.2) does not know
@@ -134,7 +138,7 @@ GROUPS = {
     "a0": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
     # (2026-12-01: the GEMM levers first; compiled for an H200 here the UNet step's memory-bound
     # traffic is 1.63 ms a call at full bandwidth, 1.29 without DotMerger, 1.03 with cuBLAS too)
-    "b": ("default", "triton_gemm_off_nomerge", "dot_merger_off", "groupnorm_channels", "attention_fp8",
+    "b": ("default", "gemm_cublas", "dot_merger_off", "groupnorm_channels", "attention_fp8",
           "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
           "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
     # the transformers' call (SD3-medium, Flux-dev): the UNet's switches (convolutions, GroupNorm,
@@ -142,11 +146,11 @@ GROUPS = {
     # (H200, 2026-11-30, SD3-medium: cmdbuf_off 0.983, attention_fp8 1.013, prealloc 1.009 of the
     # default's speed: noise; those go last)
     # (2026-12-01: the GEMM backend and DotMerger first: hlo_gpu.py's traffic favours both off)
-    "transformer": ("default", "triton_gemm_off_nomerge", "dot_merger_off", "triton_gemm_off", "scan_blocks",
+    "transformer": ("default", "gemm_cublas", "dot_merger_off", "triton_gemm_off", "scan_blocks",
                     "cublaslt", "cudnn_gemm_fusion", "autotune_0", "scan_blocks_dsf", "cmdbuf_off", "attention_fp8",
                     "prealloc", "default_again"),
     # Flux-dev (levers-flux): the same GEMM levers, then the scan, where it compiles the most blocks (57)
-    "scan": ("default", "triton_gemm_off_nomerge", "dot_merger_off", "scan_blocks", "scan_blocks_dsf",
+    "scan": ("default", "gemm_cublas", "dot_merger_off", "scan_blocks", "scan_blocks_dsf",
              "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",

@@ -74,10 +74,11 @@ def velocity_call(model, x, t, cond):
 
 @functools.lru_cache(maxsize=None)
 def velocity_jit():
-    """``jax.jit(velocity_call)``, made once (jax is imported after XLA_FLAGS is set)."""
-    import jax
+    """``jax.jit(velocity_call)`` with the library's compile options (``common.library_jit``),
+    made once (jax is imported after XLA_FLAGS is set)."""
+    from common import library_jit
 
-    return jax.jit(velocity_call)
+    return library_jit(velocity_call)
 
 
 def stream_setup(spec: dict, dtype: str, requests: int):

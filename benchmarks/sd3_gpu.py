@@ -18,7 +18,8 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch on the same GPU
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, environment, ours_sampler, rel_diff, timed, torch_sampler, torch_to_flowmodel  # noqa: E402
+from common import (emit, environment, library_jit, ours_sampler, rel_diff, timed, torch_sampler,  # noqa: E402
+                    torch_to_flowmodel)
 
 
 def main():
@@ -64,7 +65,7 @@ def main():
     convert_s = time.perf_counter() - t0
     n_params = sum(x.numel() for x in ref.parameters())
 
-    velocity = jax.jit(lambda m, x, t, c: m.velocity(x, t, c))
+    velocity = library_jit(lambda m, x, t, c: m.velocity(x, t, c))
     results = []
     for b in args.batches:
         rng = np.random.default_rng(b)

@@ -517,9 +517,67 @@ def scan_blocks_choice(setting: str | None = None) -> bool | None:
     return None if setting == "auto" else setting == "on"
 
 
+GEMM_ENV = "STREAMFLOW_JAX_GEMM"
+# compile options per GEMM setting on GPUs: ``cublas`` is cuBLAS(Lt) for every product (XLA's
+# GemmRewriter then fuses their epilogues: bias, tanh GELU, a residual add as the C operand) and
+# no DotMerger (no weights concatenated at every call, no slices of merged outputs)
+GEMM_OPTIONS = {"xla": {}, "cublas": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0}}
+
+
+def gemm_choice(setting: str | None = None, platform: str | None = None) -> str:
+    """How the library's programs compute their products on a GPU: ``"xla"`` (XLA's default:
+    Triton GEMM fusions where its autotuner picks them, products of one input merged) or
+    ``"cublas"`` (``GEMM_OPTIONS``).
+
+    ``$STREAMFLOW_JAX_GEMM`` (or ``setting``): ``auto`` (unset), ``xla``, ``cublas``. ``auto``
+    is ``xla`` until a device measures ``cublas`` (``benchmarks/levers_gpu.py``'s ``gemm_cublas``;
+    compiled for an H200 on a CPU, it halves SD3-medium's memory-bound traffic, see RESULTS.md).
+    Read when a program is compiled (``compiler_options``); a CPU has no such choice."""
+    setting = (os.environ.get(GEMM_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
+    if setting not in ("auto", "xla", "cublas"):
+        raise ValueError(f"{GEMM_ENV}={setting!r}: expected auto, xla or cublas")
+    return "xla" if setting == "auto" else setting
+
+
+def compiler_options(platform: str | None = None) -> dict | None:
+    """The compile options of the library's programs (``sf.sample``'s compiled segments,
+    ``FlowModel.velocity``, the stream engine's tick) on ``platform`` (default: the target
+    device's, ``_platform``): the GPU's ``gemm_choice``; None where there are none (a CPU).
+    A caller's own ``jax.jit`` around them compiles with the caller's options instead."""
+    if not _on_gpu(platform):
+        return None
+    return dict(GEMM_OPTIONS[gemm_choice(platform=platform)]) or None
+
+
+@functools.cache
+def _jit_with(fn, options: tuple, static_argnums: tuple, donate_argnums: tuple):
+    return jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums,
+                   compiler_options=dict(options) or None)
+
+
+def _top_level() -> bool:
+    """Whether no trace is running (JAX refuses compile options on a jit nested in another's
+    trace). JAX's own check, a private one: where it is missing, False (no options)."""
+    try:
+        from jax._src import core
+
+        return bool(core.trace_ctx.is_top_level())
+    except (ImportError, AttributeError):
+        return False
+
+
+def jitted(fn, options: dict | None = None, *, static_argnums=(), donate_argnums=()):
+    """``jax.jit(fn, ...)`` compiled with ``options`` (default ``compiler_options()``), one
+    jitted function per function and options, kept: calls reuse its compiled programs. Inside
+    a caller's trace (a jit around the library's call) without options: the caller's compile
+    holds the whole program."""
+    options = (compiler_options() if options is None else options) if _top_level() else None
+    return _jit_with(fn, tuple(sorted((options or {}).items())), tuple(static_argnums), tuple(donate_argnums))
+
+
 def check_switches() -> None:
     """Parses every environment switch the library reads (attention, GroupNorm, 1x1
-    convolutions, convolution layout, scanned blocks, and the stream engine's tick and graphs),
+    convolutions, convolution layout, scanned blocks, GEMMs, and the stream engine's tick and graphs),
     so that a typo is refused at once, naming the variable, rather than when a model is traced
     or an engine made, or not at all where no model reads it. The CLI calls it before loading."""
     attention_choice(0)
@@ -527,6 +585,7 @@ def check_switches() -> None:
     conv1x1_choice(platform="cpu")
     conv_layout_choice(platform="cpu")
     scan_blocks_choice()
+    gemm_choice()
     from streamflow_jax.stream import tick_graphs, tick_mode
 
     tick_mode()

@@ -288,4 +288,9 @@ def steps_between(model: VelocityModel, x, grid, start, stop, cond, guidance_sca
 
 
 scan_jit = jax.jit(scan)  # module-level: models of the same shapes share compiled code
-steps_between_jit = jax.jit(steps_between)
+def steps_between_jit(*args):
+    """``steps_between`` jitted with the library's compile options (``ops.compiler_options``:
+    none on a CPU)."""
+    from streamflow_jax import ops
+
+    return ops.jitted(steps_between)(*args)

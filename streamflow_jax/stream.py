@@ -405,15 +405,23 @@ class Programs(NamedTuple):
 NO_GRAPH_MIN_SIZE = 1 << 30  # commands in a row before XLA makes a CUDA graph of them: never
 
 
+def _programs(graphs: bool, platform: str | None = None) -> Programs:
+    """The tick's programs with the library's compile options on ``platform``
+    (``ops.compiler_options``: a GPU's GEMM choice) and, ``graphs=False``, without XLA's CUDA
+    graphs, for these programs alone (see ``tick_graphs``): XLA forms a graph only from a run of
+    at least ``xla_gpu_graph_min_graph_size`` commands, and none is that long (an int option
+    every XLA parses; an empty ``xla_gpu_enable_command_buffer`` clears the list only in XLAs
+    whose option parser takes repeated fields)."""
+    options = dict(ops.compiler_options(platform) or {})
+    if not graphs:
+        options["xla_gpu_graph_min_graph_size"] = NO_GRAPH_MIN_SIZE
+    return _programs_with(tuple(sorted(options.items())))
+
+
 @functools.cache
-def _programs(graphs: bool) -> Programs:
-    """Module-level (cached), so that engines of the same shapes share compiled code.
-    ``graphs=False``: compiled without XLA's CUDA graphs, for these programs alone (see
-    ``tick_graphs``): XLA forms a graph only from a run of at least
-    ``xla_gpu_graph_min_graph_size`` commands, and none is that long (an int option every XLA
-    parses; an empty ``xla_gpu_enable_command_buffer`` clears the list only in XLAs whose option
-    parser takes repeated fields)."""
-    options = None if graphs else {"xla_gpu_graph_min_graph_size": NO_GRAPH_MIN_SIZE}
+def _programs_with(options: tuple) -> Programs:
+    """Module-level (cached per options), so that engines of the same shapes share compiled code."""
+    options = dict(options) or None
     return Programs(jax.jit(_admit, donate_argnums=(1,), compiler_options=options),
                     jax.jit(_step, donate_argnums=(1,), compiler_options=options),
                     jax.jit(_outputs, compiler_options=options),
@@ -612,7 +620,6 @@ class StreamEngine:
         entry = check_backend(backend)
         self.tick_mode = tick_mode(tick)
         self.tick_graphs = tick_graphs(graphs)
-        self._programs = _programs(self.tick_graphs)
         for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
             check_count(name, value)
         if not hasattr(model, "velocity"):
@@ -640,6 +647,7 @@ class StreamEngine:
             raise ValueError(f"min_batch must be in [1, {self.num_slots}] (the slots), got {min_batch}")
         self.validate = RequestValidator(self.latent_shape, self.cond_shapes, self.guided)
         data = check_mesh(mesh).shape["data"] if mesh is not None else 1
+        self._programs = _programs(self.tick_graphs, mesh.devices.flat[0].platform if mesh is not None else None)
         if self.num_slots % data:
             raise ValueError(f"{self.num_slots} slots do not split over the mesh's {data} data devices")
         self.scheduler = SlotScheduler(self.num_slots, admit, min_batch, multiple=data)

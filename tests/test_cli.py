@@ -393,6 +393,7 @@ def test_importing_the_library_changes_no_global_state(tmp_path):
     ("STREAMFLOW_JAX_CONV_LAYOUT", "nchw", "expected auto, hwio or ohwi"),
     ("STREAMFLOW_JAX_ATTENTION", "flash", "expected auto, cudnn, xla, fp8"),
     ("STREAMFLOW_JAX_SCAN_BLOCKS", "yes", "expected auto, on or off"),
+    ("STREAMFLOW_JAX_GEMM", "triton", "expected auto, xla or cublas"),
     ("STREAMFLOW_JAX_TICK", "threaded", "expected one of split, fused"),
     ("STREAMFLOW_JAX_TICK_GRAPHS", "bogus", "expected auto, on or off"),
 ])

@@ -338,7 +338,7 @@ def test_xla_knows_every_lever_flag():
     assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
     assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
     switches = {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, ops.CONV_LAYOUT_ENV, ops.CONV1X1_ENV, ops.SCAN_BLOCKS_ENV, TICK_ENV,
-                TICK_GRAPHS_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"}
+                TICK_GRAPHS_ENV, ops.GEMM_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"}
     assert all(env_extra.keys() <= switches for _, env_extra in VARIANTS.values())
     assert NEWER_XLA <= set(VARIANTS)  # the flags only a newer XLA parses: named, and checked there (JAX 0.12)
 
@@ -419,3 +419,55 @@ def test_a_variant_whose_flag_xla_does_not_know_says_so():
     env = {**os.environ, "XLA_FLAGS": "--xla_gpu_no_such_flag=1", "JAX_PLATFORMS": "cpu"}
     got = run_child([sys.executable, "-c", "import jax.numpy as jnp; print(jnp.ones(1))"], env, timeout=120)
     assert got == {"error": "this XLA does not know a flag (--xla_gpu_no_such_flag=1)"}
+
+
+def test_gemm_switch_and_its_compile_options(monkeypatch):
+    """``$STREAMFLOW_JAX_GEMM``: ``auto`` is XLA's default until a device measures ``cublas``;
+    ``cublas`` is two compile options on GPUs, none on this CPU; a typo is refused."""
+    monkeypatch.delenv(ops.GEMM_ENV, raising=False)
+    assert ops.gemm_choice() == "xla" and ops.compiler_options(platform="gpu") is None
+    assert ops.compiler_options() is None  # this CPU
+    monkeypatch.setenv(ops.GEMM_ENV, "cuBLAS")
+    assert ops.compiler_options(platform="cuda") == {"xla_gpu_enable_triton_gemm": False,
+                                                     "xla_gpu_dot_merger_threshold_mb": 0}
+    assert ops.compiler_options(platform="cpu") is None
+    with ops.target_device(H100):
+        assert ops.compiler_options() == ops.compiler_options(platform="gpu")
+    monkeypatch.setenv(ops.GEMM_ENV, "triton")
+    with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_GEMM='triton': expected auto, xla or cublas"):
+        ops.check_switches()
+
+
+def test_compile_options_reach_every_program_of_the_library(tiny_sd3, monkeypatch):
+    """``ops.compiler_options`` goes into the programs the library compiles: ``sf.sample``'s
+    segments, ``FlowModel.velocity`` and the stream engine's tick. Shown on this CPU with an
+    option XLA does not know, which only a compile that received it can refuse."""
+    from conftest import SD3_TINY, sd3_inputs
+
+    import streamflow_jax as sf
+
+    model = sf.load(tiny_sd3[0])
+    x, t, cond = sd3_inputs(SD3_TINY, batch=1, height=8, width=8)
+    grid = sf.schedules.flow_match(2)
+    monkeypatch.setattr(ops, "compiler_options", lambda platform=None: {"xla_no_such_option": 1})
+    for run in (lambda: sf.sample(model, x, grid, cond),
+                lambda: model.velocity(x, t, cond),
+                lambda: sf.StreamEngine(model, x.shape[1:], {k: v.shape[1:] for k, v in cond.items()},
+                                        slots_per_stream=1).warm_up(image_to_image=False)):
+        with pytest.raises(Exception, match="xla_no_such_option"):
+            run()
+    # inside a caller's jit the caller's compile holds the program: none of the library's options
+    # (JAX refuses compile options on a nested jit), so that option goes unseen
+    nested = jax.jit(lambda m, x: m.velocity(x, t, cond))(model, x)
+    monkeypatch.setattr(ops, "compiler_options", lambda platform=None: {"xla_cpu_enable_fast_math": False})
+    np.testing.assert_allclose(np.asarray(nested), np.asarray(model.velocity(x, t, cond)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sf.sample(model, x, grid, cond)),
+                               np.asarray(sampling_reference(model, x, grid, cond)), rtol=1e-6, atol=1e-6)
+
+
+def sampling_reference(model, x, grid, cond):
+    """Euler steps of the model's velocity, written out."""
+    for i in range(len(grid) - 1):
+        v = model.velocity(x, jnp.full((x.shape[0],), grid[i], jnp.float32), cond)
+        x = x + (grid[i + 1] - grid[i]) * v
+    return x

@@ -7,7 +7,6 @@ read its config fields: the answers come from the family's ``Family`` record.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 from typing import Any
@@ -107,10 +106,12 @@ def velocity_of(module, adapter, x, t, cond):
     return module.velocity(x, t, cond)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _velocity(graphdef, adapter, switches, state, x, t, cond):
+def _velocity_of_state(graphdef, adapter, switches, state, x, t, cond):
     del switches  # a cache key (ops.trace_switches): read again while tracing
     return velocity_of(nnx.merge(graphdef, state), adapter, x, t, cond)
+
+
+_velocity = jax.jit(_velocity_of_state, static_argnums=(0, 1, 2))  # without compile options (a CPU)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -206,7 +207,9 @@ class FlowModel:
         t = jnp.asarray(t, jnp.float32)
         self.check_call(x, t, cond)
         t = jnp.broadcast_to(t, (x.shape[0],))
-        return _velocity(self.graphdef, self.adapter, ops.trace_switches(), self.state, x, t, dict(cond))
+        options = ops.compiler_options()  # a GPU's GEMM choice (ops.gemm_choice); none inside a caller's trace
+        call = _velocity if options is None else ops.jitted(_velocity_of_state, options, static_argnums=(0, 1, 2))
+        return call(self.graphdef, self.adapter, ops.trace_switches(), self.state, x, t, dict(cond))
 
     def check_call(self, x, t, cond, x_name: str = "x") -> None:
         """The shapes of a velocity call (static: checked while tracing too), each named with
