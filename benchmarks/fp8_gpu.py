@@ -224,7 +224,9 @@ def main():
                 model, inputs = unet_setup(specs["stream"], dtype)
             else:
                 model, inputs = velocity_setup(name, specs[name], dtype)
-            hlo_out = Path(args.out).parent / f"fp8_{name}_hlo.txt.gz" if args.out and name == "flux" else None
+            # beside --out, named after it (fp8-flux and fp8-flux-cublas write one each)
+            hlo_out = Path(args.out).with_name(f"{Path(args.out).stem}_{name}_hlo.txt.gz") if args.out and name == "flux" \
+                else None
             row = measure(name, model, inputs, args.repeats, hlo_out, name in args.static, name in args.attention,
                           dynamic=name not in args.no_dynamic)
             del model, inputs

@@ -9,7 +9,8 @@
 #   fp8      quantize(model, "fp8") vs bf16: FP8 GEMMs in the compiled HLO, ms per call,
 #            velocity distance, bytes; SD3-medium (static scales too, then with cuDNN's FP8 attention),
 #            SD1.5 UNet if time is left (fp8_gpu.py, 270 s); fp8-flux: Flux-dev, bf16 against static
-#            scales (400 s); fp8-flux-all: with dynamic scales and FP8 attention too (450 s)
+#            scales (400 s); fp8-flux-all: with dynamic scales and FP8 attention too (450 s);
+#            fp8-flux-cublas: fp8-flux with $STREAMFLOW_JAX_GEMM=cublas (cuBLASLt's FP8 GEMMs; 400 s)
 #   levers   XLA flags / switch variants vs the default, one process each, stream images/s:
 #            OHWI conv kernels + one-pass GroupNorm + 1x1 convs as GEMMs + one program per tick
 #            together, convs as cuDNN fusions (OHWI), then the tick, the 1x1 convs, OHWI alone
@@ -97,6 +98,9 @@ for p in "${parts[@]}"; do
     # Flux-dev: bf16 against FP8 with static scales only (the dynamic form and FP8 attention are
     # a compile each: the first device run's part ran out of time before writing anything)
     fp8-flux) part fp8-flux 400 fp8_flux_gpu.json python3 benchmarks/fp8_gpu.py --workloads flux --static flux --no-dynamic flux --budget-s 390 $S ;;
+    # the same with the library's programs on cuBLAS(Lt) GEMMs without DotMerger ($STREAMFLOW_JAX_GEMM=cublas):
+    # bf16 and static FP8 both (cuBLASLt's FP8 GEMM instead of Triton's FP8 fusion)
+    fp8-flux-cublas) part fp8-flux-cublas 400 fp8_flux_cublas_gpu.json env STREAMFLOW_JAX_GEMM=cublas python3 benchmarks/fp8_gpu.py --workloads flux --static flux --no-dynamic flux --budget-s 390 $S ;;
     fp8-flux-all) part fp8-flux-all 450 fp8_flux_all_gpu.json python3 benchmarks/fp8_gpu.py --workloads flux --static flux --attention flux --budget-s 440 $S ;;
     levers) part levers 280 levers_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group a --budget-s 260 $S ;;
     levers-b) part levers-b 280 levers_b_gpu.json python3 benchmarks/levers_gpu.py --workloads stream --group b --budget-s 260 $S ;;
@@ -117,6 +121,6 @@ for p in "${parts[@]}"; do
     sdxl-compiled) part sdxl-compiled 450 sdxl_gpu_compiled.json python3 benchmarks/sdxl_gpu.py --stages unet compile --budget-s 440 $S ;;
     serve) part serve 280 serve_gpu.json python3 benchmarks/serve_gpu.py $S ;;
     first) part first 300 first_image_gpu.json python3 benchmarks/first_image_gpu.py --budget-s 290 $S ;;
-    *) echo "unknown part $p (profile profile-nographs fp8 fp8-flux fp8-flux-all levers levers-b levers-sd3 levers-flux stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
+    *) echo "unknown part $p (profile profile-nographs fp8 fp8-flux fp8-flux-cublas fp8-flux-all levers levers-b levers-sd3 levers-flux stream sd3 flux flux-compiled components engine encode sdxl sdxl-compiled serve first)" ;;
   esac
 done
