@@ -256,7 +256,12 @@ def _exact_exp2(e: jax.Array) -> jax.Array:
 
 
 def quantize_fp8(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """``x / scale`` rounded to ``float8_e4m3fn`` (saturating at +-448: e4m3fn has no inf)."""
+    """``x / scale`` rounded to ``float8_e4m3fn`` (saturating at +-448: e4m3fn has no inf).
+    float16 divides in float32: a small tensor's scale (at most 2^-15: amax <= 448 * 2^-16) is
+    subnormal or below float16's range, which backends flush to zero, so every value saturated
+    and zeros became NaN."""
+    if x.dtype == jnp.float16:
+        x = x.astype(jnp.float32)
     y = x / scale.astype(x.dtype)
     return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(FP8)
 
@@ -282,8 +287,10 @@ def is_exporting() -> bool:
 
 
 def _fake_quantize(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """``x`` rounded to e4m3 with ``scale`` and back, in ``x``'s dtype."""
-    return quantize_fp8(x, scale).astype(x.dtype) * scale.astype(x.dtype)
+    """``x`` rounded to e4m3 with ``scale`` and back, in ``x``'s dtype (float16 through float32,
+    as ``quantize_fp8``)."""
+    wide = jnp.float32 if x.dtype == jnp.float16 else x.dtype
+    return (quantize_fp8(x, scale).astype(wide) * scale.astype(wide)).astype(x.dtype)
 
 
 def _dequantize(q: jax.Array, scale: jax.Array, *, dtype) -> jax.Array:

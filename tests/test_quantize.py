@@ -435,6 +435,17 @@ def test_fp8_matmul_float16_does_not_overflow():
     got16 = ops.fp8_matmul(jnp.asarray(x, jnp.float16), wq, scale)
     assert np.isfinite(np.asarray(got16, np.float32)).all()
     assert _rel(got16, got32) < 1e-3  # float16's rounding of the output alone
+    # a small activation: its scale (2^-18 here) is below float16's normal range, which a backend
+    # flushes to zero: every value saturated (relative error 2) and an exact zero became NaN
+    small = (x[:2] * 1e-4).astype(np.float16).astype(np.float32)
+    small[0, 0] = 0.0
+    got32 = ops.fp8_matmul(jnp.asarray(small), wq, scale)
+    got16 = ops.fp8_matmul(jnp.asarray(small, jnp.float16), wq, scale)
+    assert np.isfinite(np.asarray(got16, np.float32)).all() and _rel(got16, got32) < 1e-3
+    assert float(ops.fp8_scale(jnp.max(jnp.abs(small)))) < 2.0 ** -14
+    q16 = ops.quantize_fp8(jnp.asarray(small, jnp.float16), ops.fp8_scale(jnp.max(jnp.abs(small))))
+    np.testing.assert_array_equal(np.asarray(q16), np.asarray(ops.quantize_fp8(
+        jnp.asarray(small), ops.fp8_scale(jnp.max(jnp.abs(small))))))
 
 
 def test_onnx_export_keeps_the_fp8_numerics(tmp_path):
