@@ -502,3 +502,22 @@ def test_img2img_through_the_stream_engine(tmp_path):
                      image=images[i % 2], strength=strength, output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
     assert "strength must be in (0, 1]" in str(results[bad])
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG and a float TIFF in [0, 1], as image-to-image inputs (--image, uploads,
+    frames, PIL images): Pillow's convert clipped them (the PNG read 99.6% white, the TIFF black)."""
+    from PIL import Image
+
+    from streamflow_jax.pipelines.images import images_to_array, read_image
+
+    want = np.arange(256, dtype=np.float64).reshape(16, 16) / 255
+    Image.fromarray((want * 65535).round().astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(want.astype(np.float32), mode="F").save(tmp_path / "g.tif")
+    for name in ("g16.png", "g.tif"):
+        got = images_to_array(read_image(tmp_path / name, name), 3)
+        np.testing.assert_allclose(got[0], np.repeat(want[..., None], 3, -1), atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(images_to_array(Image.open(tmp_path / name), 1)[0, ..., 0], want, atol=1e-6)
+    Image.fromarray((want * 2).astype(np.float32), mode="F").save(tmp_path / "hdr.tif")
+    with pytest.raises(ValueError, match=r"hdr.tif: float pixels must lie in \[0, 1\], these span \[0, 2\]"):
+        read_image(tmp_path / "hdr.tif", "hdr.tif")

@@ -73,7 +73,28 @@ def read_image(source: bytes | str | Path, what: str, max_pixels: int | None = N
         image.load()
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"{what}: not an image Pillow can read ({e})") from None
-    return image
+    return eight_bit(image, what)
+
+
+def eight_bit(image: Image.Image, what: str = "image") -> Image.Image:
+    """A grey image of more than 8 bits a pixel as 8-bit grey, scaled: Pillow's
+    ``convert("RGB"/"L")`` clips them instead (a 16-bit PNG came out nearly all white, a float
+    TIFF in [0, 1] black). 16-bit integers (``I;16``, or ``I`` within 16 bits) are divided by
+    257; floats (``F``) must lie in [0, 1]; anything else is refused, naming ``what``. Other
+    modes are returned as they are."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    arr = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"{what}: float pixels must lie in [0, 1], these span [{arr.min():g}, {arr.max():g}]")
+        arr = arr * 255
+    elif arr.min() < 0 or arr.max() > 65535:
+        raise ValueError(f"{what}: {image.mode} pixels beyond 16 bits ([{arr.min():g}, {arr.max():g}]); save it as "
+                         "an 8- or 16-bit image")
+    else:
+        arr = arr / 257
+    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
 
 
 def image_grid(images: np.ndarray, rows: int, scale: int = 4, gap: int = 2) -> Image.Image:
@@ -101,7 +122,7 @@ def images_to_array(image, channels: int | None = 3) -> np.ndarray:
         if not all(isinstance(im, str | Path | Image.Image) for im in image):
             raise ValueError("image: a list must hold only PIL images or paths, or be one array")
         mode = "L" if channels == 1 else "RGB"
-        image = [read_image(im, f"image {str(im)!r}") if isinstance(im, str | Path) else im for im in image]
+        image = [read_image(im, f"image {str(im)!r}") if isinstance(im, str | Path) else eight_bit(im) for im in image]
         sizes = sorted({im.size for im in image})
         if len(sizes) > 1:
             raise ValueError(f"image: the images have different sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}); "
