@@ -34,3 +34,24 @@ def check_count(name: str, value, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     return int(value)
+
+
+def is_real_dtype(dtype) -> bool:
+    """Whether ``dtype`` holds real numbers: an integer or floating type (bfloat16, float8 and the
+    other ml_dtypes floats included: numpy calls their kind ``V``); not bool, complex or text."""
+    import jax.numpy as jnp  # here: this module imports nothing at load
+
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
+def is_real_number(value) -> bool:
+    """Whether ``value`` is one real number: a Python int or float, or a 0-d numpy, ml_dtypes or
+    JAX scalar of a real dtype (a bfloat16 scalar included); not a bool."""
+    import numpy as np
+
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, int | float):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and np.ndim(value) == 0 and is_real_dtype(dtype)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from streamflow_jax.converters.lora import lora_deltas, read_lora_file
-from streamflow_jax.errors import ConversionError
+from streamflow_jax.errors import ConversionError, is_real_number
 from streamflow_jax.models import FlowModel, flat_params
 
 LoraSpec = str | Path | tuple[str | Path, float]
@@ -36,7 +36,7 @@ def parse_loras(loras: Sequence[LoraSpec] | None) -> list[tuple[Path, float]]:
             if len(item) != 2 or not isinstance(item[0], str | Path):
                 raise ConversionError(f"LoRA {item!r}: a pair is (file, scale)")
             path, scale = item
-            if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
+            if not is_real_number(scale):
                 raise ConversionError(f"LoRA {item!r}: its scale {scale!r} is not a number")
         elif not isinstance(item, str | Path):
             raise ConversionError(f"LoRA {item!r}: give a file, (file, scale) or 'file:scale'")

@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 
 from streamflow_jax import ops
+from streamflow_jax.errors import is_real_number
 from streamflow_jax.models.flow import FlowModel
 from streamflow_jax.models.layers import Attention, Linear, set_at
 
@@ -327,8 +328,7 @@ def check_headroom(headroom: float) -> float:
     """``calibrate``'s ``headroom``, or a ValueError: a number from 1 to ``MAX_HEADROOM`` (past
     that the measured magnitudes land in e4m3's lowest binades, or underflow: a model that
     runs and is far off, with nothing said)."""
-    if isinstance(headroom, bool) or not isinstance(headroom, int | float | np.integer | np.floating) \
-            or not 1 <= headroom <= MAX_HEADROOM:
+    if not is_real_number(headroom) or not 1 <= float(headroom) <= MAX_HEADROOM:
         raise ValueError(f"headroom must be a number from 1 to {MAX_HEADROOM}, got {headroom!r}")
     return float(headroom)
 

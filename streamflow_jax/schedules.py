@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamflow_jax.errors import ConfigError
+from streamflow_jax.errors import ConfigError, is_real_dtype, is_real_number
 
 NUM_TRAIN_TIMESTEPS = 1000
 MAX_STEPS = 1000  # a grid's most steps: past the 1000 training timesteps no model sees a new time
@@ -49,8 +49,7 @@ def check_steps(num_steps) -> int:
 
 def _number(name: str, value, positive: bool = False) -> float:
     """A finite real number (positive where ``positive``), or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-            or not math.isfinite(value) or positive and value <= 0:
+    if not is_real_number(value) or not math.isfinite(float(value)) or positive and float(value) <= 0:
         raise ValueError(f"{name} must be a {'positive' if positive else 'finite'} number, got {value!r}")
     return float(value)
 
@@ -219,7 +218,7 @@ def strength_values(strength, n: int) -> list[float]:
     in (0, 1]; a ValueError names what is wrong (a string or a bool, the wrong count, a value
     outside the range)."""
     arr = np.asarray(strength)
-    if arr.dtype.kind not in "fiu":  # bools and strings too
+    if not is_real_dtype(arr.dtype):  # bools and strings too; bfloat16 is a float
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     if arr.ndim > 1 or arr.ndim == 1 and arr.shape[0] != n:
         raise ValueError(f"strength has shape {arr.shape}; expected one number or one per image ({n})")

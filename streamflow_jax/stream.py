@@ -49,7 +49,7 @@ import numpy as np
 
 from streamflow_jax import ops, sampling, schedules
 from streamflow_jax.backends import check_backend, runner_for
-from streamflow_jax.errors import RequestError, check_count
+from streamflow_jax.errors import RequestError, check_count, is_real_dtype
 from streamflow_jax.models import FlowModel, decode_latents
 from streamflow_jax.sampling import Guidance, check_seed
 from streamflow_jax.sharding import check_mesh, shard_batch
@@ -177,7 +177,7 @@ class RequestValidator:
         as ``sf.sample`` refuses integer noise), all finite. bfloat16 and the other float
         types of ml_dtypes (numpy's kind ``V``) are floats: a bf16 pipeline's conditioning."""
         a = np.asarray(value)
-        real = jnp.issubdtype(a.dtype, jnp.floating) or (not floating and jnp.issubdtype(a.dtype, jnp.integer))
+        real = jnp.issubdtype(a.dtype, jnp.floating) if floating else is_real_dtype(a.dtype)
         if not real:
             kind = "real floating-point numbers" if floating else "real numbers"
             raise RequestError(f"request {rid}: {what} must be {kind}, got an array of {a.dtype}")

@@ -60,6 +60,17 @@ def test_strengths_are_numbers_one_or_one_per_image():
     length failed in NumPy's broadcasting."""
     assert sf.schedules.strength_values(0.5, 3) == [0.5, 0.5, 0.5]
     assert sf.schedules.strength_values([0.5, 1], 2) == [0.5, 1.0]
+    # bfloat16 numbers are numbers (numpy calls ml_dtypes' floats kind 'V': they were refused)
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    assert sf.schedules.strength_values(bf16(0.5), 2) == [0.5, 0.5]
+    assert sf.schedules.strength_values(np.array([0.5, 0.75], bf16), 2) == [0.5, 0.75]
+    assert sf.schedules.strength_values(jnp.bfloat16(0.5), 1) == [0.5]
+    np.testing.assert_array_equal(sf.schedules.flow_match(4, shift=bf16(3.0)), sf.schedules.flow_match(4, shift=3.0))
+    with pytest.raises(ValueError, match="shift must be a positive number, got True"):
+        sf.schedules.flow_match(4, shift=True)
     for bad, message in [("0.5", "strength must be a number in (0, 1], got '0.5'"),
                          (True, "strength must be a number in (0, 1], got True"),
                          (None, "strength must be a number in (0, 1], got None"),

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from streamflow_jax import sampling
 from streamflow_jax.backends.base import Backend, Runner
 from streamflow_jax.backends.cache import cache_root, enable_compilation_cache
-from streamflow_jax.errors import ConversionError, ExportError
+from streamflow_jax.errors import ConversionError, ExportError, is_real_dtype
 from streamflow_jax.export.onnx import export_onnx, load_export
 from streamflow_jax.export.spec import Range, build_velocity_spec, latent_range
 from streamflow_jax.models import FlowModel
@@ -108,8 +108,9 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
 
         if "CUDAExecutionProvider" not in default_providers():  # refused before a useless export
             raise ValueError("backend 'onnxruntime': this model's weights are bfloat16, and ONNX Runtime's CPU "
-                             "provider has no bfloat16 kernels (its Conv, for one): load it as float32 or float16 "
-                             "(dtype=, --dtype), or use backend 'xla' or 'tensorrt'")
+                             "provider has no bfloat16 kernels (its Conv, for one): use float32 or float16 weights "
+                             "(dtype= when loading; generate's and serve's --dtype; convert --dtype), or backend "
+                             "'xla' or 'tensorrt'")
     text = cond.get("encoder_hidden_states")
     text_len = None if text is None else int(text.shape[1])
     model.latent_shape(height, width)  # raises on sizes the model cannot take
@@ -225,7 +226,7 @@ def _grid_array(ts) -> jax.Array:
     except ValueError:  # grids of different lengths
         raise ValueError("ts: grids of different lengths; pad them into one [S+1, B] grid with "
                          "schedules.stack") from None
-    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):  # bf16 too
+    if not is_real_dtype(arr.dtype):  # bfloat16 too
         raise ValueError(f"ts must be times (real numbers), got {ts!r:.80}")
     return jnp.asarray(arr, jnp.float32)
 

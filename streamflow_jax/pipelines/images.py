@@ -9,12 +9,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from streamflow_jax.checkpoint import load
-from streamflow_jax.errors import ConfigError, ConversionError, check_count
+from streamflow_jax.errors import ConfigError, ConversionError, check_count, is_real_dtype
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -132,7 +131,7 @@ def images_to_array(image, channels: int | None = 3) -> np.ndarray:
         arr = np.asarray(image)
     except ValueError as e:  # ragged nested lists
         raise ValueError(f"image: not an array of one shape ({e})") from None
-    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):  # bf16 too
+    if not is_real_dtype(arr.dtype):  # bfloat16 too
         raise ValueError(f"image: expected numbers (floats in [0, 1] or uint8), got an array of {arr.dtype}")
     if 0 in arr.shape:
         raise ValueError(f"image has shape {arr.shape}: an empty image")
