@@ -463,6 +463,12 @@ def _cmd_export(args) -> int:
     exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet)
     dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
     print(f"exported {model.class_name} {spec.method} -> {exported.onnx_path} ({dims}, {spec.dtype}, opset {args.opset})")
+    if args.backend == "onnxruntime" and spec.dtype == "bfloat16":
+        from streamflow_jax.backends.onnxruntime import default_providers
+
+        if "CUDAExecutionProvider" not in default_providers():  # written for another machine, maybe
+            print("note: ONNX Runtime's CPU provider here cannot run it (no bfloat16 kernels, its Conv for one); "
+                  "ONNX Runtime with CUDA or TensorRT can, or export with --dtype float32 or float16")
     if args.backend == "tensorrt":
         from streamflow_jax.backends.tensorrt import export_engine, local_gpu
 

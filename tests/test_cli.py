@@ -49,6 +49,20 @@ def test_bench_options_and_refusals(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def test_bf16_export_for_onnxruntime_says_this_cpu_cannot_run_it(tmp_path, capsys):
+    """It exported without a word, and ONNX Runtime's CPU provider then refused the graph
+    (NOT_IMPLEMENTED, a bf16 Conv); generate, bench and serve refuse the pair outright."""
+    pytest.importorskip("jax2onnx")
+    from streamflow_jax.backends.onnxruntime import default_providers
+
+    if "CUDAExecutionProvider" in default_providers():
+        pytest.skip("ONNX Runtime with CUDA here")
+    make_sd3(tmp_path / "sd3")
+    assert cli(["export", str(tmp_path / "sd3"), str(tmp_path / "out"), "--dtype", "bfloat16", "--batch", "1:1:1",
+                "--resolution", "16:16:16", "--latent-scale", "2", "--text-len", "5", "-q"]) == 0
+    assert "note: ONNX Runtime's CPU provider here cannot run it (no bfloat16 kernels" in capsys.readouterr().out
+
+
 def test_pipeline_facts(tmp_path):
     """(latent scale, text length): from vae/ (its factor) and conditioning.safetensors; 1 for a
     pipeline without a VAE (pixel space); nothing for a plain model directory."""
