@@ -206,8 +206,14 @@ class TensorSource:
             return cls(cls._headers(single), model_dir)
         if not index.is_file():
             found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            stem = Path(names[0]).name.split(".")[0]  # diffusion_pytorch_model, model
+            variants = sorted({n[len(stem) + 1:].split(".")[0].split("-")[0] for n in found
+                               if variant is None and n.startswith(stem + ".") and n.count(".") >= 2})
+            hint = (f"; these are the {' or '.join(variants)} variant's weights: convert with --variant "
+                    f"{variants[0]} (sf.convert(..., variant={variants[0]!r})) and use the converted directory"
+                    if variants else "")
             raise ConversionError(f"{model_dir}: no {names[0]} or {names[1]}"
-                                  + (f" (found {', '.join(found)})" if found else ""))
+                                  + (f" (found {', '.join(found)})" if found else "") + hint)
         weight_map = read_json(index).get("weight_map")
         if weight_map is None:
             raise ConversionError(f"{index}: missing 'weight_map'")

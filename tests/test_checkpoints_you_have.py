@@ -166,7 +166,8 @@ def test_fp16_variant_files(tmp_path, capsys, sharded):
     unet.to(torch.float16).save_pretrained(tmp_path / "unet", variant="fp16",
                                            **({"max_shard_size": "200KB"} if sharded else {}))
     assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "-q"]) == 1
-    assert "fp16" in capsys.readouterr().err  # the error lists what is there
+    err = capsys.readouterr().err  # the error lists what is there, and says how to read it
+    assert "these are the fp16 variant's weights: convert with --variant fp16" in err, err
     assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "--variant", "fp16", "-q"]) == 0
     model = sf.load(tmp_path / "out")
     assert model.dtype == jax.numpy.float16
