@@ -306,9 +306,7 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
         raise ConversionError(f"{src}: config= overrides one model's fields; this is a pipeline: convert its "
                               "component directory with config=, or edit that component's config.json")
     components = pipeline_components(src)
-    missing = [kind.removeprefix("missing: ") for kind in components.values() if kind.startswith("missing: ")]
-    if missing:
-        raise ConversionError(f"{src}: " + "; ".join(missing))
+    refuse_missing_components(src, components)
     velocity = [n for n, kind in components.items() if kind in FAMILIES and FAMILIES[kind].kind == "velocity"]
     if delta is not None and not velocity:
         raise ConversionError(f"{src}: a delta goes to a pipeline's velocity model (its unet), and this pipeline "
@@ -467,10 +465,7 @@ def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast
     from streamflow_jax.converters.ldm import ldm_pipeline_sources  # read only for single files
 
     sources = ldm_pipeline_sources(src, pipeline_dir)  # {component: (raw config, source)}, all checked
-    missing = [kind.removeprefix("missing: ") for name, kind in pipeline_components(pipeline_dir).items()
-               if kind.startswith("missing: ") and name not in sources]
-    if missing:
-        raise ConversionError(f"{pipeline_dir}: " + "; ".join(missing))
+    refuse_missing_components(pipeline_dir, exclude=sources)  # the file's own components are not missing
     if delta is not None:
         if "unet" not in sources:
             raise ConversionError(f"{src}: a delta goes to the unet, and this file holds none")
@@ -506,6 +501,19 @@ def _convert_single_file_pipeline(src: Path, dst: Path, pipeline_dir: Path, cast
 # incomplete (diffusers' from_pretrained refuses it too); others (safety checker, feature
 # extractor, image encoder) are not used here and may be left out
 NEEDED_COMPONENTS = ("transformer", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def refuse_missing_components(src: Path, components: dict[str, str] | None = None, exclude=(),
+                              error: type[ValueError] = ConversionError) -> None:
+    """Raises ``error`` naming every component a pipeline runs on that ``model_index.json``
+    names and ``src`` lacks (``pipeline_components``' ``missing`` kind; ``exclude``: names
+    supplied elsewhere): an incomplete download, refused by convert and by the pipelines'
+    loader (an SD3 without its T5 directory sampled with zeros for T5's embeddings)."""
+    components = pipeline_components(src) if components is None else components
+    missing = [kind.removeprefix("missing: ") for name, kind in components.items()
+               if kind.startswith("missing: ") and name not in exclude]
+    if missing:
+        raise error(f"{src}: " + "; ".join(missing))
 
 
 def pipeline_components(src: Path) -> dict[str, str]:

@@ -198,9 +198,16 @@ def test_bad_input_to_pipelines_and_streams(tmp_path):
     # a download without the T5 its model_index.json names sampled with zeros for T5's embeddings
     shutil.copytree(tmp_path / "sd3" / "pipe", tmp_path / "no-t5")
     shutil.rmtree(tmp_path / "no-t5" / "text_encoder_3")
-    with pytest.raises(sf.ConfigError, match=re.escape(f"names text_encoder_3 and {tmp_path / 'no-t5' / 'text_encoder_3'} "
-                                                       "does not exist (an incomplete download?")):
+    with pytest.raises(sf.ConfigError, match=re.escape(f"model_index.json names text_encoder_3 (T5EncoderModel) and "
+                                                       f"{tmp_path / 'no-t5' / 'text_encoder_3'} does not exist (an "
+                                                       "incomplete download?")):
         sf.Pipeline.from_diffusers(tmp_path / "no-t5")
+    # the same for any family and any component a pipeline runs on (here Flux's VAE), before loading
+    (tmp_path / "flux").mkdir()
+    make_flux_pipeline(tmp_path / "flux")
+    shutil.rmtree(tmp_path / "flux" / "pipe" / "vae")
+    with pytest.raises(sf.ConfigError, match=re.escape("model_index.json names vae (AutoencoderKL) and")):
+        sf.Pipeline.from_diffusers(tmp_path / "flux" / "pipe")
     assert cli(["convert", str(tmp_path / "no-t5"), str(tmp_path / "no-t5-conv"), "-q"]) == 1
     assert not (tmp_path / "no-t5-conv").exists()
     run = lambda g, **kw: sd3(PROMPTS, steps=2, guidance_scale=g, noise=noise, output_type="latent", **kw)  # noqa: E731

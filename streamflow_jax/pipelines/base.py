@@ -21,6 +21,7 @@ from PIL import Image
 
 from streamflow_jax import backends, schedules
 from streamflow_jax.backends.cache import enable_compilation_cache
+from streamflow_jax.checkpoint import refuse_missing_components
 from streamflow_jax.errors import ConfigError
 from streamflow_jax.models import decode_latents, encode_latents, pixels_to_latent
 from streamflow_jax.pipelines.images import check_output_type, images_to_array, to_float_images, to_uint8
@@ -69,8 +70,11 @@ class Pipeline:
         """
         if not isinstance(path, str | Path):
             raise ValueError(f"from_diffusers takes a directory path, got {type(path).__name__}")
+        klass = pipeline_class(path) if cls is Pipeline else cls
+        if (Path(path) / "model_index.json").is_file():  # an incomplete download, before any weight is read
+            refuse_missing_components(Path(path), error=ConfigError)
         enable_compilation_cache()
-        return (pipeline_class(path) if cls is Pipeline else cls).load(Path(path), **kwargs)
+        return klass.load(Path(path), **kwargs)
 
     @classmethod
     def load(cls, path, **kwargs) -> Pipeline:

@@ -18,7 +18,6 @@ import numpy as np
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
 from streamflow_jax.converters.common import read_json
-from streamflow_jax.errors import ConfigError
 from streamflow_jax.pipelines.base import PromptPipeline, check_text_len, register
 from streamflow_jax.pipelines.images import load_autoencoder
 from streamflow_jax.pipelines.text import T5Tokenizers, clip_penultimate_and_projection, t5_last_hidden_state
@@ -27,20 +26,13 @@ from streamflow_jax.tokenizer import CLIPTokenizer
 
 def _uses_t5(path: Path) -> bool:
     """Whether an SD3 pipeline directory runs T5: as its ``model_index.json`` says (diffusers':
-    ``[null, null]`` for a pipeline without it); one that names T5 and lacks its directory is an
-    incomplete download, refused (it sampled with zeros for T5's embeddings). Without an entry,
-    whether the directory is there."""
+    ``[null, null]`` for a pipeline without it; ``Pipeline.from_diffusers`` refuses one that
+    names T5 and lacks its directory); without an entry, whether the directory is there."""
     index = path / "model_index.json"
     named = read_json(index).get("text_encoder_3") if index.is_file() else None
-    if not isinstance(named, list) or len(named) != 2:
-        return (path / "text_encoder_3").is_dir()
-    if named == [None, None]:
-        return False
-    for sub in ("text_encoder_3", "tokenizer_3"):
-        if not (path / sub).is_dir():
-            raise ConfigError(f"{index} names {sub} and {path / sub} does not exist (an incomplete download? an "
-                              "SD3 pipeline without T5 lists text_encoder_3 and tokenizer_3 as [null, null])")
-    return True
+    if isinstance(named, list) and len(named) == 2:
+        return named != [None, None]
+    return (path / "text_encoder_3").is_dir()
 
 
 @register("StableDiffusion3Pipeline")

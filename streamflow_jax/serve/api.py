@@ -170,13 +170,18 @@ def check_common(fields, *, served, max_n: int, max_steps: int) -> dict[str, Any
         raise APIError(400, str(e), param="guidance_scale") from None
     if np.ndim(guidance.scale):
         raise APIError(400, "guidance_scale must be one number", param="guidance_scale")
-    if fields.negative_prompt and (why := served.stream.pipe.negative_prompt_problem(fields.negative_prompt,
-                                                                                  guidance)) is not None:
-        raise APIError(400, why, param="negative_prompt")
+    check_negative_prompt(served, fields.negative_prompt, guidance)
     kwargs = {"prompt": fields.prompt, "steps": fields.steps, "guidance_scale": fields.guidance_scale}
     if fields.negative_prompt is not None:
         kwargs["negative_prompt"] = fields.negative_prompt
     return kwargs
+
+
+def check_negative_prompt(served, negative_prompt, guidance) -> None:
+    """A 400 for a negative prompt that the request's guidance would not read (the pipeline's
+    ``negative_prompt_problem``: guidance off at its scale, or a model without CFG)."""
+    if negative_prompt and (why := served.stream.pipe.negative_prompt_problem(negative_prompt, guidance)) is not None:
+        raise APIError(400, why, param="negative_prompt")
 
 
 def check_strength(strength) -> None:

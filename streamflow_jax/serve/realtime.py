@@ -77,9 +77,7 @@ def parse_config(state, text: str) -> dict:
         guidance = served.stream.pipe.resolve_guidance(fields.guidance_scale)
     except ValueError as e:
         raise APIError(400, str(e), param="guidance_scale") from None
-    if fields.negative_prompt and (why := served.stream.pipe.negative_prompt_problem(fields.negative_prompt,
-                                                                                  guidance)) is not None:
-        raise APIError(400, why, param="negative_prompt")
+    api.check_negative_prompt(served, fields.negative_prompt, guidance)
     kwargs = {"prompt": fields.prompt, "steps": fields.steps, "guidance_scale": fields.guidance_scale,
               "seed": seed, "strength": fields.strength}
     if fields.negative_prompt is not None:
