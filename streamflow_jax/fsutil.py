@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ def interrupts_recorded() -> Iterator[None]:
     ask the record before anything is committed. The CLI runs its commands inside it. Main
     thread only; the previous handler comes back after, and outside the block nothing is
     recorded (a caller of the library who catches a Ctrl-C and goes on is not interrupted
-    again)."""
+    again). Inside it, the interpreter's "Exception ignored" report of such a dropped Ctrl-C is
+    not printed (``sys.unraisablehook``): the command ends with its own one line instead."""
     global _INTERRUPTS
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -45,12 +47,24 @@ def interrupts_recorded() -> Iterator[None]:
             _INTERRUPTS.append(signum)
         raise KeyboardInterrupt
 
+    previous_hook = sys.unraisablehook
+
+    def quiet(unraisable):
+        # a recorded Ctrl-C dropped inside a callback (a ``__del__``, a GC hook) is raised again
+        # before anything is committed: its "Exception ignored in ..." traceback is noise that
+        # came before the one line "interrupted" (seen with zipfile's __del__ during convert)
+        if _INTERRUPTS and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        previous_hook(unraisable)
+
     outer, _INTERRUPTS = _INTERRUPTS, []
     previous = signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = quiet
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        sys.unraisablehook = previous_hook
         _INTERRUPTS = outer
 
 
