@@ -209,9 +209,9 @@ class TensorSource:
             stem = Path(names[0]).name.split(".")[0]  # diffusion_pytorch_model, model
             variants = sorted({n[len(stem) + 1:].split(".")[0].split("-")[0] for n in found
                                if variant is None and n.startswith(stem + ".") and n.count(".") >= 2})
-            hint = (f"; these are the {' or '.join(variants)} variant's weights: convert with --variant "
-                    f"{variants[0]} (sf.convert(..., variant={variants[0]!r})) and use the converted directory"
-                    if variants else "")
+            hint = (f"; these are the {' or '.join(variants)} variant's weights: give --variant {variants[0]} "
+                    f"(convert, generate, serve; variant={variants[0]!r} to sf.convert, sf.load or "
+                    "Pipeline.from_diffusers)" if variants else "")
             raise ConversionError(f"{model_dir}: no {names[0]} or {names[1]}"
                                   + (f" (found {', '.join(found)})" if found else "") + hint)
         weight_map = read_json(index).get("weight_map")

@@ -238,7 +238,8 @@ def _generate_digits(args) -> int:
     for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
                         ("--height", args.height), ("--width", args.width),
                         ("--taesd", args.taesd), ("--prediction-type", args.prediction_type),
-                        ("--windows", args.windows), ("--max-sequence-length", args.max_sequence_length)):
+                        ("--windows", args.windows), ("--variant", args.variant),
+                        ("--max-sequence-length", args.max_sequence_length)):
         if value is not None and value != []:
             raise ValueError(f"{flag} is for prompt pipelines; the digits model makes 16x16 digits from class labels "
                              "(give --model PIPELINE_DIR for prompts)")
@@ -259,7 +260,7 @@ def _generate_digits(args) -> int:
                                        image=image, strength=args.strength)
     else:
         run = lambda seed: pipe(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
-                                backend=args.backend, image=image, strength=args.strength)
+                                backend=args.backend, image=image, strength=args.strength, progress=not args.quiet)
     t0 = time.perf_counter()
     run((args.seed + 1) % 2**32)  # first call compiles
     compile_s = time.perf_counter() - t0
@@ -300,7 +301,7 @@ def _generate_prompts(args) -> int:
     _check_negative_prompt_early(cls, args)
     kwargs = {"dtype": args.dtype}
     for name, value in (("taesd", args.taesd), ("prediction_type", args.prediction_type),
-                        ("num_time_windows", args.windows)):
+                        ("num_time_windows", args.windows), ("variant", args.variant)):
         if value is not None:
             kwargs[name] = value
     pipe = Pipeline.from_diffusers(args.model, mesh=_mesh(args), strategy=args.strategy, **kwargs)
@@ -323,7 +324,8 @@ def _generate_prompts(args) -> int:
     else:
         images = pipe(args.prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                       negative_prompt=negative, backend=args.backend, height=args.height, width=args.width,
-                      max_sequence_length=args.max_sequence_length, image=image, strength=args.strength)
+                      max_sequence_length=args.max_sequence_length, image=image, strength=args.strength,
+                      progress=not args.quiet)
     elapsed = time.perf_counter() - t0
     row = Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
     _write_image(row, args.out)
@@ -570,7 +572,7 @@ def _cmd_serve(args) -> int:
         raise ValueError(f"serving needs the serve extra (pip install 'streamflow-jax[serve]'): {e}") from None
     load = dict(model=args.model, slots_per_stream=args.slots, streams=args.streams, backend=args.backend,
                 size=args.size, dtype=args.dtype, taesd=args.taesd, prediction_type=args.prediction_type,
-                num_time_windows=args.windows, strategy=args.strategy, quantize=args.quantize)
+                num_time_windows=args.windows, variant=args.variant, strategy=args.strategy, quantize=args.quantize)
     options = dict(max_queue=args.max_queue, max_n=args.max_n, max_steps=args.max_steps, timeout=args.timeout,
                    frames_in_flight=args.frames_in_flight, max_streams=args.max_streams)
     name = Path(args.model).name if args.model else "digits"
@@ -609,6 +611,9 @@ def _adapter_flags(p) -> None:
                         "UNet shipped with its base model's scheduler)")
     p.add_argument("--windows", type=int, default=None,
                    help="PeRFlow: time windows (default: the scheduler config's, or 4)")
+    p.add_argument("--variant", default=None,
+                   help="a diffusers pipeline directory's *.VARIANT.safetensors weights (e.g. fp16), as "
+                        "from_pretrained(variant=)")
 
 
 def _quantize_flag(p) -> None:
@@ -696,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=None, help="with --stream: streams sharing each call (default 1)")
     p.add_argument("--out", default="digits.png", help="output image, checked before generating (default digits.png)")
     _mesh_flags(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("export", help="export a model's graph to ONNX (and build a TensorRT engine)")

@@ -167,12 +167,49 @@ def test_fp16_variant_files(tmp_path, capsys, sharded):
                                            **({"max_shard_size": "200KB"} if sharded else {}))
     assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "-q"]) == 1
     err = capsys.readouterr().err  # the error lists what is there, and says how to read it
-    assert "these are the fp16 variant's weights: convert with --variant fp16" in err, err
+    assert "these are the fp16 variant's weights: give --variant fp16" in err, err
     assert cli(["convert", str(tmp_path / "unet"), str(tmp_path / "out"), "--variant", "fp16", "-q"]) == 0
     model = sf.load(tmp_path / "out")
     assert model.dtype == jax.numpy.float16
     sd = {k: v.numpy() for k, v in unet.state_dict().items()}
     np.testing.assert_array_equal(_leaves(model)["conv_in.bias"], sd["conv_in.bias"])
+
+
+def test_pipeline_of_variant_weights(tmp_path, capsys):
+    """A pipeline download holding only fp16 variant files (``from_pretrained(variant="fp16")``'s
+    layout, saved by diffusers and transformers) loads with ``variant=``, every component of it,
+    without converting first; ``generate`` and ``serve`` take ``--variant``."""
+    import transformers
+
+    root = make_perflow_pipeline(tmp_path / "p")
+    hub = tmp_path / "hub"
+    shutil.copytree(root, hub, ignore=shutil.ignore_patterns("*.safetensors"))  # configs, tokenizer, scheduler
+    for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL),
+                      ("text_encoder", transformers.CLIPTextModel)):
+        cls.from_pretrained(root / name).to(torch.float16).save_pretrained(hub / name, variant="fp16")
+    with pytest.raises(sf.ConversionError, match=re.escape("these are the fp16 variant's weights: give --variant "
+                                                           "fp16")):
+        sf.Pipeline.from_diffusers(hub)
+    pipe = sf.Pipeline.from_diffusers(hub, variant="fp16")
+    assert {pipe.model.dtype, pipe.text_encoder.dtype, pipe.decoder.dtype} == {np.dtype(np.float16)}
+    reference = diffusers.AutoencoderKL.from_pretrained(hub / "vae", variant="fp16", torch_dtype=torch.float16)
+    np.testing.assert_array_equal(_leaves(pipe.decoder)["decoder.conv_out.bias"],
+                                  reference.state_dict()["decoder.conv_out.bias"].numpy())
+    out = tmp_path / "cat.png"
+    assert cli(["generate", "--model", str(hub), "--variant", "fp16", "--dtype", "float32", "--prompt", "a cat",
+                "--out", str(out), "-q"]) == 0
+    assert out.is_file()
+    assert cli(["generate", "--variant", "fp16", "--out", str(tmp_path / "d.png"), "-q"]) == 1  # digits: no variants
+    assert "--variant is for prompt pipelines" in capsys.readouterr().err
+    from streamflow_jax.serve.models import load_served
+
+    served = load_served(str(hub), variant="fp16", slots_per_stream=1, streams=1)  # serve --variant
+    assert served.stream.pipe.model.dtype == np.float16
+    with pytest.raises(ValueError, match="--variant is for prompt pipelines"):
+        load_served(None, variant="fp16")
+    with pytest.raises(sf.ConversionError, match="already converted; variant"):  # a converted pipeline has none
+        sf.Pipeline.from_diffusers(sf.convert(hub, tmp_path / "conv", variant="fp16", progress=False),
+                                   variant="fp16")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_ctrl_c_swallowed_by_a_callback_still_interrupts(tiny_sd3, tmp_path, mon
         name, argv = "remove_stale_partials", ["convert", str(tiny_sd3[0]), str(tmp_path / "out"), "-q"]
     else:
         import streamflow_jax.pipelines as where
-        name, argv = "image_grid", ["generate", "--out", str(tmp_path / "out.png")]
+        name, argv = "image_grid", ["generate", "--out", str(tmp_path / "out.png"), "-q"]
     original = getattr(where, name)
 
     def swallowing(*args, **kwargs):

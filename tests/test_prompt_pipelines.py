@@ -236,6 +236,16 @@ def test_bad_input_to_pipelines_and_streams(tmp_path):
         args = {"steps": 2, "noise": noise, "output_type": "latent", **kwargs}
         with pytest.raises(ValueError, match=re.escape(message)):
             sd3(PROMPTS, **args)
+    # diffusers' keywords are named with ours (pipe(prompt=...) was "missing 1 required positional argument")
+    with pytest.raises(TypeError, match=re.escape("got unexpected keyword argument(s) 'prompt' (pass the prompts first: "
+                                                  "pipe('a cat')")):
+        sd3(prompt=PROMPTS[0], steps=2)
+    with pytest.raises(TypeError, match=re.escape("'num_inference_steps' (steps=), 'generator' (seed= (an int")):
+        sd3(PROMPTS, num_inference_steps=2, generator=0)
+    with pytest.raises(TypeError, match=re.escape("argument(s) 'step'")):
+        sd3(PROMPTS, step=2)
+    with pytest.raises(TypeError, match="needs the prompts"):
+        sd3()
     for length in (-5, 12.7, "12", 513):  # at load: -5 failed at the first call, 12.7 became 12
         with pytest.raises(ValueError, match="max_sequence_length must be an integer from 1 to 512"):
             sf.Pipeline.from_diffusers(tmp_path / "sd3" / "pipe", max_sequence_length=length)

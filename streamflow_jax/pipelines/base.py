@@ -114,6 +114,31 @@ def check_prompts(prompts) -> list[str]:
     return prompts
 
 
+# diffusers' names for arguments of a pipeline call, and what this library takes instead
+DIFFUSERS_KEYWORDS = {
+    "prompt": "pass the prompts first: pipe('a cat') or pipe(['a cat', 'a dog'])",
+    "prompt_2": "one prompt feeds every text encoder here: pass the prompts first",
+    "prompt_3": "one prompt feeds every text encoder here: pass the prompts first",
+    "negative_prompt_2": "negative_prompt= (one for every text encoder)",
+    "negative_prompt_3": "negative_prompt= (one for every text encoder)",
+    "num_inference_steps": "steps=",
+    "generator": "seed= (an int in [0, 2**32))",
+    "latents": "noise= ([B, h, w, C] latents)",
+    "num_images_per_prompt": "repeat the prompt in the list: pipe(['a cat'] * 4, seed=...)",
+    "prompt_embeds": "prompts are encoded by the pipeline: pass the prompts",
+    "return_dict": "output_type= ('pil', 'np' or 'latent'); the call returns the images",
+}
+
+
+def refuse_unknown_keywords(owner: str, given: dict) -> None:
+    """A ``TypeError`` naming each keyword a pipeline call does not take, with this library's
+    name for diffusers' (``prompt=`` -> the first argument, ``num_inference_steps`` -> ``steps``)."""
+    if not given:
+        return
+    hints = [f"{k!r} ({DIFFUSERS_KEYWORDS[k]})" if k in DIFFUSERS_KEYWORDS else repr(k) for k in given]
+    raise TypeError(f"{owner}() got unexpected keyword argument(s) {', '.join(hints)}")
+
+
 def negative_prompt_problem(negative_prompt, guidance: Guidance, *, mode: str = "cfg", default=None,
                             name: str = "this pipeline") -> str | None:
     """Why a negative prompt would be ignored, or None when it is read (or empty): only
@@ -350,10 +375,10 @@ class PromptPipeline(Pipeline):
             return to_float_images(images)
         return [Image.fromarray(img) for img in to_uint8(images)]
 
-    def __call__(self, prompts, *, steps: int | None = None, guidance_scale=None, negative_prompt="",
+    def __call__(self, prompts=None, *, steps: int | None = None, guidance_scale=None, negative_prompt="",
                  seed: int = 0, noise=None, height: int | None = None, width: int | None = None,
                  max_sequence_length: int | None = None, image=None, strength=None, backend: str = "xla",
-                 output_type: str = "pil", progress: bool = True):
+                 output_type: str = "pil", progress: bool = True, **unknown):
         """Generates one image per prompt.
 
         Args:
@@ -378,7 +403,14 @@ class PromptPipeline(Pipeline):
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (float ``[B, H, W, 3]`` in
                 [0, 1]) or ``"latent"`` (the sampler's ``[B, h, w, C]`` output, before decoding).
             progress: a progress bar over the steps of runs longer than 2 s.
+
+        Any other keyword is a ``TypeError``; diffusers' names say what to use instead
+        (``DIFFUSERS_KEYWORDS``: ``prompt=`` -> the first argument, ``num_inference_steps`` ->
+        ``steps``, ``generator`` -> ``seed``).
         """
+        refuse_unknown_keywords(type(self).__name__, unknown)
+        if prompts is None:
+            raise TypeError(f"{type(self).__name__}() needs the prompts: pipe('a cat') or pipe(['a cat', 'a dog'])")
         check_output_type(output_type)
         backends.check_backend(backend)
         prompts = check_prompts(prompts)

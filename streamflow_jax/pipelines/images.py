@@ -26,7 +26,10 @@ def load_autoencoder(path: Path, taesd=None, *, for_model=None, **opts):
             for another family is refused here, not by a convolution after sampling).
     """
     where = taesd or Path(path) / "vae"
-    model = load(taesd, **opts) if taesd is not None else load(path, component="vae", **opts)
+    if taesd is not None:  # its own directory: the pipeline's weights variant is not its
+        model = load(taesd, **{k: v for k, v in opts.items() if k != "variant"})
+    else:
+        model = load(path, component="vae", **opts)
     if model.family.kind != "autoencoder":
         raise ConversionError(f"{where}: {model.class_name} is not a VAE/TAESD")
     if for_model is not None and model.latent_channels != for_model.latent_channels:

@@ -79,7 +79,7 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
     @classmethod
     def load(cls, path, *, taesd=None, dtype=None, prediction_type: str | None = None,
              num_time_windows: int | None = None, mesh=None, strategy: str = "fsdp",
-             **micro_conditioning) -> PeRFlowSDXLPipeline:
+             variant: str | None = None, **micro_conditioning) -> PeRFlowSDXLPipeline:
         """A diffusers ``StableDiffusionXLPipeline`` directory, or one converted by ``sf.convert``.
 
         Args:
@@ -92,13 +92,15 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
                 instructions do on its SDXL checkpoints, which ship SDXL's
                 ``EulerDiscreteScheduler`` (``prediction_type="ddim_eps"``, 4 windows).
             mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``).
+            variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
+                as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
             micro_conditioning: ``original_size``, ``crops_coords_top_left``, ``target_size``
                 (see the class).
         """
         path = Path(path)
         scheduler = cls.perflow_scheduler(path, prediction_type, num_time_windows)
         index = json.loads((path / "model_index.json").read_text())
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant)
         unet = load(path, component="unet", scheduler=scheduler, **opts)
         clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
                           CLIPTokenizer.from_dir(path / f"tokenizer{n}"))
@@ -131,7 +133,7 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
         ids = (self.original_size or image) + (self.crops_coords_top_left or (0, 0)) + (self.target_size or image)
         return {"time_ids": np.asarray(ids, np.float32)}
 
-    def __call__(self, prompts, *, original_size=None, crops_coords_top_left=None, target_size=None, **kwargs):
+    def __call__(self, prompts=None, *, original_size=None, crops_coords_top_left=None, target_size=None, **kwargs):
         """``PromptPipeline.__call__`` (same arguments), and SDXL's micro-conditioning for this
         call: ``original_size``, ``crops_coords_top_left``, ``target_size`` (see the class)."""
         pipe = self

@@ -111,7 +111,7 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
 
 
 def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, backend: str = "xla", size=None,
-                dtype=None, taesd=None, prediction_type=None, num_time_windows=None, mesh=None,
+                dtype=None, taesd=None, prediction_type=None, num_time_windows=None, variant=None, mesh=None,
                 strategy: str = "fsdp", quantize: str | None = None, cache_size: int | None = None) -> Served:
     """Loads MODEL (a digits directory, the embedded one when None; or any prompt pipeline
     directory, diffusers or converted) behind a guided ``PromptStream`` of ``slots_per_stream x
@@ -125,7 +125,8 @@ def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, back
             from streamflow_jax.quantization import quantized as _quantize
 
             pipe.model = _quantize(pipe.model, quantize)
-        for flag, value in (("taesd", taesd), ("prediction_type", prediction_type), ("windows", num_time_windows)):
+        for flag, value in (("taesd", taesd), ("prediction_type", prediction_type), ("windows", num_time_windows),
+                            ("variant", variant)):
             if value is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} is for prompt pipelines, not the digits model")
         prompts = DigitsPrompts(pipe)
@@ -134,7 +135,8 @@ def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, back
         h, w, _ = stream.latent_shape
         return Served(stream, "digits" if model is None else Path(model).name, (w, h), 1, "0")
     kwargs = {"dtype": dtype}
-    for name, value in (("taesd", taesd), ("prediction_type", prediction_type), ("num_time_windows", num_time_windows)):
+    for name, value in (("taesd", taesd), ("prediction_type", prediction_type), ("num_time_windows", num_time_windows),
+                        ("variant", variant)):
         if value is not None:
             kwargs[name] = value
     pipe = Pipeline.from_diffusers(model, mesh=mesh, strategy=strategy, **kwargs)
