@@ -204,6 +204,23 @@ def _bad_requests():
             "headers": {"content-type": "multipart/form-data; boundary=xyz"}}), 400),
         "edits huge declared length": (("RAW", "/v1/images/edits", {
             "head": b"content-type: multipart/form-data; boundary=x\r\ncontent-length: 1099511627776"}), 413),
+        # found by a fuzzing pass: bodies JSON would not take, numbers no form should, a media type
+        # that only starts right, a format Pillow hands to Ghostscript, a strength that keeps no step
+        "json with a byte-order mark": (raw(b'\xef\xbb\xbf{"prompt": "3"}'), 400),
+        "json in utf-16": (raw('{"prompt": "3"}'.encode("utf-16")), 400),
+        "a 5000-digit n": (raw('{"prompt": "3", "n": ' + "9" * 5000 + "}"), 400),
+        "a 4000-digit n": (raw('{"prompt": "3", "n": ' + "9" * 4000 + "}"), 400),
+        "20000 unknown fields": (j({**{f"k{i}": 0 for i in range(20000)}, "prompt": "3"}), 400),
+        "edits steps 1_0": (edit({"image": good_png}, {"prompt": "3", "steps": "1_0"}), 400),
+        "edits n +3": (edit({"image": good_png}, {"prompt": "3", "n": "+3"}), 400),
+        "edits seed 1.0": (edit({"image": good_png}, {"prompt": "3", "seed": "1.0"}), 400),
+        "edits strength keeps no step": (edit({"image": good_png}, {"prompt": "3", "strength": "1e-300",
+                                                                    "steps": "2"}), 400),
+        "edits multipart/form-dataX": (("POST", "/v1/images/edits", {
+            "content": b"--x\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n3\r\n--x--\r\n",
+            "headers": {"content-type": "multipart/form-dataX; boundary=x"}}), 400),
+        "edits EPS image": (edit({"image": ("a.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+                                            "application/postscript")}, {"prompt": "3"}), 400),
         # malformed HTTP framing: uvicorn's HTTP parser rejects it before the app sees a request;
         # the server's protocol answers it in the same JSON shape (serve.server.json_400_protocol)
         "generations non-numeric length": (("RAW", gen, {"head": b"content-length: 12abc"}), 400),
@@ -242,6 +259,35 @@ def test_bad_inputs_are_4xx_in_openai_shape_and_the_server_keeps_serving(url, di
         assert r.headers[REPLICA] == replica, name
     assert metric(url, "streamflow_requests_total", endpoint="generations", outcome="bad_request") >= 30
     assert metric(url, "streamflow_malformed_http_requests_total") >= 1  # the framing 400s, before any endpoint
+    # what the answers say: JSON's words, no Python internals, no 4000-digit echo, the parameter
+    said = {}
+    for name, ((method, path, kwargs), _) in _bad_requests().items():
+        if method != "RAW" and name in ("json with a byte-order mark", "a 5000-digit n", "a 4000-digit n",
+                                        "edits steps 1_0", "edits strength keeps no step", "edits EPS image",
+                                        "edits garbage image", "json string"):
+            said[name] = httpx.request(method, url + path, timeout=30, **kwargs).json()["error"]
+    assert said["a 5000-digit n"]["message"] == "the body holds a number of more than 4300 digits"
+    assert len(said["a 4000-digit n"]["message"]) < 200 and said["a 4000-digit n"]["param"] == "n"
+    assert said["edits steps 1_0"] == {"message": "steps: must be an integer written in digits (got '1_0')",
+                                       "type": "invalid_request_error", "param": "steps", "code": None}
+    assert said["edits strength keeps no step"]["param"] == "strength"
+    assert "keeps no step of 2" in said["edits strength keeps no step"]["message"]
+    assert said["edits EPS image"]["message"] == "image: not an image (PNG, JPEG, WEBP, GIF, BMP, TIFF) Pillow can read"
+    assert "BytesIO" not in said["edits garbage image"]["message"]
+    assert said["json string"]["message"] == "the body must be a JSON object, got a string"
+    # a client gone while sending its body: counted as cancelled, not a 500 with two tracebacks in the log
+    import socket
+    from urllib.parse import urlsplit
+
+    cancelled = metric(url, "streamflow_requests_total", endpoint="generations", outcome="cancelled")
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as gone:
+        gone.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.3)
+    deadline = time.time() + 10
+    while metric(url, "streamflow_requests_total", endpoint="generations", outcome="cancelled") == cancelled:
+        assert time.time() < deadline, "the client that left was not counted"
+        time.sleep(0.05)
     ok = httpx.post(url + "/v1/images/generations", json={"prompt": "5", "steps": 4}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
     assert "Traceback" not in digits_server.log and " 500" not in digits_server.log
@@ -274,6 +320,42 @@ def test_queue_full_is_429_with_retry_after(url, client):
     assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
     assert second.json()["error"]["type"] == "rate_limit_error"
     assert metric(url, "streamflow_requests_total", endpoint="generations", outcome="rejected") >= 2
+
+
+def test_retry_after_rate_leaves_idle_time_out(monkeypatch):
+    """The rate a 429's Retry-After divides by is images per second of the engine's working
+    time, as last measured: after an idle spell, the wall-clock rate over the last 10 s is 0
+    until images come out (Retry-After said 60 for a queue that drained in 4 s)."""
+    import types
+
+    from streamflow_jax.serve import metrics as metrics_module
+
+    now = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: now[0])
+    m = metrics_module.Metrics("r")
+    worker = types.SimpleNamespace(images_done=0, occupied=0, waiting=0, num_slots=4)
+    m._worker = worker
+    assert m.busy_rate() is None  # nothing measured yet: the server says 5 s
+    m.observe(worker)  # the last round before an idle spell
+    now[0] += 30.0
+    worker.occupied, worker.waiting = 4, 20
+    m.observe(worker)  # the first round of the burst: the idle time before it is not work
+    for _ in range(40):  # 4 s of rounds of 0.1 s, an image each
+        now[0] += 0.1
+        worker.images_done += 1
+        m.observe(worker)
+    assert m.busy_rate() == pytest.approx(10.0, rel=0.05)
+    now[0] += 0.1  # the round that empties the engine
+    worker.images_done += 1
+    worker.occupied, worker.waiting = 0, 0
+    m.observe(worker)
+    now[0] += 30.0  # idle again, then a new burst: its first rounds make no image yet
+    worker.occupied, worker.waiting = 4, 20
+    m.observe(worker)
+    now[0] += 0.1
+    m.observe(worker)
+    assert m.rate() < 0.2  # the wall-clock window (the gauge): about nothing
+    assert m.busy_rate() == pytest.approx(10.0, rel=0.05)  # the last rate measured at work stands
 
 
 def test_n_beyond_slots_and_queue_is_400_not_429():
@@ -344,6 +426,13 @@ def test_realtime_stream(url):
         assert "digit" in json.loads(ws.recv(30))["error"]
         ws.send(json.dumps({"prompt": "3", "strength": 0.6, "steps": 8, "seed": 1, "extra": 1}))
         assert "unknown field 'extra'" in json.loads(ws.recv(30))["error"]
+        ws.send("{" + ",".join(f'"k{i}": 0' for i in range(20000)) + "}")  # refused unread, at once
+        assert json.loads(ws.recv(30))["error"] == f"the configuration is longer than {64 << 10} characters"
+        ws.send("[1]")
+        assert json.loads(ws.recv(30))["error"] == "the configuration must be a JSON object, got an array"
+        ws.send(json.dumps({"prompt": "3", "strength": 1e-300, "steps": 8}))  # refused here, not at every frame
+        assert json.loads(ws.recv(30)) == {"error": "strength 1e-300 keeps no step of 8; raise it or the step count",
+                                           "param": "strength"}
         ws.send(json.dumps({"prompt": "3", "negative_prompt": "5", "guidance_scale": 1.0}))
         assert "negative prompt '5' is ignored: classifier-free guidance is off" in json.loads(ws.recv(30))["error"]
         ws.send(json.dumps({"prompt": "3", "strength": 0.6, "steps": 8, "seed": 1}))
@@ -402,6 +491,17 @@ def test_deadline_then_sigterm_drains_and_exits_0():
         while metric(url, "streamflow_slots_occupied") and time.time() < deadline:
             time.sleep(0.1)
         assert metric(url, "streamflow_slots_occupied") == 0
+
+        # a body that stalls half-way is answered 408 at the deadline, not held open for ever
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=30) as stalled:
+            stalled.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            answer = stalled.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"did not arrive within 2 s" in answer
 
         # in flight when SIGTERM arrives: finished and answered, then exit 0
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConfigError, ConversionError, check_count, is_real_dtype
@@ -54,19 +54,24 @@ def to_uint8(images) -> np.ndarray:
     return (to_float_images(images) * 255).round().astype(np.uint8)
 
 
-def read_image(source: bytes | str | Path, what: str, max_pixels: int | None = None) -> Image.Image:
-    """An image decoded from a file or from bytes (any format Pillow reads), or a ValueError
-    naming ``what``: missing, a directory, not an image, larger than ``max_pixels`` (checked
-    from the header, before decoding), or a decompression bomb by Pillow's own limit. The CLI's
-    ``--image`` and the server's uploads and frames both read images through it."""
+def read_image(source: bytes | str | Path, what: str, max_pixels: int | None = None,
+               formats: tuple[str, ...] | None = None) -> Image.Image:
+    """An image decoded from a file or from bytes (any format Pillow reads, or one of
+    ``formats``, Pillow's names), or a ValueError naming ``what``: missing, a directory, not an
+    image, larger than ``max_pixels`` (checked from the header, before decoding), or a
+    decompression bomb by Pillow's own limit. The CLI's ``--image`` and the server's uploads and
+    frames both read images through it."""
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=formats)
     except FileNotFoundError:
         raise ValueError(f"{what}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{what}: a directory, not an image file") from None
     except Image.DecompressionBombError as e:
         raise ValueError(f"{what}: too large to decode ({e})") from None
+    except UnidentifiedImageError:  # Pillow's message names a BytesIO object
+        kinds = f" ({', '.join(formats)})" if formats else ""
+        raise ValueError(f"{what}: not an image{kinds} Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"{what}: not an image Pillow can read ({e})") from None
     if max_pixels is not None and image.width * image.height > max_pixels:

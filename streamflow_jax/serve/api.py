@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import typing
 from typing import Any, Literal
 
 import numpy as np
@@ -96,40 +98,87 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
 
 
-def parse_json(body: bytes) -> Any:
-    """Strict JSON: UTF-8, no ``NaN``/``Infinity``; else a 400."""
+def shown(value, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, cut at ``limit`` characters (a 4000-digit
+    number was echoed whole; one past Python's 4300 digits cannot even be printed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** limit:
+        return f"an integer of more than {limit} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# JSON's names for the types a body decodes to (an error said "got NoneType")
+JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+              list: "an array", dict: "an object"}
+
+
+def parse_json(body: bytes | str, what: str = "the body") -> Any:
+    """Strict JSON: UTF-8 (no byte-order mark, no UTF-16), no ``NaN``/``Infinity``; else a 400
+    naming ``what`` (the body, or a realtime stream's configuration)."""
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        return json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError:
-        raise APIError(400, "the body is not UTF-8 JSON") from None
+        raise APIError(400, f"{what} is not UTF-8 JSON") from None
     except json.JSONDecodeError as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
-    except (ValueError, RecursionError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
+        raise APIError(400, f"{what} is not valid JSON: {e}") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):  # Python's own limit on digits, in its words
+            raise APIError(400, f"{what} holds a number of more than 4300 digits") from None
+        raise APIError(400, f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, f"{what} is not valid JSON: nested too deeply") from None
 
 
-def validate(model: type[BaseModel], data: Any, *, strict: bool):
-    """``data`` checked against ``model`` (JSON: strict types; form fields: strings converted)."""
+def validate(model: type[BaseModel], data: Any, *, strict: bool, what: str = "the body"):
+    """``data`` checked against ``model`` (JSON: strict types; form fields: see ``form_values``)."""
     if not isinstance(data, dict):
-        raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+        raise APIError(400, f"{what} must be a JSON object, got {JSON_TYPES.get(type(data), type(data).__name__)}")
+    # unknown names first, by a set difference: pydantic makes an error of each one before the
+    # first is reported (a million of them held the event loop for seconds)
+    unknown = next((k for k in data if k not in model.model_fields), None)
+    if unknown is not None:
+        known = ", ".join(f for f in model.model_fields if f not in IGNORED_FIELDS)
+        raise APIError(400, f"unknown field {shown(unknown)} (this endpoint takes: {known})", param=unknown[:80])
     try:
         return model.model_validate(data, strict=strict)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        if err["type"] == "extra_forbidden":
-            known = ", ".join(f for f in model.model_fields if f not in IGNORED_FIELDS)
-            raise APIError(400, f"unknown field {param!r} (this endpoint takes: {known})", param=param) from None
         if err["type"] == "missing":
             raise APIError(400, f"{param} is required", param=param) from None
-        value = err.get("input")
-        shown = repr(value) if not isinstance(value, str | bytes) or len(value) < 80 else repr(value[:80]) + "..."
-        raise APIError(400, f"{param}: {err['msg']} (got {shown})", param=param) from None
+        raise APIError(400, f"{param}: {err['msg']} (got {shown(err.get('input'))})", param=param) from None
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def form_values(model: type[BaseModel], fields: dict[str, str]) -> dict[str, Any]:
+    """A multipart form's text fields as JSON would give them: integers and decimals written
+    plainly (Python's ``int`` took ``"1_0"`` and ``"+3"``, pydantic's lax mode ``"1.0"`` as an
+    integer), every other field as its string; refused as the JSON body would be."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        field = model.model_fields.get(name)
+        kinds = set(typing.get_args(field.annotation)) if field is not None else set()
+        if int in kinds:
+            if not _INTEGER.fullmatch(value) or len(value) > 80:
+                raise APIError(400, f"{name}: must be an integer written in digits (got {shown(value)})", param=name)
+            value = int(value)
+        elif float in kinds:
+            if not _DECIMAL.fullmatch(value) or len(value) > 80:
+                raise APIError(400, f"{name}: must be a decimal number (got {shown(value)})", param=name)
+            value = float(value)
+            if not math.isfinite(value):
+                raise APIError(400, f"{name}: must be a finite number (got {shown(fields[name])})", param=name)
+        out[name] = value
+    return out
 
 
 def check_range(name: str, value, low, high) -> None:
     if value is not None and not low <= value <= high:
-        raise APIError(400, f"{name} must be in [{low}, {high}], got {value}", param=name)
+        raise APIError(400, f"{name} must be in [{low}, {high}], got {shown(value)}", param=name)
 
 
 def check_common(fields, *, served, max_n: int, max_steps: int) -> dict[str, Any]:
@@ -184,9 +233,20 @@ def check_negative_prompt(served, negative_prompt, guidance) -> None:
         raise APIError(400, why, param="negative_prompt")
 
 
-def check_strength(strength) -> None:
+def check_strength(strength, served=None, steps: int | None = None) -> None:
+    """A 400 for a strength outside (0, 1], or, given ``served``, one that keeps no step of the
+    request's grid (``steps``, or the pipeline's default; None: the default strength; the same
+    ``schedules.truncate`` the engine applies, so that a realtime configuration is refused, not
+    each of its frames, and the error names its parameter)."""
     if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
-        raise APIError(400, f"strength must be in (0, 1], got {strength}", param="strength")
+        raise APIError(400, f"strength must be in (0, 1], got {shown(strength)}", param="strength")
+    if served is not None:
+        pipe, latent_shape = served.stream.pipe, served.stream.latent_shape
+        try:
+            grid = pipe.schedule(schedules.check_steps(pipe.default_steps if steps is None else steps), latent_shape)
+            schedules.truncate(grid, schedules.DEFAULT_STRENGTH if strength is None else strength)
+        except ValueError as e:
+            raise APIError(400, str(e), param="strength") from None
 
 
 def _parse_size(size):

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import math
 import os
 import secrets
 import socket
@@ -26,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -42,6 +43,9 @@ from streamflow_jax.serve.worker import DeviceWorker, Job, QueueFull, request_er
 log = logging.getLogger("streamflow_jax.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_IMAGE_PIXELS = 4096 * 4096  # uploads and frames larger than this are refused before decoding
+# what uploads may be: raster formats Pillow decodes itself (EPS would run Ghostscript on the
+# client's PostScript, where it is installed; PDF, XBM, SVG... are not images to redraw)
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclasses.dataclass
@@ -146,7 +150,8 @@ class ServerState:
         try:
             futures = self.worker.submit(jobs)
         except QueueFull:
-            retry = max(1, min(60, round(self.worker.waiting / max(self.metrics.rate(), 1e-3))))
+            rate = self.metrics.busy_rate()
+            retry = 5 if rate is None else max(1, min(60, math.ceil(self.worker.waiting / rate)))
             self.metrics.requests.labels(endpoint, "rejected").inc()
             raise APIError(429, f"the queue is full ({self.worker.waiting} images waiting for a slot); retry in "
                                 f"{retry} s", type="rate_limit_error", code="queue_full",
@@ -198,25 +203,33 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, at most ``limit`` bytes (else 413), arrived within ``timeout`` seconds (else 408:
+    a client that sends part of a body and stalls held its connection for ever); a client gone
+    meanwhile raises ``ClientDisconnect`` (see ``_guarded``)."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise APIError(413, f"the body is larger than {limit} bytes", type="invalid_request_error")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"the body is larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the body did not arrive within {timeout:g} s (the request's deadline)",
+                       code="timeout", headers={"Connection": "close"}) from None
     body = b"".join(chunks)
     request._body = body  # noqa: SLF001  Starlette's own cache: form() parses these bytes
     return body
 
 
 def open_image(data: bytes, what: str) -> Image.Image:
-    """Decodes an uploaded image (any format Pillow reads), refusing what is too large to decode."""
+    """Decodes an uploaded image (one of ``UPLOAD_FORMATS``), refusing what is too large to decode."""
     try:
-        return read_image(data, what, MAX_IMAGE_PIXELS)
+        return read_image(data, what, MAX_IMAGE_PIXELS, formats=UPLOAD_FORMATS)
     except ValueError as e:
         raise APIError(400, str(e), param=what) from None
 
@@ -234,7 +247,8 @@ def _respond(state: ServerState, images: list, fmt: str, endpoint: str, t0: floa
 
 
 async def _guarded(request: Request, endpoint: str, handler):
-    """Runs a handler: ``APIError`` -> its 4xx/5xx answer (counted), a gone client -> nothing."""
+    """Runs a handler: ``APIError`` -> its 4xx/5xx answer (counted), a gone client -> nothing
+    (499, counted as cancelled; gone while sending its body too, which was logged as a 500)."""
     state = _state(request)
     try:
         return await handler(request, state)
@@ -242,6 +256,9 @@ async def _guarded(request: Request, endpoint: str, handler):
         if e.status < 500 and e.status != 429:
             state.metrics.requests.labels(endpoint, "bad_request").inc()
         return e.response()
+    except ClientDisconnect:
+        state.metrics.requests.labels(endpoint, "cancelled").inc()
+        return Response(status_code=499)
     except _ClientGone:
         return Response(status_code=499)
 
@@ -249,7 +266,7 @@ async def _guarded(request: Request, endpoint: str, handler):
 async def generations(request: Request):
     async def handle(request, state: ServerState):
         t0 = time.perf_counter()
-        body = await _read_body(request, api.MAX_JSON_BYTES)
+        body = await _read_body(request, api.MAX_JSON_BYTES, state.options.timeout)
         fields = api.validate(GenerationFields, api.parse_json(body), strict=True)
         kwargs = api.check_common(fields, served=state.served, max_n=state.max_n,
                                   max_steps=state.options.max_steps)
@@ -262,9 +279,9 @@ async def generations(request: Request):
 async def edits(request: Request):
     async def handle(request, state: ServerState):
         t0 = time.perf_counter()
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
             raise APIError(400, "/v1/images/edits takes multipart/form-data (fields image, prompt, ...)")
-        await _read_body(request, api.MAX_UPLOAD_BYTES)
+        await _read_body(request, api.MAX_UPLOAD_BYTES, state.options.timeout)
         try:
             form = await request.form(max_files=4, max_fields=64)
         except HTTPException as e:
@@ -287,10 +304,10 @@ async def edits(request: Request):
         for key in ("image", "image[]", "mask"):
             if key in fields:
                 raise APIError(400, f"{key} must be a file part", param=key)
-        parsed = api.validate(EditFields, fields, strict=False)
+        parsed = api.validate(EditFields, api.form_values(EditFields, fields), strict=True)
         kwargs = api.check_common(parsed, served=state.served, max_n=state.max_n,
                                   max_steps=state.options.max_steps)
-        api.check_strength(parsed.strength)
+        api.check_strength(parsed.strength, state.served, parsed.steps)
         upload = next(iter(files.values()))
         image = state.fit(await asyncio.to_thread(open_image, await upload.read(), "image"))
         kwargs.update(image=image, strength=parsed.strength)

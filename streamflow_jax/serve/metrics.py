@@ -112,7 +112,10 @@ class Metrics:
                 self.requests.labels(endpoint, outcome)
         for outcome in ("processed", "dropped", "bad"):
             self.frames.labels(outcome)
-        self._done = collections.deque()  # (time, images_done) samples
+        self._done = collections.deque()  # (time, images_done, busy seconds) samples
+        self._busy = 0.0  # seconds of rounds that had work in them
+        self._last_round: tuple[float, bool] | None = None  # (time, had work) of the last round
+        self._busy_rate: float | None = None  # the last images per busy second measured
         self.replica = replica
 
     def watch(self, worker) -> None:
@@ -124,20 +127,34 @@ class Metrics:
         self._worker = worker
 
     def observe(self, worker) -> None:
-        """Called by the device thread after each round: samples the images done (twice a second)."""
+        """Called by the device thread after each round: samples the images done (twice a second)
+        and the time spent working (a round that follows one with work in it)."""
         now = time.monotonic()
+        if self._last_round is not None and self._last_round[1]:
+            self._busy += now - self._last_round[0]
+        self._last_round = (now, worker.occupied > 0 or worker.waiting > 0)
         if not self._done or now - self._done[-1][0] >= 0.5:
-            self._done.append((now, worker.images_done))
+            self._done.append((now, worker.images_done, self._busy))
             while len(self._done) > 2 and now - self._done[0][0] > 10:
                 self._done.popleft()
+            t0, d0, b0 = self._done[0]
+            if self._busy - b0 > 0.1 and worker.images_done > d0:
+                self._busy_rate = (worker.images_done - d0) / (self._busy - b0)
 
     def rate(self) -> float:
         """Images per second over the last 10 s (0 when idle)."""
         if not self._done:
             return 0.0
         now, done = time.monotonic(), self._worker.images_done
-        t0, d0 = self._done[0]
+        t0, d0, _ = self._done[0]
         return (done - d0) / (now - t0) if now - t0 > 0.1 else 0.0
+
+    def busy_rate(self) -> float | None:
+        """Images per second of the engine's working time, as last measured (None before any
+        image): what a queue drains at once it is busy, idle time left out (the wall-clock rate
+        after an idle spell is near 0, and a 429's Retry-After said 60 s for a queue that
+        drained in 4)."""
+        return self._busy_rate
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,6 +38,7 @@ from streamflow_jax.serve.worker import Job, request_error_message
 
 FORMATS = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 MAX_FRAME_BYTES = 16 << 20
+MAX_CONFIG_CHARS = 64 << 10  # a configuration's text (two prompts of api.MAX_PROMPT_CHARS fit many times)
 
 
 def frame_format(data: bytes) -> str | None:
@@ -58,10 +59,13 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
 
 def parse_config(state, text: str) -> dict:
     """A configuration message -> ``PromptStream.submit``'s arguments (less the image)."""
-    fields = api.validate(StreamConfig, api.parse_json(text.encode()), strict=True)
+    what = "the configuration"
+    if len(text) > MAX_CONFIG_CHARS:  # refused before parsing: a message may be megabytes
+        raise APIError(400, f"{what} is longer than {MAX_CONFIG_CHARS} characters")
+    fields = api.validate(StreamConfig, api.parse_json(text, what), strict=True, what=what)
     served, opts = state.served, state.options
     api.check_range("steps", fields.steps, 1, opts.max_steps)
-    api.check_strength(fields.strength)
+    api.check_strength(fields.strength, served, fields.steps)
     seed = 0 if fields.seed is None else fields.seed
     api.check_range("seed", seed, 0, 2**32 - 1)
     for what in ("prompt", "negative_prompt"):
