@@ -502,6 +502,27 @@ def test_deadline_then_sigterm_drains_and_exits_0():
             answer = stalled.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"did not arrive within 2 s" in answer
+        # so is a connection that sends nothing, or part of its headers (uvicorn waits for ever)
+        for sent in (b"", b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"):
+            t0 = time.time()
+            with socket.create_connection((parts.hostname, parts.port), timeout=30) as stalled:
+                stalled.sendall(sent)
+                answer = stalled.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 408") and b"no request arrived within 2 s" in answer, answer[:300]
+            assert time.time() - t0 < 10
+        # a WebSocket (the connection's protocol changed) and a keep-alive connection in use are left alone
+        from websockets.sync.client import connect
+
+        with connect(url.replace("http://", "ws://") + "/v1/stream", open_timeout=30) as ws:
+            time.sleep(5)
+            ws.send(json.dumps({"prompt": "3", "steps": 2}))
+            ws.send(_frame(100))
+            assert json.loads(ws.recv(30))["frame"] == 0
+            ws.recv(30)
+        with httpx.Client(timeout=30) as keep:
+            for _ in range(4):
+                assert keep.get(url + "/health").status_code == 200
+                time.sleep(1.5)
 
         # in flight when SIGTERM arrives: finished and answered, then exit 0
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

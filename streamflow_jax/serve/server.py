@@ -28,28 +28,56 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def json_400_protocol(base=AutoHTTPProtocol, headers: tuple[tuple[bytes, bytes], ...] = (), on_400=None):
+def json_400_protocol(base=AutoHTTPProtocol, headers: tuple[tuple[bytes, bytes], ...] = (), on_400=None,
+                      header_timeout: float | None = None):
     """``base`` (uvicorn's HTTP protocol) answering malformed HTTP framing (a non-numeric
     Content-Length, a broken request line), which uvicorn's parser rejects before the app sees
     a request, with the API's JSON error instead of uvicorn's plain text: every 4xx of the
     server is ``{"error": {"message", "type", "param", "code"}}``. ``headers`` go on the answer
     (the replica's); ``on_400()`` is called for each (the server's metrics count them). A
-    uvicorn whose protocol has no ``send_400_response`` is left as it is."""
+    uvicorn whose protocol has no ``send_400_response`` is left as it is.
+
+    ``header_timeout``: a connection that goes that long without a request's headers arriving
+    (it sent nothing, or part of them) is answered 408 in the same JSON and closed, within one
+    to two such periods. uvicorn arms its keep-alive timeout only after a response, and has no
+    timeout for headers: such connections stayed open for ever (the app's own deadline covers
+    bodies)."""
     if not callable(getattr(base, "send_400_response", None)):
         return base
 
     class JSON400Protocol(base):
-        def send_400_response(self, msg: str) -> None:
-            if on_400 is not None:
-                on_400()
-            body = json.dumps({"error": {"message": f"malformed HTTP request: {msg}", "type": "invalid_request_error",
-                                         "param": None, "code": "malformed_http"}}).encode()
-            lines = [b"HTTP/1.1 400 Bad Request"]
+        def _send_json(self, status: bytes, message: str, code: str) -> None:
+            body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                         "code": code}}).encode()
+            lines = [b"HTTP/1.1 " + status]
             lines += [name + b": " + value for name, value in (*self.server_state.default_headers, *headers)]
             lines += [b"content-type: application/json", b"content-length: " + str(len(body)).encode(),
                       b"connection: close"]
             self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
             self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            if on_400 is not None:
+                on_400()
+            self._send_json(b"400 Bad Request", f"malformed HTTP request: {msg}", "malformed_http")
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if header_timeout is not None:
+                self._watch(None)
+
+        def _watch(self, cycle) -> None:
+            self.loop.call_later(header_timeout, self._check_headers, cycle)
+
+        def _check_headers(self, seen) -> None:
+            """The watchdog: a request running, or a new one since the last look, is progress."""
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or a WebSocket now
+                return
+            if self.cycle is not seen or (self.cycle is not None and not self.cycle.response_complete):
+                self._watch(self.cycle)
+                return
+            self._send_json(b"408 Request Timeout", f"no request arrived within {header_timeout:g} s on this "
+                                                    "connection (its headers, or any of it)", "timeout")
 
     JSON400Protocol.__name__ = JSON400Protocol.__qualname__ = f"JSON400{base.__name__}"
     return JSON400Protocol
@@ -117,7 +145,8 @@ def serve(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = "model"
                             # and the stream goes on; only one over this closes the socket (1009)
                             ws_max_size=2 * MAX_FRAME_BYTES,
                             http=json_400_protocol(headers=((REPLICA_HEADER.encode(), state.options.replica.encode()),),
-                                                   on_400=state.metrics.malformed.inc))
+                                                   on_400=state.metrics.malformed.inc,
+                                                   header_timeout=state.options.timeout))
     server = DrainingServer(config, on_drain=lambda: setattr(state, "draining", True))
 
     def announce():
