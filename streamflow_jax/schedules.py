@@ -13,6 +13,7 @@ take the record and read no raw field; every default is written once, here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -397,8 +398,13 @@ def _betas(raw: dict, where: str) -> dict:
                     _PERFLOW_FIELDS, where)
 
 
+# the override PeRFlow's instructions give for a pipeline class shipped with its base model's
+# scheduler (what an error suggests): SD1.5's UNets predict diff_eps, SDXL's ddim_eps
+PERFLOW_PREDICTION = {"StableDiffusionPipeline": "diff_eps", "StableDiffusionXLPipeline": "ddim_eps"}
+
+
 def parse_scheduler(raw: dict, *, prediction_type: str | None = None, num_time_windows: int | None = None,
-                    source: str = "scheduler_config.json") -> Scheduler:
+                    source: str = "scheduler_config.json", suggested: str = "diff_eps") -> Scheduler:
     """The ``Scheduler`` a scheduler config dict describes, strictly.
 
     Args:
@@ -408,6 +414,9 @@ def parse_scheduler(raw: dict, *, prediction_type: str | None = None, num_time_w
             (``PeRFlowScheduler.from_config(config, prediction_type="diff_eps", num_time_windows=4)``):
             of a base model's scheduler only the training betas are kept.
         source: names the config in messages.
+        suggested: the ``prediction_type`` a refusal suggests (``PERFLOW_PREDICTION``: the
+            pipeline class's; SDXL's is ``ddim_eps``, and SD1.5's ``diff_eps`` ran there
+            without an error, making other images).
 
     Raises:
         ConfigError: naming the file and the field (an unknown field, an unsupported value, a
@@ -438,8 +447,8 @@ def parse_scheduler(raw: dict, *, prediction_type: str | None = None, num_time_w
             raise ConfigError(
                 f"{source}: {name} (prediction_type={raw.get('prediction_type')!r}) is not a rectified flow; "
                 f"supported: diff_eps, ddim_eps (PeRFlow), velocity (InstaFlow). For a PeRFlow UNet shipped with its "
-                "base model's scheduler, give it: Pipeline.from_diffusers(path, prediction_type='diff_eps', "
-                "num_time_windows=4), or --prediction-type diff_eps --windows 4")
+                f"base model's scheduler, give it: Pipeline.from_diffusers(path, prediction_type={suggested!r}, "
+                f"num_time_windows=4), or --prediction-type {suggested} --windows 4")
         fields = {**_betas(raw, source), **override}
     else:
         raise ConfigError(f"{source}: unsupported scheduler class {name!r} (supported: "
@@ -453,7 +462,8 @@ def parse_scheduler(raw: dict, *, prediction_type: str | None = None, num_time_w
 
 def read_scheduler(pipeline_dir, *, prediction_type: str | None = None,
                    num_time_windows: int | None = None) -> Scheduler:
-    """``PIPELINE/scheduler/scheduler_config.json`` as a ``Scheduler`` (see ``parse_scheduler``)."""
+    """``PIPELINE/scheduler/scheduler_config.json`` as a ``Scheduler`` (see ``parse_scheduler``;
+    a refusal suggests the override of the class ``PIPELINE/model_index.json`` names)."""
     path = Path(pipeline_dir) / SCHEDULER_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: missing (the pipeline's scheduler says how to sample it)")
@@ -461,4 +471,9 @@ def read_scheduler(pipeline_dir, *, prediction_type: str | None = None,
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return parse_scheduler(raw, prediction_type=prediction_type, num_time_windows=num_time_windows, source=str(path))
+    suggested = "diff_eps"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
+        suggested = PERFLOW_PREDICTION.get(index.get("_class_name"), suggested)
+    return parse_scheduler(raw, prediction_type=prediction_type, num_time_windows=num_time_windows, source=str(path),
+                           suggested=suggested)

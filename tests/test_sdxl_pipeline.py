@@ -286,7 +286,11 @@ def test_scheduler_override_and_converted_directory(sdxl_dir, pipe, tmp_path):
     """SDXL's EulerDiscreteScheduler needs the PeRFlow override (the error says how); a converted
     directory (both text encoders converted, tokenizer_2 and model_index.json copied) gives the
     same latents, bit for bit."""
-    with pytest.raises(sf.ConfigError, match="EulerDiscreteScheduler .* is not a rectified flow.*prediction_type"):
+    # the override PeRFlow gives for SDXL (ddim_eps): the error suggested SD1.5's diff_eps, which ran and made
+    # other images
+    with pytest.raises(sf.ConfigError, match="EulerDiscreteScheduler .* is not a rectified flow.*"
+                                             "prediction_type='ddim_eps', num_time_windows=4.*--prediction-type "
+                                             "ddim_eps --windows 4"):
         sf.Pipeline.from_diffusers(sdxl_dir)
     sf.convert(sdxl_dir, tmp_path / "conv", progress=False)
     record = json.loads((tmp_path / "conv" / "conversion.json").read_text())
