@@ -360,8 +360,11 @@ def _stream_prompts(pipe, args, image, negative: str = "") -> list:
     from streamflow_jax.pipelines import PromptStream
 
     guided = pipe.resolve_guidance(args.guidance).cfg
+    height, width = args.height, args.width
+    if image is not None and height is None and width is None:  # the image's size, as the batch path takes
+        width, height = image.size
     stream = PromptStream(pipe, slots_per_stream=args.slots, streams=args.streams, guidance=guided,
-                          height=args.height, width=args.width, backend=args.backend,
+                          height=height, width=width, backend=args.backend,
                           max_sequence_length=args.max_sequence_length)
     noise = np.asarray(pipe.noise(len(args.prompt), stream.latent_shape, args.seed))
     ids = [stream.submit(prompt, steps=args.steps, noise=row, guidance_scale=args.guidance, image=image,

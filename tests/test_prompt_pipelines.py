@@ -513,12 +513,25 @@ def test_img2img_through_the_stream_engine(tmp_path):
     ids = [stream.submit(PROMPTS[i % 2], steps=steps, noise=noise[i % 2], guidance_scale=4.0, image=images[i % 2],
                          strength=strength) for i, (steps, strength) in enumerate(requests)]
     bad = stream.submit("x", steps=4, guidance_scale=4.0, image=images[0], strength=0.0)
+    wide = stream.submit("x", steps=4, guidance_scale=4.0, image=np.zeros((16, 32, 3), np.float32))
     results = stream.run()
     for i, (rid, (steps, strength)) in enumerate(zip(ids, requests)):
         alone = pipe(PROMPTS[i % 2], steps=steps, guidance_scale=4.0, noise=noise[i % 2 : i % 2 + 1],
                      image=images[i % 2], strength=strength, output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
     assert "strength must be in (0, 1]" in str(results[bad])
+    assert "the image is 32x16 pixels (latents (8, 16, 16)), and this stream runs latents (8, 8, 16): resize the " \
+           "image, or make the stream with its height= and width=" in str(results[wide])
+    # generate --stream --image sizes its stream from the image, as the batch path does (it was refused)
+    from PIL import Image
+
+    Image.fromarray(np.asarray(images[0]).repeat(2, axis=1)).save(tmp_path / "wide.png")
+    args = ["generate", "--model", str(tmp_path / "pipe"), "--prompt", "a cat", "--image", str(tmp_path / "wide.png"),
+            "--steps", "2", "--max-sequence-length", "12", "-q"]
+    assert cli([*args, "--out", str(tmp_path / "batch.png")]) == 0
+    assert cli([*args, "--stream", "--out", str(tmp_path / "stream.png")]) == 0
+    batch, streamed = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("batch", "stream"))
+    assert batch.shape == (16, 32, 3) and np.abs(batch.astype(int) - streamed.astype(int)).max() <= 1
 
 
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):

@@ -289,8 +289,10 @@ class PromptStream:
         if w.image is not None:
             init = np.asarray(self.pipe.encode_image(w.image, 1))[0]  # host: the engine takes it there
             if tuple(init.shape) != self.latent_shape:
-                raise RequestError(f"request {w.id}: image gives latents {tuple(init.shape)}, the stream runs "
-                                   f"{self.latent_shape}")
+                size = w.image.size if isinstance(w.image, Image.Image) else tuple(np.shape(w.image)[1::-1])  # (W, H)
+                raise RequestError(f"request {w.id}: the image is {size[0]}x{size[1]} pixels (latents "
+                                   f"{tuple(init.shape)}), and this stream runs latents {self.latent_shape}: resize "
+                                   "the image, or make the stream with its height= and width=")
         elif w.strength is not None:
             raise RequestError(f"request {w.id}: strength is for image-to-image: give image too")
         erid = self.engine.submit(cond, grid=w.grid, seed=w.seed, noise=w.noise, init=init, strength=w.strength,
