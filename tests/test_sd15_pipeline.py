@@ -225,6 +225,16 @@ def test_pipeline_latents_match_reference_loop(pipelines, reference, prediction,
     assert rel(reference.latents(PROMPTS[::-1], noise, steps, **kw), want) > 100 * TOL
 
 
+def test_pipeline_beyond_twice_the_training_size(pipelines, reference):
+    """A UNet takes any latent size, as diffusers' does: 12x20 latents, past twice the tiny UNet's
+    sample_size of 8 (the pipelines refused it, where the model and sf.sample took it)."""
+    pipe = pipelines("diff_eps", 4)
+    noise = np.random.default_rng(5).standard_normal((1, 12, 20, 4)).astype(np.float32)
+    ours = pipe(PROMPTS[:1], steps=4, noise=noise, output_type="latent")
+    assert rel(ours, reference.latents(PROMPTS[:1], noise, 4)) <= TOL
+    assert pipe(PROMPTS[:1], steps=4, height=24, width=40, output_type="np").shape == (1, 24, 40, 3)  # pixels
+
+
 def test_prompt_stream_latents_match_reference_loop(pipelines, reference):
     """Through the stream engine (mixed steps and scales, negative prompts, one slot fewer than
     requests) each request's latents are the reference's; bad requests fail alone.

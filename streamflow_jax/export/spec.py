@@ -244,7 +244,7 @@ def latent_range(model, size: int) -> Range:
     if not model.family.dynamic_spatial:
         return Range(size, size, size)
     m = model.latent_multiple
-    return Range(m, size, max(size, model.max_latent or 2 * size))
+    return Range(m, size, max(size, model.max_latent or model.family.profile_latent(model.config) or 2 * size))
 
 
 def _side(model, resolution, latent, scale: int) -> Range:

@@ -171,6 +171,9 @@ class Family:
             come with (8 for SD's VAEs); autoencoders: see ``scale_factor``.
         default_latent: latent side used when a size is not given.
         max_latent: the largest latent side it can take (None: no limit).
+        profile_latent: the largest latent side an on-demand export's dynamic profile covers
+            when the model has no ``max_latent`` (None: twice the size asked for); the model
+            itself takes any.
         conditioning: ``(config, text_len) -> {name: per-element shape}``, the ``cond`` dict
             of ``velocity`` without the batch axis.
         text_len: default text length ``L`` (velocity: the graph's; text encoders: their ids').
@@ -211,6 +214,7 @@ class Family:
     latent_scale: int = 1
     default_latent: Callable[[Any], int | None] = _none
     max_latent: Callable[[Any], int | None] = _none
+    profile_latent: Callable[[Any], int | None] = _none
     conditioning: Callable[[Any, int], dict[str, tuple[int, ...]]] = lambda config, text_len: {}
     text_len: Callable[[Any], int | None] = _none
     text_prefix: int = 0

@@ -460,7 +460,9 @@ FAMILY = Family(
     latent_scale=8,
     # any latent size: each level upsamples back to its skip's size, odd sizes included
     default_latent=lambda c: c.sample_size,
-    max_latent=lambda c: 2 * c.sample_size,  # twice its training size (SD1.5: 1024^2 images, SDXL: 2048^2)
+    # no limit (convolutions and attention take any size, as diffusers' UNet does); an export's
+    # dynamic profile goes to twice its training size (SD1.5: 1024^2 images, SDXL: 2048^2)
+    profile_latent=lambda c: 2 * c.sample_size,
     conditioning=conditioning,
     text_len=lambda c: 77,
     # jax2onnx 0.17 cannot trace strided (downsampling) convolutions over symbolic sizes:
