@@ -215,6 +215,11 @@ def _single_file_source(path: Path, overrides: dict | None):
                     except KeyError as e:
                         raise ConversionError(f"{path}: {layout.name} layout without tensor {e}") from None
                     return raw, source
+    if any(k.startswith("model.diffusion_model.") for k in keys):  # a whole SD 1.x/2.x/SDXL checkpoint
+        raise ConversionError(f"{path}: an SD 1.x/2.x/SDXL single file in the LDM/SGM layout "
+                              "(model.diffusion_model.*): it converts as a pipeline with the configs of a diffusers "
+                              "pipeline directory, convert FILE OUT --config-from PIPELINE_DIR "
+                              "(sf.convert(file, out, config=PIPELINE_DIR))")
     raise ConversionError(f"{path}: a single file in no known layout (known: "
                           f"{', '.join(lay.name for f in dict.fromkeys(FAMILIES.values()) for lay in f.keys.layouts)}"
                           "); give a diffusers model directory instead")

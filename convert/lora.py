@@ -72,11 +72,31 @@ class LoraModule:
         return (self.scale * d).reshape((up.shape[0], *down.shape[1:]))
 
 
-def read_lora_file(path) -> tuple[dict[str, np.ndarray], dict]:
-    """A LoRA file's tensors (numpy) and metadata."""
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+
+
+def lora_file(path) -> Path:
+    """The LoRA file ``path`` names: the file, or in a directory (as diffusers'
+    ``save_lora_weights`` writes one, and ``load_lora_weights`` takes) its
+    ``pytorch_lora_weights.safetensors``, else its only ``*.safetensors``."""
     path = Path(path)
+    if path.is_dir():
+        if (path / LORA_WEIGHTS_NAME).is_file():
+            return path / LORA_WEIGHTS_NAME
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise ConversionError(f"{path}: a directory without {LORA_WEIGHTS_NAME}, holding "
+                                  + (f"{len(found)} .safetensors files ({', '.join(p.name for p in found)}): give one"
+                                     if found else "no .safetensors file") + " (a LoRA file or its directory)")
+        return found[0]
     if not path.is_file():
         raise ConversionError(f"{path}: no such LoRA file")
+    return path
+
+
+def read_lora_file(path) -> tuple[dict[str, np.ndarray], dict]:
+    """A LoRA file's tensors (numpy) and metadata (``path``: see ``lora_file``)."""
+    path = lora_file(path)
     try:
         with safe_open(path, framework="numpy") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

@@ -44,7 +44,7 @@ def parse_loras(loras: Sequence[LoraSpec] | None) -> list[tuple[Path, float]]:
             text = str(item)
             path, sep, scale = text.rpartition(":")
             if not sep or not _is_number(scale):
-                if sep and Path(path).is_file() and not Path(text).exists():
+                if sep and Path(path).exists() and not Path(text).exists():
                     raise ConversionError(f"{text}: the LoRA file {path} exists, but its scale {scale!r} is not a "
                                           "number (FILE:SCALE)")
                 path, scale = text, 1.0

@@ -387,6 +387,13 @@ def test_bad_files(ldm, tmp_path, capsys):
     _fails(_bad_file(tmp_path, sd, "sdxl.safetensors",
                      **{"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8)}),
            pipe, dst, r"no text_encoder_2/config\.json, needed for the conditioner\.embedders\.1\.model\.", capsys)
+    # the whole file without --config-from: said to be an LDM/SGM file and how it converts (it was "no known layout")
+    assert cli(["convert", str(ldm[1]), str(dst), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "an SD 1.x/2.x/SDXL single file in the LDM/SGM layout (model.diffusion_model.*): it converts as a " \
+           "pipeline with the configs of a diffusers pipeline directory, convert FILE OUT --config-from " \
+           "PIPELINE_DIR" in err, err
+    assert not dst.exists()
     # a latent scale other than the pipeline VAE's
     _fails(_bad_file(tmp_path, sd, "scale.safetensors", scale_factor=torch.tensor(0.13025)), pipe, dst,
            "scale_factor 0.1302.* differs from the pipeline's vae scaling_factor 0.18215", capsys)

@@ -246,6 +246,21 @@ def test_bad_input_to_pipelines_and_streams(tmp_path):
         sd3(PROMPTS, step=2)
     with pytest.raises(TypeError, match="needs the prompts"):
         sd3()
+    # diffusers' latents: a torch tensor is read (it was "Cannot interpret 'torch.float32' as a data type"), an
+    # NCHW one is said to be NCHW
+    import torch
+
+    np.testing.assert_array_equal(sd3(PROMPTS, steps=1, noise=torch.from_numpy(noise), output_type="latent"),
+                                  sd3(PROMPTS, steps=1, noise=noise, output_type="latent"))
+    with pytest.raises(ValueError, match=re.escape("noise has shape (2, 16, 8, 8), expected (2, 16, 8, 16): [n, h, "
+                                                   "w, C] latents (NHWC); this is NCHW, as diffusers' latents are")):
+        sd3(PROMPTS, steps=1, noise=noise.transpose(0, 3, 1, 2))
+    # from_pretrained's keywords, named under from_diffusers with this library's names
+    with pytest.raises(TypeError, match=re.escape("from_diffusers() for SD3Pipeline got unexpected keyword "
+                                                  "argument(s) 'torch_dtype' (dtype=")):
+        sf.Pipeline.from_diffusers(tmp_path / "sd3" / "pipe", torch_dtype="float16")
+    with pytest.raises(TypeError, match=re.escape("'loras' (a pipeline's LoRA merges at conversion")):
+        sf.Pipeline.from_diffusers(tmp_path / "sd3" / "pipe", loras=["x.safetensors"])
     for length in (-5, 12.7, "12", 513):  # at load: -5 failed at the first call, 12.7 became 12
         with pytest.raises(ValueError, match="max_sequence_length must be an integer from 1 to 512"):
             sf.Pipeline.from_diffusers(tmp_path / "sd3" / "pipe", max_sequence_length=length)

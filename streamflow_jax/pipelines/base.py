@@ -9,6 +9,7 @@ image-to-image, sampling and decoding are here.
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -56,6 +57,37 @@ def pipeline_class(path) -> type:
     return PIPELINES[name]
 
 
+# diffusers' from_pretrained keywords, and what this library takes instead
+DIFFUSERS_LOAD_KEYWORDS = {
+    "torch_dtype": "dtype= (e.g. jnp.bfloat16 or 'bfloat16')",
+    "use_safetensors": "weights are always read from safetensors: drop it",
+    "low_cpu_mem_usage": "drop it: weights are read straight into place",
+    "device_map": "mesh= (sf.make_mesh) places the weights on devices",
+    "loras": "a pipeline's LoRA merges at conversion (sf.convert(path, out, loras=...), convert --lora), or into "
+             "one component after loading (pipe.model = sf.apply_loras(pipe.model, ...))",
+    "revision": "a local directory only: there is no hub here",
+    "cache_dir": "a local directory only: there is no hub here",
+    "token": "a local directory only: there is no hub here",
+}
+
+
+def _refuse_load_keywords(klass, kwargs: dict) -> None:
+    """A ``TypeError`` naming ``from_diffusers`` (not the class's ``load``) for each keyword the
+    class does not take, with this library's name for diffusers' (``torch_dtype`` -> ``dtype``)."""
+    params = inspect.signature(klass.load).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and klass.load is not Pipeline.load:
+        known = set(params) - {"cls", "path"}  # a load that passes the rest on (SDXL's micro-conditioning)
+        unknown = [k for k in kwargs if k not in known and k in DIFFUSERS_LOAD_KEYWORDS]
+    else:
+        unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        hints = [f"{k!r} ({DIFFUSERS_LOAD_KEYWORDS[k]})" if k in DIFFUSERS_LOAD_KEYWORDS else repr(k) for k in unknown]
+        takes = ", ".join(k for k, p in params.items()
+                          if k not in ("cls", "path") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        raise TypeError(f"from_diffusers() for {klass.__name__} got unexpected keyword argument(s) "
+                        f"{', '.join(hints)} (it takes: {takes})")
+
+
 class Pipeline:
     """Base class and factory of the pipelines."""
 
@@ -71,6 +103,7 @@ class Pipeline:
         if not isinstance(path, str | Path):
             raise ValueError(f"from_diffusers takes a directory path, got {type(path).__name__}")
         klass = pipeline_class(path) if cls is Pipeline else cls
+        _refuse_load_keywords(klass, kwargs)
         if (Path(path) / "model_index.json").is_file():  # an incomplete download, before any weight is read
             refuse_missing_components(Path(path), error=ConfigError)
         enable_compilation_cache()
@@ -336,9 +369,15 @@ class PromptPipeline(Pipeline):
         """``[n, h, w, C]`` starting latents: ``sampling.seeded_noise(seed)`` or ``noise`` checked."""
         if noise is None:
             return seeded_noise(seed, (n, *shape))
-        if tuple(np.shape(noise)) != (n, *shape):
-            raise ValueError(f"noise has shape {np.shape(noise)}, expected {(n, *shape)}")
-        dtype = noise.dtype if hasattr(noise, "dtype") else np.asarray(noise).dtype
+        if not isinstance(noise, jax.Array | np.ndarray):  # a list, or another library's array (torch's)
+            noise = np.asarray(noise)
+        want, got = (n, *shape), tuple(np.shape(noise))
+        if got != want:
+            nchw = len(got) == 4 and got[1] == want[3] != got[3]  # channels second (the size may be read off it)
+            raise ValueError(f"noise has shape {got}, expected {want}: [n, h, w, C] latents (NHWC)"
+                             + ("; this is NCHW, as diffusers' latents are: transpose it, x.transpose(0, 2, 3, 1)"
+                                if nchw else ""))
+        dtype = noise.dtype
         if not jnp.issubdtype(dtype, jnp.floating):  # as sf.sample: complex lost its imaginary part
             raise ValueError(f"noise must be real floating-point numbers, got {dtype}")
         return jnp.asarray(noise, jnp.float32)
