@@ -227,6 +227,9 @@ def check_inputs(noise, grid, cond, guidance_scale=None, uncond=None):
     for name, arr in cond.items():
         if jnp.shape(arr)[:1] != (b,):
             raise ValueError(f"cond[{name!r}] has shape {jnp.shape(arr)}; expected a leading batch axis of {b}")
+    if guidance_scale is None and uncond is not None:  # it was dropped without a word
+        raise ValueError("uncond is given without guidance_scale: classifier-free guidance needs both (a scale "
+                         "<= 1 turns guidance off in the pipelines; here, leave uncond out)")
     if guidance_scale is not None:
         if uncond is None:
             raise ValueError("guidance_scale needs uncond (the unconditional/negative conditioning)")

@@ -81,6 +81,8 @@ def test_bad_inputs_name_the_problem(model):
         sf.sample(model, x, grid, {**cond, "encoder_hidden_states": cond["encoder_hidden_states"][:1]})
     with pytest.raises(ValueError, match="needs uncond"):
         sf.sample(model, x, grid, cond, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="uncond is given without guidance_scale"):  # was dropped without a word
+        sf.sample(model, x, grid, cond, uncond=cond)
     with pytest.raises(ValueError, match=r"guidance_scale has shape \(3,\); expected a scalar or one per element, "
                                          r"\[B=2\]"):
         sf.sample(model, x, grid, cond, guidance_scale=np.ones(3, np.float32), uncond=cond)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -42,6 +44,10 @@ def test_per_element_time_is_not_shared(tiny_sd3):
         single = model.velocity(x[i : i + 1], t[i : i + 1], {k: v[i : i + 1] for k, v in cond.items()})
         np.testing.assert_allclose(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
     assert not np.allclose(batched[0], batched[1])
+    # diffusers' timesteps (t * 1000) given on the host are refused: the model ran on them without a word
+    with pytest.raises(ValueError, match=re.escape("t must be the flow's time in [0, 1] (sigma; diffusers' timesteps "
+                                                   "/ 1000), got values in [200, 1000]")):
+        model.velocity(x, np.array([1000.0, 500.0, 200.0], np.float32), cond)
 
 
 def test_converted_roundtrip_equals_in_memory(tiny_sd3, tmp_path):

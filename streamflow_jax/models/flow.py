@@ -202,8 +202,17 @@ class FlowModel:
 
     def velocity(self, x: jax.Array, t: jax.Array, cond: dict[str, Any]) -> jax.Array:
         """RF velocity. ``x``: ``[B, H, W, C]``; ``t``: ``[B]`` sigma in [0, 1]; ``cond``: dict of
-        ``[B, ...]`` arrays. Returns ``[B, H, W, C]`` in ``x``'s dtype. Jitted; usable under jit."""
+        ``[B, ...]`` arrays. Returns ``[B, H, W, C]`` in ``x``'s dtype. Jitted; usable under jit.
+
+        A ``t`` given on the host (numbers, numpy) outside [0, 1] is refused: diffusers'
+        timesteps (0 to 1000) are ``t * 1000``, and the model would run on them without a word.
+        (Device arrays are not read back for the check.)"""
         x = jnp.asarray(x)
+        if not isinstance(t, jax.Array):
+            host = np.asarray(t, np.float64)
+            if host.size and not (np.isfinite(host).all() and 0 <= host.min() and host.max() <= 1):
+                raise ValueError(f"t must be the flow's time in [0, 1] (sigma; diffusers' timesteps / 1000), got "
+                                 f"values in [{host.min():g}, {host.max():g}]")
         t = jnp.asarray(t, jnp.float32)
         self.check_call(x, t, cond)
         t = jnp.broadcast_to(t, (x.shape[0],))
