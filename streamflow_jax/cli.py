@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="digits from the embedded default model, or images from prompts with any "
-                                        "prompt pipeline: Flux.1, SD3/SD3.5, PeRFlow/InstaFlow SD1.5 "
+                                        "prompt pipeline: Flux.1, SD3/SD3.5, PeRFlow/InstaFlow SD1.5, PeRFlow-SDXL "
                                         "(--model DIR --prompt ...)")
     p.add_argument("--model", default=None,
                    help="a prompt pipeline directory (diffusers or converted: Flux, SD3/SD3.5, PeRFlow/InstaFlow "
