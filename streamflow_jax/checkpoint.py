@@ -18,7 +18,7 @@ import gc
 import json
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -377,6 +377,33 @@ def _names_component(key: str, component: str, prefixes: dict[str, tuple[str, ..
     return key.startswith(f"{component}.") or any(key.startswith(p) for p in prefixes.get(component, ()))
 
 
+def loras_by_component(loras, present: Iterable[str] | None = None) -> dict[str, list[tuple[Path, float]]]:
+    """A pipeline's LoRA files (``loras=`` as ``convert`` takes them) by the components their
+    keys name (``unet.``/``transformer.``/``text_encoder_2.``..., or kohya's ``lora_unet_``/
+    ``lora_te1_``...), among the pipeline's components ``present`` (default: any): what
+    ``Pipeline.from_diffusers(loras=)`` merges into each component it loads. A key that names
+    no component (of ``present``) is an error, as in ``convert``."""
+    prefixes = component_prefixes()
+    present = set(prefixes) if present is None else set(present) & set(prefixes)
+    out: dict[str, list[tuple[Path, float]]] = {}
+    for path, scale in parse_loras(loras):
+        keys = [k for k in read_lora_file(path)[0] if not k.endswith(".alpha")]
+        unnamed = [k for k in keys if not any(_names_component(k, c, prefixes) for c in prefixes)]
+        if unnamed:
+            raise ConversionError(f"{path}: LoRA key(s) name no pipeline component (e.g. {sorted(unnamed)[0]!r}; "
+                                  "expected unet., transformer., text_encoder... or kohya's lora_unet_/lora_te_): "
+                                  "merge it into one model with sf.load(..., loras=...)")
+        elsewhere = [k for k in keys if not any(_names_component(k, c, prefixes) for c in present)]
+        if elsewhere:  # kohya's lora_unet_ names a UNet or a transformer: one of them will do
+            named = sorted(c for c in prefixes if _names_component(elsewhere[0], c, prefixes))
+            raise ConfigError(f"{path}: LoRA key(s) for {' or '.join(named)} (e.g. {elsewhere[0]!r}), which this "
+                              f"pipeline does not have (its components: {', '.join(sorted(present))})")
+        for component in sorted(present):
+            if any(_names_component(k, component, prefixes) for k in keys):
+                out.setdefault(component, []).append((path, scale))
+    return out
+
+
 def saved_activation_scales(path) -> str | None:
     """How the FP8 model saved at ``path`` (a converted model, or a converted pipeline's velocity
     component) scales its activations: ``"static"``, ``"dynamic"``, or None (not FP8, or not a
@@ -610,7 +637,8 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
             restored weight (default: the default device, as a diffusers directory's weights).
         variant, delta, delta_variant: as ``convert``'s, for a diffusers directory.
         loras: LoRA files merged into the loaded model (``file``, ``(file, scale)`` or
-            ``"file:scale"``); the file's keys for ``component`` (default: the model's).
+            ``"file:scale"``); the file's keys for ``component`` (default: the model's). Or a
+            mapping of components to such lists (``loras_by_component``): this component's.
         mesh, strategy: place the weights on a ``("data", "model")`` mesh (``sharding.make_mesh``)
             by ``"replicate"``, ``"fsdp"`` or ``"tensor"``: a converted directory is restored
             straight into each weight's shards, never whole on one device or the host.
@@ -636,6 +664,8 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
     model = _load(path, dtype, component=component, progress=progress, config=config, sharding=sharding,
                   variant=variant, delta=delta, delta_variant=delta_variant, mesh=mesh, strategy=strategy,
                   allow_nonfinite=allow_nonfinite)
+    if isinstance(loras, Mapping):  # a pipeline's files by component (loras_by_component)
+        loras = loras.get(component or model.family.component)
     if loras:
         model = apply_loras(model, loras, component=component)
     model = _with_adapter(model, Path(path), scheduler, prediction_type, num_time_windows)

@@ -238,7 +238,7 @@ def _generate_digits(args) -> int:
     for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
                         ("--height", args.height), ("--width", args.width),
                         ("--taesd", args.taesd), ("--prediction-type", args.prediction_type),
-                        ("--windows", args.windows), ("--variant", args.variant),
+                        ("--windows", args.windows), ("--variant", args.variant), ("--lora", args.lora),
                         ("--max-sequence-length", args.max_sequence_length)):
         if value is not None and value != []:
             raise ValueError(f"{flag} is for prompt pipelines; the digits model makes 16x16 digits from class labels "
@@ -301,7 +301,7 @@ def _generate_prompts(args) -> int:
     _check_negative_prompt_early(cls, args)
     kwargs = {"dtype": args.dtype}
     for name, value in (("taesd", args.taesd), ("prediction_type", args.prediction_type),
-                        ("num_time_windows", args.windows), ("variant", args.variant)):
+                        ("num_time_windows", args.windows), ("variant", args.variant), ("loras", args.lora)):
         if value is not None:
             kwargs[name] = value
     pipe = Pipeline.from_diffusers(args.model, mesh=_mesh(args), strategy=args.strategy, **kwargs)
@@ -575,7 +575,8 @@ def _cmd_serve(args) -> int:
         raise ValueError(f"serving needs the serve extra (pip install 'streamflow-jax[serve]'): {e}") from None
     load = dict(model=args.model, slots_per_stream=args.slots, streams=args.streams, backend=args.backend,
                 size=args.size, dtype=args.dtype, taesd=args.taesd, prediction_type=args.prediction_type,
-                num_time_windows=args.windows, variant=args.variant, strategy=args.strategy, quantize=args.quantize)
+                num_time_windows=args.windows, variant=args.variant, loras=args.lora, strategy=args.strategy,
+                quantize=args.quantize)
     options = dict(max_queue=args.max_queue, max_n=args.max_n, max_steps=args.max_steps, timeout=args.timeout,
                    frames_in_flight=args.frames_in_flight, max_streams=args.max_streams)
     name = Path(args.model).name if args.model else "digits"
@@ -617,6 +618,9 @@ def _adapter_flags(p) -> None:
     p.add_argument("--variant", default=None,
                    help="a diffusers pipeline directory's *.VARIANT.safetensors weights (e.g. fp16), as "
                         "from_pretrained(variant=)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA into the components its keys name as the pipeline loads (a file, or "
+                        "diffusers' save_lora_weights directory; repeat for several, summed)")
 
 
 def _quantize_flag(p) -> None:

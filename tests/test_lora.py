@@ -466,22 +466,80 @@ def test_sdxl_kohya_lora_equals_diffusers(tmp_path, names):
                                           "time_ids": torch.from_numpy(time_ids)}).sample
         return out.permute(0, 2, 3, 1).numpy()
 
-    want = torch_eps(fused)
-    got = np.asarray(_sdxl_unet_call(sf.load(tmp_path / "out", component="unet"), x, t, ehs, text_embeds, time_ids))
-    assert _rel(got, want) <= 1e-4
-    assert _rel(torch_eps(ref.unet), want) > 1e-2  # the LoRA changes the output
-
-    for component, encoder in encoders.items():
-        name = next(n for (c, n) in halves if c == component)
-        down, up = halves[component, name]
-        params = flat_params(nnx.to_pure_dict(sf.load(tmp_path / "out", component=component).state))[0]
-        named = dict(encoder.named_modules())
-        weight = (named.get(name) or named[name.removeprefix("text_model.")]).weight.detach()
-        want = weight + SCALE * 8.0 / 4 * (up @ down)  # kohya: alpha / r
-        kernel = next(v for k, v in params.items() if k.endswith(name.removeprefix("text_model.") + ".kernel"))
-        np.testing.assert_allclose(np.asarray(kernel).T, want.numpy(), rtol=1e-5, atol=1e-6)
+    want_eps = torch_eps(fused)
+    assert _rel(torch_eps(ref.unet), want_eps) > 1e-2  # the LoRA changes the output
+    # at conversion, and merged as the diffusers pipeline loads (Pipeline.from_diffusers(loras=))
+    pipe = sf.Pipeline.from_diffusers(root, loras=[f"{lora}:{SCALE}"], prediction_type="ddim_eps",
+                                      num_time_windows=4)
+    for where, models in [("convert", {c: sf.load(tmp_path / "out", component=c) for c in ("unet", *encoders)}),
+                          ("from_diffusers", {"unet": pipe.model, "text_encoder": pipe.clip_l[0],
+                                             "text_encoder_2": pipe.clip_g[0]})]:
+        got = np.asarray(_sdxl_unet_call(models["unet"], x, t, ehs, text_embeds, time_ids))
+        assert _rel(got, want_eps) <= 1e-4, where
+        for component, encoder in encoders.items():
+            name = next(n for (c, n) in halves if c == component)
+            down, up = halves[component, name]
+            params = flat_params(nnx.to_pure_dict(models[component].state))[0]
+            named = dict(encoder.named_modules())
+            weight = (named.get(name) or named[name.removeprefix("text_model.")]).weight.detach()
+            want = weight + SCALE * 8.0 / 4 * (up @ down)  # kohya: alpha / r
+            kernel = next(v for k, v in params.items() if k.endswith(name.removeprefix("text_model.") + ".kernel"))
+            np.testing.assert_allclose(np.asarray(kernel).T, want.numpy(), rtol=1e-5, atol=1e-6, err_msg=where)
 
 
 @jax.jit
 def _sdxl_unet_call(model, x, t, ehs, text_embeds, time_ids):
     return model.module(x, t, ehs, text_embeds=text_embeds, time_ids=time_ids)
+
+
+def test_pipeline_loras_merged_as_it_loads(tmp_path, capsys):
+    """``Pipeline.from_diffusers(path, loras=...)`` and ``generate --lora``: a LoRA that diffusers'
+    ``save_lora_weights`` would write (a directory holding ``pytorch_lora_weights.safetensors``)
+    merged into the UNet as the pipeline loads, equal to diffusers' ``load_lora_into_unet`` +
+    ``fuse_lora``; without a warning about the file's other components; a component the
+    pipeline lacks is refused."""
+    import warnings
+
+    from conftest import make_perflow_pipeline
+
+    root = make_perflow_pipeline(tmp_path / "p")
+    ref = diffusers.UNet2DConditionModel.from_pretrained(root / "unet").eval()
+    (tmp_path / "lora").mkdir()
+    file = make_peft_lora(ref, ["to_q", "to_v"], tmp_path / "lora" / "pytorch_lora_weights.safetensors", "unet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe = sf.Pipeline.from_diffusers(root, loras=[f"{tmp_path / 'lora'}:{SCALE}"])
+    fused = _fused(ref, file, "unet")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([900.0, 100.0], np.float32)
+    ehs = rng.standard_normal((2, 5, ref.config.cross_attention_dim)).astype(np.float32)
+    with torch.no_grad():
+        want = fused(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                     torch.from_numpy(ehs)).sample.permute(0, 2, 3, 1).numpy()
+        base = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                   torch.from_numpy(ehs)).sample.permute(0, 2, 3, 1).numpy()
+    assert _rel(np.asarray(_unet_call(pipe.model, x, t, ehs)), want) <= 1e-4
+    assert _rel(base, want) > 1e-2  # the LoRA changes the output
+    # the CLI: generate --lora gives the pipeline's image
+    out = tmp_path / "cat.png"
+    assert cli(["generate", "--model", str(root), "--prompt", "a cat", "--lora", f"{tmp_path / 'lora'}:{SCALE}",
+                "--out", str(out), "-q"]) == 0
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(pipe(["a cat"], progress=False)[0]))
+    # keys for a component this pipeline does not have: refused, naming it (they would be merged nowhere)
+    save_file({"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(2, 32),
+               "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.zeros(37, 2)},
+              tmp_path / "te2.safetensors")
+    with pytest.raises(sf.ConfigError, match=r"LoRA key\(s\) for text_encoder_2 \(e.g. .*\), which this pipeline "
+                                             "does not have"):
+        sf.Pipeline.from_diffusers(root, loras=[tmp_path / "te2.safetensors"])
+    assert cli(["generate", "--lora", str(file), "--out", str(tmp_path / "d.png"), "-q"]) == 1  # digits: none
+    assert "--lora is for prompt pipelines" in capsys.readouterr().err
+    (tmp_path / "two").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "two" / f"{name}.safetensors").write_bytes(file.read_bytes())
+    with pytest.raises(sf.ConversionError, match=re.escape("holding 2 .safetensors files (a.safetensors, "
+                                                           "b.safetensors): give one")):
+        sf.Pipeline.from_diffusers(root, loras=[tmp_path / "two"])

@@ -63,8 +63,7 @@ DIFFUSERS_LOAD_KEYWORDS = {
     "use_safetensors": "weights are always read from safetensors: drop it",
     "low_cpu_mem_usage": "drop it: weights are read straight into place",
     "device_map": "mesh= (sf.make_mesh) places the weights on devices",
-    "loras": "a pipeline's LoRA merges at conversion (sf.convert(path, out, loras=...), convert --lora), or into "
-             "one component after loading (pipe.model = sf.apply_loras(pipe.model, ...))",
+    "loras": "this pipeline takes no LoRAs; a model's merge with sf.load(..., loras=) or sf.apply_loras",
     "revision": "a local directory only: there is no hub here",
     "cache_dir": "a local directory only: there is no hub here",
     "token": "a local directory only: there is no hub here",
@@ -88,6 +87,19 @@ def _refuse_load_keywords(klass, kwargs: dict) -> None:
                         f"{', '.join(hints)} (it takes: {takes})")
 
 
+def _loras_for(path: Path, loras) -> dict:
+    """``loras`` by the pipeline components their keys name; a component this pipeline does not
+    have is an error (its keys would be merged nowhere)."""
+    from streamflow_jax.checkpoint import loras_by_component
+
+    try:
+        raw = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    present = {k for k, v in raw.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
+    return loras_by_component(loras, present)
+
+
 class Pipeline:
     """Base class and factory of the pipelines."""
 
@@ -97,17 +109,28 @@ class Pipeline:
 
         On ``Pipeline`` itself, the class comes from ``model_index.json``'s ``_class_name``
         (``StableDiffusionPipeline`` -> ``PeRFlowPipeline``, ...); on a subclass, that class.
-        Keyword arguments (``taesd``, ``dtype``, ...) go to the class's ``load``. Turns on the
-        persistent compilation cache (``backends.cache.enable_compilation_cache``).
+        Keyword arguments (``taesd``, ``dtype``, ``variant``, ...) go to the class's ``load``.
+        ``loras`` (files as ``sf.convert`` takes them: ``file``, ``(file, scale)``,
+        ``"file:scale"``, or diffusers' ``save_lora_weights`` directory) are merged into the
+        components their keys name, as they load (the UNet or transformer and the text
+        encoders; ``sf.apply_loras`` for one model later). Turns on the persistent compilation
+        cache (``backends.cache.enable_compilation_cache``).
         """
         if not isinstance(path, str | Path):
             raise ValueError(f"from_diffusers takes a directory path, got {type(path).__name__}")
         klass = pipeline_class(path) if cls is Pipeline else cls
-        _refuse_load_keywords(klass, kwargs)
+        loras = kwargs.pop("loras", None)
+        _refuse_load_keywords(klass, {**kwargs, **({"loras": loras} if loras
+                                                   and "loras" not in inspect.signature(klass.load).parameters
+                                                   else {})})
         if (Path(path) / "model_index.json").is_file():  # an incomplete download, before any weight is read
             refuse_missing_components(Path(path), error=ConfigError)
+        if loras:
+            kwargs["loras"] = _loras_for(Path(path), loras)
         enable_compilation_cache()
-        return klass.load(Path(path), **kwargs)
+        with warnings.catch_warnings():  # each component takes its own keys of a file; the rest are others'
+            warnings.filterwarnings("ignore", message=r".*LoRA key\(s\) are for other components")
+            return klass.load(Path(path), **kwargs)
 
     @classmethod
     def load(cls, path, **kwargs) -> Pipeline:

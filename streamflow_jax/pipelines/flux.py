@@ -51,7 +51,7 @@ class FluxPipeline(PromptPipeline):
 
     @classmethod
     def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int | None = None, mesh=None,
-             strategy: str = "fsdp", variant: str | None = None) -> FluxPipeline:
+             strategy: str = "fsdp", variant: str | None = None, loras=None) -> FluxPipeline:
         """A diffusers Flux pipeline directory (or one converted by ``sf.convert``): ``transformer/``,
         ``text_encoder/`` (CLIP-L), ``tokenizer/``, ``text_encoder_2/`` (T5), ``tokenizer_2/``,
         ``vae/``, ``scheduler/``.
@@ -65,10 +65,12 @@ class FluxPipeline(PromptPipeline):
                 included (where single-device memory runs out first); batches split over ``data``.
             variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
                 as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
+            loras: LoRA files merged into the components their keys name (see
+                ``Pipeline.from_diffusers``), or ``checkpoint.loras_by_component``'s mapping.
         """
         path = Path(path)
         scheduler = schedules.read_scheduler(path)
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant, loras=loras)
         model = load(path, component="transformer", **opts)
         pipe = cls(model, load(path, component="text_encoder", **opts), CLIPTokenizer.from_dir(path / "tokenizer"),
                    load(path, component="text_encoder_2", **opts), T5Tokenizers(path / "tokenizer_2"),

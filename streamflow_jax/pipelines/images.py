@@ -26,8 +26,8 @@ def load_autoencoder(path: Path, taesd=None, *, for_model=None, **opts):
             for another family is refused here, not by a convolution after sampling).
     """
     where = taesd or Path(path) / "vae"
-    if taesd is not None:  # its own directory: the pipeline's weights variant is not its
-        model = load(taesd, **{k: v for k, v in opts.items() if k != "variant"})
+    if taesd is not None:  # its own directory: the pipeline's weights variant and LoRAs are not its
+        model = load(taesd, **{k: v for k, v in opts.items() if k not in ("variant", "loras")})
     else:
         model = load(path, component="vae", **opts)
     if model.family.kind != "autoencoder":

@@ -43,7 +43,7 @@ class PeRFlowPipeline(PromptPipeline):
     @classmethod
     def load(cls, path, *, taesd=None, dtype=None, prediction_type: str | None = None,
              num_time_windows: int | None = None, mesh=None, strategy: str = "fsdp",
-             variant: str | None = None) -> PeRFlowPipeline:
+             variant: str | None = None, loras=None) -> PeRFlowPipeline:
         """A diffusers pipeline directory, or one converted by ``sf.convert``.
 
         Args:
@@ -56,6 +56,8 @@ class PeRFlowPipeline(PromptPipeline):
                 text encoder's included; batches then split over its ``data`` axis.
             variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
                 as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
+            loras: LoRA files merged into the components their keys name (see
+                ``Pipeline.from_diffusers``), or ``checkpoint.loras_by_component``'s mapping.
             prediction_type, num_time_windows: override the scheduler config's, as PeRFlow's
                 own instructions do on a directory that ships its base model's scheduler
                 (``PeRFlowScheduler.from_config(config, prediction_type="diff_eps",
@@ -64,7 +66,7 @@ class PeRFlowPipeline(PromptPipeline):
         """
         path = Path(path)
         scheduler = cls.perflow_scheduler(path, prediction_type, num_time_windows)
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant, loras=loras)
         unet = load(path, component="unet", scheduler=scheduler, **opts)
         text = load(path, component="text_encoder", **opts)
         pipe = cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), load_autoencoder(path, taesd, for_model=unet, **opts),

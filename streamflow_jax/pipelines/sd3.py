@@ -61,7 +61,7 @@ class SD3Pipeline(PromptPipeline):
 
     @classmethod
     def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int | None = None, mesh=None,
-             strategy: str = "fsdp", variant: str | None = None) -> SD3Pipeline:
+             strategy: str = "fsdp", variant: str | None = None, loras=None) -> SD3Pipeline:
         """A diffusers SD3/SD3.5 pipeline directory (or one converted by ``sf.convert``):
         ``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP-L), ``text_encoder_2/`` +
         ``tokenizer_2/`` (CLIP-G), optionally ``text_encoder_3/`` + ``tokenizer_3/`` (T5),
@@ -75,10 +75,12 @@ class SD3Pipeline(PromptPipeline):
                 text encoders' included; batches split over ``data``.
             variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
                 as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
+            loras: LoRA files merged into the components their keys name (see
+                ``Pipeline.from_diffusers``), or ``checkpoint.loras_by_component``'s mapping.
         """
         path = Path(path)
         scheduler = schedules.read_scheduler(path)
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant, loras=loras)
         model = load(path, component="transformer", **opts)
         clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
                           CLIPTokenizer.from_dir(path / f"tokenizer{n}"))

@@ -79,7 +79,7 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
     @classmethod
     def load(cls, path, *, taesd=None, dtype=None, prediction_type: str | None = None,
              num_time_windows: int | None = None, mesh=None, strategy: str = "fsdp",
-             variant: str | None = None, **micro_conditioning) -> PeRFlowSDXLPipeline:
+             variant: str | None = None, loras=None, **micro_conditioning) -> PeRFlowSDXLPipeline:
         """A diffusers ``StableDiffusionXLPipeline`` directory, or one converted by ``sf.convert``.
 
         Args:
@@ -94,13 +94,15 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
             mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``).
             variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
                 as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
+            loras: LoRA files merged into the components their keys name (see
+                ``Pipeline.from_diffusers``), or ``checkpoint.loras_by_component``'s mapping.
             micro_conditioning: ``original_size``, ``crops_coords_top_left``, ``target_size``
                 (see the class).
         """
         path = Path(path)
         scheduler = cls.perflow_scheduler(path, prediction_type, num_time_windows)
         index = json.loads((path / "model_index.json").read_text())
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant, loras=loras)
         unet = load(path, component="unet", scheduler=scheduler, **opts)
         clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
                           CLIPTokenizer.from_dir(path / f"tokenizer{n}"))

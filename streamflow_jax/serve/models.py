@@ -111,8 +111,8 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
 
 
 def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, backend: str = "xla", size=None,
-                dtype=None, taesd=None, prediction_type=None, num_time_windows=None, variant=None, mesh=None,
-                strategy: str = "fsdp", quantize: str | None = None, cache_size: int | None = None) -> Served:
+                dtype=None, taesd=None, prediction_type=None, num_time_windows=None, variant=None, loras=None,
+                mesh=None, strategy: str = "fsdp", quantize: str | None = None, cache_size: int | None = None) -> Served:
     """Loads MODEL (a digits directory, the embedded one when None; or any prompt pipeline
     directory, diffusers or converted) behind a guided ``PromptStream`` of ``slots_per_stream x
     streams`` slots, images of ``size`` (``"WxH"``; default the model's)."""
@@ -126,7 +126,7 @@ def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, back
 
             pipe.model = _quantize(pipe.model, quantize)
         for flag, value in (("taesd", taesd), ("prediction_type", prediction_type), ("windows", num_time_windows),
-                            ("variant", variant)):
+                            ("variant", variant), ("lora", loras or None)):
             if value is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} is for prompt pipelines, not the digits model")
         prompts = DigitsPrompts(pipe)
@@ -136,7 +136,7 @@ def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, back
         return Served(stream, "digits" if model is None else Path(model).name, (w, h), 1, "0")
     kwargs = {"dtype": dtype}
     for name, value in (("taesd", taesd), ("prediction_type", prediction_type), ("num_time_windows", num_time_windows),
-                        ("variant", variant)):
+                        ("variant", variant), ("loras", loras or None)):
         if value is not None:
             kwargs[name] = value
     pipe = Pipeline.from_diffusers(model, mesh=mesh, strategy=strategy, **kwargs)
