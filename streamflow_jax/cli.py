@@ -809,10 +809,44 @@ def _write_image(image, out) -> None:
     fsutil.write_atomic(out, buf.getvalue(), mode=0o666 & ~umask)
 
 
+# diffusers' and other tools' spellings of flags, and this CLI's
+FLAG_HINTS = {"--num-inference-steps": "--steps", "--guidance-scale": "--guidance", "--cfg": "--guidance",
+              "--num-images-per-prompt": "one --prompt per image (repeat it)", "--output": "--out",
+              "--torch-dtype": "--dtype", "--lora-scale": "--lora FILE:SCALE"}
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """``unrecognized arguments: ...`` with what each unknown flag may have meant: this CLI's
+    name for another tool's (``--num-inference-steps`` -> ``--steps``), its hyphens for
+    underscores, or the closest flag of the command."""
+    import difflib
+
+    flags = [o for a in parser._actions for o in a.option_strings]
+    hints = []
+    for word in extra:
+        if not word.startswith("--"):
+            continue
+        name = word.split("=", 1)[0]
+        guess = FLAG_HINTS.get(name.replace("_", "-"))
+        if guess is None and name.replace("_", "-") in flags:
+            guess = name.replace("_", "-")
+        if guess is None:
+            close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+            guess = close[0] if close else None
+        if guess is not None:
+            hints.append(f"{name}: {guess}?")
+    return f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+            command = commands.get(getattr(args, "command", None), parser)
+            command.error(_unknown_flags(command, extra))
         from streamflow_jax.backends.cache import enable_compilation_cache
 
         enable_compilation_cache()

@@ -296,6 +296,22 @@ def test_version_and_plain_help(capsys):
     assert "``" not in out and "Rectified-flow image generators" in out
 
 
+@pytest.mark.parametrize("argv,hint", [
+    (["generate", "--num-inference-steps", "4"], "(--num-inference-steps: --steps?)"),
+    (["generate", "--negative_prompt", "x"], "(--negative_prompt: --negative-prompt?)"),
+    (["convert", "a", "b", "--quantise", "fp8"], "(--quantise: --quantize?)"),
+    (["serve", "--max_queue=3"], "(--max_queue: --max-queue?)")])
+def test_unknown_flags_name_the_command_and_a_guess(capsys, argv, hint):
+    """An unknown flag is the command's error, with its usage, and what the flag may have meant
+    (diffusers' names, underscores, typos); it was the top-level usage and no hint."""
+    with pytest.raises(SystemExit) as e:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: streamflow-jax {argv[0]}" in err
+    given = " ".join(argv[-2:] if len(argv) > 2 else argv[-1:])
+    assert err.strip().endswith(f"streamflow-jax {argv[0]}: error: unrecognized arguments: {given} {hint}"), err
+
+
 def test_export_and_bench_of_a_perflow_pipeline_and_a_converted_pipeline(tmp_path, capsys, specs):
     """A PeRFlow pipeline directory (diffusers or converted) exports and benches its UNet with
     the scheduler's adapter; a base model's scheduler takes --prediction-type/--windows."""
