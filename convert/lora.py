@@ -94,6 +94,16 @@ def lora_file(path) -> Path:
     return path
 
 
+def lora_keys(path) -> list[str]:
+    """A LoRA file's tensor names, without reading the tensors (``path``: see ``lora_file``)."""
+    path = lora_file(path)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{path}: unreadable safetensors file ({e})") from None
+
+
 def read_lora_file(path) -> tuple[dict[str, np.ndarray], dict]:
     """A LoRA file's tensors (numpy) and metadata (``path``: see ``lora_file``)."""
     path = lora_file(path)

@@ -41,7 +41,7 @@ from streamflow_jax.converters import (
 from streamflow_jax import ops, schedules
 from streamflow_jax.converters import parse_config
 from streamflow_jax.converters.common import check_config_types, check_model_source, read_json, weights_file
-from streamflow_jax.converters.lora import component_prefixes, lora_deltas, read_lora_file
+from streamflow_jax.converters.lora import component_prefixes, lora_deltas, lora_keys, read_lora_file
 from streamflow_jax.errors import ConfigError, ConversionError
 from streamflow_jax.fsutil import atomic_dir, interrupts_held
 from streamflow_jax.lora import apply_loras, merged_deltas, parse_loras
@@ -314,8 +314,8 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
     if quantize and not velocity:
         raise ConversionError(f"{src}: quantize={quantize!r} applies to a pipeline's velocity model (transformer or "
                               "unet), and this pipeline has none")
-    plans = {name: plan_source(src / name, variant=variant, delta=delta if name in velocity[:1] else None,
-                               delta_variant=delta_variant)[0]
+    plans = {name: plan_source(src / name, variant=component_variant(src, name, variant),
+                               delta=delta if name in velocity[:1] else None, delta_variant=delta_variant)[0]
              for name, kind in components.items() if kind != "config-only" and not kind.startswith("skip:")}
     for p in plans.values():
         p.allow_nonfinite = allow_nonfinite
@@ -377,6 +377,26 @@ def _names_component(key: str, component: str, prefixes: dict[str, tuple[str, ..
     return key.startswith(f"{component}.") or any(key.startswith(p) for p in prefixes.get(component, ()))
 
 
+def component_variant(pipeline_dir, name: str, variant: str | None) -> str | None:
+    """The weights variant a pipeline component reads, by diffusers' rule for
+    ``from_pretrained(variant=)``: a component with ``*.{variant}.*`` weight files reads them,
+    one without reads its default weights (a VAE swapped in, a T5 shipped once); a pipeline none
+    of whose components has them is an error."""
+    if variant is None:
+        return None
+    root = Path(pipeline_dir)
+
+    def has(d: Path) -> bool:
+        return d.is_dir() and any(f".{variant}." in f.name for f in d.iterdir() if f.is_file())
+
+    if has(root / name):
+        return variant
+    if not any(has(d) for d in root.iterdir() if d.is_dir()):
+        raise ConversionError(f"{root}: variant={variant!r}, and no component has such weights "
+                              f"(*.{variant}.safetensors)")
+    return None
+
+
 def loras_by_component(loras, present: Iterable[str] | None = None) -> dict[str, list[tuple[Path, float]]]:
     """A pipeline's LoRA files (``loras=`` as ``convert`` takes them) by the components their
     keys name (``unet.``/``transformer.``/``text_encoder_2.``..., or kohya's ``lora_unet_``/
@@ -387,7 +407,7 @@ def loras_by_component(loras, present: Iterable[str] | None = None) -> dict[str,
     present = set(prefixes) if present is None else set(present) & set(prefixes)
     out: dict[str, list[tuple[Path, float]]] = {}
     for path, scale in parse_loras(loras):
-        keys = [k for k in read_lora_file(path)[0] if not k.endswith(".alpha")]
+        keys = [k for k in lora_keys(path) if not k.endswith(".alpha")]
         unnamed = [k for k in keys if not any(_names_component(k, c, prefixes) for c in prefixes)]
         if unnamed:
             raise ConversionError(f"{path}: LoRA key(s) name no pipeline component (e.g. {sorted(unnamed)[0]!r}; "
@@ -657,6 +677,9 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
         raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if mesh is not None:
         check_mesh(mesh)
+    if component is not None and (Path(path) / "model_index.json").is_file() \
+            and not (Path(path) / component / PARAMS_DIR).is_dir():  # a diffusers pipeline (converted: refused later)
+        variant = component_variant(path, component, variant)  # diffusers' rule for a pipeline's components
     if component is not None and not loras and not (Path(path) / "model_index.json").is_file():
         raise ConversionError(f"{path}: not a pipeline directory (no model_index.json), so component={component!r} "
                               "names nothing (with loras=, it names the LoRA files' component); load the model "
@@ -664,9 +687,12 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
     model = _load(path, dtype, component=component, progress=progress, config=config, sharding=sharding,
                   variant=variant, delta=delta, delta_variant=delta_variant, mesh=mesh, strategy=strategy,
                   allow_nonfinite=allow_nonfinite)
-    if isinstance(loras, Mapping):  # a pipeline's files by component (loras_by_component)
-        loras = loras.get(component or model.family.component)
-    if loras:
+    if isinstance(loras, Mapping):  # a pipeline's files by component (loras_by_component): this one's keys
+        if mine := loras.get(component or model.family.component):
+            with warnings.catch_warnings():  # the files' other keys are for the pipeline's other components
+                warnings.filterwarnings("ignore", message=r".*LoRA key\(s\) are for other components")
+                model = apply_loras(model, mine, component=component)
+    elif loras:
         model = apply_loras(model, loras, component=component)
     model = _with_adapter(model, Path(path), scheduler, prediction_type, num_time_windows)
     return model.with_scanned_blocks() if scan else model

@@ -361,8 +361,8 @@ def _stream_prompts(pipe, args, image, negative: str = "") -> list:
 
     guided = pipe.resolve_guidance(args.guidance).cfg
     height, width = args.height, args.width
-    if image is not None and height is None and width is None:  # the image's size, as the batch path takes
-        width, height = image.size
+    if image is not None:  # a side not given is the image's, as the batch path takes it
+        width, height = image.size[0] if width is None else width, image.size[1] if height is None else height
     stream = PromptStream(pipe, slots_per_stream=args.slots, streams=args.streams, guidance=guided,
                           height=height, width=width, backend=args.backend,
                           max_sequence_length=args.max_sequence_length)
@@ -615,6 +615,10 @@ def _adapter_flags(p) -> None:
                         "UNet shipped with its base model's scheduler)")
     p.add_argument("--windows", type=int, default=None,
                    help="PeRFlow: time windows (default: the scheduler config's, or 4)")
+
+
+def _pipeline_load_flags(p) -> None:
+    """``generate``'s and ``serve``'s: how a prompt pipeline loads (``Pipeline.from_diffusers``)."""
     p.add_argument("--variant", default=None,
                    help="a diffusers pipeline directory's *.VARIANT.safetensors weights (e.g. fp16), as "
                         "from_pretrained(variant=)")
@@ -682,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Flux-dev)")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)
+    _pipeline_load_flags(p)
     p.add_argument("--height", type=int, default=None, help="image height in pixels (prompt pipelines)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (prompt pipelines)")
     p.add_argument("--steps", type=int, default=None,
@@ -778,6 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT of every image (default: the model's)")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)
+    _pipeline_load_flags(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast the models' parameters (default: as stored)")
     _quantize_flag(p)

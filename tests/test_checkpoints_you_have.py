@@ -195,6 +195,16 @@ def test_pipeline_of_variant_weights(tmp_path, capsys):
     reference = diffusers.AutoencoderKL.from_pretrained(hub / "vae", variant="fp16", torch_dtype=torch.float16)
     np.testing.assert_array_equal(_leaves(pipe.decoder)["decoder.conv_out.bias"],
                                   reference.state_dict()["decoder.conv_out.bias"].numpy())
+    # diffusers' rule: a component without the variant's files (a VAE swapped in) reads its default weights;
+    # a pipeline where no component has them is refused
+    shutil.copytree(hub, tmp_path / "mixed")
+    shutil.rmtree(tmp_path / "mixed" / "vae")
+    shutil.copytree(root / "vae", tmp_path / "mixed" / "vae")
+    mixed = sf.Pipeline.from_diffusers(tmp_path / "mixed", variant="fp16")
+    assert mixed.model.dtype == np.float16 and mixed.decoder.dtype == np.float32
+    with pytest.raises(sf.ConversionError, match=re.escape("variant='fp16', and no component has such weights")):
+        sf.Pipeline.from_diffusers(root, variant="fp16")
+    assert cli(["convert", str(tmp_path / "mixed"), str(tmp_path / "mixed-conv"), "--variant", "fp16", "-q"]) == 0
     out = tmp_path / "cat.png"
     assert cli(["generate", "--model", str(hub), "--variant", "fp16", "--dtype", "float32", "--prompt", "a cat",
                 "--out", str(out), "-q"]) == 0

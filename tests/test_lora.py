@@ -521,6 +521,10 @@ def test_pipeline_loras_merged_as_it_loads(tmp_path, capsys):
                    torch.from_numpy(ehs)).sample.permute(0, 2, 3, 1).numpy()
     assert _rel(np.asarray(_unet_call(pipe.model, x, t, ehs)), want) <= 1e-4
     assert _rel(base, want) > 1e-2  # the LoRA changes the output
+    from streamflow_jax.pipelines import PeRFlowPipeline  # the class's load takes the files as they are too
+
+    direct = PeRFlowPipeline.load(root, loras=[(file, SCALE)])
+    np.testing.assert_array_equal(_unet_call(direct.model, x, t, ehs), _unet_call(pipe.model, x, t, ehs))
     # the CLI: generate --lora gives the pipeline's image
     out = tmp_path / "cat.png"
     assert cli(["generate", "--model", str(root), "--prompt", "a cat", "--lora", f"{tmp_path / 'lora'}:{SCALE}",

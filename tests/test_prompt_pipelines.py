@@ -570,8 +570,10 @@ def test_img2img_through_the_stream_engine(tmp_path):
             "--steps", "2", "--max-sequence-length", "12", "-q"]
     assert cli([*args, "--out", str(tmp_path / "batch.png")]) == 0
     assert cli([*args, "--stream", "--out", str(tmp_path / "stream.png")]) == 0
-    batch, streamed = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("batch", "stream"))
+    assert cli([*args, "--stream", "--height", "16", "--out", str(tmp_path / "stream16.png")]) == 0  # one side given
+    batch, streamed, one_side = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("batch", "stream", "stream16"))
     assert batch.shape == (16, 32, 3) and np.abs(batch.astype(int) - streamed.astype(int)).max() <= 1
+    np.testing.assert_array_equal(one_side, streamed)
 
 
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):

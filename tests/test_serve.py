@@ -427,7 +427,9 @@ def test_realtime_stream(url):
         ws.send(json.dumps({"prompt": "3", "strength": 0.6, "steps": 8, "seed": 1, "extra": 1}))
         assert "unknown field 'extra'" in json.loads(ws.recv(30))["error"]
         ws.send("{" + ",".join(f'"k{i}": 0' for i in range(20000)) + "}")  # refused unread, at once
-        assert json.loads(ws.recv(30))["error"] == f"the configuration is longer than {64 << 10} characters"
+        assert json.loads(ws.recv(30))["error"] == "the configuration is longer than 100096 characters"
+        ws.send(json.dumps({"prompt": "3", "negative_prompt": "\U0001f600" * 4000}))  # escaped: 48k characters
+        assert json.loads(ws.recv(30))["param"] == "negative_prompt"  # read: refused for what it says, not its size
         ws.send("[1]")
         assert json.loads(ws.recv(30))["error"] == "the configuration must be a JSON object, got an array"
         ws.send(json.dumps({"prompt": "3", "strength": 1e-300, "steps": 8}))  # refused here, not at every frame
@@ -523,6 +525,37 @@ def test_deadline_then_sigterm_drains_and_exits_0():
             for _ in range(4):
                 assert keep.get(url + "/health").status_code == 200
                 time.sleep(1.5)
+            # a request longer than the period (here one that meets its deadline), then the next one at
+            # once on the same connection: it was closed by the watchdog's next look, the response just sent
+            heavy = {"prompt": "1", "n": 10, "steps": 100}
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                busy = [pool.submit(httpx.post, url + "/v1/images/generations", json=heavy, timeout=60)
+                        for _ in range(4)]
+                wait_running(url, busy[0])
+                t0 = time.time()
+                late = keep.post(url + "/v1/images/generations", json=heavy)
+                assert late.status_code in (200, 503) and time.time() - t0 > 2  # longer than the period
+                time.sleep(1.5)  # quiet for less than the period since that response (the old watchdog's next
+                assert keep.get(url + "/health").status_code == 200  # look fell in here 3 times in 4)
+                [f.result() for f in busy]
+        # headers trickling in a byte at a time count for nothing: closed at the period all the same
+        t0 = time.time()
+        with socket.create_connection((parts.hostname, parts.port), timeout=30) as trickle:
+            answer = b""
+            for byte in b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 40:
+                try:
+                    trickle.sendall(bytes([byte]))
+                except OSError:
+                    break
+                trickle.settimeout(0.1)
+                try:
+                    answer += trickle.recv(65536)
+                except TimeoutError:
+                    continue
+                if answer:
+                    break
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert time.time() - t0 < 8
 
         # in flight when SIGTERM arrives: finished and answered, then exit 0
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

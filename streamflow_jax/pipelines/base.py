@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def _refuse_load_keywords(klass, kwargs: dict) -> None:
     """A ``TypeError`` naming ``from_diffusers`` (not the class's ``load``) for each keyword the
     class does not take, with this library's name for diffusers' (``torch_dtype`` -> ``dtype``)."""
     params = inspect.signature(klass.load).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and klass.load is not Pipeline.load:
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         known = set(params) - {"cls", "path"}  # a load that passes the rest on (SDXL's micro-conditioning)
         unknown = [k for k in kwargs if k not in known and k in DIFFUSERS_LOAD_KEYWORDS]
     else:
@@ -87,11 +88,18 @@ def _refuse_load_keywords(klass, kwargs: dict) -> None:
                         f"{', '.join(hints)} (it takes: {takes})")
 
 
-def _loras_for(path: Path, loras) -> dict:
-    """``loras`` by the pipeline components their keys name; a component this pipeline does not
-    have is an error (its keys would be merged nowhere)."""
+def component_loras(path, loras) -> dict | None:
+    """A pipeline ``load``'s ``loras``: files (as ``sf.convert`` takes them) grouped by the
+    components their keys name, for each component's ``sf.load``; a mapping (already grouped)
+    as it is; None when there are none. A key for a component the pipeline does not have is an
+    error (it would be merged nowhere)."""
+    if not loras:
+        return None
+    if isinstance(loras, Mapping):
+        return dict(loras)
     from streamflow_jax.checkpoint import loras_by_component
 
+    path = Path(path)
     try:
         raw = json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError):
@@ -119,18 +127,13 @@ class Pipeline:
         if not isinstance(path, str | Path):
             raise ValueError(f"from_diffusers takes a directory path, got {type(path).__name__}")
         klass = pipeline_class(path) if cls is Pipeline else cls
-        loras = kwargs.pop("loras", None)
-        _refuse_load_keywords(klass, {**kwargs, **({"loras": loras} if loras
-                                                   and "loras" not in inspect.signature(klass.load).parameters
-                                                   else {})})
+        if not kwargs.get("loras", True):
+            del kwargs["loras"]  # an empty list (the CLI's default)
+        _refuse_load_keywords(klass, kwargs)
         if (Path(path) / "model_index.json").is_file():  # an incomplete download, before any weight is read
             refuse_missing_components(Path(path), error=ConfigError)
-        if loras:
-            kwargs["loras"] = _loras_for(Path(path), loras)
         enable_compilation_cache()
-        with warnings.catch_warnings():  # each component takes its own keys of a file; the rest are others'
-            warnings.filterwarnings("ignore", message=r".*LoRA key\(s\) are for other components")
-            return klass.load(Path(path), **kwargs)
+        return klass.load(Path(path), **kwargs)
 
     @classmethod
     def load(cls, path, **kwargs) -> Pipeline:

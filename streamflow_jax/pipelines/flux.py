@@ -16,7 +16,7 @@ import numpy as np
 
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
-from streamflow_jax.pipelines.base import PromptPipeline, check_text_len, register
+from streamflow_jax.pipelines.base import PromptPipeline, component_loras, check_text_len, register
 from streamflow_jax.pipelines.images import load_autoencoder
 from streamflow_jax.pipelines.text import T5Tokenizers, clip_pooled, t5_last_hidden_state
 from streamflow_jax.tokenizer import CLIPTokenizer
@@ -70,7 +70,8 @@ class FluxPipeline(PromptPipeline):
         """
         path = Path(path)
         scheduler = schedules.read_scheduler(path)
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant, loras=loras)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant,
+                    loras=component_loras(path, loras))
         model = load(path, component="transformer", **opts)
         pipe = cls(model, load(path, component="text_encoder", **opts), CLIPTokenizer.from_dir(path / "tokenizer"),
                    load(path, component="text_encoder_2", **opts), T5Tokenizers(path / "tokenizer_2"),

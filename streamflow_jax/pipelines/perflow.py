@@ -14,7 +14,7 @@ import numpy as np
 
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
-from streamflow_jax.pipelines.base import PromptPipeline, register
+from streamflow_jax.pipelines.base import PromptPipeline, component_loras, register
 from streamflow_jax.pipelines.images import load_autoencoder
 from streamflow_jax.pipelines.text import clip_last_hidden_state
 from streamflow_jax.tokenizer import CLIPTokenizer
@@ -66,7 +66,8 @@ class PeRFlowPipeline(PromptPipeline):
         """
         path = Path(path)
         scheduler = cls.perflow_scheduler(path, prediction_type, num_time_windows)
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant, loras=loras)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant,
+                    loras=component_loras(path, loras))
         unet = load(path, component="unet", scheduler=scheduler, **opts)
         text = load(path, component="text_encoder", **opts)
         pipe = cls(unet, text, CLIPTokenizer.from_dir(path / "tokenizer"), load_autoencoder(path, taesd, for_model=unet, **opts),

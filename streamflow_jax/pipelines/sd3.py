@@ -18,7 +18,7 @@ import numpy as np
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
 from streamflow_jax.converters.common import read_json
-from streamflow_jax.pipelines.base import PromptPipeline, check_text_len, register
+from streamflow_jax.pipelines.base import PromptPipeline, component_loras, check_text_len, register
 from streamflow_jax.pipelines.images import load_autoencoder
 from streamflow_jax.pipelines.text import T5Tokenizers, clip_penultimate_and_projection, t5_last_hidden_state
 from streamflow_jax.tokenizer import CLIPTokenizer
@@ -80,7 +80,8 @@ class SD3Pipeline(PromptPipeline):
         """
         path = Path(path)
         scheduler = schedules.read_scheduler(path)
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant, loras=loras)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant,
+                    loras=component_loras(path, loras))
         model = load(path, component="transformer", **opts)
         clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
                           CLIPTokenizer.from_dir(path / f"tokenizer{n}"))

@@ -23,7 +23,7 @@ import numpy as np
 from streamflow_jax import schedules
 from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConfigError
-from streamflow_jax.pipelines.base import PromptPipeline, register
+from streamflow_jax.pipelines.base import PromptPipeline, component_loras, register
 from streamflow_jax.pipelines.images import load_autoencoder
 from streamflow_jax.pipelines.perflow import PeRFlowPipeline
 from streamflow_jax.pipelines.text import clip_penultimate, clip_penultimate_and_projection
@@ -102,7 +102,8 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
         path = Path(path)
         scheduler = cls.perflow_scheduler(path, prediction_type, num_time_windows)
         index = json.loads((path / "model_index.json").read_text())
-        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant, loras=loras)
+        opts = dict(dtype=dtype, mesh=mesh, strategy=strategy, variant=variant,
+                    loras=component_loras(path, loras))
         unet = load(path, component="unet", scheduler=scheduler, **opts)
         clip = lambda n: (load(path, component=f"text_encoder{n}", **opts),  # noqa: E731
                           CLIPTokenizer.from_dir(path / f"tokenizer{n}"))

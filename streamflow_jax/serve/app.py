@@ -143,8 +143,15 @@ class ServerState:
             return [Job({**kwargs, "seed": seed})]
         return [Job(dict(kwargs), noise_of=(seed, n, i)) for i in range(n)]
 
-    async def run(self, request: Request | None, jobs: list[Job], endpoint: str, disconnected=None) -> list:
-        """Submits the jobs and waits for their images, the request's deadline and its client."""
+    def deadline(self) -> float:
+        """A request's deadline (``loop.time()`` units), taken as its handler starts: one for the
+        whole request, its body's arrival and its wait for images together."""
+        return asyncio.get_running_loop().time() + self.options.timeout
+
+    async def run(self, request: Request | None, jobs: list[Job], endpoint: str,
+                  deadline: float | None = None) -> list:
+        """Submits the jobs and waits for their images, the request's deadline (default: from
+        now) and its client."""
         if self.draining:
             raise APIError(503, "the server is shutting down", type="server_error", headers={"Retry-After": "5"})
         try:
@@ -158,12 +165,14 @@ class ServerState:
                            headers={"Retry-After": str(retry)}) from None
         except RuntimeError as e:
             raise APIError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
+        loop = asyncio.get_running_loop()
+        wait_s = max(0.0, (deadline or self.deadline()) - loop.time())
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         watch = asyncio.ensure_future(_client_gone(request)) if request is not None else None
         try:
             with self.metrics.in_progress.labels(endpoint).track_inprogress():
                 done, _ = await asyncio.wait({gathered} | ({watch} if watch else set()),
-                                             timeout=self.options.timeout, return_when=asyncio.FIRST_COMPLETED)
+                                             timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if watch is not None:
                 watch.cancel()
@@ -203,16 +212,17 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The body, at most ``limit`` bytes (else 413), arrived within ``timeout`` seconds (else 408:
-    a client that sends part of a body and stalls held its connection for ever); a client gone
-    meanwhile raises ``ClientDisconnect`` (see ``_guarded``)."""
+async def _read_body(request: Request, limit: int, deadline: float, timeout: float) -> bytes:
+    """The body, at most ``limit`` bytes (else 413), arrived by ``deadline`` (``loop.time()``;
+    else 408, naming the request's ``timeout``: a client that sends part of a body and stalls
+    held its connection for ever); a client gone meanwhile raises ``ClientDisconnect`` (see
+    ``_guarded``)."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise APIError(413, f"the body is larger than {limit} bytes", type="invalid_request_error")
     chunks, size = [], 0
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
@@ -266,11 +276,12 @@ async def _guarded(request: Request, endpoint: str, handler):
 async def generations(request: Request):
     async def handle(request, state: ServerState):
         t0 = time.perf_counter()
-        body = await _read_body(request, api.MAX_JSON_BYTES, state.options.timeout)
+        deadline = state.deadline()
+        body = await _read_body(request, api.MAX_JSON_BYTES, deadline, state.options.timeout)
         fields = api.validate(GenerationFields, api.parse_json(body), strict=True)
         kwargs = api.check_common(fields, served=state.served, max_n=state.max_n,
                                   max_steps=state.options.max_steps)
-        images = await state.run(request, state.jobs(kwargs, fields.n or 1, fields.seed), "generations")
+        images = await state.run(request, state.jobs(kwargs, fields.n or 1, fields.seed), "generations", deadline)
         return await asyncio.to_thread(_respond, state, images, fields.output_format or "png", "generations", t0)
 
     return await _guarded(request, "generations", handle)
@@ -281,7 +292,8 @@ async def edits(request: Request):
         t0 = time.perf_counter()
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
             raise APIError(400, "/v1/images/edits takes multipart/form-data (fields image, prompt, ...)")
-        await _read_body(request, api.MAX_UPLOAD_BYTES, state.options.timeout)
+        deadline = state.deadline()
+        await _read_body(request, api.MAX_UPLOAD_BYTES, deadline, state.options.timeout)
         try:
             form = await request.form(max_files=4, max_fields=64)
         except HTTPException as e:
@@ -311,7 +323,7 @@ async def edits(request: Request):
         upload = next(iter(files.values()))
         image = state.fit(await asyncio.to_thread(open_image, await upload.read(), "image"))
         kwargs.update(image=image, strength=parsed.strength)
-        images = await state.run(request, state.jobs(kwargs, parsed.n or 1, parsed.seed), "edits")
+        images = await state.run(request, state.jobs(kwargs, parsed.n or 1, parsed.seed), "edits", deadline)
         return await asyncio.to_thread(_respond, state, images, parsed.output_format or "png", "edits", t0)
 
     return await _guarded(request, "edits", handle)

@@ -38,7 +38,9 @@ from streamflow_jax.serve.worker import Job, request_error_message
 
 FORMATS = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 MAX_FRAME_BYTES = 16 << 20
-MAX_CONFIG_CHARS = 64 << 10  # a configuration's text (two prompts of api.MAX_PROMPT_CHARS fit many times)
+# a configuration's text: two prompts of api.MAX_PROMPT_CHARS as json.dumps writes them at worst
+# (each character outside the BMP escaped to 12: "\ud83d\ude00"), and room for the rest
+MAX_CONFIG_CHARS = 2 * 12 * api.MAX_PROMPT_CHARS + 4096
 
 
 def frame_format(data: bytes) -> str | None:

@@ -37,11 +37,11 @@ def json_400_protocol(base=AutoHTTPProtocol, headers: tuple[tuple[bytes, bytes],
     (the replica's); ``on_400()`` is called for each (the server's metrics count them). A
     uvicorn whose protocol has no ``send_400_response`` is left as it is.
 
-    ``header_timeout``: a connection that goes that long without a request's headers arriving
-    (it sent nothing, or part of them) is answered 408 in the same JSON and closed, within one
-    to two such periods. uvicorn arms its keep-alive timeout only after a response, and has no
-    timeout for headers: such connections stayed open for ever (the app's own deadline covers
-    bodies)."""
+    ``header_timeout``: a connection whose next request's headers have not all arrived that long
+    after it opened or after its last response (it sent nothing, or part of its headers, however
+    slowly) is answered 408 in the same JSON and closed. uvicorn arms its keep-alive timeout
+    only after a response, and has no timeout for headers: such connections stayed open for
+    ever (the app's own deadline covers bodies)."""
     if not callable(getattr(base, "send_400_response", None)):
         return base
 
@@ -63,18 +63,37 @@ def json_400_protocol(base=AutoHTTPProtocol, headers: tuple[tuple[bytes, bytes],
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self._watchdog = None
+            self._quiet_since = self.loop.time()  # no request in progress since (the connection, or a response)
             if header_timeout is not None:
-                self._watch(None)
+                self._watch(header_timeout)
 
-        def _watch(self, cycle) -> None:
-            self.loop.call_later(header_timeout, self._check_headers, cycle)
+        def connection_lost(self, exc) -> None:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+            super().connection_lost(exc)
 
-        def _check_headers(self, seen) -> None:
-            """The watchdog: a request running, or a new one since the last look, is progress."""
+        def on_response_complete(self) -> None:
+            self._quiet_since = self.loop.time()
+            super().on_response_complete()
+
+        def _watch(self, delay: float) -> None:
+            self._watchdog = self.loop.call_later(delay, self._check_headers)
+
+        def _check_headers(self) -> None:
+            """The watchdog: a request being served is left alone; otherwise its headers must have
+            come within ``header_timeout`` seconds of the connection or the last response
+            (bytes trickling in do not count: a header line every few seconds held it for ever)."""
+            self._watchdog = None
             if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or a WebSocket now
                 return
-            if self.cycle is not seen or (self.cycle is not None and not self.cycle.response_complete):
-                self._watch(self.cycle)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._watch(header_timeout)
+                return
+            quiet = self.loop.time() - self._quiet_since
+            if quiet < header_timeout:
+                self._watch(header_timeout - quiet)
                 return
             self._send_json(b"408 Request Timeout", f"no request arrived within {header_timeout:g} s on this "
                                                     "connection (its headers, or any of it)", "timeout")
