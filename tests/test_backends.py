@@ -56,6 +56,29 @@ def test_cache_entry_made_from_another_model_is_rebuilt(models, isolated_cache):
     assert rel(from_a, want) > 0.1  # using a's graph would have shown (measured 0.82)
 
 
+def test_a_cached_export_covering_the_call_is_used_by_a_new_process(models, isolated_cache):
+    """A call of another batch in a new process takes the cached export whose profile covers it
+    (the cache was keyed on the exact shapes, so each new batch or size re-exported the whole
+    model); an entry made by other versions (the library, JAX, jax2onnx) is not used."""
+    a, _ = models
+    grid = sf.schedules.flow_match(2)
+    x, _, cond = sd3_inputs(CFG, 2, 8, 8, seed=3)
+    sf.sample(a, x, grid, cond, backend="onnxruntime")
+    exports = isolated_cache / "exports"
+    (entry,) = exports.iterdir()
+    backends.clear_runners()  # as a new process
+    x3, _, cond3 = sd3_inputs(CFG, 3, 8, 8, seed=4)
+    got = sf.sample(a, x3, grid, cond3, backend="onnxruntime")
+    assert [p.name for p in exports.iterdir()] == [entry.name]  # no second export
+    assert rel(got, sf.sample(a, x3, grid, cond3)) <= 1e-5
+    meta = json.loads((entry / "export.json").read_text())
+    meta["versions"]["jax2onnx"] = "0.0.1"
+    (entry / "export.json").write_text(json.dumps(meta))
+    backends.clear_runners()
+    sf.sample(a, x3, grid, cond3, backend="onnxruntime")
+    assert len(list(exports.iterdir())) == 2  # made again by the versions installed here
+
+
 def test_cache_dir_and_weights_outside_a_graph_over_the_protobuf_limit(models, tmp_path, monkeypatch,
                                                                        isolated_cache):
     """``runner_for(cache_dir=...)`` exports there (not under the default cache root) and a fresh

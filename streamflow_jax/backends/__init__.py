@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import shutil
 import time
 from collections.abc import Mapping
@@ -27,9 +28,9 @@ from tqdm.auto import tqdm
 from streamflow_jax import sampling
 from streamflow_jax.backends.base import Backend, Runner
 from streamflow_jax.backends.cache import cache_root, enable_compilation_cache
-from streamflow_jax.errors import ConversionError, ExportError, is_real_dtype
-from streamflow_jax.export.onnx import export_onnx, load_export
-from streamflow_jax.export.spec import Range, build_velocity_spec, latent_range
+from streamflow_jax.errors import ConversionError, ExportError, ShapeError, is_real_dtype
+from streamflow_jax.export.onnx import META_NAME, _versions, export_onnx, load_export, made_here
+from streamflow_jax.export.spec import ExportSpec, Range, build_velocity_spec, latent_range
 from streamflow_jax.models import FlowModel
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
@@ -77,7 +78,28 @@ def auto_spec(model, batch: int, height: int, width: int, text_len: int | None):
                                width=latent_range(model, width), text_len=text_len, dtype=str(model.dtype))
 
 
-def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond: dict, cache_dir=None) -> Runner:
+def _covering_entry(exports: Path, prefix: str, model, feeds: dict):
+    """An export already in the cache, of this model, made by the versions installed here, whose
+    profile covers these shapes (a call of another batch or size in a new process re-exported
+    the whole model); its metadata is read first, its files verified only for the one taken."""
+    if not exports.is_dir():
+        return None
+    for entry in sorted(exports.iterdir()):
+        if not entry.name.startswith(prefix) or not (entry / META_NAME).is_file():
+            continue
+        try:
+            meta = json.loads((entry / META_NAME).read_text())
+            if meta.get("model_fingerprint") != model.fingerprint() or not made_here(meta):
+                continue
+            ExportSpec.from_json(meta["spec"]).check(feeds)
+            return load_export(entry)
+        except (ShapeError, ExportError, OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # another profile, or an entry being replaced or broken: not this one
+    return None
+
+
+def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond: dict, cache_dir=None,
+               progress: bool = False) -> Runner:
     """The ``backend`` runner to use for ``model`` on inputs of these shapes.
 
     Args:
@@ -85,6 +107,7 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
         batch: the batch of each velocity call (CFG's doubled batch included).
         height, width: latent sides; cond: the conditioning (its shapes set the graph's).
         cache_dir: the cache root (default ``cache_root()``).
+        progress: a progress bar over an export this call makes (none when the cache has one).
     """
     if isinstance(model, Runner):
         if model.backend != backend:
@@ -123,20 +146,23 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
             return runner
     spec = auto_spec(model, batch, height, width, text_len)
     key = (model.fingerprint(), spec.key(), backend, str(root))
-    name = f"{model.family.name}-{model.fingerprint()[:16]}-{hashlib.sha256(spec.key().encode()).hexdigest()[:12]}"
-    path = root / "exports" / name
-    exported = None
-    if path.exists():
+    versions = json.dumps(_versions(), sort_keys=True)  # an upgrade (an export fix) makes new entries
+    prefix = f"{model.family.name}-{model.fingerprint()[:16]}-"
+    path = root / "exports" / (prefix + hashlib.sha256((spec.key() + versions).encode()).hexdigest()[:12])
+    exported = _covering_entry(root / "exports", prefix, model, feeds)  # another process's, of other shapes
+    if exported is None and path.exists():
         try:
             exported = load_export(path)
             if exported.meta.get("model_fingerprint") != model.fingerprint():
                 raise ExportError(f"{path}: made from another model")
+            if not made_here(exported.meta):
+                raise ExportError(f"{path}: made by other versions")
         except ExportError:
             shutil.rmtree(path, ignore_errors=True)  # stale or corrupt: rebuilt, never used
             exported = None
     if exported is None:
         try:
-            exported = export_onnx(model, spec, path, progress=False, shared=True)
+            exported = export_onnx(model, spec, path, progress=progress, shared=True)
         except ConversionError:
             if not path.is_dir():
                 raise
@@ -203,7 +229,8 @@ def sample(
         return _segments(model, noise, grid, cond, guidance_scale, uncond, progress)
     b, h, w, _ = noise.shape
     dtype = noise.dtype  # what the result comes back as
-    runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w, cond=cond)
+    runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w, cond=cond,
+                        progress=progress)
     if not runner.on_device:
         # a runner computing on the host (ONNX Runtime on CPU): the loop in numpy, so each step
         # is one graph call and a few numpy ops, with no device dispatch or copy around it

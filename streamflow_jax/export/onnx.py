@@ -291,8 +291,22 @@ def load_export(path) -> ExportedGraph:
 
 
 def _versions() -> dict:
-    import jax2onnx
-    import onnx
+    """The versions an export is made with (from the installed distributions: jax2onnx has no
+    ``__version__``, and nothing is imported to read them)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"streamflow_jax": __version__, "jax": jax.__version__, "jax2onnx": getattr(jax2onnx, "__version__", "?"),
-            "onnx": onnx.__version__, "numpy": np.__version__}
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+
+    return {"streamflow_jax": __version__, "jax": jax.__version__, "jax2onnx": installed("jax2onnx"),
+            "onnx": installed("onnx"), "numpy": np.__version__}
+
+
+def made_here(meta: dict) -> bool:
+    """Whether an export was made by the versions installed here (the library, JAX, jax2onnx,
+    onnx): the export cache uses only such entries, so that an upgrade (an export fix) re-exports."""
+    now, then = _versions(), meta.get("versions") or {}
+    return all(then.get(k) == now[k] for k in ("streamflow_jax", "jax", "jax2onnx", "onnx"))
