@@ -297,6 +297,21 @@ def test_engine_for_uses_the_exported_engine_then_the_cache(digits_cli_export, t
     assert engine_key(record86) != engine_key(record)
 
 
+def test_engine_built_with_flags_is_the_one_used(tmp_path, monkeypatch):
+    """An export built with ``--compute-capability`` and ``--opt-level`` other than the defaults:
+    its own engine is used, not rebuilt with the default targets and level on the deployment
+    machine (``open_export``/``TensorRTRunner`` took the defaults; the engine was skipped)."""
+    out = tmp_path / "digits-86"
+    assert cli(["export", str(_digits_dir()), str(out), "--backend", "tensorrt", "--tensorrt", RTX,
+                "--latent-scale", "1", "--compute-capability", "8.6", "--opt-level", "0", "-q"]) == 0
+    built = []
+    real_build = trt_backend.build_engine
+    monkeypatch.setattr(trt_backend, "build_engine", lambda *a, **k: built.append(k) or real_build(*a, **k))
+    plan, record, where = engine_for(load_export(out), flavour=RTX, cache_dir=tmp_path / "cache")
+    assert where == str(out / "model.engine") and not built
+    assert record["targets"] == ["8.6"] and record["opt_level"] == 0
+
+
 def test_engine_record_keys_flavour_and_targets(digits_cli_export):
     graph = load_export(digits_cli_export)
     base = {"tensorrt_version": "1.7.1.116", "gpu_name": None, "opt_level": 3}

@@ -574,15 +574,29 @@ def export_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = No
     return entry
 
 
-def engine_for(exported: ExportedGraph, *, flavour: str | Flavour | None = None, targets=None, opt_level: int = 3,
-               cache_dir=None) -> tuple[bytes, dict, str]:
+def _as_shipped(exported: ExportedGraph, fl: Flavour, targets, opt_level: int | None) -> tuple:
+    """``(targets, opt_level)``: those given, else the ones the engine beside the export was
+    built with (``export --compute-capability/--opt-level``), when it is this flavour's; else
+    the defaults (all targets, level 3). An export built for a subset, or at another level,
+    was rebuilt on the deployment machine, or refused there for the default targets."""
+    beside = exported.meta.get("tensorrt") or {}
+    if beside.get("flavour") == fl.name:
+        targets = targets if targets is not None else beside.get("targets")
+        opt_level = opt_level if opt_level is not None else beside.get("opt_level")
+    return targets, 3 if opt_level is None else opt_level
+
+
+def engine_for(exported: ExportedGraph, *, flavour: str | Flavour | None = None, targets=None,
+               opt_level: int | None = None, cache_dir=None) -> tuple[bytes, dict, str]:
     """The serialized engine for ``exported``: the one beside it (``export_engine``) when its
-    record matches, else the cached one, else built and cached.
+    record matches, else the cached one, else built and cached. ``targets`` and ``opt_level``
+    default to the shipped engine's (``_as_shipped``).
 
     Returns:
         (plan, engine record, where it came from: a path).
     """
     fl = tensorrt_flavour(flavour)
+    targets, opt_level = _as_shipped(exported, fl, targets, opt_level)
     targets = _targets_for(exported, fl, targets)
     record = _record_for(exported, fl, targets, opt_level)
     beside = exported.meta.get("tensorrt") or {}
@@ -647,9 +661,10 @@ class TensorRTRunner(Runner):
     Args:
         exported: an ``ExportedGraph`` or an export directory.
         cache_dir: the cache root (engines, timing and runtime caches); default ``cache_root()``.
-        opt_level: the builder optimization level.
+        opt_level: the builder optimization level (default: the shipped engine's, else 3).
         flavour: ``"tensorrt"`` / ``"tensorrt_rtx"`` (default: see ``tensorrt_flavour``).
-        targets: TensorRT-RTX's compute capabilities (default: all but 7.5).
+        targets: TensorRT-RTX's compute capabilities (default: the shipped engine's, else all
+            but 7.5).
 
     Raises:
         TensorRTUnavailable: TensorRT is missing, or the engine cannot run here (no GPU visible
@@ -659,11 +674,13 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
     on_device = True
 
-    def __init__(self, exported, *, cache_dir=None, opt_level: int = 3, flavour: str | None = None, targets=None):
+    def __init__(self, exported, *, cache_dir=None, opt_level: int | None = None, flavour: str | None = None,
+                 targets=None):
         self.flavour = tensorrt_flavour(flavour)
         trt = self.flavour.trt
         self.exported = exported if isinstance(exported, ExportedGraph) else load_export(exported)
         self.spec = self.exported.spec
+        targets, opt_level = _as_shipped(self.exported, self.flavour, targets, opt_level)
         targets = _targets_for(self.exported, self.flavour, targets)
         gpu = local_gpu()
         reason = self.flavour.cannot_run(targets, gpu)
