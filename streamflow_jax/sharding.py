@@ -78,8 +78,12 @@ def make_mesh(devices: Sequence | int | None = None, *, data: int | None = None,
     return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
 
 
-def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh, strategy: str, logical_axes=None) -> PartitionSpec:
-    """Where one weight goes: its ``PartitionSpec`` on ``mesh`` under ``strategy``."""
+def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh, strategy: str, logical_axes=None,
+                   dtype=None) -> PartitionSpec:
+    """Where one weight goes: its ``PartitionSpec`` on ``mesh`` under ``strategy``. ``dtype``: an
+    FP8 linear's ``weight`` (``[out, in]``, ``sf.quantize``'s) is placed as its float kernel
+    (``[in, out]``) would be, transposed: split by heads or hidden units under ``tensor``, not
+    by its inputs as a table's would."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if strategy == "replicate" or not shape:
@@ -92,7 +96,12 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh, strategy: str,
                 spec[axis] = MESH_AXES
                 return PartitionSpec(*spec)
         return PartitionSpec()
-    names = (logical_axes or standard_logical_axes)(path, tuple(shape))
+    axes_of = logical_axes or standard_logical_axes
+    if dtype is not None and "float8" in str(dtype) and path.endswith(".weight") and len(shape) >= 2:
+        kernel = axes_of(path[: -len("weight")] + "kernel", (*shape[:-2], shape[-1], shape[-2]))
+        names = (*kernel[:-2], kernel[-1], kernel[-2])
+    else:
+        names = axes_of(path, tuple(shape))
     spec, used = [], set()
     for dim, name in zip(shape, names):
         axis = TENSOR_RULES.get(name) if name else None
@@ -108,7 +117,7 @@ def weight_shardings(model, mesh: Mesh, strategy: str) -> dict[str, NamedShardin
     """Each parameter's ``NamedSharding`` (parameters by their dotted names)."""
     flat, _, _ = flat_params(nnx.to_pure_dict(model.state))
     axes = model.family.logical_axes
-    return {name: NamedSharding(mesh, partition_spec(name, tuple(a.shape), mesh, strategy, axes))
+    return {name: NamedSharding(mesh, partition_spec(name, tuple(a.shape), mesh, strategy, axes, a.dtype))
             for name, a in flat.items()}
 
 
@@ -146,7 +155,8 @@ def placement(mesh: Mesh, strategy: str, logical_axes=None):
     """``(name, abstract array) -> NamedSharding``: ``checkpoint.load``'s ``sharding`` hook, so
     that each weight is restored straight into its shards."""
     def place(name: str, abstract) -> NamedSharding:
-        return NamedSharding(mesh, partition_spec(name, tuple(abstract.shape), mesh, strategy, logical_axes))
+        return NamedSharding(mesh, partition_spec(name, tuple(abstract.shape), mesh, strategy, logical_axes,
+                                                  abstract.dtype))
 
     return place
 
@@ -171,6 +181,6 @@ def bytes_per_device(model_or_state, mesh: Mesh, strategy: str, logical_axes=Non
     flat, _, _ = flat_params(nnx.to_pure_dict(state))
     total = 0
     for name, a in flat.items():
-        sharding = NamedSharding(mesh, partition_spec(name, tuple(a.shape), mesh, strategy, logical_axes))
+        sharding = NamedSharding(mesh, partition_spec(name, tuple(a.shape), mesh, strategy, logical_axes, a.dtype))
         total += math.prod(sharding.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
     return total

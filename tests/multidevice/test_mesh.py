@@ -120,6 +120,14 @@ def test_quantized_model_saved_then_loaded_onto_a_mesh(models, tmp_path):
     sf.save(q, tmp_path / "q")
     mesh = sf.make_mesh(data=2, model=4)
     loaded = sf.load(tmp_path / "q", mesh=mesh, strategy="tensor")
+    # placed as the float kernels are, transposed: q/k/v split by heads (their outputs), to_out by its
+    # inputs; the FP8 [out, in] weights were split by their inputs as tables are, and sf.shard of the
+    # quantized model the same way, where quantizing a sharded model split them by outputs
+    block = loaded.state["transformer_blocks"][0]["attn"]
+    assert block["to_q"]["weight"][...].sharding.spec == jax.sharding.PartitionSpec("model", None)
+    assert block["to_out"][0]["weight"][...].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    reshard = sf.shard(q, mesh, "tensor").state["transformer_blocks"][0]["attn"]["to_q"]["weight"][...]
+    assert reshard.sharding.spec == jax.sharding.PartitionSpec("model", None)
     x, t, cond = sd3_inputs(SD3_WIDE, 8, 8, 8, seed=4)
     want = q.velocity(x, t, cond)
     got = loaded.velocity(*shard_batch((x,), mesh), t, shard_batch(cond, mesh))
