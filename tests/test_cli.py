@@ -235,6 +235,7 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
     (["export", "m", "o", "--resolution", "big"], "--resolution big: expected min:opt:max integers"),
     (["export", "m", "o", "--opset", "17"], "--opset 17: the export takes an integer from 23 (what its graph needs)"),
     (["export", "m", "o", "--opset", "1000"], "--opset 1000: the export takes an integer from 23"),  # wrote a graph
+    (["export", "m", "o", "--opset", "25"], "to 24 (the newest ONNX Runtime and TensorRT load"),  # Swish: none loaded it
     (["bench", "--devices", "2", "--backend", "onnxruntime"], "--devices 2 runs the model over a mesh with XLA"),
     # an export, then ONNX Runtime's NOT_IMPLEMENTED for a bf16 Conv (its CPU provider)
     (["generate", "--backend", "onnxruntime", "--dtype", "bfloat16"], "ONNX Runtime's CPU provider has no bfloat16"),

@@ -186,14 +186,20 @@ def save_onnx(proto, out: Path) -> list[str]:
     return [ONNX_NAME]
 
 
+NEWEST_OPSET = 24  # the newest both runtimes run: from 25 jax2onnx writes Swish, which ONNX Runtime (1.2x)
+# and TensorRT (opsets 9-24) do not implement; the export said success and nothing loaded the graph
+
+
 def check_opset(opset) -> int:
     """An opset the export writes: an integer from ``DEFAULT_OPSET`` (what the graph needs) to
-    the newest the installed ``onnx`` knows (a later one writes a graph nothing loads)."""
+    ``NEWEST_OPSET`` (the newest ONNX Runtime and TensorRT load), and no newer than the
+    installed ``onnx`` knows."""
     onnx, _ = _import_onnx()
-    newest = onnx.defs.onnx_opset_version()
+    newest = min(NEWEST_OPSET, onnx.defs.onnx_opset_version())
     if isinstance(opset, bool) or not isinstance(opset, int | np.integer) or not DEFAULT_OPSET <= opset <= newest:
         raise ExportError(f"opset {opset!r}: the export takes an integer from {DEFAULT_OPSET} (what its graph needs) "
-                          f"to {newest} (the newest this onnx {onnx.__version__} knows)")
+                          f"to {newest} (the newest ONNX Runtime and TensorRT load, and this onnx "
+                          f"{onnx.__version__} writes)")
     return int(opset)
 
 
