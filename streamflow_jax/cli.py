@@ -12,7 +12,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -465,7 +464,20 @@ def _cmd_export(args) -> int:
         if "7.5" in targets and spec.dtype != "float16":
             raise ValueError(f"--compute-capability 7.5 (Turing) builds float16 graphs only, and this one computes in "
                              f"{spec.dtype}: add --dtype float16, or leave 7.5 out")
-    exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet)
+    entry: dict = {}
+    if args.backend == "tensorrt":
+        from streamflow_jax.backends.tensorrt import export_engine, local_gpu
+
+        def build(graph) -> None:  # in the partial directory: the export appears with its engine, or not at all
+            try:  # TensorRT-RTX needs no GPU to build; running is another matter, said below
+                entry.update(export_engine(graph, flavour=flavour, targets=args.compute_capability,
+                                           opt_level=args.opt_level))
+            except Exception as e:
+                raise ValueError(f"the TensorRT engine was not built, so {args.out} is not written: {e}") from None
+
+    exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet,
+                           before_commit=build if args.backend == "tensorrt" else None,
+                           before_commit_desc="building the TensorRT engine")
     dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
     print(f"exported {model.class_name} {spec.method} -> {exported.onnx_path} ({dims}, {spec.dtype}, opset {args.opset})")
     if args.backend == "onnxruntime" and spec.dtype == "bfloat16":
@@ -475,16 +487,6 @@ def _cmd_export(args) -> int:
             print("note: ONNX Runtime's CPU provider here cannot run it (no bfloat16 kernels, its Conv for one); "
                   "ONNX Runtime with CUDA or TensorRT can, or export with --dtype float32 or float16")
     if args.backend == "tensorrt":
-        from streamflow_jax.backends.tensorrt import export_engine, local_gpu
-
-        try:  # TensorRT-RTX needs no GPU to build; running is another matter, said below
-            entry = export_engine(exported, flavour=flavour, targets=args.compute_capability,
-                                  opt_level=args.opt_level)
-        except BaseException as e:  # the command's output is the export and its engine: all or nothing
-            shutil.rmtree(exported.path, ignore_errors=True)
-            if not isinstance(e, Exception):
-                raise  # Ctrl-C
-            raise ValueError(f"the TensorRT engine was not built, so {exported.path} is not written: {e}") from None
         print(f"{entry['flavour']} {entry['version']} engine -> {exported.path / entry['engine']} "
               f"({entry['engine_bytes'] / 2**20:.1f} MiB, compute capability {', '.join(entry['targets'])}, "
               f"built in {entry['build_seconds']:.1f} s)")

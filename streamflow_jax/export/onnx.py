@@ -218,7 +218,7 @@ def _check_spec_fits(model, spec: ExportSpec) -> None:
 
 
 def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET, progress: bool = True,
-                shared: bool = False) -> ExportedGraph:
+                shared: bool = False, before_commit=None, before_commit_desc: str = "finishing") -> ExportedGraph:
     """Exports ``model``'s ``spec.method`` (velocity, or a decoder's ``decode_latents``) to ``out_dir``.
 
     Args:
@@ -227,13 +227,18 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
         out_dir: a new directory (must not exist); written atomically.
         opset: ONNX opset (``check_opset``: from 23 to the newest the installed onnx knows).
         shared: ``out_dir`` is a cache entry that concurrent processes may also be making.
+        before_commit: ``(ExportedGraph) -> None``, run on the finished export while it is still
+            the hidden partial directory (``export --backend tensorrt`` builds its engine there),
+            so that the directory appears with everything or not at all; a failure, Ctrl-C or
+            SIGTERM in it leaves nothing. ``before_commit_desc`` names it in the progress bar.
     """
     check_opset(opset)
     if spec.class_name != model.class_name:
         raise ExportError(f"spec is for {spec.class_name}, model is {model.class_name}")
     _check_spec_fits(model, spec)
     out_dir = Path(out_dir).absolute()
-    with tqdm(total=4, desc="export", unit="stage", disable=not progress) as stages, \
+    stages_n = 4 + (before_commit is not None)
+    with tqdm(total=stages_n, desc="export", unit="stage", disable=not progress) as stages, \
             atomic_dir(out_dir, shared=shared) as tmp:
         stages.set_description("export: tracing to ONNX")
         proto = trace_onnx(model, spec, opset=opset)
@@ -257,9 +262,13 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
             "versions": _versions(),
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        stages.set_description("export: done")
         stages.update()
-    return load_export(out_dir) if shared else ExportedGraph(out_dir, spec, meta)
+        if before_commit is not None:
+            stages.set_description(f"export: {before_commit_desc}")
+            before_commit(ExportedGraph(tmp, spec, meta))
+            stages.update()
+        stages.set_description("export: done")
+    return load_export(out_dir) if shared or before_commit is not None else ExportedGraph(out_dir, spec, meta)
 
 
 def check_graph(onnx_path: Path) -> None:
