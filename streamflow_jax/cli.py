@@ -412,7 +412,7 @@ def _load_for_graph(args, path: Path, **kwargs):
 def _cmd_export(args) -> int:
     from streamflow_jax.export import export_onnx, export_spec
     from streamflow_jax.errors import ExportError
-    from streamflow_jax.export.onnx import check_opset
+    from streamflow_jax.export.onnx import ONNX_NAME, check_opset
     from streamflow_jax.export.spec import Range
 
     _positive(args, "latent_scale", "text_len")
@@ -465,10 +465,17 @@ def _cmd_export(args) -> int:
             raise ValueError(f"--compute-capability 7.5 (Turing) builds float16 graphs only, and this one computes in "
                              f"{spec.dtype}: add --dtype float16, or leave 7.5 out")
     entry: dict = {}
+    dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
+
+    def say_exported() -> None:
+        print(f"exported {model.class_name} {spec.method} -> {Path(args.out).absolute() / ONNX_NAME} ({dims}, "
+              f"{spec.dtype}, opset {args.opset})", flush=True)
+
     if args.backend == "tensorrt":
         from streamflow_jax.backends.tensorrt import export_engine, local_gpu
 
         def build(graph) -> None:  # in the partial directory: the export appears with its engine, or not at all
+            say_exported()  # the graph is done; the engine build begins
             try:  # TensorRT-RTX needs no GPU to build; running is another matter, said below
                 entry.update(export_engine(graph, flavour=flavour, targets=args.compute_capability,
                                            opt_level=args.opt_level))
@@ -478,8 +485,8 @@ def _cmd_export(args) -> int:
     exported = export_onnx(model, spec, args.out, opset=args.opset, progress=not args.quiet,
                            before_commit=build if args.backend == "tensorrt" else None,
                            before_commit_desc="building the TensorRT engine")
-    dims = ", ".join(f"{k} {v}" for k, v in spec.dims.items())
-    print(f"exported {model.class_name} {spec.method} -> {exported.onnx_path} ({dims}, {spec.dtype}, opset {args.opset})")
+    if args.backend != "tensorrt":
+        say_exported()
     if args.backend == "onnxruntime" and spec.dtype == "bfloat16":
         from streamflow_jax.backends.onnxruntime import default_providers
 
