@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -876,9 +877,13 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:  # whatever was being written has been removed on the way out
         # on a terminal, over the line a progress bar may have left unfinished
+        from streamflow_jax import fsutil
+
         start = "\r\x1b[K" if sys.stderr.isatty() else ""
-        print(f"{start}streamflow-jax{'' if args is None else ' ' + args.command}: interrupted", file=sys.stderr)
-        return 130
+        sig = fsutil.take_last_signal()  # SIGTERM too: "terminated", 143
+        what = "terminated" if sig == signal.SIGTERM else "interrupted"
+        print(f"{start}streamflow-jax{'' if args is None else ' ' + args.command}: {what}", file=sys.stderr)
+        return 128 + int(sig)
     except ImportError as e:
         if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C while an extension module loaded
             print("streamflow-jax: interrupted", file=sys.stderr)
@@ -897,15 +902,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The console script: ``main``, then the exit. After Ctrl-C the process ends at once, without
-    the interpreter's teardown: an XLA compilation that Ctrl-C interrupted goes on in JAX's
-    thread pool, and tearing the interpreter down under it crashes (seen with JAX 0.10 on the
-    CPU); everything written has been cleaned up before ``main`` returns."""
+    """The console script: ``main``, then the exit. After Ctrl-C (or SIGTERM) the process ends at
+    once, without the interpreter's teardown: an XLA compilation that Ctrl-C interrupted goes on
+    in JAX's thread pool, and tearing the interpreter down under it crashes (seen with JAX 0.10
+    on the CPU); everything written has been cleaned up before ``main`` returns."""
     code = main()
-    if code == 130:
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # 130, 143
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
     sys.exit(code)
 
 

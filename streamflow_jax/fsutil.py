@@ -23,13 +23,23 @@ from pathlib import Path
 from streamflow_jax.errors import ConversionError
 
 PARTIAL = ".partial-"
-_INTERRUPTS: list[int] | None = None  # SIGINTs seen inside ``interrupts_recorded``; None outside it
+_INTERRUPTS: list[int] | None = None  # SIGINTs/SIGTERMs seen inside ``interrupts_recorded``; None outside it
+_LAST_SIGNAL: int | None = None  # the last of them, for the exit status (128 + it)
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what `kill`, docker and Kubernetes send
+
+
+def take_last_signal() -> int:
+    """The signal that stopped the last ``interrupts_recorded`` block, forgotten once taken
+    (SIGINT when none was seen: a KeyboardInterrupt raised otherwise)."""
+    global _LAST_SIGNAL
+    sig, _LAST_SIGNAL = _LAST_SIGNAL, None
+    return sig or signal.SIGINT
 
 
 @contextlib.contextmanager
 def interrupts_recorded() -> Iterator[None]:
-    """Ctrl-C inside the block raises ``KeyboardInterrupt`` as Python's own handler does, and is
-    also recorded: an exception raised inside a callback that native code or the interpreter
+    """Ctrl-C (and SIGTERM, as ``kill``, docker and Kubernetes stop a process) inside the block
+    raises ``KeyboardInterrupt`` as Python's own handler does for Ctrl-C, and is also recorded: an exception raised inside a callback that native code or the interpreter
     runs (JAX's garbage-collection hook, seen with ``export`` and ``bench``) is dropped with an
     "Exception ignored" message and the work goes on, so ``atomic_dir`` and ``check_interrupted``
     ask the record before anything is committed. The CLI runs its commands inside it. Main
@@ -43,6 +53,8 @@ def interrupts_recorded() -> Iterator[None]:
         return
 
     def handler(signum, frame):
+        global _LAST_SIGNAL
+        _LAST_SIGNAL = signum
         if _INTERRUPTS is not None:
             _INTERRUPTS.append(signum)
         raise KeyboardInterrupt
@@ -57,13 +69,15 @@ def interrupts_recorded() -> Iterator[None]:
             return
         previous_hook(unraisable)
 
-    outer, _INTERRUPTS = _INTERRUPTS, []
-    previous = signal.signal(signal.SIGINT, handler)
+    global _LAST_SIGNAL
+    outer, _INTERRUPTS, _LAST_SIGNAL = _INTERRUPTS, [], None
+    previous = {sig: signal.signal(sig, handler) for sig in STOPPING_SIGNALS}
     sys.unraisablehook = quiet
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        for sig, before in previous.items():
+            signal.signal(sig, before if before is not None else signal.SIG_DFL)
         sys.unraisablehook = previous_hook
         _INTERRUPTS = outer
 
@@ -83,7 +97,7 @@ def check_interrupted() -> None:
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Ctrl-C (SIGINT) inside the block is held until the block ends, then raised as
+    """Ctrl-C (SIGINT) or SIGTERM inside the block is held until the block ends, then raised as
     ``KeyboardInterrupt``: for writes that run on background threads (orbax's), which must finish
     before their directory can be removed, and for native code that swallows exceptions raised
     in its Python callbacks (TensorRT's builder). The block gets the list of signals received
@@ -94,15 +108,18 @@ def interrupts_held() -> Iterator[None]:
         yield pending
         return
     def hold(signum, frame):
+        global _LAST_SIGNAL
         pending.append(signum)
+        _LAST_SIGNAL = signum
         if _INTERRUPTS is not None:
             _INTERRUPTS.append(signum)
 
-    previous = signal.signal(signal.SIGINT, hold)
+    previous = {sig: signal.signal(sig, hold) for sig in STOPPING_SIGNALS}
     try:
         yield pending
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        for sig, before in previous.items():
+            signal.signal(sig, before if before is not None else signal.SIG_DFL)
     if pending:
         raise KeyboardInterrupt
 

@@ -197,6 +197,33 @@ def test_ctrl_c_during_convert_at_any_moment(tmp_path, delay):
         assert left == ["src"]
 
 
+def test_sigterm_during_convert_is_an_interrupt(tmp_path):
+    """SIGTERM (``kill``, ``docker stop``, Kubernetes) in the middle of a conversion: exit 143 with
+    one line, "terminated", and nothing left (it exited 143 silently and left its partial
+    directory, a full copy of the weights, for a later writer to remove)."""
+    _big_sd3(tmp_path / "src")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", CONVERT, str(tmp_path / "src"), str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not any(
+                p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if proc.returncode == 0:  # finished before the signal arrived
+        assert left == ["out", "src"]
+    else:
+        assert proc.returncode == 143, err
+        assert err.strip() == "streamflow-jax convert: terminated", err
+        assert left == ["src"]
+
+
 def test_ctrl_c_stops_a_long_compiled_run(tmp_path):
     """``generate --steps 1000``: compiled sampling runs in segments, so Ctrl-C stops it within a
     segment (about half a second), with one line and no output file. The signal goes once the
