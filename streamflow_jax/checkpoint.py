@@ -673,6 +673,8 @@ def load(path, dtype=None, *, component: str | None = None, progress: bool = Fal
     scanned (``FlowModel.with_scanned_blocks``; a measurement switch, ``ops.scan_blocks_choice``).
     """
     scan = ops.scan_blocks_choice()  # a bad value is refused before anything is read
+    if sharding is not None and mesh is not None:  # one was ignored, which one by the source's kind
+        raise ValueError("give sharding= (each weight's placement) or mesh= (with strategy=), not both")
     if strategy not in STRATEGIES:  # also without a mesh: a misspelt strategy is not silently unused
         raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if mesh is not None:

@@ -649,7 +649,9 @@ class StreamEngine:
         data = check_mesh(mesh).shape["data"] if mesh is not None else 1
         self._programs = _programs(self.tick_graphs, mesh.devices.flat[0].platform if mesh is not None else None)
         if self.num_slots % data:
-            raise ValueError(f"{self.num_slots} slots do not split over the mesh's {data} data devices")
+            raise ValueError(f"{self.num_slots} slots do not split over the mesh's {data} data devices: the slots "
+                             f"(slots per stream x streams; --slots x --streams) must be a multiple of {data}, or "
+                             "place the model by tensor parallelism (--strategy tensor: data 1)")
         self.scheduler = SlotScheduler(self.num_slots, admit, min_batch, multiple=data)
         self.buffers = DeviceBuffers(self.num_slots, self.latent_shape, self.cond_shapes, self.guided, admit, mesh)
         self._ids = itertools.count()

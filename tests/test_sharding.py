@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from streamflow_jax.models.family import standard_logical_axes
 
 TESTS = Path(__file__).resolve().parent
@@ -71,3 +73,12 @@ def test_two_processes_equal_one(tmp_path):
     got = np.load(tmp_path / "out.npy")
     assert got.shape == want.shape
     assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) <= 1e-5
+
+
+def test_load_takes_sharding_or_mesh_not_both(tiny_sd3):
+    """Both given: one was ignored without a word, the mesh for a converted directory and the
+    sharding for a diffusers one."""
+    import streamflow_jax as sf
+
+    with pytest.raises(ValueError, match="give sharding= .* or mesh= .*, not both"):
+        sf.load(tiny_sd3[0], mesh=sf.make_mesh(1), sharding=lambda name, abstract: None)
