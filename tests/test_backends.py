@@ -130,3 +130,21 @@ def test_bf16_model_refused_by_onnxruntime_on_the_cpu_before_exporting(models, i
                                          "bfloat16 kernels"):
         sf.sample(a.astype("bfloat16"), x, sf.schedules.flow_match(2), cond, backend="onnxruntime")
     assert not (isolated_cache / "exports").exists() or not any((isolated_cache / "exports").iterdir())
+
+
+def test_an_export_too_small_for_guidance_says_why(models, tmp_path):
+    """A runner opened from an export whose batch range takes the samples but not classifier-free
+    guidance's doubled batch: the refusal says the doubling ("B=10 is outside [1, 8]" alone
+    named a batch nobody asked for); a path that does not exist is named as such."""
+    from streamflow_jax.export import export_onnx, export_spec
+
+    a, _ = models
+    x, _, cond = sd3_inputs(CFG, 5, 8, 8, seed=3)
+    export_onnx(a, export_spec(a, batch="1:2:8", latent=8, text_len=cond["encoder_hidden_states"].shape[1]),
+                tmp_path / "e", progress=False)
+    runner = backends.open_export(tmp_path / "e", "onnxruntime")
+    with pytest.raises(sf.ShapeError, match=r"B=10 .*\(classifier-free guidance runs the batch twice: 10 rows for 5 "
+                                            r"samples\)"):
+        sf.sample(runner, x, sf.schedules.flow_match(2), cond, guidance_scale=2.0, uncond=cond, backend="onnxruntime")
+    with pytest.raises(sf.ExportError, match="nope: no such export directory"):
+        backends.open_export(tmp_path / "nope", "onnxruntime")

@@ -239,8 +239,13 @@ def sample(
         cond = jax.tree_util.tree_map(to_host, cond)
         uncond = None if uncond is None else jax.tree_util.tree_map(to_host, uncond)
     x = noise
-    for i in tqdm(range(grid.shape[0] - 1), disable=not progress, delay=2, unit="step", leave=False):
-        x = sampling.step(runner, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
+    try:
+        for i in tqdm(range(grid.shape[0] - 1), disable=not progress, delay=2, unit="step", leave=False):
+            x = sampling.step(runner, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
+    except ShapeError as e:
+        if guidance_scale is None or f"B={2 * b}" not in str(e):
+            raise
+        raise ShapeError(f"{e} (classifier-free guidance runs the batch twice: {2 * b} rows for {b} samples)") from None
     return jnp.asarray(x, dtype)
 
 

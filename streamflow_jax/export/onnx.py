@@ -285,6 +285,8 @@ def load_export(path) -> ExportedGraph:
     """Opens an export directory, verifying its files against the recorded SHA-256."""
     path = Path(path)
     meta_path = path / META_NAME
+    if not path.exists():
+        raise ExportError(f"{path}: no such export directory")
     if not meta_path.is_file():
         raise ExportError(f"{path}: no {META_NAME} (not a streamflow-jax export directory)")
     try:

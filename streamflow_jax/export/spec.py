@@ -265,7 +265,8 @@ def export_spec(model, *, batch=None, resolution=None, latent=None, latent_scale
     takes = {"autoencoder": ("resolution", "latent", "latent_scale"), "text_encoder": ("text_len",)}.get(kind, given)
     unused = [name for name, value in given.items() if value is not None and name not in takes]
     if unused:
-        raise ValueError(f"{', '.join(unused)}: not an input of a {kind}'s graph ({model.class_name}); leave "
+        raise ValueError(f"{', '.join(unused)}: not an input of {'an' if kind[0] in 'aeiou' else 'a'} {kind}'s graph "
+                         f"({model.class_name}); leave "
                          f"{'it' if len(unused) == 1 else 'them'} out")
     batch = _DEFAULT_BATCH[kind] if batch is None else batch
     if kind == "autoencoder":
