@@ -39,7 +39,8 @@ def take_last_signal() -> int:
 @contextlib.contextmanager
 def interrupts_recorded() -> Iterator[None]:
     """Ctrl-C (and SIGTERM, as ``kill``, docker and Kubernetes stop a process) inside the block
-    raises ``KeyboardInterrupt`` as Python's own handler does for Ctrl-C, and is also recorded: an exception raised inside a callback that native code or the interpreter
+    raises ``KeyboardInterrupt`` as Python's own handler does for Ctrl-C, and is also recorded:
+    an exception raised inside a callback that native code or the interpreter
     runs (JAX's garbage-collection hook, seen with ``export`` and ``bench``) is dropped with an
     "Exception ignored" message and the work goes on, so ``atomic_dir`` and ``check_interrupted``
     ask the record before anything is committed. The CLI runs its commands inside it. Main
@@ -47,7 +48,7 @@ def interrupts_recorded() -> Iterator[None]:
     recorded (a caller of the library who catches a Ctrl-C and goes on is not interrupted
     again). Inside it, the interpreter's "Exception ignored" report of such a dropped Ctrl-C is
     not printed (``sys.unraisablehook``): the command ends with its own one line instead."""
-    global _INTERRUPTS
+    global _INTERRUPTS, _LAST_SIGNAL
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -69,7 +70,6 @@ def interrupts_recorded() -> Iterator[None]:
             return
         previous_hook(unraisable)
 
-    global _LAST_SIGNAL
     outer, _INTERRUPTS, _LAST_SIGNAL = _INTERRUPTS, [], None
     previous = {sig: signal.signal(sig, handler) for sig in STOPPING_SIGNALS}
     sys.unraisablehook = quiet

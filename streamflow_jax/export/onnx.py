@@ -268,7 +268,11 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
             before_commit(ExportedGraph(tmp, spec, meta))
             stages.update()
         stages.set_description("export: done")
-    return load_export(out_dir) if shared or before_commit is not None else ExportedGraph(out_dir, spec, meta)
+    if shared:  # another process may have made the entry first: its files, verified
+        return load_export(out_dir)
+    if before_commit is not None:  # it may have added to the metadata (the engine's entry); the files are hashed
+        meta = json.loads((out_dir / META_NAME).read_text())
+    return ExportedGraph(out_dir, spec, meta)
 
 
 def check_graph(onnx_path: Path) -> None:
@@ -309,7 +313,12 @@ def load_export(path) -> ExportedGraph:
 
 def _versions() -> dict:
     """The versions an export is made with (from the installed distributions: jax2onnx has no
-    ``__version__``, and nothing is imported to read them)."""
+    ``__version__``, and nothing is imported to read them); read once a process, a new dict each call."""
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> tuple:
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(name: str) -> str:
@@ -318,8 +327,8 @@ def _versions() -> dict:
         except PackageNotFoundError:
             return "?"
 
-    return {"streamflow_jax": __version__, "jax": jax.__version__, "jax2onnx": installed("jax2onnx"),
-            "onnx": installed("onnx"), "numpy": np.__version__}
+    return (("streamflow_jax", __version__), ("jax", jax.__version__), ("jax2onnx", installed("jax2onnx")),
+            ("onnx", installed("onnx")), ("numpy", np.__version__))
 
 
 def made_here(meta: dict) -> bool:

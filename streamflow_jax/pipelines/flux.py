@@ -63,8 +63,8 @@ class FluxPipeline(PromptPipeline):
             max_sequence_length: T5 tokens (default 512 for dev, 256 for schnell).
             mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``), T5's
                 included (where single-device memory runs out first); batches split over ``data``.
-            variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
-                as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
+            variant: ``*.{variant}.safetensors`` weights (``"fp16"``) for each component that has
+                them, as diffusers' ``from_pretrained(variant=)`` (``checkpoint.component_variant``).
             loras: LoRA files merged into the components their keys name (see
                 ``Pipeline.from_diffusers``), or ``checkpoint.loras_by_component``'s mapping.
         """

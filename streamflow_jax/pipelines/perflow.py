@@ -54,8 +54,8 @@ class PeRFlowPipeline(PromptPipeline):
             dtype: cast every component's weights.
             mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``), the
                 text encoder's included; batches then split over its ``data`` axis.
-            variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
-                as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
+            variant: ``*.{variant}.safetensors`` weights (``"fp16"``) for each component that has
+                them, as diffusers' ``from_pretrained(variant=)`` (``checkpoint.component_variant``).
             loras: LoRA files merged into the components their keys name (see
                 ``Pipeline.from_diffusers``), or ``checkpoint.loras_by_component``'s mapping.
             prediction_type, num_time_windows: override the scheduler config's, as PeRFlow's

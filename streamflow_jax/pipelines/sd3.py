@@ -73,8 +73,8 @@ class SD3Pipeline(PromptPipeline):
             max_sequence_length: T5 tokens (default 256, as diffusers).
             mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``), the
                 text encoders' included; batches split over ``data``.
-            variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
-                as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
+            variant: ``*.{variant}.safetensors`` weights (``"fp16"``) for each component that has
+                them, as diffusers' ``from_pretrained(variant=)`` (``checkpoint.component_variant``).
             loras: LoRA files merged into the components their keys name (see
                 ``Pipeline.from_diffusers``), or ``checkpoint.loras_by_component``'s mapping.
         """

@@ -92,8 +92,8 @@ class PeRFlowSDXLPipeline(PeRFlowPipeline):
                 instructions do on its SDXL checkpoints, which ship SDXL's
                 ``EulerDiscreteScheduler`` (``prediction_type="ddim_eps"``, 4 windows).
             mesh, strategy: place every component's weights on a mesh (``sf.make_mesh``).
-            variant: read every component's ``*.{variant}.safetensors`` weights (``"fp16"``),
-                as diffusers' ``from_pretrained(variant=)``; for a diffusers directory.
+            variant: ``*.{variant}.safetensors`` weights (``"fp16"``) for each component that has
+                them, as diffusers' ``from_pretrained(variant=)`` (``checkpoint.component_variant``).
             loras: LoRA files merged into the components their keys name (see
                 ``Pipeline.from_diffusers``), or ``checkpoint.loras_by_component``'s mapping.
             micro_conditioning: ``original_size``, ``crops_coords_top_left``, ``target_size``

@@ -419,8 +419,7 @@ def create_app(model=None, *, served: Served | None = None, slots_per_stream: in
         served = load_served(model, slots_per_stream=slots_per_stream, streams=streams, backend=backend, size=size,
                              dtype=dtype, taesd=taesd, prediction_type=prediction_type,
                              num_time_windows=num_time_windows, variant=variant, loras=loras, mesh=mesh,
-                             strategy=strategy,
-                             quantize=quantize)
+                             strategy=strategy, quantize=quantize)
     state = ServerState(served, opts, warm_up=warm_up)
 
     @contextlib.asynccontextmanager
