@@ -121,6 +121,7 @@ def _check_common(args) -> None:
     _positive(args, "devices")
     _check_mesh_flags(args)
     _check_quantize_backend(args)
+    _check_export(args)
     if getattr(args, "backend", None) == "onnxruntime" and getattr(args, "dtype", None) == "bfloat16":
         from streamflow_jax.backends.onnxruntime import default_providers
 
@@ -143,6 +144,46 @@ def _check_common(args) -> None:
     strength = getattr(args, "strength", None)
     if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], got {strength}")
+
+
+def _check_export(args) -> None:
+    """``--export DIR``: a velocity model's export directory, run by ``--backend`` (not xla);
+    its metadata read now, before any weight loads (its files are verified when it opens)."""
+    path = getattr(args, "export", None)
+    if path is None:
+        return
+    if args.backend == "xla":
+        raise ValueError(f"--export {path} is run by --backend onnxruntime or tensorrt (xla runs the model itself): "
+                         "add one")
+    from streamflow_jax.errors import ExportError
+    from streamflow_jax.export.onnx import META_NAME
+
+    meta = Path(path) / META_NAME
+    if not meta.is_file():
+        raise ValueError(f"--export {path}: " + (f"no {META_NAME} (not a streamflow-jax export directory)"
+                                                 if Path(path).is_dir() else "no such export directory"))
+    try:
+        method = json.loads(meta.read_text())["spec"]["method"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{meta}: unreadable export metadata ({e}); export again") from None
+    if method != "velocity":
+        raise ValueError(f"--export {path}: an export of a model's {method}, not of a velocity model (give the "
+                         "export of the pipeline's transformer or UNet: streamflow-jax export PIPELINE OUT)")
+
+
+def _use_export(args, target) -> None:
+    """``--export``: ``target`` (a pipeline or a velocity model) runs its velocity calls from it."""
+    if getattr(args, "export", None) is None:
+        return
+    from streamflow_jax import backends
+
+    try:
+        if hasattr(target, "use_export"):
+            target.use_export(args.export, args.backend)
+        else:
+            backends.use_export(target, args.export, args.backend)
+    except ValueError as e:
+        raise ValueError(f"--export {e}") from None
 
 
 def _check_quantize_backend(args) -> None:
@@ -248,6 +289,7 @@ def _generate_digits(args) -> int:
     pipe = DigitsPipeline.load(args.model or DIGITS_DIR, dtype=args.dtype, mesh=_mesh(args), strategy=args.strategy)
     if args.quantize:
         pipe.model = _quantize(pipe.model, args.quantize)
+    _use_export(args, pipe)
     guidance = pipe.resolve_guidance(args.guidance)
     print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), loaded in {time.perf_counter() - t0:.2f} s")
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
@@ -307,6 +349,7 @@ def _generate_prompts(args) -> int:
     pipe = Pipeline.from_diffusers(args.model, mesh=_mesh(args), strategy=args.strategy, **kwargs)
     if args.quantize:
         pipe.model = _quantize(pipe.model, args.quantize)
+    _use_export(args, pipe)
     guidance = pipe.resolve_guidance(args.guidance)  # refuses NaN/inf before any work
     if (args.height is not None or args.width is not None) and args.image is None:  # said with the flag
         try:
@@ -522,6 +565,7 @@ def _cmd_bench(args) -> int:
         raise ValueError(f"{path}: bench samples a velocity model, got {model.class_name}")
     if args.quantize:
         model = _quantize(model, args.quantize)
+    _use_export(args, model)
     try:
         shape = model.latent_shape(args.latent, args.latent)
     except ValueError as e:
@@ -567,6 +611,7 @@ def _cmd_serve(args) -> int:
     _positive(args, "devices", "slots", "streams", "max_n", "max_steps", "replicas", "frames_in_flight", "max_streams")
     _check_mesh_flags(args)
     _check_quantize_backend(args)
+    _check_export(args)
     if args.max_steps > MAX_STEPS:
         raise ValueError(f"--max-steps must be in [1, {MAX_STEPS}], got {args.max_steps}")
     if args.max_queue < 0:
@@ -586,7 +631,7 @@ def _cmd_serve(args) -> int:
     load = dict(model=args.model, slots_per_stream=args.slots, streams=args.streams, backend=args.backend,
                 size=args.size, dtype=args.dtype, taesd=args.taesd, prediction_type=args.prediction_type,
                 num_time_windows=args.windows, variant=args.variant, loras=args.lora, strategy=args.strategy,
-                quantize=args.quantize)
+                quantize=args.quantize, export=args.export)
     options = dict(max_queue=args.max_queue, max_n=args.max_n, max_steps=args.max_steps, timeout=args.timeout,
                    frames_in_flight=args.frames_in_flight, max_streams=args.max_streams)
     name = Path(args.model).name if args.model else "digits"
@@ -635,6 +680,13 @@ def _pipeline_load_flags(p) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA into the components its keys name as the pipeline loads (a file, or "
                         "diffusers' save_lora_weights directory; repeat for several, summed)")
+
+
+def _export_flag(p) -> None:
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="with --backend onnxruntime|tensorrt: run the velocity model from this export directory "
+                        "(streamflow-jax export of the same model, loaded the same way) instead of exporting on "
+                        "demand; its profile must take the batch (CFG doubles it) and size")
 
 
 def _quantize_flag(p) -> None:
@@ -717,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the models' parameters (default: as stored)")
     _quantize_flag(p)
     p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
+    _export_flag(p)
     p.add_argument("--stream", action="store_true",
                    help="one request per image through the stream engine instead of one batch")
     p.add_argument("--slots", type=int, default=None, help="with --stream: slots per stream (default 16)")
@@ -759,6 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="a velocity model (transformer or UNet) or pipeline directory (default: the embedded digits model)")
     p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
+    _export_flag(p)
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     p.add_argument("--steps", type=int, default=16, help=f"Euler steps, at most {MAX_STEPS} (default 16)")
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's sample size)")
@@ -798,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the models' parameters (default: as stored)")
     _quantize_flag(p)
     p.add_argument("--backend", choices=backends, default="xla", help=backend_help)
+    _export_flag(p)
     _mesh_flags(p)
     p.add_argument("--replicas", type=int, default=None,
                    help="run N replicas as a Ray Serve deployment (local Ray unless RAY_ADDRESS names a cluster)")

@@ -148,3 +148,39 @@ def test_an_export_too_small_for_guidance_says_why(models, tmp_path):
         sf.sample(runner, x, sf.schedules.flow_match(2), cond, guidance_scale=2.0, uncond=cond, backend="onnxruntime")
     with pytest.raises(sf.ExportError, match="nope: no such export directory"):
         backends.open_export(tmp_path / "nope", "onnxruntime")
+
+
+def test_use_export_runs_that_export_and_only_it(models, tmp_path, isolated_cache):
+    """``backends.use_export``: the export given runs the model's calls (nothing is exported on
+    demand), a call outside its profile is refused naming it (not exported anew), and an export
+    of other weights (another model, or this one loaded as float16) is refused with how the two
+    loads differ; the other model still exports on demand. A conditioning entry the graph does
+    not take is refused by the runner."""
+    from streamflow_jax.export import export_onnx, export_spec
+
+    a, b = models
+    grid = sf.schedules.flow_match(2)
+    x, _, cond = sd3_inputs(CFG, 2, 8, 8, seed=3)
+    export_onnx(a, export_spec(a, batch="1:2:2", latent=8, text_len=cond["encoder_hidden_states"].shape[1]),
+                tmp_path / "a-onnx", progress=False)
+    with pytest.raises(ValueError, match="a-onnx: exported from other weights than this model's "
+                                         r"\(float32 weights there; float32 weights here\)"):
+        backends.use_export(b, tmp_path / "a-onnx", "onnxruntime")
+    with pytest.raises(ValueError, match=r"float32 weights there; float16 weights here"):
+        backends.use_export(a.astype("float16"), tmp_path / "a-onnx", "onnxruntime")
+    with pytest.raises(ValueError, match="backend 'xla' runs models directly"):
+        backends.use_export(a, tmp_path / "a-onnx", "xla")
+    runner = backends.use_export(a, tmp_path / "a-onnx", "onnxruntime")
+    got = sf.sample(a, x, grid, cond, backend="onnxruntime")
+    assert not (isolated_cache / "exports").exists()  # the given export ran: none made on demand
+    assert runner.exported.path == (tmp_path / "a-onnx").absolute()
+    assert rel(got, sf.sample(a, x, grid, cond)) <= 1e-5
+    with pytest.raises(ValueError, match=r"cond has \['guidance'\], which the graph does not take"):
+        runner.velocity(x, 0.5, {**cond, "guidance": np.ones(2, np.float32)})  # it was dropped silently
+    x3, _, cond3 = sd3_inputs(CFG, 3, 8, 8, seed=4)
+    with pytest.raises(sf.ShapeError, match=r"export .*a-onnx does not take this call: input 'x': B=3 is outside the "
+                                            r"exported profile \[1, 2\].* \(its profile: B 1:2:2, H 8:8:8, W 8:8:8;"):
+        sf.sample(a, x3, grid, cond3, backend="onnxruntime")
+    assert not (isolated_cache / "exports").exists()
+    assert rel(sf.sample(b, x, grid, cond, backend="onnxruntime"), sf.sample(b, x, grid, cond)) <= 1e-5
+    assert len(list((isolated_cache / "exports").iterdir())) == 1  # b's, on demand

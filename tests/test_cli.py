@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import diffusers
+import numpy as np
 import pytest
 from conftest import VAES, make_sd3, randomize
 
@@ -437,3 +438,43 @@ def test_environment_switch_typos_are_refused_before_loading(monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and name in err and message in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_generate_and_bench_run_a_prebuilt_export(tmp_path, capsys, isolated_cache):
+    """``--export DIR`` runs the velocity model from an export made by ``export`` (nothing exported
+    on demand), with the XLA images; a call its profile does not take, an export of another
+    model, a directory that is no export and ``--backend xla`` are each refused in one line."""
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    export = tmp_path / "digits-onnx"
+    assert cli(["export", str(DIGITS_DIR), str(export), "--batch", "1:20:20", "-q"]) == 0
+    run = ["generate", "--per-digit", "1", "--steps", "3", "-q"]
+    assert cli([*run, "--out", str(tmp_path / "xla.png")]) == 0
+    assert cli([*run, "--backend", "onnxruntime", "--export", str(export), "--out", str(tmp_path / "ort.png")]) == 0
+    assert not (isolated_cache / "exports").exists()  # the export given ran
+    ours, xla = (np.asarray(Image.open(tmp_path / f), np.int16) for f in ("ort.png", "xla.png"))
+    assert np.abs(ours - xla).max() <= 1  # 10 digits, guided: 20 rows of the export's 20
+    capsys.readouterr()
+    assert cli(["bench", "--backend", "onnxruntime", "--export", str(export), "--batch", "20", "--steps", "1",
+                "--repeats", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "onnxruntime"
+    assert not (isolated_cache / "exports").exists()
+    make_sd3(tmp_path / "sd3")
+    assert cli(["export", str(tmp_path / "sd3"), str(tmp_path / "sd3-onnx"), "--batch", "1:1:2", "--resolution", "16",
+                "--latent-scale", "2", "--text-len", "5", "-q"]) == 0
+    capsys.readouterr()
+    for argv, message in (
+        (["--per-digit", "2"], "error: export {export} does not take this call: input 'x': B=40 is outside the "
+                               "exported profile [1, 20]"),
+        (["--export", str(tmp_path / "sd3-onnx")], "error: --export {sd3}: exported from other weights than this "
+                                                   "model's (float32 weights there; float32 weights here)"),
+        (["--export", str(tmp_path)], "error: --export {tmp}: no export.json (not a streamflow-jax export directory)"),
+        (["--backend", "xla"], "error: --export {export} is run by --backend onnxruntime or tensorrt"),
+    ):
+        assert cli([*run, "--backend", "onnxruntime", "--export", str(export), *argv,
+                    "--out", str(tmp_path / "o.png")]) == 1
+        err = capsys.readouterr().err
+        message = message.format(export=export, sd3=tmp_path / "sd3-onnx", tmp=tmp_path)
+        assert message in err and err.count("\n") == 1, err

@@ -186,3 +186,36 @@ def test_create_app_runs_in_process_and_mounted():
         assert closed.value.code == 1012 and "draining" in closed.value.reason
         assert client.get("/sf/health").json()["status"] == "draining"
         app.state.server.draining = False
+
+
+def test_create_app_serves_from_a_prebuilt_export(tmp_path, isolated_cache):
+    """``serve --export DIR`` (``create_app(export=)``): the engine's batched velocity calls run the
+    export given (nothing is exported on demand), with the XLA server's images."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+    import base64
+    import io
+    import time
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from streamflow_jax.cli import main as cli
+    from streamflow_jax.pipelines import DIGITS_DIR
+    from streamflow_jax.serve import create_app
+
+    assert cli(["export", str(DIGITS_DIR), str(tmp_path / "e"), "--batch", "1:4:4", "-q"]) == 0  # 2 slots, guided
+
+    def served_image(**kw) -> np.ndarray:
+        with TestClient(create_app(slots_per_stream=2, streams=1, **kw)) as client:
+            deadline = time.time() + 120
+            while client.get("/health").status_code != 200 and time.time() < deadline:
+                time.sleep(0.1)
+            r = client.post("/v1/images/generations", json={"prompt": "7", "steps": 3, "seed": 3})
+            assert r.status_code == 200, r.text
+            return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))), np.int16)
+
+    ours = served_image(backend="onnxruntime", export=tmp_path / "e")
+    assert not (isolated_cache / "exports").exists()
+    assert np.abs(ours - served_image()).max() <= 1

@@ -40,14 +40,17 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
 )}
 SEGMENT_SECONDS = 0.5  # a long grid runs in segments of about this long: progress, and Ctrl-C gets in
 _RUNNERS: dict[tuple, Runner] = {}
+_GIVEN: dict[tuple[str, str], Runner] = {}  # (model fingerprint, backend) -> a pre-built export (use_export)
 
 __all__ = ["BACKENDS", "Backend", "Runner", "cache_root", "check_backend", "clear_runners",
-           "enable_compilation_cache", "open_export", "runner_class", "runner_for", "sample"]
+           "enable_compilation_cache", "open_export", "runner_class", "runner_for", "sample", "use_export"]
 
 
 def clear_runners() -> None:
-    """Forgets the runners made in this process (their files stay in the cache)."""
+    """Forgets the runners made in this process (their files stay in the cache) and the exports
+    given with ``use_export``."""
     _RUNNERS.clear()
+    _GIVEN.clear()
 
 
 def check_backend(backend: str) -> Backend:
@@ -70,6 +73,57 @@ def runner_class(backend: str) -> type[Runner]:
 def open_export(path, backend: str, *, cache_dir=None) -> Runner:
     """A runner for an export directory made by ``export_onnx`` / ``streamflow-jax export``."""
     return runner_class(backend)(load_export(path), cache_dir=Path(cache_dir or cache_root()))
+
+
+def use_export(model, path, backend: str) -> Runner:
+    """Runs ``model``'s velocity calls on ``backend`` from the export directory ``path`` (made by
+    ``streamflow-jax export`` or ``export_onnx``) instead of exporting on demand: from now on, in
+    this process, ``sf.sample(model, ..., backend=backend)``, a pipeline or stream engine running
+    ``model`` with that backend, uses it.
+
+    The export must be of this very model: its recorded fingerprint (class, config, adapter and
+    every weight, as loaded: dtype and FP8 included) must be ``model.fingerprint()``, or a
+    ValueError says how the two differ. A call the export's profile does not take (a larger
+    batch, another size) is a ``ShapeError`` naming the export, not a new export.
+
+    Returns:
+        the runner (``open_export``'s).
+    """
+    entry = check_backend(backend)
+    if not entry.exported:
+        raise ValueError(f"backend {backend!r} runs models directly; an export runs on "
+                         f"{' or '.join(b for b, e in BACKENDS.items() if e.exported)}")
+    if not isinstance(model, FlowModel) or model.family.kind != "velocity":
+        raise ValueError(f"use_export needs the velocity model the export was made from (sf.load(...)), got "
+                         f"{getattr(model, 'class_name', type(model).__name__)}")
+    runner = open_export(path, backend)
+    meta = runner.exported.meta
+    made_from = meta.get("class_name")
+    if runner.method != "velocity":
+        raise ValueError(f"{path}: an export of {made_from}'s {runner.method}, not of a velocity model")
+    if made_from != model.class_name:
+        raise ValueError(f"{path}: an export of {made_from}, and this model is {model.class_name}")
+    if meta.get("model_fingerprint") != model.fingerprint():
+        raise ValueError(f"{path}: exported from other weights than this model's ({_model_facts(meta)} there; "
+                         f"{_model_facts(model)} here): the same checkpoint must be loaded the same way (dtype, "
+                         "FP8, LoRA, adapter), or exported again from this one")
+    _GIVEN[(model.fingerprint(), backend)] = runner
+    return runner
+
+
+def _model_facts(source) -> str:
+    """What may tell two loads of a model apart: its parameters' dtype and FP8 (``source``: a
+    model, or an export's metadata, whose ``model`` record holds them)."""
+    if isinstance(source, Mapping):
+        facts = source.get("model") or {}
+        if not facts:
+            return "an export of an older version, which did not record how the model was loaded"
+        dtype, fp8 = facts.get("dtype"), facts.get("fp8")
+    else:
+        from streamflow_jax.quantization import is_quantized
+
+        dtype, fp8 = str(jnp.dtype(source.dtype)), is_quantized(source)
+    return f"{dtype} weights" + (", FP8" if fp8 else "")
 
 
 def auto_spec(model, batch: int, height: int, width: int, text_len: int | None):
@@ -115,6 +169,10 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
         return model
     if model.family.kind != "velocity":
         raise ValueError(f"backend {backend!r}: {model.class_name} is not a velocity model")
+    given = _GIVEN.get((model.fingerprint(), backend))
+    if given is not None:  # use_export's: this export or none
+        _check_given(given, _feeds(model, batch, height, width, cond))
+        return given
     if backend == "tensorrt":
         from streamflow_jax.quantization import TENSORRT_REFUSAL, activation_scales
 
@@ -137,9 +195,7 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
     text = cond.get("encoder_hidden_states")
     text_len = None if text is None else int(text.shape[1])
     model.latent_shape(height, width)  # raises on sizes the model cannot take
-    feeds = {"x": (batch, height, width, model.latent_channels), "t": (batch,),
-             **{k: (batch,) + tuple(jnp.shape(v)[1:]) for k, v in cond.items()}}
-    feeds = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in feeds.items()}
+    feeds = _feeds(model, batch, height, width, cond)
     root = Path(cache_dir or cache_root())
     for (fingerprint, _, kind, where), runner in _RUNNERS.items():  # an earlier export may cover this call
         if fingerprint == model.fingerprint() and kind == backend and where == str(root) and runner.covers(feeds):
@@ -170,6 +226,25 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
     runner = runner_class(backend)(exported, cache_dir=root)
     _RUNNERS[key] = runner
     return runner
+
+
+def _feeds(model, batch: int, height: int, width: int, cond: dict) -> dict:
+    """The velocity graph's inputs for a call of these shapes, as shapes (float32)."""
+    feeds = {"x": (batch, height, width, model.latent_channels), "t": (batch,),
+             **{k: (batch,) + tuple(jnp.shape(v)[1:]) for k, v in cond.items()}}
+    return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in feeds.items()}
+
+
+def _check_given(runner: Runner, feeds: dict) -> None:
+    """A ``ShapeError`` naming a ``use_export`` export whose profile does not take this call, with
+    the profile it has."""
+    path = runner.exported.path
+    try:
+        runner.spec.check(feeds)
+    except ShapeError as e:
+        profile = ", ".join(f"{k} {v}" for k, v in runner.spec.dims.items())
+        raise ShapeError(f"export {path} does not take this call: {e} (its profile: {profile}; H and W in latent "
+                         "pixels)") from None
 
 
 def sample(
@@ -229,8 +304,11 @@ def sample(
         return _segments(model, noise, grid, cond, guidance_scale, uncond, progress)
     b, h, w, _ = noise.shape
     dtype = noise.dtype  # what the result comes back as
-    runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w, cond=cond,
-                        progress=progress)
+    try:
+        runner = runner_for(model, backend, batch=b if guidance_scale is None else 2 * b, height=h, width=w,
+                            cond=cond, progress=progress)
+    except ShapeError as e:
+        raise _doubled(e, b, guidance_scale) from None
     if not runner.on_device:
         # a runner computing on the host (ONNX Runtime on CPU): the loop in numpy, so each step
         # is one graph call and a few numpy ops, with no device dispatch or copy around it
@@ -243,10 +321,15 @@ def sample(
         for i in tqdm(range(grid.shape[0] - 1), disable=not progress, delay=2, unit="step", leave=False):
             x = sampling.step(runner, x, grid[i], grid[i + 1], cond, guidance_scale, uncond)
     except ShapeError as e:
-        if guidance_scale is None or f"B={2 * b}" not in str(e):
-            raise
-        raise ShapeError(f"{e} (classifier-free guidance runs the batch twice: {2 * b} rows for {b} samples)") from None
+        raise _doubled(e, b, guidance_scale) from None
     return jnp.asarray(x, dtype)
+
+
+def _doubled(e: ShapeError, b: int, guidance_scale) -> ShapeError:
+    """A graph's refusal of a batch, saying so where classifier-free guidance doubled it."""
+    if guidance_scale is None or f"B={2 * b}" not in str(e):
+        return e
+    return ShapeError(f"{e} (classifier-free guidance runs the batch twice: {2 * b} rows for {b} samples)")
 
 
 def _grid_array(ts) -> jax.Array:

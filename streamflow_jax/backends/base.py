@@ -47,6 +47,7 @@ class Runner:
 
     Attributes:
         backend: the backend's name.
+        exported: the ``ExportedGraph`` (its directory, spec and metadata).
         spec: the graph's ``ExportSpec`` (inputs, outputs, dynamic axes, method).
         on_device: inputs and outputs stay in device memory (JAX arrays in and out); False for
             an engine computing on the host, which ``sf.sample`` then drives with numpy arrays.
@@ -54,6 +55,7 @@ class Runner:
 
     backend: str = ""
     on_device: bool = False
+    exported = None
     spec = None
 
     def __init__(self, exported, *, cache_dir: Path | None = None):
@@ -82,6 +84,9 @@ class Runner:
         missing = [n for n in self.spec.cond_names if n not in cond]
         if missing:
             raise ValueError(f"cond lacks {missing} (the graph takes {self.spec.cond_names})")
+        extra = [n for n in cond if n not in self.spec.cond_names]
+        if extra:  # dropped, it would change nothing: a caller expecting it to is told
+            raise ValueError(f"cond has {extra}, which the graph does not take (it takes {self.spec.cond_names})")
         host = isinstance(x, np.ndarray)
         xp = np if host else jnp
         t = xp.asarray(t, np.float32)

@@ -256,6 +256,7 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
             "class_name": model.class_name,
             "config": dataclasses.asdict(model.config),
             "model_fingerprint": model.fingerprint(),
+            "model": {"dtype": str(jnp.dtype(model.dtype)), "fp8": _is_quantized(model)},  # how it was loaded
             "opset": opset,
             "files": files,
             "sha256": file_sha256(tmp / f for f in files),
@@ -273,6 +274,12 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
     if before_commit is not None:  # it may have added to the metadata (the engine's entry); the files are hashed
         meta = json.loads((out_dir / META_NAME).read_text())
     return ExportedGraph(out_dir, spec, meta)
+
+
+def _is_quantized(model) -> bool:
+    from streamflow_jax.quantization import is_quantized
+
+    return is_quantized(model)
 
 
 def check_graph(onnx_path: Path) -> None:

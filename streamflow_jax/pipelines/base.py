@@ -139,6 +139,20 @@ class Pipeline:
     def load(cls, path, **kwargs) -> Pipeline:
         raise NotImplementedError(f"{cls.__name__} does not load from a directory")
 
+    def use_export(self, path, backend: str) -> Pipeline:
+        """Runs the velocity model from the export directory ``path`` (``streamflow-jax export``
+        of this pipeline or its velocity model) whenever this pipeline, or a stream over it, is
+        called with ``backend=backend``, instead of exporting on demand
+        (``backends.use_export``: the export must be of this very model, loaded the same way,
+        and its profile must take the calls: batch, CFG's doubled batch included, and size).
+        The text encoders and the autoencoder still run with XLA.
+
+        Returns:
+            ``self``.
+        """
+        backends.use_export(self.model, path, backend)
+        return self
+
 
 def img2img_start(model, x0, noise, grid, strength):
     """Image-to-image: the ``[S'+1, B]`` tail of ``grid`` that ``strength`` keeps (one per

@@ -112,10 +112,12 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
 
 def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, backend: str = "xla", size=None,
                 dtype=None, taesd=None, prediction_type=None, num_time_windows=None, variant=None, loras=None,
-                mesh=None, strategy: str = "fsdp", quantize: str | None = None, cache_size: int | None = None) -> Served:
+                mesh=None, strategy: str = "fsdp", quantize: str | None = None, cache_size: int | None = None,
+                export=None) -> Served:
     """Loads MODEL (a digits directory, the embedded one when None; or any prompt pipeline
     directory, diffusers or converted) behind a guided ``PromptStream`` of ``slots_per_stream x
-    streams`` slots, images of ``size`` (``"WxH"``; default the model's)."""
+    streams`` slots, images of ``size`` (``"WxH"``; default the model's). ``export``: an export
+    directory of its velocity model that ``backend`` runs (``Pipeline.use_export``)."""
     wh = parse_size(size)
     width, height = wh if wh else (None, None)
     extra = {} if cache_size is None else {"cache_size": cache_size}
@@ -125,6 +127,8 @@ def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, back
             from streamflow_jax.quantization import quantized as _quantize
 
             pipe.model = _quantize(pipe.model, quantize)
+        if export is not None:
+            pipe.use_export(export, backend)
         for flag, value in (("taesd", taesd), ("prediction_type", prediction_type), ("windows", num_time_windows),
                             ("variant", variant), ("lora", loras or None)):
             if value is not None:
@@ -144,6 +148,8 @@ def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, back
         from streamflow_jax.quantization import quantized as _quantize
 
         pipe.model = _quantize(pipe.model, quantize)
+    if export is not None:
+        pipe.use_export(export, backend)
     stream = PromptStream(pipe, slots_per_stream=slots_per_stream, streams=streams, guidance=True, height=height,
                           width=width, backend=backend, **extra)
     h, w, _ = stream.latent_shape
