@@ -232,7 +232,7 @@ def convert(src, dst, *, dtype=None, progress: bool = True, config: dict | None 
             (``model_index.json``): every supported component is converted into ``dst/NAME``,
             configuration-only components (scheduler, tokenizer) and small root files are
             copied, the others are skipped, and ``dst/conversion.json`` lists which was which.
-        dst: output directory; must not exist. Written atomically.
+        dst: output directory: new, or an empty one. Written atomically.
         dtype: ``None`` keeps the checkpoint's dtype; or ``"float32"``, ``"bfloat16"``, ``"float16"``.
         progress: show a progress bar over tensors.
         config: config fields overriding the model's (a single file cannot say everything); for

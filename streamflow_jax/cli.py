@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="diffusers model directory (config.json + safetensors), pipeline directory, or a "
                                "single safetensors file in a published layout (Black Forest Labs' Flux; SD 1.x/2.x "
                                "in the LDM layout, SDXL in the SGM layout, with --config-from)")
-    p.add_argument("dst", help="output directory (must not exist; written atomically)")
+    p.add_argument("dst", help="output directory (new, or an empty one; written atomically)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast floating-point parameters (default: keep the checkpoint's dtype)")
     p.add_argument("--variant", default=None, help="read *.VARIANT.safetensors weights (e.g. fp16), sharded too")
@@ -782,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model's graph to ONNX (and build a TensorRT engine)")
     p.add_argument("model", help="converted directory, or a diffusers model/pipeline directory (a pipeline: its "
                                  "velocity model, a PeRFlow UNet with its scheduler's adapter)")
-    p.add_argument("out", help="export directory (must not exist; written atomically)")
+    p.add_argument("out", help="export directory (new, or an empty one; written atomically)")
     p.add_argument("--backend", choices=[b for b in backends if BACKENDS[b].exported], default="onnxruntime",
                    help="tensorrt also builds the engine, OUT/model.engine (recorded in OUT/export.json)")
     p.add_argument("--batch", default=None, help="batch min:opt:max, CFG's doubled batch included (default 1:1:8; "

@@ -127,7 +127,8 @@ def interrupts_held() -> Iterator[None]:
 def free_path(dst: Path) -> None:
     """Refuses to overwrite: the caller must pick a new path or remove the old one."""
     if os.path.lexists(dst):
-        raise ConversionError(f"{dst}: already exists (remove it or choose another output path)")
+        what = "already exists and is not empty" if dst.is_dir() and not dst.is_symlink() else "already exists"
+        raise ConversionError(f"{dst}: {what} (remove it or choose another output path)")
 
 
 def pid_alive(pid: int) -> bool:
@@ -180,7 +181,8 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
     """A partial sibling of ``dst`` that becomes ``dst`` on success and vanishes on failure.
 
     Args:
-        dst: the destination; must not exist.
+        dst: the destination; must not exist, or be an empty directory (a mount point, or one
+            made beforehand), which the result replaces.
         shared: a cache entry: another live writer of the same entry is not an error, and if
             it finishes first its result is kept and ours dropped.
 
@@ -188,7 +190,8 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
         ConversionError: ``dst`` exists, or (unless ``shared``) a live process is writing it.
     """
     dst = Path(dst).absolute()
-    free_path(dst)
+    if not _empty_dir(dst):
+        free_path(dst)
     made = _make_parents(dst)
     remove_stale_partials(dst, shared=shared)
     tmp = Path(tempfile.mkdtemp(prefix=_partial_name(dst), dir=dst.parent))
@@ -210,6 +213,14 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
         if isinstance(e, OSError) and not e.filename:  # "[Errno 28] No space left on device": where?
             raise ConversionError(f"{dst}: could not be written ({e.strerror or e}); nothing was left") from None
         raise
+
+
+def _empty_dir(path: Path) -> bool:
+    """An empty directory, not a link to one (``rename`` replaces it in one step)."""
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
 
 
 def _make_parents(dst: Path) -> list[Path]:

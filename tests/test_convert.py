@@ -201,8 +201,19 @@ def test_existing_output_is_not_overwritten(tiny_sd3, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert "out: already exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_an_empty_output_directory_is_written(tiny_sd3, tmp_path, capsys):
+    """An empty directory (a mount point, one made beforehand) is written into, replaced in one
+    rename; a failed conversion leaves it as it was, empty."""
+    src, _ = tiny_sd3
+    (tmp_path / "out").mkdir()
+    assert cli(["convert", str(tmp_path / "nope"), str(tmp_path / "out"), "-q"]) == 1
+    assert (tmp_path / "out").is_dir() and not any((tmp_path / "out").iterdir())
+    assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 0
+    assert sf.load(tmp_path / "out").class_name == "SD3Transformer2DModel"
 
 
 def test_failure_while_writing_leaves_nothing(tiny_sd3, tmp_path, monkeypatch):

@@ -226,6 +226,17 @@ def test_export_cli(tiny_sd3, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli(["export", str(src), str(tmp_path / "bad"), "--batch", "4:2:1", "-q"]) == 1
     assert "min <= opt <= max" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # --resolution is in pixels, and so are its refusals (they spoke of latent sides); the text
+    # length is bounded by what the pipelines feed (77 CLIP + 512 T5 tokens for SD3)
+    for argv, message in ((["--resolution", "8:16:4000", "--latent-scale", "2"],
+                           "resolution up to 4000 px exceeds the largest the sd3 model takes (48 px: 24 latent "
+                           "pixels of 2)"),
+                          (["--resolution", "6:16:16", "--latent-scale", "2"],
+                           "resolution 6 px is not a multiple of 4 (sd3: 2 latent pixels of 2)"),
+                          (["--text-len", "600"], "text_len 600 is longer than any text the sd3 pipelines feed (589: "
+                                                  "77 CLIP tokens, then T5's 512 at most)")):
+        assert cli(["export", str(src), str(tmp_path / "bad"), *argv, "-q"]) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_export_cli_tensorrt_without_tensorrt(tiny_sd3, tmp_path, capsys, monkeypatch):

@@ -224,7 +224,7 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
     Args:
         model: a ``FlowModel`` (cast to ``spec.dtype`` for the export).
         spec: from ``export.export_spec``.
-        out_dir: a new directory (must not exist); written atomically.
+        out_dir: a new directory (or an empty one); written atomically.
         opset: ONNX opset (``check_opset``: from 23 to the newest the installed onnx knows).
         shared: ``out_dir`` is a cache entry that concurrent processes may also be making.
         before_commit: ``(ExportedGraph) -> None``, run on the finished export while it is still

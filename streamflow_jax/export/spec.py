@@ -247,6 +247,22 @@ def latent_range(model, size: int) -> Range:
     return Range(m, size, max(size, model.max_latent or model.family.profile_latent(model.config) or 2 * size))
 
 
+def _check_pixels(model, px: Range, scale: int) -> None:
+    """``_check_side``'s refusals of an image-side range in pixels, said in pixels (``scale``
+    pixels per latent pixel), as ``--resolution`` was given."""
+    fam, m, limit = model.family, model.latent_multiple * scale, model.max_latent
+    if limit is not None and px.max > limit * scale:
+        raise ValueError(f"resolution up to {px.max} px exceeds the largest the {fam.name} model takes "
+                         f"({limit * scale} px: {limit} latent pixels of {scale})")
+    if not fam.dynamic_spatial and px.min != px.max:
+        raise ValueError(f"{fam.name} velocity graphs take one resolution (got {px}): jax2onnx cannot trace strided "
+                         "convolutions over symbolic sizes; export one graph per size")
+    bad = [v for v in (px.min, px.opt, px.max) if v % m]
+    if bad:
+        raise ValueError(f"resolution {bad[0]} px is not a multiple of {m} ({fam.name}: {model.latent_multiple} "
+                         f"latent pixels of {scale})")
+
+
 def _side(model, resolution, latent, scale: int) -> Range:
     if resolution is not None and latent is not None:
         raise ValueError("give resolution (pixels) or latent, not both")
@@ -302,7 +318,15 @@ def velocity_spec(model, *, batch="1:1:8", resolution=None, latent=None, latent_
     for name, value in (("latent_scale", latent_scale), ("text_len", text_len)):
         if value is not None:
             check_count(name, value)
+    longest = model.family.max_text_len
+    if text_len is not None and longest is not None and text_len > longest:
+        prefix = model.family.text_prefix
+        raise ValueError(f"text_len {text_len} is longer than any text the {model.family.name} pipelines feed "
+                         f"({longest}" + (f": {prefix} CLIP tokens, then T5's {longest - prefix} at most)"
+                                          if prefix else ": T5's max_sequence_length at most)"))
     scale = model.family.latent_scale if latent_scale is None else latent_scale
+    if resolution is not None and latent is None:
+        _check_pixels(model, Range.parse(resolution), scale)
     side = _side(model, resolution, latent, scale)
     return build_velocity_spec(model, batch=Range.parse(batch), height=side, width=side, text_len=text_len,
                                dtype=dtype or str(np.dtype(model.dtype)))

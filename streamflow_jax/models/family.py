@@ -180,6 +180,9 @@ class Family:
         text_prefix: tokens of ``L`` that come before a prompt pipeline's main text encoder's
             sequence (SD3: 77 CLIP tokens before T5's); ``text_len - text_prefix`` is the
             default ``max_sequence_length``.
+        max_text_len: the longest ``L`` a prompt pipeline feeds it (SD3: 77 CLIP + 512 T5
+            tokens, Flux: 512, diffusers' ``max_sequence_length`` limit); exports refuse longer
+            (None: no limit).
         dynamic_spatial: exported graphs can take symbolic ``H`` and ``W``.
         scale_factor: autoencoders: image pixels per latent pixel.
         image_channels: autoencoders: channels of the decoded image.
@@ -218,6 +221,7 @@ class Family:
     conditioning: Callable[[Any, int], dict[str, tuple[int, ...]]] = lambda config, text_len: {}
     text_len: Callable[[Any], int | None] = _none
     text_prefix: int = 0
+    max_text_len: int | None = None
     dynamic_spatial: bool = True
     scale_factor: Callable[[Any], int] = lambda config: 1
     image_channels: Callable[[Any], int | None] = _none

@@ -252,6 +252,7 @@ FAMILY = Family(
     profile_latent=lambda c: 256,  # 2048^2 images: an export profile's bound (rotary ids have no limit)
     conditioning=_conditioning,
     text_len=lambda c: 512,  # FluxPipeline's max_sequence_length (dev; BFL runs schnell at 256)
+    max_text_len=512,  # diffusers' max_sequence_length limit
     fp8_linears=r"^(single_)?transformer_blocks\.",  # every linear of both kinds of block
     float_linears=("proj_out",),  # __call__ takes its compute dtype from proj_out's kernel
     blocks=lambda c: {"transformer_blocks": c.num_layers, "single_transformer_blocks": c.num_single_layers},

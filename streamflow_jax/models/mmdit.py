@@ -213,6 +213,7 @@ FAMILY = Family(
                                       "pooled_projections": (c.pooled_projection_dim,)},
     text_len=lambda c: CLIP_TOKENS + T5_TOKENS,
     text_prefix=CLIP_TOKENS,
+    max_text_len=CLIP_TOKENS + 512,  # diffusers' max_sequence_length limit for T5
     fp8_linears=r"^transformer_blocks\.",  # every linear of the blocks: nearly all FLOPs and bytes
     float_linears=("proj_out",),  # __call__ takes its compute dtype from proj_out's kernel
     blocks=lambda c: {"transformer_blocks": c.num_layers},
