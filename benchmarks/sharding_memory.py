@@ -110,14 +110,15 @@ def main():
     import jax.numpy as jnp
 
     import streamflow_jax as sf
-    from streamflow_jax.models import family_of
-    from streamflow_jax.sharding import bytes_per_device
+    from streamflow_jax.models import abstract_module, family_of
+    from streamflow_jax.sharding import attention_heads, bytes_per_device
 
     if jax.device_count() < 8:
         raise SystemExit("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     rows = []
     for name, parts in components().items():
         states = [(cls, cfg, abstract_state(cls, cfg, jnp.bfloat16)) for cls, cfg in parts]
+        heads = [attention_heads(abstract_module(family_of(cls), cfg)) for cls, cfg in parts]  # tensor: whole heads
         act = {}
         if not args.no_activations:
             cls, cfg = parts[0]
@@ -127,8 +128,8 @@ def main():
         for strategy in ("replicate", "fsdp", "tensor"):
             for n in (1, 2, 4, 8):
                 mesh = sf.make_mesh(n, data=1, model=n) if strategy == "tensor" else sf.make_mesh(n)
-                per_device = sum(bytes_per_device(st, mesh, strategy, family_of(cls).logical_axes)
-                                 for cls, cfg, st in states)
+                per_device = sum(bytes_per_device(st, mesh, strategy, family_of(cls).logical_axes, h)
+                                 for (cls, cfg, st), h in zip(states, heads))
                 row = {"pipeline": name, "strategy": strategy, "devices": n, "weights_gb": round(per_device / 1e9, 2)}
                 for b, a in act.items():
                     row[f"activations_b{b}_gb"] = round(a / 1e9, 2)

@@ -46,7 +46,7 @@ from streamflow_jax.errors import ConfigError, ConversionError
 from streamflow_jax.fsutil import atomic_dir, interrupts_held
 from streamflow_jax.lora import apply_loras, merged_deltas, parse_loras
 from streamflow_jax.models import FAMILIES, VELOCITY_COMPONENTS, FlowModel, abstract_split, family_of, flat_params
-from streamflow_jax.sharding import STRATEGIES, check_mesh, placement, shard
+from streamflow_jax.sharding import STRATEGIES, attention_heads, check_mesh, placement, shard
 
 PARAMS_DIR = "params"
 PARTS_INDEX = "parts.json"
@@ -826,7 +826,8 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
     if not params_dir.is_dir():
         raise ConversionError(f"{params_dir}: missing (incomplete converted checkpoint)")
     if sharding is None and mesh is not None:
-        sharding = placement(mesh, strategy, fam.logical_axes)
+        heads = attention_heads(nnx.merge(graphdef, abstract_state)) if strategy == "tensor" else None
+        sharding = placement(mesh, strategy, fam.logical_axes, heads)  # as shard() places them
     place = sharding
     try:
         flat = _restore(params_dir, shapes, place)

@@ -571,6 +571,22 @@ def _check_model_shapes(model: FlowModel, latent_shape: tuple[int, ...], cond_sh
             raise ValueError(f"cond_shapes[{name!r}] is {tuple(shape)}; {model.class_name} takes {tuple(want[name])}")
 
 
+def _check_on_mesh(name: str, model, mesh) -> None:
+    """A model whose weights are committed to other devices than the engine's mesh would fail
+    at the first tick with JAX's "incompatible devices": said here, with the fix. Uncommitted
+    weights (``sf.load``'s, on the default device) move to the mesh as they are used."""
+    if not isinstance(model, FlowModel):
+        return
+    on_mesh, elsewhere = set(mesh.devices.flat), set()
+    for leaf in jax.tree_util.tree_leaves(model.state):
+        if isinstance(leaf, jax.Array) and getattr(leaf, "committed", True) and leaf.sharding.device_set != on_mesh:
+            elsewhere |= leaf.sharding.device_set
+    if elsewhere:
+        raise ValueError(f"the {name}'s weights are on devices {sorted(d.id for d in elsewhere)} but the mesh has "
+                         f"{sorted(d.id for d in on_mesh)}: shard the {name} onto this mesh (sf.shard({name}, mesh) "
+                         "or sf.load(..., mesh=mesh)) or pass the mesh it was loaded with")
+
+
 class StreamEngine:
     """Continuous batching of sampling requests over a fixed set of slots.
 
@@ -647,6 +663,9 @@ class StreamEngine:
             raise ValueError(f"min_batch must be in [1, {self.num_slots}] (the slots), got {min_batch}")
         self.validate = RequestValidator(self.latent_shape, self.cond_shapes, self.guided)
         data = check_mesh(mesh).shape["data"] if mesh is not None else 1
+        if mesh is not None:
+            _check_on_mesh("model", model, mesh)
+            _check_on_mesh("decoder", decoder, mesh)
         self._programs = _programs(self.tick_graphs, mesh.devices.flat[0].platform if mesh is not None else None)
         if self.num_slots % data:
             raise ValueError(f"{self.num_slots} slots do not split over the mesh's {data} data devices: the slots "

@@ -6,6 +6,9 @@ These run in their own process with ``XLA_FLAGS=--xla_force_host_platform_device
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import diffusers
 import jax
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 from conftest import SDXL_UNET, UNETS, VARIANTS, make_perflow_pipeline, randomize, sd3_inputs, sdxl_added_inputs
 
 import streamflow_jax as sf
+from streamflow_jax import sharding
 from streamflow_jax.sharding import bytes_per_device, shard_batch
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: run through tests/test_sharding.py")
@@ -42,6 +46,16 @@ def _fp8_equal(got, want, flips: int = 2):
     assert sum(r > 1e-5 for r in rows) <= flips, rows
 
 
+@pytest.fixture
+def untold(monkeypatch):
+    """No replication warning given yet in this process (each is given once per situation)."""
+    monkeypatch.setattr(sharding, "_WARNED", set())
+
+
+def _told(record, start: str) -> list[str]:
+    return [str(w.message) for w in record if str(w.message).startswith(start)]
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -66,6 +80,73 @@ def test_strategies_split_the_weights(models, name):
         for s in leaf.addressable_shards:
             on_device[s.device] = on_device.get(s.device, 0) + s.data.nbytes
     assert max(on_device.values()) == bytes_per_device(model, mesh, "tensor")
+
+
+def test_tensor_splits_attention_only_by_whole_heads(tmp_path, untold):
+    """Flux with 3 heads of 16 on a 2 x 4 mesh: the attention width (48) divides model=4, its 3
+    heads do not. Split by width, each device would hold a head and a third: the attention
+    weights stay whole (with a warning naming the heads) while the MLPs still split, the
+    computed bytes per device are the real ones, and the velocity is one device's."""
+    randomize(diffusers.FluxTransformer2DModel(**dict(FLUX_WIDE, num_attention_heads=3)), 3, std=0.1).save_pretrained(
+        tmp_path / "flux")
+    model = sf.load(tmp_path / "flux")
+    mesh = sf.make_mesh(data=2, model=4)
+    with pytest.warns(UserWarning, match=r"shard: \d+ of \d+ weights of this FluxTransformer2DModel are replicated "
+                      r"on every device instead of split by strategy 'tensor'.*\(3 heads\)"):
+        sharded = sf.shard(model, mesh, "tensor")
+    whole, split = jax.sharding.PartitionSpec(None, None), jax.sharding.PartitionSpec(None, "model")
+    joint, single = sharded.state["transformer_blocks"][0], sharded.state["single_transformer_blocks"][0]
+    for attn in (joint["attn"], single["attn"]):
+        for name in ("to_q", "to_k", "to_v"):
+            assert attn[name]["kernel"][...].sharding.spec == whole, name
+    for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+        assert joint["attn"][name]["kernel"][...].sharding.spec == whole, name
+    assert joint["attn"]["to_out"][0]["kernel"][...].sharding.spec == whole
+    assert joint["ff"]["net"][0]["proj"]["kernel"][...].sharding.spec == split
+    assert single["proj_mlp"]["kernel"][...].sharding.spec == split
+    assert _largest_device_bytes(sharded) == bytes_per_device(model, mesh, "tensor")
+    sf.convert(tmp_path / "flux", tmp_path / "converted")  # restored straight into its shards: the same rule
+    loaded = sf.load(tmp_path / "converted", mesh=mesh, strategy="tensor")
+    assert loaded.state["transformer_blocks"][0]["attn"]["to_q"]["kernel"][...].sharding.spec == whole
+    assert loaded.state["single_transformer_blocks"][0]["proj_mlp"]["kernel"][...].sharding.spec == split
+    from test_flux import flux_inputs
+
+    x, t, cond = flux_inputs(4, 8, 8)
+    rng = np.random.default_rng(2)
+    cond = {"encoder_hidden_states": rng.standard_normal((4, 5, 32)).astype(np.float32),
+            "pooled_projections": rng.standard_normal((4, 32)).astype(np.float32), "guidance": cond["guidance"]}
+    want = model.velocity(x, t, cond)
+    assert _rel(sharded.velocity(*shard_batch((x,), mesh), t, shard_batch(cond, mesh)), want) <= 1e-5
+
+
+def test_uneven_mesh_and_batch_are_told_once(models, untold):
+    """3 devices: the weights no axis of which divides 3 stay whole, and a batch of 4 is
+    replicated: each said in one warning (not one per weight or per array), once per
+    situation (a pipeline's next call, a stream engine's next tick say nothing)."""
+    model = sf.load(models["sd3"])
+    mesh = sf.make_mesh(3)
+    with pytest.warns(UserWarning, match="shard:") as record:
+        sharded = sf.shard(model, mesh, "fsdp")
+    [told] = _told(record, "shard:")
+    weights = jax.tree_util.tree_leaves(sharded.state)
+    whole = [w for w in weights if w.ndim and w.sharding.is_fully_replicated]  # counted from the real placement
+    assert 0 < len(whole) < len(weights)
+    assert re.match(rf"shard: {len(whole)} of {len(weights)} weights of this SD3Transformer2DModel are replicated on "
+                    r"every device instead of split by strategy 'fsdp': none of their axes divides the mesh's 3 "
+                    r"devices; e\.g\. \S+ \(shape \(", told), told
+    x, t, cond = sd3_inputs(SD3_WIDE, 4, 8, 8, seed=6)
+    with pytest.warns(UserWarning, match="batch ") as record:
+        x_on, cond_on = shard_batch((x, cond), mesh)
+    assert _told(record, "batch ") == ["batch 4 does not divide the mesh's data axis of 3: the batch is replicated, "
+                                       "every device computes all of it"]
+    assert [w.filename for w in record if str(w.message).startswith("batch ")] == [__file__]  # shard_batch's caller
+    assert x_on.sharding.is_fully_replicated and len(x_on.sharding.device_set) == 3
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        sf.shard(model, mesh, "fsdp")
+        shard_batch((x, cond), mesh)
+    assert not _told(again, "shard:") and not _told(again, "batch ")
+    assert _rel(sharded.velocity(x_on, t, cond_on), model.velocity(x, t, cond)) <= 1e-5
 
 
 @pytest.mark.parametrize("strategy,data,mdl", [("fsdp", 8, 1), ("tensor", 2, 4), ("replicate", 4, 2)])
@@ -196,6 +277,31 @@ def test_stream_engine_over_a_mesh_equals_one_device(models):
         engine.run()
         outs.append(np.stack([engine.result(r) for r in ids]))
     assert _rel(outs[1], outs[0]) <= 1e-5
+
+
+def test_stream_engine_refuses_a_model_on_other_devices(models):
+    """A model sharded onto other devices than the engine's mesh failed at the first tick with
+    JAX's "incompatible devices"; the engine says so when it is made, with the fix. A model
+    on the mesh, or not committed to any device (sf.load's), is taken."""
+    model = sf.load(models["sd3"])
+    shapes = {k: v.shape[1:] for k, v in sd3_inputs(SD3_WIDE, 1, 8, 8)[2].items()}
+    first, last = jax.devices()[:4], jax.devices()[4:]
+    mesh = sf.make_mesh(last)
+    for elsewhere, devices in ((sf.shard(model, sf.make_mesh(first), "fsdp"), first),
+                               (jax.device_put(model, last[0]), last[:1])):
+        with pytest.raises(ValueError, match=re.escape(
+                f"the model's weights are on devices {[d.id for d in devices]} but the mesh has "
+                f"{[d.id for d in last]}: shard the model onto this mesh (sf.shard(model, mesh) or "
+                "sf.load(..., mesh=mesh)) or pass the mesh it was loaded with")):
+            sf.StreamEngine(elsewhere, (8, 8, 4), shapes, slots_per_stream=4, mesh=mesh)
+    x, _, cond = sd3_inputs(SD3_WIDE, 1, 8, 8, seed=7)
+    grid = sf.schedules.flow_match(2)
+    want = sf.sample(model, x, grid, cond)[0]
+    for taken in (sf.shard(model, mesh, "fsdp"), model):
+        engine = sf.StreamEngine(taken, (8, 8, 4), shapes, slots_per_stream=4, mesh=mesh)
+        rid = engine.submit({k: v[0] for k, v in cond.items()}, grid=grid, noise=x[0])
+        engine.run()
+        assert _rel(engine.result(rid), want) <= 1e-5
 
 
 def test_pipeline_with_a_mesh(tmp_path):
