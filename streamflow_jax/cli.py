@@ -276,8 +276,7 @@ def _cmd_generate(args) -> int:
 def _generate_digits(args) -> int:
     from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline, image_grid
 
-    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
-                        ("--height", args.height), ("--width", args.width),
+    for flag, value in (("--prompt", args.prompt), ("--height", args.height), ("--width", args.width),
                         ("--taesd", args.taesd), ("--prediction-type", args.prediction_type),
                         ("--windows", args.windows), ("--variant", args.variant), ("--lora", args.lora),
                         ("--max-sequence-length", args.max_sequence_length)):
@@ -285,12 +284,13 @@ def _generate_digits(args) -> int:
             raise ValueError(f"{flag} is for prompt pipelines; the digits model makes 16x16 digits from class labels "
                              "(give --model PIPELINE_DIR for prompts)")
     steps = 16 if args.steps is None else args.steps
+    guidance = DigitsPipeline.resolve_guidance(args.guidance)
+    negative = _digits_negative(args, guidance)  # before loading
     t0 = time.perf_counter()
     pipe = DigitsPipeline.load(args.model or DIGITS_DIR, dtype=args.dtype, mesh=_mesh(args), strategy=args.strategy)
     if args.quantize:
         pipe.model = _quantize(pipe.model, args.quantize)
     _use_export(args, pipe)
-    guidance = pipe.resolve_guidance(args.guidance)
     print(f"model: {args.model or 'embedded digits model'} ({pipe.model!r}), loaded in {time.perf_counter() - t0:.2f} s")
     labels = np.repeat(np.arange(10), args.per_digit)  # one row per digit
     image = None
@@ -299,10 +299,11 @@ def _generate_digits(args) -> int:
     if args.stream:
         run = lambda seed: pipe.stream(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
                                        slots_per_stream=args.slots, streams=args.streams, backend=args.backend,
-                                       image=image, strength=args.strength)
+                                       image=image, strength=args.strength, negative_label=negative)
     else:
         run = lambda seed: pipe(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
-                                backend=args.backend, image=image, strength=args.strength, progress=not args.quiet)
+                                backend=args.backend, image=image, strength=args.strength, negative_label=negative,
+                                progress=not args.quiet)
     t0 = time.perf_counter()
     run((args.seed + 1) % 2**32)  # first call compiles
     compile_s = time.perf_counter() - t0
@@ -322,6 +323,23 @@ def _generate_digits(args) -> int:
         print("digit accuracy: not measured (pip install scikit-learn, or the demo extra, to see it)")
     print(f"wrote {args.out}")
     return 0
+
+
+def _digits_negative(args, guidance) -> int | None:
+    """``--negative-prompt`` for the digits model: a digit, the class guidance steers away from
+    (as the server takes it), refused where guidance is off; None: the null class."""
+    if not args.negative_prompt:
+        return None
+    text = args.negative_prompt.strip()
+    if len(text) != 1 or text not in "0123456789":
+        raise ValueError(f"--negative-prompt {args.negative_prompt!r}: the digits model's negative prompt is one digit "
+                         "0-9, the class guidance steers away from")
+    from streamflow_jax.pipelines.base import negative_prompt_problem
+    from streamflow_jax.pipelines.digits import DEFAULT_GUIDANCE
+
+    if (why := negative_prompt_problem(text, guidance, default=DEFAULT_GUIDANCE, name="the digits model")) is not None:
+        raise ValueError(f"--negative-prompt: {why}")
+    return int(text)
 
 
 def _quantize(model, kind: str):
@@ -745,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="classifier-free guidance's unconditional prompt, for every --prompt (default: none, \"\"); "
                         "refused where guidance is off (--guidance <= 1, PeRFlow's default) or is a model input "
-                        "(Flux-dev)")
+                        "(Flux-dev); the digits model: one digit, the class guidance steers away from")
     p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)
     _pipeline_load_flags(p)

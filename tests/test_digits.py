@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import streamflow_jax as sf
 from streamflow_jax.eval import digit_accuracy, real_digits, upscale2x
-from streamflow_jax.pipelines import DIGITS_DIR, NULL_CLASS, DigitsPipeline
+from streamflow_jax.cli import main as cli
+from streamflow_jax.pipelines import DIGITS_DIR, NULL_CLASS, DigitsPipeline, image_grid
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = np.repeat(np.arange(10), 8)
@@ -31,14 +32,14 @@ def ours():
     return pipe(LABELS, steps=STEPS, guidance_scale=GUIDANCE, seed=0)
 
 
-def diffusers_digits(labels, steps, guidance, noise):
+def diffusers_digits(labels, steps, guidance, noise, negative=NULL_CLASS):
     """The same checkpoint sampled by diffusers + torch with diffusers' own scheduler and CFG,
-    from the given NHWC noise."""
+    from the given NHWC noise, the unconditional branch the ``negative`` class."""
     model = SD3Transformer2DModel.from_pretrained(DIGITS_DIR / "transformer").eval()
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(DIGITS_DIR / "scheduler")
     sched.set_timesteps(steps)
     table = load_file(DIGITS_DIR / "conditioning.safetensors")
-    idx = torch.from_numpy(np.concatenate([np.full(len(labels), NULL_CLASS), labels]))
+    idx = torch.from_numpy(np.concatenate([np.full(len(labels), negative), labels]))
     ehs, pooled = table["encoder_hidden_states"][idx], table["pooled_projections"][idx]
     x = torch.from_numpy(np.asarray(noise)).permute(0, 3, 1, 2)
     with torch.no_grad():
@@ -97,6 +98,26 @@ def test_stream_engine_same_images(ours):
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=2e-5)
 
 
+def test_a_negative_digit_is_the_unconditional_class(tmp_path, capsys):
+    """``negative_label=3`` (``generate --negative-prompt 3``, as the server takes it): guidance
+    against class 3 instead of the null class, as diffusers' loop with that class; the stream and
+    the CLI give the same digits."""
+    labels = np.arange(10)
+    pipe = DigitsPipeline.load()
+    ours = pipe(labels, steps=4, guidance_scale=GUIDANCE, seed=0, negative_label=3)
+    theirs = diffusers_digits(labels, 4, GUIDANCE, pipe.noise(10, 0), negative=3)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
+    assert np.abs(ours - pipe(labels, steps=4, guidance_scale=GUIDANCE, seed=0)).max() > 0.1  # it changed them
+    streamed = pipe.stream(labels, steps=4, guidance_scale=GUIDANCE, seed=0, negative_label=3, slots_per_stream=5)
+    np.testing.assert_allclose(streamed, ours, rtol=0, atol=2e-5)
+    assert cli(["generate", "--per-digit", "1", "--steps", "4", "--negative-prompt", "3", "-q",
+                "--out", str(tmp_path / "d.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "d.png"), np.float32)
+    np.testing.assert_allclose(grid, np.asarray(image_grid(ours, rows=10), np.float32), atol=1)
+    with pytest.raises(ValueError, match="negative_label must be a class 0-9"):
+        pipe(labels, steps=2, negative_label=10)
+
+
 def test_per_label_guidance_follows_the_scalar_rule():
     """A scale <= 1 among per-label scales means no guidance for that label, as the same scale
     alone does (it ran v_u + g (v_c - v_u): the unconditional image at 0); one scale per label."""
@@ -124,7 +145,6 @@ def test_numpy_upscale_equals_training_upscale():
 
 
 def test_generate_cli_writes_grid(tmp_path, capsys):
-    from streamflow_jax.cli import main as cli
 
     out = tmp_path / "digits.png"
     assert cli(["generate", "--out", str(out), "--per-digit", "2", "--steps", "8"]) == 0
@@ -145,7 +165,6 @@ def test_python_dash_m_entry_point():
 def test_generate_cli_stream(tmp_path, capsys, monkeypatch):
     """``generate --stream --slots --streams`` (in process) runs the stream engine with those
     slots and writes the grid of its images (the engine's images equal the batch's, above)."""
-    from streamflow_jax.cli import main as cli
     from streamflow_jax.pipelines import image_grid
     from streamflow_jax.stream import StreamEngine
 
@@ -174,7 +193,6 @@ def test_generate_cli_stream(tmp_path, capsys, monkeypatch):
 
 
 def test_generate_cli_bad_input(tmp_path, capsys):
-    from streamflow_jax.cli import main as cli
 
     assert cli(["generate", "--steps", "0"]) == 1
     assert "--steps must be in [1, 1000], got 0" in capsys.readouterr().err

@@ -82,8 +82,24 @@ class DigitsPipeline(Pipeline):
         labels = jnp.asarray(labels, jnp.int32)
         return {k: v[labels] for k, v in self.conditioning.items()}
 
+    def negative(self, negative_label, n: int) -> np.ndarray:
+        """``[n]`` classes of the unconditional branch: the null class (``negative_label`` None),
+        or a class 0-9 (one for all, or one each) that guidance steers away from, as a negative
+        prompt does (the server's digits negative prompt ``"3"``)."""
+        if negative_label is None:
+            return np.full(n, NULL_CLASS)
+        given = np.atleast_1d(np.asarray(negative_label))
+        if given.shape not in ((1,), (n,)):
+            raise ValueError(f"{given.size} negative labels for {n} labels")
+        try:
+            return np.broadcast_to(_check_labels(given), (n,))
+        except ValueError:
+            raise ValueError(f"negative_label must be a class 0-9 (one, or one per label), got {negative_label!r}") \
+                from None
+
     def __call__(self, labels, *, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
-                 image=None, strength=None, backend: str = "xla", progress: bool = True) -> np.ndarray:
+                 image=None, strength=None, negative_label=None, backend: str = "xla",
+                 progress: bool = True) -> np.ndarray:
         """Generates one digit per label.
 
         Args:
@@ -95,6 +111,8 @@ class DigitsPipeline(Pipeline):
             image, strength: image-to-image: redraw these 16x16 grey images (``[B, 16, 16]`` or
                 one for all, in [0, 1], or PIL images or paths) as the labels' digits, ``strength`` in (0, 1]
                 (default 0.6) of the way from the image to noise.
+            negative_label: guidance's unconditional class instead of the null class: a class
+                0-9 (one, or one per label) to steer away from (``negative``).
             backend: a backend name (``backends.BACKENDS``).
             progress: a progress bar over the steps of runs longer than 2 s.
 
@@ -108,12 +126,13 @@ class DigitsPipeline(Pipeline):
         grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
         if np.shape(guidance.scale) not in ((), (len(labels),)):
             raise ValueError(f"{np.shape(guidance.scale)[0]} guidance scales for {len(labels)} labels")
+        negative = self.negative(negative_label, len(labels))
         x0, strengths = self._image_start(image, strength, len(labels))
         if x0 is not None:
             noise, grid = img2img_start(self.model, x0, noise, grid, strengths)
         cond, uncond, scale = self.cond(labels), None, guidance.cfg_scale
         if guidance.cfg:
-            uncond, scale = per_element_rule(cond, self.cond(np.full(len(labels), NULL_CLASS)), scale)
+            uncond, scale = per_element_rule(cond, self.cond(negative), scale)
         if self.mesh is not None:
             noise, cond, uncond = shard_batch((noise, cond, uncond), self.mesh)
         x = backends.sample(self.model, noise, grid, cond, guidance_scale=scale, uncond=uncond,
@@ -145,10 +164,12 @@ class DigitsPipeline(Pipeline):
 
     def stream(self, labels, *, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
                slots_per_stream: int = 4, streams: int = 1, backend: str = "xla", image=None,
-               strength=None) -> np.ndarray:
+               strength=None, negative_label=None) -> np.ndarray:
         """The same images as ``__call__``, made by a ``StreamEngine`` (one request per label;
-        ``image`` and ``strength`` as ``__call__``'s: each request noised on the device)."""
+        ``image``, ``strength`` and ``negative_label`` as ``__call__``'s: each request noised on
+        the device)."""
         labels = _check_labels(labels)
+        negative = self.negative(negative_label, len(labels))
         init, strengths = self._image_start(image, strength, len(labels))
         guidance = self.resolve_guidance(guidance_scale)
         if np.ndim(guidance.scale):
@@ -160,9 +181,9 @@ class DigitsPipeline(Pipeline):
         noise = np.asarray(self.noise(len(labels), check_seed(seed)))
         grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
         table = {k: np.asarray(v) for k, v in self.conditioning.items()}
-        null = {k: v[NULL_CLASS] for k, v in table.items()}
-        extra = {"guidance_scale": guidance.scale, "uncond": null} if guidance.cfg else {}
-        ids = [engine.submit({k: v[label] for k, v in table.items()}, grid=grid, noise=noise[i], **extra,
+        extra = lambda i: {"guidance_scale": guidance.scale,  # noqa: E731
+                           "uncond": {k: v[negative[i]] for k, v in table.items()}} if guidance.cfg else {}
+        ids = [engine.submit({k: v[label] for k, v in table.items()}, grid=grid, noise=noise[i], **extra(i),
                              **({} if init is None else {"init": init[i], "strength": strengths[i]}))
                for i, label in enumerate(labels)]
         engine.run()
