@@ -833,7 +833,9 @@ def build_parser() -> argparse.ArgumentParser:
     _export_flag(p)
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     p.add_argument("--steps", type=int, default=16, help=f"Euler steps, at most {MAX_STEPS} (default 16)")
-    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's sample size)")
+    p.add_argument("--latent", type=int, default=None,
+                   help="latent side in latent pixels: the image side / the autoencoder's factor, 8 for SD's and "
+                        "Flux's VAEs (default: the model's sample size)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens of the random conditioning (default per family)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one; their mean is reported (default 3)")
     _adapter_flags(p)
@@ -933,6 +935,11 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:
+            words = sys.argv[1:] if argv is None else list(argv)
+            before = words[:words.index(args.command)] if args.command in words else []
+            if any(w in before for w in extra):  # streamflow-jax --verbose generate: not generate's flag
+                parser.error(f"unrecognized arguments: {' '.join(w for w in extra if w in before)} (before the "
+                             f"command, only --help and --version; {args.command}'s flags come after it)")
             commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
             command = commands.get(getattr(args, "command", None), parser)
             command.error(_unknown_flags(command, extra))

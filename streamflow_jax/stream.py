@@ -49,7 +49,7 @@ import numpy as np
 
 from streamflow_jax import ops, sampling, schedules
 from streamflow_jax.backends import check_backend, runner_for
-from streamflow_jax.errors import RequestError, check_count, is_real_dtype
+from streamflow_jax.errors import RequestError, ShapeError, check_count, is_real_dtype
 from streamflow_jax.models import FlowModel, decode_latents
 from streamflow_jax.sampling import Guidance, check_seed
 from streamflow_jax.sharding import check_mesh, shard_batch
@@ -697,8 +697,12 @@ class StreamEngine:
         if entry.exported:
             h, w, _ = self.latent_shape
             cond0 = {k: np.zeros((1, *s), np.float32) for k, s in self.cond_shapes.items()}
-            self._velocity_model = runner_for(model, backend, batch=2 * self.num_slots if self.guided else self.num_slots,
-                                              height=h, width=w, cond=cond0)
+            rows = 2 * self.num_slots if self.guided else self.num_slots
+            try:
+                self._velocity_model = runner_for(model, backend, batch=rows, height=h, width=w, cond=cond0)
+            except ShapeError as e:
+                raise ShapeError(f"{e} (the engine calls the model with every slot: {self.num_slots} slots"
+                                 + (", twice for guidance" if self.guided else "") + f", {rows} rows)") from None
 
     # -- requests ------------------------------------------------------------------------------
 

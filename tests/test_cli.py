@@ -316,6 +316,17 @@ def test_unknown_flags_name_the_command_and_a_guess(capsys, argv, hint):
     assert err.strip().endswith(f"streamflow-jax {argv[0]}: error: unrecognized arguments: {given} {hint}"), err
 
 
+def test_an_unknown_flag_before_the_command_is_the_programs(capsys):
+    """``streamflow-jax --verbose generate``: the top-level usage and error (it was generate's,
+    as if generate had no --verbose)."""
+    with pytest.raises(SystemExit) as e:
+        cli(["--verbose", "generate", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: streamflow-jax [-h]" in err
+    assert err.strip().endswith("streamflow-jax: error: unrecognized arguments: --verbose (before the command, only "
+                                "--help and --version; generate's flags come after it)"), err
+
+
 def test_export_and_bench_of_a_perflow_pipeline_and_a_converted_pipeline(tmp_path, capsys, specs):
     """A PeRFlow pipeline directory (diffusers or converted) exports and benches its UNet with
     the scheduler's adapter; a base model's scheduler takes --prediction-type/--windows."""

@@ -169,7 +169,7 @@ def test_spec_ranges_and_profile(tiny_sd3):
     assert prof["t"] == ((1,), (4,), (8,))
     assert prof["encoder_hidden_states"][2] == (8, 7, 12)
     assert type(spec).from_json(json.loads(json.dumps(spec.to_json()))) == spec
-    with pytest.raises(ValueError, match="resolution 60 is not a multiple of 8"):
+    with pytest.raises(ValueError, match=r"resolution 60 px is not a multiple of 16 \(sd3: 2 latent pixels of 8\)"):
         export_spec(model, resolution="60:64:96")
     with pytest.raises(ValueError, match="exceeds the largest the sd3 model takes"):
         export_spec(model, latent="8:8:26")

@@ -219,3 +219,8 @@ def test_create_app_serves_from_a_prebuilt_export(tmp_path, isolated_cache):
     ours = served_image(backend="onnxruntime", export=tmp_path / "e")
     assert not (isolated_cache / "exports").exists()
     assert np.abs(ours - served_image()).max() <= 1
+    from streamflow_jax.errors import ShapeError
+
+    with pytest.raises(ShapeError, match=r"B=8 is outside the exported profile \[1, 4\].*\(the engine calls the model "
+                                         r"with every slot: 4 slots, twice for guidance, 8 rows\)"):
+        create_app(slots_per_stream=2, streams=2, backend="onnxruntime", export=tmp_path / "e")
