@@ -50,7 +50,7 @@ serve: $(VENV)/.serve
 # compiles it once for the workers, servers and subprocesses after it (else every one of them
 # compiles torch, diffusers and transformers again: 15 s each)
 test: $(VENV)/.test
-	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -n auto --dist loadgroup
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -rs -n auto --dist loadgroup
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/sd3_cpu.py

@@ -46,7 +46,7 @@ from streamflow_jax.errors import ConfigError, ConversionError
 from streamflow_jax.fsutil import atomic_dir, interrupts_held
 from streamflow_jax.lora import apply_loras, merged_deltas, parse_loras
 from streamflow_jax.models import FAMILIES, VELOCITY_COMPONENTS, FlowModel, abstract_split, family_of, flat_params
-from streamflow_jax.sharding import STRATEGIES, attention_heads, check_mesh, placement, shard
+from streamflow_jax.sharding import STRATEGIES, attention_heads, check_mesh, placement, shard, warn_replicated
 
 PARAMS_DIR = "params"
 PARTS_INDEX = "parts.json"
@@ -838,6 +838,8 @@ def _load(path, dtype, *, component, progress, config, sharding, variant, delta,
     for n in names:
         if tuple(flat[n].shape) != tuple(shapes[n].shape):
             raise ConversionError(f"{params_dir}: {n!r} has shape {flat[n].shape}, expected {shapes[n].shape}")
+    if mesh is not None and getattr(place, "replicated", None):  # as shard() says it
+        warn_replicated(class_name, mesh, strategy, place.replicated, len(names), stacklevel=4)
     state = jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
     nnx.replace_by_pure_dict(abstract_state, state)
     model = FlowModel(class_name, model_config, graphdef, abstract_state, family=fam)

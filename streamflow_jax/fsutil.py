@@ -127,7 +127,8 @@ def interrupts_held() -> Iterator[None]:
 def free_path(dst: Path) -> None:
     """Refuses to overwrite: the caller must pick a new path or remove the old one."""
     if os.path.lexists(dst):
-        what = "already exists and is not empty" if dst.is_dir() and not dst.is_symlink() else "already exists"
+        what = ("already exists (a link: only an empty directory is written into)" if dst.is_symlink() else
+                "already exists and is not empty" if dst.is_dir() else "already exists")
         raise ConversionError(f"{dst}: {what} (remove it or choose another output path)")
 
 
@@ -181,8 +182,8 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
     """A partial sibling of ``dst`` that becomes ``dst`` on success and vanishes on failure.
 
     Args:
-        dst: the destination; must not exist, or be an empty directory (a mount point, or one
-            made beforehand), which the result replaces.
+        dst: the destination; must not exist, or be an empty directory (one made beforehand,
+            not a mount point or a link), which the result replaces.
         shared: a cache entry: another live writer of the same entry is not an error, and if
             it finishes first its result is kept and ours dropped.
 
@@ -190,6 +191,9 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
         ConversionError: ``dst`` exists, or (unless ``shared``) a live process is writing it.
     """
     dst = Path(dst).absolute()
+    if os.path.ismount(dst):  # the result is made beside it and renamed: a mount point cannot be replaced
+        raise ConversionError(f"{dst}: a mount point, which cannot be replaced by a rename (the output is written "
+                              f"beside it, then renamed into place): give a path inside it, e.g. {dst / 'out'}")
     if not _empty_dir(dst):
         free_path(dst)
     made = _make_parents(dst)

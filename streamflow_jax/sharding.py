@@ -204,29 +204,41 @@ def shard(model: FlowModel, mesh: Mesh, strategy: str = "fsdp") -> FlowModel:
         return model.unrolled_edit(lambda m: shard(m, mesh, strategy))
     flat, treedef, names = flat_params(nnx.to_pure_dict(model.state))
     shardings, replicated = _weight_placement(model, mesh, strategy)
-    if replicated:
-        where = (f"none of their axes divides the mesh's {mesh.size} devices" if strategy == "fsdp" else
-                 f"the axis split over the mesh's model axis of {mesh.shape['model']} does not divide (or, in "
-                 "attention, the head count does not)")
-        examples = ", ".join(f"{n} ({why})" for n, why in list(replicated.items())[:3])
-        _warn_once(("shard", model.class_name, strategy, mesh.shape["data"], mesh.shape["model"], len(replicated)),
-                   f"shard: {len(replicated)} of {len(names)} weights of this {model.class_name} are replicated on "
-                   f"every device instead of split by strategy {strategy!r}: {where}; e.g. {examples}",
-                   stacklevel=2)
+    warn_replicated(model.class_name, mesh, strategy, replicated, len(names), stacklevel=3)
     leaves = [jax.device_put(flat[n], shardings[n]) for n in names]
     state = jax.tree_util.tree_map(lambda x: x, model.state)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, leaves))
     return model._replace(state=state)
 
 
+def warn_replicated(class_name: str, mesh: Mesh, strategy: str, replicated: Mapping[str, str], total: int,
+                    stacklevel: int = 2) -> None:
+    """One ``UserWarning`` (once per situation) for the weights a strategy left whole on every
+    device (``replicated``: name -> why), of ``total``; nothing when there are none."""
+    if not replicated:
+        return
+    where = (f"none of their axes divides the mesh's {mesh.size} devices" if strategy == "fsdp" else
+             f"the axis split over the mesh's model axis of {mesh.shape['model']} does not divide (or, in "
+             "attention, the head count does not)")
+    examples = ", ".join(f"{n} ({why})" for n, why in list(replicated.items())[:3])
+    _warn_once(("shard", class_name, strategy, mesh.shape["data"], mesh.shape["model"], len(replicated)),
+               f"shard: {len(replicated)} of {total} weights of this {class_name} are replicated on every device "
+               f"instead of split by strategy {strategy!r}: {where}; e.g. {examples}", stacklevel=stacklevel)
+
+
 def placement(mesh: Mesh, strategy: str, logical_axes=None, heads: Mapping[str, int] | None = None):
     """``(name, abstract array) -> NamedSharding``: ``checkpoint.load``'s ``sharding`` hook, so
     that each weight is restored straight into its shards. ``heads``: the model's
-    ``attention_heads`` (of its abstract module); without them a ``heads`` axis is split by its width."""
+    ``attention_heads`` (of its abstract module); without them a ``heads`` axis is split by its width.
+    The function's ``replicated`` dict collects the weights left whole, and why (``warn_replicated``)."""
     def place(name: str, abstract) -> NamedSharding:
-        return NamedSharding(mesh, partition_spec(name, tuple(abstract.shape), mesh, strategy, logical_axes,
-                                                  abstract.dtype, _heads_of(name, heads)))
+        spec, why = _place(name, tuple(abstract.shape), mesh, strategy, logical_axes, abstract.dtype,
+                           _heads_of(name, heads))
+        if why is not None:
+            place.replicated[name] = why
+        return NamedSharding(mesh, spec)
 
+    place.replicated = {}
     return place
 
 
@@ -257,6 +269,8 @@ def bytes_per_device(model_or_state, mesh: Mesh, strategy: str, logical_axes=Non
     ``attention_heads`` and logical axes are its own; with a bare state, give ``heads`` (see
     ``placement``)."""
     if isinstance(model_or_state, FlowModel):
+        if model_or_state.scanned:  # placed as shard() places it: by the unrolled blocks' names and shapes
+            model_or_state = model_or_state.with_scanned_blocks(False)
         state, logical_axes = model_or_state.state, logical_axes or model_or_state.family.logical_axes
         heads = attention_heads(model_or_state) if heads is None and strategy == "tensor" else heads
     else:

@@ -701,6 +701,8 @@ class StreamEngine:
             try:
                 self._velocity_model = runner_for(model, backend, batch=rows, height=h, width=w, cond=cond0)
             except ShapeError as e:
+                if f"B={rows} " not in str(e):
+                    raise
                 raise ShapeError(f"{e} (the engine calls the model with every slot: {self.num_slots} slots"
                                  + (", twice for guidance" if self.guided else "") + f", {rows} rows)") from None
 

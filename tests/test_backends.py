@@ -164,7 +164,7 @@ def test_use_export_runs_that_export_and_only_it(models, tmp_path, isolated_cach
     export_onnx(a, export_spec(a, batch="1:2:2", latent=8, text_len=cond["encoder_hidden_states"].shape[1]),
                 tmp_path / "a-onnx", progress=False)
     with pytest.raises(ValueError, match="a-onnx: exported from other weights than this model's "
-                                         r"\(float32 weights there; float32 weights here\)"):
+                                         r"\(float32 weights both: another checkpoint, LoRA or adapter\)"):
         backends.use_export(b, tmp_path / "a-onnx", "onnxruntime")
     with pytest.raises(ValueError, match=r"float32 weights there; float16 weights here"):
         backends.use_export(a.astype("float16"), tmp_path / "a-onnx", "onnxruntime")

@@ -474,6 +474,14 @@ def test_generate_and_bench_run_a_prebuilt_export(tmp_path, capsys, isolated_cac
                 "--repeats", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "onnxruntime"
     assert not (isolated_cache / "exports").exists()
+    from streamflow_jax.pipelines import DigitsPipeline
+
+    pipe = DigitsPipeline.load().use_export(export, "onnxruntime")
+    pipe.model = pipe.model.astype("float16")  # changed since: refused, not exported on demand behind the export
+    with pytest.raises(ValueError, match="exported from other weights than this model's .float32 weights there; "
+                                         "float16 weights here"):
+        pipe(np.arange(10), steps=2, backend="onnxruntime")
+    assert not (isolated_cache / "exports").exists()
     make_sd3(tmp_path / "sd3")
     assert cli(["export", str(tmp_path / "sd3"), str(tmp_path / "sd3-onnx"), "--batch", "1:1:2", "--resolution", "16",
                 "--latent-scale", "2", "--text-len", "5", "-q"]) == 0
@@ -482,7 +490,7 @@ def test_generate_and_bench_run_a_prebuilt_export(tmp_path, capsys, isolated_cac
         (["--per-digit", "2"], "error: export {export} does not take this call: input 'x': B=40 is outside the "
                                "exported profile [1, 20]"),
         (["--export", str(tmp_path / "sd3-onnx")], "error: --export {sd3}: exported from other weights than this "
-                                                   "model's (float32 weights there; float32 weights here)"),
+                                                   "model's (float32 weights both: another checkpoint, LoRA or adapter)"),
         (["--export", str(tmp_path)], "error: --export {tmp}: no export.json (not a streamflow-jax export directory)"),
         (["--backend", "xla"], "error: --export {export} is run by --backend onnxruntime or tensorrt"),
     ):

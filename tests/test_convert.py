@@ -205,15 +205,27 @@ def test_existing_output_is_not_overwritten(tiny_sd3, tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_an_empty_output_directory_is_written(tiny_sd3, tmp_path, capsys):
-    """An empty directory (a mount point, one made beforehand) is written into, replaced in one
-    rename; a failed conversion leaves it as it was, empty."""
+def test_an_empty_output_directory_is_written(tiny_sd3, tmp_path, monkeypatch, capsys):
+    """An empty directory made beforehand is written into, replaced in one rename; a conversion
+    that fails while writing leaves it as it was, empty; a link to one is refused, saying so."""
+    import orbax.checkpoint as ocp
+
     src, _ = tiny_sd3
     (tmp_path / "out").mkdir()
-    assert cli(["convert", str(tmp_path / "nope"), str(tmp_path / "out"), "-q"]) == 1
+    with monkeypatch.context() as m:
+        m.setattr(ocp.StandardCheckpointer, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 1
+    assert "out: could not be written (disk full)" in capsys.readouterr().err
     assert (tmp_path / "out").is_dir() and not any((tmp_path / "out").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sd3_tiny"]  # no partial left
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    assert cli(["convert", str(src), str(tmp_path / "link"), "-q"]) == 1
+    assert "link: already exists (a link: only an empty directory is written into)" in capsys.readouterr().err
     assert cli(["convert", str(src), str(tmp_path / "out"), "-q"]) == 0
     assert sf.load(tmp_path / "out").class_name == "SD3Transformer2DModel"
+    # a mount point cannot be renamed over: said first (it failed after converting, with EBUSY)
+    assert cli(["convert", str(src), "/proc", "-q"]) == 1
+    assert "/proc: a mount point, which cannot be replaced by a rename" in capsys.readouterr().err
 
 
 def test_failure_while_writing_leaves_nothing(tiny_sd3, tmp_path, monkeypatch):

@@ -116,6 +116,8 @@ def test_a_negative_digit_is_the_unconditional_class(tmp_path, capsys):
     np.testing.assert_allclose(grid, np.asarray(image_grid(ours, rows=10), np.float32), atol=1)
     with pytest.raises(ValueError, match="negative_label must be a class 0-9"):
         pipe(labels, steps=2, negative_label=10)
+    with pytest.warns(UserWarning, match="negative label '3' is ignored: classifier-free guidance is off"):
+        pipe(labels, steps=2, guidance_scale=1.0, negative_label=3)
 
 
 def test_per_label_guidance_follows_the_scalar_rule():

@@ -93,6 +93,10 @@ def test_guidance_errors(tmp_path):
     assert dev.cond_shapes(7) == {"encoder_hidden_states": (7, 12), "pooled_projections": (10,), "guidance": ()}
     assert "guidance" not in schnell.cond_shapes(7)
     assert dev.latent_shape() == (128, 128, 4)
+    # the text length a graph takes by default is the one FluxPipeline feeds: dev 512, schnell 256 (an
+    # export of schnell made for 512 was refused by every generate --export)
+    assert dev.cond_shapes()["encoder_hidden_states"][0] == 512
+    assert schnell.cond_shapes()["encoder_hidden_states"][0] == 256
 
 
 def test_unsupported_config(tmp_path, capsys):

@@ -43,7 +43,8 @@ _RUNNERS: dict[tuple, Runner] = {}
 _GIVEN: dict[tuple[str, str], Runner] = {}  # (model fingerprint, backend) -> a pre-built export (use_export)
 
 __all__ = ["BACKENDS", "Backend", "Runner", "cache_root", "check_backend", "clear_runners",
-           "enable_compilation_cache", "open_export", "runner_class", "runner_for", "sample", "use_export"]
+           "enable_compilation_cache", "given_export", "open_export", "runner_class", "runner_for", "sample",
+           "use_export"]
 
 
 def clear_runners() -> None:
@@ -104,11 +105,18 @@ def use_export(model, path, backend: str) -> Runner:
     if made_from != model.class_name:
         raise ValueError(f"{path}: an export of {made_from}, and this model is {model.class_name}")
     if meta.get("model_fingerprint") != model.fingerprint():
-        raise ValueError(f"{path}: exported from other weights than this model's ({_model_facts(meta)} there; "
-                         f"{_model_facts(model)} here): the same checkpoint must be loaded the same way (dtype, "
-                         "FP8, LoRA, adapter), or exported again from this one")
+        there, here = _model_facts(meta), _model_facts(model)
+        facts = f"{there} there; {here} here" if there != here else f"{here} both: another checkpoint, LoRA or adapter"
+        raise ValueError(f"{path}: exported from other weights than this model's ({facts}): the same checkpoint must "
+                         "be loaded the same way (dtype, FP8, LoRA, adapter), or exported again from this one")
     _GIVEN[(model.fingerprint(), backend)] = runner
     return runner
+
+
+def given_export(model, backend: str) -> Runner | None:
+    """The runner ``use_export`` registered for this model (as it is now: its fingerprint) and
+    ``backend``, or None."""
+    return _GIVEN.get((model.fingerprint(), backend))
 
 
 def _model_facts(source) -> str:
@@ -169,7 +177,7 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
         return model
     if model.family.kind != "velocity":
         raise ValueError(f"backend {backend!r}: {model.class_name} is not a velocity model")
-    given = _GIVEN.get((model.fingerprint(), backend))
+    given = given_export(model, backend)
     if given is not None:  # use_export's: this export or none
         _check_given(given, _feeds(model, batch, height, width, cond))
         return given

@@ -151,7 +151,16 @@ class Pipeline:
             ``self``.
         """
         backends.use_export(self.model, path, backend)
+        self._exports = {**getattr(self, "_exports", {}), backend: path}
         return self
+
+    def check_export(self, backend: str) -> None:
+        """Before a call with ``backend``: the export ``use_export`` gave for it is still the
+        model's. A model quantized, cast or given LoRAs since is refused (``use_export``'s
+        error), not exported on demand behind the user's back."""
+        path = getattr(self, "_exports", {}).get(backend)
+        if path is not None and backends.given_export(self.model, backend) is None:
+            backends.use_export(self.model, path, backend)
 
 
 def img2img_start(model, x0, noise, grid, strength):
@@ -493,6 +502,7 @@ class PromptPipeline(Pipeline):
             raise TypeError(f"{type(self).__name__}() needs the prompts: pipe('a cat') or pipe(['a cat', 'a dog'])")
         check_output_type(output_type)
         backends.check_backend(backend)
+        self.check_export(backend)
         prompts = check_prompts(prompts)
         steps = schedules.check_steps(self.default_steps if steps is None else steps)
         guidance = self.resolve_guidance(guidance_scale)

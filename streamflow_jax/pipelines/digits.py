@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import jax
@@ -17,7 +18,7 @@ from streamflow_jax import backends, schedules
 from streamflow_jax.backends.cache import enable_compilation_cache
 from streamflow_jax.checkpoint import load
 from streamflow_jax.errors import ConversionError
-from streamflow_jax.pipelines.base import Pipeline, img2img_start, register
+from streamflow_jax.pipelines.base import Pipeline, img2img_start, negative_prompt_problem, register
 from streamflow_jax.pipelines.images import images_to_array
 from streamflow_jax.sampling import Guidance, check_seed, per_element_rule, seeded_noise
 from streamflow_jax.sharding import shard_batch
@@ -89,6 +90,8 @@ class DigitsPipeline(Pipeline):
         if negative_label is None:
             return np.full(n, NULL_CLASS)
         given = np.atleast_1d(np.asarray(negative_label))
+        if given.ndim != 1:
+            raise ValueError(f"negative_label must be a class 0-9 (one, or one per label), got {negative_label!r}")
         if given.shape not in ((1,), (n,)):
             raise ValueError(f"{given.size} negative labels for {n} labels")
         try:
@@ -96,6 +99,18 @@ class DigitsPipeline(Pipeline):
         except ValueError:
             raise ValueError(f"negative_label must be a class 0-9 (one, or one per label), got {negative_label!r}") \
                 from None
+
+    @staticmethod
+    def _warn_unread_negative(negative_label, guidance: Guidance) -> None:
+        """A negative label where guidance is off is not read: a warning, as the prompt pipelines
+        give for a negative prompt (the CLI refuses it)."""
+        if negative_label is None:
+            return
+        texts = [str(v) for v in np.ravel(negative_label)]
+        problem = negative_prompt_problem(texts if len(texts) > 1 else texts[0], guidance,
+                                          default=DEFAULT_GUIDANCE, name="the digits model")
+        if problem is not None:
+            warnings.warn(problem.replace("negative prompt", "negative label", 1), UserWarning, stacklevel=3)
 
     def __call__(self, labels, *, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
                  image=None, strength=None, negative_label=None, backend: str = "xla",
@@ -120,8 +135,10 @@ class DigitsPipeline(Pipeline):
             ``[B, 16, 16]`` float32 images in [0, 1].
         """
         backends.check_backend(backend)
+        self.check_export(backend)
         labels = _check_labels(labels)
         guidance = self.resolve_guidance(guidance_scale)
+        self._warn_unread_negative(negative_label, guidance)
         noise = self.noise(len(labels), seed)
         grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
         if np.shape(guidance.scale) not in ((), (len(labels),)):
@@ -168,10 +185,12 @@ class DigitsPipeline(Pipeline):
         """The same images as ``__call__``, made by a ``StreamEngine`` (one request per label;
         ``image``, ``strength`` and ``negative_label`` as ``__call__``'s: each request noised on
         the device)."""
+        self.check_export(backend)
         labels = _check_labels(labels)
         negative = self.negative(negative_label, len(labels))
         init, strengths = self._image_start(image, strength, len(labels))
         guidance = self.resolve_guidance(guidance_scale)
+        self._warn_unread_negative(negative_label, guidance)
         if np.ndim(guidance.scale):
             raise ValueError("the stream takes one guidance scale for all labels")
         shapes = {k: tuple(v.shape[1:]) for k, v in self.conditioning.items()}

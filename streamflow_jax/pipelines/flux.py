@@ -47,7 +47,7 @@ class FluxPipeline(PromptPipeline):
         # dev: 28 steps, guidance 3.5, 512 T5 tokens; schnell (no guidance embedding): 4 steps, 256
         self.default_steps = 28 if dev else 4
         self.default_guidance = 3.5 if dev else None
-        self.text_len = check_text_len(max_sequence_length) or (model.family.text_len(model.config) if dev else 256)
+        self.text_len = check_text_len(max_sequence_length) or model.family.text_len(model.config)
 
     @classmethod
     def load(cls, path, *, dtype=None, taesd=None, max_sequence_length: int | None = None, mesh=None,

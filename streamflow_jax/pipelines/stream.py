@@ -107,6 +107,7 @@ class PromptStream:
                  cache_size: int = DEFAULT_CACHE_SIZE, admit_per_tick: int | None = None,
                  min_batch: int | None = None):
         check_output_type(output_type)
+        getattr(pipe, "check_export", lambda backend: None)(backend)
         self.pipe, self.output_type, self.text_len = pipe, output_type, max_sequence_length
         self.latent_shape = pipe.latent_shape(height, width)
         # conditioning of the stream's image size rather than the text (SDXL's time ids), both branches

@@ -105,8 +105,12 @@ def test_tensor_splits_attention_only_by_whole_heads(tmp_path, untold):
     assert joint["ff"]["net"][0]["proj"]["kernel"][...].sharding.spec == split
     assert single["proj_mlp"]["kernel"][...].sharding.spec == split
     assert _largest_device_bytes(sharded) == bytes_per_device(model, mesh, "tensor")
+    # the estimate of a model with its blocks scanned is of the placement shard() makes (it unrolls them)
+    assert bytes_per_device(model.with_scanned_blocks(True), mesh, "tensor") == _largest_device_bytes(sharded)
     sf.convert(tmp_path / "flux", tmp_path / "converted")  # restored straight into its shards: the same rule
-    loaded = sf.load(tmp_path / "converted", mesh=mesh, strategy="tensor")
+    sharding._WARNED.clear()
+    with pytest.warns(UserWarning, match=r"shard: \d+ of \d+ weights of this FluxTransformer2DModel .*\(3 heads\)"):
+        loaded = sf.load(tmp_path / "converted", mesh=mesh, strategy="tensor")
     assert loaded.state["transformer_blocks"][0]["attn"]["to_q"]["kernel"][...].sharding.spec == whole
     assert loaded.state["single_transformer_blocks"][0]["proj_mlp"]["kernel"][...].sharding.spec == split
     from test_flux import flux_inputs
