@@ -173,6 +173,22 @@ def test_tensors_that_do_not_fit_name_the_config_fields_left_to_defaults(tiny_sd
                    "file holds 2")
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("layers_per_block", 100000, "the config asks for 100000 blocks in down_blocks.0.resnets, and the file holds 2"),
+    ("transformer_layers_per_block", 5000, "the config asks for 5000 blocks in down_blocks.0.attentions.0.transformer_"
+                                           "blocks, and the file holds 1")])
+def test_a_unet_asking_for_more_blocks_than_its_file_holds(tmp_path, capsys, field, value, message):
+    """A UNet's typo (layers_per_block 100000) is refused before the model is built, naming the
+    block list, as the transformers' are (it built for minutes, then listed missing tensors)."""
+    import diffusers
+    from conftest import UNETS, randomize
+
+    randomize(diffusers.UNet2DConditionModel(**UNETS["sd15"]), 0).save_pretrained(tmp_path / "unet")
+    cfg = json.loads((tmp_path / "unet" / "config.json").read_text())
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**cfg, field: value}))
+    _convert_fails(capsys, tmp_path / "unet", tmp_path / "out", message)
+
+
 def test_unsupported_config_value(tiny_sd3, tmp_path, capsys):
     src, _ = tiny_sd3
     cfg = json.loads((src / "config.json").read_text())

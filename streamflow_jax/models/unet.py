@@ -177,6 +177,23 @@ class UNetConfig:
         last = self._transformer_layers()[-1]
         return last if isinstance(last, int) else last[0]
 
+    def block_counts(self) -> dict[str, int]:
+        """The numbered module lists of diffusers' layout and how many entries the config asks
+        for each (``Family.blocks``): levels, resnets and attentions per level, transformer
+        blocks per attention."""
+        counts = {"down_blocks": len(self.down_block_types), "up_blocks": len(self.up_block_types)}
+        levels = (("down_blocks", self.down_block_types, self.resnets_per_block, self.down_layers),
+                  ("up_blocks", self.up_block_types, [n + 1 for n in self.resnets_per_block[::-1]], self.up_layers))
+        for name, types, resnets, layers in levels:
+            for i, (kind, n, per_attention) in enumerate(zip(types, resnets, layers)):
+                counts[f"{name}.{i}.resnets"] = n
+                if kind.startswith("CrossAttn"):
+                    counts[f"{name}.{i}.attentions"] = n
+                    for j, depth in enumerate(per_attention):
+                        counts[f"{name}.{i}.attentions.{j}.transformer_blocks"] = depth
+        counts["mid_block.attentions.0.transformer_blocks"] = self.mid_layers
+        return counts
+
     @property
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
@@ -470,4 +487,5 @@ FAMILY = Family(
     dynamic_spatial=False,
     fp8_linears=r"\.transformer_blocks\.",  # the transformer blocks' linears (attention, GEGLU), not the convolutions
     scan_blocks=r"\.transformer_blocks$",  # SDXL's depth-10 transformers (SD1.5's have one block)
+    blocks=lambda c: c.block_counts(),
 )
