@@ -19,14 +19,14 @@ from common import emit, environment, set_cpu_threads, timed  # noqa: E402
 
 PRESETS = {
     "gpu": dict(
-        unet=dict(cross_attention_dim=768), latent=64, text_len=77, batches=(1, 4, 8), dtype="bfloat16",
+        unet=dict(cross_attention_dim=768, sample_size=64), latent=64, text_len=77, batches=(1, 4, 8), dtype="bfloat16",
         vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
         taesd=dict(), decode_batch=1,
     ),
     "cpu": dict(
         unet=dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=768, attention_head_dim=4,
-                  norm_num_groups=16),
+                  norm_num_groups=16, sample_size=32),
         latent=32, text_len=77, batches=(1, 4, 8), dtype="float32",
         vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
