@@ -540,7 +540,7 @@ def _cmd_export(args) -> int:
             say_exported()  # the graph is done; the engine build begins
             try:  # TensorRT-RTX needs no GPU to build; running is another matter, said below
                 entry.update(export_engine(graph, flavour=flavour, targets=args.compute_capability,
-                                           opt_level=args.opt_level))
+                                           opt_level=args.opt_level, progress=not args.quiet))
             except Exception as e:
                 raise ValueError(f"the TensorRT engine was not built, so {args.out} is not written: {e}") from None
 

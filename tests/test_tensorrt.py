@@ -251,6 +251,18 @@ def test_export_cli_builds_engine_on_cpu(digits_cli_export):
     assert (engine.stat().st_mode & 0o777) == ((out / "model.onnx").stat().st_mode & 0o777)
 
 
+def test_build_shows_its_phases(digits_cli_export, capsys):
+    """``build_engine(progress=True)`` (``export --backend tensorrt`` without -q): a bar per phase
+    TensorRT's progress monitor reports (the build of a large model was minutes without a word);
+    none without it."""
+    graph = load_export(digits_cli_export)
+    capsys.readouterr()
+    build_engine(graph, flavour=RTX, targets=["8.6"], opt_level=0)
+    assert "TensorRT: " not in capsys.readouterr().err
+    build_engine(graph, flavour=RTX, targets=["8.6"], opt_level=0, progress=True)
+    assert "TensorRT: " in capsys.readouterr().err
+
+
 def test_export_cli_tensorrt_errors(tmp_path, capsys):
     digits = str(_digits_dir())
     assert cli(["export", digits, str(tmp_path / "a"), "--backend", "tensorrt", "--tensorrt", RTX,

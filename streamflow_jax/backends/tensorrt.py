@@ -50,6 +50,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from streamflow_jax.backends.base import Runner
 from streamflow_jax.backends.cache import cache_root
@@ -464,7 +465,7 @@ def _targets_for(exported: ExportedGraph, fl: Flavour, targets) -> tuple[str, ..
 
 def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = None, targets=None,
                  opt_level: int = 3, timing_cache: Path | None = None,
-                 workspace_bytes: int | None = None) -> BuiltEngine:
+                 workspace_bytes: int | None = None, progress: bool = False) -> BuiltEngine:
     """Parses the export's ONNX file and builds a serialized engine with the spec's profile.
 
     Args:
@@ -474,6 +475,8 @@ def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = Non
         opt_level: the builder optimization level (0-5).
         timing_cache: datacenter TensorRT's timing cache file, read and updated.
         workspace_bytes: the builder's workspace limit.
+        progress: a progress bar per phase of the build, as TensorRT's progress monitor reports
+            them (a large model's build takes minutes).
 
     Raises:
         ValueError: the graph is an FP8 model's (``quantize``; TensorRT cannot take its
@@ -508,7 +511,7 @@ def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = Non
         # the build at its next step, and the interrupt is raised when the builder returns
         with interrupts_held() as interrupted:
             if hasattr(trt, "IProgressMonitor"):
-                config.progress_monitor = _cancelling_monitor(trt, interrupted)
+                config.progress_monitor = _cancelling_monitor(trt, interrupted, progress)
             plan = builder.build_serialized_network(network, config)
         seconds = time.perf_counter() - start
     if plan is None:
@@ -525,21 +528,31 @@ def build_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = Non
         engine_io=_listed_io(log.layers, list(inputs) + list(outputs)), warnings=log.warnings)
 
 
-def _cancelling_monitor(trt, interrupted: list):
-    """A TensorRT progress monitor that stops the build once ``interrupted`` holds a signal."""
+def _cancelling_monitor(trt, interrupted: list, progress: bool = False):
+    """A TensorRT progress monitor that stops the build once ``interrupted`` holds a signal, and
+    with ``progress`` shows a bar per top-level phase (TensorRT swallows what its callbacks
+    raise: they only count)."""
 
     class _Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
+            self.bars = {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            pass
+            if progress and parent_phase is None:
+                self.bars[phase_name] = tqdm(total=num_steps, desc=f"TensorRT: {phase_name}", unit="step",
+                                             leave=False)
 
         def step_complete(self, phase_name, step):
+            bar = self.bars.get(phase_name)
+            if bar is not None:
+                bar.update(1)
             return not interrupted  # False cancels the build
 
         def phase_finish(self, phase_name):
-            pass
+            bar = self.bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
 
     return _Monitor()
 
@@ -551,14 +564,14 @@ def _record_for(exported: ExportedGraph, fl: Flavour, targets, opt_level: int) -
 
 
 def export_engine(exported: ExportedGraph, *, flavour: str | Flavour | None = None, targets=None,
-                  opt_level: int = 3) -> dict:
+                  opt_level: int = 3, progress: bool = False) -> dict:
     """Builds the engine of an export directory and writes it beside the graph, ``model.engine``,
     recording it in ``export.json`` under ``"tensorrt"`` (flavour, version, targets, build
     time, the engine record and SHA-256, TensorRT's warnings). ``TensorRTRunner`` uses it when
-    its record matches. Returns that entry."""
+    its record matches (``progress``: bars over the build's phases). Returns that entry."""
     fl = tensorrt_flavour(flavour)
     targets = _targets_for(exported, fl, targets)
-    built = build_engine(exported, flavour=fl, targets=targets, opt_level=opt_level)
+    built = build_engine(exported, flavour=fl, targets=targets, opt_level=opt_level, progress=progress)
     engine_path = write_atomic(exported.path / ENGINE_NAME, built.plan)
     mode = exported.onnx_path.stat().st_mode & 0o777  # write_atomic's files are private; these are the export's
     engine_path.chmod(mode)
