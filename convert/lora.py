@@ -141,15 +141,24 @@ def _peft_scales(metadata: dict, component: str, source: str):
         if not isinstance(value, dict):
             raise ConversionError(f"{source}: lora_adapter_metadata's {key} must be an object (module -> value), "
                                   f"got {type(value).__name__}")
-        return {k: number(f"{key}[{k!r}]", v, positive) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            try:  # peft reads each key as a regular expression over the module's name (get_pattern_key)
+                out[re.compile(rf"(.*\.)?({k})$")] = number(f"{key}[{k!r}]", v, positive)
+            except re.error as e:
+                raise ConversionError(f"{source}: lora_adapter_metadata's {key} key {k!r} is not a regular "
+                                      f"expression peft can read ({e})") from None
+        return out
 
     r, alpha = number("r", pick("r"), True), number("lora_alpha", pick("lora_alpha"), False)
     ranks, alphas = pattern("rank_pattern", True), pattern("alpha_pattern", False)
     rs = bool(pick("use_rslora"))
 
     def scale(module: str) -> float:
-        rank = next((v for k, v in ranks.items() if module.endswith(k)), r)
-        a = next((v for k, v in alphas.items() if module.endswith(k)), alpha)
+        # peft's rule: the first key matching the whole name, or a dot-separated tail of it
+        # ("q_proj" is attn.q_proj's, not attn.add_q_proj's)
+        rank = next((v for k, v in ranks.items() if k.match(module)), r)
+        a = next((v for k, v in alphas.items() if k.match(module)), alpha)
         if rank is None or a is None:
             return 1.0
         return a / (math.sqrt(rank) if rs else rank)

@@ -34,15 +34,15 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def make_peft_lora(model, targets, path, component, r=4, alpha=8, seed=0):
+def make_peft_lora(model, targets, path, component, r=4, alpha=8, seed=0, **config):
     """A random LoRA on ``model`` (a copy gets the adapter), saved as diffusers does, with its
-    alpha in the metadata; returns the file."""
+    alpha in the metadata (``config``: more ``LoraConfig`` fields); returns the file."""
     import copy
 
     from peft import inject_adapter_in_model
 
     m = copy.deepcopy(model)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **config)
     inject_adapter_in_model(cfg, m)
     sd = get_peft_model_state_dict(m)
     gen = torch.Generator().manual_seed(seed)
@@ -351,6 +351,30 @@ def test_sd3_transformer_lora(tmp_path):
     scanned = apply_loras(sf.load(tmp_path / "sd3").with_scanned_blocks(), [(lora, SCALE)])
     assert scanned.scanned
     assert _rel(scanned.velocity(x, t, cond), torch_velocity(fused, x, t, cond)) <= 1e-4
+
+
+def test_peft_rank_and_alpha_patterns_and_rslora(tmp_path):
+    """A PEFT LoRA's scale per module from its metadata as peft computes it: ``use_rslora``
+    (alpha / sqrt(rank)), and ``rank_pattern``/``alpha_pattern`` keys matched as peft matches
+    them, a regular expression over the whole name or a dotted tail of it: ``q_proj`` is not
+    ``add_q_proj``'s (it was, by a suffix test: scale 2.0 where peft's is 1.0)."""
+    import copy
+
+    from conftest import VARIANTS, make_sd3, sd3_inputs, torch_velocity
+
+    ref = make_sd3(tmp_path / "sd3", "sd35_medium", seed=4)
+    lora = make_peft_lora(ref, ["to_q", "add_q_proj", "to_k"], tmp_path / "p.safetensors", "transformer", r=4,
+                          alpha=40, use_rslora=True, rank_pattern={"q_proj": 2, r"transformer_blocks\.1\..*to_k": 2},
+                          alpha_pattern={"q_proj": 120, "to_q": 60})
+    fused = copy.deepcopy(ref)
+    pipe = diffusers.StableDiffusion3Pipeline
+    sd, meta = pipe.lora_state_dict(str(lora), return_lora_metadata=True)
+    pipe.load_lora_into_transformer(sd, transformer=fused, metadata=meta)
+    fused.fuse_lora(lora_scale=SCALE)
+    x, t, cond = sd3_inputs(VARIANTS["sd35_medium"], 2, 8, 8)
+    want = torch_velocity(fused, x, t, cond)
+    assert _rel(torch_velocity(ref, x, t, cond), want) > 1e-2  # the LoRA changes it
+    assert _rel(sf.load(tmp_path / "sd3", loras=[(lora, SCALE)]).velocity(x, t, cond), want) <= 1e-4
 
 
 def test_t5_lora(tmp_path):
