@@ -168,6 +168,8 @@ def test_use_export_runs_that_export_and_only_it(models, tmp_path, isolated_cach
         backends.use_export(b, tmp_path / "a-onnx", "onnxruntime")
     with pytest.raises(ValueError, match=r"float32 weights there; float16 weights here"):
         backends.use_export(a.astype("float16"), tmp_path / "a-onnx", "onnxruntime")
+    with pytest.raises(ValueError, match=r"float32 weights there; float32 weights, FP8 here"):
+        backends.use_export(sf.quantize(a, "fp8"), tmp_path / "a-onnx", "onnxruntime")
     with pytest.raises(ValueError, match="backend 'xla' runs models directly"):
         backends.use_export(a, tmp_path / "a-onnx", "xla")
     runner = backends.use_export(a, tmp_path / "a-onnx", "onnxruntime")

@@ -120,6 +120,21 @@ def test_a_negative_digit_is_the_unconditional_class(tmp_path, capsys):
         pipe(labels, steps=2, guidance_scale=1.0, negative_label=3)
 
 
+def test_generate_quantize_fp8_runs_the_quantized_model(tmp_path):
+    """``generate --quantize fp8`` is the pipeline with ``sf.quantize(model, "fp8")`` (whose numerics
+    test_quantize checks against a torch emulation on diffusers' modules), not the float model."""
+    labels = np.arange(10)
+    pipe = DigitsPipeline.load()
+    float_images = pipe(labels, steps=3, seed=0)
+    pipe.model = sf.quantize(pipe.model, "fp8")
+    fp8_images = pipe(labels, steps=3, seed=0)
+    assert cli(["generate", "--per-digit", "1", "--steps", "3", "--quantize", "fp8", "-q",
+                "--out", str(tmp_path / "q.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "q.png"), np.float32)
+    np.testing.assert_allclose(grid, np.asarray(image_grid(fp8_images, rows=10), np.float32), atol=1)
+    assert np.abs(grid - np.asarray(image_grid(float_images, rows=10), np.float32)).max() > 1  # FP8 shows
+
+
 def test_sample_under_grad_and_vmap():
     """The contract says ``sf.sample`` (XLA) works under ``jax.grad`` and ``jax.vmap``: the
     gradient of a loss on the samples with respect to the noise and to the guidance scale is

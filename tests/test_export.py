@@ -180,6 +180,7 @@ def test_spec_ranges_and_profile(tiny_sd3):
     # found by a user's pass: batch 0 or "" took the default, True became 1:1:1; arguments the
     # graph has no input for were ignored; a spec of another configuration failed inside JAX
     assert Range.parse(np.int64(4)) == Range(4, 4, 4)  # numpy integers stay accepted
+    assert Range.parse("1:8") == Range(1, 8, 8)  # MIN:MAX, OPT = MAX (README)
     for batch in (0, "", True, 2.5):
         with pytest.raises(ValueError, match="expected an integer or min:opt:max|need 1 <= min"):
             export_spec(model, batch=batch)
@@ -213,6 +214,22 @@ def test_engine_cache_keys_and_stale_entries(exported, tmp_path):
     meta["record"]["onnx_sha256"] = "0" * 64  # an entry recorded for another graph is stale
     meta_path.write_text(json.dumps(meta))
     assert cache.lookup(rec) is None
+
+
+def test_export_makes_missing_parents_and_removes_them_when_it_fails(tiny_sd3, tmp_path, monkeypatch, capsys):
+    """README: export, like convert, makes OUT's missing parent directories and removes them
+    again when it fails (here in the tracing, inside the partial directory)."""
+    from streamflow_jax.export import onnx as onnx_export
+
+    src, _ = tiny_sd3
+    flags = ["--batch", "1:1:2", "--resolution", "8", "--latent-scale", "1", "--text-len", "7", "-q"]
+    with monkeypatch.context() as m:
+        m.setattr(onnx_export, "trace_onnx", lambda *a, **k: (_ for _ in ()).throw(ValueError("tracing failed")))
+        assert cli(["export", str(src), str(tmp_path / "new" / "deeper" / "out"), *flags]) == 1
+    assert "tracing failed" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert cli(["export", str(src), str(tmp_path / "new" / "deeper" / "out"), *flags]) == 0
+    assert load_export(tmp_path / "new" / "deeper" / "out").spec.dims["B"] == Range(1, 1, 2)
 
 
 def test_export_cli(tiny_sd3, tmp_path, capsys):

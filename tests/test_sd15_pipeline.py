@@ -235,6 +235,18 @@ def test_pipeline_beyond_twice_the_training_size(pipelines, reference):
     assert pipe(PROMPTS[:1], steps=4, height=24, width=40, output_type="np").shape == (1, 24, 40, 3)  # pixels
 
 
+def test_fewer_steps_than_windows_run_one_per_window_with_a_warning(pipelines, reference):
+    """README: fewer steps than PeRFlow's windows are raised to one per window, with a warning:
+    steps=2 at 4 windows is the reference loop's 4-step (one per window) run."""
+    pipe = pipelines("diff_eps", 4)
+    noise = np.random.default_rng(7).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    with pytest.warns(UserWarning, match="steps=2 is below the 4 PeRFlow time windows: running 4 steps"):
+        ours = pipe(PROMPTS[:1], steps=2, noise=noise, output_type="latent")
+    want = reference.latents(PROMPTS[:1], noise, 4)
+    assert rel(ours, want) <= TOL
+    assert np.allclose(perflow_grid(2, 4), perflow_grid(4, 4))  # the rule written out: the same grid
+
+
 def test_prompt_stream_latents_match_reference_loop(pipelines, reference):
     """Through the stream engine (mixed steps and scales, negative prompts, one slot fewer than
     requests) each request's latents are the reference's; bad requests fail alone.

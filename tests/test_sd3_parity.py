@@ -32,6 +32,9 @@ def test_velocity_matches_diffusers(tmp_path, variant, height, width):
     ours = model.velocity(x, t, cond)
     assert ours.shape == ref.shape
     assert _rel_err(ours, ref) <= 1e-4  # measured 4.8e-6 .. 1.1e-5 (sd3 at 6x10)
+    # one scalar time for the whole batch (README: "t a scalar or [B]"): diffusers' with it repeated
+    scalar = model.velocity(x, np.float32(0.6), cond)
+    assert _rel_err(scalar, torch_velocity(ref_model, x, np.full(3, 0.6, np.float32), cond)) <= 1e-4
 
 
 def test_per_element_time_is_not_shared(tiny_sd3):

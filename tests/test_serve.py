@@ -470,6 +470,15 @@ def test_realtime_stream(url):
         assert processed == sorted(processed) and dropped > 0
         assert len(processed) + dropped == burst
     assert metric(url, "streamflow_stream_frames_total", outcome="dropped") >= dropped
+    # only a message over the socket's 32 MiB closes the stream, with 1009 (message too big)
+    from websockets.exceptions import ConnectionClosed
+
+    with connect(ws_url, open_timeout=30, max_size=None) as ws:
+        ws.send(b"\0" * ((32 << 20) + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(30)
+    assert closed.value.rcvd.code == 1009
+    assert httpx.get(url + "/health", timeout=10).status_code == 200  # and the server serves on
 
 
 # ---------------------------------------------------------------------------------------------
