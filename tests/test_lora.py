@@ -390,6 +390,32 @@ def test_t5_lora(tmp_path):
     assert _rel(got.module(ids)["last_hidden_state"], want) <= 1e-4
 
 
+def test_kohya_t5_lora_in_sd3s_third_slot(tmp_path):
+    """kohya's ``lora_te3_`` names SD3's T5 (its third text encoder): the same halves written in
+    kohya's names (module path with underscores, ``lora_down``/``lora_up``, ``.alpha``) merge as
+    peft merges the PEFT file (diffusers reads no ``lora_te3_`` keys to compare with)."""
+    from test_t5 import T5_A, make_t5, padded_ids
+
+    ref = make_t5(tmp_path / "t5", T5_A, seed=6)
+    peft_file = make_peft_lora(ref, ["q", "wi_0", "o"], tmp_path / "peft.safetensors", "text_encoder_3", alpha=6)
+    kohya = {}
+    with safe_open(peft_file, "pt") as f:
+        for key in f.keys():
+            module, part = key[len("text_encoder_3."):].rsplit(".lora_", 1)
+            name = "lora_te3_" + module.replace(".", "_")
+            kohya[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = f.get_tensor(key)
+            kohya[f"{name}.alpha"] = torch.tensor(6.0)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    fused = _peft_merged(ref, peft_file, "text_encoder_3", SCALE)
+    ids = padded_ids(24)
+    with torch.no_grad():
+        want = fused(torch.from_numpy(ids)).last_hidden_state.numpy()
+    got = sf.load(tmp_path / "t5", loras=[(tmp_path / "kohya.safetensors", SCALE)], component="text_encoder_3")
+    assert _rel(got.module(ids)["last_hidden_state"], want) <= 1e-4
+    plain = sf.load(tmp_path / "t5").module(ids)["last_hidden_state"]
+    assert _rel(plain, want) > 1e-3  # the LoRA shows
+
+
 # ---------------------------------------------------------------------------------------------
 # SDXL: kohya's names (the UNet's LDM/SGM modules, lora_te1_/lora_te2_) and diffusers'
 # ---------------------------------------------------------------------------------------------
