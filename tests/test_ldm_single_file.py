@@ -236,6 +236,11 @@ def ldm(tmp_path_factory):
     sd = ldm_state_dict(pipe)
     assert any(k.endswith("mid.attn_1.q.weight") and v.ndim == 4 for k, v in sd.items())
     sd.update(NON_WEIGHTS)
+    # EMA copies of UNet weights, named as LDM names them (dots dropped), of other values: the
+    # non-EMA weights are taken, as diffusers' converter does by default (README)
+    gen = torch.Generator().manual_seed(9)
+    for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.2.bias"):
+        sd["model_ema." + key[len("model."):].replace(".", "")] = torch.randn(sd[key].shape, generator=gen)
     save_file(sd, root / "sd15.safetensors")
     return pipe, root / "sd15.safetensors", sd
 
