@@ -234,6 +234,51 @@ def test_swapping_a_lora_compiles_nothing(unet, tmp_path):
     np.testing.assert_array_equal(out_a, out_a2)
 
 
+def test_swapping_a_lora_recompiles_neither_sample_nor_a_stream_engine(tmp_path):
+    """design.md: apply_loras keeps the structure, so nothing recompiles: sf.sample's compiled
+    steps and a stream engine's tick run the other LoRA's model as they are (each LoRA's result
+    is diffusers' fuse_lora loop's in test_sd3_transformer_lora)."""
+    import jax
+    from conftest import VARIANTS, make_sd3, sd3_inputs
+
+    from streamflow_jax.stream import StreamEngine
+
+    ref = make_sd3(tmp_path / "sd3", "sd3", seed=3)
+    a = make_peft_lora(ref, ["to_q", "to_v"], tmp_path / "a.safetensors", "transformer", seed=1)
+    b = make_peft_lora(ref, ["to_q", "to_v"], tmp_path / "b.safetensors", "transformer", seed=2)
+    base = sf.load(tmp_path / "sd3")
+    # shapes no other test samples at (a program compiled by one in this process would be reused)
+    x, _, cond = sd3_inputs(VARIANTS["sd3"], 3, 6, 10, text_len=9, seed=1)
+    grid = sf.schedules.flow_match(3)
+    shapes = {k: v.shape[1:] for k, v in cond.items()}
+
+    def engine_result(model):
+        engine = StreamEngine(model, (6, 10, 4), shapes, slots_per_stream=3)
+        rid = engine.submit({k: v[0] for k, v in cond.items()}, steps=3, shift=3.0, noise=x[0])  # flow_match's
+        engine.run()
+        return np.asarray(engine.result(rid))
+
+    compiled = []
+
+    def listener(event, duration, **kw):
+        if event.endswith("backend_compile_duration"):
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with_a = apply_loras(base, [(a, 1.0)])
+        first = np.asarray(sf.sample(with_a, x, grid, cond)), engine_result(with_a)
+        assert compiled  # the first LoRA's model compiles (the listener hears it)
+        compiled.clear()
+        with_b = apply_loras(base, [(b, 0.5)])
+        second = np.asarray(sf.sample(with_b, x, grid, cond)), engine_result(with_b)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == []
+    assert not np.allclose(first[0], second[0]) and not np.allclose(first[1], second[1])
+    np.testing.assert_allclose(second[1], second[0][0], rtol=1e-5, atol=1e-5)
+
+
 def test_bad_loras(unet, tmp_path, capsys):
     ref, path = unet
     good = make_peft_lora(ref, ["to_q"], tmp_path / "good.safetensors", "unet")
