@@ -716,7 +716,9 @@ class StreamEngine:
 
         Args:
             cond: per-request conditioning (no batch axis), shapes as ``cond_shapes``.
-            steps, shift: a ``schedules.flow_match(steps, shift)`` grid, or give ``grid``.
+            steps, shift: a ``schedules.flow_match(steps, shift)`` grid, or give ``grid``. The
+                shift defaults to 1.0 (no shift, the scheduler class's default), where
+                ``flow_match`` alone defaults to SD3's 3.0: give it to match such a grid.
             grid: ``[S+1]`` times from 1 down to 0.
             seed / noise: the starting latent, ``sampling.seeded_noise(seed, latent_shape)`` (made
                 on the device; seed in [0, 2**32)) or the ``[H, W, C]`` array itself.
