@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import CLIP, CLIP_G, SDXL_UNET, VAES, randomize, write_tiny_clip_vocab
+from conftest import CLIP, CLIP_G, SDXL_UNET, TAESD, VAES, randomize, write_tiny_clip_vocab
 from PIL import Image
 from test_sd15_pipeline import perflow_grid, perflow_velocity, rel, sd_alphas_cumprod
 
@@ -196,6 +196,93 @@ def test_force_zeros_and_micro_conditioning(pipe, reference):
     assert pipe.original_size is None  # a call's settings stay with the call
     with pytest.raises(ValueError, match="original_size must be a pair of integers"):
         pipe(PROMPTS, original_size=(1024,))
+
+
+def test_micro_conditioning_at_load_applies_to_every_call_and_stream(sdxl_dir, reference):
+    """``original_size=``, ``crops_coords_top_left=``, ``target_size=`` given to
+    ``Pipeline.from_diffusers`` are diffusers' time ids of those sizes and crop for every call
+    (with and without CFG) and for every request of a ``PromptStream`` built on the pipeline; a
+    call's own ``target_size`` replaces the loaded one for that call only. Measured 8.6e-7
+    (no CFG), 1.7e-6 (CFG), 9.0e-7 (a call's target_size), 8.8e-7 and 1.4e-6 (the stream); the
+    image's own time ids are 7.3e-3 away with CFG (3.5e-3 without)."""
+    micro = dict(original_size=(128, 96), crops_coords_top_left=(16, 8), target_size=(64, 80))
+    loaded = sf.Pipeline.from_diffusers(sdxl_dir, **OVERRIDE, **micro)
+    ref_micro = {"original": (128, 96), "crops": (16, 8), "target": (64, 80)}
+    noise = _noise((2, 8, 8, 4), 9)
+    want = reference.latents(PROMPTS, noise, 4, micro=ref_micro)
+    assert rel(loaded(PROMPTS, steps=4, noise=noise, output_type="latent"), want) <= TOL  # measured 8.6e-7
+    want_cfg = reference.latents(PROMPTS, noise, 4, guidance=2.5, negative=NEGATIVE, micro=ref_micro)
+    ours = loaded(PROMPTS, steps=4, guidance_scale=2.5, negative_prompt=NEGATIVE, noise=noise, output_type="latent")
+    assert rel(ours, want_cfg) <= TOL  # measured 1.7e-6
+    # the time ids count (the tiny UNet's added embedding moves the latents little: 3.5e-3 without CFG)
+    assert rel(reference.latents(PROMPTS, noise, 4, guidance=2.5, negative=NEGATIVE), want_cfg) > 100 * TOL  # 7.3e-3
+    # a call's own setting replaces the loaded one for that call, the others stay
+    want_call = reference.latents(PROMPTS, noise, 4, micro=dict(ref_micro, target=(16, 16)))
+    assert rel(loaded(PROMPTS, steps=4, noise=noise, output_type="latent", target_size=(16, 16)), want_call) <= TOL
+    assert loaded.target_size == (64, 80)
+    stream = PromptStream(loaded, slots_per_stream=2, guidance=True, output_type="latent")
+    ids = [stream.submit(PROMPTS[i], steps=[4, 5][i], noise=noise[i], guidance_scale=[None, 2.5][i],
+                         negative_prompt=["", NEGATIVE[1]][i]) for i in range(2)]
+    results = stream.run()
+    for i, rid in enumerate(ids):
+        want = reference.latents(PROMPTS[i : i + 1], noise[i : i + 1], [4, 5][i], guidance=[None, 2.5][i],
+                                 negative=[None, NEGATIVE[1:]][i], micro=ref_micro)[0]
+        assert rel(results[rid], want) <= TOL, i
+
+
+def test_force_zeros_for_empty_prompt_false(sdxl_dir, reference, tmp_path):
+    """``"force_zeros_for_empty_prompt": false`` in model_index.json: with guidance on and no (or
+    an empty) negative prompt, the negative is the encoded empty string, as diffusers'
+    StableDiffusionXLPipeline loaded from that directory encodes it (in the pipeline and through
+    ``PromptStream``). Measured 2.1e-6 (no negative prompt and "" alike) and 1.9e-6 (stream); the
+    zeros of the default setting are 1.08 away."""
+    import shutil
+
+    root = tmp_path / "no-zeros"
+    shutil.copytree(sdxl_dir, root)
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["force_zeros_for_empty_prompt"] is True  # what diffusers' save_pretrained wrote
+    (root / "model_index.json").write_text(json.dumps(dict(index, force_zeros_for_empty_prompt=False)))
+    ref = Reference(root)
+    assert ref.pipe.config.force_zeros_for_empty_prompt is False
+    pipe = sf.Pipeline.from_diffusers(root, **OVERRIDE)
+    assert not pipe.force_zeros_for_empty_prompt
+    noise = _noise((2, 8, 8, 4), 10)
+    want = ref.latents(PROMPTS, noise, 4, guidance=2.5)  # negative_prompt=None: "" encoded
+    assert rel(pipe(PROMPTS, steps=4, guidance_scale=2.5, noise=noise, output_type="latent"), want) <= TOL
+    assert rel(pipe(PROMPTS, steps=4, guidance_scale=2.5, negative_prompt="", noise=noise, output_type="latent"),
+               want) <= TOL
+    assert rel(reference.latents(PROMPTS, noise, 4, guidance=2.5), want) > 100 * TOL  # zeros instead
+    stream = PromptStream(pipe, slots_per_stream=2, guidance=True, output_type="latent")
+    rid = stream.submit(PROMPTS[1], steps=4, noise=noise[1], guidance_scale=2.5)
+    assert rel(stream.run()[rid], want[1]) <= TOL
+
+
+def test_taesdxl_decodes_as_diffusers(sdxl_dir, reference, tmp_path):
+    """``taesd=`` takes a TAESDXL (a 4-channel ``AutoencoderTiny``): its "np" images are what
+    diffusers' SDXL pipeline computes with ``pipe.vae = AutoencoderTiny(...)`` (latents /
+    scaling_factor, decode, its image processor's "np"), and the latents are the reference's at
+    the TAESD's image size (its x8: 64x64 images from 8x8 latents, time ids of 64x64). Measured
+    1.2e-6 on the latents, 6.6e-7 on the images; the VAE's images are 16x16."""
+    tiny = randomize(diffusers.AutoencoderTiny(**TAESD), 5, std=0.1).eval()
+    tiny.save_pretrained(tmp_path / "taesd")
+    pipe = sf.Pipeline.from_diffusers(sdxl_dir, **OVERRIDE, taesd=tmp_path / "taesd")
+    noise = _noise((2, 8, 8, 4), 11)
+    latents = pipe(PROMPTS, steps=4, guidance_scale=2.0, noise=noise, output_type="latent")
+    want = reference.latents(PROMPTS, noise, 4, guidance=2.0, micro={"original": (64, 64), "target": (64, 64)})
+    assert rel(latents, want) <= TOL
+    images = pipe(PROMPTS, steps=4, guidance_scale=2.0, noise=noise, output_type="np")
+    ref = diffusers.StableDiffusionXLPipeline(**reference.pipe.components)
+    ref.vae = tiny
+    with torch.no_grad():  # StableDiffusionXLPipeline's decode (no latents_mean/std in a TAESD's config)
+        scaled = torch.from_numpy(np.array(latents)).permute(0, 3, 1, 2) / ref.vae.config.scaling_factor
+        decoded = ref.vae.decode(scaled, return_dict=False)[0]
+    want_img = ref.image_processor.postprocess(decoded, output_type="np")
+    assert images.shape == want_img.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(images, want_img, atol=1e-5)  # measured 6.6e-7
+    vae_images = sf.Pipeline.from_diffusers(sdxl_dir, **OVERRIDE)(PROMPTS[:1], steps=4, noise=noise[:1],
+                                                                  output_type="np")
+    assert vae_images.shape == (1, 16, 16, 3)
 
 
 def test_prompt_stream_equals_reference(pipe, reference):
