@@ -12,10 +12,12 @@ directory in memory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
 import json
+import logging
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -24,7 +26,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -53,6 +54,23 @@ PARTS_INDEX = "parts.json"
 PART_BYTES = 256 << 20  # parameters per orbax item: the conversion's working set is a few times this
 ROOT_FILE_LIMIT = 16 << 20  # pipeline-root files copied by convert (configs, conditioning tables)
 META_KEY = "streamflow_jax"  # present in our config.json, absent from diffusers'
+
+
+@contextlib.contextmanager
+def _checkpointer():
+    """orbax's ``StandardCheckpointer`` (orbax imported on first use), with the root logger left
+    as it was: absl's logging, which orbax logs through, calls ``logging.basicConfig()`` when the
+    root logger has no handler, after which an application's own ``basicConfig`` does nothing."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as ckpt:
+            yield ckpt
+    finally:
+        root.handlers[:] = [h for h in root.handlers if h in handlers]
+        root.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +126,7 @@ def _write_parts(out: Path, parts: Iterator[dict[str, np.ndarray]], progress: bo
     params = out / PARAMS_DIR
     params.mkdir(parents=True)
     index, dtypes, counts = {}, {}, {}
-    with ocp.StandardCheckpointer() as ckpt, tqdm(total=total, desc=label, unit="tensor", disable=not progress) as bar:
+    with _checkpointer() as ckpt, tqdm(total=total, desc=label, unit="tensor", disable=not progress) as bar:
         for i, arrays in enumerate(parts):
             name = f"part-{i:03d}"
             with interrupts_held():  # orbax writes on background threads: Ctrl-C waits for them
@@ -621,7 +639,7 @@ def _restore(params_dir: Path, shapes: dict, place: Callable | None) -> dict[str
     if not index_file.is_file():
         raise ConversionError(f"{params_dir}: no {PARTS_INDEX} (written by an older streamflow-jax, or incomplete); "
                               "convert the checkpoint again")
-    with ocp.StandardCheckpointer() as ckpt:
+    with _checkpointer() as ckpt:
         index = json.loads(index_file.read_text())
         listed = {n: part for part, names in index["parts"].items() for n in names}
         if set(listed) != set(shapes):
