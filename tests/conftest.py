@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -389,3 +390,20 @@ def digits_server():
     server = ServerProcess(["--slots", "4", "--streams", "2", "--max-queue", "4", "--timeout", "60"])
     yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def compiles():
+    """The XLA compilations that happen inside it (one event each, persistent-cache hits
+    included), as a list."""
+    compiled = []
+
+    def listener(event, duration, **kw):
+        if event.endswith("backend_compile_duration"):
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -60,6 +60,11 @@ def _fused(model, path, load, scale=SCALE):
     m = copy.deepcopy(model)
     if load == "text_encoder":
         return _peft_merged(m, path, "text_encoder", scale)
+    if load == "sd3":  # SD3's loader reads no network alphas
+        sd, meta = diffusers.StableDiffusion3Pipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        diffusers.StableDiffusion3Pipeline.load_lora_into_transformer(sd, transformer=m, metadata=meta)
+        m.fuse_lora(lora_scale=scale)
+        return m
     pipe = diffusers.FluxPipeline if load == "flux" else diffusers.StableDiffusionPipeline
     out = pipe.lora_state_dict(str(path), return_lora_metadata=True, **({"return_alphas": True} if load == "flux" else {}))
     sd, alphas, meta = out
@@ -238,8 +243,7 @@ def test_swapping_a_lora_recompiles_neither_sample_nor_a_stream_engine(tmp_path)
     """design.md: apply_loras keeps the structure, so nothing recompiles: sf.sample's compiled
     steps and a stream engine's tick run the other LoRA's model as they are (each LoRA's result
     is diffusers' fuse_lora loop's in test_sd3_transformer_lora)."""
-    import jax
-    from conftest import VARIANTS, make_sd3, sd3_inputs
+    from conftest import VARIANTS, compiles, make_sd3, sd3_inputs
 
     from streamflow_jax.stream import StreamEngine
 
@@ -258,22 +262,13 @@ def test_swapping_a_lora_recompiles_neither_sample_nor_a_stream_engine(tmp_path)
         engine.run()
         return np.asarray(engine.result(rid))
 
-    compiled = []
-
-    def listener(event, duration, **kw):
-        if event.endswith("backend_compile_duration"):
-            compiled.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiles() as compiled:
         with_a = apply_loras(base, [(a, 1.0)])
         first = np.asarray(sf.sample(with_a, x, grid, cond)), engine_result(with_a)
         assert compiled  # the first LoRA's model compiles (the listener hears it)
         compiled.clear()
         with_b = apply_loras(base, [(b, 0.5)])
         second = np.asarray(sf.sample(with_b, x, grid, cond)), engine_result(with_b)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiled == []
     assert not np.allclose(first[0], second[0]) and not np.allclose(first[1], second[1])
     np.testing.assert_allclose(second[1], second[0][0], rtol=1e-5, atol=1e-5)
@@ -382,13 +377,7 @@ def test_sd3_transformer_lora(tmp_path):
     ref = make_sd3(tmp_path / "sd3", "sd35_medium", seed=4)
     lora = make_peft_lora(ref, ["to_q", "to_k", "to_v", "add_k_proj", "proj"], tmp_path / "sd3.safetensors",
                           "transformer")
-    import copy
-
-    fused = copy.deepcopy(ref)
-    pipe = diffusers.StableDiffusion3Pipeline
-    sd, meta = pipe.lora_state_dict(str(lora), return_lora_metadata=True)
-    pipe.load_lora_into_transformer(sd, transformer=fused, metadata=meta)
-    fused.fuse_lora(lora_scale=SCALE)
+    fused = _fused(ref, lora, "sd3")
     x, t, cond = sd3_inputs(VARIANTS["sd35_medium"], 2, 8, 8)
     got = sf.load(tmp_path / "sd3", loras=[(lora, SCALE)]).velocity(x, t, cond)
     assert _rel(got, torch_velocity(fused, x, t, cond)) <= 1e-4
@@ -403,19 +392,13 @@ def test_peft_rank_and_alpha_patterns_and_rslora(tmp_path):
     (alpha / sqrt(rank)), and ``rank_pattern``/``alpha_pattern`` keys matched as peft matches
     them, a regular expression over the whole name or a dotted tail of it: ``q_proj`` is not
     ``add_q_proj``'s (it was, by a suffix test: scale 2.0 where peft's is 1.0)."""
-    import copy
-
     from conftest import VARIANTS, make_sd3, sd3_inputs, torch_velocity
 
     ref = make_sd3(tmp_path / "sd3", "sd35_medium", seed=4)
     lora = make_peft_lora(ref, ["to_q", "add_q_proj", "to_k"], tmp_path / "p.safetensors", "transformer", r=4,
                           alpha=40, use_rslora=True, rank_pattern={"q_proj": 2, r"transformer_blocks\.1\..*to_k": 2},
                           alpha_pattern={"q_proj": 120, "to_q": 60})
-    fused = copy.deepcopy(ref)
-    pipe = diffusers.StableDiffusion3Pipeline
-    sd, meta = pipe.lora_state_dict(str(lora), return_lora_metadata=True)
-    pipe.load_lora_into_transformer(sd, transformer=fused, metadata=meta)
-    fused.fuse_lora(lora_scale=SCALE)
+    fused = _fused(ref, lora, "sd3")
     x, t, cond = sd3_inputs(VARIANTS["sd35_medium"], 2, 8, 8)
     want = torch_velocity(fused, x, t, cond)
     assert _rel(torch_velocity(ref, x, t, cond), want) > 1e-2  # the LoRA changes it

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import numpy as np
 import pytest
-from conftest import VARIANTS, sd3_inputs
+from conftest import VARIANTS, compiles, sd3_inputs
 
 import streamflow_jax as sf
 from streamflow_jax.stream import RequestError, StreamEngine
@@ -19,24 +18,6 @@ SHAPES = {"encoder_hidden_states": (7, CFG["joint_attention_dim"]), "pooled_proj
 @pytest.fixture
 def model(tiny_sd3):
     return sf.load(tiny_sd3[0])
-
-
-@contextlib.contextmanager
-def compiles():
-    """The XLA compilations that happen inside it (one event each), as a list."""
-    import jax
-
-    compiled = []
-
-    def listener(event, duration, **kw):
-        if event.endswith("backend_compile_duration"):
-            compiled.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield compiled
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _requests(n, seed=0):
