@@ -162,6 +162,29 @@ def test_guided_velocity_is_the_written_formula(model):
     np.testing.assert_array_equal(np.asarray(sf.guided_velocity(model, x, t, cond)), np.asarray(model.velocity(x, t, cond)))
 
 
+def test_guidance_is_one_doubled_batch_per_step(model):
+    """design.md: classifier-free guidance doubles the batch, never loops: the scan's step makes
+    one velocity call of 2B rows (conditional and unconditional together), traced once for all
+    steps; the result is the written formula's (test above) and diffusers' loop's
+    (test_sd3_parity.test_cfg_matches_diffusers_formula)."""
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, []
+
+        def velocity(self, x, t, cond):
+            self.calls.append((x.shape[0], tuple(np.shape(t)), sorted(cond)))
+            return self.inner.velocity(x, t, cond)
+
+    x, _, cond = sd3_inputs(CFG, batch=3, height=8, width=8, seed=3)
+    _, _, uncond = sd3_inputs(CFG, batch=3, height=8, width=8, seed=4)
+    counting = Counting(model)
+    got = sf.sample(counting, x, sf.schedules.flow_match(4), cond, guidance_scale=4.0, uncond=uncond)
+    assert counting.calls == [(6, (6,), sorted(cond))]  # one call, the doubled batch, for all 4 steps
+    want = sf.sample(model, x, sf.schedules.flow_match(4), cond, guidance_scale=4.0, uncond=uncond)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_the_guidance_rule():
     """One rule: None is the default; CFG only above 1 (diffusers); an embedded scale is taken as
     given; a model with neither ignores it; non-finite scales are refused."""
