@@ -156,18 +156,14 @@ def _check_export(args) -> None:
         raise ValueError(f"--export {path} is run by --backend onnxruntime or tensorrt (xla runs the model itself): "
                          "add one")
     from streamflow_jax.errors import ExportError
-    from streamflow_jax.export.onnx import META_NAME
+    from streamflow_jax.export.onnx import read_export_meta
 
-    meta = Path(path) / META_NAME
-    if not meta.is_file():
-        raise ValueError(f"--export {path}: " + (f"no {META_NAME} (not a streamflow-jax export directory)"
-                                                 if Path(path).is_dir() else "no such export directory"))
     try:
-        method = json.loads(meta.read_text())["spec"]["method"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"{meta}: unreadable export metadata ({e}); export again") from None
-    if method != "velocity":
-        raise ValueError(f"--export {path}: an export of a model's {method}, not of a velocity model (give the "
+        _, spec = read_export_meta(path)
+    except ExportError as e:
+        raise ValueError(f"--export {e}") from None
+    if spec.method != "velocity":
+        raise ValueError(f"--export {path}: an export of a model's {spec.method}, not of a velocity model (give the "
                          "export of the pipeline's transformer or UNet: streamflow-jax export PIPELINE OUT)")
 
 
@@ -330,16 +326,17 @@ def _digits_negative(args, guidance) -> int | None:
     (as the server takes it), refused where guidance is off; None: the null class."""
     if not args.negative_prompt:
         return None
-    text = args.negative_prompt.strip()
-    if len(text) != 1 or text not in "0123456789":
-        raise ValueError(f"--negative-prompt {args.negative_prompt!r}: the digits model's negative prompt is one digit "
-                         "0-9, the class guidance steers away from")
     from streamflow_jax.pipelines.base import negative_prompt_problem
-    from streamflow_jax.pipelines.digits import DEFAULT_GUIDANCE
+    from streamflow_jax.pipelines.digits import DEFAULT_GUIDANCE, NULL_CLASS, prompt_label
 
+    try:
+        label = prompt_label(args.negative_prompt)
+    except ValueError as e:
+        raise ValueError(f"--negative-prompt: {e}") from None
+    text = args.negative_prompt.strip()
     if (why := negative_prompt_problem(text, guidance, default=DEFAULT_GUIDANCE, name="the digits model")) is not None:
         raise ValueError(f"--negative-prompt: {why}")
-    return int(text)
+    return None if label == NULL_CLASS else label
 
 
 def _quantize(model, kind: str):

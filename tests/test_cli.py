@@ -194,7 +194,8 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
     (["generate", "--height", "0"], "--height is for prompt pipelines"),
     (["generate", "--width=-16"], "--width is for prompt pipelines"),
     (["generate", "--prompt", "a cat"], "--prompt is for prompt pipelines"),
-    (["generate", "--negative-prompt", "cat"], "--negative-prompt 'cat': the digits model's negative prompt is one digit"),
+    (["generate", "--negative-prompt", "cat"],
+     "--negative-prompt: the digits model takes one digit, \"0\" to \"9\", as a prompt; got 'cat'"),
     (["generate", "--negative-prompt", "3", "--guidance", "1"], "--negative-prompt: negative prompt '3' is ignored: "
                                                                 "classifier-free guidance is off"),
     (["generate", "--strength", "0.5"], "--strength is for image-to-image: give --image too"),

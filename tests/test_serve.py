@@ -587,3 +587,35 @@ def test_deadline_then_sigterm_drains_and_exits_0():
         assert "draining" in server.log and "Traceback" not in server.log
     finally:
         server.stop()
+
+
+def test_serve_runs_a_prebuilt_export(tmp_path, capsys):
+    """``streamflow-jax serve --backend onnxruntime --export DIR``, a real server and client: the
+    engine's batched velocity calls run the export given (nothing exported on demand), and a
+    request's image is the pipeline's batch call with its seed (XLA, itself diffusers' within
+    2e-5: test_digits); an export too small for the engine's rows is refused in one line."""
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+    from streamflow_jax.cli import main as cli
+    from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline
+
+    export = tmp_path / "e"
+    assert cli(["export", str(DIGITS_DIR), str(export), "--batch", "1:4:4", "-q"]) == 0  # 2 slots, guided
+    cache = tmp_path / "cache"
+    server = ServerProcess(["--backend", "onnxruntime", "--export", str(export), "--slots", "2", "--streams", "1"],
+                           env={"STREAMFLOW_JAX_CACHE": str(cache)})
+    try:
+        r = httpx.post(server.url + "/v1/images/generations", json={"prompt": "7", "steps": 3, "seed": 3}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))), np.int16)
+    finally:
+        assert server.stop() == 0
+    assert not (cache / "exports").exists()  # the export given ran
+    want = (DigitsPipeline.load()([7], steps=3, seed=3)[0] * 255).round()
+    assert np.abs(got - want).max() <= 1
+    capsys.readouterr()
+    assert cli(["serve", "--backend", "onnxruntime", "--export", str(export), "--slots", "2", "--streams", "2",
+                "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "B=8 is outside the exported profile [1, 4]" in err and "4 slots, twice for guidance, 8 rows" in err, err
+    assert err.count("\n") == 1, err

@@ -29,8 +29,8 @@ from streamflow_jax import sampling
 from streamflow_jax.backends.base import Backend, Runner
 from streamflow_jax.backends.cache import cache_root, enable_compilation_cache
 from streamflow_jax.errors import ConversionError, ExportError, ShapeError, is_real_dtype
-from streamflow_jax.export.onnx import META_NAME, _versions, export_onnx, load_export, made_here
-from streamflow_jax.export.spec import ExportSpec, Range, build_velocity_spec, latent_range
+from streamflow_jax.export.onnx import META_NAME, _versions, export_onnx, load_export, made_here, read_export_meta
+from streamflow_jax.export.spec import Range, build_velocity_spec, latent_range
 from streamflow_jax.models import FlowModel
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
@@ -150,12 +150,12 @@ def _covering_entry(exports: Path, prefix: str, model, feeds: dict):
         if not entry.name.startswith(prefix) or not (entry / META_NAME).is_file():
             continue
         try:
-            meta = json.loads((entry / META_NAME).read_text())
+            meta, spec = read_export_meta(entry)
             if meta.get("model_fingerprint") != model.fingerprint() or not made_here(meta):
                 continue
-            ExportSpec.from_json(meta["spec"]).check(feeds)
+            spec.check(feeds)
             return load_export(entry)
-        except (ShapeError, ExportError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (ShapeError, ExportError, OSError, AttributeError, TypeError):
             continue  # another profile, or an entry being replaced or broken: not this one
     return None
 
@@ -335,7 +335,7 @@ def sample(
 
 def _doubled(e: ShapeError, b: int, guidance_scale) -> ShapeError:
     """A graph's refusal of a batch, saying so where classifier-free guidance doubled it."""
-    if guidance_scale is None or f"B={2 * b}" not in str(e):
+    if guidance_scale is None or f"B={2 * b} " not in str(e):
         return e
     return ShapeError(f"{e} (classifier-free guidance runs the batch twice: {2 * b} rows for {b} samples)")
 

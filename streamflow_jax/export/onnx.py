@@ -292,8 +292,9 @@ def check_graph(onnx_path: Path) -> None:
         raise ExportError(f"{onnx_path}: invalid ONNX graph ({e})") from None
 
 
-def load_export(path) -> ExportedGraph:
-    """Opens an export directory, verifying its files against the recorded SHA-256."""
+def read_export_meta(path) -> tuple[dict, ExportSpec]:
+    """An export directory's metadata and spec, read without touching its graph (``load_export``
+    verifies the files); an ``ExportError`` names what is wrong."""
     path = Path(path)
     meta_path = path / META_NAME
     if not path.exists():
@@ -303,13 +304,25 @@ def load_export(path) -> ExportedGraph:
     try:
         meta = json.loads(meta_path.read_text())
         spec = ExportSpec.from_json(meta["spec"])
-        files = [path / f for f in meta["files"]]
-        recorded = meta["sha256"]
+        if not isinstance(meta["files"], list) or not isinstance(meta["sha256"], str):
+            raise ValueError("files or sha256 of the wrong type")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         what = f"no {e} in it" if isinstance(e, KeyError) else str(e)
         raise ExportError(f"{meta_path}: unreadable export metadata ({what}); export again") from None
     if meta.get("format") != FORMAT_VERSION:
         raise ExportError(f"{meta_path}: export format {meta.get('format')} is not {FORMAT_VERSION}; export again")
+    return meta, spec
+
+
+def load_export(path) -> ExportedGraph:
+    """Opens an export directory, verifying its files against the recorded SHA-256."""
+    path = Path(path)
+    meta, spec = read_export_meta(path)
+    try:
+        files = [path / f for f in meta["files"]]
+    except TypeError as e:
+        raise ExportError(f"{path / META_NAME}: unreadable export metadata ({e}); export again") from None
+    recorded = meta["sha256"]
     for f in files:
         if not f.is_file():
             raise ExportError(f"{f}: missing; export again")

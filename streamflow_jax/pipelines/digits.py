@@ -34,6 +34,17 @@ def to_images(x) -> np.ndarray:
     return np.clip((np.asarray(x[..., 0], np.float32) + 1) / 2, 0, 1)
 
 
+def prompt_label(prompt: str) -> int:
+    """The class a text names: ``"0"``-``"9"`` (spaces around allowed), ``""`` the null class
+    (the server's prompts and negative prompts, ``generate --negative-prompt``)."""
+    text = prompt.strip() if isinstance(prompt, str) else None
+    if text == "":
+        return NULL_CLASS
+    if text is None or len(text) != 1 or text not in "0123456789":
+        raise ValueError(f"the digits model takes one digit, \"0\" to \"9\", as a prompt; got {prompt!r}")
+    return int(text)
+
+
 def _check_labels(labels) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) \

@@ -15,12 +15,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from streamflow_jax.pipelines import DIGITS_DIR, NULL_CLASS, DigitsPipeline, Pipeline, PromptStream
+from streamflow_jax.pipelines import DIGITS_DIR, DigitsPipeline, Pipeline, PromptStream
 from streamflow_jax.pipelines.images import images_to_array
 from streamflow_jax.pipelines.base import negative_prompt_problem
-from streamflow_jax.pipelines.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from streamflow_jax.pipelines.digits import DEFAULT_GUIDANCE, DEFAULT_STEPS, prompt_label
 
-DIGIT_PROMPTS = tuple(str(d) for d in range(10))
 
 
 class DigitsPrompts:
@@ -37,15 +36,7 @@ class DigitsPrompts:
         self.pipe, self.model, self.mesh = pipe, pipe.model, pipe.mesh
         self.table = {k: np.asarray(v) for k, v in pipe.conditioning.items()}
 
-    @staticmethod
-    def label(prompt: str) -> int:
-        """The class of a prompt: ``"0"``-``"9"`` (spaces around allowed), ``""`` the null class."""
-        text = prompt.strip() if isinstance(prompt, str) else None
-        if text == "":
-            return NULL_CLASS
-        if text not in DIGIT_PROMPTS:
-            raise ValueError(f"the digits model takes one digit, \"0\" to \"9\", as its prompt; got {prompt!r}")
-        return int(text)
+    label = staticmethod(prompt_label)
 
     def resolve_guidance(self, guidance_scale=None):
         return self.pipe.resolve_guidance(guidance_scale)
