@@ -953,18 +953,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise KeyboardInterrupt
         return code
     except KeyboardInterrupt:  # whatever was being written has been removed on the way out
-        # on a terminal, over the line a progress bar may have left unfinished
-        from streamflow_jax import fsutil
-
-        start = "\r\x1b[K" if sys.stderr.isatty() else ""
-        sig = fsutil.take_last_signal()  # SIGTERM too: "terminated", 143
-        what = "terminated" if sig == signal.SIGTERM else "interrupted"
-        print(f"{start}streamflow-jax{'' if args is None else ' ' + args.command}: {what}", file=sys.stderr)
-        return 128 + int(sig)
+        return _interrupted(args)
     except ImportError as e:
-        if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C while an extension module loaded
-            print("streamflow-jax: interrupted", file=sys.stderr)
-            return 130
+        # Ctrl-C while an extension module loaded (orbax, say, imported on first use mid-command)
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            return _interrupted(args)
         raise
     except MemoryError as e:  # numpy's allocation failures (XLA's are RuntimeErrors, below)
         if args is None:
@@ -976,6 +969,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"streamflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _interrupted(args) -> int:
+    """The one line after Ctrl-C or SIGTERM, and the exit status 128 + the signal; on a terminal,
+    over the line a progress bar may have left unfinished."""
+    from streamflow_jax import fsutil
+
+    start = "\r\x1b[K" if sys.stderr.isatty() else ""
+    sig = fsutil.take_last_signal()  # SIGTERM too: "terminated", 143
+    what = "terminated" if sig == signal.SIGTERM else "interrupted"
+    print(f"{start}streamflow-jax{'' if args is None else ' ' + args.command}: {what}", file=sys.stderr)
+    return 128 + int(sig)
 
 
 def run() -> None:
