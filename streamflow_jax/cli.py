@@ -948,14 +948,21 @@ def main(argv: list[str] | None = None) -> int:
         ops.check_switches()  # a typo in an environment switch, before anything is loaded
 
         with fsutil.interrupts_recorded():
-            code = args.func(args)
+            try:
+                code = args.func(args)
+            except Exception:
+                # a Ctrl-C that surfaced as another error: an ImportError from it (a module loaded
+                # on first use), a native library's own error around it
+                if fsutil.interrupted():
+                    raise KeyboardInterrupt from None
+                raise
             if fsutil.interrupted():  # a Ctrl-C that a callback swallowed: nothing was committed
                 raise KeyboardInterrupt
         return code
     except KeyboardInterrupt:  # whatever was being written has been removed on the way out
         return _interrupted(args)
     except ImportError as e:
-        # Ctrl-C while an extension module loaded (orbax, say, imported on first use mid-command)
+        # Ctrl-C while a module loaded, before the command ran (within it: above)
         if isinstance(e.__cause__, KeyboardInterrupt):
             return _interrupted(args)
         raise
