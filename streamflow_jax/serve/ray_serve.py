@@ -116,7 +116,6 @@ def serve_ray(load: dict, options: dict, *, replicas: int, host: str = "127.0.0.
     from ray import serve
 
     _options(options)  # refuse bad options before starting anything
-    port = port or _free_port(host)
     address = os.environ.get("RAY_ADDRESS")
     # "local": always a Ray of our own when RAY_ADDRESS is unset, even where `ray start` runs one
     ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING", log_to_driver=True,
@@ -142,6 +141,9 @@ def serve_ray(load: dict, options: dict, *, replicas: int, host: str = "127.0.0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
+        # port 0: a free one picked just before Serve binds it (after ray.init, whose processes
+        # bind ports of their own: one picked before could be taken by then)
+        port = port or _free_port(host)
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_deployment(load, options, replicas, gpus), name="streamflow", route_prefix="/")
         print(f"serving {name} on http://{host}:{port} ({replicas} replicas on Ray Serve"

@@ -108,7 +108,9 @@ class RealtimeSession:
         try:
             while True:
                 done, _ = await asyncio.wait({receive, *self.in_flight}, return_when=asyncio.FIRST_COMPLETED)
-                for fut in [f for f in done if f is not receive]:
+                # in frame order: results finished by the same tick come back as a set, and the
+                # newer sent first dropped the older (half the time, with --streams 2)
+                for fut in sorted((f for f in done if f is not receive), key=lambda f: self.in_flight[f][0]):
                     await self._result(fut)
                 if receive in done:
                     message = receive.result()

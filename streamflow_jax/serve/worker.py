@@ -150,8 +150,10 @@ class DeviceWorker:
                 stream.tick()
             elif self._jobs:  # only outputs on their way to the host
                 stream.engine.wait()
-            self._deliver(stream.pop_results(wait=not stream.pending))
+            results = stream.pop_results(wait=not stream.pending)
+            # the gauge before the answers: a client answered reads no slot its request held
             self.occupied = sum(r is not None for r in stream.engine.scheduler.requests)
+            self._deliver(results)
             if self._on_tick is not None:
                 self._on_tick(self)
             if stop and not self._jobs and not stream.pending:
