@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from streamflow_jax._version import __version__
-from streamflow_jax.errors import ConversionError
+from streamflow_jax.errors import ConfigError, ConversionError
 from streamflow_jax.schedules import MAX_STEPS, PREDICTIONS, SEED_LIMIT, check_steps
 
 DESCRIPTION = ("Rectified-flow image generators (SD3/SD3.5, Flux.1, PeRFlow/InstaFlow SD1.5 and SDXL) converted from "
@@ -63,6 +63,8 @@ def _calibration_file(args) -> list[str] | None:
         return None
     if args.quantize != "fp8":
         raise ValueError("--calibrate measures FP8 activation scales: it needs --quantize fp8")
+    if args.calibration_steps is not None and not 1 <= args.calibration_steps <= MAX_STEPS:
+        raise ValueError(f"--calibration-steps must be in [1, {MAX_STEPS}], got {args.calibration_steps}")
     path = Path(args.calibrate)
     try:
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -194,15 +196,28 @@ def _check_quantize_backend(args) -> None:
             raise ValueError(f"--quantize {args.quantize} --backend tensorrt: {TENSORRT_REFUSAL}")
 
 
+def _check_taesd(args) -> None:
+    """``--taesd``: a directory to load, refused before the pipeline's other components load."""
+    if args.taesd is not None:
+        from streamflow_jax.pipelines.images import check_taesd
+
+        try:
+            check_taesd(args.taesd)
+        except ConfigError as e:
+            raise ValueError(f"--taesd {e}") from None
+
+
 def _check_out(path: str) -> Path:
     """``--out``: an image file whose directory exists and whose extension Pillow writes."""
     out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {path}: a directory; give an image file, e.g. {out / 'out.png'}")
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {path}: unknown image extension {out.suffix!r} (e.g. .png, .jpg, .webp)")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"--out {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or out.is_dir():
+    if not os.access(parent, os.W_OK):
         raise ValueError(f"--out {path}: cannot write there")
     return out
 
@@ -356,6 +371,7 @@ def _generate_prompts(args) -> int:
         raise ValueError("--per-digit is for the digits model; give one --prompt per image")
     cls = pipeline_class(args.model)  # a directory that is no pipeline fails here, before loading
     _check_negative_prompt_early(cls, args)
+    _check_taesd(args)
     kwargs = {"dtype": args.dtype}
     for name, value in (("taesd", args.taesd), ("prediction_type", args.prediction_type),
                         ("num_time_windows", args.windows), ("variant", args.variant), ("loras", args.lora)):
@@ -365,6 +381,11 @@ def _generate_prompts(args) -> int:
     if args.quantize:
         pipe.model = _quantize(pipe.model, args.quantize)
     _use_export(args, pipe)
+    if args.max_sequence_length is not None:  # said with the flag, before any work
+        try:
+            pipe.model_text_len(args.max_sequence_length)
+        except ValueError as e:
+            raise ValueError(f"--max-sequence-length {args.max_sequence_length}: {e}") from None
     guidance = pipe.resolve_guidance(args.guidance)  # refuses NaN/inf before any work
     if (args.height is not None or args.width is not None) and args.image is None:  # said with the flag
         try:
@@ -502,6 +523,9 @@ def _cmd_export(args) -> int:
         # are checked again once exported: compute capability 8.9 and later)
         flavour = tensorrt_flavour(args.tensorrt)
         flavour.targets(args.compute_capability)
+    from streamflow_jax.fsutil import check_destination
+
+    check_destination(args.out)  # a taken output is refused before the model loads, not after
     path = Path(args.model)
     scale_hint, text_hint = pipeline_facts(path) if path.is_dir() else (None, None)
     model = _load_for_graph(args, path, progress=not args.quiet)
@@ -512,10 +536,17 @@ def _cmd_export(args) -> int:
 
         if activation_scales(model) == "dynamic":  # a checkpoint converted with --quantize fp8 alone
             raise ValueError(f"{path}: {TENSORRT_REFUSAL}")
-    spec = export_spec(model, batch=args.batch, resolution=args.resolution,
-                       latent_scale=args.latent_scale or (scale_hint if model.family.kind == "velocity" else None),
-                       text_len=args.text_len or (text_hint if model.family.kind == "velocity" else None),
-                       dtype=args.dtype)
+    try:
+        spec = export_spec(model, batch=args.batch, resolution=args.resolution,
+                           latent_scale=args.latent_scale or (scale_hint if model.family.kind == "velocity" else None),
+                           text_len=args.text_len or (text_hint if model.family.kind == "velocity" else None),
+                           dtype=args.dtype)
+    except ValueError as e:  # against the model: said with the flag it is about
+        for word, flag, value in (("resolution", "--resolution", args.resolution),
+                                  ("text_len", "--text-len", args.text_len)):
+            if word in str(e) and value is not None:
+                raise ValueError(f"{flag} {value}: {e}") from None
+        raise
     if args.backend == "tensorrt":  # what the flags and the model say already, before exporting
         from streamflow_jax.quantization import is_quantized
 
@@ -638,9 +669,13 @@ def _cmd_serve(args) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.model is not None and not Path(args.model).is_dir():
         raise ValueError(f"{args.model}: not a directory (give a digits or prompt pipeline directory)")
+    _check_taesd(args)
     try:
         from streamflow_jax.serve.models import parse_size
-        parse_size(args.size)
+        try:
+            parse_size(args.size)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None  # "--size must be WIDTHxHEIGHT ..."
         import starlette, uvicorn  # noqa: E401, F401  the serve extra
     except ImportError as e:
         raise ValueError(f"serving needs the serve extra (pip install 'streamflow-jax[serve]'): {e}") from None
@@ -730,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", default=None, metavar="DIR",
                    help="add these weight differences (W + dW, in float32; a pipeline's unet gets them), e.g. "
                         "PeRFlow's delta weights")
-    p.add_argument("--delta-variant", default=None, help="which weights file of --delta, when it holds several")
+    p.add_argument("--delta-variant", default=None, metavar="NAME", help="which weights file of --delta, when it holds several")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA (diffusers/PEFT or kohya safetensors; repeat for several, summed)")
     p.add_argument("--config-from", default=None, metavar="PATH",
@@ -760,9 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several); needs --model")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="classifier-free guidance's unconditional prompt, for every --prompt (default: none, \"\"); "
-                        "refused where guidance is off (--guidance <= 1, PeRFlow's default) or is a model input "
-                        "(Flux-dev); the digits model: one digit, the class guidance steers away from")
-    p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
+                        "refused where guidance is off (--guidance <= 1, PeRFlow's default), is a model input "
+                        "(Flux-dev) or is none (Flux-schnell); the digits model: one digit, the class guidance steers away from")
+    p.add_argument("--taesd", default=None, metavar="DIR",
+                   help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)
     _pipeline_load_flags(p)
     p.add_argument("--height", type=int, default=None, help="image height in pixels (prompt pipelines)")
@@ -801,10 +837,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="export directory (new, or an empty one; written atomically)")
     p.add_argument("--backend", choices=[b for b in backends if BACKENDS[b].exported], default="onnxruntime",
                    help="tensorrt also builds the engine, OUT/model.engine (recorded in OUT/export.json)")
-    p.add_argument("--batch", default=None, help="batch min:opt:max, CFG's doubled batch included (default 1:1:8; "
-                                                 "autoencoders and text encoders 1:1:4)")
+    p.add_argument("--batch", default=None, help="batch min:opt:max, or MIN:MAX, or one value; CFG's doubled batch "
+                                                 "included (default 1:1:8; autoencoders and text encoders 1:1:4)")
     p.add_argument("--resolution", default=None,
-                   help="image side in pixels, min:opt:max (default: the model's sample size)")
+                   help="image side in pixels, min:opt:max, or MIN:MAX, or one value (default: the model's sample size)")
     p.add_argument("--latent-scale", type=int, default=None,
                    help="pixels per latent pixel (default: from the pipeline's vae/, 1 without one, else the family's)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens fixed in the graph (default per family)")
@@ -821,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-capability", default=None, metavar="CC[,CC...]",
                    help="with --backend tensorrt (TensorRT-RTX): GPU compute capabilities the engine runs on, e.g. 8.6,12.0 "
                         "(default: all TensorRT-RTX offers but Turing's 7.5, which takes float16 graphs only)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="time sampling of a model on random inputs with one backend, print JSON")
@@ -850,7 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--slots", type=int, default=4, help="engine slots per stream (default 4)")
     p.add_argument("--streams", type=int, default=2,
-                   help="streams: slots = slots x streams, and this many requests join per step (default 2)")
+                   help="streams sharing each engine call: --slots x --streams slots in all, and this many requests "
+                        "join per step (default 2)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="images that may wait for a slot; beyond, 429 with Retry-After (default 64)")
     p.add_argument("--timeout", type=float, default=120.0,
@@ -863,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-streams", type=int, default=16,
                    help="realtime: streams open at once; one more is closed with code 1013 (default 16)")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT of every image (default: the model's)")
-    p.add_argument("--taesd", default=None, help="decode with this TAESD directory instead of the pipeline's VAE")
+    p.add_argument("--taesd", default=None, metavar="DIR",
+                   help="decode with this TAESD directory instead of the pipeline's VAE")
     _adapter_flags(p)
     _pipeline_load_flags(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -975,8 +1013,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, ValueError, OSError, RuntimeError, OverflowError) as e:
         if args is None:
             raise
-        print(f"streamflow-jax {args.command}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if isinstance(e, RuntimeError) and ("RESOURCE_EXHAUSTED" in message or "Out of memory" in message):
+            # XLA's: "INTERNAL: Error dispatching computation: Out of memory allocating N bytes."
+            message = f"out of memory on {_device_name()} ({message.strip()}): {_MEMORY_HINTS.get(args.command, '')}"
+        print(f"streamflow-jax {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+_MEMORY_HINTS = {  # what to lower, per command, after XLA's out-of-memory error
+    "generate": "fewer images at once (--per-digit, fewer --prompt), or --stream (a few slots at a time), a "
+                "smaller --height/--width, --dtype bfloat16 or --quantize fp8",
+    "bench": "a smaller --batch or --latent, --dtype bfloat16 or --quantize fp8",
+    "serve": "fewer --slots or --streams, a smaller --size, --dtype bfloat16 or --quantize fp8",
+    "export": "a smaller --batch or --resolution maximum (the export traces at the profile's largest shapes)",
+    "convert": "convert on a machine with more memory",
+}
+
+
+def _device_name() -> str:
+    try:
+        import jax
+
+        device = jax.devices()[0]
+    except Exception:  # noqa: BLE001  only naming it
+        return "the device"
+    return "the CPU" if device.platform == "cpu" else f"the {device.platform.upper()} ({device.device_kind})"
 
 
 def _interrupted(args) -> int:

@@ -190,12 +190,7 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
     Raises:
         ConversionError: ``dst`` exists, or (unless ``shared``) a live process is writing it.
     """
-    dst = Path(dst).absolute()
-    if os.path.ismount(dst):  # the result is made beside it and renamed: a mount point cannot be replaced
-        raise ConversionError(f"{dst}: a mount point, which cannot be replaced by a rename (the output is written "
-                              f"beside it, then renamed into place): give a path inside it, e.g. {dst / 'out'}")
-    if not _empty_dir(dst):
-        free_path(dst)
+    dst = check_destination(dst, shared=shared)
     made = _make_parents(dst)
     remove_stale_partials(dst, shared=shared)
     tmp = Path(tempfile.mkdtemp(prefix=_partial_name(dst), dir=dst.parent))
@@ -219,6 +214,26 @@ def atomic_dir(dst, *, shared: bool = False) -> Iterator[Path]:
         raise
 
 
+def check_destination(dst, *, shared: bool = False) -> Path:
+    """Refuses, before any work, a destination ``atomic_dir`` would refuse once the work is done:
+    one that exists (other than an empty directory), a mount point, a parent that is a file, a
+    live writer's (unless ``shared``). Writes nothing; returns the absolute path."""
+    dst = Path(dst).absolute()
+    if os.path.ismount(dst):  # the result is made beside it and renamed: a mount point cannot be replaced
+        raise ConversionError(f"{dst}: a mount point, which cannot be replaced by a rename (the output is written "
+                              f"beside it, then renamed into place): give a path inside it, e.g. {dst / 'out'}")
+    if not _empty_dir(dst):
+        free_path(dst)
+    blocking = next((p for p in dst.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConversionError(f"{dst}: cannot be created: {blocking} is a file, not a directory")
+    for path, pid in [] if shared else _partials(dst):
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
+            raise ConversionError(f"{dst}: process {pid} is writing it now ({path.name}); wait for it or "
+                                  "choose another output path")
+    return dst
+
+
 def _empty_dir(path: Path) -> bool:
     """An empty directory, not a link to one (``rename`` replaces it in one step)."""
     try:
@@ -228,12 +243,9 @@ def _empty_dir(path: Path) -> bool:
 
 
 def _make_parents(dst: Path) -> list[Path]:
-    """Makes ``dst``'s missing parent directories; returns them, innermost first. A parent that
-    is a file is a ConversionError naming it (not mkdir's "File exists")."""
+    """Makes ``dst``'s missing parent directories (``check_destination`` has refused a parent
+    that is a file); returns them, innermost first."""
     missing = [p for p in dst.parents if not p.exists()]
-    blocking = next((p for p in dst.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise ConversionError(f"{dst}: cannot be created: {blocking} is a file, not a directory")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

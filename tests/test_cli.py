@@ -205,6 +205,11 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
     (["generate", "--out", "x.psd"], "--out x.psd: cannot write grey images as PSD (Pillow cannot write it)"),
     (["generate", "--out", "x.xbm"], "--out x.xbm: cannot write grey images as XBM (OSError: cannot write mode L"),
     (["generate", "--out", "/no/such/dir/d.png"], "directory /no/such/dir does not exist"),
+    (["generate", "--out", "/"], "--out /: a directory; give an image file, e.g. /out.png"),  # said 'extension'
+    (["serve", "--size", "abc"], "--size must be WIDTHxHEIGHT in pixels"),  # did not name the flag
+    (["serve", "--taesd", "/no/such/taesd"], "--taesd /no/such/taesd: no such directory"),
+    (["convert", "src", "dst", "--quantize", "fp8", "--calibrate", "f.txt", "--calibration-steps", "0"],
+     "--calibration-steps must be in [1, 1000], got 0"),
     (["bench", "--batch", "0"], "--batch must be >= 1, got 0"),
     (["bench", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["bench", "--steps", "1001"], "--steps must be in [1, 1000], got 1001"),
@@ -287,6 +292,44 @@ def test_prompt_pipeline_flag_messages(tmp_path, capsys):
         assert err.count("\n") == 1 and "--negative-prompt: negative prompt 'blurry' is ignored: classifier-free " \
             "guidance is off" in err, err
     assert not (tmp_path / "o.png").exists()
+    # a TAESD that is not there is refused before the UNet and the text encoder load, naming the flag
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PeRFlowPipeline, "load", classmethod(lambda *a, **k: loads.append(1)))
+        assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--taesd", str(tmp_path / "taesd"),
+                    "--out", str(tmp_path / "o.png")]) == 1
+        assert f"--taesd {tmp_path / 'taesd'}: no such directory" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="no config.json: not a diffusers AutoencoderTiny directory"):
+            PeRFlowPipeline.from_diffusers(pipe, taesd=tmp_path)  # the library's own check, before loading
+    assert not loads
+    assert cli(["generate", "--model", str(pipe), "--prompt", "a cat", "--max-sequence-length", "100",
+                "--out", str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-sequence-length 100: this pipeline's CLIP text is" in err, err
+    # export: a taken output directory refused before the model loads (it was after, with a full load)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "f").write_text("x")
+    with pytest.MonkeyPatch.context() as mp:
+        from streamflow_jax import cli as cli_module
+
+        mp.setattr(cli_module, "_load_for_graph", lambda *a, **k: loads.append(1))
+        assert cli(["export", str(pipe), str(tmp_path / "taken")]) == 1
+    assert not loads
+    assert "taken: already exists and is not empty" in capsys.readouterr().err
+    assert cli(["export", str(DIGITS_DIR), str(tmp_path / "e"), "-q", "--resolution", "4096"]) == 1
+    assert "--resolution 4096: resolution up to 4096 px exceeds" in capsys.readouterr().err
+
+
+def test_out_of_memory_and_a_file_for_a_model_are_said_plainly(tmp_path, capsys):
+    """XLA's out-of-memory error gets what to lower; a file that is no model is said to be one
+    (it was 'unreadable safetensors file (... header too large)')."""
+    assert cli(["generate", "--per-digit", "100000", "--steps", "1", "-q", "--out", str(tmp_path / "d.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: out of memory on the CPU (" in err and "--per-digit" in err, err
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a model\n" * 100)
+    assert cli(["bench", str(readme)]) == 1
+    err = capsys.readouterr().err
+    assert f"{readme}: not a safetensors file (give a model or pipeline directory, or a .safetensors" in err, err
 
 
 def test_version_and_plain_help(capsys):

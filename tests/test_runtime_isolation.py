@@ -385,7 +385,7 @@ def test_every_off_spelling_keeps_the_cache_off_through_the_entry_points(tmp_pat
     cache directory is still unset, its minimum compile time JAX's, and nothing is written under
     ``$STREAMFLOW_JAX_CACHE`` or ``~/.cache``. Then unset: the default turns it on there (the
     same process: the settings above were really read)."""
-    spellings = ["0", "false", "off", "no", "none", "disabled"]
+    spellings = ["0", "false", "off", "no", "none", "disable", "disabled"]
     seen, stderr = _cache_run(tmp_path, [*spellings, None])
     assert [s["setting"] for s in seen] == [*spellings, None]
     for step in seen[:-1]:

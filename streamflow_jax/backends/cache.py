@@ -16,7 +16,7 @@ import jax
 
 CACHE_ENV = "STREAMFLOW_JAX_CACHE"
 XLA_CACHE_ENV = "STREAMFLOW_JAX_XLA_CACHE"  # "0" (off, none...) turns the persistent compilation cache off; a path moves it
-_OFF = ("0", "false", "off", "no", "none", "disabled")
+_OFF = ("0", "false", "off", "no", "none", "disabled", "disable")
 _DEFAULT = ("", "1", "true", "on", "yes")
 
 

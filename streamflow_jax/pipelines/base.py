@@ -26,7 +26,7 @@ from streamflow_jax.backends.cache import enable_compilation_cache
 from streamflow_jax.checkpoint import refuse_missing_components
 from streamflow_jax.errors import ConfigError
 from streamflow_jax.models import decode_latents, encode_latents, pixels_to_latent
-from streamflow_jax.pipelines.images import check_output_type, images_to_array, to_float_images, to_uint8
+from streamflow_jax.pipelines.images import check_output_type, check_taesd, images_to_array, to_float_images, to_uint8
 from streamflow_jax.sampling import Guidance, check_seed, per_element_rule, seeded_noise
 from streamflow_jax.sharding import shard_batch
 
@@ -132,6 +132,8 @@ class Pipeline:
         _refuse_load_keywords(klass, kwargs)
         if (Path(path) / "model_index.json").is_file():  # an incomplete download, before any weight is read
             refuse_missing_components(Path(path), error=ConfigError)
+        if kwargs.get("taesd") is not None:
+            check_taesd(kwargs["taesd"])
         enable_compilation_cache()
         return klass.load(Path(path), **kwargs)
 

@@ -18,6 +18,17 @@ from streamflow_jax.errors import ConfigError, ConversionError, check_count, is_
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
+def check_taesd(taesd) -> None:
+    """A TAESD given to a pipeline's ``load`` is a model directory: refused before the pipeline's
+    other components load (it is loaded last, after the velocity model and the text encoders)."""
+    where = Path(taesd)
+    if not where.is_dir():
+        raise ConfigError(f"{taesd}: {'not a directory' if where.exists() else 'no such directory'} (a TAESD is a "
+                          "diffusers AutoencoderTiny directory, e.g. madebyollin/taesd, or one sf.convert made)")
+    if not (where / "config.json").is_file():
+        raise ConfigError(f"{taesd}: no config.json: not a diffusers AutoencoderTiny directory")
+
+
 def load_autoencoder(path: Path, taesd=None, *, for_model=None, **opts):
     """A pipeline's ``vae/``, or a TAESD directory given instead (``opts``: ``load``'s).
 
