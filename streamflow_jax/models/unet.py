@@ -184,8 +184,8 @@ class UNetConfig:
         counts = {"down_blocks": len(self.down_block_types), "up_blocks": len(self.up_block_types)}
         levels = (("down_blocks", self.down_block_types, self.resnets_per_block, self.down_layers),
                   ("up_blocks", self.up_block_types, [n + 1 for n in self.resnets_per_block[::-1]], self.up_layers))
-        for name, types, resnets, layers in levels:
-            for i, (kind, n, per_attention) in enumerate(zip(types, resnets, layers)):
+        for name, types, resnets, depths in levels:
+            for i, (kind, n, per_attention) in enumerate(zip(types, resnets, depths)):
                 counts[f"{name}.{i}.resnets"] = n
                 if kind.startswith("CrossAttn"):
                     counts[f"{name}.{i}.attentions"] = n
