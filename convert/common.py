@@ -246,7 +246,7 @@ class TensorSource:
                     out[key] = TensorInfo(path, tuple(sl.get_shape()), str(sl.get_dtype()))
                 return out
         except (SafetensorError, OSError) as e:
-            if path.suffix != ".safetensors":  # README.md, an image: a file given where a model goes
+            if path.suffix.lower() not in (".safetensors", ".sft"):  # README.md, an image: a file given where a model goes
                 raise ConversionError(f"{path}: not a safetensors file (give a model or pipeline directory, or a "
                                       f".safetensors checkpoint; {e})") from None
             raise ConversionError(f"{path}: unreadable safetensors file ({e})") from None

@@ -150,10 +150,7 @@ class DeviceWorker:
                 stream.tick()
             elif self._jobs:  # only outputs on their way to the host
                 stream.engine.wait()
-            results = stream.pop_results(wait=not stream.pending)
-            # the gauge before the answers: a client answered reads no slot its request held
-            self.occupied = sum(r is not None for r in stream.engine.scheduler.requests)
-            self._deliver(results)
+            self._deliver(stream.pop_results(wait=not stream.pending))
             if self._on_tick is not None:
                 self._on_tick(self)
             if stop and not self._jobs and not stream.pending:
@@ -180,14 +177,20 @@ class DeviceWorker:
                 self.stream.cancel(job.rid)
 
     def _deliver(self, results: dict) -> None:
-        for rid, out in results.items():
-            job = self._jobs.pop(rid, None)
-            if job is not None:
-                self._resolve(job, out)
-
-    def _resolve(self, job: Job, out) -> None:
+        """Answers the finished jobs, after the gauges count them out: a client answered reads
+        neither a slot nor a queue place its request held."""
+        done = [(job, out) for job, out in ((self._jobs.pop(rid, None), out) for rid, out in results.items())
+                if job is not None]
         with self._lock:
-            self.outstanding -= 1
+            self.outstanding -= len(done)
+        self.occupied = sum(r is not None for r in self.stream.engine.scheduler.requests)
+        for job, out in done:
+            self._resolve(job, out, counted=True)
+
+    def _resolve(self, job: Job, out, counted: bool = False) -> None:
+        if not counted:
+            with self._lock:
+                self.outstanding -= 1
         if isinstance(out, Exception) or out is None:
             if out is not None and not job.cancelled:
                 with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by its waiter
