@@ -298,7 +298,7 @@ def test_convert_calibrated_pipeline_and_tensorrt_export(tmp_path, capsys):
             (["--quantize", "fp8", "--calibrate", str(tmp_path / "none.txt")], "none.txt: cannot read it"),
             (["--quantize", "fp8", "--calibration-steps", "2"], "--calibration-steps goes with --calibrate FILE"),
             (["--quantize", "fp8", "--calibrate", str(prompts), "--calibration-steps", "0"],
-             "calibration_steps: steps must be in [1, 1000], got 0")):
+             "--calibration-steps must be in [1, 1000], got 0")):
         assert cli(["convert", str(tmp_path / "pipe"), str(tmp_path / "bad"), *argv, "-q"]) == 1
         assert message in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n \n")
