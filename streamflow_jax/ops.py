@@ -483,10 +483,32 @@ def conv1x1_choice(setting: str | None = None, platform: str | None = None) -> s
     return setting
 
 
+CONCAT_PRODUCT_ENV = "STREAMFLOW_JAX_CONCAT_PRODUCT"
+
+
+def concat_product_choice(setting: str | None = None) -> str:
+    """How a linear layer of concatenated inputs runs (Flux's single blocks: ``proj_out`` of
+    the attention's and the MLP's outputs side by side, ``layers.linear_of_concat``):
+    ``"concat"`` (the concatenation written out, then one product, as diffusers does) or
+    ``"split"`` (one product per part with its rows of the kernel, summed: the same numbers up
+    to float rounding, and no concatenated copy). The H200 profile of Flux-dev (2026-11-30)
+    shows that copy: 141 MB a single block, about 4.2 ms of its 136.8 ms call; split, the second
+    product takes the first's result as its C operand where XLA's GemmRewriter fuses the add.
+
+    ``$STREAMFLOW_JAX_CONCAT_PRODUCT`` (or ``setting``): ``auto`` (unset) keeps ``concat`` until
+    a device measures ``split`` (``benchmarks/levers_gpu.py``'s ``split_concat``); or either by
+    name. Read when a function is traced; an ONNX export always writes the concatenation.
+    """
+    setting = (os.environ.get(CONCAT_PRODUCT_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
+    if setting not in ("auto", "concat", "split"):
+        raise ValueError(f"{CONCAT_PRODUCT_ENV}={setting!r}: expected auto, concat or split")
+    return "concat" if setting == "auto" else setting
+
+
 def trace_switches() -> tuple[str, ...]:
     """What a model's function reads while it is traced: the environment switches
-    (``$STREAMFLOW_JAX_ATTENTION``, ``$STREAMFLOW_JAX_GROUPNORM``, ``$STREAMFLOW_JAX_CONV1X1``) as
-    they are set now, and the ``target_device`` (its platform, kind and compute capability;
+    (``$STREAMFLOW_JAX_ATTENTION``, ``$STREAMFLOW_JAX_GROUPNORM``, ``$STREAMFLOW_JAX_CONV1X1``,
+    ``$STREAMFLOW_JAX_CONCAT_PRODUCT``) as they are set now, and the ``target_device`` (its platform, kind and compute capability;
     empty outside one). Part of a model's pytree structure (``FlowModel``, the stream engine's
     pinned models) and of its velocity's static arguments, so that a jitted function taking a
     model traces again when one of them changes within a process, instead of running the
@@ -494,7 +516,8 @@ def trace_switches() -> tuple[str, ...]:
     target = _TARGET.get()
     where = "" if target is None else (f"{target.platform}:{getattr(target, 'device_kind', '')}:"
                                        f"{getattr(target, 'compute_capability', '')}")
-    return (*(os.environ.get(name, "") for name in (ATTENTION_ENV, GROUPNORM_ENV, CONV1X1_ENV)), where)
+    return (*(os.environ.get(name, "") for name in (ATTENTION_ENV, GROUPNORM_ENV, CONV1X1_ENV, CONCAT_PRODUCT_ENV)),
+            where)
 
 
 SCAN_BLOCKS_ENV = "STREAMFLOW_JAX_SCAN_BLOCKS"

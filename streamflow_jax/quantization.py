@@ -109,6 +109,26 @@ class Fp8Linear(nnx.Module):
         y = ops.fp8_matmul(x, self.weight[...], self.weight_scale[...], input_scale)
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
+    def of_parts(self, parts):  # [..., in_i] each -> [..., out]: self(concatenate(parts, -1))
+        """One FP8 product per part with its columns of the weight, summed
+        (``layers.linear_of_concat``): the parts quantized with the concatenation's scale (the
+        static one, or one from the largest magnitude of all of them), so each e4m3 operand is
+        the slice of the concatenation's."""
+        if self.calibration is not None:
+            for x in parts:
+                report_amax(*self.calibration, x)
+        if self.input_scale is not None:
+            scale = self.input_scale[...]
+        else:
+            amax = functools.reduce(jnp.maximum, [jax.lax.reduce_max(jnp.abs(x).astype(jnp.float32),
+                                                                     tuple(range(x.ndim))) for x in parts])
+            scale = ops.fp8_scale(amax)
+        weight, y, start = self.weight[...], None, 0
+        for x in parts:
+            term = ops.fp8_matmul(x, weight[:, start:start + x.shape[-1]], self.weight_scale[...], scale)
+            y, start = term if y is None else y + term, start + x.shape[-1]
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
 
 @jax.jit
 def _quantize_kernel(kernel):  # [in, out] -> [out, in] e4m3, scalar float32 scale

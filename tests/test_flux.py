@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import diffusers
 import jax
+import jax.extend
 import numpy as np
 import pytest
 import torch
@@ -77,6 +78,41 @@ def test_velocity_matches_diffusers(tmp_path, guidance, height, width):
     # each element used its own t and guidance: element 1 alone gives the same
     one = {k: v[1:2] for k, v in cond.items()}
     np.testing.assert_allclose(np.asarray(_velocity(model, x[1:2], t[1:2], one)), got[1:2], rtol=1e-5, atol=1e-5)
+
+
+def _concat_widths(model, x, t, cond) -> list[int]:
+    """The last-axis widths of the concatenations in the traced velocity."""
+    jaxpr = jax.make_jaxpr(lambda x: model.velocity(x, t, cond))(x)
+    found = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "concatenate" and eqn.params["dimension"] == eqn.outvars[0].aval.ndim - 1:
+                found.append(eqn.outvars[0].aval.shape[-1])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jaxpr.jaxpr)
+    return found
+
+
+def test_split_concat_product_matches_diffusers(tmp_path, monkeypatch):
+    """``$STREAMFLOW_JAX_CONCAT_PRODUCT=split``: the single blocks' ``proj_out`` as one product
+    per part (attention, MLP), with no concatenated copy; the velocity still diffusers'."""
+    ref = make_flux(tmp_path / "src", True, seed=3)
+    model = sf.load(tmp_path / "src")
+    x, t, cond = flux_inputs(2, 6, 10, seed=3)
+    want = reference_velocity(ref, x, t, cond)
+    d = FLUX_TINY["num_attention_heads"] * FLUX_TINY["attention_head_dim"]
+    assert _concat_widths(model, x, t, cond).count(5 * d) == FLUX_TINY["num_single_layers"]
+    concat = np.asarray(_velocity(model, x, t, cond))
+    monkeypatch.setenv("STREAMFLOW_JAX_CONCAT_PRODUCT", "split")
+    assert 5 * d not in _concat_widths(model, x, t, cond)
+    split = np.asarray(_velocity(model, x, t, cond))  # traced again: the switch is part of the jit's key
+    assert _rel(split, want) <= 1e-4
+    assert _rel(split, concat) <= 1e-5
+    monkeypatch.setenv("STREAMFLOW_JAX_CONCAT_PRODUCT", "sideways")
+    with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_CONCAT_PRODUCT='sideways': expected auto, concat or split"):
+        model.velocity(x, t, cond)
 
 
 def test_guidance_errors(tmp_path):

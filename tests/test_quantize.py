@@ -107,6 +107,27 @@ def test_flux_velocity(tmp_path, guidance):
     assert 0.01 < _rel(got, want) <= VS_FLOAT32
 
 
+def test_flux_split_concat_product(tmp_path, monkeypatch):
+    """FP8 ``proj_out`` split over its parts (``$STREAMFLOW_JAX_CONCAT_PRODUCT=split``) quantizes
+    each part with the concatenation's scale: the emulation's numbers, dynamic and calibrated, and
+    calibration measures the same scales."""
+    from test_calibrate import _scales
+
+    ref = make_flux(tmp_path / "src", True, seed=4)
+    x, t, cond = flux_inputs(3, 8, 8, seed=4)
+    q = quantize(sf.load(tmp_path / "src"), "fp8")
+    fake_quantize_diffusers(ref, FAMILIES["FluxTransformer2DModel"].fp8_linears)
+    want = reference_velocity(ref, x, t, cond)
+    concat = np.asarray(q.velocity(x, t, cond))
+    static = sf.calibrate(q, lambda m: m.velocity(x, t, cond))
+    static_concat = np.asarray(static.velocity(x, t, cond))
+    monkeypatch.setenv("STREAMFLOW_JAX_CONCAT_PRODUCT", "split")
+    split = np.asarray(q.velocity(x, t, cond))
+    assert _rel(split, want) <= VS_EMULATION and _rel(split, concat) <= VS_EMULATION
+    assert _scales(sf.calibrate(q, lambda m: m.velocity(x, t, cond))) == _scales(static)
+    assert _rel(static.velocity(x, t, cond), static_concat) <= VS_EMULATION
+
+
 def test_unet_noise_prediction(tmp_path):
     """The UNet's rule: the linears of its transformer blocks (attention and GEGLU), checked on
     diffusers' own UNet with the same emulation; convolutions and embeddings stay float32."""

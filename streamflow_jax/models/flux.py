@@ -149,7 +149,7 @@ class FluxSingleTransformerBlock(nnx.Module):
     def __call__(self, h, temb, rope):  # [B, L+M, D], [B, D] -> [B, L+M, D]
         normed, (gate,) = self.norm(h, temb)
         mlp = jax.nn.gelu(self.proj_mlp(normed), approximate=True)
-        out = self.proj_out(jnp.concatenate([self.attn(normed, rope=rope), mlp], axis=-1))
+        out = layers.linear_of_concat(self.proj_out, [self.attn(normed, rope=rope), mlp])
         return layers.clip_f16(h + gate[:, None] * out)
 
 

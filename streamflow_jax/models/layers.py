@@ -35,6 +35,31 @@ class Linear(nnx.Module):
         y = jnp.matmul(x, self.kernel[...].astype(x.dtype))
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
+    def of_parts(self, parts):  # [..., in_i] each -> [..., out]: self(concatenate(parts, -1))
+        """One product per part with its rows of the kernel, summed (``linear_of_concat``)."""
+        kernel, y, start = self.kernel[...], None, 0
+        for x in parts:
+            term = jnp.matmul(x, kernel[start:start + x.shape[-1]].astype(x.dtype))
+            y, start = term if y is None else y + term, start + x.shape[-1]
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+def linear_of_concat(layer, parts):
+    """``layer(jnp.concatenate(parts, axis=-1))``, or, where ``ops.concat_product_choice()`` is
+    ``"split"`` (and not while exporting), the layer's ``of_parts``: one product per part, no
+    concatenated copy."""
+    width = sum(x.shape[-1] for x in parts)
+    if ops.concat_product_choice() == "split" and not ops.is_exporting() and hasattr(layer, "of_parts"):
+        if width != layer_in_features(layer):
+            raise ValueError(f"parts of {width} features for a layer of {layer_in_features(layer)}")
+        return layer.of_parts(parts)
+    return layer(jnp.concatenate(parts, axis=-1))
+
+
+def layer_in_features(layer) -> int:
+    """A linear layer's input width (``Linear``'s kernel is ``[in, out]``, FP8's weight ``[out, in]``)."""
+    return layer.kernel.shape[0] if hasattr(layer, "kernel") else layer.weight.shape[1]
+
 
 def project(x, *linears) -> list:
     """``[linear(x) for linear in linears]``: several projections of one input (queries, keys
