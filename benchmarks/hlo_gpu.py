@@ -156,6 +156,13 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     # ... unrolled again by XLA after its HLO passes (the slices become static)
     "scan_blocks_unrolled": ({"STREAMFLOW_JAX_SCAN_BLOCKS": "on"},
                              {"xla_gpu_enable_while_loop_unrolling": "WHILE_LOOP_UNROLLING_FULL_UNROLL"}, "bf16"),
+    # Flux's single blocks: proj_out as one product per part, no concatenated [attention, MLP]
+    # ($STREAMFLOW_JAX_CONCAT_PRODUCT=split); then with cuBLAS GEMMs and no merged products
+    "split_concat": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"}, {}, "bf16"),
+    "split_concat_cublas_nomerge": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"},
+                                    {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0},
+                                    "bf16"),
+    "fp8_split_concat": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"}, {}, "fp8"),
 }
 APPLIES = {  # which variants make a different program for which workload
     "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
@@ -170,7 +177,8 @@ APPLIES = {  # which variants make a different program for which workload
             "scan_blocks_unrolled"),
     "flux": ("default", "dot_merger_off", "triton_gemm_off", "triton_gemm_off_nomerge", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8",
              "fp8_static_attention_fp8_static", "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas",
-             "scan_blocks_dsf_cublas_nomerge", "scan_blocks_unrolled"),
+             "scan_blocks_dsf_cublas_nomerge", "scan_blocks_unrolled", "split_concat", "split_concat_cublas_nomerge",
+             "fp8_split_concat"),
     "fp8_forms": ("default", "triton_gemm_off"),
 }
 

@@ -338,7 +338,8 @@ def test_xla_knows_every_lever_flag():
     assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
     assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
     switches = {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, ops.CONV_LAYOUT_ENV, ops.CONV1X1_ENV, ops.SCAN_BLOCKS_ENV, TICK_ENV,
-                TICK_GRAPHS_ENV, ops.GEMM_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"}
+                TICK_GRAPHS_ENV, ops.GEMM_ENV, ops.CONCAT_PRODUCT_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE",
+                "XLA_PYTHON_CLIENT_ALLOCATOR"}
     assert all(env_extra.keys() <= switches for _, env_extra in VARIANTS.values())
     assert NEWER_XLA <= set(VARIANTS)  # the flags only a newer XLA parses: named, and checked there (JAX 0.12)
 
