@@ -20,8 +20,8 @@
 #            SD3-medium: cuBLAS GEMMs without DotMerger, DotMerger off, Triton GEMMs off, scanned
 #            blocks, graphs off, FP8 attention, scanned blocks with dynamic-slice fusion, GEMM
 #            backends, preallocation, autotune (280 s); levers-flux: Flux-dev with cuBLAS GEMMs
-#            without DotMerger, the single blocks' [attention, MLP] product split (alone and with cuBLAS),
-#            DotMerger off, its 57 blocks scanned, with and without
+#            without DotMerger, DotMerger off, the single blocks' [attention, MLP] product split,
+#            its 57 blocks scanned, with and without
 #            dynamic-slice fusion: compile and call time (400 s)
 #   stream   the seed's setting: SD1.5 UNet + TAESD, PeRFlow 4 steps, stream batch (stream_sd15.py)
 #   sd3      SD3-medium velocity call vs diffusers eager and torch.compile, per call, queued, and in an
