@@ -22,8 +22,9 @@ For each workload and variant, from the compiled program's text:
 - ``attention``: cuDNN fused attention calls; ``convs``: cuDNN convolution calls;
 - ``param_transposes``: kernels that only lay a parameter out again (a weight transposed at
   every call);
-- ``traffic_mb``: what each category's kernels read and write a call (operands whole, results
-  without a library call's workspace; a bound, as a fusion may read part of an operand), and
+- ``traffic_mb``: what each category's kernels read and write a call (operands whole, or the
+  slices a kernel takes of them; results without a library call's workspace; a bound, as a
+  fusion may still read part of an operand it uses otherwise), and
   ``memory_bound_ms``: the copy, elementwise and norm kernels' traffic at the H200's 4.8 TB/s,
   the least time they take (what removing a copy can save; GEMMs and attention are not in it);
 - ``command_buffers``: CUDA graphs visible in the HLO (XLA 0.10 forms them afterwards, from
@@ -234,6 +235,49 @@ def shape_bytes(type_text: str, first_only: bool = False) -> float:
     return total
 
 
+_SLICES = {"slice", "dynamic-slice"}
+_VIEWS = {"bitcast", "reshape"}  # a parameter seen through these is still read where it is sliced
+
+
+def operand_read_bytes(inst: dict, comps: dict, types: dict) -> float:
+    """What a kernel reads of its operands: each whole, except an operand that a fusion (or a
+    bare slice) only slices, which is read as the slices' bytes (a kernel that copies a weight's
+    rows reads those rows, not the weight)."""
+    operands = [shape_bytes(types.get(o, "")) for o in inst["operands"]]
+    if inst["op"] in _SLICES:
+        return shape_bytes(inst["type"]) + sum(operands[1:])  # dynamic-slice: + its index scalars
+    if inst["op"] != "fusion" or not inst["called"]:
+        return sum(operands)
+    body = comps.get(inst["called"][0], [])
+    users: dict[str, list[dict]] = {}
+    for i in body:
+        for o in i["operands"]:
+            users.setdefault(o, []).append(i)
+
+    def sliced(name: str, depth: int = 0) -> float | None:  # bytes of its slices, or None if read whole
+        uses = users.get(name, [])
+        total = 0.0
+        for use in uses:
+            if use["op"] in _SLICES and use["operands"][0] == name:
+                total += shape_bytes(use["type"])
+            elif use["op"] in _VIEWS and depth < 8:
+                part = sliced(use["name"], depth + 1)
+                if part is None:
+                    return None
+                total += part
+            else:
+                return None
+        return total if uses else None
+
+    read = 0.0
+    params = {int(i["operands"][0]): i["name"] for i in body if i["op"] == "parameter" and i["operands"]
+              and i["operands"][0].isdigit()}
+    for k, whole in enumerate(operands):
+        part = sliced(params[k]) if k in params else None
+        read += whole if part is None else min(part, whole)
+    return read
+
+
 def summarize_hlo(text: str) -> dict:
     """Kernel launches per call of a compiled GPU program, by category and by kind (see the
     module's docstring). A loop's body counts once per iteration where XLA knows the trip count
@@ -279,10 +323,11 @@ def summarize_hlo(text: str) -> dict:
                 counts["param_transposes"] += 1
             category = categories.get(inst["name"], "other")
             cats[category] += times
-            # what the kernel reads (its operands, whole) and writes (a library call's result
-            # without its scratch workspace): a memory-bound kernel's time at full bandwidth
-            traffic[category] += times * (shape_bytes(inst["type"], first_only=op == "custom-call") + sum(
-                shape_bytes(types.get(o, "")) for o in inst["operands"]))
+            # what the kernel reads (its operands, whole, or the slices it takes of them) and
+            # writes (a library call's result without its scratch workspace): a memory-bound
+            # kernel's time at full bandwidth
+            traffic[category] += times * (shape_bytes(inst["type"], first_only=op == "custom-call")
+                                          + operand_read_bytes(inst, comps, types))
             kind = gemm_kind(inst, comps, types)
             if kind:
                 gemms[kind] += times

@@ -214,7 +214,8 @@ def parse_hlo(text: str) -> tuple[str, str, dict[str, list[dict]]]:
         if m and current is not None:
             rest = " " + m[2]
             op = _OPCODE.search(rest)
-            args = rest[op.end():].split(")", 1)[0] if op else ""
+            # the operands, without the comments XLA puts among them (``/*index=5*/``, every fifth)
+            args = re.sub(r"/\*.*?\*/", " ", rest[op.end():].split(")", 1)[0]) if op else ""
             target, kind, trip = _TARGET.search(rest), _KIND.search(rest), _TRIP.search(rest)
             current.append({
                 "name": m[1], "type": rest[:op.start()].strip() if op else "", "op": op[1] if op else "",

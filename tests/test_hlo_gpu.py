@@ -8,7 +8,8 @@ dequantized operands; the tiny SD3 config's velocity with static FP8 scales; the
 decoder with HWIO and with OHWI kernels (``--workloads taesd --variants default conv_ohwi``); the
 tiny SD3 with cuDNN's FP8 attention (``--workloads sd3 --variants attention_fp8``); the tiny Flux
 (2 double and 2 single blocks) unrolled and with its blocks scanned (``--workloads flux --variants
-default scan_blocks``). The CUDA plugin itself (4 GB) is not installed for the suite.
+default scan_blocks``); the tiny Flux with its single blocks' product split and cuBLAS GEMMs
+(``--workloads flux --variants split_concat_cublas_nomerge``). The CUDA plugin itself (4 GB) is not installed for the suite.
 """
 
 from __future__ import annotations
@@ -144,3 +145,29 @@ def test_summarize_reads_programs_written_before(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no *.hlo.txt or *.hlo.txt.gz file in" in proc.stderr
 
+
+
+def test_a_kernel_that_slices_its_operand_reads_the_slice():
+    """The tiny Flux with its single blocks' ``proj_out`` split ($STREAMFLOW_JAX_CONCAT_PRODUCT=
+    split) and cuBLAS GEMMs: every call copies each block's two row blocks of the kernel (slice
+    kernels: a library call reads no slice in place). Such a kernel reads the rows it copies, not
+    the whole weight; a kernel that reads its operands otherwise reads them whole."""
+    from hlo_gpu import operand_read_bytes, shape_bytes
+    from profile_summary import parse_hlo
+
+    _, entry, comps = parse_hlo(_program("flux.split_concat_cublas_nomerge"))
+    insts = comps[entry]
+    types = {i["name"]: i["type"] for i in insts}
+    slices = [i for i in insts if i["op"] == "fusion" and i["called"][0].startswith("wrapped_slice")]
+    weights = {i["operands"][0] for i in slices}
+    assert len(slices) == 4 and len(weights) == 2 and all("proj_out" in w for w in weights)  # 2 single blocks
+    for weight in weights:  # the two slices of a weight make the whole of it
+        parts = [i for i in slices if i["operands"][0] == weight]
+        assert sum(shape_bytes(i["type"]) for i in parts) == shape_bytes(types[weight])
+        for inst in parts:
+            assert operand_read_bytes(inst, comps, types) == shape_bytes(inst["type"]) < shape_bytes(types[weight])
+    others = [i for i in insts if i["op"] == "fusion" and not i["called"][0].startswith("wrapped_slice")
+              and any(c["op"] == "concatenate" for c in comps[i["called"][0]])]
+    assert others
+    for inst in others:
+        assert operand_read_bytes(inst, comps, types) == sum(shape_bytes(types[o]) for o in inst["operands"])
