@@ -113,8 +113,8 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # both: cuBLAS(Lt) GEMMs (what the H200's autotuner picked for the transformers' products
     # anyway: nvjet kernels in the profile) with XLA's GemmRewriter fusing their epilogues (bias,
     # Flux's tanh GELU, the residual add), and no concatenated weights. Compiled for an H200
-    # here (hlo_gpu.py, 2026-12-01), the memory-bound kernels' traffic falls from 4.8 to 2.4 ms
-    # a call at full bandwidth for SD3-medium, 9.5 to 7.6 ms for Flux-dev
+    # here (hlo_gpu.py, 2026-12-01, recounted), the memory-bound kernels' traffic falls from 3.9 to
+    # 2.3 ms a call at full bandwidth for SD3-medium, 9.4 to 7.5 ms for Flux-dev
     "triton_gemm_off_nomerge": ("--xla_gpu_enable_triton_gemm=false --xla_gpu_dot_merger_threshold_mb=0", {}),
     # the same as the library's switch ($STREAMFLOW_JAX_GEMM=cublas, ops.gemm_choice): the two
     # options on the library's programs only (sampling, velocity, the tick; the benchmarks'
@@ -144,7 +144,7 @@ GROUPS = {
     # the first run's group a (1.133, 0.94, 1.005, 1.031, 1.062 on the H200): kept to rerun
     "a0": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
     # (2026-12-01: the GEMM levers first; compiled for an H200 here the UNet step's memory-bound
-    # traffic is 1.63 ms a call at full bandwidth, 1.29 without DotMerger, 1.03 with cuBLAS too)
+    # traffic is 1.42 ms a call at full bandwidth, 1.30 without DotMerger, 1.04 with cuBLAS too)
     "b": ("default", "gemm_cublas", "dot_merger_off", "groupnorm_channels", "attention_fp8",
           "attention_40_xla", "triton_gemm_off", "cublaslt", "cudnn_gemm_fusion",
           "exhaustive_tiling", "autotune_0", "cmdbuf_all", "cmdbuf_min1", "attention_xla", "default_again"),
@@ -158,9 +158,9 @@ GROUPS = {
                     "prealloc", "default_again"),
     # Flux-dev (levers-flux): the same GEMM levers, then the scan, where it compiles the most blocks (57)
     # (2026-12-01: and the single blocks' concatenation split, after DotMerger: compiled for an
-    # H200 here it barely moves the memory-bound traffic, 9.50 -> 9.38 ms a call at bandwidth, and
-    # nothing on top of cuBLAS, so split_concat_cublas stays out of the group; a variant past the
-    # budget is skipped and said so)
+    # H200 here it barely moves the memory-bound traffic, 9.39 -> 9.28 ms a call at bandwidth, and
+    # 7.49 -> 6.75 on top of cuBLAS, which adds 76 slice kernels: split_concat_cublas stays out of
+    # the group; a variant past the budget is skipped and said so)
     "scan": ("default", "gemm_cublas", "dot_merger_off", "split_concat", "scan_blocks", "scan_blocks_dsf",
              "default_again"),
     "all": tuple(VARIANTS),

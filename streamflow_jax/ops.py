@@ -561,7 +561,7 @@ def gemm_choice(setting: str | None = None, platform: str | None = None) -> str:
 
     ``$STREAMFLOW_JAX_GEMM`` (or ``setting``): ``auto`` (unset), ``xla``, ``cublas``. ``auto``
     is ``xla`` until a device measures ``cublas`` (``benchmarks/levers_gpu.py``'s ``gemm_cublas``;
-    compiled for an H200 on a CPU, it halves SD3-medium's memory-bound traffic, see RESULTS.md).
+    compiled for an H200 on a CPU, it cuts SD3-medium's memory-bound traffic by 41%, see RESULTS.md).
     Read when a program is compiled (``compiler_options``); a CPU has no such choice."""
     setting = (os.environ.get(GEMM_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
     if setting not in ("auto", "xla", "cublas"):
