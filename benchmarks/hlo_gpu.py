@@ -53,7 +53,8 @@ linears), ``dot_merger_off`` (XLA does not merge the products of one input), ``s
 and cuBLAS GEMMs (``_dsf_cublas``), and without DotMerger too (``_dsf_cublas_nomerge``), and
 unrolled again by XLA (``_unrolled``), ``split_concat`` (Flux's single blocks: ``proj_out`` as
 one product per part, no concatenated [attention, MLP]), with cuBLAS and no DotMerger
-(``_cublas_nomerge``), and in FP8 (``fp8_split_concat``). A variant that does not apply to a workload is skipped.
+(``_cublas_nomerge``), and in FP8 (``fp8_split_concat``). A variant that does not apply to a
+workload is skipped.
 
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
         [--out FILE] [--hlo-dir DIR]

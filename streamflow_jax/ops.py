@@ -492,8 +492,10 @@ def concat_product_choice(setting: str | None = None) -> str:
     ``"concat"`` (the concatenation written out, then one product, as diffusers does) or
     ``"split"`` (one product per part with its rows of the kernel, summed: the same numbers up
     to float rounding, and no concatenated copy). The H200 profile of Flux-dev (2026-11-30)
-    shows that copy: 141 MB a single block, about 4.2 ms of its 136.8 ms call; split, the second
-    product takes the first's result as its C operand where XLA's GemmRewriter fuses the add.
+    shows that copy: 141 MB a single block, about 4.2 ms of its 136.8 ms call. Compiled for an
+    H200 on a CPU, split saves little: XLA's GEMMs get the concatenation written by the GELU's
+    kernel anyway, and cuBLAS GEMMs (which take the first product as the second's C operand)
+    copy the kernel's row blocks at every call instead (``benchmarks/RESULTS.md``).
 
     ``$STREAMFLOW_JAX_CONCAT_PRODUCT`` (or ``setting``): ``auto`` (unset) keeps ``concat`` until
     a device measures ``split`` (``benchmarks/levers_gpu.py``'s ``split_concat``); or either by
@@ -508,8 +510,8 @@ def concat_product_choice(setting: str | None = None) -> str:
 def trace_switches() -> tuple[str, ...]:
     """What a model's function reads while it is traced: the environment switches
     (``$STREAMFLOW_JAX_ATTENTION``, ``$STREAMFLOW_JAX_GROUPNORM``, ``$STREAMFLOW_JAX_CONV1X1``,
-    ``$STREAMFLOW_JAX_CONCAT_PRODUCT``) as they are set now, and the ``target_device`` (its platform, kind and compute capability;
-    empty outside one). Part of a model's pytree structure (``FlowModel``, the stream engine's
+    ``$STREAMFLOW_JAX_CONCAT_PRODUCT``) as they are set now, and the ``target_device`` (its
+    platform, kind and compute capability; empty outside one). Part of a model's pytree structure (``FlowModel``, the stream engine's
     pinned models) and of its velocity's static arguments, so that a jitted function taking a
     model traces again when one of them changes within a process, instead of running the
     program traced under the old setting (a trace made for a GPU target, reused on this CPU)."""

@@ -63,7 +63,7 @@ from flax import nnx
 from streamflow_jax import ops
 from streamflow_jax.errors import is_real_number
 from streamflow_jax.models.flow import FlowModel
-from streamflow_jax.models.layers import Attention, Linear, set_at
+from streamflow_jax.models.layers import Attention, Linear, set_at, sum_of_parts
 
 MODES = ("fp8",)
 TENSORRT_REFUSAL = ("FP8 models with dynamic activation scales do not build as TensorRT engines: their activations "
@@ -120,13 +120,9 @@ class Fp8Linear(nnx.Module):
         if self.input_scale is not None:
             scale = self.input_scale[...]
         else:
-            amax = functools.reduce(jnp.maximum, [jax.lax.reduce_max(jnp.abs(x).astype(jnp.float32),
-                                                                     tuple(range(x.ndim))) for x in parts])
-            scale = ops.fp8_scale(amax)
-        weight, y, start = self.weight[...], None, 0
-        for x in parts:
-            term = ops.fp8_matmul(x, weight[:, start:start + x.shape[-1]], self.weight_scale[...], scale)
-            y, start = term if y is None else y + term, start + x.shape[-1]
+            scale = ops.fp8_scale(functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in parts]))
+        weight, weight_scale = self.weight[...], self.weight_scale[...]
+        y = sum_of_parts(parts, lambda x, cols: ops.fp8_matmul(x, weight[:, cols], weight_scale, scale))
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 

@@ -9,7 +9,8 @@ decoder with HWIO and with OHWI kernels (``--workloads taesd --variants default 
 tiny SD3 with cuDNN's FP8 attention (``--workloads sd3 --variants attention_fp8``); the tiny Flux
 (2 double and 2 single blocks) unrolled and with its blocks scanned (``--workloads flux --variants
 default scan_blocks``); the tiny Flux with its single blocks' product split and cuBLAS GEMMs
-(``--workloads flux --variants split_concat_cublas_nomerge``). The CUDA plugin itself (4 GB) is not installed for the suite.
+(``--workloads flux --variants split_concat_cublas_nomerge``). The CUDA plugin itself (4 GB) is
+not installed for the suite.
 """
 
 from __future__ import annotations
@@ -144,7 +145,6 @@ def test_summarize_reads_programs_written_before(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "hlo_gpu.py"), "--summarize", str(tmp_path / "none")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no *.hlo.txt or *.hlo.txt.gz file in" in proc.stderr
-
 
 
 def test_a_kernel_that_slices_its_operand_reads_the_slice():

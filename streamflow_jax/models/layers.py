@@ -37,11 +37,19 @@ class Linear(nnx.Module):
 
     def of_parts(self, parts):  # [..., in_i] each -> [..., out]: self(concatenate(parts, -1))
         """One product per part with its rows of the kernel, summed (``linear_of_concat``)."""
-        kernel, y, start = self.kernel[...], None, 0
-        for x in parts:
-            term = jnp.matmul(x, kernel[start:start + x.shape[-1]].astype(x.dtype))
-            y, start = term if y is None else y + term, start + x.shape[-1]
+        kernel = self.kernel[...]
+        y = sum_of_parts(parts, lambda x, rows: jnp.matmul(x, kernel[rows].astype(x.dtype)))
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+def sum_of_parts(parts, product):
+    """``sum(product(x, rows) for x in parts)``, ``rows`` the slice of the concatenated input's
+    features that part ``x`` holds (``of_parts`` of a linear layer)."""
+    y, start = None, 0
+    for x in parts:
+        term = product(x, slice(start, start + x.shape[-1]))
+        y, start = term if y is None else y + term, start + x.shape[-1]
+    return y
 
 
 def linear_of_concat(layer, parts):
