@@ -95,6 +95,35 @@ def test_scales_and_velocity_against_diffusers(tmp_path):
     assert wide == {name: 2 * s for name, s in ours.items()}
 
 
+def test_flux_scales_and_velocity_against_diffusers(tmp_path):
+    """Tiny Flux: calibrated scales equal those measured by hooks on diffusers' transformer; a
+    single block's q/k/v and MLP input projection read one tensor and got one scale, in
+    diffusers too (``layers.project`` quantizes it once for the four); the calibrated velocity
+    matches diffusers' static emulation with those scales."""
+    from test_flux import flux_inputs, make_flux, reference_velocity
+
+    ref = make_flux(tmp_path / "src", True, seed=6)
+    batches = [flux_inputs(2, 8, 8, seed=s) for s in (6, 7)]
+    c = sf.calibrate(quantize(sf.load(tmp_path / "src"), "fp8"),
+                     lambda m: [np.asarray(m.velocity(*b)) for b in batches])
+    seen = _hook_diffusers(ref, FAMILIES["FluxTransformer2DModel"].fp8_linears)
+    for b in batches:
+        reference_velocity(ref, *b)
+    ours = _scales(c)
+    assert set(ours) == set(seen) and len(ours) == 40
+    assert ours == {name: _torch_scale(amax) for name, amax in seen.items()}
+    assert len(set(ours.values())) > 1
+    for i in range(2):
+        block = f"single_transformer_blocks.{i}"
+        names = [f"{block}.attn.to_q", f"{block}.attn.to_k", f"{block}.attn.to_v", f"{block}.proj_mlp"]
+        assert len({ours[n] for n in names}) == 1 and len({seen[n] for n in names}) == 1, names
+
+    static_ref = make_flux(tmp_path / "again", True, seed=6)  # the same weights
+    _hook_diffusers(static_ref, FAMILIES["FluxTransformer2DModel"].fp8_linears, static=ours)
+    for x, t, cond in batches:
+        assert _rel(np.asarray(c.velocity(x, t, cond)), reference_velocity(static_ref, x, t, cond)) <= VS_EMULATION
+
+
 def _qkv_scales(model) -> dict[str, list[float]]:
     from flax import nnx
 

@@ -9,8 +9,9 @@ decoder with HWIO and with OHWI kernels (``--workloads taesd --variants default 
 tiny SD3 with cuDNN's FP8 attention (``--workloads sd3 --variants attention_fp8``); the tiny Flux
 (2 double and 2 single blocks) unrolled and with its blocks scanned (``--workloads flux --variants
 default scan_blocks``); the tiny Flux with its single blocks' product split and cuBLAS GEMMs
-(``--workloads flux --variants split_concat_cublas_nomerge``). The CUDA plugin itself (4 GB) is
-not installed for the suite.
+(``--workloads flux --variants split_concat_cublas_nomerge``); the tiny Flux with static FP8
+scales (``--workloads flux --variants fp8_static``). The CUDA plugin itself (4 GB) is not
+installed for the suite.
 """
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ def test_static_fp8_projections_of_one_input_are_one_gemm():
     assert got["gemms_fp8"] == len(quantized_layers(model)) - 2 * triples == 25 - 8
     assert got["cudnn_attention"] == spec["config"].num_layers == 2
     assert got["kernels"] == sum(got["by_category"].values())
+
+
+def test_flux_single_blocks_quantize_their_input_once():
+    """Tiny Flux with calibrated scales: each single block quantizes its normed ``[B, L+M, D]``
+    tokens to e4m3 in one kernel, which the attention's q/k/v and the MLP's input projection
+    all read (``layers.project`` over the four; with a scale each, XLA quantized them twice a
+    block, 4 kernels here, 76 more kernels and 0.67 ms of traffic at bandwidth on Flux-dev)."""
+    from hlo_gpu import _NO_KERNEL, gemm_kind
+    from profile_gpu import configs
+    from profile_summary import parse_hlo
+
+    spec = configs(True)["flux"]
+    cfg = spec["config"]
+    tokens = spec["text"] + (spec["latent"] // 2) ** 2
+    _, entry, comps = parse_hlo(_program("flux.fp8_static"))
+    types = {i["name"]: i["type"] for i in comps[entry]}
+    quantizing = [i for i in comps[entry] if i["op"] not in _NO_KERNEL and not gemm_kind(i, comps, types)
+                  and i["type"].startswith(f"f8e4m3fn[{spec['batch']},{tokens},{cfg.inner_dim}]")]
+    assert len(quantizing) == cfg.num_single_layers == 2
+    got = summarize_hlo(_program("flux.fp8_static"))
+    assert got["gemms_fp8"] > 0 and got["cudnn_attention"] == cfg.num_layers + cfg.num_single_layers
 
 
 def test_fp8_attention_compiles_to_cudnn_fp8_attention():

@@ -78,7 +78,8 @@ def project(x, *linears) -> list:
     equal, so the numbers are those of separate calls, and XLA sees one e4m3 operand, which it
     quantizes once and merges the products of (one GEMM instead of three, as it does for bf16
     and dynamic scales). Separate parameters would hide that the scales are equal. Not while
-    exporting: TensorRT takes Q/DQ scales as constants, not computed ones.
+    exporting: TensorRT takes Q/DQ scales as constants, not computed ones. Flux's single
+    blocks pass their MLP's input projection too (``Attention(..., qkv=)``).
     """
     scales = [getattr(layer, "input_scale", None) for layer in linears]
     if len(linears) < 2 or any(s is None for s in scales) or ops.is_exporting():
@@ -271,11 +272,20 @@ class Attention(nnx.Module):
         x = x.reshape(b, n, self.heads, d // self.heads)
         return norm(x) if norm is not None else x
 
-    def __call__(self, x, context=None, rope=None):
+    def __call__(self, x, context=None, rope=None, *, qkv=None):
         """``x`` ``[B, M, D]``, ``context`` ``[B, L, D']`` or None, ``rope`` ``(cos, sin)``
-        ``[M', K/2]`` each -> ``[B, M, D]`` (joint: ``([B, M, D], [B, L, D] | None)``)."""
+        ``[M', K/2]`` each -> ``[B, M, D]`` (joint: ``([B, M, D], [B, L, D] | None)``).
+
+        ``qkv``: self-attention only, ``x``'s queries, keys and values already projected by
+        the caller (``project(x, attn.to_q, attn.to_k, attn.to_v, *more)``: a block that also
+        projects ``x`` with layers of its own, so that static FP8 scales quantize ``x`` once
+        for all of them)."""
         kv = x if context is None or self.joint else context
-        if kv is x:
+        if qkv is not None:
+            if self.joint or context is not None:
+                raise ValueError("qkv= is for self-attention: this attention projects its context too")
+            q, k, v = qkv
+        elif kv is x:
             q, k, v = project(x, self.to_q, self.to_k, self.to_v)
         else:
             q, (k, v) = self.to_q(x), project(kv, self.to_k, self.to_v)
