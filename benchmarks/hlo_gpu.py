@@ -53,7 +53,9 @@ linears), ``dot_merger_off`` (XLA does not merge the products of one input), ``s
 and cuBLAS GEMMs (``_dsf_cublas``), and without DotMerger too (``_dsf_cublas_nomerge``), and
 unrolled again by XLA (``_unrolled``), ``split_concat`` (Flux's single blocks: ``proj_out`` as
 one product per part, no concatenated [attention, MLP]), with cuBLAS and no DotMerger
-(``_cublas_nomerge``), and in FP8 (``fp8_split_concat``). A variant that does not apply to a
+(``_cublas_nomerge``), and in FP8 (``fp8_split_concat``); static FP8 on cuBLASLt without
+DotMerger (``fp8_static_cublas_nomerge``), split (``fp8_static_split_concat``), and both
+(``fp8_static_split_concat_cublas_nomerge``). A variant that does not apply to a
 workload is skipped.
 
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
@@ -167,6 +169,15 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
                                     {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0},
                                     "bf16"),
     "fp8_split_concat": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"}, {}, "fp8"),
+    # static FP8 (the form the FP8 target is timed in) on cuBLASLt's FP8 GEMMs without merged
+    # products ($STREAMFLOW_JAX_GEMM=cublas), and with the single blocks' product split, on
+    # either GEMM
+    "fp8_static_cublas_nomerge": ({}, {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0},
+                                  "fp8_static"),
+    "fp8_static_split_concat": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"}, {}, "fp8_static"),
+    "fp8_static_split_concat_cublas_nomerge": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"},
+                                               {"xla_gpu_enable_triton_gemm": False,
+                                                "xla_gpu_dot_merger_threshold_mb": 0}, "fp8_static"),
 }
 APPLIES = {  # which variants make a different program for which workload
     "unet": ("default", "fp8", "groupnorm_channels", "groupnorm_onepass", "attention_xla", "triton_gemm_off",
@@ -174,7 +185,7 @@ APPLIES = {  # which variants make a different program for which workload
              "triton_gemm_off_nomerge", "conv_fusion",
              "conv_fusion_ohwi", "cudnn_layer_norm", "attention_fp8"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
-    "sd3": ("default", "fp8", "fp8_static", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
+    "sd3": ("default", "fp8", "fp8_static", "fp8_static_cublas_nomerge", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
             "attention_fp8", "fp8_static_attention_fp8", "fp8_static_attention_fp8_static", "dot_merger_off",
             "triton_gemm_off_nomerge",
             "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas", "scan_blocks_dsf_cublas_nomerge",
@@ -182,7 +193,8 @@ APPLIES = {  # which variants make a different program for which workload
     "flux": ("default", "dot_merger_off", "triton_gemm_off", "triton_gemm_off_nomerge", "fp8", "fp8_static", "attention_fp8", "fp8_static_attention_fp8",
              "fp8_static_attention_fp8_static", "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas",
              "scan_blocks_dsf_cublas_nomerge", "scan_blocks_unrolled", "split_concat", "split_concat_cublas_nomerge",
-             "fp8_split_concat"),
+             "fp8_split_concat", "fp8_static_cublas_nomerge", "fp8_static_split_concat",
+             "fp8_static_split_concat_cublas_nomerge"),
     "fp8_forms": ("default", "triton_gemm_off"),
 }
 
