@@ -410,28 +410,34 @@ def test_export_and_bench_of_a_perflow_pipeline_and_a_converted_pipeline(tmp_pat
 
 
 @pytest.mark.parametrize("setting,where", [("0", None), ("off", None), ("none", None), ("on", "root"), ("DIR", "dir"),
-                                           ("FILE", "file"), ("~", "home")])
+                                           ("FILE", "file"), ("~", "home"), ("on", "relative"),
+                                           ("rel-xla", "relative-dir")])
 def test_xla_cache_setting(tmp_path, setting, where):
     """$STREAMFLOW_JAX_XLA_CACHE: 0/off/none turns the persistent cache off, on keeps it under
     $STREAMFLOW_JAX_CACHE/xla, a path moves it there; a path that cannot hold it is one warning
     naming it, and the cache stays off (JAX warned once per program, naming no variable);
-    $STREAMFLOW_JAX_CACHE expands ~ (it made a directory named "~")."""
+    $STREAMFLOW_JAX_CACHE expands ~ (it made a directory named "~"); relative paths become
+    absolute against the working directory (JAX kept them relative, to be read against
+    whichever directory the process had moved to)."""
     import subprocess
     import sys
 
     (tmp_path / "afile").write_text("x")
-    root = "~/cache-root" if where == "home" else str(tmp_path / "root")
+    root = {"home": "~/cache-root", "relative": "rel-root"}.get(where, str(tmp_path / "root"))
     setting = {"DIR": str(tmp_path / "elsewhere"), "FILE": str(tmp_path / "afile"), "~": ""}.get(setting, setting)
     env = {**__import__("os").environ, "STREAMFLOW_JAX_CACHE": root, "STREAMFLOW_JAX_XLA_CACHE": setting,
            "HOME": str(tmp_path / "home")}
-    # asked twice, as the CLI and a pipeline's loader both ask: one warning
-    done = subprocess.run([sys.executable, "-c", "import streamflow_jax as sf\nsf.enable_compilation_cache()\n"
-                           "print(sf.enable_compilation_cache())"],  # two lines: two places Python would warn from
-                          env=env, capture_output=True, text=True, timeout=120)
+    # asked twice, as the CLI and a pipeline's loader both ask: one warning; then the directory
+    # JAX was given, read after the process moved elsewhere
+    done = subprocess.run([sys.executable, "-c", "import jax, os, streamflow_jax as sf\nsf.enable_compilation_cache()\n"
+                           "print(sf.enable_compilation_cache())\nos.chdir('/')\n"
+                           "d = jax.config.jax_compilation_cache_dir\nprint(os.path.abspath(d) if d else None)"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     want = {None: "None", "root": str(tmp_path / "root" / "xla"), "dir": str(tmp_path / "elsewhere"),
-            "file": "None", "home": str(tmp_path / "home" / "cache-root" / "xla")}[where]
-    assert done.stdout.strip() == want
+            "file": "None", "home": str(tmp_path / "home" / "cache-root" / "xla"),
+            "relative": str(tmp_path / "rel-root" / "xla"), "relative-dir": str(tmp_path / "rel-xla")}[where]
+    assert done.stdout.split() == [want, want]
     if where == "file":
         assert "the compilation cache stays off" in done.stderr and "afile: a file, not a directory" in done.stderr
         assert done.stderr.count("the compilation cache stays off") == 1

@@ -1,6 +1,7 @@
 """Where the library caches what it makes: exports, engines and compiled programs.
 
-``cache_root()`` is ``$STREAMFLOW_JAX_CACHE`` (read at each use), else ``~/.cache/streamflow-jax``.
+``cache_root()`` is ``$STREAMFLOW_JAX_CACHE`` (read at each use; a relative path is taken from
+the working directory of that moment), else ``~/.cache/streamflow-jax``.
 ``enable_compilation_cache()`` turns on JAX's persistent compilation cache under it; the
 library's entry points (the CLI, the server, the pipelines' loaders) call it, importing the
 library does not.
@@ -23,9 +24,10 @@ _DEFAULT = ("", "1", "true", "on", "yes")
 def cache_root() -> Path:
     """Where exports, engines and compiled programs are cached: ``$STREAMFLOW_JAX_CACHE`` (``~``
     expanded), else ``~/.cache/streamflow-jax`` (read at each use, so the variable can be set at
-    any time)."""
+    any time); always absolute, so that what is keyed or configured on it does not move with a
+    later ``os.chdir``."""
     setting = os.environ.get(CACHE_ENV, "").strip()
-    return Path(setting).expanduser() if setting else Path.home() / ".cache" / "streamflow-jax"
+    return (Path(setting).expanduser() if setting else Path.home() / ".cache" / "streamflow-jax").absolute()
 
 
 def _usable_directory(path: Path) -> str | None:
@@ -62,7 +64,8 @@ def enable_compilation_cache() -> Path | None:
         return None
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
-    path = cache_root() / "xla" if setting.lower() in _DEFAULT else Path(setting).expanduser()
+    # absolute: JAX keeps the string, and would read a relative one against each later working directory
+    path = cache_root() / "xla" if setting.lower() in _DEFAULT else Path(setting).expanduser().absolute()
     why = _usable_directory(path)
     if why is not None:  # JAX would warn once per program, naming neither variable; the cache stays off
         if (str(path), why) in _WARNED:  # once a process (the CLI and a pipeline's loader both ask)
