@@ -61,8 +61,9 @@ workload is skipped.
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
         [--out FILE] [--hlo-dir DIR]
     python benchmarks/hlo_gpu.py --smoke   # tiny configs (still needs the CUDA plugin)
-    python benchmarks/hlo_gpu.py --summarize DIR [--out FILE]   # programs written by --hlo-dir
-        # (or any compiled GPU HLO text, gzipped or not), read again: no plugin needed
+    python benchmarks/hlo_gpu.py --summarize DIR [--top N] [--out FILE]   # programs written by
+        # --hlo-dir (or any compiled GPU HLO text, gzipped or not), read again: no plugin needed;
+        # --top N adds the N memory-bound kernel groups moving the most bytes
 """
 
 from __future__ import annotations
@@ -366,6 +367,38 @@ def summarize_hlo(text: str) -> dict:
                 i["target"] for insts in comps.values() for i in insts if i["target"]).items()))}
 
 
+_TRIVIAL = {"parameter", "constant", "bitcast", "broadcast", "reshape"}  # left out of a kernel's op set
+
+
+def kernel_groups(text: str, categories=("copy", "elementwise", "norm"), top: int = 20) -> list[dict]:
+    """The entry computation's kernels of ``categories``, grouped by what they are (category,
+    result type, the first four operand types, the set of ops in the fused body) and sorted by
+    the traffic they move a call: where memory-bound time goes, kernel by kernel (how the
+    single blocks' second quantization of static FP8 Flux was found). Each group: ``count``,
+    ``traffic_mb`` (reads and writes, as ``summarize_hlo`` counts them), ``category``,
+    ``result``, ``operands``, ``ops``. Loops' bodies are not entered."""
+    _, entry, comps = parse_hlo(text)
+    cats = op_categories(comps)
+    types = {i["name"]: i["type"] for i in comps.get(entry, [])}
+    groups: dict[tuple, list] = {}
+    for inst in comps.get(entry, []):
+        category = cats.get(inst["name"], "other")
+        if inst["op"] in _NO_KERNEL or category not in categories:
+            continue
+        body = comps.get(inst["called"][0], []) if inst["called"] else [inst]
+        key = (category, inst["type"].split("{")[0],
+               tuple(types.get(o, "").split("{")[0] for o in inst["operands"][:4]),
+               tuple(sorted({i["op"] for i in body} - _TRIVIAL)))
+        moved = (shape_bytes(inst["type"], first_only=inst["op"] == "custom-call")
+                 + operand_read_bytes(inst, comps, types))
+        group = groups.setdefault(key, [0, 0.0])
+        group[0] += 1
+        group[1] += moved
+    rows = [{"count": n, "traffic_mb": round(b / 2**20, 1), "category": k[0], "result": k[1],
+             "operands": list(k[2]), "ops": list(k[3])} for k, (n, b) in groups.items()]
+    return sorted(rows, key=lambda r: -r["traffic_mb"])[:top]
+
+
 # ---------------------------------------------------------------------------------------------
 # Workloads, abstract
 # ---------------------------------------------------------------------------------------------
@@ -519,13 +552,22 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--summarize", metavar="DIR", default=None,
                    help="summarize the programs (*.hlo.txt[.gz]) in DIR instead of compiling")
+    p.add_argument("--top", type=int, default=0, metavar="N",
+                   help="with --summarize: also each program's N memory-bound kernel groups that move the most "
+                        "bytes (kernel_groups)")
     args = p.parse_args()
+    if args.top < 0:
+        p.error(f"--top must be 0 or more, got {args.top}")
     if args.summarize:
         rows = []
         for path in sorted(Path(args.summarize).glob("*.hlo.txt*")):
             opener = gzip.open if path.suffix == ".gz" else open
             with opener(path, "rt") as f:
-                rows.append({"program": path.name.split(".hlo.txt")[0], **summarize_hlo(f.read())})
+                text = f.read()
+            row = {"program": path.name.split(".hlo.txt")[0], **summarize_hlo(text)}
+            if args.top:
+                row["top_memory_bound"] = kernel_groups(text, top=args.top)
+            rows.append(row)
         if not rows:
             sys.exit(f"hlo_gpu: no *.hlo.txt or *.hlo.txt.gz file in {args.summarize}")
         emit({"benchmark": "hlo_gpu", "summarized": args.summarize, "results": rows}, args.out)

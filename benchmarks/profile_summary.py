@@ -180,7 +180,10 @@ def _classify(opcodes: set[str], targets: set[str]) -> str:
     if opcodes & {"dot", "ragged-dot"} or re.search(r"gemm|matmul|cublas", target):
         return "GEMM"
     if opcodes & {"reduce", "reduce-window"}:
-        return "attention" if "exponential" in opcodes else "norm"  # softmax of XLA's attention
+        # the softmax of XLA's attention (exp(x - max) / sum); not a norm fused with a SiLU or a
+        # GELU (exponential too, with an rsqrt), nor an activation's amax for FP8 (an abs)
+        softmax = {"exponential", "subtract", "divide"} <= opcodes and not opcodes & {"rsqrt", "abs"}
+        return "attention" if softmax else "norm"
     if opcodes & _CONTROL or targets:
         return "other"
     if opcodes <= _MOVES:

@@ -100,6 +100,26 @@ def test_flux_single_blocks_quantize_their_input_once():
     assert got["gemms_fp8"] > 0 and got["cudnn_attention"] == cfg.num_layers + cfg.num_single_layers
 
 
+def test_kernel_groups_add_up_to_the_summary():
+    """``kernel_groups`` (``--summarize DIR --top N``): on the tiny static-FP8 Flux, its groups
+    hold every memory-bound kernel and byte the summary counts, largest traffic first, and
+    the one quantization of a single block's input is one group (2 kernels, e4m3 result)."""
+    from hlo_gpu import kernel_groups
+
+    text = _program("flux.fp8_static")
+    summary = summarize_hlo(text)
+    groups = kernel_groups(text, top=1000)
+    cats = ("copy", "elementwise", "norm")
+    assert sum(g["count"] for g in groups) == sum(summary["by_category"].get(c, 0) for c in cats)
+    for c in cats:
+        mine = sum(g["traffic_mb"] for g in groups if g["category"] == c)
+        assert mine == pytest.approx(summary["traffic_mb"].get(c, 0.0), abs=0.1 * len(groups))
+    assert [g["traffic_mb"] for g in groups] == sorted((g["traffic_mb"] for g in groups), reverse=True)
+    assert len(kernel_groups(text, top=3)) == 3
+    single = [g for g in groups if g["result"] == "f8e4m3fn[1,72,32]"]
+    assert len(single) == 1 and single[0]["count"] == 2 and "convert" in single[0]["ops"]
+
+
 def test_fp8_attention_compiles_to_cudnn_fp8_attention():
     """$STREAMFLOW_JAX_ATTENTION=fp8 on the tiny SD3 (head dim 64): every attention is cuDNN's
     FP8 flash attention (``__cudnn$fmhaSoftmaxF8``, e4m3 operands), none is left in bf16, and
