@@ -192,6 +192,22 @@ def test_hlo_categories():
         "loop_add_fusion": "elementwise"}
 
 
+def test_softmax_is_not_any_reduce_with_an_exponential():
+    """The op sets of three fused kernels of programs XLA compiled for an H200 (``hlo_gpu.py``):
+    XLA's attention softmax is attention; the SD1.5 UNet's GEGLU fused with its dynamic FP8
+    amax, and a time embedding's SiLU fused into a reduction, are memory-bound norms (they were
+    read as softmax once, and left out of the memory-bound traffic)."""
+    from profile_summary import _classify
+
+    softmax = {"fusion", "reduce", "maximum", "subtract", "exponential", "add", "divide", "broadcast"}
+    geglu_amax = {"fusion", "abs", "add", "compare", "convert", "divide", "exponential", "multiply", "negate",
+                  "reduce", "select", "slice", "subtract", "tuple"}
+    norm_silu = {"fusion", "reduce", "add", "multiply", "rsqrt", "exponential", "negate", "divide", "subtract"}
+    assert _classify(softmax, set()) == "attention"
+    assert _classify(geglu_amax, set()) == "norm"
+    assert _classify(norm_silu, set()) == "norm"
+
+
 def test_gpu_planes():
     stats = lambda op: {"hlo_op": op, "hlo_module": "jit_velocity_call"}  # noqa: E731
     gpu = ("/device:GPU:0", "Stream #13(Compute)")
