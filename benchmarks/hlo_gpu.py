@@ -55,7 +55,8 @@ unrolled again by XLA (``_unrolled``), ``split_concat`` (Flux's single blocks: `
 one product per part, no concatenated [attention, MLP]), with cuBLAS and no DotMerger
 (``_cublas_nomerge``), and in FP8 (``fp8_split_concat``); static FP8 on cuBLASLt without
 DotMerger (``fp8_static_cublas_nomerge``), split (``fp8_static_split_concat``), and both
-(``fp8_static_split_concat_cublas_nomerge``). A variant that does not apply to a
+(``fp8_static_split_concat_cublas_nomerge``); each block's modulation product apart
+(``modulation_apart``, also in FP8: ``fp8_``, ``fp8_static_``). A variant that does not apply to a
 workload is skipped.
 
     python benchmarks/hlo_gpu.py [--workloads unet taesd sd3 flux fp8_forms] [--variants ...]
@@ -170,6 +171,11 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
                                     {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0},
                                     "bf16"),
     "fp8_split_concat": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"}, {}, "fp8"),
+    # each block's modulation product apart ($STREAMFLOW_JAX_MODULATION=apart): no GEMM of all
+    # the blocks' modulation weights concatenated at every call; in static FP8 too
+    "modulation_apart": ({"STREAMFLOW_JAX_MODULATION": "apart"}, {}, "bf16"),
+    "fp8_modulation_apart": ({"STREAMFLOW_JAX_MODULATION": "apart"}, {}, "fp8"),
+    "fp8_static_modulation_apart": ({"STREAMFLOW_JAX_MODULATION": "apart"}, {}, "fp8_static"),
     # static FP8 (the form the FP8 target is timed in) on cuBLASLt's FP8 GEMMs without merged
     # products ($STREAMFLOW_JAX_GEMM=cublas), and with the single blocks' product split, on
     # either GEMM
@@ -186,7 +192,8 @@ APPLIES = {  # which variants make a different program for which workload
              "triton_gemm_off_nomerge", "conv_fusion",
              "conv_fusion_ohwi", "cudnn_layer_norm", "attention_fp8"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
-    "sd3": ("default", "fp8", "fp8_static", "fp8_static_cublas_nomerge", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
+    "sd3": ("default", "fp8", "fp8_static", "fp8_static_cublas_nomerge", "modulation_apart",
+            "fp8_modulation_apart", "fp8_static_modulation_apart", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
             "attention_fp8", "fp8_static_attention_fp8", "fp8_static_attention_fp8_static", "dot_merger_off",
             "triton_gemm_off_nomerge",
             "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas", "scan_blocks_dsf_cublas_nomerge",
@@ -195,7 +202,8 @@ APPLIES = {  # which variants make a different program for which workload
              "fp8_static_attention_fp8_static", "scan_blocks", "scan_blocks_dsf", "scan_blocks_dsf_cublas",
              "scan_blocks_dsf_cublas_nomerge", "scan_blocks_unrolled", "split_concat", "split_concat_cublas_nomerge",
              "fp8_split_concat", "fp8_static_cublas_nomerge", "fp8_static_split_concat",
-             "fp8_static_split_concat_cublas_nomerge"),
+             "fp8_static_split_concat_cublas_nomerge", "modulation_apart", "fp8_modulation_apart",
+             "fp8_static_modulation_apart"),
     "fp8_forms": ("default", "triton_gemm_off"),
 }
 

@@ -127,6 +127,12 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # the sum as the second product's C operand
     "split_concat": ("", {"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"}),
     "split_concat_cublas": ("", {"STREAMFLOW_JAX_CONCAT_PRODUCT": "split", "STREAMFLOW_JAX_GEMM": "cublas"}),
+    # each block's modulation product apart ($STREAMFLOW_JAX_MODULATION=apart,
+    # ops.modulation_choice): DotMerger no longer makes all the blocks' modulation products one
+    # GEMM whose weights it concatenates at every call (2.5 GB SD3-medium, 4.4 GB Flux-dev);
+    # q/k/v still merge. Compiled for an H200 here: memory-bound traffic 3.93 -> 3.37 ms a call
+    # (SD3-medium, +23 kernels), 9.39 -> 8.43 (Flux-dev, 2 kernels fewer)
+    "modulation_apart": ("", {"STREAMFLOW_JAX_MODULATION": "apart"}),
     "default_again": ("", {}),
 }
 # flags that the XLA of this project's CPU tests (jaxlib 0.10.2) does not know
@@ -153,7 +159,8 @@ GROUPS = {
     # (H200, 2026-11-30, SD3-medium: cmdbuf_off 0.983, attention_fp8 1.013, prealloc 1.009 of the
     # default's speed: noise; those go last)
     # (2026-12-01: the GEMM backend and DotMerger first: hlo_gpu.py's traffic favours both off)
-    "transformer": ("default", "gemm_cublas", "dot_merger_off", "triton_gemm_off", "scan_blocks",
+    # (2026-12-02: modulation_apart third: DotMerger's cost without unmerging q/k/v)
+    "transformer": ("default", "gemm_cublas", "dot_merger_off", "modulation_apart", "triton_gemm_off", "scan_blocks",
                     "cublaslt", "cudnn_gemm_fusion", "autotune_0", "scan_blocks_dsf", "cmdbuf_off", "attention_fp8",
                     "prealloc", "default_again"),
     # Flux-dev (levers-flux): the same GEMM levers, then the scan, where it compiles the most blocks (57)
@@ -161,8 +168,8 @@ GROUPS = {
     # H200 here it barely moves the memory-bound traffic, 9.39 -> 9.28 ms a call at bandwidth, and
     # 7.49 -> 6.75 on top of cuBLAS, which adds 76 slice kernels: split_concat_cublas stays out of
     # the group; a variant past the budget is skipped and said so)
-    "scan": ("default", "gemm_cublas", "dot_merger_off", "split_concat", "scan_blocks", "scan_blocks_dsf",
-             "default_again"),
+    "scan": ("default", "gemm_cublas", "dot_merger_off", "modulation_apart", "split_concat", "scan_blocks",
+             "scan_blocks_dsf", "default_again"),
     "all": tuple(VARIANTS),
     "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
               "conv_ohwi", "conv1x1_dot", "scan_blocks", "default_again"),

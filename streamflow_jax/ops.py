@@ -507,10 +507,36 @@ def concat_product_choice(setting: str | None = None) -> str:
     return "concat" if setting == "auto" else setting
 
 
+MODULATION_ENV = "STREAMFLOW_JAX_MODULATION"
+
+
+def modulation_choice(setting: str | None = None) -> str:
+    """How the blocks' modulation products run (``layers.AdaLayerNormZero``, ``...Continuous``:
+    each block's ``linear(silu(temb))``): ``"merged"`` (as written: every block's product reads
+    the one ``silu(temb)``, so XLA's DotMerger makes them one GEMM, and, the weights being
+    arguments of the program, concatenates all the blocks' modulation weights at every call) or
+    ``"apart"`` (each block's input tied to its own layer by an optimization barrier, so no two
+    products share an operand: one GEMM a block reading its weights where they lie; products
+    within a block, q/k/v, still merge). The same numbers either way. Compiled for an H200 on a
+    CPU, the concatenation is a copy of 2.5 GB a SD3-medium call (1536 x 439296 bf16 weights)
+    and 4.4 GB a Flux-dev call (3072 x 374784); apart, SD3-medium's memory-bound traffic falls
+    from 3.93 to 3.37 ms a call at full bandwidth for 22 more kernels (``dot_merger_off`` gets
+    3.47 with 119 more, unmerging q/k/v too; ``benchmarks/RESULTS.md``).
+
+    ``$STREAMFLOW_JAX_MODULATION`` (or ``setting``): ``auto`` (unset) keeps ``merged`` until a
+    device times ``apart`` (``benchmarks/levers_gpu.py``'s ``modulation_apart``); or either by
+    name. Read when a function is traced; an ONNX export has no barrier.
+    """
+    setting = (os.environ.get(MODULATION_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
+    if setting not in ("auto", "merged", "apart"):
+        raise ValueError(f"{MODULATION_ENV}={setting!r}: expected auto, merged or apart")
+    return "merged" if setting == "auto" else setting
+
+
 def trace_switches() -> tuple[str, ...]:
     """What a model's function reads while it is traced: the environment switches
     (``$STREAMFLOW_JAX_ATTENTION``, ``$STREAMFLOW_JAX_GROUPNORM``, ``$STREAMFLOW_JAX_CONV1X1``,
-    ``$STREAMFLOW_JAX_CONCAT_PRODUCT``) as they are set now, and the ``target_device`` (its
+    ``$STREAMFLOW_JAX_CONCAT_PRODUCT``, ``$STREAMFLOW_JAX_MODULATION``) as they are set now, and the ``target_device`` (its
     platform, kind and compute capability; empty outside one). Part of a model's pytree structure (``FlowModel``, the stream engine's
     pinned models) and of its velocity's static arguments, so that a jitted function taking a
     model traces again when one of them changes within a process, instead of running the
@@ -518,7 +544,8 @@ def trace_switches() -> tuple[str, ...]:
     target = _TARGET.get()
     where = "" if target is None else (f"{target.platform}:{getattr(target, 'device_kind', '')}:"
                                        f"{getattr(target, 'compute_capability', '')}")
-    return (*(os.environ.get(name, "") for name in (ATTENTION_ENV, GROUPNORM_ENV, CONV1X1_ENV, CONCAT_PRODUCT_ENV)),
+    return (*(os.environ.get(name, "") for name in (ATTENTION_ENV, GROUPNORM_ENV, CONV1X1_ENV, CONCAT_PRODUCT_ENV,
+                                                     MODULATION_ENV)),
             where)
 
 

@@ -115,6 +115,51 @@ def test_split_concat_product_matches_diffusers(tmp_path, monkeypatch):
         model.velocity(x, t, cond)
 
 
+def _barriers(model, x, t, cond) -> int:
+    """Optimization barriers in the traced velocity."""
+    jaxpr = jax.make_jaxpr(lambda x: model.velocity(x, t, cond))(x)
+    count = 0
+
+    def walk(jp):
+        nonlocal count
+        for eqn in jp.eqns:
+            count += eqn.primitive.name == "optimization_barrier"
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jaxpr.jaxpr)
+    return count
+
+
+def test_modulation_apart_matches_diffusers(tmp_path, monkeypatch):
+    """``$STREAMFLOW_JAX_MODULATION=apart``: each block's modulation input goes through a barrier
+    of its own (two a double block, one a single block, one for ``norm_out``), none by default
+    or for layers with static FP8 scales (``norm_out`` stays float: its barrier stays); the
+    velocity is still diffusers', dynamic FP8's unchanged."""
+    from streamflow_jax.quantization import quantize
+
+    ref = make_flux(tmp_path / "src", True, seed=5)
+    model = sf.load(tmp_path / "src")
+    x, t, cond = flux_inputs(2, 6, 10, seed=5)
+    want = reference_velocity(ref, x, t, cond)
+    merged = np.asarray(_velocity(model, x, t, cond))
+    assert _barriers(model, x, t, cond) == 0
+    monkeypatch.setenv("STREAMFLOW_JAX_MODULATION", "apart")
+    layers = 2 * FLUX_TINY["num_layers"] + FLUX_TINY["num_single_layers"] + 1
+    assert _barriers(model, x, t, cond) == layers
+    apart = np.asarray(_velocity(model, x, t, cond))  # traced again: the switch is part of the jit's key
+    assert _rel(apart, want) <= 1e-4 and _rel(apart, merged) <= 1e-5
+    q = quantize(model, "fp8")
+    assert _barriers(q, x, t, cond) == layers
+    dynamic = np.asarray(q.velocity(x, t, cond))
+    static = sf.calibrate(q, lambda m: m.velocity(x, t, cond))
+    assert _barriers(static, x, t, cond) == 1  # norm_out's
+    monkeypatch.setenv("STREAMFLOW_JAX_MODULATION", "merged")
+    assert _rel(dynamic, np.asarray(q.velocity(x, t, cond))) <= 1e-5
+    monkeypatch.setenv("STREAMFLOW_JAX_MODULATION", "together")
+    with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_MODULATION='together': expected auto, merged or apart"):
+        model.velocity(x, t, cond)
+
+
 def test_guidance_errors(tmp_path):
     make_flux(tmp_path / "dev", True)
     make_flux(tmp_path / "schnell", False)

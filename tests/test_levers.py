@@ -146,6 +146,28 @@ def test_fp8_attention_in_the_sd3_velocity(tiny_sd3, monkeypatch):
     assert 1e-3 < rms(got["fp8"]) < 0.1, rms(got["fp8"])
 
 
+@pytest.mark.parametrize("variant", ["sd3", "sd35_medium"])
+def test_modulation_apart_matches_diffusers(tmp_path, monkeypatch, variant):
+    """``$STREAMFLOW_JAX_MODULATION=apart`` on SD3 and SD3.5-medium (dual attention: nine
+    modulation chunks a block; the last block's text modulation is the continuous kind):
+    diffusers' velocity (float32), and the default's up to rounding."""
+    from conftest import VARIANTS, make_sd3, sd3_inputs, torch_velocity
+
+    import streamflow_jax as sf
+
+    ref = make_sd3(tmp_path / variant, variant, seed=8)
+    model = sf.load(tmp_path / variant)
+    x, t, cond = sd3_inputs(VARIANTS[variant], 2, 8, 8, seed=8)
+    want = torch_velocity(ref, x, t, cond)
+    got = {}
+    for setting in ("auto", "apart"):
+        monkeypatch.setenv(ops.MODULATION_ENV, setting)
+        got[setting] = np.asarray(model.velocity(x, t, cond))
+    rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))  # noqa: E731
+    assert rel(got["apart"], want) <= 1e-4 and rel(got["apart"], got["auto"]) <= 1e-5
+    assert ops.modulation_choice() == "apart" and ops.modulation_choice("auto") == "merged"
+
+
 def test_attention_still_runs_with_the_switch(monkeypatch):
     monkeypatch.setenv(ops.ATTENTION_ENV, "cudnn")  # on this CPU: XLA's lowering regardless
     q = jnp.ones((1, 3, 2, 8))
@@ -338,7 +360,7 @@ def test_xla_knows_every_lever_flag():
     assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
     assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
     switches = {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, ops.CONV_LAYOUT_ENV, ops.CONV1X1_ENV, ops.SCAN_BLOCKS_ENV, TICK_ENV,
-                TICK_GRAPHS_ENV, ops.GEMM_ENV, ops.CONCAT_PRODUCT_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE",
+                TICK_GRAPHS_ENV, ops.GEMM_ENV, ops.CONCAT_PRODUCT_ENV, ops.MODULATION_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE",
                 "XLA_PYTHON_CLIENT_ALLOCATOR"}
     assert all(env_extra.keys() <= switches for _, env_extra in VARIANTS.values())
     assert NEWER_XLA <= set(VARIANTS)  # the flags only a newer XLA parses: named, and checked there (JAX 0.12)

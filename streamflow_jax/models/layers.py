@@ -364,6 +364,20 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def modulation_input(h, linear):
+    """``h`` (``silu(temb)``) as the input of one block's modulation product ``linear(h)``: as
+    it is, or, with ``ops.modulation_choice() == "apart"``, passed through an optimization
+    barrier with the layer's own bias (its weight if it has none), so that XLA sees a different
+    operand in each block and merges no two blocks' products (nor concatenates their weights).
+    Not for an FP8 layer with a static input scale: a scale parameter of its own already keeps
+    its product apart (a barrier there only splits the quantizing kernels: 75 more on Flux-dev)."""
+    if ops.modulation_choice() == "merged" or ops.is_exporting() or getattr(linear, "input_scale", None) is not None:
+        return h
+    tie = next(p for p in (getattr(linear, name, None) for name in ("bias", "kernel", "weight")) if p is not None)
+    h, _ = jax.lax.optimization_barrier((h, tie[...]))
+    return h
+
+
 class AdaLayerNormZero(nnx.Module):
     """Conditioning -> ``n`` modulation vectors; the first two (shift, scale) modulate the
     LayerNorm of the input now, the rest are returned in order.
@@ -378,7 +392,7 @@ class AdaLayerNormZero(nnx.Module):
         self.n = n
 
     def __call__(self, x, emb):  # [B, L, D], [B, D] -> [B, L, D], n-2 x [B, D]
-        chunks = jnp.split(self.linear(jax.nn.silu(emb)), self.n, axis=-1)
+        chunks = jnp.split(self.linear(modulation_input(jax.nn.silu(emb), self.linear)), self.n, axis=-1)
         return modulate(ops.layer_norm(x), chunks[0], chunks[1]), chunks[2:]
 
 
@@ -389,7 +403,7 @@ class AdaLayerNormContinuous(nnx.Module):
         self.linear = Linear(dim, 2 * dim)
 
     def __call__(self, x, emb):  # [B, L, D], [B, D] -> [B, L, D]
-        scale, shift = jnp.split(self.linear(jax.nn.silu(emb)), 2, axis=-1)
+        scale, shift = jnp.split(self.linear(modulation_input(jax.nn.silu(emb), self.linear)), 2, axis=-1)
         return modulate(ops.layer_norm(x), shift, scale)
 
 
