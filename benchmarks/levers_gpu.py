@@ -40,9 +40,11 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # the process's XLA_FLAGS; equal to cmdbuf_off if the option does what the flag does
     "tick_graphs_off": ("", {"STREAMFLOW_JAX_TICK_GRAPHS": "off"}),
     # graphs kept, with the temp buffers at stable virtual addresses (XLA's VA remapping,
-    # openxla/xla#35315), so that only commands touching a new parameter or output update: JAX
-    # 0.12's XLA knows the flag, 0.10.2's does not (NEWER_XLA); on an XLA without it the
-    # variant's process fails alone
+    # openxla/xla#35315), so that only commands touching a new parameter or output update. The
+    # value is newer than the flag (NEWER_XLA): jaxlib 0.10.2 knows the flag with ALWAYS_UPDATE,
+    # NEVER_UPDATE and CAPTURE_CMD_NEVER_UPDATE only, and refuses SKIP_TEMP; 0.11.2's (the
+    # device's) libjax_common.so names ALWAYS_UPDATE and SKIP_TEMP (read there, 2026-12-02). On
+    # an XLA without it the variant's process fails alone
     "cmdbuf_skip_temp": ("--xla_gpu_command_buffer_update_mode=SKIP_TEMP", {}),
     # the device allocator: stream-ordered (cudaMallocAsync), where a program's temp buffer, freed
     # in stream order, comes back at the same address at the next call (the tick's graphs then
