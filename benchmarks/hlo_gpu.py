@@ -179,10 +179,13 @@ VARIANTS = {  # name -> (environment, compiler options, model form)
     # static FP8 (the form the FP8 target is timed in) on cuBLASLt's FP8 GEMMs without merged
     # products ($STREAMFLOW_JAX_GEMM=cublas), and with the single blocks' product split, on
     # either GEMM
-    "fp8_static_cublas_nomerge": ({}, {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0},
+    # (the library's switch too: with it ops.fp8_matmul gives one-row products 16 rows, which
+    # cuBLASLt's FP8 GEMM takes)
+    "fp8_static_cublas_nomerge": ({"STREAMFLOW_JAX_GEMM": "cublas"},
+                                  {"xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0},
                                   "fp8_static"),
     "fp8_static_split_concat": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"}, {}, "fp8_static"),
-    "fp8_static_split_concat_cublas_nomerge": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split"},
+    "fp8_static_split_concat_cublas_nomerge": ({"STREAMFLOW_JAX_CONCAT_PRODUCT": "split", "STREAMFLOW_JAX_GEMM": "cublas"},
                                                {"xla_gpu_enable_triton_gemm": False,
                                                 "xla_gpu_dot_merger_threshold_mb": 0}, "fp8_static"),
 }

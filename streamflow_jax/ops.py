@@ -371,9 +371,23 @@ def fp8_matmul(x: jax.Array, weight: jax.Array, weight_scale: jax.Array,
         return jnp.matmul(xd, fp8_primitives()[FP8_DEQUANTIZE].bind(weight, weight_scale, dtype=x.dtype).T)
     # bfloat16 has float32's range; float16 would overflow on the unscaled sums (up to K * 448^2)
     out = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32
-    y = jax.lax.dot_general(quantize_fp8(x, x_scale), weight, (((x.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=out)
+    rows = math.prod(x.shape[:-1])
+    if rows < FP8_GEMM_MIN_ROWS and _on_gpu() and gemm_choice() == "cublas":
+        # cuBLASLt's FP8 GEMM does not take a product of one row (a modulation's silu(temb) at
+        # batch 1, which XLA makes a matrix-vector product): XLA then dequantized the weight to
+        # bfloat16 at every call for a bf16 GEMM (Flux-dev: 76 such products, 1.15 B weights).
+        # Zero rows up to 16 keep it an FP8 GEMM; each row's result is its own
+        padded = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, FP8_GEMM_MIN_ROWS - rows), (0, 0)))
+        y = jax.lax.dot_general(quantize_fp8(padded, x_scale), weight, (((1,), (1,)), ((), ())),
+                                preferred_element_type=out)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+    else:
+        y = jax.lax.dot_general(quantize_fp8(x, x_scale), weight, (((x.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=out)
     return (y * (x_scale * jnp.asarray(weight_scale, jnp.float32)).astype(out)).astype(x.dtype)
+
+
+# the fewest rows ``fp8_matmul`` gives a product with cuBLAS GEMMs on a GPU (``gemm_choice``)
+FP8_GEMM_MIN_ROWS = 16
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -536,7 +550,8 @@ def modulation_choice(setting: str | None = None) -> str:
 def trace_switches() -> tuple[str, ...]:
     """What a model's function reads while it is traced: the environment switches
     (``$STREAMFLOW_JAX_ATTENTION``, ``$STREAMFLOW_JAX_GROUPNORM``, ``$STREAMFLOW_JAX_CONV1X1``,
-    ``$STREAMFLOW_JAX_CONCAT_PRODUCT``, ``$STREAMFLOW_JAX_MODULATION``) as they are set now, and the ``target_device`` (its
+    ``$STREAMFLOW_JAX_CONCAT_PRODUCT``, ``$STREAMFLOW_JAX_MODULATION``, and ``$STREAMFLOW_JAX_GEMM``,
+    which ``fp8_matmul`` reads too) as they are set now, and the ``target_device`` (its
     platform, kind and compute capability; empty outside one). Part of a model's pytree structure (``FlowModel``, the stream engine's
     pinned models) and of its velocity's static arguments, so that a jitted function taking a
     model traces again when one of them changes within a process, instead of running the
@@ -545,7 +560,7 @@ def trace_switches() -> tuple[str, ...]:
     where = "" if target is None else (f"{target.platform}:{getattr(target, 'device_kind', '')}:"
                                        f"{getattr(target, 'compute_capability', '')}")
     return (*(os.environ.get(name, "") for name in (ATTENTION_ENV, GROUPNORM_ENV, CONV1X1_ENV, CONCAT_PRODUCT_ENV,
-                                                     MODULATION_ENV)),
+                                                     MODULATION_ENV, GEMM_ENV)),
             where)
 
 
@@ -591,7 +606,9 @@ def gemm_choice(setting: str | None = None, platform: str | None = None) -> str:
     ``$STREAMFLOW_JAX_GEMM`` (or ``setting``): ``auto`` (unset), ``xla``, ``cublas``. ``auto``
     is ``xla`` until a device measures ``cublas`` (``benchmarks/levers_gpu.py``'s ``gemm_cublas``;
     compiled for an H200 on a CPU, it cuts SD3-medium's memory-bound traffic by 41%, see RESULTS.md).
-    Read when a program is compiled (``compiler_options``); a CPU has no such choice."""
+    Read when a program is compiled (``compiler_options``) and when ``fp8_matmul`` is traced
+    (``cublas``: one-row FP8 products padded to 16 rows, which cuBLASLt's FP8 GEMM takes); a
+    CPU has no such choice."""
     setting = (os.environ.get(GEMM_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
     if setting not in ("auto", "xla", "cublas"):
         raise ValueError(f"{GEMM_ENV}={setting!r}: expected auto, xla or cublas")

@@ -3,6 +3,7 @@ unchanged), and levers_gpu.py's variant table (XLA knows every flag) and ratios.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -459,6 +460,47 @@ def test_gemm_switch_and_its_compile_options(monkeypatch):
     monkeypatch.setenv(ops.GEMM_ENV, "triton")
     with pytest.raises(ValueError, match=r"STREAMFLOW_JAX_GEMM='triton': expected auto, xla or cublas"):
         ops.check_switches()
+
+
+def _primitives(jaxpr) -> set[str]:
+    """The primitives of a jaxpr and of the jaxprs inside it (``jnp.pad`` is a nested jit)."""
+    import jax.extend
+
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize("rows", [(1,), (2, 3), (20,)])
+def test_fp8_products_of_few_rows_are_padded_for_cublas(monkeypatch, rows):
+    """With cuBLAS GEMMs on a GPU (traced for one here: ``target_device``), an FP8 product of
+    fewer than 16 rows is computed on 16 (zero rows added, then dropped): cuBLASLt's FP8 GEMM
+    does not take a matrix-vector product, and XLA dequantized such weights per call. The
+    result is the unpadded product's; XLA's GEMMs, the CPU and 16 rows or more are left alone."""
+    from streamflow_jax.quantization import quantize_kernel
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((*rows, 48)), jnp.float32)
+    weight, scale = quantize_kernel(rng.standard_normal((48, 40)).astype(np.float32))
+    def padded(setting, device):
+        fn = lambda v: ops.fp8_matmul(v, weight, scale)  # noqa: E731 - a new function: traced anew
+        monkeypatch.setenv(ops.GEMM_ENV, setting)
+        with contextlib.ExitStack() as stack:
+            if device is not None:
+                stack.enter_context(ops.target_device(device))
+            jaxpr = jax.make_jaxpr(fn)(x)
+            got = np.asarray(jax.jit(fn)(x))
+        return "pad" in _primitives(jaxpr.jaxpr), got
+
+    plain, want = padded("xla", None)
+    assert not plain and want.shape == (*rows, 40)
+    assert padded("cublas", None)[0] is False and padded("xla", H100)[0] is False
+    pad, got = padded("cublas", H100)
+    assert pad == (int(np.prod(rows)) < ops.FP8_GEMM_MIN_ROWS)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_compile_options_reach_every_program_of_the_library(tiny_sd3, monkeypatch):
