@@ -437,9 +437,7 @@ def group_norm_choice(setting: str | None = None, platform: str | None = None) -
     Read when a function is traced (``platform``: default the ``target_device``'s, else
     ``jax.default_backend()``).
     """
-    setting = (os.environ.get(GROUPNORM_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    if setting not in ("auto", "groups", "channels", "onepass"):
-        raise ValueError(f"{GROUPNORM_ENV}={setting!r}: expected auto, groups, channels or onepass")
+    setting = _switch(GROUPNORM_ENV, setting, ("auto", "groups", "channels", "onepass"))
     if setting == "auto":
         platform = _platform(platform)
         return "channels" if platform == "cpu" else "onepass" if _on_gpu(platform) else "groups"
@@ -461,9 +459,7 @@ def conv_layout_choice(setting: str | None = None, platform: str | None = None) 
     elsewhere; or either by name. Read when an engine is made (``platform``: the engine's
     devices', default as ``group_norm_choice``).
     """
-    setting = (os.environ.get(CONV_LAYOUT_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    if setting not in ("auto", "hwio", "ohwi"):
-        raise ValueError(f"{CONV_LAYOUT_ENV}={setting!r}: expected auto, hwio or ohwi")
+    setting = _switch(CONV_LAYOUT_ENV, setting, ("auto", "hwio", "ohwi"))
     if setting == "auto":
         return "OHWI" if _on_gpu(platform) else "HWIO"
     return "OHWI" if setting == "ohwi" else "HWIO"
@@ -489,9 +485,7 @@ def conv1x1_choice(setting: str | None = None, platform: str | None = None) -> s
     (on this project's CPU the whole UNet ran 0-6% slower as GEMMs, ``benchmarks/conv1x1.py``); or either
     by name. Read when a function is traced (``platform``: as ``group_norm_choice``).
     """
-    setting = (os.environ.get(CONV1X1_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    if setting not in ("auto", "conv", "dot"):
-        raise ValueError(f"{CONV1X1_ENV}={setting!r}: expected auto, conv or dot")
+    setting = _switch(CONV1X1_ENV, setting, ("auto", "conv", "dot"))
     if setting == "auto":
         return "dot" if _on_gpu(platform) else "conv"
     return setting
@@ -515,9 +509,7 @@ def concat_product_choice(setting: str | None = None) -> str:
     a device measures ``split`` (``benchmarks/levers_gpu.py``'s ``split_concat``); or either by
     name. Read when a function is traced; an ONNX export always writes the concatenation.
     """
-    setting = (os.environ.get(CONCAT_PRODUCT_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    if setting not in ("auto", "concat", "split"):
-        raise ValueError(f"{CONCAT_PRODUCT_ENV}={setting!r}: expected auto, concat or split")
+    setting = _switch(CONCAT_PRODUCT_ENV, setting, ("auto", "concat", "split"))
     return "concat" if setting == "auto" else setting
 
 
@@ -534,17 +526,24 @@ def modulation_choice(setting: str | None = None) -> str:
     within a block, q/k/v, still merge). The same numbers either way. Compiled for an H200 on a
     CPU, the concatenation is a copy of 2.5 GB a SD3-medium call (1536 x 439296 bf16 weights)
     and 4.4 GB a Flux-dev call (3072 x 374784); apart, SD3-medium's memory-bound traffic falls
-    from 3.93 to 3.37 ms a call at full bandwidth for 22 more kernels (``dot_merger_off`` gets
+    from 3.93 to 3.37 ms a call at full bandwidth for 23 more kernels (``dot_merger_off`` gets
     3.47 with 119 more, unmerging q/k/v too; ``benchmarks/RESULTS.md``).
 
     ``$STREAMFLOW_JAX_MODULATION`` (or ``setting``): ``auto`` (unset) keeps ``merged`` until a
     device times ``apart`` (``benchmarks/levers_gpu.py``'s ``modulation_apart``); or either by
     name. Read when a function is traced; an ONNX export has no barrier.
     """
-    setting = (os.environ.get(MODULATION_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    if setting not in ("auto", "merged", "apart"):
-        raise ValueError(f"{MODULATION_ENV}={setting!r}: expected auto, merged or apart")
+    setting = _switch(MODULATION_ENV, setting, ("auto", "merged", "apart"))
     return "merged" if setting == "auto" else setting
+
+
+def _switch(env: str, setting: str | None, choices: tuple[str, ...]) -> str:
+    """An environment switch's value (``setting``, else ``$env``; unset or blank: ``auto``),
+    lower case, one of ``choices``, else a ValueError naming the variable and the choices."""
+    setting = (os.environ.get(env, "auto") if setting is None else setting).strip().lower() or "auto"
+    if setting not in choices:
+        raise ValueError(f"{env}={setting!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
+    return setting
 
 
 def trace_switches() -> tuple[str, ...]:
@@ -585,9 +584,7 @@ def scan_blocks_choice(setting: str | None = None) -> bool | None:
     ``auto`` (unset; None): models as given, and loaded unrolled, until a GPU measures the scan.
     Read by ``sf.load`` and the stream engine when they make a model, not per call.
     """
-    setting = (os.environ.get(SCAN_BLOCKS_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"{SCAN_BLOCKS_ENV}={setting!r}: expected auto, on or off")
+    setting = _switch(SCAN_BLOCKS_ENV, setting, ("auto", "on", "off"))
     return None if setting == "auto" else setting == "on"
 
 
@@ -609,9 +606,7 @@ def gemm_choice(setting: str | None = None, platform: str | None = None) -> str:
     Read when a program is compiled (``compiler_options``) and when ``fp8_matmul`` is traced
     (``cublas``: one-row FP8 products padded to 16 rows, which cuBLASLt's FP8 GEMM takes); a
     CPU has no such choice."""
-    setting = (os.environ.get(GEMM_ENV, "auto") if setting is None else setting).strip().lower() or "auto"
-    if setting not in ("auto", "xla", "cublas"):
-        raise ValueError(f"{GEMM_ENV}={setting!r}: expected auto, xla or cublas")
+    setting = _switch(GEMM_ENV, setting, ("auto", "xla", "cublas"))
     return "xla" if setting == "auto" else setting
 
 
@@ -653,13 +648,16 @@ def jitted(fn, options: dict | None = None, *, static_argnums=(), donate_argnums
 
 def check_switches() -> None:
     """Parses every environment switch the library reads (attention, GroupNorm, 1x1
-    convolutions, convolution layout, scanned blocks, GEMMs, and the stream engine's tick and graphs),
+    convolutions, convolution layout, concatenated products, modulation, scanned blocks, GEMMs,
+    and the stream engine's tick and graphs),
     so that a typo is refused at once, naming the variable, rather than when a model is traced
     or an engine made, or not at all where no model reads it. The CLI calls it before loading."""
     attention_choice(0)
     group_norm_choice(platform="cpu")
     conv1x1_choice(platform="cpu")
     conv_layout_choice(platform="cpu")
+    concat_product_choice()
+    modulation_choice()
     scan_blocks_choice()
     gemm_choice()
     from streamflow_jax.stream import tick_graphs, tick_mode

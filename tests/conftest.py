@@ -407,3 +407,14 @@ def compiles():
         yield compiled
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def jaxpr_eqns(jaxpr):
+    """Every equation of a jaxpr, and of the jaxprs inside its equations (jits, scans, custom
+    rules), depth first."""
+    import jax.extend
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from jaxpr_eqns(sub)

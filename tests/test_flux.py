@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import diffusers
 import jax
-import jax.extend
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import jaxpr_eqns, randomize
 from diffusers import FluxPipeline
 from safetensors.torch import save_file
 
@@ -80,19 +79,15 @@ def test_velocity_matches_diffusers(tmp_path, guidance, height, width):
     np.testing.assert_allclose(np.asarray(_velocity(model, x[1:2], t[1:2], one)), got[1:2], rtol=1e-5, atol=1e-5)
 
 
+def _velocity_eqns(model, x, t, cond):
+    """The equations of the traced velocity, nested ones included."""
+    return jaxpr_eqns(jax.make_jaxpr(lambda x: model.velocity(x, t, cond))(x).jaxpr)
+
+
 def _concat_widths(model, x, t, cond) -> list[int]:
     """The last-axis widths of the concatenations in the traced velocity."""
-    jaxpr = jax.make_jaxpr(lambda x: model.velocity(x, t, cond))(x)
-    found = []
-
-    def walk(jp):
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "concatenate" and eqn.params["dimension"] == eqn.outvars[0].aval.ndim - 1:
-                found.append(eqn.outvars[0].aval.shape[-1])
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-    walk(jaxpr.jaxpr)
-    return found
+    return [e.outvars[0].aval.shape[-1] for e in _velocity_eqns(model, x, t, cond)
+            if e.primitive.name == "concatenate" and e.params["dimension"] == e.outvars[0].aval.ndim - 1]
 
 
 def test_split_concat_product_matches_diffusers(tmp_path, monkeypatch):
@@ -117,17 +112,7 @@ def test_split_concat_product_matches_diffusers(tmp_path, monkeypatch):
 
 def _barriers(model, x, t, cond) -> int:
     """Optimization barriers in the traced velocity."""
-    jaxpr = jax.make_jaxpr(lambda x: model.velocity(x, t, cond))(x)
-    count = 0
-
-    def walk(jp):
-        nonlocal count
-        for eqn in jp.eqns:
-            count += eqn.primitive.name == "optimization_barrier"
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-    walk(jaxpr.jaxpr)
-    return count
+    return sum(e.primitive.name == "optimization_barrier" for e in _velocity_eqns(model, x, t, cond))
 
 
 def test_modulation_apart_matches_diffusers(tmp_path, monkeypatch):

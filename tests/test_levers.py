@@ -462,16 +462,14 @@ def test_gemm_switch_and_its_compile_options(monkeypatch):
         ops.check_switches()
 
 
-def _primitives(jaxpr) -> set[str]:
-    """The primitives of a jaxpr and of the jaxprs inside it (``jnp.pad`` is a nested jit)."""
-    import jax.extend
-
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            names |= _primitives(sub)
-    return names
+@pytest.mark.parametrize("env,bad,choices", [(ops.CONCAT_PRODUCT_ENV, "sideways", "auto, concat or split"),
+                                             (ops.MODULATION_ENV, "together", "auto, merged or apart")])
+def test_every_trace_time_switch_is_checked_before_loading(monkeypatch, env, bad, choices):
+    """``ops.check_switches`` (the CLI's first step) refuses a typo in each trace-time switch,
+    naming it, rather than after a model has loaded (as both did when first added)."""
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(ValueError, match=rf"{env}='{bad}': expected {choices}"):
+        ops.check_switches()
 
 
 @pytest.mark.parametrize("rows", [(1,), (2, 3), (20,)])
@@ -480,6 +478,8 @@ def test_fp8_products_of_few_rows_are_padded_for_cublas(monkeypatch, rows):
     fewer than 16 rows is computed on 16 (zero rows added, then dropped): cuBLASLt's FP8 GEMM
     does not take a matrix-vector product, and XLA dequantized such weights per call. The
     result is the unpadded product's; XLA's GEMMs, the CPU and 16 rows or more are left alone."""
+    from conftest import jaxpr_eqns
+
     from streamflow_jax.quantization import quantize_kernel
 
     rng = np.random.default_rng(3)
@@ -493,7 +493,7 @@ def test_fp8_products_of_few_rows_are_padded_for_cublas(monkeypatch, rows):
                 stack.enter_context(ops.target_device(device))
             jaxpr = jax.make_jaxpr(fn)(x)
             got = np.asarray(jax.jit(fn)(x))
-        return "pad" in _primitives(jaxpr.jaxpr), got
+        return any(e.primitive.name == "pad" for e in jaxpr_eqns(jaxpr.jaxpr)), got
 
     plain, want = padded("xla", None)
     assert not plain and want.shape == (*rows, 40)
