@@ -193,10 +193,11 @@ def test_hlo_categories():
 
 
 def test_softmax_is_not_any_reduce_with_an_exponential():
-    """The op sets of three fused kernels of programs XLA compiled for an H200 (``hlo_gpu.py``):
-    XLA's attention softmax is attention; the SD1.5 UNet's GEGLU fused with its dynamic FP8
-    amax, and a time embedding's SiLU fused into a reduction, are memory-bound norms (they were
-    read as softmax once, and left out of the memory-bound traffic)."""
+    """XLA's attention softmax (exp(x - max) / sum) is attention; the SD1.5 UNet's GEGLU fused
+    with its dynamic FP8 amax (its op set as XLA compiled it for an H200, ``hlo_gpu.py``) and a
+    LayerNorm fused with a SiLU are memory-bound norms: they were read as softmax once, and left
+    out of the memory-bound traffic. (The tiny Flux's norm+SiLU kernel, compiled, is checked in
+    ``test_hlo_gpu.py::test_kernel_groups_add_up_to_the_summary``.)"""
     from profile_summary import _classify
 
     softmax = {"fusion", "reduce", "maximum", "subtract", "exponential", "add", "divide", "broadcast"}
