@@ -12,9 +12,9 @@
 #            scales (400 s); fp8-flux-all: with dynamic scales and FP8 attention too (450 s);
 #            fp8-flux-cublas: fp8-flux with $STREAMFLOW_JAX_GEMM=cublas (cuBLASLt's FP8 GEMMs; 400 s)
 #   levers   XLA flags / switch variants vs the default, one process each, stream images/s:
-#            OHWI conv kernels + one-pass GroupNorm + 1x1 convs as GEMMs + one program per tick
-#            together, convs as cuDNN fusions (OHWI), then the tick, the 1x1 convs, OHWI alone
-#            (levers_gpu.py group a, 280 s); levers-b: command buffers off, one-pass GroupNorm alone,
+#            4 and 8 ticks a call (one scan), CUDA graphs off (the process's, the tick's), JAX's
+#            preallocation, the allocators, stable temp addresses, the old defaults, cuDNN conv
+#            fusions (levers_gpu.py group a, 280 s); levers-b: command buffers off, one-pass GroupNorm alone,
 #            JAX's preallocation, FP8 attention, GroupNorm by channels, XLA attention at head dim 40, Triton GEMM off, cuBLASLt, cuDNN GEMM fusion, tiling
 #            search, autotune, graphs around loops (280 s); levers-sd3: the transformer group on
 #            SD3-medium: cuBLAS GEMMs without DotMerger, DotMerger off, Triton GEMMs off, scanned

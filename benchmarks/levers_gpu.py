@@ -54,6 +54,11 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # one program per stream tick instead of three (admission, step, outputs): no host gaps
     # between them (the stream workload only)
     "tick_fused": ("", {"STREAMFLOW_JAX_TICK": "fused"}),
+    # K ticks planned ahead and run as one compiled scan of fused ticks
+    # ($STREAMFLOW_JAX_TICKS_PER_CALL): one dispatch for K ticks, and inside the scan the
+    # buffers keep their addresses (no graph updates after the first tick); the stream only
+    "ticks_4": ("", {"STREAMFLOW_JAX_TICKS_PER_CALL": "4"}),
+    "ticks_8": ("", {"STREAMFLOW_JAX_TICKS_PER_CALL": "8"}),
     # attention per head dim: SD1.5's levels have head dims 40, 80, 160; SD3/Flux 64/128
     "attention_xla": ("", {"STREAMFLOW_JAX_ATTENTION": "xla"}),
     "attention_40_xla": ("", {"STREAMFLOW_JAX_ATTENTION": "40=xla"}),
@@ -147,8 +152,9 @@ GROUPS = {
     # off (for the process, then for the tick's programs alone), JAX's own preallocation (users'
     # default; gpu_all.sh turns it off), the old defaults,
     # then the convolutions as graph-capturable cuDNN fusions
-    "a": ("default", "cmdbuf_off", "tick_graphs_off", "prealloc", "allocator_cuda_async", "cmdbuf_skip_temp",
-          "allocator_vmm", "more_kernels", "conv_fusion_ohwi", "cmdbuf_min1", "default_again"),
+    # (2026-12-02: ticks_4 first, ticks_8 after it: K ticks a call, the host's dispatch paid once)
+    "a": ("default", "ticks_4", "ticks_8", "cmdbuf_off", "tick_graphs_off", "prealloc", "allocator_cuda_async",
+          "cmdbuf_skip_temp", "allocator_vmm", "more_kernels", "conv_fusion_ohwi", "cmdbuf_min1", "default_again"),
     # the first run's group a (1.133, 0.94, 1.005, 1.031, 1.062 on the H200): kept to rerun
     "a0": ("default", "fewer_kernels", "conv_fusion_ohwi", "tick_fused", "conv1x1_dot", "conv_ohwi", "default_again"),
     # (2026-12-01: the GEMM levers first; compiled for an H200 here the UNet step's memory-bound
@@ -173,7 +179,7 @@ GROUPS = {
     "scan": ("default", "gemm_cublas", "dot_merger_off", "modulation_apart", "split_concat", "scan_blocks",
              "scan_blocks_dsf", "default_again"),
     "all": tuple(VARIANTS),
-    "smoke": ("default", "cmdbuf_off", "tick_fused", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
+    "smoke": ("default", "cmdbuf_off", "tick_fused", "ticks_4", "attention_xla", "groupnorm_channels", "groupnorm_onepass",
               "conv_ohwi", "conv1x1_dot", "scan_blocks", "default_again"),
 }
 

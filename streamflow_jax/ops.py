@@ -649,7 +649,7 @@ def jitted(fn, options: dict | None = None, *, static_argnums=(), donate_argnums
 def check_switches() -> None:
     """Parses every environment switch the library reads (attention, GroupNorm, 1x1
     convolutions, convolution layout, concatenated products, modulation, scanned blocks, GEMMs,
-    and the stream engine's tick and graphs),
+    and the stream engine's tick, graphs and ticks per call),
     so that a typo is refused at once, naming the variable, rather than when a model is traced
     or an engine made, or not at all where no model reads it. The CLI calls it before loading."""
     attention_choice(0)
@@ -660,10 +660,11 @@ def check_switches() -> None:
     modulation_choice()
     scan_blocks_choice()
     gemm_choice()
-    from streamflow_jax.stream import tick_graphs, tick_mode
+    from streamflow_jax.stream import tick_graphs, tick_mode, ticks_per_call_choice
 
     tick_mode()
     tick_graphs()
+    ticks_per_call_choice()
 
 
 def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:

@@ -253,11 +253,23 @@ class SlotScheduler:
             done_index = np.array(done + [done[0]] * (size - len(done)), np.int32)
         return TickPlan(admissions, active, t, t_next, done, done_index)
 
-    def room(self) -> int:
+    def room(self, ticks: int = 1) -> int:
         """Requests the next ``plan`` would admit if the queue held them (free slots, at most
-        ``admit_per_tick``), less those already queued."""
+        ``admit_per_tick``), less those already queued. ``ticks``: the next that many plans,
+        the slots that finish on the way admitting again (requests not yet submitted are
+        counted as not finishing within them: a lower bound where some have fewer steps)."""
         free = sum(r is None for r in self.requests)
-        return max(0, min(free, self.admit_per_tick) - len(self.queue))
+        left = [r.steps - s for r, s in zip(self.requests, self.steps) if r is not None]  # steps to go
+        queued, more = [r.steps for r in self.queue], 0
+        for _ in range(ticks):
+            k = min(free, self.admit_per_tick)
+            left += queued[:k]
+            more += max(0, k - len(queued))
+            queued, free = queued[k:], free - k
+            left = [s - 1 for s in left]
+            free += sum(s == 0 for s in left)
+            left = [s for s in left if s > 0]
+        return more
 
     def remove(self, rid: int) -> bool:
         """Withdraws request ``rid`` from the queue or from its slot (the slot is free for the
@@ -389,17 +401,30 @@ def _tick(model, decoder, flow_model, state, admit, active, t, t_next, done_inde
     return state, (None if done_index is None else _outputs(decoder, state["x"], done_index))
 
 
+def _ticks(model, decoder, flow_model, state, admit, active, t, t_next, done_index):
+    """K ticks as one program (``ticks_per_call``): a scan of the fused tick over the K plans'
+    stacked arrays (each leaf ``[K, ...]``; ``admit`` or ``done_index`` None when no tick of
+    the K admits, or finishes, anything). Returns the state and the outputs ``[K, d, ...]``."""
+
+    def one(state, plan):
+        return _tick(model, decoder, flow_model, state, *plan)
+
+    return jax.lax.scan(one, state, (admit, active, t, t_next, done_index))
+
+
 class Programs(NamedTuple):
     """The jitted programs a compiled tick runs. Three by default, so that the one holding the
     model has one variant per active-batch size only: admissions and outputs vary per tick and
     compile small programs of their own; ``tick`` runs the three as one (``tick="fused"``, a
     measurement lever of issue 22: no host gap between them, at the price of one model-holding
-    variant per admission kind, active batch and finishing batch). The slot buffers are donated."""
+    variant per admission kind, active batch and finishing batch); ``ticks`` runs K fused ticks
+    as one scan (``ticks_per_call``). The slot buffers are donated."""
 
     admit: Callable
     step: Callable
     outputs: Callable
     tick: Callable
+    ticks: Callable
 
 
 NO_GRAPH_MIN_SIZE = 1 << 30  # commands in a row before XLA makes a CUDA graph of them: never
@@ -425,7 +450,8 @@ def _programs_with(options: tuple) -> Programs:
     return Programs(jax.jit(_admit, donate_argnums=(1,), compiler_options=options),
                     jax.jit(_step, donate_argnums=(1,), compiler_options=options),
                     jax.jit(_outputs, compiler_options=options),
-                    jax.jit(_tick, donate_argnums=(3,), compiler_options=options))
+                    jax.jit(_tick, donate_argnums=(3,), compiler_options=options),
+                    jax.jit(_ticks, donate_argnums=(3,), compiler_options=options))
 
 
 TICK_ENV = "STREAMFLOW_JAX_TICK"
@@ -451,6 +477,32 @@ def tick_graphs(setting: str | bool | None = None) -> bool:
             raise ValueError(f"${TICK_GRAPHS_ENV}={given!r}: expected auto, on or off")
         raise ValueError(f"graphs={given!r}: expected True, False, 'auto', 'on' or 'off'")
     return value != "off"
+
+
+TICKS_PER_CALL_ENV = "STREAMFLOW_JAX_TICKS_PER_CALL"
+MAX_TICKS_PER_CALL = 64
+
+
+def ticks_per_call_choice(setting: int | str | None = None) -> int:
+    """How many ticks the engine plans ahead and runs as one compiled call (a scan of fused
+    ticks): ``setting``, else ``$STREAMFLOW_JAX_TICKS_PER_CALL``, else 1. The H200's profile of
+    the seed setting (2026-11-30) found the tick bound by the host: 12.6 ms of dispatch a
+    13 ms tick against 10.3 ms of kernels, a third of it updating CUDA graphs whose buffers
+    had moved. K ticks a call pay one dispatch, and inside the scan the buffers stay put. The
+    price is latency: a request submitted while a call runs waits for the call's K ticks, and
+    results come back K ticks at a time. A measurement switch (``benchmarks/levers_gpu.py``'s
+    ``ticks_4``) of the XLA backend; at most ``MAX_TICKS_PER_CALL``."""
+    given = os.environ.get(TICKS_PER_CALL_ENV, "1") if setting is None else setting
+    src = f"${TICKS_PER_CALL_ENV}={given!r}" if setting is None else f"ticks_per_call={given!r}"
+    if isinstance(given, str):
+        given = given.strip() or "1"
+        if not given.isdigit():
+            raise ValueError(f"{src}: expected an integer from 1 to {MAX_TICKS_PER_CALL}")
+        given = int(given)
+    if isinstance(given, (bool, np.bool_)) or not isinstance(given, (int, np.integer)) \
+            or not 1 <= given <= MAX_TICKS_PER_CALL:
+        raise ValueError(f"{src}: expected an integer from 1 to {MAX_TICKS_PER_CALL}")
+    return int(given)
 
 
 def tick_mode(setting: str | None = None) -> str:
@@ -488,9 +540,12 @@ class DeviceBuffers:
             self.state = shard_batch(self.state, mesh)
         self._no_noise = np.zeros((admit_rows, *latent_shape), np.float32)
 
-    def admission(self, admissions: list[tuple[int, Request]]) -> dict | None:
-        """The host arrays of one tick's admissions, padded to ``admit_rows`` (None: none)."""
-        if not admissions:
+    def admission(self, admissions: list[tuple[int, Request]], *, padding: bool = False,
+                  init: bool = False) -> dict | None:
+        """The host arrays of one tick's admissions, padded to ``admit_rows`` (None: none;
+        ``padding``: rows of padding alone then, for a tick of a scan whose other ticks admit).
+        ``init``: with the image-to-image arrays even when no row starts from an image."""
+        if not admissions and not padding:
             return None
         k, guided = self.admit_rows, "uncond" in self.state
         slot = np.full(k, self.num_slots, np.int32)
@@ -512,7 +567,7 @@ class DeviceBuffers:
                     uncond[n][j] = req.uncond[n]
             guidance[j] = req.guidance
         out = {"slot": slot, "seed": seed, "use_seed": use_seed, "noise": noise, "cond": cond}
-        if any(r.init is not None for _, r in admissions):
+        if init or any(r.init is not None for _, r in admissions):
             out["init"] = self._no_noise.copy()
             out["has_init"] = np.zeros(k, bool)
             out["t0"] = np.ones(k, np.float32)
@@ -542,6 +597,39 @@ class DeviceBuffers:
         if plan.done_index is None:
             return None
         return programs.outputs(decoder, self.state["x"], plan.done_index)
+
+    def ticks(self, model, decoder, plans: list[TickPlan], *, flow_model=None, programs: Programs | None = None):
+        """Runs ``plans`` (consecutive ticks) as one compiled scan: the plans' arrays padded to
+        the largest active batch and finishing batch among them and stacked. Returns the
+        outputs ``[K, d, ...]`` (a device array; row ``j`` of tick ``k`` is the ``j``-th of
+        ``plans[k].done``; rows of padding and of ticks finishing nothing are not outputs) or
+        None when no plan finishes anything."""
+        programs = programs or _programs(True)
+        n = self.num_slots
+        image = any(r.init is not None for p in plans for _, r in p.admissions)
+        admit = None
+        if any(p.admissions for p in plans):
+            rows = [self.admission(p.admissions, padding=True, init=image) for p in plans]
+            admit = jax.tree_util.tree_map(lambda *a: np.stack(a), *rows)
+        b = max(p.active.shape[0] for p in plans)
+
+        def padded(a, fill):
+            return np.concatenate([a, np.full(b - a.shape[0], fill, a.dtype)])
+
+        active = np.stack([padded(p.active, n) for p in plans])
+        t = np.stack([padded(p.t, PAD_TIME) for p in plans])
+        t_next = np.stack([padded(p.t_next, PAD_TIME) for p in plans])
+        done = [p.done_index for p in plans if p.done_index is not None]
+        done_index = None
+        if done:  # ticks finishing nothing gather slot 0, and their rows are dropped
+            d = max(a.shape[0] for a in done)
+            done_index = np.stack([np.zeros(d, np.int32) if p.done_index is None else
+                                   np.concatenate([p.done_index, np.full(d - p.done_index.shape[0],
+                                                                         p.done_index[0], np.int32)])
+                                   for p in plans])
+        self.state, out = programs.ticks(model, decoder, _noising_model(flow_model, admit), self.state, admit,
+                                         active, t, t_next, done_index)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,6 +708,11 @@ class StreamEngine:
             an H200: within noise).
         graphs: whether the tick's programs keep XLA's CUDA graphs (``tick_graphs``); default
             ``$STREAMFLOW_JAX_TICK_GRAPHS``, else on. Another measurement switch.
+        ticks_per_call: K, the ticks ``tick`` plans ahead and runs as one compiled call (a scan
+            of K fused ticks; ``ticks_per_call_choice``); default
+            ``$STREAMFLOW_JAX_TICKS_PER_CALL``, else 1. Throughput for latency: requests
+            submitted during a call join at the next, and a run's last ticks (fewer than K
+            left) run one call each. The XLA backend's; other backends tick one at a time.
 
     With backend ``xla`` the engine runs its own copies of ``model`` and ``decoder`` with their
     convolution kernels in ``$STREAMFLOW_JAX_CONV_LAYOUT``'s layout (``ops.conv_layout_choice``:
@@ -632,10 +725,11 @@ class StreamEngine:
                  slots_per_stream: int = 4, streams: int = 1, guidance: bool = False,
                  decoder=None, postprocess: Callable | None = None, backend: str = "xla",
                  admit_per_tick: int | None = None, min_batch: int | None = None, mesh=None,
-                 tick: str | None = None, graphs: bool | str | None = None):
+                 tick: str | None = None, graphs: bool | str | None = None, ticks_per_call: int | None = None):
         entry = check_backend(backend)
         self.tick_mode = tick_mode(tick)
         self.tick_graphs = tick_graphs(graphs)
+        self.ticks_per_call = ticks_per_call_choice(ticks_per_call) if not entry.exported else 1
         for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
             check_count(name, value)
         if not hasattr(model, "velocity"):
@@ -674,7 +768,8 @@ class StreamEngine:
         self.scheduler = SlotScheduler(self.num_slots, admit, min_batch, multiple=data)
         self.buffers = DeviceBuffers(self.num_slots, self.latent_shape, self.cond_shapes, self.guided, admit, mesh)
         self._ids = itertools.count()
-        self._in_flight: collections.deque[tuple[list[int], jax.Array]] = collections.deque()
+        # (ids, outputs on the device, the rows of the ids' outputs: None, in order, or an index)
+        self._in_flight: collections.deque[tuple[list[int], jax.Array, tuple | None]] = collections.deque()
         self.results: dict[int, Any] = {}
         self.ticks = 0
         self._velocity_model, self._decoder = model, decoder
@@ -755,30 +850,64 @@ class StreamEngine:
 
     def tick(self) -> list[int]:
         """Admits queued requests into free slots, advances every occupied slot one step in one
-        call, retires the finished ones. Returns the ids retired by this tick (their outputs
-        reach ``results`` when their copy to the host completes)."""
+        call, retires the finished ones (with ``ticks_per_call`` K: K such ticks, one call).
+        Returns the ids retired by this tick (their outputs reach ``results`` when their copy
+        to the host completes)."""
+        return self._tick(self.ticks_per_call)
+
+    def _tick(self, most: int) -> list[int]:
+        """``tick``, running at most ``most`` ticks."""
         self._collect(wait=False)
+        if self.ticks_per_call > 1:
+            return self._tick_many(most)
         plan = self.scheduler.plan()
         if plan is None:
             return []
+        outputs = self._tick_one(plan)
+        finished = [req.id for req in self.scheduler.advance(plan)]
+        self._send(finished, outputs)
+        return finished
+
+    def _tick_one(self, plan: TickPlan):
         outputs = self.buffers.tick(self._pinned_velocity or self._velocity_model, self._pinned_decoder, plan,
                                     compiled=self._compiled, flow_model=self._pinned_flow,
                                     fused=self.tick_mode == "fused", programs=self._programs)
         self.ticks += 1
-        finished = [req.id for req in self.scheduler.advance(plan)]
-        if finished:
+        return outputs
+
+    def _send(self, ids: list[int], outputs, index: tuple | None = None) -> None:
+        """Starts the host copy of finished requests' outputs (collected by ``_collect``)."""
+        if ids:
             outputs.copy_to_host_async()
-            self._in_flight.append((finished, outputs))
-        return finished
+            self._in_flight.append((ids, outputs, index))
+
+    def _tick_many(self, most: int) -> list[int]:
+        """``ticks_per_call`` ticks planned ahead and run as one call; fewer (the run drains, or
+        ``most`` is less) run one call each, as a plain tick."""
+        plans, finished = [], []
+        while len(plans) < min(self.ticks_per_call, most) and (plan := self.scheduler.plan()) is not None:
+            plans.append(plan)
+            finished.append([req.id for req in self.scheduler.advance(plan)])
+        if len(plans) < self.ticks_per_call:
+            for plan, ids in zip(plans, finished):
+                self._send(ids, self._tick_one(plan))
+        else:
+            outputs = self.buffers.ticks(self._pinned_velocity, self._pinned_decoder, plans,
+                                         flow_model=self._pinned_flow, programs=self._programs)
+            self.ticks += len(plans)
+            rows = [(k, j) for k, ids in enumerate(finished) for j in range(len(ids))]
+            self._send([rid for ids in finished for rid in ids], outputs,
+                       (np.array([k for k, _ in rows], np.int32), np.array([j for _, j in rows], np.int32)))
+        return [rid for ids in finished for rid in ids]
 
     def _collect(self, wait: bool, until: int | None = None) -> None:
         """Moves finished outputs whose host copy is complete into ``results`` (in order)."""
         while self._in_flight:
-            ids, outputs = self._in_flight[0]
+            ids, outputs, index = self._in_flight[0]
             if not (wait or outputs.is_ready()):
                 return
             self._in_flight.popleft()
-            host = np.asarray(outputs)
+            host = np.asarray(outputs) if index is None else np.asarray(outputs)[index]
             for k, rid in enumerate(ids):
                 self.results[rid] = self._postprocessed(rid, host[k])
             if until is not None and until in ids:
@@ -816,9 +945,10 @@ class StreamEngine:
     @property
     def room(self) -> int:
         """How many more requests the next tick would admit if they were submitted now (free
-        slots, at most ``admit_per_tick``, less the queue): a caller that prepares requests just
-        in time (``PromptStream`` encodes the prompts a tick admits) submits this many."""
-        return self.scheduler.room()
+        slots, at most ``admit_per_tick``, less the queue; with ``ticks_per_call`` K, the next
+        call's K ticks): a caller that prepares requests just in time (``PromptStream`` encodes
+        the prompts a tick admits) submits this many."""
+        return self.scheduler.room(self.ticks_per_call)
 
     def wait(self) -> None:
         """Blocks until the device has run every tick dispatched so far. A loop that ticks as
@@ -829,8 +959,10 @@ class StreamEngine:
     def warm_up(self, image_to_image: bool = True) -> None:
         """Compiles every program the engine's ticks can run, without a request: the admission
         (text to image, and image to image unless told not to), the step at each batch size, and
-        the outputs (with their decode) for each number of slots finishing together. Each call
-        writes nothing (its rows are padding); a server calls this before reporting ready."""
+        the outputs (with their decode) for each number of slots finishing together (fused:
+        every combination of the three; with ``ticks_per_call`` K, every combination as a scan
+        of K ticks too). Each call writes nothing (its rows are padding); a server calls this
+        before reporting ready."""
         n, sched, bufs, jits = self.num_slots, self.scheduler, self.buffers, self._programs
         flow_model, velocity, decoder = self._pinned_flow, self._pinned_velocity, self._pinned_decoder
         dummy = Request(-1, np.array([1.0, 0.0], np.float32), {k: np.zeros(s, np.float32) for k, s in
@@ -839,15 +971,22 @@ class StreamEngine:
             dummy.uncond = dummy.cond
         variants = [dummy] + ([dataclasses.replace(dummy, init=np.zeros(self.latent_shape, np.float32))]
                               if image_to_image else [])
-        if self._compiled and self.tick_mode == "fused":  # every (admission, batch, finishing) variant
-            admits = [None] + [bufs.admission([(n, req)]) for req in variants]
+
+        def every_tick():  # a plan of each (admission, active batch, finishing batch) a tick can hold
             for b in sorted({bucket(k, n, sched.smallest, sched.multiple) for k in range(1, n + 1)}):
                 pad = np.full(b, PAD_TIME, np.float32)
                 for d in [None] + sorted({bucket(k, n) for k in range(1, b + 1)}):
-                    for admit in admits:
-                        done = None if d is None else np.zeros(d, np.int32)
-                        bufs.state, out = jits.tick(velocity, decoder, _noising_model(flow_model, admit), bufs.state,
-                                                    admit, np.full(b, n, np.int32), pad, pad, done)
+                    for admissions in [[]] + [[(n, req)] for req in variants]:
+                        yield TickPlan(admissions, np.full(b, n, np.int32), pad, pad, [],
+                                       None if d is None else np.zeros(d, np.int32))
+
+        if self._compiled and self.ticks_per_call > 1:  # the scans, then the single ticks a run ends with
+            for plan in every_tick():
+                bufs.ticks(velocity, decoder, [plan] * self.ticks_per_call, flow_model=flow_model, programs=jits)
+            jax.block_until_ready(bufs.state)
+        if self._compiled and self.tick_mode == "fused":
+            for plan in every_tick():
+                bufs.tick(velocity, decoder, plan, flow_model=flow_model, fused=True, programs=jits)
             jax.block_until_ready(bufs.state)
             return
         for req in variants:  # slot index n: padding, dropped
@@ -861,17 +1000,17 @@ class StreamEngine:
             jax.block_until_ready(jits.outputs(decoder, bufs.state["x"], np.zeros(d, np.int32)))
 
     def run(self, max_ticks: int | None = None) -> dict[int, Any]:
-        """Ticks until every submitted request has a result (or ``max_ticks``); returns ``results``."""
-        n = 0
-        while self.pending and (max_ticks is None or n < max_ticks):
-            self.tick()
-            n += 1
+        """Ticks until every submitted request has a result (or ``max_ticks`` ticks; with
+        ``ticks_per_call``, the scans that fit, then single ticks); returns ``results``."""
+        start = self.ticks
+        while self.pending and (max_ticks is None or self.ticks - start < max_ticks):
+            self._tick(self.ticks_per_call if max_ticks is None else max_ticks - (self.ticks - start))
         self._collect(wait=True)
         return self.results
 
     def result(self, rid: int):
         """The request's output; raises its ``RequestError`` if it failed, KeyError if not done."""
-        if rid not in self.results and any(rid in ids for ids, _ in self._in_flight):
+        if rid not in self.results and any(rid in ids for ids, _, _ in self._in_flight):
             self._collect(wait=True, until=rid)
         out = self.results[rid]
         if isinstance(out, Exception):

@@ -502,6 +502,7 @@ def test_importing_the_library_changes_no_global_state(tmp_path):
     ("STREAMFLOW_JAX_GEMM", "triton", "expected auto, xla or cublas"),
     ("STREAMFLOW_JAX_TICK", "threaded", "expected one of split, fused"),
     ("STREAMFLOW_JAX_TICK_GRAPHS", "bogus", "expected auto, on or off"),
+    ("STREAMFLOW_JAX_TICKS_PER_CALL", "four", "expected an integer from 1 to 64"),
 ])
 def test_environment_switch_typos_are_refused_before_loading(monkeypatch, capsys, tmp_path, name, value, message):
     """Every environment switch is parsed as the CLI starts: a typo is one line naming the

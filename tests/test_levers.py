@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from streamflow_jax import ops
-from streamflow_jax.stream import TICK_ENV, TICK_GRAPHS_ENV
+from streamflow_jax.stream import TICK_ENV, TICK_GRAPHS_ENV, TICKS_PER_CALL_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from first_image_gpu import ratios as cache_ratios  # noqa: E402
@@ -361,7 +361,7 @@ def test_xla_knows_every_lever_flag():
     assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
     assert list(VARIANTS)[0] == "default" and list(VARIANTS)[-1] == "default_again"
     switches = {ops.ATTENTION_ENV, ops.GROUPNORM_ENV, ops.CONV_LAYOUT_ENV, ops.CONV1X1_ENV, ops.SCAN_BLOCKS_ENV, TICK_ENV,
-                TICK_GRAPHS_ENV, ops.GEMM_ENV, ops.CONCAT_PRODUCT_ENV, ops.MODULATION_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE",
+                TICK_GRAPHS_ENV, TICKS_PER_CALL_ENV, ops.GEMM_ENV, ops.CONCAT_PRODUCT_ENV, ops.MODULATION_ENV, "XLA_PYTHON_CLIENT_PREALLOCATE",
                 "XLA_PYTHON_CLIENT_ALLOCATOR"}
     assert all(env_extra.keys() <= switches for _, env_extra in VARIANTS.values())
     assert NEWER_XLA <= set(VARIANTS)  # the flags only a newer XLA parses: named, and checked there (JAX 0.12)

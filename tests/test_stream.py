@@ -236,10 +236,11 @@ def test_stream_onnxruntime_equals_xla(model):
     np.testing.assert_allclose(outs["onnxruntime"], outs["xla"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("admit,tick", [(1, "split"), (5, "split"), (5, "fused")])
-def test_decoder_runs_inside_the_tick(model, tmp_path, admit, tick):
+@pytest.mark.parametrize("admit,tick,k", [(1, "split", 1), (5, "split", 1), (5, "fused", 1), (1, "split", 3)])
+def test_decoder_runs_inside_the_tick(model, tmp_path, admit, tick, k):
     """Finished slots decoded on the device during the tick equal decoding the sequential result;
-    admit=5 makes all five finish on one tick (a padded decode batch); fused: one program a tick."""
+    admit=5 makes all five finish on one tick (a padded decode batch); fused: one program a tick;
+    k=3: three ticks a call (a scan decoding inside it; 7 ticks: two scans, then one tick)."""
     import diffusers
     from conftest import VAES, randomize
 
@@ -247,7 +248,7 @@ def test_decoder_runs_inside_the_tick(model, tmp_path, admit, tick):
     vae = sf.load(tmp_path / "vae")
     x, conds = _requests(5, seed=6)
     engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=5, decoder=vae, admit_per_tick=admit,
-                          tick=tick)
+                          tick=tick, ticks_per_call=k)
     ids = [engine.submit(conds[i], steps=3, noise=x[i]) for i in range(5)]
     engine.run()
     for i, rid in enumerate(ids):
@@ -317,6 +318,71 @@ def test_fused_tick_warms_up_and_equals_the_split_tick(tiny_sd3, tmp_path, monke
         out[tick] = np.stack([engine.result(i) for i in ids])
     assert np.isfinite(out["split"]).all()
     np.testing.assert_allclose(out["fused"], out["split"], rtol=1e-5, atol=1e-5)
+
+
+def test_ticks_per_call_run_the_same_ticks_as_one_scan(model, monkeypatch):
+    """$STREAMFLOW_JAX_TICKS_PER_CALL=3: the engine plans three ticks ahead and runs them as one
+    compiled scan; guided and plain requests, seeds and noise, image to image, step counts 1-4,
+    two streams: the same ticks finish the same requests in the same order with the results of
+    one call a tick, warm_up compiles every scan and single tick a run meets, and a run's last
+    ticks (fewer than three) run one call each."""
+    x, conds = _requests(9, seed=11)
+    _, unconds = _requests(9, seed=12)
+    rng = np.random.default_rng(1)
+    reqs = [dict(cond=conds[i], steps=int(rng.integers(1, 5)), noise=x[i] if i % 2 else None,
+                 seed=None if i % 2 else i, guidance_scale=2.0 if i % 3 else None,
+                 uncond=unconds[i] if i % 3 else None, init=x[(i + 4) % 9] if i % 4 == 1 else None)
+            for i in range(9)]
+    out, order, ticks, calls = {}, {}, {}, {}
+    for k in (1, 3):
+        monkeypatch.setenv("STREAMFLOW_JAX_TICKS_PER_CALL", str(k))
+        engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=3, streams=2, guidance=True)
+        assert engine.ticks_per_call == k
+        engine.warm_up()
+        with compiles() as compiled:
+            ids = [engine.submit(**r) for r in reqs]
+            order[k], calls[k] = [], 0
+            while engine.pending:
+                order[k] += engine.tick()
+                calls[k] += 1
+            engine.run()
+        assert compiled == []
+        out[k], ticks[k] = np.stack([engine.result(i) for i in ids]), engine.ticks
+    assert np.isfinite(out[1]).all() and sorted(order[1]) == list(range(9))
+    assert order[3] == order[1] and ticks[3] == ticks[1]
+    assert calls[3] == ticks[1] // 3 + ticks[1] % 3  # the scans, then the last ticks one call each
+    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=3, streams=2, guidance=True, ticks_per_call=3)
+    for r in reqs:
+        engine.submit(**r)
+    engine.run(max_ticks=4)  # a scan of three, then one tick: max_ticks counts ticks, not calls
+    assert engine.ticks == 4 and engine.pending
+    np.testing.assert_allclose(out[3], out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_ticks_per_call_is_checked_and_room_looks_that_far_ahead(model, monkeypatch):
+    from streamflow_jax.stream import Request, SlotScheduler
+
+    for given in ("four", "0", "65", "-2", "2.5"):
+        monkeypatch.setenv("STREAMFLOW_JAX_TICKS_PER_CALL", given)
+        with pytest.raises(ValueError, match=re.escape(f"$STREAMFLOW_JAX_TICKS_PER_CALL={given!r}: expected an "
+                                                       "integer from 1 to 64")):
+            StreamEngine(model, (8, 8, 4), SHAPES)
+    monkeypatch.setenv("STREAMFLOW_JAX_TICKS_PER_CALL", " 8 ")
+    assert StreamEngine(model, (8, 8, 4), SHAPES).ticks_per_call == 8
+    assert StreamEngine(model, (8, 8, 4), SHAPES, ticks_per_call=2).ticks_per_call == 2  # the argument wins
+    for given in (0, True, 2.0, "x"):
+        with pytest.raises(ValueError, match=re.escape(f"ticks_per_call={given!r}: expected an integer")):
+            StreamEngine(model, (8, 8, 4), SHAPES, ticks_per_call=given)
+
+    def req(steps):
+        return Request(0, np.linspace(1, 0, steps + 1).astype(np.float32), {}, None, 0.0, 0, None)
+
+    sched = SlotScheduler(num_slots=2, admit_per_tick=1)
+    assert (sched.room(1), sched.room(3)) == (1, 2)  # two free slots, one admission a tick
+    sched.requests, sched.steps = [req(3), req(5)], [2, 0]  # one step to go, and five
+    assert (sched.room(1), sched.room(2), sched.room(3)) == (0, 1, 1)  # the first frees its slot after a tick
+    sched.queue.append(req(1))  # queued, one step: admitted on the second tick, done on it
+    assert (sched.room(2), sched.room(3)) == (0, 1)
 
 
 def test_tick_without_graphs_compiles_apart_and_equals_the_default(model, monkeypatch):

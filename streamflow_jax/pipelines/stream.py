@@ -214,7 +214,8 @@ class PromptStream:
         """Compiles what serving runs, before any user waits for it: the text encoders at every
         batch size a tick encodes, the engine's programs (``StreamEngine.warm_up``), and the image
         encoder when ``image`` is given (image to image); the warm-up's embeddings are forgotten."""
-        texts = 2 * self.engine.scheduler.admit_per_tick  # prompts and negative prompts of one tick
+        # the prompts and negative prompts of one engine call (ticks_per_call ticks)
+        texts = 2 * self.engine.scheduler.admit_per_tick * self.engine.ticks_per_call
         size = 1
         while True:
             self.pipe.encode([prompt] * size, self.text_len)

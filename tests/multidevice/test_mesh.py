@@ -274,13 +274,15 @@ def test_stream_engine_over_a_mesh_equals_one_device(models):
     x, _, cond = sd3_inputs(SD3_WIDE, 10, 8, 8, seed=3)
     shapes = {k: v.shape[1:] for k, v in cond.items()}
     outs = []
-    for mesh in (None, sf.make_mesh(data=4, model=2)):
+    mesh = sf.make_mesh(data=4, model=2)
+    for mesh, per_call in ((None, 1), (mesh, 1), (mesh, 3)):  # 3 ticks a call: a scan of ticks over the mesh
         m = model if mesh is None else sf.shard(model, mesh, "tensor")
-        engine = sf.StreamEngine(m, (8, 8, 4), shapes, slots_per_stream=4, streams=2, mesh=mesh)
+        engine = sf.StreamEngine(m, (8, 8, 4), shapes, slots_per_stream=4, streams=2, mesh=mesh,
+                                 ticks_per_call=per_call)
         ids = [engine.submit({k: v[i] for k, v in cond.items()}, steps=2 + i % 3, noise=x[i]) for i in range(10)]
         engine.run()
         outs.append(np.stack([engine.result(r) for r in ids]))
-    assert _rel(outs[1], outs[0]) <= 1e-5
+    assert _rel(outs[1], outs[0]) <= 1e-5 and _rel(outs[2], outs[0]) <= 1e-5
 
 
 def test_stream_engine_refuses_a_model_on_other_devices(models):
