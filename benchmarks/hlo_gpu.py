@@ -37,7 +37,9 @@ device may differ from this. The structure (what is fused, what stays FP8, what 
 XLA's own for the target.
 
 Workloads (``profile_gpu.py``'s configs): ``unet`` (SD1.5 UNet with the PeRFlow adapter,
-batch 4, 512^2: the seed setting's step), ``taesd`` (TAESD decode, batch 1, 512^2), ``sd3``
+batch 4, 512^2: the seed setting's step), ``taesd`` (TAESD decode, batch 1, 512^2), ``tick``
+(the stream engine's fused tick of the two: admission, step, decode of one finishing slot),
+``ticks4`` (four such ticks as one scan, ``ticks_per_call=4``; kernels count each tick), ``sd3``
 (SD3-medium, batch 2, 1024^2), ``flux`` (Flux.1-dev, batch 1, 1024^2), ``fp8_forms`` (one
 4096x3072x3072 product written as ``ops.fp8_matmul`` writes it, and as dequantized operands
 into a bf16 dot: the form that compiled into dequantizing kernels and a bf16 GEMM).
@@ -195,6 +197,8 @@ APPLIES = {  # which variants make a different program for which workload
              "triton_gemm_off_nomerge", "conv_fusion",
              "conv_fusion_ohwi", "cudnn_layer_norm", "attention_fp8"),
     "taesd": ("default", "groupnorm_channels", "conv_ohwi", "conv_fusion", "conv_fusion_ohwi"),
+    "tick": ("default",),
+    "ticks4": ("default",),
     "sd3": ("default", "fp8", "fp8_static", "fp8_static_cublas_nomerge", "modulation_apart",
             "fp8_modulation_apart", "fp8_static_modulation_apart", "attention_xla", "triton_gemm_off", "fp8_triton_gemm_off",
             "attention_fp8", "fp8_static_attention_fp8", "fp8_static_attention_fp8_static", "dot_merger_off",
@@ -479,6 +483,22 @@ def workload(name: str, spec: dict, form: str, sharding):
         lat, (text_len, text_dim) = spec["latent"], spec["text"]
         return velocity(m.graphdef, m.adapter), (m.state, arg((SLOTS, lat, lat, 4)), arg((SLOTS,)),
                                                  {"encoder_hidden_states": arg((SLOTS, text_len, text_dim))})
+    if name in ("tick", "ticks4"):  # the stream engine's fused tick, and a scan of four (ticks_per_call)
+        from streamflow_jax import stream
+        from streamflow_jax.models.perflow import PeRFlowAdapter
+
+        u = abstract_model("UNet2DConditionModel", spec["unet"], form, sharding, PeRFlowAdapter("diff_eps", WINDOWS))
+        d = abstract_model("AutoencoderTiny", spec["taesd"], form, sharding)
+        lat, text = spec["latent"], spec["text"]
+        k = () if name == "tick" else (4,)
+        state = {"x": arg((SLOTS, lat, lat, 4)), "cond": {"encoder_hidden_states": arg((SLOTS, *text))}}
+        admit = {"slot": arg((*k, 1), jnp.int32), "seed": arg((*k, 1), jnp.uint32), "use_seed": arg((*k, 1), jnp.bool_),
+                 "noise": arg((*k, 1, lat, lat, 4)), "cond": {"encoder_hidden_states": arg((*k, 1, *text))}}
+        program = stream._tick if name == "tick" else stream._ticks
+        return ((lambda u, d, state, admit, active, t, t_next, done:
+                 program(u, d, None, state, admit, active, t, t_next, done)),
+                (u, d, state, admit, arg((*k, SLOTS), jnp.int32), arg((*k, SLOTS)), arg((*k, SLOTS)),
+                 arg((*k, 1), jnp.int32)))
     if name == "taesd":
         from flax import nnx
 
@@ -602,7 +622,7 @@ def main():
     specs = configs(args.smoke)
     rows = []
     for name in args.workloads:
-        spec = specs["stream"] if name in ("unet", "taesd") else specs.get(name, {})
+        spec = specs["stream"] if name in ("unet", "taesd", "tick", "ticks4") else specs.get(name, {})
         for variant in args.variants:
             if variant not in APPLIES[name]:
                 continue
