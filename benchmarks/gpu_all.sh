@@ -109,7 +109,7 @@ for p in "${parts[@]}"; do
     levers-flux) part levers-flux 400 levers_flux_gpu.json python3 benchmarks/levers_gpu.py --workloads flux --group scan --budget-s 380 $S ;;
     # torch.compile of the SD1.5 UNet + TAESD (~2 min) does not fit the seed part's budget: its
     # in-run references are diffusers eager, sequential and stream
-    stream) part stream 200 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset $(pick gpu cpu) --no-compile ;;
+    stream) part stream 260 stream_sd15_gpu.json python3 benchmarks/stream_sd15.py --preset $(pick gpu cpu) --no-compile ;;
     sd3) part sd3 200 sd3_gpu.json python3 benchmarks/sd3_gpu.py $S ;;
     # flux: eager reference only (build + our compile ~2-3 min); flux-compiled adds torch.compile (~2 min more)
     # and a 4-step sampling loop on both sides (our scan's compile, ~25 s)

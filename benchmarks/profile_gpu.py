@@ -117,12 +117,16 @@ def stream_flops(unet, taesd, spec: dict) -> tuple[float | None, str | None]:
 
 
 def run_stream(engine, ticks: int) -> dict:
-    """Compiles, fills the slots, then times ``ticks`` steady-state ticks (one image each)."""
+    """Compiles, fills the slots, then times ``ticks`` steady-state ticks (one image each; a
+    multiple of the engine's ``ticks_per_call``)."""
     t0 = time.perf_counter()
     engine.run(max_ticks=1)  # compiles admission and the step
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    engine.run(max_ticks=2 * SLOTS - 1)  # fills every slot (compiles the outputs with TAESD): steady state
+    # fills every slot (compiles the outputs with TAESD): steady state; with ticks_per_call K, in
+    # whole scans (at least one: compiled before the timing), so that the timed ticks are scans
+    per_call = engine.ticks_per_call
+    engine.run(max_ticks=-(-(2 * SLOTS - 1) // per_call) * per_call)
     fill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.run(max_ticks=ticks)

@@ -4,7 +4,8 @@ weights; images/s sequential and in stream batch, ours vs diffusers, one run, JS
 Rows: diffusers eager sequential (batch 1: 4 UNet calls + TAESD decode per image), diffusers
 eager stream batch (N slots at different steps, one UNet call per tick with per-element
 timesteps, the finished slot decoded), the same under ``torch.compile`` (GPU), ours
-sequential (``sf.sample`` + decode), ours stream N and ours stream N x 4 streams
+sequential (``sf.sample`` + decode), ours stream N, the same with four ticks a call
+(``ticks_per_call=4``: one compiled scan of four ticks) and ours stream N x 4 streams
 (``sf.StreamEngine``). Text encoding is excluded (random 77x768 prompt embeddings), as in the
 seed's measurements.
 
@@ -32,6 +33,7 @@ PRESETS = {
                 latent=32, dtype="float32", images=8, slots=4, compile=False),
 }
 STEPS, WINDOWS = 4, 4
+PER_CALL = 4  # the stream row with ticks_per_call: four ticks a call
 
 
 def torch_perflow_step(x, eps, t, t_next, ac):
@@ -182,11 +184,13 @@ def main():
         record(f"ours_sequential_{layout.lower()}", time.perf_counter() - t0, slots=1)
         del u2, d2
 
-    for streams in (1, 4):
+    # per_call: ticks_per_call, K ticks as one compiled scan (None: the engine's default)
+    for streams, per_call in ((1, None), (1, PER_CALL), (4, None)):
         def ours_stream():
             engine = sf.StreamEngine(unet, (lat, lat, 4), {"encoder_hidden_states": (77, 768)},
                                      slots_per_stream=slots, streams=streams, decoder=taesd,
-                                     min_batch=slots * streams if device == "cuda" else None)
+                                     min_batch=slots * streams if device == "cuda" else None,
+                                     ticks_per_call=per_call)
             for i in range(n_img):
                 engine.submit({"encoder_hidden_states": emb}, grid=grid, noise=noise[i])
             engine.run()
@@ -195,7 +199,8 @@ def main():
         ours_stream()  # compiles
         t0 = time.perf_counter()
         ticks = ours_stream()
-        record(f"ours_stream_{slots}x{streams}", time.perf_counter() - t0, slots=slots * streams, ticks=ticks)
+        name = f"ours_stream_{slots}x{streams}" + (f"_{per_call}ticks" if per_call else "")
+        record(name, time.perf_counter() - t0, slots=slots * streams, ticks=ticks)
 
     by = {r["run"]: r["images_per_s"] for r in rows}
     ratios = {"ours_stream_vs_diffusers_eager_sequential":
@@ -204,6 +209,8 @@ def main():
     if "diffusers_compiled_stream" in by:
         ratios["ours_stream_vs_diffusers_compiled_stream"] = round(
             by[f"ours_stream_{slots}x1"] / by["diffusers_compiled_stream"], 2)
+        ratios[f"ours_stream_{PER_CALL}ticks_vs_diffusers_compiled_stream"] = round(
+            by[f"ours_stream_{slots}x1_{PER_CALL}ticks"] / by["diffusers_compiled_stream"], 2)
     emit({"benchmark": "stream_sd15", "preset": args.preset, "dtype": spec["dtype"], "latent": lat,
           "steps": STEPS, "unet_params_M": round(sum(q.numel() for q in unet_t.parameters()) / 1e6, 1),
           "env": environment(), "results": rows, "ratios": ratios}, args.out)
