@@ -323,7 +323,7 @@ def test_fused_tick_warms_up_and_equals_the_split_tick(tiny_sd3, tmp_path, monke
 def test_ticks_per_call_run_the_same_ticks_as_one_scan(model, monkeypatch):
     """$STREAMFLOW_JAX_TICKS_PER_CALL=3: the engine plans three ticks ahead and runs them as one
     compiled scan; guided and plain requests, seeds and noise, image to image, step counts 1-4,
-    two streams: the same ticks finish the same requests in the same order with the results of
+    two streams (one compiled batch size, to keep the compiles few): the same ticks finish the same requests in the same order with the results of
     one call a tick, warm_up compiles every scan and single tick a run meets, and a run's last
     ticks (fewer than three) run one call each."""
     x, conds = _requests(9, seed=11)
@@ -336,7 +336,7 @@ def test_ticks_per_call_run_the_same_ticks_as_one_scan(model, monkeypatch):
     out, order, ticks, calls = {}, {}, {}, {}
     for k in (1, 3):
         monkeypatch.setenv("STREAMFLOW_JAX_TICKS_PER_CALL", str(k))
-        engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=3, streams=2, guidance=True)
+        engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=2, streams=2, guidance=True, min_batch=4)
         assert engine.ticks_per_call == k
         engine.warm_up()
         with compiles() as compiled:
@@ -351,7 +351,8 @@ def test_ticks_per_call_run_the_same_ticks_as_one_scan(model, monkeypatch):
     assert np.isfinite(out[1]).all() and sorted(order[1]) == list(range(9))
     assert order[3] == order[1] and ticks[3] == ticks[1]
     assert calls[3] == ticks[1] // 3 + ticks[1] % 3  # the scans, then the last ticks one call each
-    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=3, streams=2, guidance=True, ticks_per_call=3)
+    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=2, streams=2, guidance=True, min_batch=4,
+                          ticks_per_call=3)
     for r in reqs:
         engine.submit(**r)
     engine.run(max_ticks=4)  # a scan of three, then one tick: max_ticks counts ticks, not calls
