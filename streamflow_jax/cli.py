@@ -260,11 +260,15 @@ def _is_digits_model(path: str | None) -> bool:
 
 def _cmd_generate(args) -> int:
     _check_common(args)
-    _positive(args, "slots", "streams", "per_digit")
-    for name, default in (("slots", 16), ("streams", 1)):  # --stream's; refused without it, not ignored
-        if getattr(args, name) is not None and not args.stream:
-            raise ValueError(f"--{name} goes with --stream")
+    _positive(args, "slots", "streams", "per_digit", "ticks_per_call")
+    for name, default in (("slots", 16), ("streams", 1), ("ticks_per_call", None)):  # --stream's; refused
+        if getattr(args, name) is not None and not args.stream:  # without it, not ignored
+            raise ValueError(f"--{name.replace('_', '-')} goes with --stream")
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    from streamflow_jax.stream import MAX_TICKS_PER_CALL
+
+    if args.ticks_per_call is not None and args.ticks_per_call > MAX_TICKS_PER_CALL:
+        raise ValueError(f"--ticks-per-call must be at most {MAX_TICKS_PER_CALL}, got {args.ticks_per_call}")
     _check_out(args.out)
     if args.image is not None and not args.image.strip():
         raise ValueError("--image: an empty path (give an image file, or leave --image out)")
@@ -310,7 +314,8 @@ def _generate_digits(args) -> int:
     if args.stream:
         run = lambda seed: pipe.stream(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
                                        slots_per_stream=args.slots, streams=args.streams, backend=args.backend,
-                                       image=image, strength=args.strength, negative_label=negative)
+                                       image=image, strength=args.strength, negative_label=negative,
+                                       ticks_per_call=args.ticks_per_call)
     else:
         run = lambda seed: pipe(labels, steps=steps, guidance_scale=args.guidance, seed=seed,  # noqa: E731
                                 backend=args.backend, image=image, strength=args.strength, negative_label=negative,
@@ -444,7 +449,7 @@ def _stream_prompts(pipe, args, image, negative: str = "") -> list:
         width, height = image.size[0] if width is None else width, image.size[1] if height is None else height
     stream = PromptStream(pipe, slots_per_stream=args.slots, streams=args.streams, guidance=guided,
                           height=height, width=width, backend=args.backend,
-                          max_sequence_length=args.max_sequence_length)
+                          max_sequence_length=args.max_sequence_length, ticks_per_call=args.ticks_per_call)
     noise = np.asarray(pipe.noise(len(args.prompt), stream.latent_shape, args.seed))
     ids = [stream.submit(prompt, steps=args.steps, noise=row, guidance_scale=args.guidance, image=image,
                          strength=args.strength, negative_prompt=negative) for prompt, row in zip(args.prompt, noise)]
@@ -826,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one request per image through the stream engine instead of one batch")
     p.add_argument("--slots", type=int, default=None, help="with --stream: slots per stream (default 16)")
     p.add_argument("--streams", type=int, default=None, help="with --stream: streams sharing each call (default 1)")
+    p.add_argument("--ticks-per-call", type=int, default=None, metavar="K",
+                   help="with --stream: ticks planned ahead and run as one compiled call, 1-64 (default "
+                        "$STREAMFLOW_JAX_TICKS_PER_CALL, else 1)")
     p.add_argument("--out", default="digits.png", help="output image, checked before generating (default digits.png)")
     _mesh_flags(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

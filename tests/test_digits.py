@@ -224,7 +224,8 @@ def test_python_dash_m_entry_point():
 
 def test_generate_cli_stream(tmp_path, capsys, monkeypatch):
     """``generate --stream --slots --streams`` (in process) runs the stream engine with those
-    slots and writes the grid of its images (the engine's images equal the batch's, above)."""
+    slots and writes the grid of its images (the engine's images equal the batch's, above);
+    ``--ticks-per-call 3``: the same images, three ticks a compiled call."""
     from streamflow_jax.pipelines import image_grid
     from streamflow_jax.stream import StreamEngine
 
@@ -232,7 +233,7 @@ def test_generate_cli_stream(tmp_path, capsys, monkeypatch):
     original = StreamEngine.__init__
 
     def spy(self, *a, **k):
-        made.append((k.get("slots_per_stream"), k.get("streams")))
+        made.append((k.get("slots_per_stream"), k.get("streams"), k.get("ticks_per_call")))
         original(self, *a, **k)
 
     monkeypatch.setattr(StreamEngine, "__init__", spy)
@@ -240,11 +241,17 @@ def test_generate_cli_stream(tmp_path, capsys, monkeypatch):
     assert cli(["generate", "--per-digit", "1", "--steps", "2", "--stream", "--slots", "2", "--streams", "1",
                 "--out", str(out)]) == 0
     assert "stream engine 1 x 2 slots" in capsys.readouterr().out
-    assert made == [(2, 1), (2, 1)]  # the compiling call, the timed call
+    assert made == [(2, 1, None), (2, 1, None)]  # the compiling call, the timed call
     want = DigitsPipeline.load().stream(np.arange(10), steps=2, guidance_scale=GUIDANCE, seed=0,
                                             slots_per_stream=2, streams=1)
     with Image.open(out) as img:
         np.testing.assert_array_equal(np.asarray(img), np.asarray(image_grid(want, rows=10)))
+    made.clear()
+    assert cli(["generate", "--per-digit", "1", "--steps", "2", "--stream", "--slots", "2", "--ticks-per-call", "3",
+                "--out", str(out)]) == 0
+    assert made == [(2, 1, 3), (2, 1, 3)]
+    with Image.open(out) as img:  # uint8 images: equal, though a scan's arithmetic may round otherwise
+        assert np.abs(np.asarray(img).astype(int) - np.asarray(image_grid(want, rows=10))).max() <= 1
     for rows, message in ((0, "rows must be an integer >= 1, got 0"),  # divided by zero
                           (3, "rows=3: 10 images do not fill equal rows"),  # dropped an image
                           (2.0, "rows must be an integer >= 1, got 2.0")):

@@ -192,10 +192,10 @@ class DigitsPipeline(Pipeline):
 
     def stream(self, labels, *, steps: int = DEFAULT_STEPS, guidance_scale: float | None = None, seed: int = 0,
                slots_per_stream: int = 4, streams: int = 1, backend: str = "xla", image=None,
-               strength=None, negative_label=None) -> np.ndarray:
+               strength=None, negative_label=None, ticks_per_call: int | None = None) -> np.ndarray:
         """The same images as ``__call__``, made by a ``StreamEngine`` (one request per label;
         ``image``, ``strength`` and ``negative_label`` as ``__call__``'s: each request noised on
-        the device)."""
+        the device; ``ticks_per_call``: the engine's, K ticks a compiled call)."""
         self.check_export(backend)
         labels = _check_labels(labels)
         negative = self.negative(negative_label, len(labels))
@@ -207,7 +207,8 @@ class DigitsPipeline(Pipeline):
         shapes = {k: tuple(v.shape[1:]) for k, v in self.conditioning.items()}
         engine = StreamEngine(self.model, self.latent_shape, shapes, slots_per_stream=slots_per_stream,
                               streams=streams, guidance=guidance.cfg,
-                              postprocess=lambda x: to_images(x[None])[0], backend=backend, mesh=self.mesh)
+                              postprocess=lambda x: to_images(x[None])[0], backend=backend, mesh=self.mesh,
+                              ticks_per_call=ticks_per_call)
         noise = np.asarray(self.noise(len(labels), check_seed(seed)))
         grid = self.scheduler.flow_match_grid(schedules.check_steps(steps))
         table = {k: np.asarray(v) for k, v in self.conditioning.items()}

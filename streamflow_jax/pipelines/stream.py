@@ -99,13 +99,15 @@ class PromptStream:
         max_sequence_length: T5 tokens for every request (Flux, SD3; default: the pipeline's).
         cache_size: prompt embeddings kept (least recently used dropped; 0: none).
         admit_per_tick, min_batch: the engine's (default: one request per stream per tick).
+        ticks_per_call: the engine's (``StreamEngine``: K ticks planned ahead and run as one
+            compiled call; default ``$STREAMFLOW_JAX_TICKS_PER_CALL``, else 1).
     """
 
     def __init__(self, pipe: PromptPipeline, *, slots_per_stream: int = 4, streams: int = 1, guidance: bool | None = None,
                  height: int | None = None, width: int | None = None, backend: str = "xla",
                  output_type: str = "pil", max_sequence_length: int | None = None,
                  cache_size: int = DEFAULT_CACHE_SIZE, admit_per_tick: int | None = None,
-                 min_batch: int | None = None):
+                 min_batch: int | None = None, ticks_per_call: int | None = None):
         check_output_type(output_type)
         getattr(pipe, "check_export", lambda backend: None)(backend)
         self.pipe, self.output_type, self.text_len = pipe, output_type, max_sequence_length
@@ -122,7 +124,7 @@ class PromptStream:
                                    slots_per_stream=slots_per_stream, streams=streams, guidance=self.guided,
                                    decoder=None if output_type == "latent" else pipe.decoder, postprocess=post,
                                    backend=backend, mesh=pipe.mesh, admit_per_tick=admit_per_tick,
-                                   min_batch=min_batch)
+                                   min_batch=min_batch, ticks_per_call=ticks_per_call)
         self._ids = itertools.count()
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._engine_ids: dict[int, int] = {}  # engine request id -> ours
