@@ -4,6 +4,7 @@ same starting latents; compared in float at the latent level and as uint8 images
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import shutil
@@ -170,13 +171,23 @@ def test_sd3_converted_pipeline_and_stream(tmp_path):
     np.testing.assert_allclose(conv(PROMPTS, steps=2, guidance_scale=4.0, noise=noise, output_type="latent"), a,
                                rtol=1e-6, atol=1e-6)
     stream = PromptStream(conv, slots_per_stream=2, guidance=True, output_type="latent")
-    ids = [stream.submit(p, steps=[2, 3][i], noise=noise[i], guidance_scale=[4.0, 6.0][i])
-           for i, p in enumerate(PROMPTS)]
+    ids = first_ids = [stream.submit(p, steps=[2, 3][i], noise=noise[i], guidance_scale=[4.0, 6.0][i])
+                       for i, p in enumerate(PROMPTS)]
     results = stream.run()
     for i, rid in enumerate(ids):
         alone = conv(PROMPTS[i], steps=[2, 3][i], guidance_scale=[4.0, 6.0][i], noise=noise[i : i + 1],
                      output_type="latent")[0]
         np.testing.assert_allclose(results[rid], alone, rtol=1e-4, atol=1e-5)
+    # two ticks a compiled call: the first call's two ticks admit both requests, whose prompts
+    # are encoded together (room looks two ticks ahead), and the results are the same
+    stream = PromptStream(conv, slots_per_stream=2, guidance=True, output_type="latent", ticks_per_call=2)
+    ids = [stream.submit(p, steps=[2, 3][i], noise=noise[i], guidance_scale=[4.0, 6.0][i])
+           for i, p in enumerate(PROMPTS)]
+    stream.tick()
+    assert (stream.engine.ticks, stream.encode_calls, stream.engine.scheduler.queue) == (2, 1, collections.deque())
+    twice = stream.run()
+    np.testing.assert_allclose(np.stack([twice[r] for r in ids]), np.stack([results[r] for r in first_ids]),
+                               rtol=1e-4, atol=1e-5)  # the prompts encoded as a batch of two: 3e-6 apart
     # in bfloat16 too (its text embeddings are bf16 arrays, numpy kind 'V': every request was
     # refused as "not real numbers", and a bf16 server answered every request 400)
     bf16 = sf.Pipeline.from_diffusers(tmp_path / "conv", max_sequence_length=12, dtype="bfloat16")
