@@ -269,6 +269,9 @@ def _cmd_generate(args) -> int:
 
     if args.ticks_per_call is not None and args.ticks_per_call > MAX_TICKS_PER_CALL:
         raise ValueError(f"--ticks-per-call must be at most {MAX_TICKS_PER_CALL}, got {args.ticks_per_call}")
+    if (args.ticks_per_call or 1) > 1 and args.backend != "xla":
+        raise ValueError(f"--ticks-per-call {args.ticks_per_call} goes with --backend xla (a compiled scan of "
+                         f"ticks); --backend {args.backend} runs one tick a call")
     _check_out(args.out)
     if args.image is not None and not args.image.strip():
         raise ValueError("--image: an empty path (give an image file, or leave --image out)")

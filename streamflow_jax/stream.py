@@ -730,6 +730,9 @@ class StreamEngine:
         self.tick_mode = tick_mode(tick)
         self.tick_graphs = tick_graphs(graphs)
         self.ticks_per_call = ticks_per_call_choice(ticks_per_call) if not entry.exported else 1
+        if entry.exported and ticks_per_call is not None and ticks_per_call_choice(ticks_per_call) > 1:
+            raise ValueError(f"ticks_per_call={ticks_per_call}: K ticks a call are a compiled scan, the xla "
+                             f"backend's; backend {backend!r} runs one tick a call")
         for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
             check_count(name, value)
         if not hasattr(model, "velocity"):

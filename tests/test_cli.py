@@ -231,6 +231,8 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
     (["generate", "--slots", "4"], "--slots goes with --stream"),
     (["generate", "--streams", "2"], "--streams goes with --stream"),
     (["generate", "--ticks-per-call", "4"], "--ticks-per-call goes with --stream"),
+    (["generate", "--stream", "--ticks-per-call", "4", "--backend", "onnxruntime"],
+     "--ticks-per-call 4 goes with --backend xla"),
     (["generate", "--image", ""], "--image: an empty path"),
     (["generate", "--image", "/no/such/digit.png"], "--image /no/such/digit.png: no such file"),
     (["generate", "--image", "/"], "--image /: a directory, not an image file"),

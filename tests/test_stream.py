@@ -374,6 +374,9 @@ def test_ticks_per_call_is_checked_and_room_looks_that_far_ahead(model, monkeypa
     for given in (0, True, 2.0, "x"):
         with pytest.raises(ValueError, match=re.escape(f"ticks_per_call={given!r}: expected an integer")):
             StreamEngine(model, (8, 8, 4), SHAPES, ticks_per_call=given)
+    with pytest.raises(ValueError, match=re.escape("ticks_per_call=2: K ticks a call are a compiled scan, the xla "
+                                                   "backend's; backend 'onnxruntime' runs one tick a call")):
+        StreamEngine(model, (8, 8, 4), SHAPES, backend="onnxruntime", ticks_per_call=2)  # refused, not ignored
 
     def req(steps):
         return Request(0, np.linspace(1, 0, steps + 1).astype(np.float32), {}, None, 0.0, 0, None)
