@@ -729,10 +729,11 @@ class StreamEngine:
         entry = check_backend(backend)
         self.tick_mode = tick_mode(tick)
         self.tick_graphs = tick_graphs(graphs)
-        self.ticks_per_call = ticks_per_call_choice(ticks_per_call) if not entry.exported else 1
-        if entry.exported and ticks_per_call is not None and ticks_per_call_choice(ticks_per_call) > 1:
+        per_call = ticks_per_call_choice(ticks_per_call)  # the switch is checked on every backend
+        if entry.exported and ticks_per_call is not None and per_call > 1:
             raise ValueError(f"ticks_per_call={ticks_per_call}: K ticks a call are a compiled scan, the xla "
                              f"backend's; backend {backend!r} runs one tick a call")
+        self.ticks_per_call = 1 if entry.exported else per_call  # the process-wide switch: xla only
         for name, value in (("slots_per_stream", slots_per_stream), ("streams", streams)):
             check_count(name, value)
         if not hasattr(model, "velocity"):

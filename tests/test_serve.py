@@ -322,6 +322,33 @@ def test_concurrent_requests_share_ticks(url):
     assert metric(url, "streamflow_requests_in_progress", endpoint="generations") == 0
 
 
+def test_a_server_running_three_ticks_a_call(pipe):
+    """``STREAMFLOW_JAX_TICKS_PER_CALL=3 streamflow-jax serve``: the real server, a real client.
+    Its warm-up compiled every scan (nothing compiles while serving), concurrent requests give
+    the pipeline's images, a bad request is still a 400, and the server keeps serving."""
+    server = ServerProcess(["--slots", "2", "--streams", "1"], env={"STREAMFLOW_JAX_TICKS_PER_CALL": "3"})
+    try:
+        url = server.url
+        compiles = metric(url, "streamflow_compilations_total")
+        with httpx.Client(timeout=60) as http, concurrent.futures.ThreadPoolExecutor(3) as pool:
+            rs = list(pool.map(lambda i: http.post(url + "/v1/images/generations",
+                                                   json={"prompt": str(i), "n": 2, "steps": 4, "seed": i}),
+                               range(3)))
+            bad = http.post(url + "/v1/images/generations", json={"prompt": "x"})
+            again = http.post(url + "/v1/images/generations", json={"prompt": "5", "steps": 4, "seed": 9})
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        for i, r in enumerate(rs):
+            got = np.stack([png(d["b64_json"]) for d in r.json()["data"]]).astype(np.float32) / 255
+            want = pipe(np.array([i, i]), steps=4, seed=i, progress=False)
+            np.testing.assert_allclose(got, want, atol=1 / 255 + 1e-6)
+        assert bad.status_code == 400 and "prompt" in bad.json()["error"]["message"]
+        assert again.status_code == 200
+        assert metric(url, "streamflow_compilations_total") == compiles
+        assert metric(url, "streamflow_engine_ticks_total") >= 4
+    finally:
+        server.stop()
+
+
 def test_queue_full_is_429_with_retry_after(url, client):
     """4 waiting + 8 slots: a second n=10 request while the first runs finds no room."""
     body = {"prompt": "2", "n": 10, "steps": 100}
