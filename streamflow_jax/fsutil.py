@@ -173,6 +173,25 @@ def remove_stale_partials(dst: Path, *, shared: bool = False) -> None:
             path.unlink(missing_ok=True)
 
 
+def discard_dir(path: Path, *, inode: int | None = None) -> None:
+    """Removes a cache entry judged stale or corrupt without ever removing a newer one: the entry
+    is renamed to a partial sibling (atomic) and removed from there, so that a concurrent writer
+    can commit a fresh entry at ``path`` meanwhile, and ``inode`` (the entry's ``st_ino`` when it
+    was judged; None: no check) leaves alone an entry another process has replaced since."""
+    try:
+        if inode is not None and os.stat(path).st_ino != inode:
+            return  # replaced since it was judged: another process's fresh entry
+    except OSError:
+        return  # gone already
+    doomed = Path(tempfile.mkdtemp(prefix=_partial_name(path), dir=path.parent))
+    try:
+        os.rename(path, doomed / "entry")
+    except OSError:  # gone meanwhile, or not ours to move
+        doomed.rmdir()
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _partial_name(dst: Path) -> str:
     return f".{dst.name}{PARTIAL}{os.getpid()}-"
 

@@ -152,6 +152,16 @@ def test_corrupt_or_missing_export_files(exported, tmp_path):
         (copy / "export.json").write_text(json.dumps(broken))
         with pytest.raises(ExportError, match=r"export.json: unreadable export metadata \(.*\); export again"):
             load_export(copy)  # KeyError 'sha256' and a bare ValueError before
+    (copy / "model.onnx").write_bytes(data)
+    for edit in ({"spec": {**meta["spec"], "dims": {**meta["spec"]["dims"], "B": [1, 1, 64]}}},
+                 {"model_fingerprint": "0" * 64}, {"class_name": "FluxTransformer2DModel"}):
+        (copy / "export.json").write_text(json.dumps({**meta, **edit}))  # readable, files intact: edited
+        with pytest.raises(ExportError, match=r"export.json: edited since the export \(its spec, model or files"):
+            load_export(copy)
+    (copy / "export.json").write_text(json.dumps({**meta, "tensorrt": {"engine": "x"}}))  # added later: fine
+    load_export(copy)
+    (copy / "export.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "identity_sha256"}))
+    load_export(copy)  # an export made before identity_sha256 existed still loads
     (copy / "export.json").write_text(json.dumps(meta))
     (copy / "model.onnx").unlink()
     with pytest.raises(ExportError, match="missing"):

@@ -279,3 +279,24 @@ def test_ctrl_c_during_a_tensorrt_build(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "streamflow-jax export: interrupted", err
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_a_discarded_cache_entry_never_takes_a_newer_one_with_it(tmp_path):
+    """The export cache removes an entry it found stale or corrupt: if another process has
+    committed a fresh entry at that path since (a rename over it), the fresh one stays; removing
+    leaves no partial behind."""
+    from streamflow_jax.fsutil import atomic_dir, discard_dir
+
+    entry = tmp_path / "exports" / "sd3-abc"
+    with atomic_dir(entry, shared=True) as tmp:
+        (tmp / "export.json").write_text("stale")
+    judged = os.stat(entry).st_ino  # read and found stale here; meanwhile another process rebuilds it
+    os.rename(entry, tmp_path / "old")
+    with atomic_dir(entry, shared=True) as tmp:
+        (tmp / "export.json").write_text("fresh")
+    discard_dir(entry, inode=judged)
+    assert (entry / "export.json").read_text() == "fresh"
+    discard_dir(entry, inode=os.stat(entry).st_ino)  # this one judged stale: gone, nothing left beside it
+    assert list((tmp_path / "exports").iterdir()) == []
+    discard_dir(entry)  # already gone: nothing to do
+    assert list((tmp_path / "exports").iterdir()) == []

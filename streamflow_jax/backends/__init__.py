@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import shutil
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +29,7 @@ from streamflow_jax import sampling
 from streamflow_jax.backends.base import Backend, Runner
 from streamflow_jax.backends.cache import cache_root, enable_compilation_cache
 from streamflow_jax.errors import ConversionError, ExportError, ShapeError, is_real_dtype
+from streamflow_jax.fsutil import discard_dir
 from streamflow_jax.export.onnx import META_NAME, _versions, export_onnx, load_export, made_here, read_export_meta
 from streamflow_jax.export.spec import Range, build_velocity_spec, latent_range
 from streamflow_jax.models import FlowModel
@@ -215,6 +216,7 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
     path = root / "exports" / (prefix + hashlib.sha256((spec.key() + versions).encode()).hexdigest()[:12])
     exported = _covering_entry(root / "exports", prefix, model, feeds)  # another process's, of other shapes
     if exported is None and path.exists():
+        inode = _inode(path)
         try:
             exported = load_export(path)
             if exported.meta.get("model_fingerprint") != model.fingerprint():
@@ -222,7 +224,7 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
             if not made_here(exported.meta):
                 raise ExportError(f"{path}: made by other versions")
         except ExportError:
-            shutil.rmtree(path, ignore_errors=True)  # stale or corrupt: rebuilt, never used
+            discard_dir(path, inode=inode)  # stale or corrupt: rebuilt, never used (a newer one is kept)
             exported = None
     if exported is None:
         try:
@@ -234,6 +236,13 @@ def runner_for(model, backend: str, *, batch: int, height: int, width: int, cond
     runner = runner_class(backend)(exported, cache_dir=root)
     _RUNNERS[key] = runner
     return runner
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _feeds(model, batch: int, height: int, width: int, cond: dict) -> dict:

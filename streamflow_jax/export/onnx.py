@@ -50,6 +50,18 @@ def file_sha256(paths) -> str:
     return h.hexdigest()
 
 
+IDENTITY_FIELDS = ("format", "spec", "class_name", "config", "model_fingerprint", "model", "opset", "files")
+
+
+def identity_sha256(meta: dict) -> str:
+    """The hash of what ``export.json`` says the graph is (its spec, the model it was made from,
+    its files' names): recorded as ``identity_sha256`` beside the files' ``sha256``, so that an
+    edited or mixed-up ``export.json`` is refused like an edited graph. Fields written after the
+    export (a TensorRT engine's entry) are not part of it."""
+    fields = {k: meta.get(k) for k in IDENTITY_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportedGraph:
     """A verified export directory."""
@@ -262,6 +274,7 @@ def export_onnx(model, spec: ExportSpec, out_dir, *, opset: int = DEFAULT_OPSET,
             "sha256": file_sha256(tmp / f for f in files),
             "versions": _versions(),
         }
+        meta["identity_sha256"] = identity_sha256(json.loads(json.dumps(meta)))  # as it will be read
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         stages.update()
         if before_commit is not None:
@@ -328,6 +341,9 @@ def load_export(path) -> ExportedGraph:
             raise ExportError(f"{f}: missing; export again")
     if file_sha256(files) != recorded:
         raise ExportError(f"{path / ONNX_NAME}: content does not match {META_NAME} (corrupt or stale); export again")
+    if "identity_sha256" in meta and meta["identity_sha256"] != identity_sha256(meta):  # older exports lack it
+        raise ExportError(f"{path / META_NAME}: edited since the export (its spec, model or files do not match the "
+                          "recorded identity_sha256); export again")
     return ExportedGraph(path, spec, meta)
 
 
