@@ -600,17 +600,17 @@ class DeviceBuffers:
 
     def ticks(self, model, decoder, plans: list[TickPlan], *, flow_model=None, programs: Programs | None = None):
         """Runs ``plans`` (consecutive ticks) as one compiled scan: the plans' arrays padded to
-        the largest active batch and finishing batch among them and stacked. Returns the
-        outputs ``[K, d, ...]`` (a device array; row ``j`` of tick ``k`` is the ``j``-th of
-        ``plans[k].done``; rows of padding and of ticks finishing nothing are not outputs) or
-        None when no plan finishes anything."""
+        the largest active batch and finishing batch among them and stacked. Every tick of a
+        scan admits (rows of padding when it takes nothing; with the image-to-image arrays) and
+        gathers at least one output (a tick finishing nothing gathers, and decodes, a row of
+        padding), so that the scans vary only by active batch and finishing batch: a few
+        programs for ``warm_up`` to compile, at the price of a padding row's decode while the
+        slots fill. Returns the outputs ``[K, d, ...]`` (a device array; row ``j`` of tick ``k``
+        is the ``j``-th of ``plans[k].done``; rows of padding are not outputs)."""
         programs = programs or _programs(True)
         n = self.num_slots
-        image = any(r.init is not None for p in plans for _, r in p.admissions)
-        admit = None
-        if any(p.admissions for p in plans):
-            rows = [self.admission(p.admissions, padding=True, init=image) for p in plans]
-            admit = jax.tree_util.tree_map(lambda *a: np.stack(a), *rows)
+        rows = [self.admission(p.admissions, padding=True, init=True) for p in plans]
+        admit = jax.tree_util.tree_map(lambda *a: np.stack(a), *rows)
         b = max(p.active.shape[0] for p in plans)
 
         def padded(a, fill):
@@ -619,14 +619,11 @@ class DeviceBuffers:
         active = np.stack([padded(p.active, n) for p in plans])
         t = np.stack([padded(p.t, PAD_TIME) for p in plans])
         t_next = np.stack([padded(p.t_next, PAD_TIME) for p in plans])
-        done = [p.done_index for p in plans if p.done_index is not None]
-        done_index = None
-        if done:  # ticks finishing nothing gather slot 0, and their rows are dropped
-            d = max(a.shape[0] for a in done)
-            done_index = np.stack([np.zeros(d, np.int32) if p.done_index is None else
-                                   np.concatenate([p.done_index, np.full(d - p.done_index.shape[0],
-                                                                         p.done_index[0], np.int32)])
-                                   for p in plans])
+        d = max((p.done_index.shape[0] for p in plans if p.done_index is not None), default=1)  # a bucket
+        done_index = np.stack([np.zeros(d, np.int32) if p.done_index is None else  # slot 0's row, dropped
+                               np.concatenate([p.done_index, np.full(d - p.done_index.shape[0],
+                                                                     p.done_index[0], np.int32)])
+                               for p in plans])
         self.state, out = programs.ticks(model, decoder, _noising_model(flow_model, admit), self.state, admit,
                                          active, t, t_next, done_index)
         return out
@@ -964,9 +961,10 @@ class StreamEngine:
         """Compiles every program the engine's ticks can run, without a request: the admission
         (text to image, and image to image unless told not to), the step at each batch size, and
         the outputs (with their decode) for each number of slots finishing together (fused:
-        every combination of the three; with ``ticks_per_call`` K, every combination as a scan
-        of K ticks too). Each call writes nothing (its rows are padding); a server calls this
-        before reporting ready."""
+        every combination of the three; with ``ticks_per_call`` K, a scan of K ticks for each
+        active batch and finishing batch too: six for 4 slots and the default ``min_batch``).
+        Each call writes nothing (its rows are padding); a server calls this before reporting
+        ready."""
         n, sched, bufs, jits = self.num_slots, self.scheduler, self.buffers, self._programs
         flow_model, velocity, decoder = self._pinned_flow, self._pinned_velocity, self._pinned_decoder
         dummy = Request(-1, np.array([1.0, 0.0], np.float32), {k: np.zeros(s, np.float32) for k, s in
@@ -976,18 +974,25 @@ class StreamEngine:
         variants = [dummy] + ([dataclasses.replace(dummy, init=np.zeros(self.latent_shape, np.float32))]
                               if image_to_image else [])
 
+        actives = sorted({bucket(k, n, sched.smallest, sched.multiple) for k in range(1, n + 1)})
+
+        def padding(b: int, d: int | None, admissions=()) -> TickPlan:  # a plan of padding rows only
+            pad = np.full(b, PAD_TIME, np.float32)
+            return TickPlan(list(admissions), np.full(b, n, np.int32), pad, pad, [],
+                            None if d is None else np.zeros(d, np.int32))
+
         def every_tick():  # a plan of each (admission, active batch, finishing batch) a tick can hold
-            for b in sorted({bucket(k, n, sched.smallest, sched.multiple) for k in range(1, n + 1)}):
-                pad = np.full(b, PAD_TIME, np.float32)
+            for b in actives:
                 for d in [None] + sorted({bucket(k, n) for k in range(1, b + 1)}):
                     for admissions in [[]] + [[(n, req)] for req in variants]:
-                        yield TickPlan(admissions, np.full(b, n, np.int32), pad, pad, [],
-                                       None if d is None else np.zeros(d, np.int32))
+                        yield padding(b, d, admissions)
 
-        if self._compiled and self.ticks_per_call > 1:  # the scans, then the single ticks a run ends with
-            for plan in every_tick():
-                bufs.ticks(velocity, decoder, [plan] * self.ticks_per_call, flow_model=flow_model, programs=jits)
-            jax.block_until_ready(bufs.state)
+        if self._compiled and self.ticks_per_call > 1:  # the scans: one per active and finishing batch
+            for b in actives:
+                for d in sorted({bucket(k, n) for k in range(1, b + 1)}):
+                    bufs.ticks(velocity, decoder, [padding(b, d)] * self.ticks_per_call, flow_model=flow_model,
+                               programs=jits)
+            jax.block_until_ready(bufs.state)  # then the single ticks a run ends with, below
         if self._compiled and self.tick_mode == "fused":
             for plan in every_tick():
                 bufs.tick(velocity, decoder, plan, flow_model=flow_model, fused=True, programs=jits)
@@ -997,9 +1002,9 @@ class StreamEngine:
             admit = bufs.admission([(n, req)])
             bufs.state = jits.admit(_noising_model(flow_model, admit), bufs.state, admit)
         if self._compiled:
-            for b in sorted({bucket(k, n, sched.smallest, sched.multiple) for k in range(1, n + 1)}):
-                pad = np.full(b, PAD_TIME, np.float32)
-                bufs.state = jits.step(velocity, bufs.state, np.full(b, n, np.int32), pad, pad)
+            for b in actives:
+                p = padding(b, None)
+                bufs.state = jits.step(velocity, bufs.state, p.active, p.t, p.t_next)
         for d in sorted({bucket(k, n) for k in range(1, n + 1)}):
             jax.block_until_ready(jits.outputs(decoder, bufs.state["x"], np.zeros(d, np.int32)))
 

@@ -524,3 +524,33 @@ def test_engine_shapes_the_model_cannot_take_are_refused_at_construction(model):
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             StreamEngine(*args, **kwargs)
+
+
+def test_warm_up_with_ticks_per_call_compiles_one_scan_per_batch_pair(model):
+    """Every tick of a scan admits (padding rows when nothing) and gathers an output (a padding
+    row when nothing finishes), so the scans differ only by active and finishing batch: with 4
+    slots (active batches 1, 2, 4) warm_up compiles six scans, not 27 (as many again for each
+    admission kind and for finishing nothing: a server's warm-up was dozens of model-sized
+    compiles); a run afterwards, filling and draining, compiles nothing, and its images equal
+    one call a tick's."""
+    from streamflow_jax.stream import _programs
+
+    x, conds = _requests(6, seed=21)
+    reqs = [dict(cond=conds[i], steps=2 + i % 3, noise=x[i], init=x[(i + 1) % 6] if i == 3 else None)
+            for i in range(6)]
+    out = {}
+    for k in (1, 5):
+        engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=4, ticks_per_call=k)
+        scans = _programs(True).ticks
+        before = scans._cache_size()
+        engine.warm_up()
+        if k == 5:
+            assert scans._cache_size() - before == 6
+        with compiles() as compiled:
+            ids = [engine.submit(**r) for r in reqs[:2]]
+            engine.tick()  # a scan of five while the slots fill
+            ids += [engine.submit(**r) for r in reqs[2:]]
+            engine.run()
+        assert compiled == []
+        out[k] = np.stack([engine.result(i) for i in ids])
+    np.testing.assert_allclose(out[5], out[1], rtol=1e-5, atol=1e-5)
