@@ -567,8 +567,9 @@ class DeviceBuffers:
                     uncond[n][j] = req.uncond[n]
             guidance[j] = req.guidance
         out = {"slot": slot, "seed": seed, "use_seed": use_seed, "noise": noise, "cond": cond}
-        if init or any(r.init is not None for _, r in admissions):
-            out["init"] = self._no_noise.copy()
+        images = any(r.init is not None for _, r in admissions)
+        if init or images:
+            out["init"] = self._no_noise.copy() if images else self._no_noise  # shared, never written
             out["has_init"] = np.zeros(k, bool)
             out["t0"] = np.ones(k, np.float32)
             for j, (_, req) in enumerate(admissions):
