@@ -494,9 +494,11 @@ def workload(name: str, spec: dict, form: str, sharding):
         state = {"x": arg((SLOTS, lat, lat, 4)), "cond": {"encoder_hidden_states": arg((SLOTS, *text))}}
         admit = {"slot": arg((*k, 1), jnp.int32), "seed": arg((*k, 1), jnp.uint32), "use_seed": arg((*k, 1), jnp.bool_),
                  "noise": arg((*k, 1, lat, lat, 4)), "cond": {"encoder_hidden_states": arg((*k, 1, *text))}}
+        if k:  # a scan's ticks always carry the image-to-image arrays (``DeviceBuffers.ticks``)
+            admit.update(init=arg((*k, 1, lat, lat, 4)), has_init=arg((*k, 1), jnp.bool_), t0=arg((*k, 1)))
         program = stream._tick if name == "tick" else stream._ticks
         return ((lambda u, d, state, admit, active, t, t_next, done:
-                 program(u, d, None, state, admit, active, t, t_next, done)),
+                 program(u, d, u if k else None, state, admit, active, t, t_next, done)),
                 (u, d, state, admit, arg((*k, SLOTS), jnp.int32), arg((*k, SLOTS)), arg((*k, SLOTS)),
                  arg((*k, 1), jnp.int32)))
     if name == "taesd":
