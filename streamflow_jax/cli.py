@@ -254,6 +254,18 @@ def _check_model_dir(path: str | None) -> None:
                                                 "model (no conditioning.safetensors)"))
 
 
+def _check_ticks_per_call(args) -> None:
+    """``--ticks-per-call`` (``_positive`` has refused 0 and below): at most the engine's limit,
+    and only with the XLA backend, before anything loads."""
+    from streamflow_jax.stream import MAX_TICKS_PER_CALL
+
+    if args.ticks_per_call is not None and args.ticks_per_call > MAX_TICKS_PER_CALL:
+        raise ValueError(f"--ticks-per-call must be at most {MAX_TICKS_PER_CALL}, got {args.ticks_per_call}")
+    if (args.ticks_per_call or 1) > 1 and args.backend != "xla":
+        raise ValueError(f"--ticks-per-call {args.ticks_per_call} goes with --backend xla (a compiled scan of "
+                         f"ticks); --backend {args.backend} runs one tick a call")
+
+
 def _is_digits_model(path: str | None) -> bool:
     return path is None or (Path(path) / "conditioning.safetensors").is_file()
 
@@ -265,13 +277,7 @@ def _cmd_generate(args) -> int:
         if getattr(args, name) is not None and not args.stream:  # without it, not ignored
             raise ValueError(f"--{name.replace('_', '-')} goes with --stream")
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
-    from streamflow_jax.stream import MAX_TICKS_PER_CALL
-
-    if args.ticks_per_call is not None and args.ticks_per_call > MAX_TICKS_PER_CALL:
-        raise ValueError(f"--ticks-per-call must be at most {MAX_TICKS_PER_CALL}, got {args.ticks_per_call}")
-    if (args.ticks_per_call or 1) > 1 and args.backend != "xla":
-        raise ValueError(f"--ticks-per-call {args.ticks_per_call} goes with --backend xla (a compiled scan of "
-                         f"ticks); --backend {args.backend} runs one tick a call")
+    _check_ticks_per_call(args)
     _check_out(args.out)
     if args.image is not None and not args.image.strip():
         raise ValueError("--image: an empty path (give an image file, or leave --image out)")
@@ -663,7 +669,9 @@ def _quantization_of(model) -> str | None:
 
 def _cmd_serve(args) -> int:
     """``serve [MODEL]``: the OpenAI-style images API, the realtime stream and the page (streamflow_jax.serve)."""
-    _positive(args, "devices", "slots", "streams", "max_n", "max_steps", "replicas", "frames_in_flight", "max_streams")
+    _positive(args, "devices", "slots", "streams", "max_n", "max_steps", "replicas", "frames_in_flight", "max_streams",
+              "ticks_per_call")
+    _check_ticks_per_call(args)
     _check_mesh_flags(args)
     _check_quantize_backend(args)
     _check_export(args)
@@ -690,7 +698,7 @@ def _cmd_serve(args) -> int:
     load = dict(model=args.model, slots_per_stream=args.slots, streams=args.streams, backend=args.backend,
                 size=args.size, dtype=args.dtype, taesd=args.taesd, prediction_type=args.prediction_type,
                 num_time_windows=args.windows, variant=args.variant, loras=args.lora, strategy=args.strategy,
-                quantize=args.quantize, export=args.export)
+                quantize=args.quantize, export=args.export, ticks_per_call=args.ticks_per_call)
     options = dict(max_queue=args.max_queue, max_n=args.max_n, max_steps=args.max_steps, timeout=args.timeout,
                    frames_in_flight=args.frames_in_flight, max_streams=args.max_streams)
     name = Path(args.model).name if args.model else "digits"
@@ -899,6 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=2,
                    help="streams sharing each engine call: --slots x --streams slots in all, and this many requests "
                         "join per step (default 2)")
+    p.add_argument("--ticks-per-call", type=int, default=None, metavar="K",
+                   help="engine ticks planned ahead and run as one compiled call, 1-64: fewer host dispatches, "
+                        "results K ticks at a time (default $STREAMFLOW_JAX_TICKS_PER_CALL, else 1)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="images that may wait for a slot; beyond, 429 with Retry-After (default 64)")
     p.add_argument("--timeout", type=float, default=120.0,

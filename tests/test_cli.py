@@ -222,6 +222,9 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(capsys, monkeypatch):
     (["serve", "--slots", "0"], "--slots must be >= 1, got 0"),
     (["serve", "--replicas", "0"], "--replicas must be >= 1, got 0"),
     (["serve", "--max-streams", "0"], "--max-streams must be >= 1, got 0"),
+    (["serve", "--ticks-per-call", "0"], "--ticks-per-call must be >= 1, got 0"),
+    (["serve", "--ticks-per-call", "65"], "--ticks-per-call must be at most 64, got 65"),
+    (["serve", "--ticks-per-call", "2", "--backend", "onnxruntime"], "--ticks-per-call 2 goes with --backend xla"),
     (["serve", "/no/such/dir"], "/no/such/dir: not a directory"),
     # flags that do not apply are refused, not ignored; values checked before any work
     (["generate", "--guidance", "1e39"], "--guidance 1e+39 is beyond float32's range"),

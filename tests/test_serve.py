@@ -84,6 +84,7 @@ def pipe():
 def test_health_metrics_models_and_replica_header(url):
     r = httpx.get(url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == "digits"
+    assert r.json()["ticks_per_call"] == 1 and r.json()["slots"] > 0
     replica = r.headers[REPLICA]
     assert replica and r.json()["replica"] == replica
     m = httpx.get(url + "/metrics")
@@ -323,12 +324,15 @@ def test_concurrent_requests_share_ticks(url):
 
 
 def test_a_server_running_three_ticks_a_call(pipe):
-    """``STREAMFLOW_JAX_TICKS_PER_CALL=3 streamflow-jax serve``: the real server, a real client.
-    Its warm-up compiled every scan (nothing compiles while serving), concurrent requests give
-    the pipeline's images, a bad request is still a 400, and the server keeps serving."""
-    server = ServerProcess(["--slots", "2", "--streams", "1"], env={"STREAMFLOW_JAX_TICKS_PER_CALL": "3"})
+    """``streamflow-jax serve --ticks-per-call 3`` (over ``STREAMFLOW_JAX_TICKS_PER_CALL=5``: the
+    flag wins): the real server, a real client. Its warm-up compiled every scan (nothing
+    compiles while serving), concurrent requests give the pipeline's images, a bad request is
+    still a 400, and the server keeps serving."""
+    server = ServerProcess(["--slots", "2", "--streams", "1", "--ticks-per-call", "3"],
+                           env={"STREAMFLOW_JAX_TICKS_PER_CALL": "5"})
     try:
         url = server.url
+        assert httpx.get(url + "/health").json()["ticks_per_call"] == 3
         compiles = metric(url, "streamflow_compilations_total")
         with httpx.Client(timeout=60) as http, concurrent.futures.ThreadPoolExecutor(3) as pool:
             rs = list(pool.map(lambda i: http.post(url + "/v1/images/generations",

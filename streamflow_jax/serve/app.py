@@ -339,6 +339,7 @@ async def health(request: Request):
     if not state.worker.ready.is_set():
         return JSONResponse({**body, "status": "compiling"}, status_code=503)
     return JSONResponse({**body, "status": "ok", "slots": state.worker.num_slots,
+                         "ticks_per_call": state.served.stream.engine.ticks_per_call,
                          "size": f"{state.served.size[0]}x{state.served.size[1]}"})
 
 
@@ -397,7 +398,8 @@ class ReplicaHeader:
 def create_app(model=None, *, served: Served | None = None, slots_per_stream: int = 4, streams: int = 2,
                backend: str = "xla", size: str | None = None, dtype=None, taesd=None, prediction_type=None,
                num_time_windows=None, variant=None, loras=None, mesh=None, strategy: str = "fsdp",
-               quantize: str | None = None, export=None, warm_up: bool = True, on_ready=None, **options) -> Starlette:
+               quantize: str | None = None, export=None, ticks_per_call: int | None = None, warm_up: bool = True,
+               on_ready=None, **options) -> Starlette:
     """The server as an ASGI app.
 
     Args:
@@ -408,8 +410,8 @@ def create_app(model=None, *, served: Served | None = None, slots_per_stream: in
         slots_per_stream, streams: the engine's slots (batch = slots_per_stream x streams;
             ``streams`` requests join per step).
         backend, size (``"WxH"``), dtype, taesd, prediction_type, num_time_windows, variant,
-            loras, mesh, strategy, quantize, export: how the model is loaded and run (as the
-            CLI's flags).
+            loras, mesh, strategy, quantize, export, ticks_per_call: how the model is loaded and
+            run (as the CLI's flags).
         warm_up: compile everything before reporting ready (``/health`` 503 until then).
         on_ready: called (on the device thread) once the app is ready.
         **options: ``Options`` fields: max_queue, max_n, max_steps, timeout, frames_in_flight,
@@ -420,7 +422,7 @@ def create_app(model=None, *, served: Served | None = None, slots_per_stream: in
         served = load_served(model, slots_per_stream=slots_per_stream, streams=streams, backend=backend, size=size,
                              dtype=dtype, taesd=taesd, prediction_type=prediction_type,
                              num_time_windows=num_time_windows, variant=variant, loras=loras, mesh=mesh,
-                             strategy=strategy, quantize=quantize, export=export)
+                             strategy=strategy, quantize=quantize, export=export, ticks_per_call=ticks_per_call)
     state = ServerState(served, opts, warm_up=warm_up)
 
     @contextlib.asynccontextmanager

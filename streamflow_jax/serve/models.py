@@ -104,14 +104,15 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
 def load_served(model=None, *, slots_per_stream: int = 4, streams: int = 2, backend: str = "xla", size=None,
                 dtype=None, taesd=None, prediction_type=None, num_time_windows=None, variant=None, loras=None,
                 mesh=None, strategy: str = "fsdp", quantize: str | None = None, cache_size: int | None = None,
-                export=None) -> Served:
+                export=None, ticks_per_call: int | None = None) -> Served:
     """Loads MODEL (a digits directory, the embedded one when None; or any prompt pipeline
     directory, diffusers or converted) behind a guided ``PromptStream`` of ``slots_per_stream x
     streams`` slots, images of ``size`` (``"WxH"``; default the model's). ``export``: an export
-    directory of its velocity model that ``backend`` runs (``Pipeline.use_export``)."""
+    directory of its velocity model that ``backend`` runs (``Pipeline.use_export``).
+    ``ticks_per_call``: the engine's (default ``$STREAMFLOW_JAX_TICKS_PER_CALL``, else 1)."""
     wh = parse_size(size)
     width, height = wh if wh else (None, None)
-    extra = {} if cache_size is None else {"cache_size": cache_size}
+    extra = {"ticks_per_call": ticks_per_call} | ({} if cache_size is None else {"cache_size": cache_size})
     if model is None or (Path(model) / "conditioning.safetensors").is_file():
         pipe = DigitsPipeline.load(model or DIGITS_DIR, dtype=dtype, mesh=mesh, strategy=strategy)
         if quantize:
