@@ -748,6 +748,10 @@ class StreamEngine:
         if postprocess is not None and not callable(postprocess):
             raise ValueError(f"postprocess must be callable, got {type(postprocess).__name__}")
         self.cond_shapes = {k: _shape(f"cond_shapes[{k!r}]", v) for k, v in cond_shapes.items()}
+        if decoder is not None and decoder.latent_channels not in (None, self.latent_shape[-1]):
+            raise ValueError(f"decoder: this {decoder.class_name} takes {decoder.latent_channels}-channel latents, "
+                             f"and the engine's are {self.latent_shape} ({self.latent_shape[-1]} channels): give the "
+                             "decoder of the model's family")
         if isinstance(model, FlowModel) and model.family.kind == "velocity":
             _check_model_shapes(model, self.latent_shape, self.cond_shapes)
         self.guided = bool(guidance)

@@ -526,6 +526,18 @@ def test_engine_shapes_the_model_cannot_take_are_refused_at_construction(model):
             StreamEngine(*args, **kwargs)
 
 
+def test_a_decoder_of_other_latents_is_refused_at_construction(model, tmp_path):
+    """A 16-channel (SD3) VAE on an engine of 4-channel latents: refused naming both, not a
+    shape error inside the first finishing tick's compiled decode after requests have run."""
+    import diffusers
+    from conftest import VAES, randomize
+
+    randomize(diffusers.AutoencoderKL(**VAES["sd3"]), 0, std=0.1).save_pretrained(tmp_path / "vae16")
+    with pytest.raises(ValueError, match=re.escape("decoder: this AutoencoderKL takes 16-channel latents, and the "
+                                                   "engine's are (8, 8, 4) (4 channels)")):
+        StreamEngine(model, (8, 8, 4), SHAPES, decoder=sf.load(tmp_path / "vae16"))
+
+
 def test_warm_up_with_ticks_per_call_compiles_one_scan_per_batch_pair(model):
     """Every tick of a scan admits (padding rows when nothing) and gathers an output (a padding
     row when nothing finishes), so the scans differ only by active and finishing batch: with 4
