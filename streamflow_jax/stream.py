@@ -529,16 +529,20 @@ class DeviceBuffers:
     def __init__(self, num_slots: int, latent_shape: tuple[int, ...], cond_shapes: dict[str, tuple[int, ...]],
                  guided: bool, admit_rows: int, mesh=None):
         self.num_slots, self.latent_shape, self.cond_shapes = num_slots, latent_shape, cond_shapes
-        self.admit_rows = admit_rows
-        zeros = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
-        self.state = {"x": zeros(num_slots, *latent_shape),  # [N, H, W, C]
-                      "cond": {k: zeros(num_slots, *s) for k, s in cond_shapes.items()}}
-        if guided:
-            self.state["uncond"] = {k: zeros(num_slots, *s) for k, s in cond_shapes.items()}
-            self.state["guidance"] = zeros(num_slots)  # [N]
-        if mesh is not None:  # the slots over the mesh's data axis: one tick is one SPMD program
-            self.state = shard_batch(self.state, mesh)
+        self.admit_rows, self.guided, self.mesh = admit_rows, guided, mesh
+        self.reset()
         self._no_noise = np.zeros((admit_rows, *latent_shape), np.float32)
+
+    def reset(self) -> None:
+        """Fresh slot buffers, all zeros (after a failed call, whose donated buffers may be gone)."""
+        n, zeros = self.num_slots, lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+        self.state = {"x": zeros(n, *self.latent_shape),  # [N, H, W, C]
+                      "cond": {k: zeros(n, *s) for k, s in self.cond_shapes.items()}}
+        if self.guided:
+            self.state["uncond"] = {k: zeros(n, *s) for k, s in self.cond_shapes.items()}
+            self.state["guidance"] = zeros(n)  # [N]
+        if self.mesh is not None:  # the slots over the mesh's data axis: one tick is one SPMD program
+            self.state = shard_batch(self.state, self.mesh)
 
     def admission(self, admissions: list[tuple[int, Request]], *, padding: bool = False,
                   init: bool = False) -> dict | None:
@@ -858,7 +862,8 @@ class StreamEngine:
         """Admits queued requests into free slots, advances every occupied slot one step in one
         call, retires the finished ones (with ``ticks_per_call`` K: K such ticks, one call).
         Returns the ids retired by this tick (their outputs reach ``results`` when their copy
-        to the host completes)."""
+        to the host completes). If a device call raises, the requests it carried get the error
+        as their result, the slots are emptied, and the error is raised; queued requests stay."""
         return self._tick(self.ticks_per_call)
 
     def _tick(self, most: int) -> list[int]:
@@ -866,13 +871,35 @@ class StreamEngine:
         self._collect(wait=False)
         if self.ticks_per_call > 1:
             return self._tick_many(most)
+        held = self._held()
         plan = self.scheduler.plan()
         if plan is None:
             return []
-        outputs = self._tick_one(plan)
+        try:
+            outputs = self._tick_one(plan)
+        except BaseException as e:
+            self._failed(held + [req.id for _, req in plan.admissions], e)
+            raise
         finished = [req.id for req in self.scheduler.advance(plan)]
         self._send(finished, outputs)
         return finished
+
+    def _held(self) -> list[int]:
+        return [req.id for req in self.scheduler.requests if req is not None]
+
+    def _failed(self, ids: list[int], error: BaseException) -> None:
+        """A tick's device call raised: each request it carried (in a slot, admitted or finishing
+        in it) whose output was not already on its way gets the error as its result; the slots
+        are emptied and the buffers made anew (the call's donated buffers may be gone). Queued
+        requests stay queued: the engine runs on."""
+        sent = {rid for sent_ids, _, _ in self._in_flight for rid in sent_ids}
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        for rid in ids:
+            if rid not in sent and rid not in self.results:
+                self.results[rid] = RequestError(f"request {rid}: the engine's tick failed ({why})")
+        self.scheduler.requests = [None] * self.num_slots
+        self.scheduler.steps = [0] * self.num_slots
+        self.buffers.reset()
 
     def _tick_one(self, plan: TickPlan):
         outputs = self.buffers.tick(self._pinned_velocity or self._velocity_model, self._pinned_decoder, plan,
@@ -890,20 +917,24 @@ class StreamEngine:
     def _tick_many(self, most: int) -> list[int]:
         """``ticks_per_call`` ticks planned ahead and run as one call; fewer (the run drains, or
         ``most`` is less) run one call each, as a plain tick."""
-        plans, finished = [], []
+        plans, finished, held = [], [], self._held()
         while len(plans) < min(self.ticks_per_call, most) and (plan := self.scheduler.plan()) is not None:
             plans.append(plan)
             finished.append([req.id for req in self.scheduler.advance(plan)])
-        if len(plans) < self.ticks_per_call:
-            for plan, ids in zip(plans, finished):
-                self._send(ids, self._tick_one(plan))
-        else:
-            outputs = self.buffers.ticks(self._pinned_velocity, self._pinned_decoder, plans,
-                                         flow_model=self._pinned_flow, programs=self._programs)
-            self.ticks += len(plans)
-            rows = [(k, j) for k, ids in enumerate(finished) for j in range(len(ids))]
-            self._send([rid for ids in finished for rid in ids], outputs,
-                       (np.array([k for k, _ in rows], np.int32), np.array([j for _, j in rows], np.int32)))
+        try:
+            if len(plans) < self.ticks_per_call:
+                for plan, ids in zip(plans, finished):
+                    self._send(ids, self._tick_one(plan))
+            else:
+                outputs = self.buffers.ticks(self._pinned_velocity, self._pinned_decoder, plans,
+                                             flow_model=self._pinned_flow, programs=self._programs)
+                self.ticks += len(plans)
+                rows = [(k, j) for k, ids in enumerate(finished) for j in range(len(ids))]
+                self._send([rid for ids in finished for rid in ids], outputs,
+                           (np.array([k for k, _ in rows], np.int32), np.array([j for _, j in rows], np.int32)))
+        except BaseException as e:
+            self._failed(held + [req.id for p in plans for _, req in p.admissions], e)
+            raise
         return [rid for ids in finished for rid in ids]
 
     def _collect(self, wait: bool, until: int | None = None) -> None:

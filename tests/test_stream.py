@@ -566,3 +566,54 @@ def test_warm_up_with_ticks_per_call_compiles_one_scan_per_batch_pair(model):
         assert compiled == []
         out[k] = np.stack([engine.result(i) for i in ids])
     np.testing.assert_allclose(out[5], out[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_failed_device_call_fails_its_requests_and_the_engine_runs_on(model, k):
+    """A tick whose device call raises (a real XLA runtime error: a host callback inside the
+    step, or inside the scan of three ticks, raising): the requests in its slots and those it
+    admitted get the error as their result (nothing is lost, nothing hangs), the error reaches
+    the caller, and the queued requests then run on fresh buffers (the failed call's donated
+    ones are gone) to the same results as sf.sample alone."""
+    import jax
+    import jax.numpy as jnp
+
+    from streamflow_jax import stream
+
+    failing = {"now": False}
+
+    def check(t):
+        if failing["now"]:
+            raise RuntimeError("the device went away")
+        return np.zeros((), np.float32)
+
+    def step(m, s, a, t, tn):  # stream._step, then the callback
+        out = stream._step(m, s, a, t, tn)
+        z = jax.pure_callback(check, jax.ShapeDtypeStruct((), jnp.float32), t[0])
+        return {**out, "x": out["x"] + z}
+
+    def ticks(*args):  # stream._ticks, then the callback
+        state, out = stream._ticks(*args)
+        z = jax.pure_callback(check, jax.ShapeDtypeStruct((), jnp.float32), state["x"].sum())
+        return {**state, "x": state["x"] + z}, out
+
+    x, conds = _requests(5, seed=31)
+    engine = StreamEngine(model, (8, 8, 4), SHAPES, slots_per_stream=2, ticks_per_call=k)
+    engine._programs = engine._programs._replace(step=jax.jit(step, donate_argnums=(1,)),
+                                                 ticks=jax.jit(ticks, donate_argnums=(3,)))
+    first = [engine.submit(conds[i], steps=6, noise=x[i]) for i in range(2)]
+    engine.tick()  # admits the first (one admission a tick; k=3: both, in a scan)
+    later = [engine.submit(conds[i], steps=3, noise=x[i]) for i in range(2, 5)]
+    failing["now"] = True
+    with pytest.raises(Exception, match="the device went away"):
+        engine.tick()  # k=1: admits the second; both slots then held past the call
+    failing["now"] = False
+    for rid in first:
+        with pytest.raises(RequestError, match=rf"request {rid}: the engine's tick failed \(.*Error"):
+            engine.result(rid)
+    assert engine.pending == len(later)  # queued, untouched
+    engine.run()
+    for i, rid in zip(range(2, 5), later):
+        alone = sf.sample(model, x[i : i + 1], sf.schedules.flow_match(3, shift=1.0),
+                          {n: v[None] for n, v in conds[i].items()})
+        np.testing.assert_allclose(engine.result(rid), np.asarray(alone)[0], rtol=1e-5, atol=1e-5)
